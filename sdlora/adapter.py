@@ -1,0 +1,113 @@
+"""An adapter in memory: per-module factors keyed by their kohya-style flat names.
+
+Keys are the names A1111, ComfyUI, kohya and diffusers all understand for SD 1.x:
+`lora_unet_<module path, dots as underscores>` for the UNet and `lora_te_<path>` for the text
+encoder (e.g. `lora_te_text_model_encoder_layers_0_self_attn_q_proj`). They are resolved to real
+module paths against a loaded base (`resolve`), since underscores are ambiguous on their own.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import SdloraError
+
+# component attribute on the pipeline -> flat-name prefix
+PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+
+
+@dataclass
+class ModuleFactors:
+    """One module's factors: down (r, in[, kh, kw]), up (out, r[, 1, 1]); scale = alpha / rank."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float | None = None  # None means alpha = rank, i.e. scale 1
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.alpha is None else self.alpha / self.rank
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter: factors per module, one nonlinearity, string metadata."""
+
+    modules: dict[str, ModuleFactors]
+    nonlinearity: str = "identity"
+    metadata: dict[str, str] = field(default_factory=dict)
+    source: str = "adapter"  # file name, for messages
+
+    @property
+    def is_linear(self) -> bool:
+        return self.nonlinearity == "identity"
+
+    def components(self) -> dict[str, int]:
+        """Module count per component (unet / text_encoder / other)."""
+        counts: dict[str, int] = {}
+        for key in self.modules:
+            comp = next((c for c, p in PREFIXES.items() if key.startswith(p)), "other")
+            counts[comp] = counts.get(comp, 0) + 1
+        return counts
+
+    def ranks(self) -> list[int]:
+        return sorted({m.rank for m in self.modules.values()})
+
+    def trigger_words(self) -> list[str]:
+        raw = self.metadata.get("sdlora_trigger_words", "")
+        try:
+            words = json.loads(raw) if raw else []
+        except json.JSONDecodeError:
+            words = [w.strip() for w in raw.split(",") if w.strip()]
+        return [str(w) for w in words] if isinstance(words, list) else []
+
+
+def flat_name(component: str, path: str) -> str:
+    """`unet`, `down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in`."""
+    return PREFIXES[component] + path.replace(".", "_")
+
+
+def module_paths(model: nn.Module) -> dict[str, str]:
+    """Flat-name suffix -> module path for every Linear/Conv2d in `model` (wrapped ones included)."""
+    from .layer import LoRALayer  # local: layer imports nothing from here
+
+    paths: dict[str, str] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, LoRALayer) or (
+            isinstance(module, nn.Linear | nn.Conv2d) and not path.endswith(".base")
+        ):
+            paths[path.replace(".", "_")] = path
+    return paths
+
+
+def resolve(
+    adapter: Adapter, models: dict[str, nn.Module]
+) -> tuple[dict[tuple[str, str], ModuleFactors], list[str]]:
+    """Map flat keys to (component, module path); return them and the keys that matched nothing.
+
+    A file where most keys match nothing was made for another base and is refused.
+    """
+    lookups = {comp: module_paths(model) for comp, model in models.items()}
+    resolved: dict[tuple[str, str], ModuleFactors] = {}
+    unmatched: list[str] = []
+    for key, factors in adapter.modules.items():
+        comp = next((c for c, p in PREFIXES.items() if key.startswith(p)), None)
+        path = lookups[comp].get(key[len(PREFIXES[comp]) :]) if comp in lookups else None
+        if path is None:
+            unmatched.append(key)
+        else:
+            resolved[(comp, path)] = factors
+    if len(unmatched) * 2 > len(adapter.modules) or not resolved:
+        raise SdloraError(
+            f"{adapter.source}: {len(unmatched)} of {len(adapter.modules)} modules do not exist "
+            f"in this base (e.g. {', '.join(unmatched[:3])}); was it made for another base model?"
+        )
+    return resolved, unmatched

@@ -1,0 +1,163 @@
+"""Adapter files: safetensors in the key layout A1111, ComfyUI, kohya and diffusers read.
+
+Linear adapters:    `<flat>.lora_down.weight`, `<flat>.lora_up.weight`, `<flat>.alpha`
+Nonlinear adapters: `nonlinear_<flat>.down.weight`, `.up.weight`, `.alpha` — names no other tool
+applies as a plain LoRA (which would silently draw wrong images).
+
+Saved adapters carry their training scale folded into the factors, so alpha = rank in the file
+and strength 1.0 always means "as trained" (see `fold_scale`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .adapter import Adapter, ModuleFactors
+from .errors import SdloraError
+from .layer import POSITIVELY_HOMOGENEOUS, check_nonlinearity
+
+FORMAT_VERSION = "1"
+NONLINEAR_PREFIX = "nonlinear_"
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+
+
+def fold_scale(factors: ModuleFactors, nonlinearity: str) -> tuple[ModuleFactors, str]:
+    """Move scale = alpha/rank into the factors; return (factors with alpha = rank, where).
+
+    s·B·σ(A·x) = B·σ((s·A)·x) when σ is positively homogeneous and s > 0 (identity, relu,
+    leaky_relu): fold into down (A), as cloneofsimo/lora settled. Otherwise fold into up (B),
+    which is exact for every σ.
+    """
+    s = factors.scale
+    if nonlinearity == "identity" or (nonlinearity in POSITIVELY_HOMOGENEOUS and s > 0):
+        folded = ModuleFactors(down=factors.down * s, up=factors.up, alpha=float(factors.rank))
+        return folded, "down"
+    folded = ModuleFactors(down=factors.down, up=factors.up * s, alpha=float(factors.rank))
+    return folded, "up"
+
+
+def adapter_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """The file's tensors for `adapter` (whose factors are already folded)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for key, factors in adapter.modules.items():
+        if adapter.is_linear:
+            names = (f"{key}.lora_down.weight", f"{key}.lora_up.weight", f"{key}.alpha")
+        else:
+            base = NONLINEAR_PREFIX + key
+            names = (f"{base}.down.weight", f"{base}.up.weight", f"{base}.alpha")
+        alpha = factors.alpha if factors.alpha is not None else float(factors.rank)
+        tensors[names[0]] = factors.down.detach().contiguous()
+        tensors[names[1]] = factors.up.detach().contiguous()
+        tensors[names[2]] = torch.tensor(alpha, dtype=torch.float32)
+    return tensors
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write a safetensors file to a temporary name beside `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_adapter(adapter: Adapter, path: str | Path, overwrite: bool = False) -> Path:
+    """Save `adapter` (factors already folded, see `fold_scale`) as safetensors at `path`."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise SdloraError(f"{path}: adapter files are saved as .safetensors; change the name")
+    if path.exists() and not overwrite:
+        raise SdloraError(f"{path} already exists; choose another name or allow overwriting")
+    for key, factors in adapter.modules.items():
+        if not (torch.isfinite(factors.down).all() and torch.isfinite(factors.up).all()):
+            raise SdloraError(f"{path}: module {key} has NaN/Inf weights; nothing was written")
+    ranks = adapter.ranks()
+    metadata = {
+        "sdlora_format_version": FORMAT_VERSION,
+        "sdlora_nonlinearity": adapter.nonlinearity,
+        "ss_network_module": "networks.lora" if adapter.is_linear else "sdlora.nonlinear",
+        "ss_network_dim": str(max(ranks)) if ranks else "0",
+        "ss_network_alpha": str(max(ranks)) if ranks else "0",  # = rank: the scale is folded
+        "ss_base_model_version": "sd_v1",
+        "ss_output_name": path.stem,
+        **adapter.metadata,
+    }
+    atomic_save_file(adapter_tensors(adapter), path, {k: str(v) for k, v in metadata.items()})
+    return path
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read tensors and header metadata; refuse pickles, missing and corrupt files clearly."""
+    path = Path(path)
+    if not path.exists():
+        raise SdloraError(f"{path}: no such file")
+    if path.is_dir():
+        raise SdloraError(f"{path} is a folder; give the .safetensors file inside it")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise SdloraError(
+            f"{path}: pickle files are never loaded (they can run code); "
+            "use a .safetensors file"
+        )
+    try:
+        tensors = load_file(str(path))
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as err:
+        raise SdloraError(f"{path}: not a readable safetensors file ({err})") from None
+    metadata = header.get("__metadata__") or {}
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def parse_flat_lora(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str
+) -> Adapter:
+    """Build an Adapter from the flat kohya/A1111 layout or sdlora's nonlinear layout."""
+    nonlinear = any(k.startswith(NONLINEAR_PREFIX) for k in tensors)
+    down_part, up_part = (".down.weight", ".up.weight") if nonlinear else (".lora_down.weight", ".lora_up.weight")
+    modules: dict[str, ModuleFactors] = {}
+    for name, down in tensors.items():
+        if not name.endswith(down_part):
+            continue
+        base = name[: -len(down_part)]
+        up = tensors.get(base + up_part)
+        if up is None:
+            raise SdloraError(f"{source}: {base} has a down weight but no up weight")
+        alpha = tensors.get(base + ".alpha")
+        key = base[len(NONLINEAR_PREFIX) :] if nonlinear else base
+        if down.shape[0] != up.shape[1]:
+            raise SdloraError(
+                f"{source}: {key} has down rank {down.shape[0]} but up rank {up.shape[1]}"
+            )
+        if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+            raise SdloraError(f"{source}: {key} has NaN/Inf weights; the file is damaged")
+        modules[key] = ModuleFactors(
+            down=down, up=up, alpha=None if alpha is None else float(alpha.float().item())
+        )
+    if not modules:
+        raise SdloraError(f"{source}: no LoRA weights found (not a LoRA adapter file?)")
+    nonlinearity = metadata.get("sdlora_nonlinearity", "missing" if nonlinear else "identity")
+    try:
+        check_nonlinearity(nonlinearity)
+    except SdloraError as err:
+        raise SdloraError(f"{source}: {err}") from None
+    if nonlinear == (nonlinearity == "identity"):
+        raise SdloraError(f"{source}: key layout and nonlinearity {nonlinearity!r} disagree")
+    return Adapter(modules=modules, nonlinearity=nonlinearity, metadata=metadata, source=source)
+
+
+def load_adapter(path: str | Path) -> Adapter:
+    """Load an adapter file (safetensors) into memory."""
+    tensors, metadata = read_safetensors(path)
+    return parse_flat_lora(tensors, metadata, Path(path).name)
