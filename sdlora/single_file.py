@@ -1,0 +1,392 @@
+"""Single-file checkpoints in the original Stable Diffusion (LDM / CompVis) layout.
+
+This is the layout AUTOMATIC1111 and ComfyUI read: one file with
+`model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE) and
+`cond_stage_model.transformer.text_model.*` (CLIP text encoder, Hugging Face names).
+The key mapping is derived from the diffusers configs (number of blocks, layers per block,
+which blocks have attention), so the built-in tiny base and full SD 1.x shapes both work.
+Loading is offline: the file's weights plus a local diffusers folder's configs and tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from .errors import SdloraError
+from .files import atomic_save_file
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer."
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# diffusers ResnetBlock2D child -> LDM ResBlock child (Sequentials: in_layers = norm, SiLU, conv).
+UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+VAE_RESNET = {
+    "norm1": "norm1",
+    "conv1": "conv1",
+    "norm2": "norm2",
+    "conv2": "conv2",
+    "conv_shortcut": "nin_shortcut",
+}
+VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v"}
+
+# A rule maps a diffusers module prefix to an LDM prefix; `None` keeps the rest of the key,
+# a dict renames the first child of the prefix (e.g. norm1 -> in_layers.0).
+Rules = dict[str, tuple[str, dict[str, str] | None]]
+
+
+def _per_block(value: int | list[int] | tuple[int, ...], n: int) -> list[int]:
+    return [value] * n if isinstance(value, int) else list(value)
+
+
+def _unet_rules(config: Mapping[str, Any]) -> Rules:
+    """Prefix rules for UNet2DConditionModel -> `model.diffusion_model.`."""
+    down_types, up_types = list(config["down_block_types"]), list(config["up_block_types"])
+    n = len(down_types)
+    layers = _per_block(config["layers_per_block"], n)
+    rules: Rules = {
+        "time_embedding.linear_1.": ("time_embed.0.", None),
+        "time_embedding.linear_2.": ("time_embed.2.", None),
+        "conv_in.": ("input_blocks.0.0.", None),
+        "conv_norm_out.": ("out.0.", None),
+        "conv_out.": ("out.2.", None),
+    }
+    # input_blocks: 0 is conv_in; then each layer is (resnet, attention), each downsampler its own.
+    index = 0
+    for b in range(n):
+        for j in range(layers[b]):
+            index += 1
+            rules[f"down_blocks.{b}.resnets.{j}."] = (f"input_blocks.{index}.0.", UNET_RESNET)
+            rules[f"down_blocks.{b}.attentions.{j}."] = (f"input_blocks.{index}.1.", None)
+        if b < n - 1:  # diffusers adds no downsampler to the last block
+            index += 1
+            rules[f"down_blocks.{b}.downsamplers.0.conv."] = (f"input_blocks.{index}.0.op.", None)
+    # middle_block: resnet, attention, resnet.
+    for i in range(2):
+        rules[f"mid_block.resnets.{i}."] = (f"middle_block.{2 * i}.", UNET_RESNET)
+    rules["mid_block.attentions.0."] = ("middle_block.1.", None)
+    # output_blocks: up block b has layers[n-1-b] + 1 layers; the upsampler follows the last
+    # layer's attention (slot 2) or, in blocks without attention, its resnet (slot 1).
+    index = 0
+    for b in range(n):
+        count = layers[n - 1 - b] + 1
+        for j in range(count):
+            rules[f"up_blocks.{b}.resnets.{j}."] = (f"output_blocks.{index}.0.", UNET_RESNET)
+            rules[f"up_blocks.{b}.attentions.{j}."] = (f"output_blocks.{index}.1.", None)
+            if j == count - 1 and b < n - 1:
+                slot = 2 if "Attn" in up_types[b] else 1
+                rules[f"up_blocks.{b}.upsamplers.0.conv."] = (
+                    f"output_blocks.{index}.{slot}.conv.",
+                    None,
+                )
+            index += 1
+    return rules
+
+
+def _vae_rules(config: Mapping[str, Any]) -> Rules:
+    """Prefix rules for AutoencoderKL -> `first_stage_model.`."""
+    n = len(config["down_block_types"])
+    rules: Rules = {
+        "quant_conv.": ("quant_conv.", None),
+        "post_quant_conv.": ("post_quant_conv.", None),
+    }
+    for part in ("encoder", "decoder"):
+        rules[f"{part}.conv_in."] = (f"{part}.conv_in.", None)
+        rules[f"{part}.conv_norm_out."] = (f"{part}.norm_out.", None)
+        rules[f"{part}.conv_out."] = (f"{part}.conv_out.", None)
+        for i in range(2):
+            rules[f"{part}.mid_block.resnets.{i}."] = (f"{part}.mid.block_{i + 1}.", VAE_RESNET)
+        attention = f"{part}.mid_block.attentions.0."
+        rules[attention] = (f"{part}.mid.attn_1.", VAE_ATTENTION)
+        rules[attention + "to_out.0."] = (f"{part}.mid.attn_1.proj_out.", None)
+    layers = config["layers_per_block"]
+    for i in range(n):
+        # LDM numbers decoder levels from the lowest resolution up, diffusers the other way.
+        up = n - 1 - i
+        for j in range(layers + 1):  # the decoder has one resnet more per level
+            if j < layers:
+                rules[f"encoder.down_blocks.{i}.resnets.{j}."] = (
+                    f"encoder.down.{i}.block.{j}.",
+                    VAE_RESNET,
+                )
+            rules[f"decoder.up_blocks.{i}.resnets.{j}."] = (
+                f"decoder.up.{up}.block.{j}.",
+                VAE_RESNET,
+            )
+        rules[f"encoder.down_blocks.{i}.downsamplers.0."] = (f"encoder.down.{i}.downsample.", None)
+        rules[f"decoder.up_blocks.{i}.upsamplers.0."] = (f"decoder.up.{up}.upsample.", None)
+    return rules
+
+
+def _rename(key: str, rules: Rules, ordered: list[str], what: str) -> str:
+    for prefix in ordered:
+        if key.startswith(prefix):
+            ldm, children = rules[prefix]
+            rest = key[len(prefix) :]
+            if children is not None:
+                head, dot, tail = rest.partition(".")
+                if head not in children:
+                    break
+                rest = children[head] + dot + tail
+            return ldm + rest
+    raise SdloraError(
+        f"{what} weight {key!r} has no place in the original SD layout; "
+        "fuse or remove adapters before exporting"
+    )
+
+
+def _convert(sd: Mapping[str, torch.Tensor], rules: Rules, prefix: str, what: str) -> dict:
+    ordered = sorted(rules, key=len, reverse=True)  # longest prefix wins (to_out.0 vs attention)
+    out = {prefix + _rename(k, rules, ordered, what): v for k, v in sd.items()}
+    if len(out) != len(sd):
+        raise SdloraError(f"{what}: two weights mapped to the same name; the config does not fit")
+    return out
+
+
+def to_single_file_state_dict(
+    unet_sd: Mapping[str, torch.Tensor],
+    vae_sd: Mapping[str, torch.Tensor],
+    text_encoder_sd: Mapping[str, torch.Tensor],
+    unet_config: Mapping[str, Any],
+    vae_config: Mapping[str, Any],
+) -> dict[str, torch.Tensor]:
+    """Rename diffusers UNet/VAE/CLIP state dicts into the original SD single-file layout."""
+    out = _convert(unet_sd, _unet_rules(unet_config), UNET_PREFIX, "unet")
+    for key, value in _convert(vae_sd, _vae_rules(vae_config), VAE_PREFIX, "vae").items():
+        # LDM's VAE attention uses 1x1 convs where diffusers uses Linear: (C, C) -> (C, C, 1, 1).
+        if ".mid.attn_1." in key and key.endswith(".weight") and value.ndim == 2:
+            value = value[:, :, None, None]
+        out[key] = value
+    for key, value in text_encoder_sd.items():
+        # transformers >= 5.6 flattened CLIPTextModel (no `text_model.`); the file keeps it.
+        name = key if key.startswith("text_model.") else "text_model." + key
+        out[TEXT_PREFIX + name] = value
+    return out
+
+
+def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise SdloraError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+
+
+def save_single_file(
+    unet_sd: Mapping[str, torch.Tensor],
+    vae_sd: Mapping[str, torch.Tensor],
+    text_encoder_sd: Mapping[str, torch.Tensor],
+    unet_config: Mapping[str, Any],
+    vae_config: Mapping[str, Any],
+    path: str | Path,
+    dtype: str | torch.dtype = "fp16",
+    overwrite: bool = False,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write one original-layout .safetensors checkpoint atomically; refuse to overwrite."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise SdloraError(f"{path}: single-file checkpoints are saved as .safetensors")
+    if path.exists() and not overwrite:
+        raise SdloraError(f"{path} already exists; choose another name or pass --overwrite")
+    target = _parse_dtype(dtype)
+    tensors = {}
+    for key, value in to_single_file_state_dict(
+        unet_sd, vae_sd, text_encoder_sd, unet_config, vae_config
+    ).items():
+        value = value.detach().to("cpu", target if value.is_floating_point() else value.dtype)
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise SdloraError(
+                f"{path}: {key} has NaN/Inf values in {target} (too large for fp16? "
+                "try bf16 or fp32); nothing was written"
+            )
+        tensors[key] = value.contiguous()
+    info = {"format": "pt", "sdlora_layout": "ldm_sd_v1", **(metadata or {})}
+    atomic_save_file(tensors, path, {k: str(v) for k, v in info.items()})
+    return path
+
+
+def save_pipeline_single_file(
+    pipe: StableDiffusionPipeline,
+    path: str | Path,
+    dtype: str | torch.dtype = "fp16",
+    overwrite: bool = False,
+) -> Path:
+    """Save a plain (adapter-free) pipeline's UNet, VAE and text encoder as one file."""
+    return save_single_file(
+        pipe.unet.state_dict(),
+        pipe.vae.state_dict(),
+        pipe.text_encoder.state_dict(),
+        pipe.unet.config,
+        pipe.vae.config,
+        path,
+        dtype=dtype,
+        overwrite=overwrite,
+    )
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors or .ckpt file; pickles only through weights_only loading."""
+    if not path.is_file():
+        raise SdloraError(f"{path}: no such file")
+    try:
+        if path.suffix.lower() == ".ckpt":
+            data: Any = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            data = load_file(str(path))
+    except (
+        SafetensorError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+    ) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise SdloraError(f"{path}: not a readable checkpoint ({first})") from None
+    while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]  # Lightning checkpoints nest the weights
+    if not isinstance(data, dict):
+        raise SdloraError(f"{path}: not a checkpoint (no dictionary of weights inside)")
+    state = {k: v for k, v in data.items() if isinstance(k, str) and torch.is_tensor(v)}
+    for part in (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX):
+        if not any(k.startswith(part) for k in state):
+            raise SdloraError(
+                f"{path}: not a Stable Diffusion 1.x single-file checkpoint (no {part}* weights)"
+            )
+    # Old files lack the `text_model.` level under the text encoder prefix.
+    return {
+        TEXT_PREFIX + "text_model." + k[len(TEXT_PREFIX) :]
+        if k.startswith(TEXT_PREFIX) and not k.startswith(TEXT_PREFIX + "text_model.")
+        else k: v
+        for k, v in state.items()
+    }
+
+
+def _expected_shapes(folder: Path) -> dict[str, torch.Size]:
+    """Original-layout names and shapes of the models the folder's configs describe."""
+    unet_config = UNet2DConditionModel.load_config(folder, subfolder="unet", local_files_only=True)
+    vae_config = AutoencoderKL.load_config(folder, subfolder="vae", local_files_only=True)
+    text_config = CLIPTextConfig.from_pretrained(folder / "text_encoder", local_files_only=True)
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        unet = UNet2DConditionModel.from_config(unet_config)
+        vae = AutoencoderKL.from_config(vae_config)
+        text_encoder = CLIPTextModel(text_config)
+    sd = to_single_file_state_dict(
+        unet.state_dict(), vae.state_dict(), text_encoder.state_dict(), unet.config, vae.config
+    )
+    # position_ids is a constant buffer that some files carry and some do not.
+    return {k: v.shape for k, v in sd.items() if not k.endswith("position_ids")}
+
+
+def _mismatches(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size]) -> list[str]:
+    return [
+        f"{k} missing" if k not in state else f"{k} is {tuple(state[k].shape)}, not {tuple(s)}"
+        for k, s in expected.items()
+        if k not in state or state[k].shape != s
+    ]
+
+
+def _write_tiny_configs(folder: Path) -> None:
+    """Write the tiny base's configs, tokenizer and scheduler (no weights) as a diffusers folder."""
+    from .tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline()
+    pipe.save_config(folder)  # model_index.json
+    pipe.unet.save_config(folder / "unet")
+    pipe.vae.save_config(folder / "vae")
+    pipe.text_encoder.config.save_pretrained(folder / "text_encoder")
+    pipe.tokenizer.save_pretrained(folder / "tokenizer")
+    pipe.scheduler.save_pretrained(folder / "scheduler")
+
+
+def _build(
+    state: dict[str, torch.Tensor], folder: Path, dtype: torch.dtype
+) -> StableDiffusionPipeline:
+    """Assemble the pipeline: weights from `state`, configs/tokenizer/scheduler from `folder`."""
+    common = dict(config=str(folder), local_files_only=True, torch_dtype=dtype)
+    unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", **common)
+    vae = AutoencoderKL.from_single_file(state, subfolder="vae", **common)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig.from_pretrained(folder / "text_encoder", local_files_only=True)
+    )
+    wrapped = any(k.startswith("text_model.") for k in text_encoder.state_dict())
+    text_sd = {
+        k[len(TEXT_PREFIX) :] if wrapped else k[len(TEXT_PREFIX + "text_model.") :]: v
+        for k, v in state.items()
+        if k.startswith(TEXT_PREFIX)
+    }
+    text_encoder.load_state_dict(text_sd, strict=False)  # shapes were checked by the caller
+    return StableDiffusionPipeline.from_pretrained(
+        folder,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder.to(dtype).eval(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        local_files_only=True,
+    )
+
+
+def load_single_file(
+    path: str | Path, config: str | Path | None = None, dtype: torch.dtype = torch.float32
+) -> StableDiffusionPipeline:
+    """Load an original-layout SD 1.x .safetensors/.ckpt offline; `config` is a diffusers folder.
+
+    Without `config` only the built-in tiny base is recognised (by its tensor shapes).
+    """
+    path = Path(path)
+    state = _read_state_dict(path)
+    with tempfile.TemporaryDirectory(prefix="sdlora-config-") as scratch:
+        if config is None:
+            folder = Path(scratch)
+            _write_tiny_configs(folder)
+            if _mismatches(state, _expected_shapes(folder)):
+                raise SdloraError(
+                    f"{path}: not the built-in tiny base; pass a diffusers model folder with "
+                    "its configs and tokenizer (--config DIR)"
+                )
+        else:
+            folder = Path(config)
+            if not (folder / "model_index.json").is_file():
+                raise SdloraError(
+                    f"{folder}: not a diffusers model folder (no model_index.json); pass the "
+                    "folder holding model_index.json, unet/, vae/, text_encoder/, tokenizer/"
+                )
+            try:
+                expected = _expected_shapes(folder)
+            except (OSError, ValueError, json.JSONDecodeError) as err:
+                raise SdloraError(f"{folder}: cannot read its model configs ({err})") from None
+            problems = _mismatches(state, expected)
+            if problems:
+                raise SdloraError(
+                    f"{path} does not match the configs in {folder}: {len(problems)} problems, "
+                    f"e.g. {problems[0]}; pass the folder of the model this file came from"
+                )
+        try:
+            return _build(state, folder, dtype)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise SdloraError(f"{path}: cannot build a pipeline from it ({first})") from None
