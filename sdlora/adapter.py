@@ -70,12 +70,22 @@ class Adapter:
         return [str(w) for w in words] if isinstance(words, list) else []
 
 
+def _canonical(component: str, path: str) -> str:
+    """Module path as the flat names spell it, whatever the library version nests it under.
+
+    transformers 5 dropped CLIPTextModel's `text_model.` level; files everywhere keep it.
+    """
+    if component == "text_encoder":
+        return "text_model_" + path.removeprefix("text_model.").replace(".", "_")
+    return path.replace(".", "_")
+
+
 def flat_name(component: str, path: str) -> str:
     """`unet`, `down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in`."""
-    return PREFIXES[component] + path.replace(".", "_")
+    return PREFIXES[component] + _canonical(component, path)
 
 
-def module_paths(model: nn.Module) -> dict[str, str]:
+def module_paths(model: nn.Module, component: str) -> dict[str, str]:
     """Flat-name suffix -> module path for every Linear/Conv2d in `model` (wrapped ones included)."""
     from .layer import LoRALayer  # local: layer imports nothing from here
 
@@ -84,8 +94,16 @@ def module_paths(model: nn.Module) -> dict[str, str]:
         if isinstance(module, LoRALayer) or (
             isinstance(module, nn.Linear | nn.Conv2d) and not path.endswith(".base")
         ):
-            paths[path.replace(".", "_")] = path
+            paths[_canonical(component, path)] = path
     return paths
+
+
+def _suffix(component: str, key: str) -> str:
+    """Flat key -> canonical suffix; old kohya text-encoder keys lack `text_model_`."""
+    suffix = key[len(PREFIXES[component]) :]
+    if component == "text_encoder" and not suffix.startswith("text_model_"):
+        suffix = "text_model_" + suffix
+    return suffix
 
 
 def resolve(
@@ -95,12 +113,12 @@ def resolve(
 
     A file where most keys match nothing was made for another base and is refused.
     """
-    lookups = {comp: module_paths(model) for comp, model in models.items()}
+    lookups = {comp: module_paths(model, comp) for comp, model in models.items()}
     resolved: dict[tuple[str, str], ModuleFactors] = {}
     unmatched: list[str] = []
     for key, factors in adapter.modules.items():
         comp = next((c for c, p in PREFIXES.items() if key.startswith(p)), None)
-        path = lookups[comp].get(key[len(PREFIXES[comp]) :]) if comp in lookups else None
+        path = lookups[comp].get(_suffix(comp, key)) if comp in lookups else None
         if path is None:
             unmatched.append(key)
         else:

@@ -108,6 +108,15 @@ class LoRAWeights(nn.Module):
         return self.scale * F.conv2d(self.act(h), self.up)
 
 
+def _key(name: str) -> str:
+    """Adapter name -> ModuleDict key (no dots, no clash with nn.Module attributes)."""
+    return "~" + name.replace("%", "%25").replace(".", "%2E")
+
+
+def _name(key: str) -> str:
+    return key[1:].replace("%2E", ".").replace("%25", "%")
+
+
 class LoRALayer(nn.Module):
     """A frozen base Linear/Conv2d plus named adapters, each with a strength."""
 
@@ -137,20 +146,28 @@ class LoRALayer(nn.Module):
                 f"adapter {name!r} does not fit this layer: weight {list(expected)}, "
                 f"down {list(weights.down.shape)}, up {list(weights.up.shape)}"
             )
-        if name in self.adapters:
+        if _key(name) in self.adapters:
             self.remove(name)
-        self.adapters[name] = weights
+        self.adapters[_key(name)] = weights
         self.strengths[name] = float(strength)
 
+    def get(self, name: str) -> LoRAWeights:
+        return self.adapters[_key(name)]
+
+    def items(self) -> list[tuple[str, LoRAWeights]]:
+        """(adapter name, its weights here), in the order they were added."""
+        return [(_name(k), w) for k, w in self.adapters.items()]
+
     def remove(self, name: str) -> None:
-        del self.adapters[name]
+        del self.adapters[_key(name)]
         del self.strengths[name]
         if name in self.fused:
             self.fuse([n for n in self.fused if n != name])
 
     def fuse(self, names: list[str] | set[str]) -> None:
         """Make base.weight = W0 + Σ strength·ΔW over `names` (linear adapters), from pristine W0."""
-        names = [n for n in self.adapters if n in set(names)]
+        wanted = set(names)
+        names = [n for n, _ in self.items() if n in wanted]
         if not names and self.pristine is None:
             self.fused = set()
             return
@@ -161,7 +178,7 @@ class LoRALayer(nn.Module):
         for name in names:
             strength = self.strengths[name]
             if strength != 0.0:
-                merged = merged + strength * self.adapters[name].delta_weight().to(merged.device)
+                merged = merged + strength * self.get(name).delta_weight().to(merged.device)
         if not torch.isfinite(merged).all():
             raise SdloraError(f"fusing {', '.join(names)} gives non-finite weights")
         with torch.no_grad():
@@ -174,7 +191,7 @@ class LoRALayer(nn.Module):
         """W0 + Σ strength·ΔW over every linear adapter, fused or not, computed from W0 in fp32."""
         w0 = self.pristine if self.pristine is not None else self.base.weight.detach()
         merged = w0.float()
-        for name, weights in self.adapters.items():
+        for name, weights in self.items():
             strength = self.strengths[name]
             if strength != 0.0:
                 merged = merged + strength * weights.delta_weight().to(merged.device)
@@ -182,7 +199,8 @@ class LoRALayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        for name, weights in self.adapters.items():
+        for key, weights in self.adapters.items():
+            name = _name(key)
             strength = self.strengths[name]
             if name in self.fused or strength == 0.0:
                 continue

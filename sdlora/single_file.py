@@ -325,7 +325,9 @@ def _build(
     state: dict[str, torch.Tensor], folder: Path, dtype: torch.dtype
 ) -> StableDiffusionPipeline:
     """Assemble the pipeline: weights from `state`, configs/tokenizer/scheduler from `folder`."""
-    common = dict(config=str(folder), local_files_only=True, torch_dtype=dtype)
+    # Cast here rather than through torch_dtype: diffusers then calls model.to(), which warns.
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    common = dict(config=str(folder), local_files_only=True)
     unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", **common)
     vae = AutoencoderKL.from_single_file(state, subfolder="vae", **common)
     text_encoder = CLIPTextModel(

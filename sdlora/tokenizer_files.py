@@ -21,6 +21,7 @@ sky sea grass tree house cat dog bird fish flower sun moon cloud mountain road w
 photo painting drawing sketch picture image style art watercolor oil pencil ink pixel cartoon
 outline outlined flat texture pattern noise smooth rough checker checkered plaid wavy background
 portrait landscape of a an person face man woman
+sks
 """.split()
 
 

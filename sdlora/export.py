@@ -1,0 +1,151 @@
+"""Merged export: base + Σ strength·ΔW as a diffusers folder or one original-layout file.
+
+Weights are merged from the pristine W0 in fp32 and cast once to the export dtype. Nonlinear
+adapters have no ΔW and cannot be folded into weights: an active one is refused by name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from .errors import SdloraError
+from .layer import LoRALayer
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """'fp32' | 'fp16' | 'bf16' -> torch dtype."""
+    if name not in DTYPES:
+        raise SdloraError(f"unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_foldable(pipe: StableDiffusionPipeline) -> None:
+    """Raise naming every active nonlinear adapter: they cannot be folded into weights."""
+    blocked = set()
+    for comp in ("unet", "text_encoder"):
+        for module in getattr(pipe, comp).modules():
+            if isinstance(module, LoRALayer):
+                for name, weights in module.items():
+                    if not weights.is_linear and module.strengths[name] != 0.0:
+                        blocked.add(f"{name} ({weights.nonlinearity})")
+    if blocked:
+        raise SdloraError(
+            "nonlinear adapters cannot be merged into weights: "
+            f"{', '.join(sorted(blocked))}; set their strength to 0 or remove them"
+        )
+
+
+def merged_state_dict(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model's state dict as a plain (unwrapped) model with every linear adapter merged."""
+    state: dict[str, torch.Tensor] = {}
+    layers = {p: m for p, m in model.named_modules() if isinstance(m, LoRALayer)}
+    for key, value in model.state_dict().items():
+        owner = next((p for p in layers if key.startswith(p + ".")), None)
+        if owner is None:
+            state[key] = value.detach().to("cpu", dtype if value.is_floating_point() else None)
+            continue
+        rest = key[len(owner) + 1 :]
+        if rest.startswith("adapters."):
+            continue
+        plain = f"{owner}.{rest.removeprefix('base.')}"
+        if rest == "base.weight":
+            value = layers[owner].merged_weight(torch.float32)
+            if not torch.isfinite(value).all():
+                raise SdloraError(f"merged weight of {owner} is not finite; check the strengths")
+        state[plain] = value.detach().to("cpu", dtype)
+    return state
+
+
+def merged_components(pipe: StableDiffusionPipeline, dtype: torch.dtype) -> dict[str, dict]:
+    """{'unet'|'text_encoder'|'vae': merged state dict} in `dtype`."""
+    check_foldable(pipe)
+    return {
+        comp: merged_state_dict(getattr(pipe, comp), dtype)
+        for comp in ("unet", "text_encoder", "vae")
+    }
+
+
+def _plain_copy(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A fresh, unwrapped model of the same class and config holding `state`."""
+    if hasattr(model, "from_config"):
+        with torch.device("meta"):
+            fresh = type(model).from_config(model.config)
+    else:  # transformers model
+        with torch.device("meta"):
+            fresh = type(model)(model.config)
+    fresh.load_state_dict(state, strict=True, assign=True)
+    return fresh
+
+
+def replace_path(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Move a finished temporary file or folder to `out`; an old `out` goes only if allowed."""
+    if out.exists() and not overwrite:
+        raise SdloraError(f"{out} already exists; choose another --out or pass --overwrite")
+    if out.is_dir() and not out.is_symlink():
+        old = out.with_name(f".{out.name}.old")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def export_diffusers(
+    pipe: StableDiffusionPipeline, out: str | Path, dtype: str = "fp16", overwrite: bool = False
+) -> Path:
+    """Write the current blend as a diffusers model folder (safetensors)."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise SdloraError(f"{out} already exists; choose another --out or pass --overwrite")
+    states = merged_components(pipe, parse_dtype(dtype))
+    parts = {comp: _plain_copy(getattr(pipe, comp), states[comp]) for comp in states}
+    plain = StableDiffusionPipeline(
+        **parts,
+        tokenizer=pipe.tokenizer,
+        scheduler=pipe.scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        replace_path(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_single_file(
+    pipe: StableDiffusionPipeline, out: str | Path, dtype: str = "fp16", overwrite: bool = False
+) -> Path:
+    """Write the current blend as one .safetensors in the original SD (A1111/ComfyUI) layout."""
+    from .single_file import save_single_file
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise SdloraError(f"{out}: a single-file checkpoint must end in .safetensors")
+    if out.exists() and not overwrite:
+        raise SdloraError(f"{out} already exists; choose another --out or pass --overwrite")
+    states = merged_components(pipe, parse_dtype(dtype))
+    save_single_file(
+        states["unet"],
+        states["vae"],
+        states["text_encoder"],
+        pipe.unet.config,
+        pipe.vae.config,
+        out,
+        dtype=dtype,
+        overwrite=overwrite,
+    )
+    return out
