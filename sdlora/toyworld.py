@@ -115,7 +115,9 @@ def sample_scenes(n: int, seed: int) -> Scenes:
     radius = lo + (hi - lo) * torch.rand(n, generator=g)
     xy = torch.tensor([POSITION_XY[p] for p in POSITIONS])[position]
     center = xy + (torch.rand(n, 2, generator=g) - 0.5) * 0.08
-    center = torch.maximum(torch.minimum(center, 1 - radius[:, None] - 0.02), radius[:, None] + 0.02)
+    center = torch.maximum(
+        torch.minimum(center, 1 - radius[:, None] - 0.02), radius[:, None] + 0.02
+    )
     jitter = (torch.rand(n, 2, 3, generator=g) - 0.5) * (24 / 255)
     return Scenes(
         shape=shape,
@@ -179,7 +181,9 @@ def _inside(shape: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tens
         "star": lambda: rho <= 0.45 + 0.55 * arm**2,
         "heart": lambda: (x * x + y * y - 1) ** 3 - x * x * y**3 <= 0,
         "ring": lambda: (rho <= 1) & (rho >= 0.58),
-        "cross": lambda: ((u.abs() <= 0.3) & (v.abs() <= 0.95)) | ((v.abs() <= 0.3) & (u.abs() <= 0.95)),
+        "cross": lambda: (
+            ((u.abs() <= 0.3) & (v.abs() <= 0.95)) | ((v.abs() <= 0.3) & (u.abs() <= 0.95))
+        ),
     }
     for k, name in enumerate(SHAPES):
         pick = shape == k
@@ -236,28 +240,40 @@ def render(
         for step in range(w):
             if step % 2 == 0:
                 grown = F.max_pool2d(grown, 3, stride=1, padding=1)
-            else:
-                plus = torch.maximum(grown.roll(1, 2), grown.roll(-1, 2))
-                grown = torch.maximum(grown, torch.maximum(plus, torch.maximum(grown.roll(1, 3), grown.roll(-1, 3))))
+            else:  # plus-shaped step; zero padding, so nothing wraps around the edges
+                p = F.pad(grown, (1, 1, 1, 1))
+                grown = torch.stack(
+                    [
+                        grown,
+                        p[..., :-2, 1:-1],
+                        p[..., 2:, 1:-1],
+                        p[..., 1:-1, :-2],
+                        p[..., 1:-1, 2:],
+                    ]
+                ).amax(0)
         ring[pick] = grown - mask[pick]
     image = image + (s.outline_rgb[:, :, None, None] - image) * ring
     image = image + (s.shape_rgb[:, :, None, None] - image) * mask
     return F.avg_pool2d(image, supersample).clamp(0, 1)
 
 
-def caption(scenes: Scenes, i: int, rng: random.Random, full: bool = False) -> str:
-    """A template caption for scene `i`; unless `full`, some attributes are left out at random."""
+def caption(scenes: Scenes, i: int, rng: random.Random | None = None) -> str:
+    """A template caption for scene `i`: every attribute when `rng` is None, else some left out."""
     color = list(COLORS)[int(scenes.color[i])] if int(scenes.color[i]) >= 0 else None
     shape = SHAPES[int(scenes.shape[i])]
     size = SIZES[int(scenes.size[i])]
-    where = rng.choice(POSITION_WORDS[POSITIONS[int(scenes.position[i])]])
+    wordings = POSITION_WORDS[POSITIONS[int(scenes.position[i])]]
+    where: str | None = wordings[0] if rng is None else rng.choice(wordings)
     bg_index = int(scenes.background[i])
     bg = list(BACKGROUNDS)[bg_index] if bg_index >= 0 else None
-    keep = (lambda p: True) if full else (lambda p: rng.random() >= p)
+
+    def keep(p: float) -> bool:
+        return rng is None or rng.random() >= p
+
     thing = " ".join(w for w in (size if keep(0.3) else None, color, shape) if w)
     where = where if keep(0.3) else None
     ground = f"{bg} background" if bg and keep(0.3) else None
-    if ground and not full and rng.random() < 0.2:
+    if ground and rng is not None and rng.random() < 0.2:
         return " ".join(w for w in (ground, "with a", thing, where) if w)
     return " ".join(w for w in ("a", thing, where, f"on a {ground}" if ground else None) if w)
 
@@ -267,8 +283,8 @@ def toy_batch(
 ) -> tuple[torch.Tensor, list[str]]:
     """`n` toy-world images (B, 3, 64, 64) in [0, 1] and their captions, deterministic from `seed`."""
     scenes = sample_scenes(n, seed)
-    rng = random.Random(seed)
-    return render(scenes, device=device), [caption(scenes, i, rng, full_captions) for i in range(n)]
+    rng = None if full_captions else random.Random(seed)
+    return render(scenes, device=device), [caption(scenes, i, rng) for i in range(n)]
 
 
 def dominant_shape_color(images: torch.Tensor, threshold: float = 0.25) -> list[str | None]:
@@ -278,13 +294,20 @@ def dominant_shape_color(images: torch.Tensor, threshold: float = 0.25) -> list[
     `threshold` (RGB distance, images in [0, 1]) from it, and its color is their median.
     """
     if images.ndim != 4 or images.shape[1] != 3:
-        raise SdloraError(f"dominant_shape_color: expected (B, 3, H, W) images, got {tuple(images.shape)}")
+        raise SdloraError(
+            f"dominant_shape_color: expected (B, 3, H, W) images, got {tuple(images.shape)}"
+        )
     palette = _rgb(COLORS)
     names: list[str | None] = []
     for image in images.float().cpu():
         border = torch.cat(
-            [image[:, :2].reshape(3, -1), image[:, -2:].reshape(3, -1),
-             image[:, :, :2].reshape(3, -1), image[:, :, -2:].reshape(3, -1)], dim=1
+            [
+                image[:, :2].reshape(3, -1),
+                image[:, -2:].reshape(3, -1),
+                image[:, :, :2].reshape(3, -1),
+                image[:, :, -2:].reshape(3, -1),
+            ],
+            dim=1,
         )
         bg = border.median(dim=1).values
         pixels = image.reshape(3, -1)
