@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import tempfile
 import zipfile
 from collections.abc import Mapping
@@ -184,6 +185,30 @@ def to_single_file_state_dict(
     return out
 
 
+# Every name a Hugging Face CLIP text model has (with or without the `text_model.` level).
+CLIP_TEXT_KEY = re.compile(
+    r"(text_model\.)?(embeddings\.(token_embedding\.weight|position_embedding\.weight|position_ids)"
+    r"|final_layer_norm\.(weight|bias)"
+    r"|encoder\.layers\.\d+\.(self_attn\.[qkv]_proj|self_attn\.out_proj|layer_norm[12]|mlp\.fc[12])"
+    r"\.(weight|bias))"
+)
+
+
+def _check_keys(
+    sd: Mapping[str, torch.Tensor], model_class: Any, config: Mapping[str, Any], what: str
+) -> None:
+    """Raise unless `sd` has exactly the weight names of `model_class(config)`."""
+    with torch.device("meta"):  # names and shapes only: no memory, no init cost
+        names = set(model_class.from_config(dict(config)).state_dict())
+    extra, missing = sorted(set(sd) - names), sorted(names - set(sd))
+    if extra or missing:
+        example = f"unexpected {extra[0]!r}" if extra else f"missing {missing[0]!r}"
+        raise SdloraError(
+            f"{what} weights do not fit its config ({len(extra)} unexpected, {len(missing)} "
+            f"missing, e.g. {example}); fuse or remove adapters before exporting"
+        )
+
+
 def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
@@ -210,6 +235,14 @@ def save_single_file(
     if path.exists() and not overwrite:
         raise SdloraError(f"{path} already exists; choose another name or pass --overwrite")
     target = _parse_dtype(dtype)
+    _check_keys(unet_sd, UNet2DConditionModel, unet_config, "unet")
+    _check_keys(vae_sd, AutoencoderKL, vae_config, "vae")
+    odd = [k for k in text_encoder_sd if not CLIP_TEXT_KEY.fullmatch(k)]
+    if odd:
+        raise SdloraError(
+            f"text encoder weight {odd[0]!r} is not a CLIP text model weight; "
+            "fuse or remove adapters before exporting"
+        )
     tensors = {}
     for key, value in to_single_file_state_dict(
         unet_sd, vae_sd, text_encoder_sd, unet_config, vae_config
@@ -325,9 +358,11 @@ def _build(
     state: dict[str, torch.Tensor], folder: Path, dtype: torch.dtype
 ) -> StableDiffusionPipeline:
     """Assemble the pipeline: weights from `state`, configs/tokenizer/scheduler from `folder`."""
-    # Cast here rather than through torch_dtype: diffusers then calls model.to(), which warns.
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    # Models are built in fp32 and the weights cast into them; torch_dtype makes diffusers call
+    # model.to(dtype), which logs a spurious fp32-modules warning, so pass it only when needed.
     common = dict(config=str(folder), local_files_only=True)
+    if dtype != torch.float32:
+        common["torch_dtype"] = dtype
     unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", **common)
     vae = AutoencoderKL.from_single_file(state, subfolder="vae", **common)
     text_encoder = CLIPTextModel(
