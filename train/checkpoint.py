@@ -1,0 +1,118 @@
+"""Checkpoints under OUTPUT/checkpoints/step-NNNNNN/, written so that a kill never damages one.
+
+A checkpoint is built in a hidden temporary folder beside the others and renamed into place
+when complete, so every `step-*` folder is whole. It holds:
+  adapter.safetensors   the adapter so far, a normal adapter file (`sdlora generate --lora`)
+  trainer_state.pt      raw LoRA factors, optimizer, LR scheduler and loss-scaler state, step
+  checkpoint.json       the step and the settings of the run
+Random draws in training are derived from (seed, micro-step, process), so the step restores the
+random state and the batch order as well.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..adapter import Adapter
+from ..errors import SdloraError
+from ..files import save_adapter
+
+FOLDER = "checkpoints"
+NAME = re.compile(r"^step-(\d+)$")
+INFO = "checkpoint.json"
+STATE = "trainer_state.pt"
+ADAPTER = "adapter.safetensors"
+
+
+def checkpoints(output: Path) -> list[Path]:
+    """Complete checkpoints in `output`, oldest first."""
+    folder = output / FOLDER
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if NAME.match(p.name) and (p / INFO).is_file()]
+    return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)))
+
+
+def latest(output: Path) -> Path | None:
+    found = checkpoints(output)
+    return found[-1] if found else None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(
+    output: Path, step: int, state: dict, adapter: Adapter, settings: dict, keep_last: int
+) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the newest `keep_last`."""
+    folder = output / FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=folder))
+    try:
+        save_adapter(adapter, tmp / ADAPTER)
+        torch.save(state, tmp / STATE)
+        (tmp / INFO).write_text(json.dumps({"step": step, "settings": settings}, indent=1))
+        for name in (ADAPTER, STATE, INFO):
+            _fsync(tmp / name)
+        if final.exists():  # a rerun of the same step: move the old one aside first
+            final.rename(folder / f".trash-{final.name}-{os.getpid()}")
+        os.replace(tmp, final)
+        if hasattr(os, "O_DIRECTORY"):
+            _fsync(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prune(output, keep_last)
+    return final
+
+
+def prune(output: Path, keep_last: int) -> None:
+    """Delete old checkpoints (renamed away first, so a kill mid-delete leaves no half folder)."""
+    folder = output / FOLDER
+    for old in checkpoints(output)[:-keep_last]:
+        trash = folder / f".trash-{old.name}-{os.getpid()}"
+        old.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    clean(output)
+
+
+def clean(output: Path) -> None:
+    """Remove leftovers of interrupted saves and deletes."""
+    folder = output / FOLDER
+    if folder.is_dir():
+        for leftover in folder.glob(".t*-step-*"):
+            if leftover.name.startswith((".tmp-", ".trash-")):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def remove_all(output: Path) -> None:
+    """Delete every checkpoint (for --overwrite)."""
+    shutil.rmtree(output / FOLDER, ignore_errors=True)
+
+
+def load(path: Path) -> tuple[dict, dict]:
+    """(info, state) of the checkpoint folder `path`; clear errors when it is not one."""
+    if not (path / INFO).is_file() or not (path / STATE).is_file():
+        raise SdloraError(
+            f"{path}: not a checkpoint folder (needs {INFO} and {STATE}); "
+            f"give a folder under OUTPUT/{FOLDER}/ or just --resume for the latest"
+        )
+    try:
+        info = json.loads((path / INFO).read_text())
+        state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise SdloraError(f"{path}: checkpoint cannot be read ({err})") from None
+    return info, state

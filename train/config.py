@@ -1,0 +1,309 @@
+"""Training settings: one dataclass, loadable from a TOML file with overrides on top.
+
+Every field is also a `sdlora train` flag (`rank` is `--rank`, `sample_prompts` is
+`--sample-prompt`) and a TOML key (`rank = 8`; hyphens and underscores both work).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import SdloraError
+from ..layer import NONLINEARITIES
+
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+LR_SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+)
+OPTIMIZERS = ("adamw", "adamw8bit")
+CROPS = ("center", "random")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+# Sides of every training image are multiples of this: the SD VAE's factor 8 times 8, so the
+# latent side stays divisible through the UNet's downsampling.
+SIDE_MULTIPLE = 64
+DEFAULT_STEPS = 1000  # when neither steps nor epochs is given
+
+# Fields that decide what a checkpoint means: a resumed run must use the same values.
+RESUME_MUST_MATCH = (
+    "base",
+    "rank",
+    "alpha",
+    "nonlinearity",
+    "dropout",
+    "targets",
+    "train_text_encoder",
+    "text_encoder_targets",
+    "optimizer",
+    "seed",
+    "batch_size",
+    "grad_accum",
+    "resolution",
+    "buckets",
+)
+# Fields about this run rather than about the adapter, left out of the adapter's metadata.
+RUN_ONLY = ("output", "resume", "overwrite", "workers", "tensorboard")
+PATH_FIELDS = ("data_dir", "output")
+
+
+@dataclass
+class TrainConfig:
+    """Everything `train()` needs. Defaults give a sensible SD 1.x LoRA run."""
+
+    # --- what to train on, where results go ---
+    data_dir: str = ""  # folder of images, searched recursively
+    output: str = ""  # folder for the adapter, checkpoints/, samples/ and logs/
+    name: str | None = None  # adapter file name; None: the data folder's name
+    base: str = "tiny"  # "tiny", a diffusers model folder, or a single-file checkpoint
+    base_config: str | None = None  # diffusers folder describing a single-file base
+
+    # --- the adapter ---
+    rank: int = 8
+    alpha: float | None = None  # None means alpha = rank, i.e. scale 1
+    nonlinearity: str = "identity"  # σ between down and up; identity is a plain LoRA
+    dropout: float = 0.0  # dropout on the adapter's input while training
+    targets: str = "attn"  # UNet preset (attn, attn-ff, all) or comma-separated module names
+    train_text_encoder: bool = False  # also train a LoRA on the text encoder
+    text_encoder_targets: str = "attn"  # text-encoder preset or module names
+
+    # --- how long ---
+    steps: int | None = None  # optimizer steps; None: from epochs, or 1000 if neither is given
+    epochs: int | None = None  # passes over the data (with repeats); give steps or epochs
+    batch_size: int = 1  # images per process per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+
+    # --- data ---
+    resolution: int = 512  # about resolution² pixels per image; a multiple of 64
+    buckets: bool = True  # aspect-ratio buckets, so nothing is squashed; False: square crops
+    crop: str = "center"  # center or random crop into the bucket
+    flip: bool = False  # random horizontal flip (turns latent caching off)
+    caption: str | None = None  # caption for images with no .txt or metadata.jsonl entry
+    trigger: str | None = None  # word put in front of every caption
+    caption_dropout: float = 0.0  # probability of training an image with an empty caption
+    shuffle_tags: bool = False  # shuffle comma-separated tags (turns text caching off)
+    keep_tags: int = 1  # with shuffle_tags: the first N tags stay in place
+    cache: bool = True  # cache VAE latents / text embeddings when nothing random needs re-encoding
+    workers: int = 2  # image-loading processes when latents are not cached; 0: in-process
+
+    # --- optimisation ---
+    lr: float = 1e-4  # UNet LoRA learning rate
+    text_encoder_lr: float | None = None  # None: same as lr
+    lr_scheduler: str = "constant"  # one of LR_SCHEDULERS
+    warmup_steps: int = 0
+    optimizer: str = "adamw"  # adamw (fused on CUDA) or adamw8bit (needs bitsandbytes)
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0  # gradient clipping; 0 turns it off
+    mixed_precision: str = "auto"  # auto: bf16 on GPUs that have it, else fp16; no on CPU
+    gradient_checkpointing: bool = False  # less memory, about 30% slower
+    min_snr_gamma: float | None = None  # min-SNR-γ loss weighting (Hang et al. 2023); 5 is usual
+    noise_offset: float = 0.0  # per-channel noise offset; 0.05-0.1 helps very dark/bright images
+    prediction_type: str | None = None  # None: the base's scheduler config says
+    seed: int = 0  # same seed, same data, same settings: same adapter
+
+    # --- checkpoints, samples, logs ---
+    save_every: int = 500  # checkpoint every N steps; 0: only the final adapter
+    keep_last: int = 3  # checkpoints kept under output/checkpoints/
+    sample_every: int = 0  # sample images every N steps (and at the end); 0: never
+    sample_prompts: list[str] = field(default_factory=list)  # empty: the first caption
+    sample_steps: int = 20  # denoising steps per sample image
+    tensorboard: bool = True  # TensorBoard logs under output/logs/ (needs tensorboard)
+    resume: str | None = None  # "latest" or a checkpoint folder; None: start fresh
+    overwrite: bool = False  # replace an existing adapter and delete old checkpoints
+
+    def check(self) -> TrainConfig:
+        """Raise SdloraError for settings that cannot work; return self."""
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise SdloraError(message)
+
+        need(bool(self.data_dir), "no data folder given; pass DATA_DIR (or data_dir in the config)")
+        need(bool(self.output), "no output folder given; pass --output DIR")
+        need(self.rank >= 1, f"--rank must be at least 1 (got {self.rank})")
+        need(self.alpha is None or self.alpha > 0, f"--alpha must be positive (got {self.alpha})")
+        need(
+            self.nonlinearity in NONLINEARITIES,
+            f"--nonlinearity {self.nonlinearity!r} is unknown; choose one of: "
+            + ", ".join(NONLINEARITIES),
+        )
+        need(0 <= self.dropout < 1, f"--dropout must be in [0, 1) (got {self.dropout})")
+        need(
+            self.steps is None or self.epochs is None,
+            "give --steps or --epochs, not both",
+        )
+        need(
+            self.steps is None or self.steps >= 1, f"--steps must be at least 1 (got {self.steps})"
+        )
+        need(
+            self.epochs is None or self.epochs >= 1,
+            f"--epochs must be at least 1 (got {self.epochs})",
+        )
+        need(self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})")
+        need(self.grad_accum >= 1, f"--grad-accum must be at least 1 (got {self.grad_accum})")
+        need(
+            self.resolution >= SIDE_MULTIPLE and self.resolution % SIDE_MULTIPLE == 0,
+            f"--resolution must be a multiple of {SIDE_MULTIPLE} (e.g. 512); got {self.resolution}",
+        )
+        need(self.crop in CROPS, f"--crop must be one of: {', '.join(CROPS)}")
+        need(
+            0 <= self.caption_dropout < 1,
+            f"--caption-dropout must be in [0, 1) (got {self.caption_dropout})",
+        )
+        need(self.keep_tags >= 0, f"--keep-tags must be 0 or more (got {self.keep_tags})")
+        need(self.workers >= 0, f"--workers must be 0 or more (got {self.workers})")
+        need(self.lr > 0, f"--lr must be positive (got {self.lr})")
+        need(
+            self.text_encoder_lr is None or self.text_encoder_lr >= 0,
+            f"--text-encoder-lr must be 0 or more (got {self.text_encoder_lr})",
+        )
+        need(
+            self.lr_scheduler in LR_SCHEDULERS,
+            f"--lr-scheduler must be one of: {', '.join(LR_SCHEDULERS)}",
+        )
+        need(self.warmup_steps >= 0, "--warmup-steps must be 0 or more")
+        need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of: {', '.join(OPTIMIZERS)}")
+        need(self.max_grad_norm >= 0, "--max-grad-norm must be 0 or more")
+        need(
+            self.mixed_precision in MIXED_PRECISION,
+            f"--mixed-precision must be one of: {', '.join(MIXED_PRECISION)}",
+        )
+        need(
+            self.min_snr_gamma is None or self.min_snr_gamma > 0,
+            "--min-snr-gamma must be positive",
+        )
+        need(self.noise_offset >= 0, "--noise-offset must be 0 or more")
+        need(
+            self.prediction_type is None or self.prediction_type in PREDICTION_TYPES,
+            f"--prediction-type must be one of: {', '.join(PREDICTION_TYPES)}",
+        )
+        need(self.save_every >= 0, "--save-every must be 0 or more")
+        need(self.keep_last >= 1, "--keep-last must be at least 1")
+        need(self.sample_every >= 0, "--sample-every must be 0 or more")
+        need(self.sample_steps >= 1, "--sample-steps must be at least 1")
+        need(
+            not (self.resume and self.overwrite),
+            "--resume continues old checkpoints and --overwrite deletes them; pick one",
+        )
+        return self
+
+    @property
+    def adapter_name(self) -> str:
+        """File stem of the final adapter."""
+        return self.name or Path(self.data_dir).resolve().name or "adapter"
+
+    @property
+    def adapter_path(self) -> Path:
+        return Path(self.output) / f"{self.adapter_name}.safetensors"
+
+    @property
+    def caches_latents(self) -> bool:
+        """Latents can be cached when every encode of an image gives the same pixels."""
+        return self.cache and self.crop == "center" and not self.flip
+
+    @property
+    def caches_text(self) -> bool:
+        """Text embeddings can be cached when the text encoder is frozen and captions fixed."""
+        return self.cache and not self.train_text_encoder and not self.shuffle_tags
+
+    def settings(self) -> dict[str, Any]:
+        """The settings that describe the adapter, as JSON-able values (for metadata)."""
+        return {k: v for k, v in asdict(self).items() if k not in RUN_ONLY}
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+FIELD_NAMES = {f.name for f in fields(TrainConfig)}
+
+
+def _normalise(values: dict[str, Any], source: str) -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name == "sample_prompt":
+            name = "sample_prompts"
+        if name not in FIELD_NAMES:
+            close = difflib.get_close_matches(name, FIELD_NAMES, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise SdloraError(f"{source}: unknown setting {key!r}{hint}")
+        if name == "sample_prompts" and isinstance(value, str):
+            value = [value]
+        out[name] = value
+    return out
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Settings from a TOML file; relative paths in it are taken from the file's folder."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise SdloraError(
+                "reading TOML configs on Python 3.10 needs tomli: pip install tomli"
+            ) from None
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SdloraError(f"{path}: no such config file") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise SdloraError(f"{path}: not a valid UTF-8 TOML file ({err})") from None
+    if isinstance(raw.get("train"), dict):  # allow a [train] table
+        raw = raw["train"]
+    values = _normalise(raw, str(path))
+    folder = path.resolve().parent
+    for key in PATH_FIELDS:
+        if isinstance(values.get(key), str) and values[key]:
+            values[key] = str(folder / values[key])
+    for key in ("base", "base_config", "resume"):
+        value = values.get(key)
+        if isinstance(value, str) and value not in ("tiny", "latest") and (folder / value).exists():
+            values[key] = str(folder / value)
+    return values
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """A TrainConfig from dataclass defaults, then the TOML file at `path`, then `overrides`."""
+    values = read_toml(path) if path else {}
+    _check_types(values, str(path))
+    overrides = _normalise(overrides, "arguments")
+    _check_types(overrides, "arguments")
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+# annotation -> accepted Python types (TOML gives int for 1 where a float is meant)
+_TYPES = {
+    "str": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "list[str]": (list,),
+}
+
+
+def _check_types(values: dict[str, Any], source: str) -> None:
+    annotations = {f.name: str(f.type) for f in fields(TrainConfig)}
+    for key, value in values.items():
+        kind = annotations[key]
+        optional = kind.endswith(" | None")
+        kind = kind.removesuffix(" | None")
+        if value is None and optional:
+            continue
+        ok = isinstance(value, _TYPES[kind]) and not (kind != "bool" and isinstance(value, bool))
+        if kind == "list[str]":
+            ok = ok and all(isinstance(v, str) for v in value)
+        if not ok:
+            raise SdloraError(
+                f"{source}: {key} must be {kind.replace('str', 'text')}, got {value!r}"
+            )

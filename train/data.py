@@ -1,0 +1,351 @@
+"""Training data: find images, read captions, group by aspect ratio, plan the batch order.
+
+Everything random here is derived from (seed, what, where) rather than drawn from a shared
+generator, so the batch at micro-step k is the same whether a run got there in one go or was
+resumed from a checkpoint, and the same in a worker process as in the main one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import SdloraError
+from .config import SIDE_MULTIPLE, TrainConfig
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya: "10_mystyle" repeats its images 10 times
+METADATA_FILE = "metadata.jsonl"  # Hugging Face imagefolder: {"file_name": ..., "text": ...}
+
+
+@dataclass
+class ImageItem:
+    """One training image: where it is, its caption, how often it repeats, its bucket."""
+
+    path: Path
+    caption: str  # without the trigger word, which is added per draw
+    repeats: int
+    size: tuple[int, int]  # (width, height) after EXIF rotation
+    bucket: tuple[int, int] = (0, 0)  # (width, height) it is trained at
+
+
+def derived_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts, stable across processes and Python runs."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+# ---------------------------------------------------------------- images
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Open an image as 8-bit RGB: EXIF rotation applied, alpha put on white, 16-bit scaled."""
+    with Image.open(path) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit / 32-bit grayscale: PIL's convert() would clip at 255, so scale by the range
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        if img.mode == "F" and arr.max() <= 1.0:
+            top = 1.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img.convert("RGB")
+
+
+def check_image(path: Path) -> tuple[int, int]:
+    """Decode the whole file (truncation shows only then); return (width, height) upright."""
+    return load_rgb(path).size
+
+
+def find_image_files(data_dir: Path, exclude: Path | None = None) -> list[Path]:
+    """Image files under `data_dir` by suffix, sorted; hidden files/folders and `exclude` skipped."""
+    found = []
+    for path in sorted(data_dir.rglob("*")):
+        rel = path.relative_to(data_dir)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if exclude is not None and path.is_relative_to(exclude):
+            continue
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+            found.append(path)
+    return found
+
+
+def repeats_for(path: Path, data_dir: Path) -> int:
+    """N from the nearest folder named `N_name` between `data_dir` and the image, else 1."""
+    for folder in reversed(path.relative_to(data_dir).parts[:-1]):
+        match = REPEATS_FOLDER.match(folder)
+        if match:
+            return max(1, int(match.group(1)))
+    return 1
+
+
+# ---------------------------------------------------------------- captions
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise SdloraError(f"{path}: caption file is not UTF-8 text; save it as UTF-8") from None
+
+
+def read_metadata(data_dir: Path) -> dict[Path, str]:
+    """Captions from every metadata.jsonl under `data_dir`; file_name is relative to its folder."""
+    captions: dict[Path, str] = {}
+    for meta in sorted(data_dir.rglob(METADATA_FILE)):
+        for number, line in enumerate(read_text(meta).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise SdloraError(f"{meta}:{number}: not a JSON object; fix the line") from None
+            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+                raise SdloraError(f'{meta}:{number}: each line needs a "file_name" string')
+            text = row.get("text", row.get("caption"))
+            if isinstance(text, str):
+                captions[(meta.parent / row["file_name"]).resolve()] = text.strip()
+    return captions
+
+
+def caption_for(path: Path, metadata: dict[Path, str], default: str | None) -> str:
+    """<image>.txt, else metadata.jsonl, else `default`, else the file name (underscores as spaces)."""
+    sidecar = path.with_suffix(".txt")
+    if sidecar.is_file():
+        return " ".join(read_text(sidecar).split())
+    if path.resolve() in metadata:
+        return metadata[path.resolve()]
+    if default is not None:
+        return default
+    return " ".join(path.stem.replace("_", " ").split())
+
+
+def with_trigger(caption: str, trigger: str | None) -> str:
+    """Put the trigger word in front, unless the caption already holds it as a word."""
+    if not trigger or re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption):
+        return caption
+    return f"{trigger}, {caption}" if caption else trigger
+
+
+def draw_caption(item: ImageItem, config: TrainConfig, rng: random.Random) -> str:
+    """The caption one draw of `item` trains with: dropout, tag shuffle, then the trigger."""
+    if config.caption_dropout and rng.random() < config.caption_dropout:
+        return ""
+    caption = item.caption
+    if config.shuffle_tags:
+        tags = [t.strip() for t in caption.split(",") if t.strip()]
+        kept, rest = tags[: config.keep_tags], tags[config.keep_tags :]
+        rng.shuffle(rest)
+        caption = ", ".join(kept + rest)
+    return with_trigger(caption, config.trigger)
+
+
+def possible_captions(items: list[ImageItem], config: TrainConfig) -> list[str]:
+    """Every caption a draw can give when tags are not shuffled (for the text cache)."""
+    captions = {with_trigger(item.caption, config.trigger) for item in items}
+    if config.caption_dropout:
+        captions.add("")
+    return sorted(captions)
+
+
+# ---------------------------------------------------------------- buckets
+
+
+def make_buckets(resolution: int, multiple: int = SIDE_MULTIPLE) -> list[tuple[int, int]]:
+    """(width, height) pairs with sides multiples of `multiple` and about resolution² pixels.
+
+    Sides run from half to twice the resolution (aspect ratios up to 4:1), as kohya's buckets.
+    """
+    area = resolution * resolution
+    low = max(multiple, resolution // 2 // multiple * multiple)
+    high = resolution * 2
+    buckets = {(resolution, resolution)}
+    for width in range(low, high + 1, multiple):
+        height = min(high, area // width // multiple * multiple)
+        if height >= low:
+            buckets.add((width, height))
+            buckets.add((height, width))
+    return sorted(buckets)
+
+
+def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to the image's (in log space)."""
+    ratio = math.log(size[0] / size[1])
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
+def to_bucket(
+    img: Image.Image, bucket: tuple[int, int], crop: str, flip: bool, rng: random.Random | None
+) -> torch.Tensor:
+    """Resize to cover the bucket, crop, maybe flip; return (3, H, W) in [-1, 1]."""
+    width, height = bucket
+    scale = max(width / img.width, height / img.height)
+    size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
+    if size != img.size:
+        img = img.resize(size, Image.Resampling.LANCZOS)
+    if crop == "random" and rng is not None:
+        left, top = rng.randint(0, size[0] - width), rng.randint(0, size[1] - height)
+    else:
+        left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    img = img.crop((left, top, left + width, top + height))
+    if flip and rng is not None and rng.random() < 0.5:
+        img = ImageOps.mirror(img)
+    pixels = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())  # (H, W, 3) in 0..255
+    return pixels.permute(2, 0, 1) / 127.5 - 1.0
+
+
+# ---------------------------------------------------------------- discovery
+
+
+def discover(config: TrainConfig) -> tuple[list[ImageItem], list[tuple[Path, str]]]:
+    """Readable images with captions and buckets, and (path, reason) for every skipped file.
+
+    Raises SdloraError when the folder is missing, holds no image, or no readable one.
+    """
+    data_dir = Path(config.data_dir)
+    if not data_dir.is_dir():
+        raise SdloraError(f"{data_dir}: no such folder; give the folder of training images")
+    output = Path(config.output).resolve() if config.output else None
+    files = find_image_files(data_dir, exclude=output)
+    if not files:
+        raise SdloraError(
+            f"{data_dir}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))}, "
+            "in subfolders too)"
+        )
+    metadata = read_metadata(data_dir)
+    buckets = make_buckets(config.resolution) if config.buckets else [(config.resolution,) * 2]
+    items, skipped = [], []
+    for path in files:
+        try:
+            size = check_image(path)
+        except UnidentifiedImageError:
+            empty = path.stat().st_size == 0
+            skipped.append((path, "empty file" if empty else "not an image PIL can read"))
+            continue
+        except Exception as err:  # truncated or damaged data: PIL raises many kinds
+            skipped.append(
+                (
+                    path,
+                    f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'damaged'}",
+                )
+            )
+            continue
+        items.append(
+            ImageItem(
+                path=path,
+                caption=caption_for(path, metadata, config.caption),
+                repeats=repeats_for(path, data_dir),
+                size=size,
+                bucket=nearest_bucket(size, buckets),
+            )
+        )
+    if not items:
+        raise SdloraError(
+            f"{data_dir}: none of the {len(files)} image files could be read "
+            f"(e.g. {skipped[0][0].name}: {skipped[0][1]})"
+        )
+    return items, skipped
+
+
+# ---------------------------------------------------------------- batch order
+
+
+class BatchPlan:
+    """Which items form micro-batch k on process `rank` of `world`.
+
+    Each epoch: every item `repeats` times, shuffled within its bucket, cut into batches of
+    `batch_size` (a bucket's last batch may be smaller), batches shuffled, then dealt out to
+    processes in turn. Every process gets the same number of batches per epoch.
+    """
+
+    def __init__(
+        self, items: list[ImageItem], batch_size: int, seed: int, world: int = 1, rank: int = 0
+    ):
+        self.items, self.batch_size, self.seed = items, batch_size, seed
+        self.world, self.rank = world, rank
+        self.by_bucket: dict[tuple[int, int], list[int]] = {}
+        for index, item in enumerate(items):
+            self.by_bucket.setdefault(item.bucket, []).extend([index] * item.repeats)
+        self.images_per_epoch = sum(len(v) for v in self.by_bucket.values())
+        batches = sum(math.ceil(len(v) / batch_size) for v in self.by_bucket.values())
+        self.per_process = batches // world  # micro-batches per process per epoch
+        self._epoch: tuple[int, list[list[int]]] | None = None
+
+    def check(self) -> None:
+        """Raise when the batch size or process count cannot work with this data."""
+        if self.batch_size > self.images_per_epoch:
+            raise SdloraError(
+                f"--batch-size {self.batch_size} is larger than the {self.images_per_epoch} "
+                "training images (with repeats); lower it"
+            )
+        if self.per_process < 1:
+            raise SdloraError(
+                f"{self.images_per_epoch} images in batches of {self.batch_size} do not give "
+                f"one batch to each of {self.world} processes; lower --batch-size or add images"
+            )
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        if self._epoch is None or self._epoch[0] != epoch:
+            rng = random.Random(derived_seed(self.seed, "order", epoch))
+            batches = []
+            for bucket in sorted(self.by_bucket):
+                indices = list(self.by_bucket[bucket])
+                rng.shuffle(indices)
+                batches += [
+                    indices[i : i + self.batch_size]
+                    for i in range(0, len(indices), self.batch_size)
+                ]
+            rng.shuffle(batches)
+            self._epoch = (epoch, batches)
+        return self._epoch[1]
+
+    def micro_batch(self, k: int) -> tuple[int, list[int]]:
+        """(epoch, item indices) of this process's k-th micro-batch since the start."""
+        epoch, position = divmod(k, self.per_process)
+        return epoch, self.epoch_batches(epoch)[position * self.world + self.rank]
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Map-style view of the plan for a DataLoader: index k -> micro-batch k.
+
+    Returns {"indices": (B,) item indices, "captions": [str] * B, "pixels": (B, 3, H, W) or None}.
+    Pixels are left out when latents come from the cache.
+    """
+
+    def __init__(self, plan: BatchPlan, config: TrainConfig, with_pixels: bool):
+        self.plan, self.config, self.with_pixels = plan, config, with_pixels
+
+    def __len__(self) -> int:
+        return 2**62  # the stream of micro-batches is endless; the sampler picks the range
+
+    def __getitem__(self, k: int) -> dict:
+        _, indices = self.plan.micro_batch(k)
+        rng = random.Random(derived_seed(self.config.seed, "augment", self.plan.rank, k))
+        items = [self.plan.items[i] for i in indices]
+        captions = [draw_caption(item, self.config, rng) for item in items]
+        pixels = None
+        if self.with_pixels:
+            pixels = torch.stack([self.pixels(item, rng) for item in items])
+        return {"indices": torch.tensor(indices), "captions": captions, "pixels": pixels}
+
+    def pixels(self, item: ImageItem, rng: random.Random | None) -> torch.Tensor:
+        try:
+            img = load_rgb(item.path)
+        except (OSError, ValueError, SyntaxError) as err:
+            raise SdloraError(f"{item.path}: could not be read any more ({err})") from None
+        return to_bucket(img, item.bucket, self.config.crop, self.config.flip, rng)

@@ -1,0 +1,81 @@
+"""From pixels and captions to what the UNet takes: VAE latents and text embeddings, with caches.
+
+Cached latents are drawn from the VAE's posterior with a generator seeded per image, so a cache
+rebuilt after a resume holds exactly the same latents as the first one.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import BatchPlan, MicroBatches, derived_seed
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """(B, 77) token ids, padded and truncated to the tokenizer's length, as SD 1.x trains."""
+    return tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def encode_text(tokenizer, text_encoder, captions: list[str], device: torch.device) -> torch.Tensor:
+    """(B, 77, D) last hidden state of the text encoder: the UNet's cross-attention input."""
+    return text_encoder(tokenize(tokenizer, captions).to(device))[0]
+
+
+def encode_pixels(vae, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8) latents, sampled and scaled as the UNet expects."""
+    posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return posterior.sample(generator=generator).float() * vae.config.scaling_factor
+
+
+class LatentCache:
+    """Item index -> (4, h, w) fp32 latent on the CPU, for every training image."""
+
+    def __init__(self, vae, dataset: MicroBatches, seed: int, show_progress: bool, chunk: int = 8):
+        self.latents: dict[int, torch.Tensor] = {}
+        plan: BatchPlan = dataset.plan
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for index, item in enumerate(plan.items):
+            by_bucket.setdefault(item.bucket, []).append(index)
+        bar = tqdm(total=len(plan.items), desc="caching latents", disable=not show_progress)
+        for indices in by_bucket.values():
+            for start in range(0, len(indices), chunk):
+                part = indices[start : start + chunk]
+                pixels = torch.stack([dataset.pixels(plan.items[i], None) for i in part])
+                posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+                for row, index in enumerate(part):
+                    generator = torch.Generator(vae.device).manual_seed(
+                        derived_seed(seed, "latent", index)
+                    )
+                    mean, std = posterior.mean[row], posterior.std[row]
+                    noise = torch.randn(mean.shape, generator=generator, device=mean.device)
+                    latent = (mean + std * noise).float() * vae.config.scaling_factor
+                    self.latents[index] = latent.cpu()
+                bar.update(len(part))
+        bar.close()
+
+    def get(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return torch.stack([self.latents[int(i)] for i in indices]).to(device)
+
+
+class TextCache:
+    """Caption -> (77, D) embedding on the CPU, for every caption a draw can give."""
+
+    def __init__(
+        self, tokenizer, text_encoder, captions: list[str], device: torch.device, chunk: int = 32
+    ):
+        self.embeddings: dict[str, torch.Tensor] = {}
+        for start in range(0, len(captions), chunk):
+            part = captions[start : start + chunk]
+            encoded = encode_text(tokenizer, text_encoder, part, device)
+            for caption, embedding in zip(part, encoded, strict=True):
+                self.embeddings[caption] = embedding.cpu()
+
+    def get(self, captions: list[str], device: torch.device) -> torch.Tensor:
+        return torch.stack([self.embeddings[c] for c in captions]).to(device)

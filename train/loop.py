@@ -1,0 +1,526 @@
+"""The trainer: `train(config) -> Path` fine-tunes a LoRA on a folder of images.
+
+Order of work: check settings, find data, check the output folder (all before any model is
+loaded), load the base, inject the adapter, build optimizer and schedule, resume, cache, then the
+loop. accelerate handles device, mixed precision, gradient accumulation and multi-process runs
+(`accelerate launch`); data is dealt out per process and only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import compute_snr
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..base import load_base
+from ..errors import SdloraError
+from ..files import save_adapter
+from ..inject import (
+    TEXT_ENCODER_TARGETS,
+    UNET_TARGETS,
+    add_trainable,
+    collect_adapter,
+    target_names,
+)
+from ..layer import LoRAWeights
+from . import checkpoint
+from .config import DEFAULT_STEPS, RESUME_MUST_MATCH, TrainConfig
+from .data import BatchPlan, MicroBatches, derived_seed, discover, possible_captions
+from .encode import LatentCache, TextCache, encode_pixels, encode_text
+from .sample import sample_grid
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_NAME = "training"  # the adapter's name inside each LoRALayer while training
+
+
+def train(config: TrainConfig) -> Path:
+    """Train a LoRA on `config.data_dir`; return the path of the adapter file written."""
+    config.check()
+    accelerator = make_accelerator(config)
+    main = accelerator.is_main_process
+    output = Path(config.output)
+
+    # --- data and output folder: every user mistake found here, before a model is loaded
+    items, skipped = discover(config)
+    if skipped and main:
+        logger.warning(
+            "skipped %d unreadable image file(s) of %d: %s",
+            len(skipped),
+            len(skipped) + len(items),
+            "; ".join(f"{path} ({reason})" for path, reason in skipped),
+        )
+    plan = BatchPlan(
+        items, config.batch_size, config.seed, accelerator.num_processes, accelerator.process_index
+    )
+    plan.check()
+    resume_from = check_output(config)
+    total_steps = count_steps(config, plan)
+    if main:
+        logger.info(
+            "%d images (%d per epoch with repeats) in %d bucket(s); %d steps of %d image(s) x %d "
+            "process(es) x %d accumulation",
+            len(items),
+            plan.images_per_epoch,
+            len(plan.by_bucket),
+            total_steps,
+            config.batch_size,
+            accelerator.num_processes,
+            config.grad_accum,
+        )
+        if config.overwrite:
+            checkpoint.remove_all(output)
+        checkpoint.clean(output)
+        output.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+    # --- models: frozen weights in the compute dtype, LoRA factors in fp32
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        accelerator.mixed_precision, torch.float32
+    )
+    pipe = load_base(config.base, device=accelerator.device, config=config.base_config)
+    if weight_dtype != torch.float32:
+        pipe.unet.to(dtype=weight_dtype)
+        pipe.text_encoder.to(dtype=weight_dtype)
+        # the VAE stays fp32: SD VAEs overflow in fp16, and it only encodes (once) and samples
+    check_sides(pipe, plan)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction_type = config.prediction_type or noise_scheduler.config.prediction_type
+    init = torch.Generator().manual_seed(derived_seed(config.seed, "init"))
+    lora_args = dict(
+        rank=config.rank,
+        alpha=config.alpha,
+        nonlinearity=config.nonlinearity,
+        dropout=config.dropout,
+        name=ADAPTER_NAME,
+        generator=init,
+    )
+    unet_targets = target_names(config.targets, UNET_TARGETS)
+    injected = add_trainable(pipe.unet, "unet", unet_targets, **lora_args)
+    te_targets = ()
+    trained = [pipe.unet]
+    if config.train_text_encoder:
+        te_targets = target_names(config.text_encoder_targets, TEXT_ENCODER_TARGETS)
+        injected.update(add_trainable(pipe.text_encoder, "text_encoder", te_targets, **lora_args))
+        trained.append(pipe.text_encoder)
+    targets = {"unet": list(unet_targets), "text_encoder": list(te_targets)}
+    if config.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+        if config.train_text_encoder:
+            pipe.text_encoder.gradient_checkpointing_enable()
+
+    # --- optimizer and learning-rate schedule
+    optimizer = make_optimizer(config, injected, accelerator.device)
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer,
+        num_warmup_steps=config.warmup_steps,
+        num_training_steps=total_steps,
+    )
+    prepared = accelerator.prepare(*trained, optimizer)
+    unet, optimizer = prepared[0], prepared[-1]
+    text_encoder = prepared[1] if config.train_text_encoder else pipe.text_encoder
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    step = 0
+    if resume_from is not None:
+        step = restore(resume_from, config, injected, optimizer, lr_scheduler, accelerator)
+        if main:
+            logger.info("resumed from %s at step %d", resume_from, step)
+
+    # --- caches: encode each image / caption once when nothing random needs fresh encodes
+    dataset = MicroBatches(plan, config, with_pixels=not config.caches_latents)
+    latent_cache = text_cache = None
+    with torch.no_grad(), accelerator.autocast():
+        if config.caches_latents and step < total_steps:
+            latent_cache = LatentCache(pipe.vae, dataset, config.seed, show_progress=main)
+        if config.caches_text and step < total_steps:
+            captions = possible_captions(items, config)
+            text_cache = TextCache(pipe.tokenizer, pipe.text_encoder, captions, accelerator.device)
+
+    loader = DataLoader(
+        dataset,
+        batch_size=None,  # the dataset hands out whole micro-batches
+        sampler=range(step * config.grad_accum, total_steps * config.grad_accum),
+        num_workers=config.workers if dataset.with_pixels else 0,
+    )
+    sample_prompts = config.sample_prompts or [possible_captions(items, config)[-1]]
+    writer = open_tensorboard(output, config) if main else None
+    images_per_step = config.batch_size * config.grad_accum * accelerator.num_processes
+    first_step, started = step, time.perf_counter()
+    progress = tqdm(
+        total=total_steps,
+        initial=step,
+        desc="training",
+        unit="step",
+        disable=not main,
+        dynamic_ncols=True,
+    )
+    for model in trained:
+        model.train()  # LoRA dropout and gradient checkpointing act in training mode
+    step_loss = 0.0
+
+    for k, batch in enumerate(loader, start=step * config.grad_accum):
+        # Random draws of micro-step k come from (seed, k, process): resumes repeat them exactly.
+        generator = torch.Generator(accelerator.device).manual_seed(
+            derived_seed(config.seed, "noise", accelerator.process_index, k)
+        )
+        if config.dropout:
+            torch.manual_seed(derived_seed(config.seed, "dropout", accelerator.process_index, k))
+        with accelerator.accumulate(*trained):
+            # 1. encode: latents (B, 4, H/8, W/8)
+            if latent_cache is not None:
+                latents = latent_cache.get(batch["indices"], accelerator.device)
+            else:
+                with torch.no_grad():
+                    latents = encode_pixels(pipe.vae, batch["pixels"], generator)
+            # 2. noise, plus an optional per-channel offset (B, C, 1, 1)
+            noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+            if config.noise_offset:
+                offset = torch.randn(
+                    (*latents.shape[:2], 1, 1), generator=generator, device=latents.device
+                )
+                noise = noise + config.noise_offset * offset
+            # 3. timesteps, uniform over the training schedule: (B,)
+            timesteps = torch.randint(
+                0,
+                noise_scheduler.config.num_train_timesteps,
+                (latents.shape[0],),
+                generator=generator,
+                device=latents.device,
+            )
+            # 4. forward diffusion: x_t = sqrt(ᾱ_t)·x_0 + sqrt(1-ᾱ_t)·ε
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            # 5. condition: text embeddings (B, 77, D)
+            if text_cache is not None:
+                condition = text_cache.get(batch["captions"], accelerator.device)
+            else:
+                with torch.set_grad_enabled(config.train_text_encoder), accelerator.autocast():
+                    condition = encode_text(
+                        pipe.tokenizer, text_encoder, batch["captions"], accelerator.device
+                    )
+            # 6. predict
+            pred = unet(noisy.to(weight_dtype), timesteps, condition.to(weight_dtype)).sample
+            # 7. target by prediction type
+            if prediction_type == "epsilon":
+                target = noise
+            elif prediction_type == "v_prediction":
+                target = noise_scheduler.get_velocity(latents, noise, timesteps)
+            else:
+                raise SdloraError(
+                    f"prediction type {prediction_type!r} is not supported; "
+                    "use --prediction-type epsilon or v_prediction"
+                )
+            # 8. loss, optionally min-SNR-γ weighted (Hang et al. 2023, eq. 8)
+            if config.min_snr_gamma:
+                snr = compute_snr(noise_scheduler, timesteps)
+                weight = snr.clamp(max=config.min_snr_gamma) / snr
+                if prediction_type == "v_prediction":
+                    weight = snr.clamp(max=config.min_snr_gamma) / (snr + 1)
+                loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+                loss = (loss.mean(dim=(1, 2, 3)) * weight).mean()
+            else:
+                loss = F.mse_loss(pred.float(), target.float())
+
+            losses = accelerator.gather(loss.detach().reshape(1))  # (processes,)
+            if not torch.isfinite(losses).all():
+                last = checkpoint.latest(output)
+                raise SdloraError(
+                    f"loss became {losses.tolist()} at step {step + 1}; training stopped. "
+                    + (
+                        f"The last good checkpoint is {last} (--resume continues from it). "
+                        if last
+                        else ""
+                    )
+                    + "Try a lower --lr, or --mixed-precision no"
+                )
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and config.max_grad_norm:
+                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        step_loss += losses.mean().item() / config.grad_accum
+        if not accelerator.sync_gradients:
+            continue
+
+        # --- one optimizer step done
+        step += 1
+        lr_scheduler.step()
+        elapsed = time.perf_counter() - started
+        rate = (step - first_step) * images_per_step / max(elapsed, 1e-9)
+        lr = lr_scheduler.get_last_lr()[0]
+        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+        progress.update(1)
+        if writer is not None:
+            writer.add_scalar("loss", step_loss, step)
+            for i, group_lr in enumerate(lr_scheduler.get_last_lr()):
+                writer.add_scalar(f"lr/{['unet', 'text_encoder'][i]}", group_lr, step)
+        step_loss = 0.0
+
+        last_step = step == total_steps
+        if config.save_every and (step % config.save_every == 0 or last_step):
+            if main:
+                meta = adapter_metadata(config, plan, step, total_steps, targets, accelerator)
+                save_checkpoint(
+                    output, step, config, injected, optimizer, lr_scheduler, accelerator, meta
+                )
+            accelerator.wait_for_everyone()
+        if config.sample_every and (step % config.sample_every == 0 or last_step):
+            if main:
+                save_samples(
+                    pipe, trained, sample_prompts, config, output, step, writer, accelerator
+                )
+            accelerator.wait_for_everyone()
+    progress.close()
+
+    # --- the adapter file, written once, by the main process
+    path = config.adapter_path
+    accelerator.wait_for_everyone()
+    if main:
+        meta = adapter_metadata(config, plan, step, total_steps, targets, accelerator)
+        save_adapter(collect_adapter(injected, meta), path, overwrite=True)
+        if writer is not None:
+            writer.close()
+        elapsed = time.perf_counter() - started
+        done = step - first_step
+        logger.info(
+            "done: %d steps in %.1f s (%.2f steps/s, %.1f images/s), peak memory %s; adapter: %s",
+            done,
+            elapsed,
+            done / max(elapsed, 1e-9),
+            done * images_per_step / max(elapsed, 1e-9),
+            peak_memory(accelerator.device),
+            path,
+        )
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return path
+
+
+# ---------------------------------------------------------------- set-up
+
+
+def has_accelerator_device() -> bool:
+    if torch.cuda.is_available():
+        return True
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps and mps.is_available())
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    """An Accelerator on the GPU if there is one, else the CPU (multi-process there too)."""
+    cpu = not has_accelerator_device()
+    precision = config.mixed_precision
+    if precision == "auto":
+        if cpu:
+            precision = "no"
+        elif torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            precision = "bf16"
+        else:
+            precision = "fp16"
+    if cpu and precision == "fp16":
+        raise SdloraError("--mixed-precision fp16 needs a GPU; use bf16 or no on the CPU")
+    # cpu=True also makes accelerate see `accelerate launch`/torchrun processes on a CPU-only
+    # machine as one multi-process run instead of several independent ones.
+    return Accelerator(
+        cpu=cpu, mixed_precision=precision, gradient_accumulation_steps=config.grad_accum
+    )
+
+
+def count_steps(config: TrainConfig, plan: BatchPlan) -> int:
+    """Optimizer steps for the run: --steps, or --epochs over the data, or the default."""
+    if config.steps is not None:
+        return config.steps
+    if config.epochs is not None:
+        return max(1, config.epochs * plan.per_process // config.grad_accum)
+    return DEFAULT_STEPS
+
+
+def check_output(config: TrainConfig) -> Path | None:
+    """Apply the output-folder rules; return the checkpoint to resume from, if any."""
+    output = Path(config.output)
+    if output.exists() and not output.is_dir():
+        raise SdloraError(f"--output {output} is a file; give a folder")
+    adapter = config.adapter_path
+    found = checkpoint.checkpoints(output)
+    if config.resume is None:
+        if (adapter.exists() or found) and not config.overwrite:
+            what = adapter.name if adapter.exists() else f"{len(found)} checkpoint(s)"
+            raise SdloraError(
+                f"{output} already holds {what}; pass --resume to continue that run, "
+                "--overwrite to start over, or choose another --output"
+            )
+        return None
+    if config.resume == "latest":
+        if not found:
+            raise SdloraError(
+                f"--resume: no checkpoint in {output / checkpoint.FOLDER}; run without --resume "
+                "to start fresh"
+            )
+        return found[-1]
+    return Path(config.resume)
+
+
+def check_sides(pipe, plan: BatchPlan) -> None:
+    """Every bucket side must survive the VAE and the UNet's downsampling in whole pixels."""
+    levels = len(pipe.unet.config.block_out_channels) - 1
+    multiple = pipe.vae_scale_factor * 2**levels
+    for width, height in plan.by_bucket:
+        if width % multiple or height % multiple:
+            raise SdloraError(
+                f"this base needs image sides that are multiples of {multiple}; "
+                f"--resolution gives {width}x{height}"
+            )
+
+
+def make_optimizer(
+    config: TrainConfig, injected: dict[str, LoRAWeights], device: torch.device
+) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA) or bitsandbytes' 8-bit AdamW; UNet and text-encoder LR apart."""
+    unet = [p for k, w in injected.items() if k.startswith("lora_unet_") for p in (w.down, w.up)]
+    text = [p for k, w in injected.items() if k.startswith("lora_te_") for p in (w.down, w.up)]
+    groups = [{"params": unet, "lr": config.lr}]
+    if text:
+        te_lr = config.lr if config.text_encoder_lr is None else config.text_encoder_lr
+        groups.append({"params": text, "lr": te_lr})
+    if config.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise SdloraError(
+                "--optimizer adamw8bit needs bitsandbytes: pip install 'sdlora[bnb]' "
+                "(or use --optimizer adamw)"
+            ) from None
+        return bnb.optim.AdamW8bit(groups, lr=config.lr, weight_decay=config.weight_decay)
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+
+
+def restore(path, config, injected, optimizer, lr_scheduler, accelerator) -> int:
+    """Load a checkpoint into the live run; return its step. Settings must match."""
+    info, state = checkpoint.load(Path(path))
+    saved = info.get("settings", {})
+    wanted = config.settings()
+    differ = [k for k in RESUME_MUST_MATCH if k in saved and saved[k] != wanted.get(k)]
+    if differ:
+        raise SdloraError(
+            f"{path} was trained with other settings: "
+            + ", ".join(f"{k}={saved[k]!r} (now {wanted.get(k)!r})" for k in differ)
+            + "; use the same values to resume"
+        )
+    if set(state["lora"]) != set(injected):
+        raise SdloraError(f"{path}: its LoRA modules do not match this run's targets")
+    with torch.no_grad():
+        for key, weights in injected.items():
+            weights.down.copy_(state["lora"][key]["down"])
+            weights.up.copy_(state["lora"][key]["up"])
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["scheduler"])
+    if accelerator.scaler is not None and state.get("scaler"):
+        accelerator.scaler.load_state_dict(state["scaler"])
+    return int(state["step"])
+
+
+def open_tensorboard(output: Path, config: TrainConfig):
+    """A SummaryWriter under output/logs, or None (with a note) when tensorboard is missing."""
+    if not config.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        logger.info("TensorBoard logs are off: pip install tensorboard to get them")
+        return None
+    return SummaryWriter(log_dir=str(output / "logs"))
+
+
+# ---------------------------------------------------------------- during and after training
+
+
+def save_checkpoint(output, step, config, injected, optimizer, lr_scheduler, accelerator, meta):
+    """Everything needed to continue from `step`, plus the adapter so far."""
+    state = {
+        "step": step,
+        "lora": {
+            key: {"down": w.down.detach().cpu(), "up": w.up.detach().cpu()}
+            for key, w in injected.items()
+        },
+        "optimizer": optimizer.state_dict(),
+        "scheduler": lr_scheduler.state_dict(),
+        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+    }
+    adapter = collect_adapter(injected, meta)
+    checkpoint.save(output, step, state, adapter, config.settings(), config.keep_last)
+
+
+def save_samples(pipe, trained, prompts, config, output, step, writer, accelerator) -> None:
+    """Sample grid for the prompts at this step: output/samples/step-NNNNNN.png (+ TensorBoard)."""
+    for model in trained:
+        model.eval()
+    with torch.no_grad(), accelerator.autocast():
+        side = config.resolution
+        grid = sample_grid(pipe, prompts, config.seed, config.sample_steps, side, side)
+    for model in trained:
+        model.train()
+    folder = output / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    grid.save(folder / f"step-{step:06d}.png")
+    if writer is not None:
+        import numpy as np
+
+        writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+
+
+def adapter_metadata(config, plan, step, total_steps, targets, accelerator) -> dict[str, str]:
+    """Training settings, trigger words, base and targets, plus the kohya `ss_*` keys that apply."""
+    settings = config.settings()
+    settings.update(steps_done=step, total_steps=total_steps)
+    te_lr = config.text_encoder_lr if config.text_encoder_lr is not None else config.lr
+    meta = {
+        "sdlora_training": json.dumps(settings, sort_keys=True),
+        "sdlora_trigger_words": json.dumps([config.trigger] if config.trigger else []),
+        "sdlora_base_model": config.base,
+        "sdlora_targets": json.dumps(targets),
+        "ss_sd_model_name": Path(config.base).name,
+        "ss_resolution": f"({config.resolution}, {config.resolution})",
+        "ss_enable_bucket": str(config.buckets),
+        "ss_learning_rate": str(config.lr),
+        "ss_unet_lr": str(config.lr),
+        "ss_text_encoder_lr": str(te_lr if config.train_text_encoder else 0.0),
+        "ss_lr_scheduler": config.lr_scheduler,
+        "ss_lr_warmup_steps": str(config.warmup_steps),
+        "ss_max_train_steps": str(total_steps),
+        "ss_steps": str(step),
+        "ss_epoch": str(step * config.grad_accum // max(plan.per_process, 1)),
+        "ss_num_train_images": str(plan.images_per_epoch),
+        "ss_batch_size_per_device": str(config.batch_size),
+        "ss_gradient_accumulation_steps": str(config.grad_accum),
+        "ss_mixed_precision": accelerator.mixed_precision,
+        "ss_seed": str(config.seed),
+        "ss_network_dropout": str(config.dropout),
+        "ss_noise_offset": str(config.noise_offset),
+        "ss_min_snr_gamma": str(config.min_snr_gamma),
+    }
+    return meta
+
+
+def peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB (GPU)"
+    try:
+        import resource
+    except ImportError:  # Windows
+        return "unknown"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    rss = rss if sys.platform == "darwin" else rss * 1024
+    return f"{rss / 2**30:.2f} GiB (process RSS)"
