@@ -262,6 +262,7 @@ def train(config: TrainConfig) -> Path:
         lr = lr_scheduler.get_last_lr()[0]
         progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
         progress.update(1)
+        logger.debug("step %d: loss %.6f, lr %.3g", step, step_loss, lr)
         if writer is not None:
             writer.add_scalar("loss", step_loss, step)
             for i, group_lr in enumerate(lr_scheduler.get_last_lr()):

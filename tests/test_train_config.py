@@ -1,0 +1,126 @@
+"""Trainer settings: TOML config, command-line overrides, checks before any model is loaded."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+from sdlora.train.command import config_from_args, register
+from sdlora.train.config import TrainConfig, load_config
+
+from sdlora.errors import SdloraError
+
+SAMPLES = Path(__file__).resolve().parents[1] / "samples"
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(prog="sdlora")
+    register(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["train", *argv])
+
+
+def test_toml_then_flags_override_paths_from_the_file_folder(tmp_path):
+    toml = tmp_path / "cfg" / "run.toml"
+    toml.parent.mkdir()
+    toml.write_text(
+        'data_dir = "images"\noutput = "out"\nrank = 16\nlr = 3e-4\n'
+        'sample-prompts = ["a", "b"]\nalpha = 8\nflip = true\n'
+    )
+    config = config_from_args(parse(["--config", str(toml), "--rank", "4", "--no-flip"]))
+    assert config.rank == 4 and config.lr == 3e-4 and config.alpha == 8.0 and not config.flip
+    assert config.sample_prompts == ["a", "b"]
+    assert Path(config.data_dir) == toml.parent / "images"
+    assert Path(config.output) == toml.parent / "out"
+    # a flag not given leaves the file's value; a path given on the command line stays as given
+    config = config_from_args(parse(["--config", str(toml), "other", "-o", "x"]))
+    assert config.rank == 16 and config.data_dir == "other" and config.output == "x"
+
+
+def test_defaults_come_from_the_dataclass_when_nothing_is_given():
+    config = config_from_args(parse(["data", "--output", "out"]))
+    assert config == TrainConfig(data_dir="data", output="out")
+
+
+def test_resume_flag_with_and_without_a_path():
+    assert config_from_args(parse(["d", "-o", "o", "--resume"])).resume == "latest"
+    assert config_from_args(parse(["d", "-o", "o", "--resume", "o/x"])).resume == "o/x"
+    assert config_from_args(
+        parse(["d", "-o", "o", "--sample-prompt", "p", "--sample-prompt", "q"])
+    ).sample_prompts == ["p", "q"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("rnak = 4\n", r"unknown setting 'rnak'; did you mean 'rank'"),
+        ('rank = "four"\n', r"rank must be int"),
+        ("steps = 1.5\n", r"steps must be int"),
+        ("rank = [\n", r"not a valid UTF-8 TOML"),
+    ],
+)
+def test_bad_toml_names_the_file_and_the_key(tmp_path, text, message):
+    toml = tmp_path / "bad.toml"
+    toml.write_text(text)
+    with pytest.raises(SdloraError, match=message) as err:
+        load_config(toml)
+    assert "bad.toml" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(resolution=100), "--resolution must be a multiple of 64"),
+        (dict(batch_size=0), "--batch-size must be at least 1"),
+        (dict(steps=10, epochs=2), "not both"),
+        (dict(nonlinearity="swish"), "unknown; choose one of"),
+        (dict(resume="latest", overwrite=True), "pick one"),
+        (dict(lr_scheduler="warmup"), "--lr-scheduler must be one of"),
+        (dict(output=""), "no output folder"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused(kw, message):
+    values = dict(data_dir="d", output="o") | kw
+    with pytest.raises(SdloraError, match=message):
+        TrainConfig(**values).check()
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit):
+        parse(["--help"])
+    text = capsys.readouterr().out
+    for flag in (
+        "--base",
+        "--rank",
+        "--alpha",
+        "--nonlinearity",
+        "--targets",
+        "--train-text-encoder",
+        "--steps",
+        "--epochs",
+        "--batch-size",
+        "--grad-accum",
+        "--resolution",
+        "--lr",
+        "--text-encoder-lr",
+        "--lr-scheduler",
+        "--warmup-steps",
+        "--mixed-precision",
+        "--seed",
+        "--save-every",
+        "--keep-last",
+        "--sample-every",
+        "--sample-prompt",
+        "--resume",
+        "--overwrite",
+        "--config",
+        "--trigger",
+        "--caption",
+    ):
+        assert flag in text
+
+
+def test_sample_configs_load():
+    for toml in sorted(SAMPLES.glob("train_*.toml")):
+        config = load_config(toml).check()
+        assert Path(config.data_dir).is_dir(), toml
