@@ -1,0 +1,205 @@
+"""The `sdlora` command: generate, export, inspect (and train, ui, convert, merge, extract).
+
+Each handler turns argparse values into plain arguments for library calls. User mistakes are
+`SdloraError`s, printed as one line (`sdlora: ...`) with exit code 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import SdloraError
+
+DEFAULT_BASE = "tiny"
+BASE_HELP = (
+    "base model: 'tiny' (built in), a diffusers model folder, or a single .safetensors "
+    "checkpoint in the original SD layout (default: %(default)s)"
+)
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """'FILE[:STRENGTH]' -> (file, strength); STRENGTH defaults to 1.0."""
+    path, sep, strength = spec.rpartition(":")
+    if sep:
+        try:
+            return path, float(strength)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def add_base_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", default=DEFAULT_BASE, help=BASE_HELP)
+    p.add_argument(
+        "--config",
+        metavar="DIR",
+        help="diffusers model folder with the configs and tokenizer for a single-file --base",
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:STRENGTH]",
+        help="adapter to blend in, repeatable; STRENGTH defaults to 1.0 (0 = base, 1 = as trained)",
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def load_mix(args: argparse.Namespace, dtype=None):
+    """Load the base and blend every --lora; return (pipe, mixer)."""
+    import torch
+
+    from .base import load_base
+    from .blend import Mixer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_base(args.base, device=device, dtype=dtype, config=args.config)
+    mixer = Mixer(pipe)
+    for spec in args.lora:
+        path, strength = parse_lora(spec)
+        mixer.add(path, strength=strength)
+    return pipe, mixer
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .generate import GenerateSettings, generate, save_png
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise SdloraError(f"--out {out}: give a .png file name")
+    if out.exists() and not args.overwrite:
+        raise SdloraError(f"{out} already exists; choose another --out or pass --overwrite")
+    dtype = torch.float16 if (args.device or "").startswith("cuda") or (
+        args.device is None and torch.cuda.is_available()
+    ) else None
+    pipe, mixer = load_mix(args, dtype=dtype)
+    settings = GenerateSettings(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        width=args.width,
+        height=args.height,
+        scheduler=args.scheduler,
+        num_images=args.num_images,
+        adapters=mixer.strengths(),
+    )
+    images = generate(pipe, settings)
+    for i, image in enumerate(images):
+        path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        save_png(image, path, settings, i)
+        print(path)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_diffusers, export_single_file, parse_dtype
+
+    parse_dtype(args.dtype)
+    args.device = args.device or "cpu"
+    pipe, _ = load_mix(args)
+    if args.format == "diffusers":
+        out = export_diffusers(pipe, args.out, args.dtype, overwrite=args.overwrite)
+    else:
+        out = export_single_file(pipe, args.out, args.dtype, overwrite=args.overwrite)
+    print(out)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import format_text, inspect_file
+
+    base = None
+    if args.base:
+        from .base import load_base
+
+        base = load_base(args.base, config=args.config)
+    info = inspect_file(args.file, base)
+    print(json.dumps(info, indent=2) if args.json else format_text(info))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdlora",
+        description="Train Stable Diffusion LoRA adapters, blend them with exact strengths, "
+        "and export merged checkpoints.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="draw images from a base with adapters blended in",
+                       description="Draw images from a base with adapters blended in. The PNG "
+                       "keeps prompt, seed, sampler and adapter strengths in its metadata.")
+    add_base_args(p)
+    p.add_argument("--prompt", required=True, help="what to draw")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; image i uses seed+i (default: %(default)s)")
+    p.add_argument("--width", type=int, help="image width in px (default: the base's native size)")
+    p.add_argument("--height", type=int, help="image height in px (default: the base's native size)")
+    p.add_argument("--scheduler", default="pndm", help="pndm, ddim, euler, euler_a or dpm++ (default: %(default)s)")
+    p.add_argument("--num-images", type=int, default=1, help="images to draw; more than one adds -0, -1 ... to the name")
+    p.add_argument("--out", required=True, metavar="FILE.png", help="where to save the image")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="write base + adapters as one merged checkpoint",
+                       description="Merge base + Σ strength·ΔW of the given linear adapters and write "
+                       "it as a diffusers folder or a single .safetensors in the original SD layout "
+                       "(loads in AUTOMATIC1111, ComfyUI and diffusers' from_single_file). With no "
+                       "--lora the base itself is exported.")
+    add_base_args(p)
+    p.add_argument("--out", required=True, metavar="PATH", help="folder (diffusers) or .safetensors file (single-file)")
+    p.add_argument("--format", choices=("diffusers", "single-file"), default="diffusers", help="(default: %(default)s)")
+    p.add_argument("--dtype", default="fp16", help="fp32, fp16 or bf16 (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("inspect", help="show what an adapter file holds",
+                       description="Show an adapter's format, rank, alpha, effective scale, "
+                       "nonlinearity, modules per component, trigger words and metadata.")
+    p.add_argument("file", help="adapter .safetensors file")
+    p.add_argument("--base", help="also check which keys this base has modules for")
+    p.add_argument("--config", metavar="DIR", help="configs for a single-file --base")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_inspect)
+
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _extra_commands():
+    """`register(subparsers)` of the command modules that live outside this file."""
+    from .train.command import register as train
+
+    return [train]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `sdlora` command."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SdloraError as err:
+        print(f"sdlora: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sdlora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

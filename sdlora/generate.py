@@ -1,0 +1,133 @@
+"""Image generation with reproducible settings, saved as PNG with its recipe in the metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+)
+from PIL import Image, PngImagePlugin
+
+from .errors import SdloraError
+
+SCHEDULERS = {
+    "pndm": PNDMScheduler,
+    "ddim": DDIMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "dpm++": DPMSolverMultistepScheduler,
+}
+
+
+@dataclass
+class GenerateSettings:
+    """What makes an image reproducible: prompt, seed, sampler, size and the adapter mix."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 25
+    guidance: float = 7.5
+    seed: int = 0
+    width: int | None = None  # None: the base's native size
+    height: int | None = None
+    scheduler: str = "pndm"
+    num_images: int = 1
+    adapters: dict[str, float] = field(default_factory=dict)  # name -> strength, for the record
+
+
+def native_size(pipe: StableDiffusionPipeline) -> int:
+    """Image side the base was made for: UNet sample size times the VAE factor."""
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return int(pipe.unet.config.sample_size) * factor
+
+
+def check_settings(pipe: StableDiffusionPipeline, s: GenerateSettings) -> None:
+    """Raise a one-line error for settings that cannot work."""
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    for name, value in (("width", s.width), ("height", s.height)):
+        if value is not None and (value < factor or value % factor):
+            raise SdloraError(f"--{name} {value} must be a positive multiple of {factor}")
+    if s.steps < 1:
+        raise SdloraError(f"--steps must be at least 1 (got {s.steps})")
+    if s.num_images < 1:
+        raise SdloraError(f"number of images must be at least 1 (got {s.num_images})")
+    if s.scheduler not in SCHEDULERS:
+        raise SdloraError(f"unknown scheduler {s.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+
+
+def generate(pipe: StableDiffusionPipeline, settings: GenerateSettings) -> list[Image.Image]:
+    """Draw `settings.num_images` images; image i uses seed `settings.seed + i`."""
+    check_settings(pipe, settings)
+    if type(pipe.scheduler) is not SCHEDULERS[settings.scheduler]:
+        pipe.scheduler = SCHEDULERS[settings.scheduler].from_config(pipe.scheduler.config)
+    size = native_size(pipe)
+    device = pipe.unet.device
+    generators = [
+        torch.Generator(device="cpu").manual_seed(settings.seed + i)
+        for i in range(settings.num_images)
+    ]
+    with torch.inference_mode():
+        result = pipe(
+            prompt=[settings.prompt] * settings.num_images,
+            negative_prompt=[settings.negative_prompt] * settings.num_images
+            if settings.negative_prompt
+            else None,
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance,
+            width=settings.width or size,
+            height=settings.height or size,
+            generator=generators if device.type == "cpu" else None,
+            latents=None
+            if device.type == "cpu"
+            else _latents(pipe, settings, generators, size).to(device, pipe.unet.dtype),
+        )
+    return list(result.images)
+
+
+def _latents(pipe, settings, generators, size) -> torch.Tensor:
+    """Initial noise drawn on the CPU, so a seed gives the same image on every device."""
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    shape = (4, (settings.height or size) // factor, (settings.width or size) // factor)
+    return torch.stack([torch.randn(shape, generator=g) for g in generators])
+
+
+def png_info(settings: GenerateSettings, index: int = 0) -> PngImagePlugin.PngInfo:
+    """PNG text chunks: an A1111-style `parameters` line and the full settings as JSON."""
+    info = PngImagePlugin.PngInfo()
+    record = asdict(settings) | {"seed": settings.seed + index, "num_images": 1}
+    loras = " ".join(f"<lora:{n}:{s:g}>" for n, s in settings.adapters.items())
+    info.add_text(
+        "parameters",
+        f"{settings.prompt} {loras}".strip()
+        + (f"\nNegative prompt: {settings.negative_prompt}" if settings.negative_prompt else "")
+        + f"\nSteps: {settings.steps}, Sampler: {settings.scheduler}, CFG scale: {settings.guidance}, "
+        f"Seed: {settings.seed + index}",
+    )
+    info.add_text("sdlora", json.dumps(record))
+    return info
+
+
+def save_png(image: Image.Image, path: str | Path, settings: GenerateSettings, index: int = 0) -> Path:
+    """Save atomically with the recipe in the PNG text metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG", pnginfo=png_info(settings, index))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

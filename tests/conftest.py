@@ -1,0 +1,91 @@
+"""Shared fixtures: the tiny base (built from configs, no network) and fixed inputs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+@pytest.fixture
+def tiny():
+    """A fresh tiny pipeline per test (builds in well under a second), fp32 on CPU."""
+    from sdlora.base import load_base
+
+    return load_base("tiny")
+
+
+@pytest.fixture(scope="session")
+def inputs():
+    """Fixed UNet and text-encoder inputs for the tiny base."""
+    from sdlora.tiny import make_tokenizer
+
+    g = torch.Generator().manual_seed(1234)
+    ids = make_tokenizer()(
+        ["a red circle on the left", "a blue star"],
+        padding="max_length",
+        max_length=77,
+        return_tensors="pt",
+    ).input_ids
+    return dict(
+        latents=torch.randn(2, 4, 8, 8, generator=g),
+        timesteps=torch.tensor([10, 700]),
+        hidden=torch.randn(2, 77, 32, generator=g),
+        ids=ids,
+    )
+
+
+def run_unet(pipe, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return pipe.unet(inputs["latents"], inputs["timesteps"], inputs["hidden"]).sample
+
+
+def run_text(pipe, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return pipe.text_encoder(inputs["ids"])[0]
+
+
+def make_adapter_file(
+    pipe_factory,
+    path,
+    rank: int = 4,
+    alpha: float | None = None,
+    nonlinearity: str = "identity",
+    seed: int = 0,
+    text_encoder: bool = True,
+    targets: str = "attn",
+):
+    """Inject a trainable adapter into a fresh tiny base, give B random values, save it.
+
+    Returns (path, pipe with the live trained adapter).
+    """
+    from sdlora.files import save_adapter
+    from sdlora.inject import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_trainable, collect_adapter
+
+    pipe = pipe_factory()
+    g = torch.Generator().manual_seed(seed)
+    injected = add_trainable(
+        pipe.unet, "unet", UNET_TARGETS[targets], rank, alpha, nonlinearity, generator=g
+    )
+    if text_encoder:
+        injected.update(
+            add_trainable(
+                pipe.text_encoder,
+                "text_encoder",
+                TEXT_ENCODER_TARGETS[targets],
+                rank,
+                alpha,
+                nonlinearity,
+                generator=g,
+            )
+        )
+    for weights in injected.values():
+        with torch.no_grad():
+            weights.up.normal_(0.0, 0.2, generator=g)
+    save_adapter(collect_adapter(injected, {"sdlora_base_model": "tiny"}), path, overwrite=True)
+    return path, pipe
