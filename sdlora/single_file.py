@@ -247,13 +247,15 @@ def save_single_file(
     for key, value in to_single_file_state_dict(
         unet_sd, vae_sd, text_encoder_sd, unet_config, vae_config
     ).items():
-        value = value.detach().to("cpu", target if value.is_floating_point() else value.dtype)
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise SdloraError(
-                f"{path}: {key} has NaN/Inf values in {target} (too large for fp16? "
-                "try bf16 or fp32); nothing was written"
-            )
-        tensors[key] = value.contiguous()
+        cast = value.detach().to("cpu", target if value.is_floating_point() else value.dtype)
+        if cast.is_floating_point() and not torch.isfinite(cast).all():
+            if torch.isfinite(value).all():
+                raise SdloraError(
+                    f"{path}: {key} is too large for {dtype} (becomes Inf); "
+                    "use bf16 or fp32; nothing was written"
+                )
+            raise SdloraError(f"{path}: {key} has NaN/Inf values; nothing was written")
+        tensors[key] = cast.contiguous()
     info = {"format": "pt", "sdlora_layout": "ldm_sd_v1", **(metadata or {})}
     atomic_save_file(tensors, path, {k: str(v) for k, v in info.items()})
     return path

@@ -149,8 +149,11 @@ def test_bad_arguments_write_nothing(tiny, tmp_path):
     with pytest.raises(SdloraError, match="q_proj.base.weight"):
         save_single_file(*sds[:2], wrapped, *configs, tmp_path / "a.safetensors")
     big = dict(sds[0], **{"conv_out.weight": sds[0]["conv_out.weight"] * 1e9})
-    with pytest.raises(SdloraError, match="NaN/Inf"):
+    with pytest.raises(SdloraError, match="too large for fp16"):
         save_single_file(big, *sds[1:], *configs, tmp_path / "a.safetensors", dtype="fp16")
+    broken = dict(sds[0], **{"conv_out.bias": torch.full_like(sds[0]["conv_out.bias"], torch.nan)})
+    with pytest.raises(SdloraError, match="NaN/Inf"):
+        save_single_file(broken, *sds[1:], *configs, tmp_path / "a.safetensors", dtype="fp32")
     assert list(tmp_path.iterdir()) == []
 
 
