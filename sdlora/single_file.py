@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -31,6 +32,7 @@ from .files import atomic_save_file
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
+SD1_KEY = UNET_PREFIX + "output_blocks.11.0.skip_connection.weight"  # 12 output blocks: SD 1.x
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # diffusers ResnetBlock2D child -> LDM ResBlock child (Sequentials: in_layers = norm, SiLU, conv).
@@ -367,16 +369,17 @@ def _build(
         common["torch_dtype"] = dtype
     unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", **common)
     vae = AutoencoderKL.from_single_file(state, subfolder="vae", **common)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig.from_pretrained(folder / "text_encoder", local_files_only=True)
-    )
+    text_config = CLIPTextConfig.from_pretrained(folder / "text_encoder", local_files_only=True)
+    with init_empty_weights():  # parameters on meta (skips random init), buffers real
+        text_encoder = CLIPTextModel(text_config)
     wrapped = any(k.startswith("text_model.") for k in text_encoder.state_dict())
     text_sd = {
         k[len(TEXT_PREFIX) :] if wrapped else k[len(TEXT_PREFIX + "text_model.") :]: v
         for k, v in state.items()
         if k.startswith(TEXT_PREFIX)
     }
-    text_encoder.load_state_dict(text_sd, strict=False)  # shapes were checked by the caller
+    # assign=True adopts the file's tensors; the caller checked every parameter is there.
+    text_encoder.load_state_dict(text_sd, strict=False, assign=True)
     return StableDiffusionPipeline.from_pretrained(
         folder,
         unet=unet,
@@ -403,9 +406,10 @@ def load_single_file(
             folder = Path(scratch)
             _write_tiny_configs(folder)
             if _mismatches(state, _expected_shapes(folder)):
+                kind = "a full SD 1.x checkpoint" if SD1_KEY in state else "not the tiny base"
                 raise SdloraError(
-                    f"{path}: not the built-in tiny base; pass a diffusers model folder with "
-                    "its configs and tokenizer (--config DIR)"
+                    f"{path}: {kind}; pass a diffusers model folder with its configs and "
+                    "tokenizer (--config DIR)"
                 )
         else:
             folder = Path(config)

@@ -112,7 +112,8 @@ def test_fp16_is_half_size_and_close(tiny, tiny_file, tmp_path, inputs):
     with safe_open(str(half), framework="pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
     loaded = load_single_file(half)
-    assert loaded.unet.dtype == torch.float32  # loads as fp32 unless asked otherwise
+    for name in ("unet", "vae", "text_encoder"):  # loads as fp32 unless asked otherwise
+        assert {p.dtype for p in getattr(loaded, name).parameters()} == {torch.float32}
     assert_outputs_close(tiny, loaded, inputs, atol=2e-2)
 
 
@@ -121,7 +122,8 @@ def test_bf16_export_and_load(tiny, tmp_path):
     with safe_open(str(path), framework="pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     loaded = load_single_file(path, dtype=torch.bfloat16)
-    assert {p.dtype for p in loaded.unet.parameters()} == {torch.bfloat16}
+    for name in ("unet", "vae", "text_encoder"):
+        assert {p.dtype for p in getattr(loaded, name).parameters()} == {torch.bfloat16}
 
 
 def test_overwrite_refused_unless_asked(tiny, tmp_path):
@@ -179,6 +181,15 @@ def test_not_sd_checkpoint_raises(tmp_path):
     path = tmp_path / "lora.safetensors"
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(path))
     with pytest.raises(SdloraError, match="model.diffusion_model"):
+        load_single_file(path)
+    # Only the names matter before the configs are needed: a stand-in for a 2 GB SD 1.5 file.
+    names = [
+        "model.diffusion_model.output_blocks.11.0.skip_connection.weight",
+        "first_stage_model.decoder.conv_out.weight",
+        "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+    ]
+    save_file({k: torch.zeros(1) for k in names}, str(path))
+    with pytest.raises(SdloraError, match=r"lora.safetensors: a full SD 1.x .*--config DIR"):
         load_single_file(path)
 
 
