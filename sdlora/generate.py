@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -66,8 +67,15 @@ def check_settings(pipe: StableDiffusionPipeline, s: GenerateSettings) -> None:
         raise SdloraError(f"unknown scheduler {s.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
 
 
-def generate(pipe: StableDiffusionPipeline, settings: GenerateSettings) -> list[Image.Image]:
-    """Draw `settings.num_images` images; image i uses seed `settings.seed + i`."""
+def generate(
+    pipe: StableDiffusionPipeline,
+    settings: GenerateSettings,
+    on_step: Callable[[int, int], None] | None = None,
+) -> list[Image.Image]:
+    """Draw `settings.num_images` images; image i uses seed `settings.seed + i`.
+
+    `on_step(done, total)` is called after each denoising step (for progress bars).
+    """
     check_settings(pipe, settings)
     if type(pipe.scheduler) is not SCHEDULERS[settings.scheduler]:
         pipe.scheduler = SCHEDULERS[settings.scheduler].from_config(pipe.scheduler.config)
@@ -91,8 +99,19 @@ def generate(pipe: StableDiffusionPipeline, settings: GenerateSettings) -> list[
             latents=None
             if device.type == "cpu"
             else _latents(pipe, settings, generators, size).to(device, pipe.unet.dtype),
+            callback_on_step_end=None if on_step is None else _step_callback(on_step),
         )
     return list(result.images)
+
+
+def _step_callback(on_step: Callable[[int, int], None]) -> Callable:
+    """A diffusers `callback_on_step_end` that reports (steps done, steps in total)."""
+
+    def callback(pipe, index, timestep, kwargs):
+        on_step(index + 1, len(pipe.scheduler.timesteps))
+        return kwargs
+
+    return callback
 
 
 def _latents(pipe, settings, generators, size) -> torch.Tensor:
