@@ -1,0 +1,309 @@
+"""The training loop on the tiny base (CPU, 64 px, a few steps each).
+
+What must hold: training changes the LoRA factors and nothing else; a run killed by a signal and
+resumed ends where an uninterrupted run ends; `accelerate launch` with two processes writes one
+adapter; broken images are skipped by name; the output-folder rules hold before any model loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from sdlora.train import TrainConfig, train
+from sdlora.train import loop as loop_module
+
+from sdlora.base import load_base
+from sdlora.errors import SdloraError
+from sdlora.files import load_adapter
+from sdlora.layer import LoRALayer
+
+ROOT = Path(__file__).resolve().parents[1]
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 60),
+    "blue": (40, 60, 220),
+    "yellow": (230, 210, 40),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One CPU thread: the tiny model gains nothing from more, and loses much on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# for the training processes these tests start
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory) -> Path:
+    """Four 64 px pictures of shapes with .txt captions."""
+    folder = tmp_path_factory.mktemp("shapes")
+    for i, (name, color) in enumerate(COLORS.items()):
+        img = Image.new("RGB", (64, 64), (245, 240, 230))
+        draw = ImageDraw.Draw(img)
+        box = (8 + 4 * i, 12, 44 + 4 * i, 52)
+        (draw.ellipse if i % 2 else draw.rectangle)(box, fill=color)
+        img.save(folder / f"{i}.png")
+        shape = "circle" if i % 2 else "square"
+        (folder / f"{i}.txt").write_text(f"a {name} {shape}", encoding="utf-8")
+    return folder
+
+
+def settings(data: Path, output: Path, **kw) -> TrainConfig:
+    values = dict(
+        data_dir=str(data),
+        output=str(output),
+        resolution=64,
+        batch_size=2,
+        steps=3,
+        lr=1e-2,
+        save_every=0,
+        tensorboard=False,
+        workers=0,
+        seed=7,
+    )
+    return TrainConfig(**(values | kw))
+
+
+def cli_args(config: TrainConfig) -> list[str]:
+    """The same run as `config`, as `sdlora train` flags."""
+    args = [config.data_dir, "--output", config.output]
+    for key in ("resolution", "batch_size", "steps", "lr", "save_every", "seed", "workers"):
+        args += ["--" + key.replace("_", "-"), str(getattr(config, key))]
+    return args + ["--no-tensorboard"]
+
+
+def base_state(pipe) -> dict[str, torch.Tensor]:
+    """Every non-LoRA weight of the pipeline, under the names a plain base has."""
+    state = {}
+    for component in ("unet", "text_encoder", "vae"):
+        for key, value in getattr(pipe, component).state_dict().items():
+            if ".adapters." not in key:
+                state[f"{component}.{key.replace('.base.', '.')}"] = value
+    return state
+
+
+def losses_in(text: str) -> list[float]:
+    return [float(v) for v in re.findall(r"step \d+: loss (\S+),", text)]
+
+
+def test_training_changes_only_lora_factors_and_loss_is_finite(
+    shapes, tmp_path, monkeypatch, caplog
+):
+    held = {}
+
+    def keep(*args, **kwargs):
+        held["pipe"] = load_base(*args, **kwargs)
+        return held["pipe"]
+
+    monkeypatch.setattr(loop_module, "load_base", keep)
+    caplog.set_level(logging.DEBUG, logger="sdlora.train")
+    config = settings(shapes, tmp_path / "out", train_text_encoder=True, trigger="sks")
+    path = train(config)
+
+    losses = losses_in(caplog.text)
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    pipe = held["pipe"]
+    before, after = base_state(load_base("tiny")), base_state(pipe)
+    assert before.keys() == after.keys()
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=0, msg=key)
+    layers = [
+        m for c in (pipe.unet, pipe.text_encoder) for m in c.modules() if isinstance(m, LoRALayer)
+    ]
+    assert layers
+    for layer in layers:
+        weights = layer.get(loop_module.ADAPTER_NAME)
+        assert weights.down.requires_grad and weights.up.dtype == torch.float32
+        assert weights.up.abs().max() > 0  # B starts at zero: it trained
+
+    adapter = load_adapter(path)
+    assert path == tmp_path / "out" / f"{shapes.name}.safetensors"
+    counts = {
+        name: sum(isinstance(m, LoRALayer) for m in getattr(pipe, name).modules())
+        for name in ("unet", "text_encoder")
+    }
+    assert adapter.components() == counts and counts["text_encoder"] == 8
+    assert adapter.trigger_words() == ["sks"]
+    assert adapter.metadata["sdlora_base_model"] == "tiny"
+    assert '"steps_done": 3' in adapter.metadata["sdlora_training"]
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended early (exit {proc.returncode})")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} never appeared")
+        time.sleep(0.02)
+
+
+def test_run_killed_by_a_signal_resumes_to_the_same_adapter(shapes, tmp_path, caplog):
+    killed = settings(shapes, tmp_path / "killed", steps=12, save_every=2)
+    log = (tmp_path / "killed.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdlora.train.command", *cli_args(killed)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=ENV,
+    )
+    try:
+        wait_for(tmp_path / "killed" / "checkpoints" / "step-000002" / "checkpoint.json", proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not killed.adapter_path.exists()  # it really died in the middle
+
+    caplog.set_level(logging.INFO, logger="sdlora.train")
+    resumed = train(TrainConfig(**(vars(killed) | {"resume": "latest"})))
+    step = int(re.search(r"resumed from .* at step (\d+)", caplog.text).group(1))
+    assert 2 <= step < 12 and step % 2 == 0
+    assert not list((tmp_path / "killed" / "checkpoints").glob(".tmp-*"))
+
+    straight = train(TrainConfig(**(vars(killed) | {"output": str(tmp_path / "straight")})))
+    a, b = load_adapter(resumed), load_adapter(straight)
+    assert a.modules.keys() == b.modules.keys()
+    for key in a.modules:
+        torch.testing.assert_close(a.modules[key].down, b.modules[key].down, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.modules[key].up, b.modules[key].up, rtol=1e-5, atol=1e-6)
+    assert b.modules[key].up.abs().max() > 0
+
+    # resuming with settings that change what the checkpoint means is refused
+    with pytest.raises(SdloraError, match=r"other settings: rank=8 \(now 4\)"):
+        train(TrainConfig(**(vars(killed) | {"resume": "latest", "rank": 4})))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_through_accelerate_launch_write_one_adapter(shapes, tmp_path):
+    config = settings(shapes, tmp_path / "out", batch_size=1, steps=2, save_every=2)
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()),
+        "-m", "sdlora.train.command",
+    ]  # fmt: skip
+    result = subprocess.run(
+        [*launch, *cli_args(config)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert files == [f"{shapes.name}.safetensors"]
+    assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == ["step-000002"]
+    # one run of two processes (not two runs of one), and only the main process talks
+    assert result.stderr.count("x 2 process(es)") == 1
+    assert result.stderr.count("done:") == 1
+    adapter = load_adapter(tmp_path / "out" / files[0])
+    assert adapter.metadata["ss_steps"] == "2"
+
+
+def test_broken_and_odd_images_train_on_the_good_ones(tmp_path, caplog):
+    from test_train_data import odd_images
+
+    good, bad = odd_images(tmp_path / "data")
+    caplog.set_level(logging.INFO, logger="sdlora.train")
+    path = train(settings(tmp_path / "data", tmp_path / "out", steps=2))
+    assert path.exists()
+    warning = next(r for r in caplog.records if r.levelno == logging.WARNING)
+    assert (
+        f"skipped {len(bad)} unreadable image file(s) of {len(good) + len(bad)}" in warning.message
+    )
+    for name in bad:
+        assert name in warning.message
+    assert f"{len(good)} images" in caplog.text
+
+
+def test_nan_loss_stops_with_a_clear_message(shapes, tmp_path):
+    with pytest.raises(SdloraError, match=r"loss became .* at step \d+; training stopped"):
+        train(settings(shapes, tmp_path / "out", lr=1e20, steps=3))
+    assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+class ModelLoaded(Exception):
+    pass
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Make loading a base fail loudly: the checks under test must come before it."""
+
+    def refuse(*args, **kwargs):
+        raise ModelLoaded
+
+    monkeypatch.setattr(loop_module, "load_base", refuse)
+
+
+def test_output_folder_rules(shapes, tmp_path, no_model):
+    out = tmp_path / "out"
+    config = settings(shapes, out)
+    out.mkdir()
+    config.adapter_path.write_bytes(b"x")
+    with pytest.raises(
+        SdloraError, match=r"already holds .*\.safetensors; pass --resume .* --overwrite"
+    ):
+        train(config)
+    config.adapter_path.unlink()
+
+    ckpt = out / "checkpoints" / "step-000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "checkpoint.json").write_text("{}")
+    with pytest.raises(SdloraError, match=r"already holds 1 checkpoint"):
+        train(config)
+    with pytest.raises(ModelLoaded):  # --resume passes the folder rules
+        train(TrainConfig(**(vars(config) | {"resume": "latest"})))
+    with pytest.raises(ModelLoaded):  # --overwrite too, and deletes the old checkpoints
+        train(TrainConfig(**(vars(config) | {"overwrite": True})))
+    assert not (out / "checkpoints").exists()
+    with pytest.raises(SdloraError, match=r"--resume: no checkpoint"):
+        train(TrainConfig(**(vars(config) | {"resume": "latest"})))
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SdloraError, match=r"is a file"):
+        train(settings(shapes, tmp_path / "file"))
+
+
+def test_bad_data_and_sizes_are_refused_before_the_model_loads(shapes, tmp_path, no_model):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SdloraError, match=r"no images found"):
+        train(settings(empty, tmp_path / "out"))
+    with pytest.raises(SdloraError, match=r"--batch-size 5 is larger than the 4"):
+        train(settings(shapes, tmp_path / "out", batch_size=5))
+    with pytest.raises(SdloraError, match=r"--resolution must be a multiple of 64"):
+        train(settings(shapes, tmp_path / "out", resolution=96))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_reports_errors_in_one_line(tmp_path, capsys):
+    from sdlora.train.command import main
+
+    code = main([str(tmp_path / "missing"), "--output", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sdlora: ") and "missing: no such folder" in err
+    assert err.count("\n") == 1
