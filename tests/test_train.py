@@ -146,6 +146,31 @@ def test_training_changes_only_lora_factors_and_loss_is_finite(
     assert '"steps_done": 3' in adapter.metadata["sdlora_training"]
 
 
+def test_every_option_path_runs(shapes, tmp_path, caplog):
+    """bf16, v-prediction, min-SNR, noise offset, checkpointing, fresh encodes in a worker, tag
+    shuffle, caption dropout, text encoder, nonlinearity, accumulation, samples, TensorBoard."""
+    caplog.set_level(logging.DEBUG, logger="sdlora.train")
+    config = settings(
+        shapes, tmp_path / "out", steps=2, grad_accum=2, mixed_precision="bf16",
+        prediction_type="v_prediction", min_snr_gamma=5.0, noise_offset=0.1,
+        gradient_checkpointing=True, crop="random", flip=True, workers=1, shuffle_tags=True,
+        caption_dropout=0.3, train_text_encoder=True, text_encoder_lr=1e-3, nonlinearity="relu",
+        alpha=4.0, dropout=0.1, targets="all", lr_scheduler="cosine", warmup_steps=1,
+        sample_every=1, sample_steps=2, sample_prompts=["a red square", "a blue circle"],
+        tensorboard=True, trigger="sks",
+    )  # fmt: skip
+    path = train(config)
+    losses = losses_in(caplog.text)
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    adapter = load_adapter(path)
+    assert adapter.nonlinearity == "relu" and adapter.metadata["ss_mixed_precision"] == "bf16"
+    assert adapter.metadata["sdlora_scale_folded_into"] == "down"
+    samples = sorted(p.name for p in (tmp_path / "out" / "samples").iterdir())
+    assert samples == ["step-000001.png", "step-000002.png"]
+    assert Image.open(tmp_path / "out" / "samples" / samples[0]).size == (128, 64)
+    assert list((tmp_path / "out" / "logs").glob("events.out.tfevents.*"))
+
+
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():

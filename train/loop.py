@@ -36,7 +36,14 @@ from ..inject import (
 from ..layer import LoRAWeights
 from . import checkpoint
 from .config import DEFAULT_STEPS, RESUME_MUST_MATCH, TrainConfig
-from .data import BatchPlan, MicroBatches, derived_seed, discover, possible_captions
+from .data import (
+    BatchPlan,
+    MicroBatches,
+    derived_seed,
+    discover,
+    possible_captions,
+    with_trigger,
+)
 from .encode import LatentCache, TextCache, encode_pixels, encode_text
 from .sample import sample_grid
 
@@ -91,7 +98,8 @@ def train(config: TrainConfig) -> Path:
     )
     pipe = load_base(config.base, device=accelerator.device, config=config.base_config)
     if weight_dtype != torch.float32:
-        pipe.unet.to(dtype=weight_dtype)
+        # nn.Module.to: diffusers' own .to(dtype) warns about fp32 modules even when there are none
+        torch.nn.Module.to(pipe.unet, dtype=weight_dtype)
         pipe.text_encoder.to(dtype=weight_dtype)
         # the VAE stays fp32: SD VAEs overflow in fp16, and it only encodes (once) and samples
     check_sides(pipe, plan)
@@ -118,7 +126,8 @@ def train(config: TrainConfig) -> Path:
     if config.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
-            pipe.text_encoder.gradient_checkpointing_enable()
+            te = pipe.text_encoder  # transformers 5 renamed gradient_checkpointing_enable
+            getattr(te, "activation_checkpointing_enable", te.gradient_checkpointing_enable)()
 
     # --- optimizer and learning-rate schedule
     optimizer = make_optimizer(config, injected, accelerator.device)
@@ -155,7 +164,7 @@ def train(config: TrainConfig) -> Path:
         sampler=range(step * config.grad_accum, total_steps * config.grad_accum),
         num_workers=config.workers if dataset.with_pixels else 0,
     )
-    sample_prompts = config.sample_prompts or [possible_captions(items, config)[-1]]
+    sample_prompts = config.sample_prompts or [with_trigger(items[0].caption, config.trigger)]
     writer = open_tensorboard(output, config) if main else None
     images_per_step = config.batch_size * config.grad_accum * accelerator.num_processes
     first_step, started = step, time.perf_counter()
