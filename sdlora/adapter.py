@@ -9,6 +9,7 @@ module paths against a loaded base (`resolve`), since underscores are ambiguous 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -106,12 +107,27 @@ def _suffix(component: str, key: str) -> str:
     return suffix
 
 
+def fit_factors(factors: ModuleFactors, shape: torch.Size | tuple[int, ...]) -> ModuleFactors:
+    """Factors shaped for a weight of `shape`: flattened (r, in·kh·kw) factors on a Conv2d get
+    their kernel shape, 1x1-conv factors on a Linear lose theirs; anything else is left as is."""
+    down, up = factors.down, factors.up
+    rank = down.shape[0]
+    if len(shape) == 4 and down.dim() == 2 and down.shape[1] == math.prod(shape[1:]):
+        down, up = down.reshape(rank, *shape[1:]), up.reshape(up.shape[0], rank, 1, 1)
+    elif len(shape) == 2 and down.dim() == 4 and down.shape[2:] == (1, 1):
+        down, up = down.flatten(1), up.flatten(1)
+    else:
+        return factors
+    return ModuleFactors(down=down, up=up, alpha=factors.alpha)
+
+
 def resolve(
     adapter: Adapter, models: dict[str, nn.Module]
 ) -> tuple[dict[tuple[str, str], ModuleFactors], list[str]]:
     """Map flat keys to (component, module path); return them and the keys that matched nothing.
 
-    A file where most keys match nothing was made for another base and is refused.
+    Factors are fitted to the module's weight shape (`fit_factors`). A file where most keys match
+    nothing was made for another base and is refused.
     """
     lookups = {comp: module_paths(model, comp) for comp, model in models.items()}
     resolved: dict[tuple[str, str], ModuleFactors] = {}
@@ -122,7 +138,9 @@ def resolve(
         if path is None:
             unmatched.append(key)
         else:
-            resolved[(comp, path)] = factors
+            module = models[comp].get_submodule(path)
+            weight = module.base.weight if hasattr(module, "base") else module.weight
+            resolved[(comp, path)] = fit_factors(factors, weight.shape)
     if len(unmatched) * 2 > len(adapter.modules) or not resolved:
         raise SdloraError(
             f"{adapter.source}: {len(unmatched)} of {len(adapter.modules)} modules do not exist "

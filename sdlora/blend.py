@@ -8,6 +8,7 @@ nonlinear ones run unfused inside the layers.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from .inject import unwrap_all, wrap
 from .layer import LoRALayer, LoRAWeights, max_rank
 
 COMPONENTS = ("unet", "text_encoder")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,6 +66,14 @@ class Mixer:
         if name in self.entries:
             raise SdloraError(f"an adapter named {name!r} is already loaded; remove it first")
         resolved, unmatched = resolve(adapter, self.models)
+        if unmatched:
+            logger.warning(
+                "%s: %d of %d keys match no module in this base and are ignored (e.g. %s)",
+                adapter.source,
+                len(unmatched),
+                len(adapter.modules),
+                ", ".join(unmatched[:3]),
+            )
         fuse = fuse and adapter.is_linear
         layers: list[LoRALayer] = []
         try:

@@ -46,7 +46,9 @@ def add_base_args(p: argparse.ArgumentParser) -> None:
         metavar="FILE[:STRENGTH]",
         help="adapter to blend in, repeatable; STRENGTH defaults to 1.0 (0 = base, 1 = as trained)",
     )
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
+    )
 
 
 def load_mix(args: argparse.Namespace, dtype=None):
@@ -75,9 +77,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SdloraError(f"--out {out}: give a .png file name")
     if out.exists() and not args.overwrite:
         raise SdloraError(f"{out} already exists; choose another --out or pass --overwrite")
-    dtype = torch.float16 if (args.device or "").startswith("cuda") or (
-        args.device is None and torch.cuda.is_available()
-    ) else None
+    dtype = (
+        torch.float16
+        if (args.device or "").startswith("cuda")
+        or (args.device is None and torch.cuda.is_available())
+        else None
+    )
     pipe, mixer = load_mix(args, dtype=dtype)
     settings = GenerateSettings(
         prompt=args.prompt,
@@ -134,38 +139,78 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("generate", help="draw images from a base with adapters blended in",
-                       description="Draw images from a base with adapters blended in. The PNG "
-                       "keeps prompt, seed, sampler and adapter strengths in its metadata.")
+    p = sub.add_parser(
+        "generate",
+        help="draw images from a base with adapters blended in",
+        description="Draw images from a base with adapters blended in. The PNG "
+        "keeps prompt, seed, sampler and adapter strengths in its metadata.",
+    )
     add_base_args(p)
     p.add_argument("--prompt", required=True, help="what to draw")
     p.add_argument("--negative-prompt", default="", help="what to steer away from")
     p.add_argument("--steps", type=int, default=25, help="denoising steps (default: %(default)s)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed; image i uses seed+i (default: %(default)s)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=7.5,
+        help="classifier-free guidance scale (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="random seed; image i uses seed+i (default: %(default)s)",
+    )
     p.add_argument("--width", type=int, help="image width in px (default: the base's native size)")
-    p.add_argument("--height", type=int, help="image height in px (default: the base's native size)")
-    p.add_argument("--scheduler", default="pndm", help="pndm, ddim, euler, euler_a or dpm++ (default: %(default)s)")
-    p.add_argument("--num-images", type=int, default=1, help="images to draw; more than one adds -0, -1 ... to the name")
+    p.add_argument(
+        "--height", type=int, help="image height in px (default: the base's native size)"
+    )
+    p.add_argument(
+        "--scheduler",
+        default="pndm",
+        help="pndm, ddim, euler, euler_a or dpm++ (default: %(default)s)",
+    )
+    p.add_argument(
+        "--num-images",
+        type=int,
+        default=1,
+        help="images to draw; more than one adds -0, -1 ... to the name",
+    )
     p.add_argument("--out", required=True, metavar="FILE.png", help="where to save the image")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("export", help="write base + adapters as one merged checkpoint",
-                       description="Merge base + Σ strength·ΔW of the given linear adapters and write "
-                       "it as a diffusers folder or a single .safetensors in the original SD layout "
-                       "(loads in AUTOMATIC1111, ComfyUI and diffusers' from_single_file). With no "
-                       "--lora the base itself is exported.")
+    p = sub.add_parser(
+        "export",
+        help="write base + adapters as one merged checkpoint",
+        description="Merge base + Σ strength·ΔW of the given linear adapters and write "
+        "it as a diffusers folder or a single .safetensors in the original SD layout "
+        "(loads in AUTOMATIC1111, ComfyUI and diffusers' from_single_file). With no "
+        "--lora the base itself is exported.",
+    )
     add_base_args(p)
-    p.add_argument("--out", required=True, metavar="PATH", help="folder (diffusers) or .safetensors file (single-file)")
-    p.add_argument("--format", choices=("diffusers", "single-file"), default="diffusers", help="(default: %(default)s)")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="PATH",
+        help="folder (diffusers) or .safetensors file (single-file)",
+    )
+    p.add_argument(
+        "--format",
+        choices=("diffusers", "single-file"),
+        default="diffusers",
+        help="(default: %(default)s)",
+    )
     p.add_argument("--dtype", default="fp16", help="fp32, fp16 or bf16 (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("inspect", help="show what an adapter file holds",
-                       description="Show an adapter's format, rank, alpha, effective scale, "
-                       "nonlinearity, modules per component, trigger words and metadata.")
+    p = sub.add_parser(
+        "inspect",
+        help="show what an adapter file holds",
+        description="Show an adapter's format, rank, alpha, effective scale, "
+        "nonlinearity, modules per component, trigger words and metadata.",
+    )
     p.add_argument("file", help="adapter .safetensors file")
     p.add_argument("--base", help="also check which keys this base has modules for")
     p.add_argument("--config", metavar="DIR", help="configs for a single-file --base")

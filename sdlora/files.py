@@ -59,7 +59,9 @@ def adapter_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+def atomic_save_file(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
+) -> None:
     """Write a safetensors file to a temporary name beside `path`, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -106,8 +108,7 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         raise SdloraError(f"{path} is a folder; give the .safetensors file inside it")
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise SdloraError(
-            f"{path}: pickle files are never loaded (they can run code); "
-            "use a .safetensors file"
+            f"{path}: pickle files are never loaded (they can run code); use a .safetensors file"
         )
     try:
         tensors = load_file(str(path))
@@ -125,7 +126,9 @@ def parse_flat_lora(
 ) -> Adapter:
     """Build an Adapter from the flat kohya/A1111 layout or sdlora's nonlinear layout."""
     nonlinear = any(k.startswith(NONLINEAR_PREFIX) for k in tensors)
-    down_part, up_part = (".down.weight", ".up.weight") if nonlinear else (".lora_down.weight", ".lora_up.weight")
+    down_part, up_part = (
+        (".down.weight", ".up.weight") if nonlinear else (".lora_down.weight", ".lora_up.weight")
+    )
     modules: dict[str, ModuleFactors] = {}
     for name, down in tensors.items():
         if not name.endswith(down_part):
@@ -158,6 +161,10 @@ def parse_flat_lora(
 
 
 def load_adapter(path: str | Path) -> Adapter:
-    """Load an adapter file (safetensors) into memory."""
-    tensors, metadata = read_safetensors(path)
-    return parse_flat_lora(tensors, metadata, Path(path).name)
+    """Load an adapter file of any supported format (sdlora, kohya/LyCORIS, diffusers/PEFT).
+
+    The detected format is recorded in `metadata["sdlora_detected_format"]`.
+    """
+    from .formats import read_adapter  # formats builds on this module
+
+    return read_adapter(path)

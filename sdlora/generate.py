@@ -64,7 +64,9 @@ def check_settings(pipe: StableDiffusionPipeline, s: GenerateSettings) -> None:
     if s.num_images < 1:
         raise SdloraError(f"number of images must be at least 1 (got {s.num_images})")
     if s.scheduler not in SCHEDULERS:
-        raise SdloraError(f"unknown scheduler {s.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+        raise SdloraError(
+            f"unknown scheduler {s.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}"
+        )
 
 
 def generate(
@@ -137,7 +139,9 @@ def png_info(settings: GenerateSettings, index: int = 0) -> PngImagePlugin.PngIn
     return info
 
 
-def save_png(image: Image.Image, path: str | Path, settings: GenerateSettings, index: int = 0) -> Path:
+def save_png(
+    image: Image.Image, path: str | Path, settings: GenerateSettings, index: int = 0
+) -> Path:
     """Save atomically with the recipe in the PNG text metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,14 @@ UNET_TARGETS = {
     "attn": ("to_q", "to_k", "to_v", "to_out.0"),
     "attn-ff": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),
     "all": (
-        "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "proj_in",
+        "proj_out",
     ),
 }
 TEXT_ENCODER_TARGETS = {

@@ -14,7 +14,9 @@ SHOWN = ("sdlora_nonlinearity", "sdlora_trigger_words", "sdlora_training")
 
 def describe(adapter: Adapter) -> dict:
     """A JSON-ready summary of an adapter."""
-    alphas = sorted({m.alpha if m.alpha is not None else float(m.rank) for m in adapter.modules.values()})
+    alphas = sorted(
+        {m.alpha if m.alpha is not None else float(m.rank) for m in adapter.modules.values()}
+    )
     scales = sorted({round(m.scale, 6) for m in adapter.modules.values()})
     training = adapter.metadata.get("sdlora_training")
     try:

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import make_adapter_file, run_text, run_unet
+
 from sdlora.base import load_base
 from sdlora.blend import Mixer
 from sdlora.errors import SdloraError
@@ -13,7 +13,9 @@ from sdlora.layer import LoRALayer
 @pytest.fixture
 def two_files(tmp_path):
     a, _ = make_adapter_file(lambda: load_base("tiny"), tmp_path / "a.safetensors", seed=1)
-    b, _ = make_adapter_file(lambda: load_base("tiny"), tmp_path / "b.safetensors", rank=8, alpha=4.0, seed=2)
+    b, _ = make_adapter_file(
+        lambda: load_base("tiny"), tmp_path / "b.safetensors", rank=8, alpha=4.0, seed=2
+    )
     return a, b
 
 
@@ -85,11 +87,15 @@ def test_enable_disable_and_remove(tiny, inputs, two_files):
 
 
 def test_nonlinear_runs_unfused_and_blends(tiny, inputs, tmp_path):
-    path, trained = make_adapter_file(lambda: load_base("tiny"), tmp_path / "n.safetensors", nonlinearity="relu", alpha=2.0)
+    path, trained = make_adapter_file(
+        lambda: load_base("tiny"), tmp_path / "n.safetensors", nonlinearity="relu", alpha=2.0
+    )
     mixer = Mixer(tiny)
     mixer.add(path, strength=1.0)
     assert mixer.entries["n"].fused is False
-    torch.testing.assert_close(run_unet(tiny, inputs), run_unet(trained, inputs), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        run_unet(tiny, inputs), run_unet(trained, inputs), atol=1e-5, rtol=1e-5
+    )
     with pytest.raises(SdloraError, match="cannot be fused"):
         mixer.set_fused("n", True)
 

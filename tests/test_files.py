@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import make_adapter_file, run_text, run_unet
 from safetensors.torch import load_file, save_file
 
-from conftest import make_adapter_file, run_text, run_unet
 from sdlora.blend import Mixer
 from sdlora.errors import SdloraError
 from sdlora.files import load_adapter, read_safetensors
@@ -23,12 +23,18 @@ def test_save_load_exact_every_nonlinearity(tiny, inputs, tmp_path, nonlinearity
     )
     mixer = Mixer(tiny)
     mixer.add(path)
-    torch.testing.assert_close(run_unet(tiny, inputs), run_unet(trained, inputs), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(run_text(tiny, inputs), run_text(trained, inputs), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        run_unet(tiny, inputs), run_unet(trained, inputs), atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        run_text(tiny, inputs), run_text(trained, inputs), atol=1e-5, rtol=1e-5
+    )
     meta = load_adapter(path).metadata
     assert meta["sdlora_nonlinearity"] == nonlinearity
     assert meta["sdlora_training_alpha"] == "8.0"
-    assert meta["sdlora_scale_folded_into"] == ("down" if nonlinearity in ("identity", "relu", "leaky_relu") else "up")
+    assert meta["sdlora_scale_folded_into"] == (
+        "down" if nonlinearity in ("identity", "relu", "leaky_relu") else "up"
+    )
 
 
 def test_key_layout_and_metadata(tiny, tmp_path):
@@ -90,8 +96,12 @@ def test_unknown_nonlinearity_in_file(tiny, tmp_path):
 
 def test_adapter_for_another_base_is_refused(tiny, tmp_path):
     path, _ = make_adapter_file(lambda: tiny, tmp_path / "a.safetensors")
-    tensors = {k.replace("lora_unet_", "lora_unet_input_blocks_"): v for k, v in load_file(path).items()}
-    save_file({k: v for k, v in tensors.items() if "lora_unet" in k}, tmp_path / "other.safetensors")
+    tensors = {
+        k.replace("lora_unet_", "lora_unet_input_blocks_"): v for k, v in load_file(path).items()
+    }
+    save_file(
+        {k: v for k, v in tensors.items() if "lora_unet" in k}, tmp_path / "other.safetensors"
+    )
     from sdlora.base import load_base
 
     with pytest.raises(SdloraError, match="other.safetensors: .* do not exist in this base"):
@@ -103,14 +113,21 @@ def test_shape_mismatch_is_refused(tmp_path):
 
     key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     save_file(
-        {f"{key}.lora_down.weight": torch.zeros(2, 48), f"{key}.lora_up.weight": torch.zeros(32, 2)},
+        {
+            f"{key}.lora_down.weight": torch.zeros(2, 48),
+            f"{key}.lora_up.weight": torch.zeros(32, 2),
+        },
         tmp_path / "wide.safetensors",
     )
     pipe = load_base("tiny")
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     with pytest.raises(SdloraError, match="wide.safetensors: .*to_q: .*does not fit"):
         Mixer(pipe).add(tmp_path / "wide.safetensors")
-    after = {k.replace(".base.", "."): v for k, v in pipe.unet.state_dict().items() if ".adapters." not in k}
+    after = {
+        k.replace(".base.", "."): v
+        for k, v in pipe.unet.state_dict().items()
+        if ".adapters." not in k
+    }
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import run_text, run_unet
+
 from sdlora.errors import SdloraError
 from sdlora.inject import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_trainable, find_targets
 from sdlora.layer import LoRALayer
@@ -20,7 +20,9 @@ def test_init_changes_nothing(tiny, inputs):
 def test_targets_match_by_path(tiny):
     paths = find_targets(tiny.unet, UNET_TARGETS["attn"])
     assert len(paths) == 7 * 2 * 4  # 7 transformer blocks, 2 attentions, q/k/v/out
-    assert all(p.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or p.endswith("to_out.0") for p in paths)
+    assert all(
+        p.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or p.endswith("to_out.0") for p in paths
+    )
     conv = find_targets(tiny.unet, ["proj_in"])
     assert all(isinstance(tiny.unet.get_submodule(p), torch.nn.Conv2d) for p in conv)
 

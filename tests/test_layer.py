@@ -25,14 +25,22 @@ def test_forward_matches_formula(nonlinearity):
     base = nn.Linear(8, 6)
     layer, down, up = layer_with(base, nonlinearity, scale=0.75)
     x = torch.randn(5, 8)
-    act = {"identity": lambda h: h, "relu": torch.relu, "leaky_relu": nn.functional.leaky_relu,
-           "gelu": nn.functional.gelu, "silu": nn.functional.silu, "tanh": torch.tanh}[nonlinearity]
+    act = {
+        "identity": lambda h: h,
+        "relu": torch.relu,
+        "leaky_relu": nn.functional.leaky_relu,
+        "gelu": nn.functional.gelu,
+        "silu": nn.functional.silu,
+        "tanh": torch.tanh,
+    }[nonlinearity]
     layer.strengths["a"] = 0.4
     expected = base(x) + 0.4 * 0.75 * act(x @ down.T) @ up.T
     torch.testing.assert_close(layer(x), expected)
 
 
-@pytest.mark.parametrize("make_base", [lambda: nn.Linear(16, 12), lambda: nn.Conv2d(8, 12, 3, padding=1)])
+@pytest.mark.parametrize(
+    "make_base", [lambda: nn.Linear(16, 12), lambda: nn.Conv2d(8, 12, 3, padding=1)]
+)
 def test_fused_equals_unfused(make_base):
     torch.manual_seed(0)
     base = make_base()

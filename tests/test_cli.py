@@ -1,0 +1,139 @@
+"""The `sdlora` command: outputs, one-line errors with exit code 2, --help everywhere."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import make_adapter_file, run_unet
+from PIL import Image
+
+from sdlora.base import load_base
+from sdlora.cli import build_parser, main, parse_lora
+
+
+def test_parse_lora():
+    assert parse_lora("a.safetensors") == ("a.safetensors", 1.0)
+    assert parse_lora("a.safetensors:0.25") == ("a.safetensors", 0.25)
+    assert parse_lora("dir:x/a.safetensors") == ("dir:x/a.safetensors", 1.0)
+
+
+def test_help_on_every_subcommand(capsys):
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert {"generate", "export", "inspect", "train"} <= set(sub.choices)
+    for name in sub.choices:
+        with pytest.raises(SystemExit) as exit_:
+            main([name, "--help"])
+        assert exit_.value.code == 0
+        assert "usage: sdlora " + name in capsys.readouterr().out
+
+
+def test_generate_writes_png_with_recipe(tmp_path, capsys):
+    lora, _ = make_adapter_file(lambda: load_base("tiny"), tmp_path / "ink.safetensors")
+    out = tmp_path / "img.png"
+    args = [
+        "generate",
+        "--prompt",
+        "a red circle",
+        "--steps",
+        "2",
+        "--seed",
+        "5",
+        "--lora",
+        f"{lora}:0.5",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
+    assert main(args) == 0
+    image = Image.open(out)
+    assert image.size == (64, 64)
+    record = json.loads(image.text["sdlora"])
+    assert record["seed"] == 5 and record["adapters"] == {"ink": 0.5}
+    assert "<lora:ink:0.5>" in image.text["parameters"]
+    assert main(args) == 2  # exists: refused without --overwrite
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_export_then_generate_from_export(tmp_path, inputs):
+    lora, _ = make_adapter_file(lambda: load_base("tiny"), tmp_path / "ink.safetensors")
+    single = tmp_path / "merged.safetensors"
+    assert (
+        main(
+            [
+                "export",
+                "--lora",
+                f"{lora}:0.7",
+                "--out",
+                str(single),
+                "--format",
+                "single-file",
+                "--dtype",
+                "fp32",
+            ]
+        )
+        == 0
+    )
+    folder = tmp_path / "merged"
+    assert main(["export", "--lora", f"{lora}:0.7", "--out", str(folder), "--dtype", "fp32"]) == 0
+    torch.testing.assert_close(
+        run_unet(load_base(str(single)), inputs),
+        run_unet(load_base(str(folder)), inputs),
+        atol=1e-5,
+        rtol=0,
+    )
+
+
+def test_inspect_json(tmp_path, capsys):
+    lora, _ = make_adapter_file(
+        lambda: load_base("tiny"),
+        tmp_path / "ink.safetensors",
+        rank=4,
+        alpha=2.0,
+        nonlinearity="tanh",
+    )
+    assert main(["inspect", str(lora), "--json", "--base", "tiny"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["nonlinearity"] == "tanh" and info["ranks"] == [4]
+    assert info["modules"] == {"unet": 56, "text_encoder": 8}
+    assert info["coverage"]["matched"] == 64 and info["coverage"]["unmatched"] == 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["generate", "--prompt", "x", "--lora", "missing.safetensors", "--out", "o.png"],
+            "missing.safetensors: no such file",
+        ),
+        (
+            ["generate", "--prompt", "x", "--base", "nowhere", "--out", "o.png"],
+            "base 'nowhere': no such file or folder",
+        ),
+        (
+            ["generate", "--prompt", "x", "--width", "60", "--out", "o.png"],
+            "--width 60 must be a positive multiple of 8",
+        ),
+        (["export", "--out", "x", "--dtype", "fp8"], "unknown dtype 'fp8'"),
+        (["inspect", "bad.safetensors"], "bad.safetensors: not a readable safetensors file"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage!")
+    assert main([*args, *(["--device", "cpu"] if args[0] == "generate" else [])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sdlora: ") and message in err and "\n" not in err, err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_no_traceback_from_the_real_command(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "sdlora.cli", "inspect", str(tmp_path / "none.safetensors")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"sdlora: {tmp_path / 'none.safetensors'}: no such file"
