@@ -225,8 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands():
     """`register(subparsers)` of the command modules that live outside this file."""
     from .train.command import register as train
+    from .ui.command import register as ui
 
-    return [train]
+    return [train, ui]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,8 +44,10 @@ class Engine:
 
     def __init__(self, device: str | None = None, dtype: torch.dtype | None = None):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = dtype if dtype is not None else (
-            torch.float16 if self.device.startswith("cuda") else None
+        self.dtype = (
+            dtype
+            if dtype is not None
+            else (torch.float16 if self.device.startswith("cuda") else None)
         )
         self.lock = threading.RLock()
         self.base: str | None = None  # spec of the loaded base

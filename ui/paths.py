@@ -24,7 +24,9 @@ def inside(root: str | Path, name: str, what: str = "path") -> Path:
         raise SdloraError(f"{what} {name!r}: use plain names with '/' between folders")
     rel = PurePosixPath(name)
     if rel.is_absolute() or name.startswith("~") or re.match(r"^[A-Za-z]:", name):
-        raise SdloraError(f"{what} {name!r}: absolute paths are not allowed; give a name inside the folder")
+        raise SdloraError(
+            f"{what} {name!r}: absolute paths are not allowed; give a name inside the folder"
+        )
     if any(part in ("..", ".") for part in name.split("/")):
         raise SdloraError(f"{what} {name!r}: '..' and '.' are not allowed in names")
     base = Path(root).resolve()

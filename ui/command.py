@@ -1,0 +1,78 @@
+"""`sdlora ui`: the command-line face of `build_app()`. argparse stops here."""
+
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = """\
+Open the mixer web UI: load adapters from the adapters folder (or upload them), blend them with
+strength sliders, generate, compare strengths on a grid, export merged checkpoints or one merged
+LoRA, train new adapters on a dataset folder, and inspect adapter files.
+
+The UI only reads and writes inside the folders given here. It listens on 127.0.0.1 (this
+machine only) unless --host says otherwise, and makes no public link unless --share is given.
+Jobs that run the model go one at a time through a queue; each visitor has their own mix.
+"""
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the `ui` subcommand to an argparse subparsers object; it runs `run(args)`."""
+    p = subparsers.add_parser(
+        "ui",
+        help="open the mixer web UI (Gradio)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--base",
+        default="tiny",
+        help="base model: 'tiny' (built in), a diffusers model folder, or a single .safetensors "
+        "checkpoint (default: %(default)s)",
+    )
+    p.add_argument(
+        "--adapters", default="adapters", metavar="DIR", help="adapter files (default: %(default)s)"
+    )
+    p.add_argument(
+        "--datasets",
+        default="samples",
+        metavar="DIR",
+        help="folder whose subfolders are training datasets (default: %(default)s)",
+    )
+    p.add_argument(
+        "--outputs",
+        default="outputs",
+        metavar="DIR",
+        help="images, grids, exports and training runs go here (default: %(default)s)",
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    p.add_argument("--share", action="store_true", help="also make a public gradio.live link")
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
+    )
+    p.add_argument(
+        "--max-upload-mb",
+        type=int,
+        default=2048,
+        help="largest adapter upload (default: %(default)s)",
+    )
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the app from parsed arguments and serve it until interrupted."""
+    from .app import build_app, launch  # gradio and torch only once the UI starts
+
+    app = build_app(
+        base=args.base,
+        adapters_dir=args.adapters,
+        datasets_dir=args.datasets,
+        outputs_dir=args.outputs,
+        device=args.device,
+        max_upload_mb=args.max_upload_mb,
+    )
+    launch(app, host=args.host, port=args.port, share=args.share, max_upload_mb=args.max_upload_mb)
+    return 0

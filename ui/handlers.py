@@ -1,0 +1,416 @@
+"""What the UI's buttons do, as thin calls into the library. No Gradio here.
+
+Every name that comes from a visitor goes through `paths` before it touches the disk; every user
+mistake is an `SdloraError` (the app shows it as a message). Long work reports through a
+`progress(fraction, text)` callable.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import SdloraError
+from ..export import export_diffusers, export_single_file, parse_dtype
+from ..files import load_adapter, save_adapter
+from ..generate import SCHEDULERS, GenerateSettings, generate, save_png
+from ..inspect import format_text, inspect_file
+from . import paths
+from .engine import Engine
+from .grid import labelled_grid
+from .merge import merge_exact
+from .state import Session
+from .training import TrainJob
+
+Progress = Callable[[float, str], None]
+MAX_UPLOAD_BYTES = 2 * 1024**3  # 2 GiB: larger than any SD 1.x LoRA
+MAX_SIDE = 2048  # pixels
+MAX_IMAGES = 16  # per generate call, and cells per compare grid
+EXPORT_FORMATS = ("diffusers", "single-file", "lora")
+
+
+def _quiet(fraction: float, text: str) -> None:
+    """A progress callable that shows nothing."""
+
+
+@dataclass
+class Context:
+    """The folders and the shared engine one app serves (the same for every visitor)."""
+
+    base: str  # the base the app was started with: "tiny", a model folder or a single file
+    adapters: Path  # adapters are listed, uploaded and trained into here
+    datasets: Path  # training data folders live here
+    outputs: Path  # images, grids, exports and training runs are written here
+    engine: Engine = field(default_factory=Engine)
+    max_upload_bytes: int = MAX_UPLOAD_BYTES
+
+    def __post_init__(self) -> None:
+        self.adapters = Path(self.adapters).resolve()
+        self.datasets = Path(self.datasets).resolve()
+        self.outputs = Path(self.outputs).resolve()
+        self.adapters.mkdir(parents=True, exist_ok=True)
+        self.outputs.mkdir(parents=True, exist_ok=True)
+
+
+# ---------------------------------------------------------------- bases and adapters
+
+
+def base_choices(ctx: Context) -> list[str]:
+    """The bases a visitor may pick: the app's base, `tiny`, and diffusers folders exported here."""
+    exported = [
+        f"exports/{name}"
+        for name in paths.list_folders(ctx.outputs / "exports")
+        if (ctx.outputs / "exports" / name / "model_index.json").is_file()
+    ]
+    return list(dict.fromkeys([ctx.base, "tiny", *exported]))
+
+
+def resolve_base(ctx: Context, choice: str) -> str:
+    """A base choice -> what `load_base` takes; anything not on the list is refused."""
+    choice = choice or ctx.base
+    if choice in (ctx.base, "tiny"):
+        return choice
+    path = paths.inside(ctx.outputs, choice, "base")
+    if not (path / "model_index.json").is_file():
+        raise SdloraError(f"base {choice!r}: pick one of {', '.join(base_choices(ctx))}")
+    return str(path)
+
+
+def list_adapters(ctx: Context) -> list[str]:
+    """Adapter names in the adapters folder."""
+    return paths.list_adapters(ctx.adapters)
+
+
+def adapter_info(ctx: Context, name: str) -> dict:
+    """What `sdlora inspect` tells about adapter `name`."""
+    return inspect_file(paths.adapter_file(ctx.adapters, name))
+
+
+def inspect_adapter(ctx: Context, name: str, base: str = "") -> str:
+    """`sdlora inspect` text for adapter `name`, with coverage against the chosen base."""
+    path = paths.adapter_file(ctx.adapters, name)
+    with ctx.engine.mixed(resolve_base(ctx, base), {}) as (pipe, _):
+        info = inspect_file(path, pipe)
+    return format_text(info | {"file": paths.relative(ctx.adapters, path)})
+
+
+def summary(info: dict) -> str:
+    """One line of an adapter's metadata for its row in the Mix tab."""
+    parts = [
+        f"rank {', '.join(map(str, info['ranks']))}",
+        info["nonlinearity"],
+        " + ".join(f"{c} {n}" for c, n in info["modules"].items()),
+    ]
+    if info.get("base_model"):
+        parts.append(f"base {info['base_model']}")
+    return " · ".join(parts)
+
+
+def add_adapter(ctx: Context, session: Session, name: str, strength: float = 1.0) -> Session:
+    """Put adapter `name` into the visitor's mix, after checking that it fits their base."""
+    if not name:
+        raise SdloraError("pick an adapter from the list first (or upload one)")
+    path = paths.adapter_file(ctx.adapters, name)
+    ctx.engine.check(resolve_base(ctx, session.base), name, path)
+    session.add(name, strength)
+    return session
+
+
+def upload_adapter(ctx: Context, upload: str | Path, overwrite: bool = False) -> str:
+    """Copy an uploaded `.safetensors` adapter into the adapters folder; return its name.
+
+    The file is parsed with safetensors only (never unpickled) and must be a LoRA we can read.
+    """
+    upload = Path(upload)
+    name = paths.clean_name(upload.name, "upload")
+    if not name.lower().endswith(paths.ADAPTER_SUFFIX):
+        raise SdloraError(f"{name}: only .safetensors adapter files can be uploaded")
+    size = upload.stat().st_size
+    if size > ctx.max_upload_bytes:
+        raise SdloraError(
+            f"{name}: {size / 2**20:.0f} MiB is over the upload limit of "
+            f"{ctx.max_upload_bytes / 2**20:.0f} MiB"
+        )
+    load_adapter(upload)  # safetensors parse + LoRA layout check; raises SdloraError
+    dest = paths.inside(ctx.adapters, name[: -len(paths.ADAPTER_SUFFIX)] + paths.ADAPTER_SUFFIX)
+    if dest.exists() and not overwrite:
+        raise SdloraError(f"{dest.name} is already in the adapters folder; rename the file first")
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=ctx.adapters)
+    os.close(fd)
+    try:
+        shutil.copyfile(upload, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return paths.relative(ctx.adapters, dest)[: -len(paths.ADAPTER_SUFFIX)]
+
+
+def mix_files(ctx: Context, strengths: dict[str, float] | None) -> dict[str, tuple[Path, float]]:
+    """{name: strength} from a visitor or the API -> {name: (file, strength)}, checked."""
+    mix = {}
+    for name, strength in (strengths or {}).items():
+        try:
+            strength = float(strength)
+        except (TypeError, ValueError):
+            raise SdloraError(f"strength of {name!r} must be a number, got {strength!r}") from None
+        if not math.isfinite(strength):
+            raise SdloraError(f"strength of {name!r} must be a finite number")
+        name = name.removesuffix(paths.ADAPTER_SUFFIX)
+        mix[name] = (paths.adapter_file(ctx.adapters, name), strength)
+    return mix
+
+
+# ---------------------------------------------------------------- generate and compare
+
+
+def make_settings(
+    prompt: str,
+    negative_prompt: str = "",
+    steps: int = 25,
+    guidance: float = 7.5,
+    seed: int = 0,
+    width: int = 0,
+    height: int = 0,
+    scheduler: str = "pndm",
+    num_images: int = 1,
+) -> GenerateSettings:
+    """GenerateSettings from form values (0 width/height = the base's native size), checked."""
+    if not (prompt or "").strip():
+        raise SdloraError("write a prompt first")
+    if scheduler not in SCHEDULERS:
+        raise SdloraError(
+            f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}"
+        )
+    for label, value in (("width", width), ("height", height)):
+        if not 0 <= int(value or 0) <= MAX_SIDE:
+            raise SdloraError(f"{label} must be between 0 (native) and {MAX_SIDE}")
+    if not 1 <= int(num_images) <= MAX_IMAGES:
+        raise SdloraError(f"number of images must be 1 to {MAX_IMAGES}")
+    if not 1 <= int(steps) <= 500:
+        raise SdloraError("steps must be 1 to 500")
+    if not math.isfinite(float(guidance)):
+        raise SdloraError("guidance must be a finite number")
+    return GenerateSettings(
+        prompt=prompt,
+        negative_prompt=negative_prompt or "",
+        steps=int(steps),
+        guidance=float(guidance),
+        seed=int(seed),
+        width=int(width) or None,
+        height=int(height) or None,
+        scheduler=scheduler,
+        num_images=int(num_images),
+    )
+
+
+def random_seed() -> int:
+    """A fresh seed for the seed box."""
+    return random.randrange(2**31)
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def run_generate(
+    ctx: Context,
+    base: str,
+    strengths: dict[str, float] | None,
+    settings: GenerateSettings,
+    progress: Progress = _quiet,
+) -> list[Path]:
+    """Draw images with the given mix; save each under outputs/images/ with its recipe."""
+    mix = mix_files(ctx, strengths)
+    settings.adapters = {name: strength for name, (_, strength) in mix.items()}
+    spec = resolve_base(ctx, base)
+    progress(0.0, "loading the base and adapters")
+    with ctx.engine.mixed(spec, mix) as (pipe, _):
+        images = generate(
+            pipe, settings, on_step=lambda done, total: progress(done / total, "denoising")
+        )
+    folder = ctx.outputs / "images"
+    stem = f"{_stamp()}-{settings.seed}"
+    return [
+        save_png(image, _free(folder / f"{stem}-{i}.png"), settings, i)
+        for i, image in enumerate(images)
+    ]
+
+
+def _free(path: Path) -> Path:
+    """`path`, or `path` with -2, -3 ... added until no file has that name."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
+def parse_strengths(text: str, what: str = "strengths") -> list[float]:
+    """'0, 0.25, 0.5' -> [0.0, 0.25, 0.5]."""
+    try:
+        values = [float(v) for v in (text or "").replace(";", ",").split(",") if v.strip()]
+    except ValueError:
+        raise SdloraError(f"{what}: give numbers separated by commas, e.g. 0, 0.5, 1") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise SdloraError(f"{what}: give numbers separated by commas, e.g. 0, 0.5, 1")
+    return values
+
+
+def run_compare(
+    ctx: Context,
+    base: str,
+    strengths: dict[str, float] | None,
+    settings: GenerateSettings,
+    x_name: str,
+    x_values: list[float],
+    y_name: str = "",
+    y_values: list[float] | None = None,
+    progress: Progress = _quiet,
+) -> Path:
+    """Sweep `x_name` over `x_values` (and `y_name` over `y_values`): one labelled grid PNG.
+
+    Every other adapter of the mix keeps its strength; every cell uses the same seed.
+    """
+    if not x_name:
+        raise SdloraError("pick the adapter to sweep")
+    y_values = y_values if y_name else [None]
+    if y_name == x_name:
+        raise SdloraError("pick two different adapters for an X/Y grid")
+    if len(x_values) * len(y_values) > MAX_IMAGES:
+        raise SdloraError(f"at most {MAX_IMAGES} cells in one grid")
+    settings.num_images = 1
+    base_mix = dict(strengths or {})
+    rows = []
+    total, done = len(x_values) * len(y_values), 0
+    for y in y_values:
+        row = []
+        for x in x_values:
+            mix = base_mix | {x_name: x} | ({y_name: y} if y_name else {})
+            cell = mix_files(ctx, mix)
+            with ctx.engine.mixed(resolve_base(ctx, base), cell) as (pipe, _):
+                row.append(generate(pipe, settings)[0])
+            done += 1
+            progress(done / total, f"image {done} of {total}")
+        rows.append(row)
+    grid = labelled_grid(
+        rows,
+        [f"{x_name} {x:g}" for x in x_values],
+        [f"{y_name} {y:g}" if y_name else "" for y in y_values],
+        title=f"{settings.prompt[:80]} · seed {settings.seed}",
+    )
+    settings.adapters = {n: s for n, (_, s) in mix_files(ctx, base_mix).items()}
+    return save_png(grid, _free(ctx.outputs / "compare" / f"{_stamp()}.png"), settings)
+
+
+# ---------------------------------------------------------------- export
+
+
+def run_export(
+    ctx: Context,
+    base: str,
+    strengths: dict[str, float] | None,
+    fmt: str = "diffusers",
+    dtype: str = "fp16",
+    name: str = "",
+    overwrite: bool = False,
+    progress: Progress = _quiet,
+) -> Path:
+    """Write the mix to outputs/exports/: a diffusers folder, one checkpoint file, or one LoRA."""
+    if fmt not in EXPORT_FORMATS:
+        raise SdloraError(
+            f"unknown export format {fmt!r}; choose one of: {', '.join(EXPORT_FORMATS)}"
+        )
+    parse_dtype(dtype)
+    name = paths.clean_name(name or f"mix-{_stamp()}", "export name")
+    if fmt != "diffusers" and not name.endswith(paths.ADAPTER_SUFFIX):
+        name += paths.ADAPTER_SUFFIX
+    out = paths.inside(ctx.outputs, f"exports/{name}", "export name")
+    mix = mix_files(ctx, strengths)
+    progress(0.1, "merging")
+    with ctx.engine.mixed(resolve_base(ctx, base), mix) as (pipe, mixer):
+        if fmt == "diffusers":
+            return export_diffusers(pipe, out, dtype, overwrite=overwrite)
+        if fmt == "single-file":
+            return export_single_file(pipe, out, dtype, overwrite=overwrite)
+        active = [(n, mixer.entries[n].adapter, s) for n, (_, s) in mix.items() if s != 0.0]
+        merged = merge_exact(active, mixer.models)
+        return save_adapter(merged, out, overwrite=overwrite)
+
+
+# ---------------------------------------------------------------- train
+
+
+def list_datasets(ctx: Context) -> list[str]:
+    """Training-data folders in the datasets folder."""
+    return paths.list_folders(ctx.datasets)
+
+
+def start_training(
+    ctx: Context,
+    base: str,
+    dataset: str,
+    name: str = "",
+    trigger: str = "",
+    rank: int = 8,
+    nonlinearity: str = "identity",
+    steps: int = 200,
+    lr: float = 1e-4,
+    resolution: int = 512,
+    batch_size: int = 1,
+    train_text_encoder: bool = False,
+    sample_every: int = 0,
+    sample_prompt: str = "",
+    seed: int = 0,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> TrainJob:
+    """Start training on datasets/<dataset> into outputs/train/<name>; the finished adapter is
+    copied into the adapters folder. Settings are checked here, before anything starts."""
+    from ..train import load_config
+
+    if not dataset:
+        raise SdloraError("pick a dataset folder first")
+    data = paths.inside(ctx.datasets, dataset, "dataset")
+    if not data.is_dir():
+        raise SdloraError(f"dataset {dataset!r}: no such folder in the datasets folder")
+    name = paths.clean_name(name or data.name, "adapter name")
+    name = name.removesuffix(paths.ADAPTER_SUFFIX)
+    output = paths.inside(ctx.outputs, f"train/{name}", "adapter name")
+    if (ctx.adapters / f"{name}{paths.ADAPTER_SUFFIX}").exists() and not (resume or overwrite):
+        raise SdloraError(
+            f"an adapter named {name!r} is already in the adapters folder; choose another name, "
+            "tick resume to continue its run, or tick overwrite"
+        )
+    steps = int(steps)
+    settings = dict(
+        data_dir=str(data),
+        output=str(output),
+        name=name,
+        base=resolve_base(ctx, base),
+        rank=int(rank),
+        nonlinearity=nonlinearity,
+        steps=steps,
+        lr=float(lr),
+        resolution=int(resolution),
+        batch_size=int(batch_size),
+        train_text_encoder=bool(train_text_encoder),
+        trigger=trigger.strip() or None,
+        sample_every=int(sample_every),
+        sample_prompts=[sample_prompt] if sample_prompt.strip() else [],
+        seed=int(seed),
+        save_every=max(1, steps // 10),
+        resume="latest" if resume else None,
+        overwrite=bool(overwrite),
+        workers=0,
+        tensorboard=False,
+    )
+    load_config(None, **settings).check()
+    return TrainJob(settings, steps, output, install_to=ctx.adapters)
