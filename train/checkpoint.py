@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -113,6 +114,7 @@ def load(path: Path) -> tuple[dict, dict]:
     try:
         info = json.loads((path / INFO).read_text())
         state = torch.load(path / STATE, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise SdloraError(f"{path}: checkpoint cannot be read ({err})") from None
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise SdloraError(f"{path}: checkpoint cannot be read ({reason})") from None
     return info, state

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from ..errors import SdloraError
-from .config import LR_SCHEDULERS, MIXED_PRECISION, TrainConfig, load_config
+from .config import FIELD_NAMES, LR_SCHEDULERS, MIXED_PRECISION, TrainConfig, load_config
 
 DESCRIPTION = """\
 Fine-tune a LoRA adapter on a folder of images and write OUTPUT/NAME.safetensors.
@@ -241,7 +242,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """TrainConfig from the TOML file named by --config (if any) and the flags given."""
-    given = {k: v for k, v in vars(args).items() if k not in ("func", "config", "command")}
+    given = {k: v for k, v in vars(args).items() if k in FIELD_NAMES}  # not func, command...
     return load_config(getattr(args, "config", None), **given)
 
 
@@ -266,6 +267,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m sdlora.train.command ...`: the same as `sdlora train ...`."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     parser = argparse.ArgumentParser(prog="sdlora")
     register(parser.add_subparsers(dest="command", required=True))
     argv = sys.argv[1:] if argv is None else argv

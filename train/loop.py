@@ -151,7 +151,7 @@ def train(config: TrainConfig) -> Path:
     # --- caches: encode each image / caption once when nothing random needs fresh encodes
     dataset = MicroBatches(plan, config, with_pixels=not config.caches_latents)
     latent_cache = text_cache = None
-    with torch.no_grad(), accelerator.autocast():
+    with torch.no_grad():  # no autocast: the fp32 VAE encodes in fp32
         if config.caches_latents and step < total_steps:
             latent_cache = LatentCache(pipe.vae, dataset, config.seed, show_progress=main)
         if config.caches_text and step < total_steps:
@@ -233,10 +233,9 @@ def train(config: TrainConfig) -> Path:
                 )
             # 8. loss, optionally min-SNR-γ weighted (Hang et al. 2023, eq. 8)
             if config.min_snr_gamma:
-                snr = compute_snr(noise_scheduler, timesteps)
-                weight = snr.clamp(max=config.min_snr_gamma) / snr
-                if prediction_type == "v_prediction":
-                    weight = snr.clamp(max=config.min_snr_gamma) / (snr + 1)
+                snr = compute_snr(noise_scheduler, timesteps)  # (B,) = ᾱ_t / (1 - ᾱ_t)
+                clamped = snr.clamp(max=config.min_snr_gamma)
+                weight = clamped / (snr + 1) if prediction_type == "v_prediction" else clamped / snr
                 loss = F.mse_loss(pred.float(), target.float(), reduction="none")
                 loss = (loss.mean(dim=(1, 2, 3)) * weight).mean()
             else:
