@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
@@ -340,6 +341,9 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
             precision = "fp16"
     if cpu and precision == "fp16":
         raise SdloraError("--mixed-precision fp16 needs a GPU; use bf16 or no on the CPU")
+    # accelerate keeps one process-wide state: let another train() in this Python process pick
+    # its own mixed precision (the distributed set-up, in PartialState, is kept as it is)
+    AcceleratorState._reset_state()
     # cpu=True also makes accelerate see `accelerate launch`/torchrun processes on a CPU-only
     # machine as one multi-process run instead of several independent ones.
     return Accelerator(
