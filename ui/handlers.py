@@ -7,6 +7,7 @@ mistake is an `SdloraError` (the app shows it as a message). Long work reports t
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -89,8 +90,15 @@ def list_adapters(ctx: Context) -> list[str]:
 
 
 def adapter_info(ctx: Context, name: str) -> dict:
-    """What `sdlora inspect` tells about adapter `name`."""
-    return inspect_file(paths.adapter_file(ctx.adapters, name))
+    """What `sdlora inspect` tells about adapter `name` (read once per version of the file)."""
+    path = paths.adapter_file(ctx.adapters, name)
+    stat = path.stat()
+    return _info(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _info(path: str, mtime_ns: int, size: int) -> dict:
+    return inspect_file(path)
 
 
 def inspect_adapter(ctx: Context, name: str, base: str = "") -> str:

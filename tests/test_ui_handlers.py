@@ -1,0 +1,300 @@
+"""The web UI's handlers on CPU with the tiny base: path safety, uploads, per-session mixes,
+PNG recipes, exports (a merged LoRA equals the live blend), grids and training jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_adapter_file, run_text, run_unet
+from PIL import Image
+from sdlora.ui import handlers as h
+from sdlora.ui import paths
+from sdlora.ui.engine import Engine
+from sdlora.ui.state import Session
+
+from sdlora.base import load_base
+from sdlora.blend import Mixer
+from sdlora.errors import SdloraError
+
+STEPS = 2  # denoising steps: enough to show a difference, cheap on CPU
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model gains nothing from threads, and on a busy 2-core machine they cost 10x."""
+    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # training runs in a child process
+    yield
+    torch.set_num_threads(before)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS")
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    """Adapters folder with two adapters (`style` rank 4, `detail` rank 2), datasets, outputs."""
+    root = tmp_path_factory.mktemp("ui")
+    adapters = root / "adapters"
+    adapters.mkdir()
+    make_adapter_file(lambda: load_base("tiny"), adapters / "style.safetensors", seed=1)
+    make_adapter_file(lambda: load_base("tiny"), adapters / "detail.safetensors", rank=2, seed=2)
+    datasets = root / "datasets"
+    shutil.copytree(Path(__file__).parents[1] / "samples" / "style", datasets / "style")
+    return {"root": root, "adapters": adapters, "datasets": datasets, "outputs": root / "outputs"}
+
+
+@pytest.fixture(scope="module")
+def ctx(folders) -> h.Context:
+    return h.Context(
+        "tiny", folders["adapters"], folders["datasets"], folders["outputs"], Engine("cpu")
+    )
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def settings(seed: int = 3) -> h.GenerateSettings:
+    return h.make_settings("a red circle", steps=STEPS, seed=seed)
+
+
+# ---------------------------------------------------------------- paths
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../style", "a/../../style", "/etc/passwd", "~/x", "C:/x", "a\\..\\b", "", ".", "x\x00"],
+)
+def test_names_that_leave_the_folder_are_refused(ctx, name):
+    with pytest.raises(SdloraError):
+        paths.inside(ctx.adapters, name)
+    with pytest.raises(SdloraError):
+        h.adapter_info(ctx, name)
+
+
+def test_symlink_out_of_the_folder_is_refused_and_not_listed(ctx, folders):
+    outside = folders["root"] / "outside.safetensors"
+    shutil.copy(folders["adapters"] / "style.safetensors", outside)
+    link = folders["adapters"] / "sneaky.safetensors"
+    link.symlink_to(outside)
+    try:
+        assert "sneaky" not in h.list_adapters(ctx)
+        with pytest.raises(SdloraError, match="outside"):
+            h.mix_files(ctx, {"sneaky": 1.0})
+    finally:
+        link.unlink()
+    assert h.list_adapters(ctx) == ["detail", "style"]
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "/tmp/x", ".hidden", "x" * 200, "a:b"])
+def test_export_names_are_single_safe_file_names(ctx, name):
+    with pytest.raises(SdloraError):
+        h.run_export(ctx, "tiny", {}, "lora", name=name)
+
+
+def test_only_listed_bases_are_loaded(ctx):
+    assert h.base_choices(ctx)[:1] == ["tiny"]
+    for bad in ["/etc", "../x", "exports/../../x", "adapters"]:
+        with pytest.raises(SdloraError):
+            h.resolve_base(ctx, bad)
+
+
+# ---------------------------------------------------------------- uploads
+
+
+def test_upload_accepts_a_lora_and_refuses_everything_else(ctx, folders, tmp_path):
+    good = tmp_path / "new.safetensors"
+    shutil.copy(folders["adapters"] / "detail.safetensors", good)
+    assert h.upload_adapter(ctx, good) == "new"
+    assert (ctx.adapters / "new.safetensors").is_file()
+    with pytest.raises(SdloraError, match="already"):
+        h.upload_adapter(ctx, good)
+    (ctx.adapters / "new.safetensors").unlink()
+
+    pickle = tmp_path / "evil.ckpt"
+    pickle.write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(SdloraError, match=".safetensors"):
+        h.upload_adapter(ctx, pickle)
+    fake = tmp_path / "fake.safetensors"
+    fake.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(SdloraError, match="safetensors"):
+        h.upload_adapter(ctx, fake)
+    small = h.Context(
+        "tiny", ctx.adapters, ctx.datasets, ctx.outputs, ctx.engine, max_upload_bytes=100
+    )
+    with pytest.raises(SdloraError, match="upload limit"):
+        h.upload_adapter(small, good)
+    assert h.list_adapters(ctx) == ["detail", "style"]
+
+
+# ---------------------------------------------------------------- mixes and generation
+
+
+def test_two_sessions_mixes_do_not_leak(ctx):
+    """One shared pipeline: A's adapters never show in B's images, in either order."""
+    a, b = Session("tiny"), Session("tiny")
+    h.add_adapter(ctx, a, "style")
+    h.add_adapter(ctx, a, "detail", 0.5)
+    assert b.mix == [] and [i.name for i in a.mix] == ["style", "detail"]
+
+    reference = Engine("cpu")  # a pristine base that has never seen an adapter
+    with reference.mixed("tiny", {}) as (pipe, _):
+        base_image = np.asarray(h.generate(pipe, settings())[0].convert("RGB"), dtype=np.int16)
+
+    b_first = pixels(h.run_generate(ctx, b.base, b.strengths(), settings())[0])
+    a_image = pixels(h.run_generate(ctx, a.base, a.strengths(), settings())[0])
+    b_after = pixels(h.run_generate(ctx, b.base, b.strengths(), settings())[0])
+    assert np.abs(b_first - base_image).max() <= 1
+    assert np.abs(b_after - base_image).max() <= 1
+    assert np.abs(a_image - base_image).max() > 8  # A's mix really changes the picture
+
+    a.mix[0].enabled = False
+    a.mix[1].strength = 0.0
+    a_off = pixels(h.run_generate(ctx, a.base, a.strengths(), settings())[0])
+    assert np.abs(a_off - base_image).max() <= 1
+
+
+def test_generated_png_carries_its_recipe(ctx):
+    s = h.make_settings("a blue star", "blurry", STEPS, 5.0, 11, 0, 0, "ddim", 2)
+    files = h.run_generate(ctx, "tiny", {"style": 0.8, "detail": 0.35}, s)
+    assert len(files) == 2 and all(f.parent == ctx.outputs / "images" for f in files)
+    record = json.loads(Image.open(files[1]).text["sdlora"])
+    assert record["prompt"] == "a blue star" and record["negative_prompt"] == "blurry"
+    assert record["seed"] == 12 and record["scheduler"] == "ddim"
+    assert record["adapters"] == {"style": 0.8, "detail": 0.35}
+    assert "<lora:style:0.8> <lora:detail:0.35>" in Image.open(files[0]).text["parameters"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompt=""), "prompt"),
+        (dict(prompt="x", scheduler="magic"), "scheduler"),
+        (dict(prompt="x", num_images=99), "number of images"),
+        (dict(prompt="x", width=99999), "width"),
+        (dict(prompt="x", steps=0), "steps"),
+    ],
+)
+def test_bad_settings_are_refused(kwargs, message):
+    with pytest.raises(SdloraError, match=message):
+        h.make_settings(**kwargs)
+
+
+def test_bad_strengths_and_unknown_adapters_are_refused(ctx):
+    for mix, message in [
+        ({"style": float("nan")}, "finite"),
+        ({"style": "lots"}, "number"),
+        ({"nothere": 1.0}, "no such file"),
+    ]:
+        with pytest.raises(SdloraError, match=message):
+            h.run_generate(ctx, "tiny", mix, settings())
+    with pytest.raises(SdloraError):
+        h.parse_strengths("0, half, 1")
+    assert h.parse_strengths("0, 0.5;1") == [0.0, 0.5, 1.0]
+
+
+def test_compare_makes_one_labelled_grid(ctx):
+    path = h.run_compare(
+        ctx, "tiny", {"style": 1.0}, settings(), "style", [0, 0.5, 1], "detail", [0, 1]
+    )
+    grid = Image.open(path)
+    assert path.parent == ctx.outputs / "compare"
+    assert grid.width > 3 * 64 and grid.height > 2 * 64  # 3 columns, 2 rows, plus labels
+    with pytest.raises(SdloraError, match="different"):
+        h.run_compare(ctx, "tiny", {}, settings(), "style", [0, 1], "style", [0, 1])
+
+
+# ---------------------------------------------------------------- export
+
+
+def test_merged_lora_export_equals_the_live_blend(ctx, inputs):
+    out = h.run_export(ctx, "tiny", {"style": 0.7, "detail": 0.4}, "lora", name="merged")
+    assert out == ctx.outputs / "exports" / "merged.safetensors"
+
+    live = load_base("tiny")
+    mixer = Mixer(live)
+    mixer.add(ctx.adapters / "style.safetensors", strength=0.7)
+    mixer.add(ctx.adapters / "detail.safetensors", strength=0.4)
+    merged = load_base("tiny")
+    Mixer(merged).add(out, strength=1.0)
+    torch.testing.assert_close(
+        run_unet(merged, inputs), run_unet(live, inputs), atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        run_text(merged, inputs), run_text(live, inputs), atol=1e-5, rtol=1e-5
+    )
+    with pytest.raises(SdloraError, match="already exists"):
+        h.run_export(ctx, "tiny", {"style": 0.7}, "lora", name="merged")
+
+
+def test_checkpoint_exports_land_in_outputs(ctx):
+    single = h.run_export(ctx, "tiny", {"style": 0.5}, "single-file", "fp32", "mix-single")
+    folder = h.run_export(ctx, "tiny", {"style": 0.5}, "diffusers", "fp16", "mix-folder")
+    assert single == ctx.outputs / "exports" / "mix-single.safetensors" and single.is_file()
+    assert (folder / "model_index.json").is_file()
+    assert "exports/mix-folder" in h.base_choices(ctx)  # an exported folder can be the base
+    assert h.resolve_base(ctx, "exports/mix-folder") == str(folder)
+    with pytest.raises(SdloraError, match="format"):
+        h.run_export(ctx, "tiny", {}, "zip", name="x")
+
+
+def test_inspect_reports_the_file_and_coverage(ctx):
+    text = h.inspect_adapter(ctx, "detail")
+    assert "detail.safetensors" in text and "rank:          2" in text
+    assert "coverage" in text and str(ctx.adapters) not in text
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_training_settings_are_checked_before_anything_starts(ctx):
+    for kwargs, message in [
+        (dict(dataset="../style"), "'..'"),
+        (dict(dataset="nope"), "no such folder"),
+        (dict(dataset="style", name="../x"), "adapter name"),
+        (dict(dataset="style", name="fresh", resolution=65), "resolution"),
+        (dict(dataset="style", name="style", resume=True, overwrite=True), "pick one"),
+    ]:
+        with pytest.raises(SdloraError, match=message):
+            h.start_training(ctx, "tiny", **kwargs)
+
+
+def test_training_job_reports_steps_and_installs_the_adapter(ctx):
+    job = h.start_training(
+        ctx,
+        "tiny",
+        "style",
+        name="trained",
+        steps=2,
+        resolution=64,
+        rank=2,
+        sample_every=2,
+        sample_prompt="a circle",
+    )
+    status = job.wait(timeout=240)
+    assert status.error is None and not status.running, status
+    assert status.steps == [1, 2] and all(np.isfinite(status.losses))
+    assert status.adapter == ctx.adapters / "trained.safetensors"
+    assert "trained" in h.list_adapters(ctx)
+    assert job.latest_sample() is not None
+    with pytest.raises(SdloraError, match="already in the adapters folder"):
+        h.start_training(ctx, "tiny", "style", name="trained", steps=2, resolution=64)
+
+
+def test_training_job_stops_on_request(ctx):
+    job = h.start_training(ctx, "tiny", "style", name="stopped", steps=500, resolution=64)
+    job.stop()
+    status = job.wait(timeout=60)
+    assert status.stopped and not status.running and status.adapter is None
+    assert status.error is None
+    assert not (ctx.adapters / "stopped.safetensors").exists()
+    assert os.path.isdir(ctx.outputs) and "stopped" not in h.list_adapters(ctx)
