@@ -306,6 +306,8 @@ def test_output_folder_rules(shapes, tmp_path, no_model):
     assert not (out / "checkpoints").exists()
     with pytest.raises(SdloraError, match=r"--resume: no checkpoint"):
         train(TrainConfig(**(vars(config) | {"resume": "latest"})))
+    with pytest.raises(SdloraError, match=r"--resume .*elsewhere: not a checkpoint folder"):
+        train(TrainConfig(**(vars(config) | {"resume": str(tmp_path / "elsewhere")})))
 
     (tmp_path / "file").write_text("")
     with pytest.raises(SdloraError, match=r"is a file"):
@@ -332,3 +334,25 @@ def test_cli_reports_errors_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("sdlora: ") and "missing: no such folder" in err
     assert err.count("\n") == 1
+
+
+def test_epochs_count_whole_passes_over_the_data():
+    from sdlora.train.data import BatchPlan, ImageItem
+
+    items = [ImageItem(path=None, caption="", repeats=r, size=(64, 64)) for r in (1, 3)]
+    plan = BatchPlan(items, batch_size=2, seed=0)  # 4 images per epoch: 2 batches
+    assert loop_module.count_steps(TrainConfig(epochs=3), plan) == 6
+    assert loop_module.count_steps(TrainConfig(epochs=3, grad_accum=2), plan) == 3
+    assert loop_module.count_steps(TrainConfig(steps=5), plan) == 5
+    assert loop_module.count_steps(TrainConfig(), plan) == 1000
+
+
+def test_8bit_adamw_without_bitsandbytes_says_how_to_get_it():
+    try:
+        import bitsandbytes  # noqa: F401
+
+        pytest.skip("bitsandbytes is installed")
+    except ImportError:
+        pass
+    with pytest.raises(SdloraError, match=r"needs bitsandbytes: pip install"):
+        loop_module.make_optimizer(TrainConfig(optimizer="adamw8bit"), {}, torch.device("cpu"))

@@ -382,7 +382,13 @@ def check_output(config: TrainConfig) -> Path | None:
                 "to start fresh"
             )
         return found[-1]
-    return Path(config.resume)
+    path = Path(config.resume)
+    if not (path / checkpoint.INFO).is_file():
+        raise SdloraError(
+            f"--resume {path}: not a checkpoint folder; give one of "
+            f"{output / checkpoint.FOLDER}/step-* or just --resume for the latest"
+        )
+    return path
 
 
 def check_sides(pipe, plan: BatchPlan) -> None:
