@@ -7,7 +7,6 @@ Every field is also a `sdlora train` flag (`rank` is `--rank`, `sample_prompts` 
 from __future__ import annotations
 
 import difflib
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -216,9 +215,6 @@ class TrainConfig:
     def settings(self) -> dict[str, Any]:
         """The settings that describe the adapter, as JSON-able values (for metadata)."""
         return {k: v for k, v in asdict(self).items() if k not in RUN_ONLY}
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
 
 
 FIELD_NAMES = {f.name for f in fields(TrainConfig)}
