@@ -3,13 +3,86 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
-from .adapter import Adapter, resolve
+from .adapter import PREFIXES, Adapter, module_paths
 from .files import load_adapter
+
+logger = logging.getLogger(__name__)
+
+# Module names shown as groups (longest match wins), as flat-name suffixes.
+LEAVES = (
+    "to_q", "to_k", "to_v", "to_out_0", "ff_net_0_proj", "ff_net_2", "proj_in", "proj_out",
+    "conv1", "conv2", "conv_shortcut", "time_emb_proj", "conv", "conv_in", "conv_out",
+    "linear_1", "linear_2", "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2",
+)
+# Cross-attention width (in-features of attn2.to_k) -> the base family it was trained on.
+CROSS_ATTENTION_DIMS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 32: "tiny (sdlora built-in)"}
+TEXT_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 32: "tiny (sdlora built-in)"}
 
 # Metadata keys shown as their own fields rather than in the metadata dump.
 SHOWN = ("sdlora_nonlinearity", "sdlora_trigger_words", "sdlora_training")
+
+
+def component_of(key: str) -> str:
+    """Flat key -> 'unet' | 'text_encoder' | the other prefix (e.g. 'lora_te2')."""
+    comp = next((c for c, p in PREFIXES.items() if key.startswith(p)), None)
+    return comp or "_".join(key.split("_")[:2])
+
+
+def guess_architecture(adapter: Adapter) -> str:
+    """The base family the adapter was made for, from its layer widths (then its metadata)."""
+    keys = list(adapter.modules)
+    if any(k.startswith(("lora_te2_", "lora_textencoder2_")) for k in keys):
+        return "SDXL"
+    for key, factors in adapter.modules.items():
+        if key.startswith("lora_unet_") and key.endswith("attn2_to_k"):
+            width = factors.down.shape[1]
+            return CROSS_ATTENTION_DIMS.get(width, f"unknown (cross-attention width {width})")
+    for key, factors in adapter.modules.items():
+        if key.startswith("lora_te_") and key.endswith("self_attn_q_proj"):
+            width = factors.down.shape[1]
+            return TEXT_WIDTHS.get(width, f"unknown (text width {width})")
+    meta = adapter.metadata
+    return meta.get("sdlora_base_model") or meta.get("ss_base_model_version") or "unknown"
+
+
+def module_groups(adapter: Adapter) -> dict[str, dict]:
+    """Per '<component> <module name>' group: count, ranks, alphas and effective scales."""
+    groups: dict[str, dict] = {}
+    for key, m in adapter.modules.items():
+        leaf = max((x for x in LEAVES if key.endswith("_" + x)), key=len, default="other")
+        g = groups.setdefault(f"{component_of(key)} {leaf}", {"modules": 0, "ranks": set(), "alphas": set(), "scales": set()})
+        g["modules"] += 1
+        g["ranks"].add(m.rank)
+        g["alphas"].add(m.alpha if m.alpha is not None else float(m.rank))
+        g["scales"].add(round(m.scale, 6))
+    return {
+        name: {k: sorted(v) if isinstance(v, set) else v for k, v in g.items()}
+        for name, g in sorted(groups.items())
+    }
+
+
+def coverage(adapter: Adapter, base) -> dict:
+    """Which adapter keys the base pipeline has a module for (never raises for a wrong base)."""
+    from .adapter import _suffix
+
+    lookups = {c: module_paths(getattr(base, c), c) for c in ("unet", "text_encoder")}
+    unmatched = [
+        k for k in adapter.modules
+        if component_of(k) not in lookups or _suffix(component_of(k), k) not in lookups[component_of(k)]
+    ]
+    if unmatched:
+        logger.warning(
+            "%s: %d of %d keys match no module in this base (e.g. %s)",
+            adapter.source, len(unmatched), len(adapter.modules), ", ".join(unmatched[:3]),
+        )
+    return {
+        "matched": len(adapter.modules) - len(unmatched),
+        "unmatched": len(unmatched),
+        "unmatched_examples": unmatched[:5],
+    }
 
 
 def describe(adapter: Adapter) -> dict:
@@ -33,6 +106,8 @@ def describe(adapter: Adapter) -> dict:
         "alphas": alphas,
         "scales": scales,
         "modules": adapter.components(),
+        "architecture": guess_architecture(adapter),
+        "groups": module_groups(adapter),
         "base_model": adapter.metadata.get("sdlora_base_model"),
         "trigger_words": adapter.trigger_words(),
         "training": training,
@@ -45,13 +120,7 @@ def inspect_file(path: str | Path, base=None) -> dict:
     adapter = load_adapter(path)
     info = describe(adapter)
     if base is not None:
-        models = {c: getattr(base, c) for c in ("unet", "text_encoder")}
-        resolved, unmatched = resolve(adapter, models)
-        info["coverage"] = {
-            "matched": len(resolved),
-            "unmatched": len(unmatched),
-            "unmatched_examples": unmatched[:5],
-        }
+        info["coverage"] = coverage(adapter, base)
     return info
 
 
@@ -65,7 +134,13 @@ def format_text(info: dict) -> str:
         f"alpha:         {', '.join(f'{a:g}' for a in info['alphas'])}",
         f"scale:         {', '.join(f'{s:g}' for s in info['scales'])}  (alpha / rank; applied at strength 1.0)",
         "modules:       " + ", ".join(f"{c} {n}" for c, n in info["modules"].items()),
+        f"architecture:  {info['architecture']}",
+        "groups:        (modules, rank, alpha -> scale)",
     ]
+    for name, g in info["groups"].items():
+        ranks, alphas = "/".join(map(str, g["ranks"])), "/".join(f"{a:g}" for a in g["alphas"])
+        scales = "/".join(f"{x:g}" for x in g["scales"])
+        lines.append(f"  {name:<28} {g['modules']:>4}  r {ranks}  alpha {alphas} -> {scales}")
     if info.get("base_model"):
         lines.append(f"base model:    {info['base_model']}")
     if info.get("trigger_words"):
@@ -73,6 +148,8 @@ def format_text(info: dict) -> str:
     if "coverage" in info:
         cov = info["coverage"]
         lines.append(f"coverage:      {cov['matched']} matched, {cov['unmatched']} unmatched")
+        if cov["unmatched_examples"]:
+            lines.append(f"  unmatched e.g. {', '.join(cov['unmatched_examples'])}")
     if info.get("training"):
         lines.append(f"training:      {json.dumps(info['training'])}")
     if info["metadata"]:
