@@ -224,10 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """`register(subparsers)` of the command modules that live outside this file."""
+    from .interop_cli import register as interop
     from .train.command import register as train
     from .ui.command import register as ui
 
-    return [train, ui]
+    return [train, ui, interop]
 
 
 def main(argv: list[str] | None = None) -> int:

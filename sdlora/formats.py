@@ -86,9 +86,10 @@ UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in.", "conv_out.
 def detect_format(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
     """The file's family: sdlora, kohya, diffusers; raise for full checkpoints and unknown files."""
     keys = list(tensors)
-    if "sdlora_format_version" in metadata or any(k.startswith(NONLINEAR_PREFIX) for k in keys):
+    kohya = any(k.startswith(KOHYA_PREFIXES) for k in keys)
+    if any(k.startswith(NONLINEAR_PREFIX) for k in keys) or (kohya and "sdlora_format_version" in metadata):
         return "sdlora"
-    if any(k.startswith(KOHYA_PREFIXES) for k in keys):
+    if kohya:
         return "kohya"
     if any(
         k.startswith(("unet.", "text_encoder.", "text_encoder_2.", "base_model.model."))

@@ -40,7 +40,7 @@ def peft_file(tmp_path, seed=0, rank=4, alpha=8, v_alpha=2.0, te_rank=2, te_alph
                    alpha_pattern={"to_v": v_alpha}, init_lora_weights=False)
     )
     pipe.text_encoder.add_adapter(
-        LoraConfig(r=te_rank, lora_alpha=te_alpha, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        LoraConfig(r=te_rank, lora_alpha=te_alpha, target_modules=["q_proj", "v_proj", "out_proj"], init_lora_weights=False)
     )
     for model in (pipe.unet, pipe.text_encoder):
         for pname, p in model.named_parameters():
