@@ -135,6 +135,11 @@ def format_text(info: dict) -> str:
         f"scale:         {', '.join(f'{s:g}' for s in info['scales'])}  (alpha / rank; applied at strength 1.0)",
         "modules:       " + ", ".join(f"{c} {n}" for c, n in info["modules"].items()),
         f"architecture:  {info['architecture']}",
+        *(
+            ["note:          LoHa/LoKr modules are held as their exact ΔW, so their rank reads min(out, in)"]
+            if info["format"].startswith("lycoris")
+            else []
+        ),
         "groups:        (modules, rank, alpha -> scale)",
     ]
     for name, g in info["groups"].items():
