@@ -12,7 +12,8 @@ from diffusers import StableDiffusionPipeline
 
 from .errors import SdloraError
 
-BUILTIN = ("tiny",)
+BUILTIN = ("toy", "tiny")
+TOY_FOLDER = Path(__file__).parent / "assets" / "toy"  # pretrained by pretrain/toy_base.py
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -23,17 +24,58 @@ def _quiet(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
     return pipe
 
 
+def _load_toy() -> StableDiffusionPipeline:
+    """The built-in `toy` base from its packaged fp16 folder, built from configs, upcast to fp32."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = TOY_FOLDER
+    if not (folder / "model_index.json").exists():
+        raise SdloraError(f"base 'toy': its weights are missing from {folder}; reinstall sdlora")
+
+    def weights(model: torch.nn.Module, file: Path) -> torch.nn.Module:
+        model.load_state_dict(load_file(file))  # copies fp16 into the fp32 parameters
+        return model.eval()
+
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+    text_config = CLIPTextConfig.from_json_file(folder / "text_encoder" / "config.json")
+    text_encoder = CLIPTextModel(text_config)
+    weights(unet, folder / "unet" / "diffusion_pytorch_model.safetensors")
+    weights(vae, folder / "vae" / "diffusion_pytorch_model.safetensors")
+    weights(text_encoder, folder / "text_encoder" / "model.safetensors")
+    tokenizer = CLIPTokenizer(
+        str(folder / "tokenizer" / "vocab.json"),
+        str(folder / "tokenizer" / "merges.txt"),
+        model_max_length=77,
+    )
+    scheduler = PNDMScheduler.from_config(PNDMScheduler.load_config(folder / "scheduler"))
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def load_base(
     spec: str = "tiny",
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     config: str | Path | None = None,
 ) -> StableDiffusionPipeline:
-    """Load a base model: "tiny", a diffusers model folder, or a single .safetensors/.ckpt file.
+    """Load a base model: "toy", "tiny", a diffusers model folder, or a single .safetensors/.ckpt file.
 
     `config` is a diffusers model folder whose configs and tokenizer describe a single file.
     """
-    if spec == "tiny":
+    if spec == "toy":
+        pipe = _load_toy()
+    elif spec == "tiny":
         from .tiny import build_tiny_pipeline
 
         pipe = build_tiny_pipeline()

@@ -218,16 +218,24 @@ def render(
     mask = _inside(s.shape, u, v).float()[:, None]  # (B, 1, H, W)
 
     # Background: plain, checker, diagonal stripes or a vertical gradient to pattern_rgb.
-    period = (s.pattern_period / px)[:, None, None]  # output pixels
-    cx, cy = X * width / period, Y * height / period
-    checker = ((cx.floor() + cy.floor()) % 2)[:, None]
-    stripes = ((cx + cy).floor() % 2)[:, None]
-    gradient = Y.expand(n, hs, 1)[:, None].expand(n, 1, hs, ws)
-    mix = torch.zeros(n, 1, hs, ws, device=device)
-    for k, m in ((1, checker), (2, stripes), (3, gradient)):
-        mix = torch.where((s.pattern == k)[:, None, None, None], m.expand(n, 1, hs, ws), mix)
     bg, bg2 = s.background_rgb[:, :, None, None], s.pattern_rgb[:, :, None, None]
-    image = bg + (bg2 - bg) * mix
+    image = bg.expand(n, 3, hs, ws)
+    if bool((s.pattern != 0).any()):
+        period = (s.pattern_period / px)[:, None, None]  # output pixels
+        cx, cy = X * width / period, Y * height / period
+        mix = torch.zeros(n, 1, hs, ws, device=device)
+        for k, name in enumerate(PATTERNS[1:], start=1):
+            pick = s.pattern == k
+            if not bool(pick.any()):
+                continue
+            if name == "checker":
+                m = (cx.floor() + cy.floor()) % 2
+            elif name == "stripes":
+                m = (cx + cy).floor() % 2
+            else:  # gradient, top to bottom
+                m = Y.expand(n, hs, ws)
+            mix = torch.where(pick[:, None, None, None], m[:, None].expand(n, 1, hs, ws), mix)
+        image = bg + (bg2 - bg) * mix
 
     # Outline: the shape dilated by its outline width (disk-like: square then plus steps).
     ring = torch.zeros_like(mask)
