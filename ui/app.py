@@ -188,7 +188,8 @@ def build_app(
                         gallery = gr.Gallery(
                             label="Images",
                             columns=4,
-                            height="auto",
+                            height=420,
+                            object_fit="contain",
                             elem_id="gallery",
                             format="png",
                         )

@@ -1,0 +1,151 @@
+"""The web UI end to end: the real app on 127.0.0.1, driven by a headless Chromium (Playwright)
+and by `gradio_client`. Screenshots are kept in test-artifacts/ (gitignored)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from conftest import make_adapter_file
+
+from sdlora.base import load_base
+
+ARTIFACTS = Path(__file__).parents[1] / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TIMEOUT_MS = 120_000  # per wait; a generation on a busy CPU can take a while
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The app serving two adapters (`style`, `detail`) on a free local port."""
+    from sdlora.ui.app import build_app, launch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny model gains nothing from threads on a busy 2-core box
+    root = tmp_path_factory.mktemp("ui-e2e")
+    adapters = root / "adapters"
+    adapters.mkdir()
+    make_adapter_file(lambda: load_base("tiny"), adapters / "style.safetensors", seed=1)
+    make_adapter_file(lambda: load_base("tiny"), adapters / "detail.safetensors", rank=2, seed=2)
+    (root / "datasets").mkdir()
+    app = build_app("tiny", adapters, root / "datasets", root / "outputs", device="cpu")
+    port = free_port()
+    launch(app, host="127.0.0.1", port=port, block=False)
+    yield {"url": f"http://127.0.0.1:{port}/", "root": root, "outputs": root / "outputs"}
+    app.close()
+    torch.set_num_threads(threads)
+
+
+def pick(page, dropdown: str, option: str) -> None:
+    page.click(f"{dropdown} input")
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium)")
+def test_browser_mix_generate_export(server):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(server["url"])
+
+            # two adapters into the mix, each with its own strength
+            for slot, (name, strength) in enumerate([("style", "0.8"), ("detail", "0.35")]):
+                pick(page, "#adapter-pick", name)
+                page.click("#add-adapter")
+                box = page.locator(f"#strength-{slot} input[type=number]")
+                box.wait_for(state="visible")
+                box.fill(strength)
+                box.press("Enter")
+            assert page.locator("#meta-1").inner_text().startswith("rank 2")
+
+            page.locator("#prompt").get_by_role("textbox").fill("a red circle on the left")
+            steps = page.locator("#steps input[type=number]")
+            steps.fill("2")
+            steps.press("Enter")
+            page.click("#generate")
+            page.locator("#gallery img").first.wait_for(state="visible")
+            sync_api.expect(page.locator("#mix-status")).to_contain_text("style 0.8, detail 0.35")
+            images = list((server["outputs"] / "images").glob("*.png"))
+            assert len(images) == 1
+            page.screenshot(path=str(ARTIFACTS / "ui-mix.png"), full_page=True)
+
+            # export the same mix as a single-file checkpoint
+            page.get_by_role("tab", name="Export").click()
+            page.get_by_label("single file (A1111 / ComfyUI checkpoint)").check()
+            page.locator("#export-name").get_by_role("textbox").fill("e2e-mix")
+            page.click("#export")
+            sync_api.expect(page.locator("#export-status")).to_contain_text(
+                "Wrote", timeout=TIMEOUT_MS
+            )
+            assert (server["outputs"] / "exports" / "e2e-mix.safetensors").is_file()
+            page.screenshot(path=str(ARTIFACTS / "ui-export.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def test_api_refuses_path_escapes_and_foreign_uploads(server, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    client = Client(server["url"], verbose=False)
+    assert {"/generate", "/export", "/inspect", "/upload_adapter"} <= set(
+        client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    )
+    secret = server["root"] / "secret.safetensors"  # beside the adapters folder, not in it
+    shutil.copy(server["root"] / "adapters" / "style.safetensors", secret)
+    escapes = ["../secret", "../../etc/passwd", str(secret), "/etc/passwd", "a/../../secret"]
+    for name in escapes:
+        with pytest.raises(AppError):
+            client.predict("x", {name: 1.0}, steps=1, api_name="/generate")
+        with pytest.raises(AppError):
+            client.predict(name, api_name="/inspect")
+    for name in ["../evil", "/tmp/evil", "sub/evil", ".hidden"]:
+        with pytest.raises(AppError):
+            client.predict({}, "lora", name=name, api_name="/export")
+    for base in ["/etc", "../adapters", str(server["root"])]:
+        with pytest.raises(AppError):
+            client.predict("x", {}, steps=1, base=base, api_name="/generate")
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not an adapter")
+    fake = tmp_path / "fake.safetensors"
+    fake.write_bytes(os.urandom(64))
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"\x80\x04K\x01.")
+    for upload in (text, fake, pickle):
+        with pytest.raises(AppError):
+            client.predict(handle_file(str(upload)), api_name="/upload_adapter")
+    assert sorted(p.name for p in (server["root"] / "adapters").iterdir()) == [
+        "detail.safetensors",
+        "style.safetensors",
+    ]
+    assert not list(server["outputs"].rglob("*evil*"))
+
+    # nothing outside the outputs folder is served as a file
+    for path in ["/etc/passwd", str(secret), f"{server['outputs']}/../secret.safetensors"]:
+        response = httpx.get(f"{server['url']}gradio_api/file={path}")
+        assert response.status_code in (403, 404), path
