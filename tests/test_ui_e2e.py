@@ -37,23 +37,28 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """The app serving two adapters (`style`, `detail`) on a free local port."""
+    """The app serving two adapters (`style`, `detail`) and a dataset (`shapes`) locally."""
     from sdlora.ui.app import build_app, launch
 
-    threads = torch.get_num_threads()
+    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)  # the tiny model gains nothing from threads on a busy 2-core box
+    os.environ["OMP_NUM_THREADS"] = "1"  # nor does the training child process
     root = tmp_path_factory.mktemp("ui-e2e")
     adapters = root / "adapters"
     adapters.mkdir()
     make_adapter_file(lambda: load_base("tiny"), adapters / "style.safetensors", seed=1)
     make_adapter_file(lambda: load_base("tiny"), adapters / "detail.safetensors", rank=2, seed=2)
-    (root / "datasets").mkdir()
+    shutil.copytree(Path(__file__).parents[1] / "samples" / "style", root / "datasets" / "shapes")
     app = build_app("tiny", adapters, root / "datasets", root / "outputs", device="cpu")
     port = free_port()
     launch(app, host="127.0.0.1", port=port, block=False)
     yield {"url": f"http://127.0.0.1:{port}/", "root": root, "outputs": root / "outputs"}
     app.close()
     torch.set_num_threads(threads)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS")
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
 
 
 def pick(page, dropdown: str, option: str) -> None:
@@ -103,6 +108,21 @@ def test_browser_mix_generate_export(server):
             )
             assert (server["outputs"] / "exports" / "e2e-mix.safetensors").is_file()
             page.screenshot(path=str(ARTIFACTS / "ui-export.png"), full_page=True)
+
+            # train one step on the dataset; the new adapter shows up in the Mix tab's list
+            page.get_by_role("tab", name="Train").click()
+            pick(page, "#dataset", "shapes")
+            page.locator("#train-name").get_by_role("textbox").fill("fresh")
+            page.locator("#train-steps").get_by_role("spinbutton").fill("1")
+            page.locator("#resolution").get_by_role("spinbutton").fill("64")
+            page.click("#train-start")
+            sync_api.expect(page.locator("#train-status")).to_contain_text(
+                "Done", timeout=4 * TIMEOUT_MS
+            )
+            assert (server["root"] / "adapters" / "fresh.safetensors").is_file()
+            page.screenshot(path=str(ARTIFACTS / "ui-train.png"), full_page=True)
+            page.get_by_role("tab", name="Mix").click()
+            pick(page, "#adapter-pick", "fresh")
         finally:
             browser.close()
 
@@ -130,6 +150,10 @@ def test_api_refuses_path_escapes_and_foreign_uploads(server, tmp_path):
         with pytest.raises(AppError):
             client.predict("x", {}, steps=1, base=base, api_name="/generate")
 
+    def adapter_files() -> list[str]:
+        return sorted(p.name for p in (server["root"] / "adapters").iterdir())
+
+    before = adapter_files()
     text = tmp_path / "notes.txt"
     text.write_text("not an adapter")
     fake = tmp_path / "fake.safetensors"
@@ -139,10 +163,7 @@ def test_api_refuses_path_escapes_and_foreign_uploads(server, tmp_path):
     for upload in (text, fake, pickle):
         with pytest.raises(AppError):
             client.predict(handle_file(str(upload)), api_name="/upload_adapter")
-    assert sorted(p.name for p in (server["root"] / "adapters").iterdir()) == [
-        "detail.safetensors",
-        "style.safetensors",
-    ]
+    assert adapter_files() == before  # nothing was added
     assert not list(server["outputs"].rglob("*evil*"))
 
     # nothing outside the outputs folder is served as a file

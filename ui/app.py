@@ -206,7 +206,12 @@ def build_app(
                     x_dd = gr.Dropdown([], label="X adapter", elem_id="x-adapter")
                     x_vals = gr.Textbox("0, 0.25, 0.5, 0.75, 1", label="X strengths")
                 with gr.Row():
-                    y_dd = gr.Dropdown([NO_SECOND], value=NO_SECOND, label="Y adapter (optional)")
+                    y_dd = gr.Dropdown(
+                        [NO_SECOND],
+                        value=NO_SECOND,
+                        label="Y adapter (optional)",
+                        elem_id="y-adapter",
+                    )
                     y_vals = gr.Textbox("0, 0.5, 1", label="Y strengths")
                 compare_btn = gr.Button("Make grid", variant="primary", elem_id="compare")
                 grid_img = gr.Image(label="Grid", type="filepath", format="png", elem_id="grid")
@@ -250,25 +255,34 @@ def build_app(
                     "appears in the Mix tab. Stop keeps the last checkpoint: tick resume to go on."
                 )
                 with gr.Row():
-                    dataset_dd = gr.Dropdown(h.list_datasets(ctx), label="Dataset folder", scale=3)
+                    dataset_dd = gr.Dropdown(
+                        h.list_datasets(ctx), label="Dataset folder", scale=3, elem_id="dataset"
+                    )
                     refresh_data = gr.Button("Refresh", size="sm", scale=1, min_width=80)
-                    train_name = gr.Textbox(label="Adapter name (default: the folder's name)")
+                    train_name = gr.Textbox(
+                        label="Adapter name (default: the folder's name)", elem_id="train-name"
+                    )
                     trigger = gr.Textbox(label="Trigger word (optional)")
                 with gr.Row():
                     rank = gr.Slider(1, 128, value=8, step=1, label="Rank")
                     nonlinearity = gr.Dropdown(
                         list(NONLINEARITIES), value="identity", label="Nonlinearity"
                     )
-                    train_steps = gr.Number(200, precision=0, label="Steps")
+                    train_steps = gr.Number(200, precision=0, label="Steps", elem_id="train-steps")
                     lr = gr.Number(1e-4, label="Learning rate")
                 with gr.Row():
-                    resolution = gr.Number(512, precision=0, step=64, label="Resolution")
+                    resolution = gr.Number(
+                        512, precision=0, step=64, label="Resolution", elem_id="resolution"
+                    )
                     batch_size = gr.Slider(1, 16, value=1, step=1, label="Batch size")
                     train_seed = gr.Number(0, precision=0, label="Seed")
                     train_te = gr.Checkbox(False, label="Also train the text encoder")
                 with gr.Row():
                     sample_every = gr.Number(
-                        0, precision=0, label="Sample every N steps (0 = never)"
+                        0,
+                        precision=0,
+                        label="Sample every N steps (0 = never)",
+                        elem_id="sample-every",
                     )
                     sample_prompt = gr.Textbox(label="Sample prompt (default: a training caption)")
                     resume = gr.Checkbox(False, label="Resume the last run of this name")
@@ -286,7 +300,9 @@ def build_app(
             # ------------------------------------------------------------ Inspect
             with gr.Tab("Inspect", id="inspect"):
                 with gr.Row():
-                    inspect_dd = gr.Dropdown(h.list_adapters(ctx), label="Adapter", scale=4)
+                    inspect_dd = gr.Dropdown(
+                        h.list_adapters(ctx), label="Adapter", scale=4, elem_id="inspect-pick"
+                    )
                     inspect_btn = gr.Button("Inspect", scale=1, elem_id="inspect")
                 inspect_out = gr.Code(label="sdlora inspect", language=None, elem_id="inspect-out")
 
@@ -351,7 +367,8 @@ def build_app(
         def on_upload(upload: str) -> tuple:
             name = h.upload_adapter(ctx, upload)
             names = h.list_adapters(ctx)
-            return gr.Dropdown(choices=names, value=name), f"Uploaded **{name}**; press Add to mix."
+            note = f"Uploaded **{name}**; press Add to mix."
+            return gr.Dropdown(choices=names, value=name), gr.Dropdown(choices=names), note
 
         def on_remove(index: int) -> Callable:
             @guard
@@ -512,7 +529,7 @@ def build_app(
                     break
                 last = status.messages[-1] if status.messages else "loading the base"
                 text = f"step {status.step} of {status.total} · {last}"
-                yield plot, str(sample) if sample else None, text, gr.Dropdown()
+                yield plot, str(sample) if sample else None, text, gr.Dropdown(), gr.Dropdown()
                 time.sleep(1.0)
             if status.error:
                 raise SdloraError(status.error)
@@ -524,6 +541,7 @@ def build_app(
                 plot,
                 str(sample) if sample else None,
                 text,
+                gr.Dropdown(choices=h.list_adapters(ctx)),
                 gr.Dropdown(choices=h.list_adapters(ctx)),
             )
 
@@ -558,7 +576,7 @@ def build_app(
         upload_btn.upload(
             on_upload,
             upload_btn,
-            [adapter_dd, mix_status],
+            [adapter_dd, inspect_dd, mix_status],
             api_name="upload_adapter",
             concurrency_limit=None,
         )
@@ -610,7 +628,7 @@ def build_app(
                 resume,
                 train_overwrite,
             ],
-            [loss_plot, sample_img, train_status, adapter_dd],
+            [loss_plot, sample_img, train_status, adapter_dd, inspect_dd],
             concurrency_id=GPU,
             api_visibility="private",
         )
