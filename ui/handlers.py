@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..base import BUILTIN
 from ..errors import SdloraError
 from ..export import export_diffusers, export_single_file, parse_dtype
 from ..files import load_adapter, save_adapter
@@ -64,19 +65,19 @@ class Context:
 
 
 def base_choices(ctx: Context) -> list[str]:
-    """The bases a visitor may pick: the app's base, `tiny`, and diffusers folders exported here."""
+    """The bases a visitor may pick: the app's base, the built-in ones, and folders exported here."""
     exported = [
         f"exports/{name}"
         for name in paths.list_folders(ctx.outputs / "exports")
         if (ctx.outputs / "exports" / name / "model_index.json").is_file()
     ]
-    return list(dict.fromkeys([ctx.base, "tiny", *exported]))
+    return list(dict.fromkeys([ctx.base, *BUILTIN, *exported]))
 
 
 def resolve_base(ctx: Context, choice: str) -> str:
     """A base choice -> what `load_base` takes; anything not on the list is refused."""
     choice = choice or ctx.base
-    if choice in (ctx.base, "tiny"):
+    if choice in (ctx.base, *BUILTIN):
         return choice
     path = paths.inside(ctx.outputs, choice, "base")
     if not (path / "model_index.json").is_file():
