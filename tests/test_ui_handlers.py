@@ -298,3 +298,12 @@ def test_training_job_stops_on_request(ctx):
     assert status.error is None
     assert not (ctx.adapters / "stopped.safetensors").exists()
     assert os.path.isdir(ctx.outputs) and "stopped" not in h.list_adapters(ctx)
+
+
+def test_ui_command_is_local_and_private_by_default():
+    from sdlora.cli import build_parser
+
+    args = build_parser().parse_args(["ui"])
+    assert (args.host, args.port, args.share, args.base) == ("127.0.0.1", 7860, False, "tiny")
+    args = build_parser().parse_args(["ui", "--host", "0.0.0.0", "--share", "--outputs", "o"])
+    assert (args.host, args.share, args.outputs) == ("0.0.0.0", True, "o")
