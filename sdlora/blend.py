@@ -1,14 +1,16 @@
 """Blending: several adapters on one pipeline, each with a strength, exact and instant.
 
-A strength change touches only the layers of that adapter and rebuilds their fused weights from
-the pristine W0 in fp32 (`LoRALayer.fuse`): no file is read again, no module rebuilt, and after any
-number of changes the weights equal one fresh fuse. Linear adapters are fused (no per-step cost);
-nonlinear ones run unfused inside the layers.
+A strength change rebuilds the fused weights of that adapter's layers from the pristine W0 in fp32,
+batched over layers of one shape (`fusion.Plan`, kept until what is fused where changes): no file
+is read again, no module rebuilt, one host sync, and after any number of changes the weights equal
+one fresh fuse. Linear adapters are fused (no per-step cost); nonlinear ones run unfused inside the
+layers with their factors cached in the activations' dtype.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from diffusers import StableDiffusionPipeline
 from .adapter import Adapter, resolve
 from .errors import SdloraError
 from .files import load_adapter
+from .fusion import Plan
 from .inject import unwrap_all, wrap
 from .layer import LoRALayer, LoRAWeights, max_rank
 
@@ -47,6 +50,7 @@ class Mixer:
     def __init__(self, pipe: StableDiffusionPipeline):
         self.pipe = pipe
         self.entries: dict[str, Entry] = {}
+        self._plan: Plan | None = None  # fused groups; None after a change of what is fused where
 
     @property
     def models(self) -> dict[str, torch.nn.Module]:
@@ -100,12 +104,13 @@ class Mixer:
                 layers.append(layer)
             entry = Entry(adapter, layers, float(strength), True, fuse, unmatched)
             self.entries[name] = entry
-            self._refresh(entry)
+            self._refresh(entry, restructure=True)
         except BaseException:
             for layer in layers:
                 if name in layer.strengths:
-                    layer.remove(name)
+                    layer.remove(name, refuse=False)
             self.entries.pop(name, None)
+            self._refuse_all(layers)
             raise
         return name
 
@@ -115,26 +120,49 @@ class Mixer:
             raise SdloraError(f"no adapter named {name!r} is loaded (loaded: {known})")
         return self.entries[name]
 
-    def _refresh(self, entry: Entry) -> None:
-        """Push the entry's effective strength into its layers and refuse where it is fused."""
+    def _layers(self) -> list[LoRALayer]:
+        return list(dict.fromkeys(layer for e in self.entries.values() for layer in e.layers))
+
+    def _refuse_all(self, released: list[LoRALayer] = ()) -> None:
+        """Rebuild the plan from what is fused where now and write every layer's weight.
+
+        `released`: layers an adapter just left, which get W0 back if nothing is fused there.
+        """
+        Plan([layer for layer in released if not layer.fused]).apply()
+        self._plan = Plan(self._layers())
+        self._plan.apply()
+
+    def _refresh(self, entry: Entry, restructure: bool = False) -> None:
+        """Push the entry's effective strength (and fused switch) into its layers' weights."""
         name = next(n for n, e in self.entries.items() if e is entry)
         for layer in entry.layers:
             layer.strengths[name] = entry.effective
-            if entry.fused or name in layer.fused:
-                fused = {n for n in layer.fused if n != name}
+            if entry.fused != (name in layer.fused):
+                restructure = True
                 if entry.fused:
-                    fused.add(name)
-                layer.fuse(fused)
+                    layer.fused.add(name)
+                else:
+                    layer.fused.discard(name)
+        if restructure or self._plan is None:
+            self._refuse_all()
+        elif entry.fused:
+            self._plan.apply(only=name)
 
     def set_strength(self, name: str, strength: float) -> None:
         """Set one adapter's strength (any float; 0 = base, 1 = as trained)."""
         entry = self._get(name)
         strength = float(strength)
-        if not torch.isfinite(torch.tensor(strength)):
+        if not math.isfinite(strength):
             raise SdloraError(f"strength for {name!r} must be a finite number")
         if strength != entry.strength:
-            entry.strength = strength
-            self._refresh(entry)
+            previous, entry.strength = entry.strength, strength
+            try:
+                self._refresh(entry)
+            except SdloraError:  # nothing was written: put the old strength back everywhere
+                entry.strength = previous
+                for layer in entry.layers:
+                    layer.strengths[name] = entry.effective
+                raise
 
     def set_strengths(self, strengths: dict[str, float]) -> None:
         """Set several strengths at once."""
@@ -161,8 +189,9 @@ class Mixer:
         """Detach an adapter; when none is left the base modules are put back exactly."""
         entry = self._get(name)
         for layer in entry.layers:
-            layer.remove(name)
+            layer.remove(name, refuse=False)
         del self.entries[name]
+        self._refuse_all(entry.layers)
         if not self.entries:
             for model in self.models.values():
                 unwrap_all(model)

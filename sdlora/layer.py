@@ -76,6 +76,7 @@ class LoRAWeights(nn.Module):
         self.act = make_nonlinearity(nonlinearity)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv = conv  # None for Linear; stride/padding/dilation of the base Conv2d
+        self._frozen: tuple | None = None  # inference copy of the factors, see frozen_factors
 
     @property
     def rank(self) -> int:
@@ -106,6 +107,27 @@ class LoRAWeights(nn.Module):
             return self.scale * F.linear(self.act(h), self.up)
         h = F.conv2d(x, self.down, **self.conv)
         return self.scale * F.conv2d(self.act(h), self.up)
+
+    @property
+    def frozen(self) -> bool:
+        return not (self.down.requires_grad or self.up.requires_grad)
+
+    def frozen_factors(self, dtype: torch.dtype, strength: float) -> tuple[torch.Tensor, ...]:
+        """(down, strength·s·up) in `dtype`, cached until the strength or the factors change."""
+        key = (dtype, strength, self.down._version, self.up._version)
+        if self._frozen is None or self._frozen[0] != key:
+            up = (strength * self.scale) * self.up.detach().float()
+            self._frozen = (key, self.down.detach().to(dtype), up.to(dtype))
+        return self._frozen[1:]
+
+    def apply_frozen(self, x: torch.Tensor, strength: float) -> torch.Tensor:
+        """strength · s · B · σ(A · x) for inference: x's dtype, the scales folded into B."""
+        down, up = self.frozen_factors(x.dtype, strength)
+        if self.training:
+            x = self.dropout(x)
+        if self.conv is None:
+            return F.linear(self.act(F.linear(x, down)), up)
+        return F.conv2d(self.act(F.conv2d(x, down, **self.conv)), up)
 
 
 def _key(name: str) -> str:
@@ -158,51 +180,48 @@ class LoRALayer(nn.Module):
         """(adapter name, its weights here), in the order they were added."""
         return [(_name(k), w) for k, w in self.adapters.items()]
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: str, refuse: bool = True) -> None:
+        """Detach adapter `name`; if it was fused, rebuild the weight (unless `refuse` is False)."""
+        was_fused = name in self.fused
+        self.fused.discard(name)
         del self.adapters[_key(name)]
         del self.strengths[name]
-        if name in self.fused:
-            self.fuse([n for n in self.fused if n != name])
+        if was_fused and refuse:
+            self.fuse(self.fused)
 
     def fuse(self, names: list[str] | set[str]) -> None:
         """Make base.weight = W0 + Σ strength·ΔW over `names` (linear adapters), from pristine W0."""
-        wanted = set(names)
-        names = [n for n, _ in self.items() if n in wanted]
-        if not names and self.pristine is None:
-            self.fused = set()
-            return
-        weight = self.base.weight
-        if self.pristine is None:
-            self.pristine = weight.detach().clone()
-        merged = self.pristine.float()
+        from .fusion import Plan
+
+        names = set(names)
         for name in names:
-            strength = self.strengths[name]
-            if strength != 0.0:
-                merged = merged + strength * self.get(name).delta_weight().to(merged.device)
-        if not torch.isfinite(merged).all():
-            raise SdloraError(f"fusing {', '.join(names)} gives non-finite weights")
-        with torch.no_grad():
-            weight.copy_(merged.to(weight.dtype))
-        self.fused = set(names)
-        if not names:
-            self.pristine = None  # weight is W0 again, bit for bit
+            if not self.get(name).is_linear:
+                raise SdloraError(
+                    f"adapter {name!r} has nonlinearity {self.get(name).nonlinearity!r} and "
+                    "cannot be fused; it can only run unfused"
+                )
+        self.fused = names
+        Plan([self]).apply()
 
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W0 + Σ strength·ΔW over every linear adapter, fused or not, computed from W0 in fp32."""
-        w0 = self.pristine if self.pristine is not None else self.base.weight.detach()
-        merged = w0.float()
-        for name, weights in self.items():
-            strength = self.strengths[name]
-            if strength != 0.0:
-                merged = merged + strength * weights.delta_weight().to(merged.device)
-        return merged.to(dtype or w0.dtype)
+        from .fusion import merged_weight
+
+        names = [n for n, w in self.items() if w.is_linear and self.strengths[n] != 0.0]
+        w0 = self.pristine if self.pristine is not None else self.base.weight
+        return merged_weight(self, names, dtype or w0.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if len(self.fused) == len(self.adapters):
+            return y  # everything is in the weight
         for key, weights in self.adapters.items():
             name = _name(key)
             strength = self.strengths[name]
             if name in self.fused or strength == 0.0:
                 continue
-            y = y + (strength * weights(x)).to(y.dtype)
+            if weights.frozen:  # inference: factors cached in the activations' dtype
+                y = y + weights.apply_frozen(x.to(y.dtype), strength)
+            else:  # training: fp32 factors with gradients
+                y = y + (strength * weights(x)).to(y.dtype)
         return y

@@ -109,3 +109,39 @@ def test_unknown_name_and_duplicates(tiny, two_files):
         mixer.set_strength("zzz", 1.0)
     with pytest.raises(SdloraError, match="finite"):
         mixer.set_strength("a", float("nan"))
+
+
+def test_mixed_coverage_fused_matches_per_layer_merge(tiny, inputs, tmp_path):
+    """Adapters on different module sets and ranks: the batched fuse equals each layer's merge."""
+    factory = lambda: load_base("tiny")  # noqa: E731
+    a, _ = make_adapter_file(factory, tmp_path / "a.safetensors", seed=1, text_encoder=False)
+    b, _ = make_adapter_file(factory, tmp_path / "b.safetensors", rank=2, seed=2, targets="all")
+    mixer = Mixer(tiny)
+    mixer.add(a, strength=0.6)
+    mixer.add(b, strength=-1.3)
+    mixer.set_strength("a", 0.25)
+    layers = [m for c in (tiny.unet, tiny.text_encoder) for m in c.modules()]
+    layers = [m for m in layers if isinstance(m, LoRALayer)]
+    assert len({len(m.fused) for m in layers}) == 2  # some layers hold both adapters, some one
+    for layer in layers:
+        torch.testing.assert_close(layer.base.weight, layer.merged_weight(), atol=1e-6, rtol=0)
+    fused = run_unet(tiny, inputs), run_text(tiny, inputs)
+    mixer.set_fused("a", False)
+    mixer.set_fused("b", False)  # unfused: cached inference factors with the strength folded in
+    torch.testing.assert_close(run_unet(tiny, inputs), fused[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(run_text(tiny, inputs), fused[1], atol=1e-5, rtol=0)
+    mixer.set_strength("b", 0.5)  # the cache follows the strength
+    unfused = run_unet(tiny, inputs)
+    mixer.set_fused("b", True)
+    torch.testing.assert_close(run_unet(tiny, inputs), unfused, atol=1e-5, rtol=0)
+
+
+def test_non_finite_fuse_is_refused_and_nothing_written(tiny, two_files):
+    mixer = Mixer(tiny)
+    mixer.add(two_files[0], strength=0.5)
+    before = weights(tiny)
+    with pytest.raises(SdloraError, match="non-finite weights"):
+        mixer.set_strength("a", 1e39)  # a finite float, but not in fp32 weights
+    after = weights(tiny)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert mixer.strengths() == {"a": 0.5}
