@@ -14,10 +14,11 @@ from pathlib import Path
 
 from .errors import SdloraError
 
-DEFAULT_BASE = "tiny"
+DEFAULT_BASE = "toy"
 BASE_HELP = (
-    "base model: 'tiny' (built in), a diffusers model folder, or a single .safetensors "
-    "checkpoint in the original SD layout (default: %(default)s)"
+    "base model: 'toy' (built in, pretrained on the toy world, 64 px), 'tiny' (built in, random "
+    "weights, for tests), a diffusers model folder, or a single .safetensors checkpoint in the "
+    "original SD layout (default: %(default)s)"
 )
 
 

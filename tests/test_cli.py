@@ -34,6 +34,8 @@ def test_generate_writes_png_with_recipe(tmp_path, capsys):
     out = tmp_path / "img.png"
     args = [
         "generate",
+        "--base",
+        "tiny",
         "--prompt",
         "a red circle",
         "--steps",
@@ -64,6 +66,8 @@ def test_export_then_generate_from_export(tmp_path, inputs):
         main(
             [
                 "export",
+                "--base",
+                "tiny",
                 "--lora",
                 f"{lora}:0.7",
                 "--out",
@@ -77,7 +81,22 @@ def test_export_then_generate_from_export(tmp_path, inputs):
         == 0
     )
     folder = tmp_path / "merged"
-    assert main(["export", "--lora", f"{lora}:0.7", "--out", str(folder), "--dtype", "fp32"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--base",
+                "tiny",
+                "--lora",
+                f"{lora}:0.7",
+                "--out",
+                str(folder),
+                "--dtype",
+                "fp32",
+            ]
+        )
+        == 0
+    )
     torch.testing.assert_close(
         run_unet(load_base(str(single)), inputs),
         run_unet(load_base(str(folder)), inputs),

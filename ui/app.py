@@ -82,7 +82,7 @@ def _sync(session: Session, base: str, values: tuple) -> Session:
 
 
 def build_app(
-    base: str = "tiny",
+    base: str = "toy",
     adapters_dir: str | Path = "adapters",
     datasets_dir: str | Path = "samples",
     outputs_dir: str | Path = "outputs",

@@ -25,9 +25,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--base",
-        default="tiny",
-        help="base model: 'tiny' (built in), a diffusers model folder, or a single .safetensors "
-        "checkpoint (default: %(default)s)",
+        default="toy",
+        help="base model: 'toy' (built in, pretrained), 'tiny' (built in, random weights), a "
+        "diffusers model folder, or a single .safetensors checkpoint (default: %(default)s)",
     )
     p.add_argument(
         "--adapters", default="adapters", metavar="DIR", help="adapter files (default: %(default)s)"
