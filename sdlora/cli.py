@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -84,6 +85,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         or (args.device is None and torch.cuda.is_available())
         else None
     )
+    sweep = parse_sweep(args.sweep, args.lora) if args.sweep else None
     pipe, mixer = load_mix(args, dtype=dtype)
     settings = GenerateSettings(
         prompt=args.prompt,
@@ -97,12 +99,49 @@ def cmd_generate(args: argparse.Namespace) -> int:
         num_images=args.num_images,
         adapters=mixer.strengths(),
     )
+    if sweep:
+        print(sweep_grid(pipe, mixer, settings, sweep, out))
+        return 0
     images = generate(pipe, settings)
     for i, image in enumerate(images):
         path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
         save_png(image, path, settings, i)
         print(path)
     return 0
+
+
+def parse_sweep(text: str, loras: list[str]) -> list[float]:
+    """'0,0.5,1' -> [0.0, 0.5, 1.0]; a sweep needs a --lora to vary."""
+    if not loras:
+        raise SdloraError("--sweep varies the strength of the last --lora; give one with --lora")
+    try:
+        strengths = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SdloraError(
+            f"--sweep {text!r}: give strengths separated by commas, e.g. 0,0.5,1"
+        ) from None
+    if not strengths or not all(math.isfinite(s) for s in strengths):
+        raise SdloraError(f"--sweep {text!r}: give finite strengths separated by commas")
+    return strengths
+
+
+def sweep_grid(pipe, mixer, settings, strengths: list[float], out: Path) -> Path:
+    """The same seeds at each strength of the last adapter: one labelled grid PNG."""
+    from .generate import generate, save_png
+    from .grid import labelled_grid
+
+    name = list(mixer.entries)[-1]
+    columns = []
+    for strength in strengths:
+        mixer.set_strength(name, strength)
+        columns.append(generate(pipe, settings))
+    settings.adapters = mixer.strengths()
+    settings.sweep = {name: strengths}
+    rows = [[column[i] for column in columns] for i in range(settings.num_images)]
+    labels = [f"{s:g}" for s in strengths]
+    seeds = [f"seed {settings.seed + i}" for i in range(settings.num_images)]
+    grid = labelled_grid(rows, labels, seeds if len(rows) > 1 else [""], f"{name} strength")
+    return save_png(grid, out, settings)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -176,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="images to draw; more than one adds -0, -1 ... to the name",
+    )
+    p.add_argument(
+        "--sweep",
+        metavar="S1,S2,...",
+        help="draw the same image at each of these strengths of the last --lora and save them "
+        "side by side, labelled, as one grid (e.g. 0,0.5,1)",
     )
     p.add_argument("--out", required=True, metavar="FILE.png", help="where to save the image")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")

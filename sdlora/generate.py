@@ -45,6 +45,7 @@ class GenerateSettings:
     scheduler: str = "pndm"
     num_images: int = 1
     adapters: dict[str, float] = field(default_factory=dict)  # name -> strength, for the record
+    sweep: dict[str, list[float]] = field(default_factory=dict)  # grid columns: name -> strengths
 
 
 def native_size(pipe: StableDiffusionPipeline) -> int:
@@ -127,13 +128,19 @@ def png_info(settings: GenerateSettings, index: int = 0) -> PngImagePlugin.PngIn
     """PNG text chunks: an A1111-style `parameters` line and the full settings as JSON."""
     info = PngImagePlugin.PngInfo()
     record = asdict(settings) | {"seed": settings.seed + index, "num_images": 1}
-    loras = " ".join(f"<lora:{n}:{s:g}>" for n, s in settings.adapters.items())
+    loras = " ".join(
+        f"<lora:{n}:{s:g}>" for n, s in settings.adapters.items() if n not in settings.sweep
+    )
     info.add_text(
         "parameters",
         f"{settings.prompt} {loras}".strip()
         + (f"\nNegative prompt: {settings.negative_prompt}" if settings.negative_prompt else "")
         + f"\nSteps: {settings.steps}, Sampler: {settings.scheduler}, CFG scale: {settings.guidance}, "
-        f"Seed: {settings.seed + index}",
+        f"Seed: {settings.seed + index}"
+        + "".join(
+            f", Sweep: {n} strength {', '.join(f'{v:g}' for v in vs)}"
+            for n, vs in settings.sweep.items()
+        ),
     )
     info.add_text("sdlora", json.dumps(record))
     return info

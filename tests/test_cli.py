@@ -156,3 +156,43 @@ def test_no_traceback_from_the_real_command(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"sdlora: {tmp_path / 'none.safetensors'}: no such file"
+
+
+def test_generate_sweep_grid_holds_base_at_strength_zero(tmp_path):
+    """--sweep 0,1: one labelled grid; its strength-0 cell is exactly the base image."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    lora, _ = make_adapter_file(lambda: load_base("tiny"), tmp_path / "ink.safetensors")
+    common = ["generate", "--base", "tiny", "--prompt", "a red circle", "--steps", "2"]
+    common += ["--seed", "3", "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "base.png")]) == 0
+    grid_path = tmp_path / "grid.png"
+    assert main([*common, "--lora", str(lora), "--sweep", "0,1", "--out", str(grid_path)]) == 0
+    base = np.asarray(Image.open(tmp_path / "base.png").convert("RGB"))
+    grid_image = Image.open(grid_path)
+    record = json.loads(grid_image.text["sdlora"])
+    assert record["sweep"] == {"ink": [0.0, 1.0]}
+    assert "Sweep: ink strength 0, 1" in grid_image.text["parameters"]
+    grid = np.asarray(grid_image.convert("RGB"))
+    h, w = base.shape[:2]
+    assert grid.shape[1] >= 2 * w
+    hits = [
+        (y, x)
+        for y in range(grid.shape[0] - h + 1)
+        for x in range(grid.shape[1] - w + 1)
+        if np.array_equal(grid[y : y + h, x : x + w], base)
+    ]
+    assert len(hits) == 1 and hits[0][1] < w  # the first column, and only there
+
+
+def test_sweep_needs_a_lora_and_numbers(tmp_path, capsys):
+    args = ["generate", "--base", "tiny", "--prompt", "x", "--out", str(tmp_path / "g.png")]
+    assert main([*args, "--sweep", "0,1"]) == 2
+    assert "--sweep varies the strength of the last --lora" in capsys.readouterr().err
+    lora, _ = make_adapter_file(lambda: load_base("tiny"), tmp_path / "ink.safetensors")
+    assert main([*args, "--lora", str(lora), "--sweep", "0,half"]) == 2
+    assert "give strengths separated by commas" in capsys.readouterr().err
+    assert not (tmp_path / "g.png").exists()

@@ -23,10 +23,10 @@ from ..errors import SdloraError
 from ..export import export_diffusers, export_single_file, parse_dtype
 from ..files import load_adapter, save_adapter
 from ..generate import SCHEDULERS, GenerateSettings, generate, save_png
+from ..grid import labelled_grid
 from ..inspect import format_text, inspect_file
 from . import paths
 from .engine import Engine
-from .grid import labelled_grid
 from .merge import merge_exact
 from .state import Session
 from .training import TrainJob

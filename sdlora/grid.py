@@ -1,4 +1,4 @@
-"""Labelled image grids for the Compare tab: one row per Y value, one column per X value."""
+"""Labelled image grids (UI Compare tab, `sdlora generate --sweep`): rows of equal-sized cells."""
 
 from __future__ import annotations
 
