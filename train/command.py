@@ -12,7 +12,15 @@ import os
 import sys
 
 from ..errors import SdloraError
-from .config import FIELD_NAMES, LR_SCHEDULERS, MIXED_PRECISION, TrainConfig, load_config
+from .config import (
+    COMPILE_MIN_STEPS,
+    COMPILE_MODES,
+    FIELD_NAMES,
+    LR_SCHEDULERS,
+    MIXED_PRECISION,
+    TrainConfig,
+    load_config,
+)
 
 DESCRIPTION = """\
 Fine-tune a LoRA adapter on a folder of images and write OUTPUT/NAME.safetensors.
@@ -165,7 +173,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action=on_off,
         help="cache latents and text embeddings when possible (default: on)",
     )
-    g.add_argument("--workers", type=int, help=f"image-loading processes (default: {D.workers})")
+    g.add_argument(
+        "--workers",
+        type=int,
+        help="image-loading processes when latents are not cached (default: half the CPU "
+        "cores, at most 8)",
+    )
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, help=f"learning rate (default: {D.lr})")
@@ -190,6 +203,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--gradient-checkpointing", action=on_off, help="less memory, slower steps (default: off)"
+    )
+    g.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        help="torch.compile the UNet's repeated blocks; auto: on a GPU when the run is long "
+        f"enough to pay back the compile time, about {COMPILE_MIN_STEPS} steps per bucket "
+        "(default: auto)",
     )
     g.add_argument(
         "--min-snr-gamma",
@@ -237,6 +257,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--tensorboard", action=on_off, help="TensorBoard logs in OUTPUT/logs (default: on)"
+    )
+    g.add_argument(
+        "--log-every",
+        type=int,
+        metavar="N",
+        help=f"read and log losses every N steps; each read waits for the GPU (default: "
+        f"{D.log_every})",
     )
 
 

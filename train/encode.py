@@ -1,7 +1,8 @@
 """From pixels and captions to what the UNet takes: VAE latents and text embeddings, with caches.
 
 Cached latents are drawn from the VAE's posterior with a generator seeded per image, so a cache
-rebuilt after a resume holds exactly the same latents as the first one.
+rebuilt after a resume holds exactly the same latents as the first one. Caches live on the GPU
+when they fit in `GPU_CACHE_BYTES` (then a step copies nothing from the host), else on the CPU.
 """
 
 from __future__ import annotations
@@ -10,6 +11,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import BatchPlan, MicroBatches, derived_seed
+
+GPU_CACHE_BYTES = 2 * 2**30  # caches up to this size stay on the GPU
+
+
+def cache_device(device: torch.device, nbytes: int) -> torch.device:
+    """Where a cache of `nbytes` lives: the accelerator if it fits the budget, else the CPU."""
+    return device if device.type != "cpu" and nbytes <= GPU_CACHE_BYTES else torch.device("cpu")
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -35,11 +43,17 @@ def encode_pixels(vae, pixels: torch.Tensor, generator: torch.Generator | None) 
 
 
 class LatentCache:
-    """Item index -> (4, h, w) fp32 latent on the CPU, for every training image."""
+    """Item index -> (4, h, w) fp32 latent, for every training image."""
 
     def __init__(self, vae, dataset: MicroBatches, seed: int, show_progress: bool, chunk: int = 8):
         self.latents: dict[int, torch.Tensor] = {}
         plan: BatchPlan = dataset.plan
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        channels = vae.config.latent_channels
+        nbytes = sum(
+            4 * channels * (w // factor) * (h // factor) for w, h in (i.bucket for i in plan.items)
+        )
+        home = cache_device(vae.device, nbytes)
         by_bucket: dict[tuple[int, int], list[int]] = {}
         for index, item in enumerate(plan.items):
             by_bucket.setdefault(item.bucket, []).append(index)
@@ -56,26 +70,28 @@ class LatentCache:
                     mean, std = posterior.mean[row], posterior.std[row]
                     noise = torch.randn(mean.shape, generator=generator, device=mean.device)
                     latent = (mean + std * noise).float() * vae.config.scaling_factor
-                    self.latents[index] = latent.cpu()
+                    self.latents[index] = latent.to(home)
                 bar.update(len(part))
         bar.close()
 
     def get(self, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
-        return torch.stack([self.latents[int(i)] for i in indices]).to(device)
+        return torch.stack([self.latents[int(i)] for i in indices]).to(device, non_blocking=True)
 
 
 class TextCache:
-    """Caption -> (77, D) embedding on the CPU, for every caption a draw can give."""
+    """Caption -> (77, D) embedding, for every caption a draw can give."""
 
     def __init__(
         self, tokenizer, text_encoder, captions: list[str], device: torch.device, chunk: int = 32
     ):
         self.embeddings: dict[str, torch.Tensor] = {}
+        size = text_encoder.dtype.itemsize * tokenizer.model_max_length
+        home = cache_device(device, len(captions) * size * text_encoder.config.hidden_size)
         for start in range(0, len(captions), chunk):
             part = captions[start : start + chunk]
             encoded = encode_text(tokenizer, text_encoder, part, device)
             for caption, embedding in zip(part, encoded, strict=True):
-                self.embeddings[caption] = embedding.cpu()
+                self.embeddings[caption] = embedding.to(home)
 
     def get(self, captions: list[str], device: torch.device) -> torch.Tensor:
-        return torch.stack([self.embeddings[c] for c in captions]).to(device)
+        return torch.stack([self.embeddings[c] for c in captions]).to(device, non_blocking=True)

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import compute_snr
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -45,16 +45,27 @@ from .data import (
     possible_captions,
     with_trigger,
 )
-from .encode import LatentCache, TextCache, encode_pixels, encode_text
+from .encode import LatentCache, TextCache
 from .sample import sample_grid
+from .speed import speed_up, will_compile
+from .step import TrainStep
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_NAME = "training"  # the adapter's name inside each LoRALayer while training
 
 
-def train(config: TrainConfig) -> Path:
-    """Train a LoRA on `config.data_dir`; return the path of the adapter file written."""
+def train(
+    config: TrainConfig,
+    pipe: StableDiffusionPipeline | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> Path:
+    """Train a LoRA on `config.data_dir`; return the path of the adapter file written.
+
+    `pipe`: an already loaded base to train on instead of loading `config.base` (it is changed
+    in place: the adapter is injected and the weights cast). `on_step(step)` is called after
+    every optimizer step, without waiting for the GPU.
+    """
     config.check()
     accelerator = make_accelerator(config)
     main = accelerator.is_main_process
@@ -97,15 +108,17 @@ def train(config: TrainConfig) -> Path:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32
     )
-    pipe = load_base(config.base, device=accelerator.device, config=config.base_config)
+    if pipe is None:
+        pipe = load_base(config.base, device=accelerator.device, config=config.base_config)
+    else:
+        pipe.to(accelerator.device)
     if weight_dtype != torch.float32:
         # nn.Module.to: diffusers' own .to(dtype) warns about fp32 modules even when there are none
         torch.nn.Module.to(pipe.unet, dtype=weight_dtype)
         pipe.text_encoder.to(dtype=weight_dtype)
-        # the VAE stays fp32: SD VAEs overflow in fp16, and it only encodes (once) and samples
+        # the VAE stays fp32: SD VAEs overflow in fp16; in bf16 runs it encodes under autocast
     check_sides(pipe, plan)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    prediction_type = config.prediction_type or noise_scheduler.config.prediction_type
     init = torch.Generator().manual_seed(derived_seed(config.seed, "init"))
     lora_args = dict(
         rank=config.rank,
@@ -129,6 +142,12 @@ def train(config: TrainConfig) -> Path:
         if config.train_text_encoder:
             te = pipe.text_encoder  # transformers 5 renamed gradient_checkpointing_enable
             getattr(te, "activation_checkpointing_enable", te.gradient_checkpointing_enable)()
+    compiling = will_compile(
+        config.compile, accelerator.device, total_steps - 0, len(plan.by_bucket)
+    )
+    fast = speed_up(pipe.unet, accelerator.device, compiling, len(plan.by_bucket))
+    if main and fast:
+        logger.info("speed: %s", ", ".join(f"{k} {v}" for k, v in fast.items()))
 
     # --- optimizer and learning-rate schedule
     optimizer = make_optimizer(config, injected, accelerator.device)
@@ -141,7 +160,6 @@ def train(config: TrainConfig) -> Path:
     prepared = accelerator.prepare(*trained, optimizer)
     unet, optimizer = prepared[0], prepared[-1]
     text_encoder = prepared[1] if config.train_text_encoder else pipe.text_encoder
-    params = [p for group in optimizer.param_groups for p in group["params"]]
 
     step = 0
     if resume_from is not None:
@@ -158,12 +176,29 @@ def train(config: TrainConfig) -> Path:
         if config.caches_text and step < total_steps:
             captions = possible_captions(items, config)
             text_cache = TextCache(pipe.tokenizer, pipe.text_encoder, captions, accelerator.device)
+    train_step = TrainStep(
+        config,
+        accelerator,
+        pipe,
+        unet,
+        text_encoder,
+        noise_scheduler,
+        optimizer,
+        weight_dtype,
+        latent_cache,
+        text_cache,
+    )
 
+    workers = 0
+    if dataset.with_pixels:
+        workers = config.workers if config.workers is not None else default_workers()
     loader = DataLoader(
         dataset,
         batch_size=None,  # the dataset hands out whole micro-batches
         sampler=range(step * config.grad_accum, total_steps * config.grad_accum),
-        num_workers=config.workers if dataset.with_pixels else 0,
+        num_workers=workers,
+        pin_memory=dataset.with_pixels and accelerator.device.type == "cuda",
+        persistent_workers=workers > 0,
     )
     sample_prompts = config.sample_prompts or [with_trigger(items[0].caption, config.trigger)]
     writer = open_tensorboard(output, config) if main else None
@@ -179,114 +214,38 @@ def train(config: TrainConfig) -> Path:
     )
     for model in trained:
         model.train()  # LoRA dropout and gradient checkpointing act in training mode
-    step_loss = 0.0
+    micro_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses, on device
+    unread = LossLog(accelerator, output, writer, progress)
 
     for k, batch in enumerate(loader, start=step * config.grad_accum):
-        # Random draws of micro-step k come from (seed, k, process): resumes repeat them exactly.
-        generator = torch.Generator(accelerator.device).manual_seed(
-            derived_seed(config.seed, "noise", accelerator.process_index, k)
-        )
-        if config.dropout:
-            torch.manual_seed(derived_seed(config.seed, "dropout", accelerator.process_index, k))
-        with accelerator.accumulate(*trained):
-            # 1. encode: latents (B, 4, H/8, W/8)
-            if latent_cache is not None:
-                latents = latent_cache.get(batch["indices"], accelerator.device)
-            else:
-                with torch.no_grad():
-                    latents = encode_pixels(pipe.vae, batch["pixels"], generator)
-            # 2. noise, plus an optional per-channel offset (B, C, 1, 1)
-            noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-            if config.noise_offset:
-                offset = torch.randn(
-                    (*latents.shape[:2], 1, 1), generator=generator, device=latents.device
-                )
-                noise = noise + config.noise_offset * offset
-            # 3. timesteps, uniform over the training schedule: (B,)
-            timesteps = torch.randint(
-                0,
-                noise_scheduler.config.num_train_timesteps,
-                (latents.shape[0],),
-                generator=generator,
-                device=latents.device,
-            )
-            # 4. forward diffusion: x_t = sqrt(ᾱ_t)·x_0 + sqrt(1-ᾱ_t)·ε
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            # 5. condition: text embeddings (B, 77, D)
-            if text_cache is not None:
-                condition = text_cache.get(batch["captions"], accelerator.device)
-            else:
-                with torch.set_grad_enabled(config.train_text_encoder), accelerator.autocast():
-                    condition = encode_text(
-                        pipe.tokenizer, text_encoder, batch["captions"], accelerator.device
-                    )
-            # 6. predict
-            pred = unet(noisy.to(weight_dtype), timesteps, condition.to(weight_dtype)).sample
-            # 7. target by prediction type
-            if prediction_type == "epsilon":
-                target = noise
-            elif prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(latents, noise, timesteps)
-            else:
-                raise SdloraError(
-                    f"prediction type {prediction_type!r} is not supported; "
-                    "use --prediction-type epsilon or v_prediction"
-                )
-            # 8. loss, optionally min-SNR-γ weighted (Hang et al. 2023, eq. 8)
-            if config.min_snr_gamma:
-                snr = compute_snr(noise_scheduler, timesteps)  # (B,) = ᾱ_t / (1 - ᾱ_t)
-                clamped = snr.clamp(max=config.min_snr_gamma)
-                weight = clamped / (snr + 1) if prediction_type == "v_prediction" else clamped / snr
-                loss = F.mse_loss(pred.float(), target.float(), reduction="none")
-                loss = (loss.mean(dim=(1, 2, 3)) * weight).mean()
-            else:
-                loss = F.mse_loss(pred.float(), target.float())
-
-            losses = accelerator.gather(loss.detach().reshape(1))  # (processes,)
-            if not torch.isfinite(losses).all():
-                last = checkpoint.latest(output)
-                raise SdloraError(
-                    f"loss became {losses.tolist()} at step {step + 1}; training stopped. "
-                    + (
-                        f"The last good checkpoint is {last} (--resume continues from it). "
-                        if last
-                        else ""
-                    )
-                    + "Try a lower --lr, or --mixed-precision no"
-                )
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and config.max_grad_norm:
-                accelerator.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        step_loss += losses.mean().item() / config.grad_accum
+        micro_losses.append(train_step(batch, k))
         if not accelerator.sync_gradients:
             continue
 
         # --- one optimizer step done
         step += 1
+        unread.add(step, torch.stack(micro_losses).mean(), lr_scheduler.get_last_lr())
+        micro_losses = []
         lr_scheduler.step()
-        elapsed = time.perf_counter() - started
-        rate = (step - first_step) * images_per_step / max(elapsed, 1e-9)
-        lr = lr_scheduler.get_last_lr()[0]
-        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
         progress.update(1)
-        logger.debug("step %d: loss %.6f, lr %.3g", step, step_loss, lr)
-        if writer is not None:
-            writer.add_scalar("loss", step_loss, step)
-            for i, group_lr in enumerate(lr_scheduler.get_last_lr()):
-                writer.add_scalar(f"lr/{['unet', 'text_encoder'][i]}", group_lr, step)
-        step_loss = 0.0
+        if on_step is not None:
+            on_step(step)
 
         last_step = step == total_steps
-        if config.save_every and (step % config.save_every == 0 or last_step):
+        save = config.save_every and (step % config.save_every == 0 or last_step)
+        sample = config.sample_every and (step % config.sample_every == 0 or last_step)
+        if save or sample or last_step or step % config.log_every == 0:
+            # the only place the loop waits for the GPU: losses are checked before any save
+            rate = (step - first_step) * images_per_step / max(time.perf_counter() - started, 1e-9)
+            unread.read(rate)
+        if save:
             if main:
                 meta = adapter_metadata(config, plan, step, total_steps, targets, accelerator)
                 save_checkpoint(
                     output, step, config, injected, optimizer, lr_scheduler, accelerator, meta
                 )
             accelerator.wait_for_everyone()
-        if config.sample_every and (step % config.sample_every == 0 or last_step):
+        if sample:
             if main:
                 save_samples(
                     pipe, trained, sample_prompts, config, output, step, writer, accelerator
@@ -316,6 +275,61 @@ def train(config: TrainConfig) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return path
+
+
+class LossLog:
+    """Losses of the steps since the last read, kept on the device until `read()` fetches them.
+
+    A read is one host sync for all of them: it stops the run on a non-finite loss, then logs
+    each step (a debug line per step, TensorBoard, the progress bar).
+    """
+
+    def __init__(self, accelerator: Accelerator, output: Path, writer, progress):
+        self.accelerator, self.output, self.writer, self.progress = (
+            accelerator,
+            output,
+            writer,
+            progress,
+        )
+        self.steps: list[int] = []
+        self.losses: list[torch.Tensor] = []  # () each, on the device
+        self.lrs: list[list[float]] = []
+
+    def add(self, step: int, loss: torch.Tensor, lrs: list[float]) -> None:
+        self.steps.append(step)
+        self.losses.append(loss)
+        self.lrs.append(list(lrs))
+
+    def read(self, rate: float) -> None:
+        if not self.steps:
+            return
+        gathered = self.accelerator.gather(torch.stack(self.losses))  # (processes * n,)
+        per_process = gathered.reshape(-1, len(self.steps)).float().cpu()  # the host sync
+        finite = torch.isfinite(per_process).all(dim=0)
+        if not finite.all():
+            bad = int((~finite).nonzero()[0])
+            last = checkpoint.latest(self.output)
+            raise SdloraError(
+                f"loss became {per_process[:, bad].tolist()} at step {self.steps[bad]}; "
+                "training stopped. "
+                + (
+                    f"The last good checkpoint is {last} (--resume continues from it). "
+                    if last
+                    else ""
+                )
+                + "Try a lower --lr, or --mixed-precision no"
+            )
+        losses = per_process.mean(dim=0).tolist()
+        for step, loss, lrs in zip(self.steps, losses, self.lrs, strict=True):
+            logger.debug("step %d: loss %.6f, lr %.3g", step, loss, lrs[0])
+            if self.writer is not None:
+                self.writer.add_scalar("loss", loss, step)
+                for i, group_lr in enumerate(lrs):
+                    self.writer.add_scalar(f"lr/{['unet', 'text_encoder'][i]}", group_lr, step)
+        self.progress.set_postfix(
+            loss=f"{losses[-1]:.4f}", lr=f"{self.lrs[-1][0]:.2e}", img_s=f"{rate:.1f}"
+        )
+        self.steps, self.losses, self.lrs = [], [], []
 
 
 # ---------------------------------------------------------------- set-up
@@ -349,6 +363,11 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     return Accelerator(
         cpu=cpu, mixed_precision=precision, gradient_accumulation_steps=config.grad_accum
     )
+
+
+def default_workers() -> int:
+    """Image-loading processes: half the CPU cores (the other half feed the GPU), 1 to 8."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def count_steps(config: TrainConfig, plan: BatchPlan) -> int:

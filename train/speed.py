@@ -1,0 +1,139 @@
+"""Making the UNet's training step fast on a GPU: memory layout, attention kernel, compilation.
+
+`speed_up(unet, ...)` is called once, after the adapter is injected and before the first step:
+
+- channels_last: convolutions run on cuDNN's NHWC kernels (tensor cores, no layout transposes).
+- attention: the fastest scaled-dot-product-attention kernel for this UNet's head sizes (SD 1.x
+  has 40, 80 and 160), timed on the device itself, goes first in PyTorch's priority list.
+- regional compilation: every transformer block and resnet block (the repeated blocks that hold
+  nearly all the work) is compiled with torch.compile, not the whole UNet. Blocks of one shape
+  share one compiled graph, so compiling costs about 20 graphs per bucket instead of one huge
+  graph, and `--compile auto` compiles only when the run is long enough to pay it back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from ..errors import SdloraError
+from .config import COMPILE_MIN_STEPS, COMPILE_MODES
+
+logger = logging.getLogger(__name__)
+
+# the blocks compiled one by one ("regions"); each shape among them compiles once
+REGIONS = ("Transformer2DModel", "ResnetBlock2D")
+# torch.compile backend; "eager" only traces (the CPU smoke benchmark uses it to check the regions)
+COMPILE_BACKEND = "inductor"
+# distinct block shapes of one bucket in SD 1.x (4 transformer + 14 resnet), with room to spare
+GRAPHS_PER_BUCKET = 24
+
+
+def will_compile(mode: str, device: torch.device, steps: int, buckets: int) -> bool:
+    """Whether to compile: `on`, `off`, or `auto` (CUDA, and enough steps per bucket to pay)."""
+    if mode not in COMPILE_MODES:
+        raise SdloraError(f"--compile must be one of: {', '.join(COMPILE_MODES)} (got {mode!r})")
+    if mode == "auto":
+        return device.type == "cuda" and steps >= COMPILE_MIN_STEPS * buckets
+    return mode == "on"
+
+
+def speed_up(
+    unet: nn.Module,
+    device: torch.device,
+    compile: bool,
+    buckets: int,
+    channels_last: bool | None = None,
+) -> dict[str, str]:
+    """Lay out, pick the attention kernel for, and compile `unet` in place; say what was done.
+
+    channels_last=None means: on CUDA. Call after the adapter is injected (compiled blocks see
+    the LoRA layers) and before the first step.
+    """
+    done = {}
+    if channels_last if channels_last is not None else device.type == "cuda":
+        unet.to(memory_format=torch.channels_last)
+        done["layout"] = "channels_last"
+    if device.type == "cuda":
+        done["attention"] = pick_attention_kernel(unet, device)
+    if compile:
+        limit = GRAPHS_PER_BUCKET * buckets
+        dynamo = torch._dynamo.config
+        # each block shape (per bucket) is one more compiled graph of the same code
+        dynamo.recompile_limit = max(dynamo.recompile_limit, limit)
+        dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * limit)
+        count = 0
+        for module in unet.modules():
+            if type(module).__name__ in REGIONS:
+                # dynamic=False: one graph per shape, fully specialised; shapes are few
+                module.compile(dynamic=False, backend=COMPILE_BACKEND)
+                count += 1
+        done["compile"] = f"{count} blocks ({', '.join(REGIONS)})"
+    return done
+
+
+def attention_shapes(unet: nn.Module, batch: int = 8) -> list[tuple[tuple[int, ...], int]]:
+    """((B, heads, tokens, head_dim), key tokens) of the UNet's attention layers at 512 px.
+
+    Self-attention (keys = tokens) and cross-attention (keys = 77 caption tokens) per level.
+    """
+    config = unet.config
+    heads = config.attention_head_dim  # SD 1.x's name for the number of heads
+    side = 64  # 512 px latents
+    shapes = []
+    for level, (kind, width) in enumerate(
+        zip(config.down_block_types, config.block_out_channels, strict=True)
+    ):
+        level_heads = heads[level] if isinstance(heads, list | tuple) else heads
+        if "CrossAttn" in kind:
+            tokens = (side >> level) ** 2
+            for keys in (tokens, 77):
+                shapes.append(((batch, level_heads, tokens, width // level_heads), keys))
+    return shapes
+
+
+def pick_attention_kernel(unet: nn.Module, device: torch.device) -> str:
+    """Time each SDPA kernel forward+backward on the UNet's attention shapes; put the fastest first.
+
+    Kernels that cannot run a shape are skipped; PyTorch falls back down the list on its own.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    candidates = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION]
+    candidates.append(SDPBackend.EFFICIENT_ATTENTION)
+    shapes = attention_shapes(unet)
+    timings = {}
+    for backend in candidates:
+        try:
+            with sdpa_kernel([backend]):
+                timings[backend] = sum(_time_attention(shape, device) for shape in shapes)
+        except RuntimeError:  # this kernel does not take one of the shapes
+            continue
+    if not timings:
+        return "PyTorch default"
+    best = min(timings, key=timings.get)
+    # the process-wide priority list (what `sdpa_kernel(..., set_priority=True)` sets for a block)
+    order = [best.value] + [b for b in torch._C._get_sdp_priority_order() if b != best.value]
+    torch._C._set_sdp_priority_order(order)
+    logger.debug("attention kernels (ms): %s", {b.name: round(t, 3) for b, t in timings.items()})
+    return best.name.lower()
+
+
+def _time_attention(shape: tuple[tuple[int, ...], int], device: torch.device) -> float:
+    """Milliseconds for one forward+backward of bf16 SDPA at `shape`, median of a few runs."""
+    (batch, heads, tokens, dim), keys = shape
+    q = torch.randn(batch, heads, tokens, dim, device=device, dtype=torch.bfloat16)
+    k = torch.randn(batch, heads, keys, dim, device=device, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q.requires_grad_(True)
+    times = []
+    for _ in range(6):
+        start = time.perf_counter()
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        out.backward(torch.ones_like(out))
+        torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[len(times[1:]) // 2] * 1000

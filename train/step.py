@@ -1,0 +1,128 @@
+"""One training step, written out in order: `TrainStep(...)(batch, k) -> loss`.
+
+The loop in `loop.py` and the benchmarks in `benchmarks/` both call it, so what is measured is
+what trains. Nothing here waits for the GPU: the loss comes back as a device tensor, and the loop
+reads losses only every few steps (each read is a host sync).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers.training_utils import compute_snr
+
+from ..errors import SdloraError
+from .config import TrainConfig
+from .data import derived_seed
+from .encode import LatentCache, TextCache, encode_pixels, encode_text
+
+
+class TrainStep:
+    """A micro-step of LoRA training: encode, noise, predict, loss, backward, optimizer step.
+
+    `trained` are the models whose LoRA factors learn (the UNet, and the text encoder when it
+    trains), as returned by `accelerator.prepare`. With a latent / text cache the VAE / text
+    encoder are skipped; without one they run every step.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        accelerator: Accelerator,
+        pipe,
+        unet: torch.nn.Module,
+        text_encoder: torch.nn.Module,
+        noise_scheduler,
+        optimizer: torch.optim.Optimizer,
+        weight_dtype: torch.dtype,
+        latent_cache: LatentCache | None = None,
+        text_cache: TextCache | None = None,
+    ):
+        self.config, self.accelerator = config, accelerator
+        self.vae, self.tokenizer = pipe.vae, pipe.tokenizer
+        self.unet, self.text_encoder = unet, text_encoder
+        self.trained = [unet, text_encoder] if config.train_text_encoder else [unet]
+        self.noise_scheduler, self.optimizer = noise_scheduler, optimizer
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.weight_dtype = weight_dtype
+        self.latent_cache, self.text_cache = latent_cache, text_cache
+        self.prediction_type = config.prediction_type or noise_scheduler.config.prediction_type
+        # channels-last input when the UNet's weights are laid out that way (see speed.py)
+        conv_in = accelerator.unwrap_model(unet).conv_in.weight
+        channels_last = conv_in.is_contiguous(memory_format=torch.channels_last)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        # the VAE runs under bf16 autocast when training in bf16 (never fp16: SD VAEs overflow)
+        self.vae_in_bf16 = weight_dtype == torch.bfloat16
+
+    def __call__(self, batch: dict, k: int) -> torch.Tensor:
+        """Train on micro-batch `k` (its number since the run began); return its loss, detached."""
+        config, accelerator = self.config, self.accelerator
+        device, scheduler = accelerator.device, self.noise_scheduler
+        # Random draws of micro-step k come from (seed, k, process): resumes repeat them exactly.
+        generator = torch.Generator(device).manual_seed(
+            derived_seed(config.seed, "noise", accelerator.process_index, k)
+        )
+        if config.dropout:
+            torch.manual_seed(derived_seed(config.seed, "dropout", accelerator.process_index, k))
+        with accelerator.accumulate(*self.trained):
+            # 1. encode: latents (B, 4, H/8, W/8)
+            if self.latent_cache is not None:
+                latents = self.latent_cache.get(batch["indices"], device)
+            else:
+                bf16 = torch.autocast(device.type, torch.bfloat16, enabled=self.vae_in_bf16)
+                with torch.no_grad(), bf16:
+                    latents = encode_pixels(self.vae, batch["pixels"], generator)
+            # 2. noise, plus an optional per-channel offset (B, C, 1, 1)
+            noise = torch.randn(latents.shape, generator=generator, device=device)
+            if config.noise_offset:
+                offset = torch.randn((*latents.shape[:2], 1, 1), generator=generator, device=device)
+                noise = noise + config.noise_offset * offset
+            # 3. timesteps, uniform over the training schedule: (B,)
+            timesteps = torch.randint(
+                0,
+                scheduler.config.num_train_timesteps,
+                (latents.shape[0],),
+                generator=generator,
+                device=device,
+            )
+            # 4. forward diffusion: x_t = sqrt(ᾱ_t)·x_0 + sqrt(1-ᾱ_t)·ε
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            # 5. condition: text embeddings (B, 77, D)
+            if self.text_cache is not None:
+                condition = self.text_cache.get(batch["captions"], device)
+            else:
+                with torch.set_grad_enabled(config.train_text_encoder), accelerator.autocast():
+                    condition = encode_text(
+                        self.tokenizer, self.text_encoder, batch["captions"], device
+                    )
+            # 6. predict
+            noisy = noisy.to(self.weight_dtype, memory_format=self.memory_format)
+            pred = self.unet(noisy, timesteps, condition.to(self.weight_dtype)).sample
+            # 7. target by prediction type
+            if self.prediction_type == "epsilon":
+                target = noise
+            elif self.prediction_type == "v_prediction":
+                target = scheduler.get_velocity(latents, noise, timesteps)
+            else:
+                raise SdloraError(
+                    f"prediction type {self.prediction_type!r} is not supported; "
+                    "use --prediction-type epsilon or v_prediction"
+                )
+            # 8. loss, optionally min-SNR-γ weighted (Hang et al. 2023, eq. 8)
+            if config.min_snr_gamma:
+                snr = compute_snr(scheduler, timesteps)  # (B,) = ᾱ_t / (1 - ᾱ_t)
+                clamped = snr.clamp(max=config.min_snr_gamma)
+                v = self.prediction_type == "v_prediction"
+                weight = clamped / (snr + 1) if v else clamped / snr
+                loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+                loss = (loss.mean(dim=(1, 2, 3)) * weight).mean()
+            else:
+                loss = F.mse_loss(pred.float(), target.float())
+            # 9. backward, clip, update (accelerate skips the update between accumulation steps)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and config.max_grad_norm:
+                accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
