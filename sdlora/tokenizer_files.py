@@ -42,29 +42,49 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(keep, (chr(c) for c in chars), strict=True))
 
 
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Split `word` the way CLIP's BPE does: merge the lowest-ranked adjacent pair until none."""
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(pieces) > 1:
+        pairs = zip(pieces[:-1], pieces[1:], strict=True)
+        pair = min(pairs, key=lambda p: ranks.get(p, len(ranks)))
+        if pair not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(pieces):  # every occurrence of the pair, left to right
+            if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == pair:
+                merged.append(pieces[i] + pieces[i + 1])
+                i += 2
+            else:
+                merged.append(pieces[i])
+                i += 1
+        pieces = merged
+    return pieces
+
+
 def vocab_and_merges(words: list[str] | None = None) -> tuple[dict[str, int], list[str]]:
-    """Return (token -> id, merges) for a byte-level BPE that spells each word as one token."""
+    """Return (token -> id, merges) for a byte-level BPE that spells each word as one token.
+
+    Each word gets merges until BPE (lowest-ranked pair first, as CLIP applies them) joins it into
+    one token: an earlier word's merge can split it otherwise (e.g. "a n" from "an" inside
+    "orange"). Merges are only appended, and a new merge ranks after all older ones, so it never
+    changes how an earlier word splits: every word stays one token.
+    """
     words = WORDS if words is None else words
     symbols = list(_bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols]
-    merges: list[str] = []
-    seen_tokens = set(tokens)
-    seen_merges: set[str] = set()
+    seen = set(tokens)
+    ranks: dict[tuple[str, str], int] = {}
     for word in dict.fromkeys(words):  # unique, order kept
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        left = pieces[0]
-        for right in pieces[1:]:
-            merge = f"{left} {right}"
-            merged = left + right
-            if merge not in seen_merges:
-                seen_merges.add(merge)
-                merges.append(merge)
-            if merged not in seen_tokens:
-                seen_tokens.add(merged)
-                tokens.append(merged)
-            left = merged
+        pieces = _bpe(word, ranks)
+        while len(pieces) > 1:  # join the leftmost pair BPE leaves, then split again
+            ranks[pieces[0], pieces[1]] = len(ranks)
+            if pieces[0] + pieces[1] not in seen:  # "ab c" and "a bc" make the same token
+                seen.add(pieces[0] + pieces[1])
+                tokens.append(pieces[0] + pieces[1])
+            pieces = _bpe(word, ranks)
     tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(tokens)}, merges
+    return {t: i for i, t in enumerate(tokens)}, [f"{a} {b}" for a, b in ranks]
 
 
 def write_tokenizer_files(folder: str | Path, words: list[str] | None = None) -> tuple[Path, Path]:
