@@ -163,7 +163,7 @@ def measure(smoke: bool, device, dtype) -> list[dict]:
                 change * 1e3,
                 "ms",
                 "< 5",
-                change < 5e-3,
+                None if smoke else change < 5e-3,
                 f"{layers} adapter-layers, UNet + text encoder",
             )
         )
@@ -180,7 +180,7 @@ def measure(smoke: bool, device, dtype) -> list[dict]:
                 export,
                 "s",
                 "< 10",
-                export < 10,
+                None if smoke else export < 10,
                 f"{gib:.2f} GiB written",
             )
         )
@@ -189,6 +189,10 @@ def measure(smoke: bool, device, dtype) -> list[dict]:
         mixer.add(nonlinear, strength=0.8)
         unfused = time_steps(pipe, steps, size, device)
         mixer.clear()
+        # the bare base once more, now that every kernel and allocation has been seen: the first
+        # measurement can carry start-up costs that would flatter the adapters' rows
+        bare_again = time_steps(pipe, steps, size, device)
+        bare_first, bare = bare, min(bare, bare_again)
 
         reference = time_diffusers_set_adapters(pipe, linear, device, min(repeats, 10))
         if reference is not None:
@@ -202,7 +206,16 @@ def measure(smoke: bool, device, dtype) -> list[dict]:
                 )
             )
 
-    rows.append(row("generation", "step, bare base", bare * 1e3, "ms", note="guidance on: batch 2"))
+    rows.append(
+        row(
+            "generation",
+            "step, bare base",
+            bare * 1e3,
+            "ms",
+            note=f"guidance on: batch 2; the faster of {bare_first * 1e3:.1f} ms (first) and "
+            f"{bare_again * 1e3:.1f} ms (after the adapters were removed)",
+        )
+    )
     for name, value, limit in (
         (f"step, {N_ADAPTERS} fused linear adapters", fused, 0.02),
         ("step, 1 nonlinear adapter (relu, unfused)", unfused, 0.10),
@@ -215,7 +228,7 @@ def measure(smoke: bool, device, dtype) -> list[dict]:
                 value * 1e3,
                 "ms",
                 f"< +{limit:.0%}",
-                overhead < limit,
+                None if smoke else overhead < limit,
                 f"{overhead:+.1%} over the bare base",
             )
         )

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python benchmarks/run.py` from anywhere
-    sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:  # `python benchmarks/run.py` from anywhere; the installed sdlora
+    sys.path.append(str(ROOT))  # (with sdlora.train) stays first
 
 
 def collect(

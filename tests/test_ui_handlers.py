@@ -304,6 +304,6 @@ def test_ui_command_is_local_and_private_by_default():
     from sdlora.cli import build_parser
 
     args = build_parser().parse_args(["ui"])
-    assert (args.host, args.port, args.share, args.base) == ("127.0.0.1", 7860, False, "tiny")
+    assert (args.host, args.port, args.share, args.base) == ("127.0.0.1", 7860, False, "toy")
     args = build_parser().parse_args(["ui", "--host", "0.0.0.0", "--share", "--outputs", "o"])
     assert (args.host, args.share, args.outputs) == ("0.0.0.0", True, "o")

@@ -26,8 +26,10 @@ LR_SCHEDULERS = (
 OPTIMIZERS = ("adamw", "adamw8bit")
 COMPILE_MODES = ("auto", "on", "off")
 # --compile auto compiles on CUDA when the run has at least this many optimizer steps per bucket:
-# compiling costs about as much time as this many steps save (SD 1.5 on an H100, see benchmarks/).
-COMPILE_MIN_STEPS = 200
+# compiling costs about as much time as this many steps save. SD 1.5 on an H100 at batch 8, with
+# an empty compile cache: 194 s to the first step instead of 1 s, then 66 ms a step instead of
+# 174 ms, so it pays after about 1,800 steps (benchmarks/run.py).
+COMPILE_MIN_STEPS = 2000
 CROPS = ("center", "random")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 # Sides of every training image are multiples of this: the SD VAE's factor 8 times 8, so the

@@ -145,7 +145,11 @@ def train(
     compiling = will_compile(
         config.compile, accelerator.device, total_steps - 0, len(plan.by_bucket)
     )
-    fast = speed_up(pipe.unet, accelerator.device, compiling, len(plan.by_bucket))
+    # CUDA graphs reuse their output memory every step, so gradients must not accumulate
+    graphs = config.grad_accum == 1
+    fast = speed_up(
+        pipe.unet, accelerator.device, compiling, len(plan.by_bucket), cuda_graphs=graphs
+    )
     if main and fast:
         logger.info("speed: %s", ", ".join(f"{k} {v}" for k, v in fast.items()))
 

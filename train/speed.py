@@ -9,6 +9,9 @@
   nearly all the work) is compiled with torch.compile, not the whole UNet. Blocks of one shape
   share one compiled graph, so compiling costs about 20 graphs per bucket instead of one huge
   graph, and `--compile auto` compiles only when the run is long enough to pay it back.
+- CUDA graphs: compiled blocks replay as CUDA graphs (torch.compile's "reduce-overhead"). On an
+  H100 at batch 8 the compiled step needs 62 ms of GPU kernels but took 119 ms without graphs:
+  the GPU waited on Python launching kernels. With graphs it takes 66 ms.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ logger = logging.getLogger(__name__)
 REGIONS = ("Transformer2DModel", "ResnetBlock2D")
 # torch.compile backend; "eager" only traces (the CPU smoke benchmark uses it to check the regions)
 COMPILE_BACKEND = "inductor"
+# dynamic=False: one fully specialised graph per block shape (shapes are few, kernels are best)
+COMPILE_DYNAMIC = False
 # distinct block shapes of one bucket in SD 1.x (4 transformer + 14 resnet), with room to spare
 GRAPHS_PER_BUCKET = 24
 
@@ -47,11 +52,15 @@ def speed_up(
     compile: bool,
     buckets: int,
     channels_last: bool | None = None,
+    cuda_graphs: bool = False,
 ) -> dict[str, str]:
     """Lay out, pick the attention kernel for, and compile `unet` in place; say what was done.
 
     channels_last=None means: on CUDA. Call after the adapter is injected (compiled blocks see
-    the LoRA layers) and before the first step.
+    the LoRA layers) and before the first step. cuda_graphs=True (with compile, on CUDA) replays
+    each compiled block as a CUDA graph: the step stops waiting on Python launching thousands of
+    small kernels. Each step must then begin with `torch.compiler.cudagraph_mark_step_begin()`,
+    and gradients must not accumulate across steps (the graphs reuse their output memory).
     """
     done = {}
     if channels_last if channels_last is not None else device.type == "cuda":
@@ -65,13 +74,16 @@ def speed_up(
         # each block shape (per bucket) is one more compiled graph of the same code
         dynamo.recompile_limit = max(dynamo.recompile_limit, limit)
         dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * limit)
+        graphs = cuda_graphs and device.type == "cuda" and COMPILE_BACKEND == "inductor"
+        mode = "reduce-overhead" if graphs else None
         count = 0
         for module in unet.modules():
             if type(module).__name__ in REGIONS:
-                # dynamic=False: one graph per shape, fully specialised; shapes are few
-                module.compile(dynamic=False, backend=COMPILE_BACKEND)
+                module.compile(dynamic=COMPILE_DYNAMIC, backend=COMPILE_BACKEND, mode=mode)
                 count += 1
-        done["compile"] = f"{count} blocks ({', '.join(REGIONS)})"
+        done["compile"] = f"{count} blocks ({', '.join(REGIONS)})" + (
+            ", CUDA graphs" if graphs else ""
+        )
     return done
 
 

@@ -63,6 +63,8 @@ class TrainStep:
         generator = torch.Generator(device).manual_seed(
             derived_seed(config.seed, "noise", accelerator.process_index, k)
         )
+        if device.type == "cuda":  # a new step: CUDA-graphed blocks reuse their output memory
+            torch.compiler.cudagraph_mark_step_begin()
         if config.dropout:
             torch.manual_seed(derived_seed(config.seed, "dropout", accelerator.process_index, k))
         with accelerator.accumulate(*self.trained):
