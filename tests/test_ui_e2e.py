@@ -3,15 +3,21 @@ and by `gradio_client`. Screenshots are kept in test-artifacts/ (gitignored)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
+import threading
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from conftest import make_adapter_file
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from sdlora.base import load_base
 
@@ -66,6 +72,17 @@ def pick(page, dropdown: str, option: str) -> None:
     page.get_by_role("option", name=option, exact=True).click()
 
 
+def screenshot(page, name: str) -> Path:
+    """Keep a full-page screenshot in test-artifacts/ and check that it is a real PNG."""
+    path = ARTIFACTS / name
+    path.unlink(missing_ok=True)
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 1000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        assert image.width >= 1000 and image.height >= 600
+    return path
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install chromium)")
 def test_browser_mix_generate_export(server):
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
@@ -76,6 +93,13 @@ def test_browser_mix_generate_export(server):
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
             page.set_default_timeout(TIMEOUT_MS)
             page.goto(server["url"])
+
+            # a mistake is a message in the page, not a traceback
+            page.click("#generate")
+            toast = page.locator(".toast-body").first
+            sync_api.expect(toast).to_contain_text("write a prompt first")
+            assert "Traceback" not in toast.inner_text()
+            page.locator(".toast-body .toast-close").first.click()
 
             # two adapters into the mix, each with its own strength
             for slot, (name, strength) in enumerate([("style", "0.8"), ("detail", "0.35")]):
@@ -96,7 +120,34 @@ def test_browser_mix_generate_export(server):
             sync_api.expect(page.locator("#mix-status")).to_contain_text("style 0.8, detail 0.35")
             images = list((server["outputs"] / "images").glob("*.png"))
             assert len(images) == 1
-            page.screenshot(path=str(ARTIFACTS / "ui-mix.png"), full_page=True)
+            recipe = json.loads(Image.open(images[0]).text["sdlora"])  # what the browser sent
+            assert recipe["prompt"] == "a red circle on the left" and recipe["steps"] == 2
+            assert recipe["adapters"] == {"style": 0.8, "detail": 0.35}
+            screenshot(page, "ui-mix.png")
+
+            # another visitor: their own, empty mix; a file added since startup is listed;
+            # its trigger words click into the prompt; Remove takes it out of the mix
+            late = server["root"] / "adapters" / "late.safetensors"
+            with safe_open(server["root"] / "adapters" / "style.safetensors", "pt") as f:
+                metadata = f.metadata() | {"sdlora_trigger_words": '["zxq style"]'}
+                save_file({k: f.get_tensor(k) for k in f.keys()}, late, metadata)
+            other = browser.new_page(viewport={"width": 1400, "height": 1100})
+            other.set_default_timeout(TIMEOUT_MS)
+            other.goto(server["url"])
+            sync_api.expect(other.locator("#generate")).to_be_visible()
+            assert not other.locator("#remove-0").is_visible()
+            pick(other, "#adapter-pick", "late")
+            other.click("#add-adapter")
+            other.locator("#prompt").get_by_role("textbox").fill("a cat")
+            other.get_by_text("zxq style", exact=True).click()
+            sync_api.expect(other.locator("#prompt").get_by_role("textbox")).to_have_value(
+                "a cat, zxq style"
+            )
+            other.click("#remove-0")
+            sync_api.expect(other.locator("#remove-0")).to_be_hidden()
+            assert page.locator("#remove-1").is_visible()  # the first visitor's mix is intact
+            other.close()
+            late.unlink()
 
             # export the same mix as a single-file checkpoint
             page.get_by_role("tab", name="Export").click()
@@ -107,7 +158,7 @@ def test_browser_mix_generate_export(server):
                 "Wrote", timeout=TIMEOUT_MS
             )
             assert (server["outputs"] / "exports" / "e2e-mix.safetensors").is_file()
-            page.screenshot(path=str(ARTIFACTS / "ui-export.png"), full_page=True)
+            screenshot(page, "ui-export.png")
 
             # train one step on the dataset; the new adapter shows up in the Mix tab's list
             page.get_by_role("tab", name="Train").click()
@@ -120,7 +171,7 @@ def test_browser_mix_generate_export(server):
                 "Done", timeout=4 * TIMEOUT_MS
             )
             assert (server["root"] / "adapters" / "fresh.safetensors").is_file()
-            page.screenshot(path=str(ARTIFACTS / "ui-train.png"), full_page=True)
+            screenshot(page, "ui-train.png")
             page.get_by_role("tab", name="Mix").click()
             pick(page, "#adapter-pick", "fresh")
         finally:
@@ -137,17 +188,25 @@ def test_api_refuses_path_escapes_and_foreign_uploads(server, tmp_path):
     )
     secret = server["root"] / "secret.safetensors"  # beside the adapters folder, not in it
     shutil.copy(server["root"] / "adapters" / "style.safetensors", secret)
+    link = server["root"] / "adapters" / "link.safetensors"
+    link.symlink_to(secret)  # a symlink that leads out of the adapters folder
+    refused = "not allowed|outside its folder"  # the messages of paths.inside
     escapes = ["../secret", "../../etc/passwd", str(secret), "/etc/passwd", "a/../../secret"]
-    for name in escapes:
-        with pytest.raises(AppError):
-            client.predict("x", {name: 1.0}, steps=1, api_name="/generate")
-        with pytest.raises(AppError):
-            client.predict(name, api_name="/inspect")
+    try:
+        for name in [*escapes, "link"]:
+            with pytest.raises(AppError, match=refused):
+                client.predict("x", {name: 1.0}, steps=1, api_name="/generate")
+            with pytest.raises(AppError, match=refused):
+                client.predict(name, api_name="/inspect")
+            with pytest.raises(AppError, match=refused):
+                client.predict({name: 1.0}, "lora", name="leak", api_name="/export")
+    finally:
+        link.unlink()
     for name in ["../evil", "/tmp/evil", "sub/evil", ".hidden"]:
-        with pytest.raises(AppError):
+        with pytest.raises(AppError, match="export name"):
             client.predict({}, "lora", name=name, api_name="/export")
     for base in ["/etc", "../adapters", str(server["root"])]:
-        with pytest.raises(AppError):
+        with pytest.raises(AppError, match="base"):
             client.predict("x", {}, steps=1, base=base, api_name="/generate")
 
     def adapter_files() -> list[str]:
@@ -160,13 +219,71 @@ def test_api_refuses_path_escapes_and_foreign_uploads(server, tmp_path):
     fake.write_bytes(os.urandom(64))
     pickle = tmp_path / "model.ckpt"
     pickle.write_bytes(b"\x80\x04K\x01.")
-    for upload in (text, fake, pickle):
-        with pytest.raises(AppError):
+    for upload, message in [
+        (text, ".safetensors"),
+        (fake, "safetensors"),
+        (pickle, ".safetensors"),
+    ]:
+        with pytest.raises(AppError, match=message):
             client.predict(handle_file(str(upload)), api_name="/upload_adapter")
     assert adapter_files() == before  # nothing was added
-    assert not list(server["outputs"].rglob("*evil*"))
+    assert not list(server["outputs"].rglob("*evil*")) and not list(server["root"].rglob("leak*"))
 
     # nothing outside the outputs folder is served as a file
     for path in ["/etc/passwd", str(secret), f"{server['outputs']}/../secret.safetensors"]:
         response = httpx.get(f"{server['url']}gradio_api/file={path}")
         assert response.status_code in (403, 404), path
+
+
+def test_api_generate_and_export_as_documented(server):
+    """The README's gradio_client example: images carry their recipe; exports land in outputs."""
+    from gradio_client import Client
+
+    client = Client(server["url"], verbose=False)
+    images = client.predict(
+        "a red circle", {"style": 0.8, "detail": 0.35}, steps=2, seed=7, api_name="/generate"
+    )
+    assert len(images) == 1
+    recipe = json.loads(Image.open(images[0]).text["sdlora"])
+    assert recipe["seed"] == 7 and recipe["adapters"] == {"style": 0.8, "detail": 0.35}
+    path = client.predict(
+        {"style": 0.8, "detail": 0.35}, "lora", name="api-mix", api_name="/export"
+    )
+    assert path == "exports/api-mix.safetensors"
+    assert (server["outputs"] / path).stat().st_size > 0
+    assert "rank:" in client.predict("detail", api_name="/inspect")
+
+
+def test_gpu_jobs_wait_in_the_queue(server, monkeypatch):
+    """While one visitor's generation runs, another's waits in the queue, not beside it."""
+    from gradio_client import Client
+    from gradio_client.utils import Status
+    from sdlora.ui import handlers
+
+    running, release = threading.Event(), threading.Event()
+    active, most = [0], [0]
+    real_generate = handlers.generate
+
+    def slow_generate(*args, **kwargs):
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        running.set()
+        release.wait(60)
+        try:
+            return real_generate(*args, **kwargs)
+        finally:
+            active[0] -= 1
+
+    monkeypatch.setattr(handlers, "generate", slow_generate)
+    first, second = Client(server["url"], verbose=False), Client(server["url"], verbose=False)
+    a = first.submit("a", {"style": 1.0}, steps=1, api_name="/generate")
+    assert running.wait(60)
+    b = second.submit("b", {"detail": 1.0}, steps=1, api_name="/generate")
+    deadline = time.monotonic() + 30
+    while b.status().code != Status.IN_QUEUE and time.monotonic() < deadline:
+        time.sleep(0.1)
+    queued = b.status().code
+    release.set()
+    assert queued == Status.IN_QUEUE
+    assert len(a.result(timeout=120)) == 1 and len(b.result(timeout=120)) == 1
+    assert most[0] == 1

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import make_adapter_file, run_text, run_unet
 from PIL import Image
+from safetensors import safe_open
 from sdlora.ui import handlers as h
 from sdlora.ui import paths
 from sdlora.ui.engine import Engine
@@ -203,12 +204,17 @@ def test_bad_strengths_and_unknown_adapters_are_refused(ctx):
 
 
 def test_compare_makes_one_labelled_grid(ctx):
+    sweep = Image.open(
+        h.run_compare(ctx, "tiny", {"detail": 0.5}, settings(), "style", [0, 0.5, 1])
+    )
     path = h.run_compare(
         ctx, "tiny", {"style": 1.0}, settings(), "style", [0, 0.5, 1], "detail", [0, 1]
     )
     grid = Image.open(path)
     assert path.parent == ctx.outputs / "compare"
+    assert sweep.width > 3 * 64 and 64 < sweep.height < 2 * 64  # 3 columns, 1 row, labels
     assert grid.width > 3 * 64 and grid.height > 2 * 64  # 3 columns, 2 rows, plus labels
+    assert json.loads(sweep.text["sdlora"])["adapters"] == {"detail": 0.5}
     with pytest.raises(SdloraError, match="different"):
         h.run_compare(ctx, "tiny", {}, settings(), "style", [0, 1], "style", [0, 1])
 
@@ -241,6 +247,10 @@ def test_checkpoint_exports_land_in_outputs(ctx):
     folder = h.run_export(ctx, "tiny", {"style": 0.5}, "diffusers", "fp16", "mix-folder")
     assert single == ctx.outputs / "exports" / "mix-single.safetensors" and single.is_file()
     assert (folder / "model_index.json").is_file()
+    with safe_open(single, "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+    with safe_open(folder / "unet" / "diffusion_pytorch_model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
     assert "exports/mix-folder" in h.base_choices(ctx)  # an exported folder can be the base
     assert h.resolve_base(ctx, "exports/mix-folder") == str(folder)
     with pytest.raises(SdloraError, match="format"):

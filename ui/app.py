@@ -357,6 +357,10 @@ def build_app(
                 gr.Dropdown(choices=h.base_choices(ctx)),
             )
 
+        def on_load() -> tuple:
+            """Lists as the folders are now: files added since the app started show up on load."""
+            return (*on_refresh(), gr.Dropdown(choices=h.list_datasets(ctx)))
+
         @guard
         def on_add(session: Session, base: str, name: str, *values) -> list:
             session = _sync(session, base, values)
@@ -561,6 +565,7 @@ def build_app(
 
         synced = [session, base_dd, *ons, *strengths]
         settings_inputs = [prompt, negative, steps, guidance, seed, width, height, scheduler]
+        app.load(on_load, None, [adapter_dd, inspect_dd, base_dd, dataset_dd], **FREE)
         refresh_btn.click(on_refresh, None, [adapter_dd, inspect_dd, base_dd], **FREE)
         refresh_data.click(
             lambda: gr.Dropdown(choices=h.list_datasets(ctx)), None, dataset_dd, **FREE
