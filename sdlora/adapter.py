@@ -121,6 +121,22 @@ def fit_factors(factors: ModuleFactors, shape: torch.Size | tuple[int, ...]) -> 
     return ModuleFactors(down=down, up=up, alpha=factors.alpha)
 
 
+def weight_of(model: nn.Module, path: str) -> torch.Tensor:
+    """The base weight of the module at `path` (under its LoRALayer wrapper, if any)."""
+    module = model.get_submodule(path)
+    return module.base.weight if hasattr(module, "base") else module.weight
+
+
+def fits(factors: ModuleFactors, shape: torch.Size | tuple[int, ...]) -> bool:
+    """True when the factors (after `fit_factors`) make a ΔW of exactly `shape`."""
+    fitted = fit_factors(factors, shape)
+    return (
+        tuple(fitted.down.shape[1:]) == tuple(shape[1:])
+        and fitted.up.shape[0] == shape[0]
+        and fitted.up.shape[1] == fitted.rank
+    )
+
+
 def resolve(
     adapter: Adapter, models: dict[str, nn.Module]
 ) -> tuple[dict[tuple[str, str], ModuleFactors], list[str]]:
@@ -138,9 +154,7 @@ def resolve(
         if path is None:
             unmatched.append(key)
         else:
-            module = models[comp].get_submodule(path)
-            weight = module.base.weight if hasattr(module, "base") else module.weight
-            resolved[(comp, path)] = fit_factors(factors, weight.shape)
+            resolved[(comp, path)] = fit_factors(factors, weight_of(models[comp], path).shape)
     if len(unmatched) * 2 > len(adapter.modules) or not resolved:
         raise SdloraError(
             f"{adapter.source}: {len(unmatched)} of {len(adapter.modules)} modules do not exist "

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import PREFIXES, Adapter, _suffix, fit_factors, module_paths
+from .adapter import PREFIXES, Adapter, _suffix, fit_factors, fits, module_paths, weight_of
 from .errors import SdloraError
 from .files import atomic_save_file, fold_scale, save_adapter
 from .formats import FORMAT_KEY
@@ -68,8 +68,9 @@ def paths_for(adapter: Adapter, models: dict[str, nn.Module] | None) -> dict[str
     """Flat key -> (component, module path), from the base's modules or by name."""
     paths: dict[str, tuple[str, str]] = {}
     missing: list[str] = []
+    misfits: list[str] = []  # "key (file out×in, base out×in)"
     lookups = {c: module_paths(m, c) for c, m in (models or {}).items()}
-    for key in adapter.modules:
+    for key, factors in adapter.modules.items():
         comp = next((c for c, p in PREFIXES.items() if key.startswith(p)), None)
         if comp is None:
             raise SdloraError(f"{adapter.source}: module {key} belongs to no UNet or text encoder")
@@ -78,12 +79,22 @@ def paths_for(adapter: Adapter, models: dict[str, nn.Module] | None) -> dict[str
             paths[key] = (comp, path_by_name(comp, suffix))
         elif suffix in lookups[comp]:
             paths[key] = (comp, lookups[comp][suffix])
+            shape = weight_of(models[comp], lookups[comp][suffix]).shape
+            if not fits(factors, shape):
+                theirs = f"{factors.up.shape[0]}×{factors.down[0].numel()}"
+                misfits.append(f"{key} (file {theirs}, base {shape[0]}×{shape[1:].numel()})")
         else:
             missing.append(key)
     if missing:
         raise SdloraError(
             f"{adapter.source}: {len(missing)} modules do not exist in this base "
             f"(e.g. {', '.join(missing[:3])}); nothing was written"
+        )
+    if misfits:
+        raise SdloraError(
+            f"{adapter.source}: {len(misfits)} modules have other shapes than in this base "
+            f"(e.g. {', '.join(misfits[:2])}); was it made for another base model? "
+            "nothing was written"
         )
     return paths
 
@@ -111,9 +122,7 @@ def diffusers_state(
     for key, factors in adapter.modules.items():
         comp, path = paths[key]
         if models is not None:
-            module = models[comp].get_submodule(path)
-            weight = module.base.weight if hasattr(module, "base") else module.weight
-            factors = fit_factors(factors, weight.shape)
+            factors = fit_factors(factors, weight_of(models[comp], path).shape)
         if comp == "text_encoder":
             # Keys keep CLIP's `text_model.` level, as files everywhere do (diffusers maps them
             # onto transformers 5, which dropped it); patterns leave it out, so they match either.

@@ -43,6 +43,14 @@ def fold_scale(factors: ModuleFactors, nonlinearity: str) -> tuple[ModuleFactors
     return folded, "up"
 
 
+def check_rank(rank: int, out_features: int, in_features: int) -> None:
+    """Refuse a rank above min(out, in): such a file is damaged or made by a broken tool."""
+    if rank > min(out_features, in_features):
+        raise SdloraError(
+            f"rank {rank} is larger than the module's dims ({out_features}×{in_features})"
+        )
+
+
 def adapter_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
     """The file's tensors for `adapter` (whose factors are already folded)."""
     tensors: dict[str, torch.Tensor] = {}
@@ -145,6 +153,10 @@ def parse_flat_lora(
             )
         if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
             raise SdloraError(f"{source}: {key} has NaN/Inf weights; the file is damaged")
+        try:
+            check_rank(down.shape[0], up.shape[0], down[0].numel())
+        except SdloraError as err:
+            raise SdloraError(f"{source}: {key}: {err}") from None
         modules[key] = ModuleFactors(
             down=down, up=up, alpha=None if alpha is None else float(alpha.float().item())
         )

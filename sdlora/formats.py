@@ -29,7 +29,7 @@ import torch
 
 from .adapter import Adapter, ModuleFactors, flat_name
 from .errors import SdloraError
-from .files import NONLINEAR_PREFIX, parse_flat_lora, read_safetensors
+from .files import NONLINEAR_PREFIX, check_rank, parse_flat_lora, read_safetensors
 
 FORMAT_KEY = "sdlora_detected_format"
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
@@ -211,14 +211,6 @@ def _lora_module(parts: dict[str, torch.Tensor], alpha: float | None) -> ModuleF
         raise SdloraError(f"down rank {rank} does not match up {list(up.shape)}")
     check_rank(rank, up.shape[0], down[0].numel())
     return ModuleFactors(down=down, up=up, alpha=alpha)
-
-
-def check_rank(rank: int, out_features: int, in_features: int) -> None:
-    """Refuse a rank above min(out, in): such a file is damaged or made by a broken tool."""
-    if rank > min(out_features, in_features):
-        raise SdloraError(
-            f"rank {rank} is larger than the module's dims ({out_features}×{in_features})"
-        )
 
 
 def loha_delta(parts: dict[str, torch.Tensor], alpha: float | None) -> torch.Tensor:

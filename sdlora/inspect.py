@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from .adapter import PREFIXES, Adapter, module_paths
+from .adapter import PREFIXES, Adapter, fits, module_paths, weight_of
 from .files import load_adapter
 
 logger = logging.getLogger(__name__)
@@ -65,23 +65,34 @@ def module_groups(adapter: Adapter) -> dict[str, dict]:
 
 
 def coverage(adapter: Adapter, base) -> dict:
-    """Which adapter keys the base pipeline has a module for (never raises for a wrong base)."""
+    """Which adapter keys the base pipeline has a module of the right shape for (never raises).
+
+    `unmatched`: keys naming no module of the base; `mismatched`: keys naming a module whose
+    weight has another shape (the adapter was made for another base). Only the rest is matched.
+    """
     from .adapter import _suffix
 
-    lookups = {c: module_paths(getattr(base, c), c) for c in ("unet", "text_encoder")}
-    unmatched = [
-        k for k in adapter.modules
-        if component_of(k) not in lookups or _suffix(component_of(k), k) not in lookups[component_of(k)]
-    ]
+    models = {c: getattr(base, c) for c in ("unet", "text_encoder")}
+    lookups = {c: module_paths(m, c) for c, m in models.items()}
+    unmatched, mismatched = [], []
+    for key, factors in adapter.modules.items():
+        comp = component_of(key)
+        path = lookups[comp].get(_suffix(comp, key)) if comp in lookups else None
+        if path is None:
+            unmatched.append(key)
+        elif not fits(factors, weight_of(models[comp], path).shape):
+            mismatched.append(key)
     if unmatched:
         logger.warning(
             "%s: %d of %d keys match no module in this base (e.g. %s)",
             adapter.source, len(unmatched), len(adapter.modules), ", ".join(unmatched[:3]),
         )
     return {
-        "matched": len(adapter.modules) - len(unmatched),
+        "matched": len(adapter.modules) - len(unmatched) - len(mismatched),
         "unmatched": len(unmatched),
         "unmatched_examples": unmatched[:5],
+        "mismatched": len(mismatched),
+        "mismatched_examples": mismatched[:5],
     }
 
 
@@ -152,9 +163,14 @@ def format_text(info: dict) -> str:
         lines.append(f"trigger words: {', '.join(info['trigger_words'])}")
     if "coverage" in info:
         cov = info["coverage"]
-        lines.append(f"coverage:      {cov['matched']} matched, {cov['unmatched']} unmatched")
+        lines.append(
+            f"coverage:      {cov['matched']} matched, {cov['unmatched']} unmatched, "
+            f"{cov['mismatched']} of another shape"
+        )
         if cov["unmatched_examples"]:
             lines.append(f"  unmatched e.g. {', '.join(cov['unmatched_examples'])}")
+        if cov["mismatched_examples"]:
+            lines.append(f"  other shape e.g. {', '.join(cov['mismatched_examples'])}")
     if info.get("training"):
         lines.append(f"training:      {json.dumps(info['training'])}")
     if info["metadata"]:

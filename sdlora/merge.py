@@ -3,6 +3,8 @@
 Exact merge: Σ_i strength_i · s_i · B_i·A_i = [B_1 … B_n] · [strength_1·s_1·A_1; …; strength_n·s_n·A_n],
 so the merged adapter at strength 1.0 equals the live blend of its inputs, with no cross terms
 (averaging the factors instead gives (ΣB)(ΣA), which is not the sum; sd-scripts #586, peft #1155).
+Where the concatenated rank would exceed min(out, in) of a layer, that module is re-factored to
+that rank by SVD, which is exact (ΔW cannot have a higher rank) and keeps the file loadable.
 Compression: the best rank-R approximation of each module's ΔW (Eckart-Young), computed from the
 factors via QR so ΔW is never formed: B = Qb·Rb, Aᵀ = Qa·Ra, svd(Rb·Raᵀ) = U·S·Vᵀ.
 """
@@ -66,9 +68,11 @@ def merge_exact(items: list[tuple[Adapter, float]]) -> Adapter:
     for key, factors in parts.items():
         shape = max((f.down.shape for f in factors), key=len)  # a conv kernel shape wins
         fitted = [fit_factors(f, (f.up.shape[0], *shape[1:])) for f in factors]
-        modules[key] = ModuleFactors(
-            down=torch.cat([f.down for f in fitted], dim=0),
-            up=torch.cat([f.up for f in fitted], dim=1),
+        modules[key] = cap_rank(
+            ModuleFactors(
+                down=torch.cat([f.down for f in fitted], dim=0),
+                up=torch.cat([f.up for f in fitted], dim=1),
+            )
         )
     first = items[0][0]
     meta = {k: v for k, v in first.metadata.items() if k in ("sdlora_base_model", "ss_base_model_version")}
@@ -94,6 +98,18 @@ def compress_module(factors: ModuleFactors, rank: int) -> tuple[ModuleFactors, f
         up=new_up.reshape(up.shape[0], r, *up.shape[2:]).contiguous(),
     )
     return shaped, float((s[r:] ** 2).sum()), float((s**2).sum())
+
+
+def cap_rank(factors: ModuleFactors) -> ModuleFactors:
+    """The same ΔW with rank at most min(out, in·kh·kw), which every loader requires.
+
+    Concatenated ranks can exceed the layer's dims (ten rank-4 adapters on a 32-wide layer); ΔW
+    then has rank <= min(out, in) anyway, so the SVD to that rank drops only zero singular values.
+    """
+    limit = min(factors.up.shape[0], factors.down[0].numel())
+    if factors.rank <= limit:
+        return factors
+    return compress_module(factors, limit)[0]
 
 
 def compress(adapter: Adapter, rank: int) -> tuple[Adapter, MergeReport]:

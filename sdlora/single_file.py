@@ -14,6 +14,7 @@ import json
 import pickle
 import re
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -288,7 +289,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise SdloraError(f"{path}: no such file")
     try:
         if path.suffix.lower() == ".ckpt":
-            data: Any = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about odd pickles before it refuses them
+                warnings.simplefilter("ignore")
+                data: Any = torch.load(path, map_location="cpu", weights_only=True)
         else:
             data = load_file(str(path))
     except (

@@ -145,3 +145,49 @@ def test_non_finite_fuse_is_refused_and_nothing_written(tiny, two_files):
     after = weights(tiny)
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert mixer.strengths() == {"a": 0.5}
+
+
+def test_strength_changes_read_no_file_and_keep_modules(tiny, inputs, two_files, monkeypatch):
+    """Strength, enable and fuse switches touch weights only: no file read, no module rebuilt."""
+    import sdlora.files
+    import sdlora.formats
+
+    mixer = Mixer(tiny)
+    mixer.add(two_files[0], strength=0.5)
+    mixer.add(two_files[1], strength=0.5)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a strength change read an adapter file")
+
+    for module in (sdlora.files, sdlora.formats):
+        monkeypatch.setattr(module, "read_safetensors", no_reading)
+    monkeypatch.setattr("sdlora.blend.load_adapter", no_reading)
+    models = (tiny.unet, tiny.text_encoder)
+    modules = [(p, id(m)) for model in models for p, m in model.named_modules()]
+    factors = [
+        (p.data_ptr(), p._version)
+        for layer in (m for model in models for m in model.modules() if isinstance(m, LoRALayer))
+        for _, w in layer.items()
+        for p in (w.down, w.up)
+    ]
+    for s in (0.0, 1.2, -0.7, 0.25):
+        mixer.set_strength("a", s)
+    mixer.enable("b", False)
+    mixer.enable("b", True)
+    mixer.set_fused("b", False)
+    mixer.set_strength("b", 0.9)
+    mixer.set_fused("b", True)
+    assert [(p, id(m)) for model in models for p, m in model.named_modules()] == modules
+    assert [
+        (p.data_ptr(), p._version)
+        for layer in (m for model in models for m in model.modules() if isinstance(m, LoRALayer))
+        for _, w in layer.items()
+        for p in (w.down, w.up)
+    ] == factors
+    monkeypatch.undo()
+    fresh = load_base("tiny")
+    other = Mixer(fresh)
+    other.add(two_files[0], strength=0.25)
+    other.add(two_files[1], strength=0.9)
+    torch.testing.assert_close(run_unet(tiny, inputs), run_unet(fresh, inputs), atol=1e-6, rtol=0)
+    torch.testing.assert_close(run_text(tiny, inputs), run_text(fresh, inputs), atol=1e-6, rtol=0)

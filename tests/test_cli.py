@@ -196,3 +196,58 @@ def test_sweep_needs_a_lora_and_numbers(tmp_path, capsys):
     assert main([*args, "--lora", str(lora), "--sweep", "0,half"]) == 2
     assert "give strengths separated by commas" in capsys.readouterr().err
     assert not (tmp_path / "g.png").exists()
+
+
+@pytest.fixture(scope="module")
+def bad_adapters(tmp_path_factory):
+    """One file per kind of bad adapter input, with the reason its error must give."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("bad")
+    good, _ = make_adapter_file(lambda: load_base("tiny"), folder / "good.safetensors")
+    tensors = load_file(good)
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"  # 32×32
+    up = tensors[f"{key}.lora_up.weight"].clone()
+    up[0, 0] = float("nan")
+    save_file({**tensors, f"{key}.lora_up.weight": up}, folder / "nan.safetensors")
+    save_file(
+        {f"{key}.lora_down.weight": torch.ones(2, 48), f"{key}.lora_up.weight": torch.ones(32, 2)},
+        folder / "wide.safetensors",
+    )
+    deep = {f"{key}.lora_down.weight": torch.ones(40, 32), f"{key}.lora_up.weight": torch.ones(32, 40)}
+    save_file(deep, folder / "deep.safetensors")
+    nonlinear, _ = make_adapter_file(
+        lambda: load_base("tiny"), folder / "curvy.safetensors", nonlinearity="tanh"
+    )
+    tensors, meta = load_file(nonlinear), {"sdlora_nonlinearity": "swish"}
+    save_file(tensors, folder / "swish.safetensors", metadata=meta)
+    (folder / "corrupt.safetensors").write_bytes(good.read_bytes()[:3000])
+    (folder / "model.ckpt").write_bytes(b"\x80\x04K\x01.")
+    return folder, {
+        "corrupt.safetensors": "not a readable safetensors file",
+        "model.ckpt": "pickle files are never loaded",
+        "wide.safetensors": "does not fit this layer",
+        "nan.safetensors": "NaN/Inf weights",
+        "swish.safetensors": "unknown nonlinearity 'swish'",
+        "deep.safetensors": "rank 40 is larger than the module's dims",
+        "missing.safetensors": "no such file",
+    }
+
+
+@pytest.mark.parametrize("command", ["generate", "export-folder", "export-file"])
+def test_bad_adapter_is_one_line_exit_2_nothing_written(bad_adapters, tmp_path, capsys, command):
+    """Issue 2's bad inputs, through the real commands: `sdlora: <file>: <reason>`, exit 2."""
+    folder, reasons = bad_adapters
+    argv = {
+        "generate": ["generate", "--prompt", "x", "--steps", "1", "--device", "cpu"],
+        "export-folder": ["export", "--dtype", "fp32"],
+        "export-file": ["export", "--dtype", "fp32", "--format", "single-file"],
+    }[command]
+    out = tmp_path / ("o.png" if command == "generate" else "o.safetensors")
+    for name, reason in reasons.items():
+        code = main([*argv, "--base", "tiny", "--lora", f"{folder / name}:0.8", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2, (name, err)
+        assert err.startswith("sdlora: ") and err.count("\n") == 1, err
+        assert f"{name}: " in err and reason in err and "Traceback" not in err, err
+        assert list(tmp_path.iterdir()) == [], name  # no output, no temp file

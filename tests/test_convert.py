@@ -85,3 +85,28 @@ def test_cli(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "a.ckpt"), "--to", "kohya", "--out", str(tmp_path / "b.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "a.ckpt: pickle files are never loaded" in err and err.count("\n") == 1
+
+
+def test_base_with_other_shapes_is_refused(tmp_path, capsys):
+    """--base checks shapes too: a to_q adapter 48 wide (the tiny base's is 32) writes nothing."""
+    import torch
+    from safetensors.torch import save_file
+
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    src = tmp_path / "wide.safetensors"
+    save_file({f"{key}.lora_down.weight": torch.ones(2, 48), f"{key}.lora_up.weight": torch.ones(32, 2)},
+              src)
+    pipe = load_base("tiny")
+    models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    for to in ("kohya", "diffusers"):
+        out = tmp_path / f"{to}.safetensors"
+        shapes = r"wide.safetensors: 1 modules have other shapes .*file 32×48, base 32×32"
+        with pytest.raises(SdloraError, match=shapes):
+            convert_adapter(load_adapter(src), to, out, models=models)
+        assert not out.exists()
+        argv = ["convert", str(src), "--to", to, "--out", str(out), "--base", "tiny"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("sdlora: wide.safetensors: ") and err.count("\n") == 1
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wide.safetensors"]

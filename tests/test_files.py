@@ -142,3 +142,47 @@ def test_trigger_words_roundtrip(tiny, tmp_path):
     assert load_adapter(tmp_path / "t.safetensors").trigger_words() == ["sks", "toy style"]
     with pytest.raises(SdloraError, match="already exists"):
         save_adapter(collect_adapter(injected, meta), tmp_path / "t.safetensors")
+
+
+def test_rank_above_dims_in_our_file_is_refused(tmp_path):
+    """Our own layout gets the same rank check as foreign files: rank 40 on a 32×32 module."""
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file(
+        {
+            f"{key}.lora_down.weight": torch.ones(40, 32),
+            f"{key}.lora_up.weight": torch.ones(32, 40),
+            f"{key}.alpha": torch.tensor(40.0),
+        },
+        tmp_path / "deep.safetensors",
+        metadata={"sdlora_format_version": "1"},
+    )
+    with pytest.raises(SdloraError, match=f"deep.safetensors: {key}: rank 40 is larger") as err:
+        load_adapter(tmp_path / "deep.safetensors")
+    assert "\n" not in str(err.value)
+    # a nonlinear file too: its hidden width is checked against the layer like any rank
+    nonlinear = {
+        f"nonlinear_{key}.down.weight": torch.ones(33, 32),
+        f"nonlinear_{key}.up.weight": torch.ones(32, 33),
+    }
+    save_file(nonlinear, tmp_path / "wide.safetensors", metadata={"sdlora_nonlinearity": "relu"})
+    with pytest.raises(SdloraError, match="wide.safetensors: .*rank 33 is larger"):
+        load_adapter(tmp_path / "wide.safetensors")
+
+
+@pytest.mark.parametrize("nonlinearity", ["relu", "leaky_relu"])
+def test_negative_alpha_folds_into_up(tiny, inputs, tmp_path, nonlinearity):
+    """relu(s·x) ≠ s·relu(x) for s < 0: the scale must go into B, and the file stays exact."""
+    from sdlora.base import load_base
+
+    path, trained = make_adapter_file(
+        lambda: load_base("tiny"), tmp_path / "neg.safetensors", alpha=-6.0, nonlinearity=nonlinearity
+    )
+    assert load_adapter(path).metadata["sdlora_scale_folded_into"] == "up"
+    Mixer(tiny).add(path)
+    assert (run_unet(trained, inputs) - run_unet(load_base("tiny"), inputs)).abs().max() > 1e-3
+    torch.testing.assert_close(
+        run_unet(tiny, inputs), run_unet(trained, inputs), atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        run_text(tiny, inputs), run_text(trained, inputs), atol=1e-5, rtol=1e-5
+    )

@@ -127,3 +127,19 @@ def test_alpha_equivalence_under_sgd():
     assert not torch.allclose(curves[0][0], curves[0][-1])  # it did learn
     for curve in curves[1:]:
         torch.testing.assert_close(curve, curves[0], rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_is_identity_at_zero_and_only_while_training():
+    base = nn.Linear(8, 6)
+    down, up = torch.randn(3, 8), torch.randn(6, 3)
+    assert isinstance(LoRAWeights(down, up).dropout, nn.Identity)
+    layer = LoRALayer(base)
+    layer.add("a", LoRAWeights(down, up, dropout=0.5))
+    x = torch.randn(64, 8)
+    expected = base(x) + x @ down.T @ up.T
+    layer.train()
+    torch.manual_seed(0)
+    dropped = layer(x)
+    assert (dropped - expected).abs().max() > 1e-2  # some inputs were dropped (and rescaled)
+    layer.eval()
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)

@@ -84,3 +84,47 @@ def test_cli(files, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "bad.safetensors: not a readable safetensors" in err and "Traceback" not in err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_exact_merge_above_layer_rank_stays_loadable(files, inputs, tmp_path):
+    """Concatenated ranks past a layer's dims (36 > 32) are re-factored exactly to min(out, in)."""
+    a, b = load_adapter(files[0]), load_adapter(files[1])
+    strengths_a = (0.3, -0.2, 0.5, 0.1, 0.4, -0.6, 0.2, 0.7, -0.1)  # 9 x rank 4 = 36
+    strengths_b = (0.9, -0.5, 0.3)  # 3 x rank 2, UNet only
+    items = [(a, s) for s in strengths_a] + [(b, s) for s in strengths_b]
+    merged, _ = merge_adapters(items)
+    for key, m in merged.modules.items():
+        assert m.rank <= min(m.up.shape[0], m.down[0].numel()), key
+    q32 = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"  # 32×32
+    q64 = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"  # 64×64
+    assert merged.modules[q32].rank == 32 and merged.modules[q64].rank == 36 + 6
+    save_adapter(merged, tmp_path / "m.safetensors")
+    ours = load_base("tiny")
+    Mixer(ours).add(tmp_path / "m.safetensors")
+    live = load_base("tiny")
+    mixer = Mixer(live)
+    for i, (adapter, s) in enumerate(items):
+        mixer.add(adapter, name=f"in{i}", strength=s)
+    assert (run_unet(live, inputs) - run_unet(load_base("tiny"), inputs)).abs().max() > 1e-3
+    close(run_unet(ours, inputs), run_unet(live, inputs))
+    close(run_text(ours, inputs), run_text(live, inputs))
+
+
+def test_ui_mix_merge_above_layer_rank_stays_loadable(files, inputs, tmp_path):
+    """The web UI's "save the mix as one LoRA" caps concatenated ranks the same way, exactly."""
+    from sdlora.ui.merge import merge_exact as merge_mix
+
+    a = load_adapter(files[0])
+    items = [(f"in{i}", a, s) for i, s in enumerate((0.3, -0.2, 0.5, 0.1, 0.4, -0.6, 0.2, 0.7, 0.9))]
+    live = load_base("tiny")
+    mixer = Mixer(live)
+    merged = merge_mix(items, mixer.models)
+    for key, m in merged.modules.items():
+        assert m.rank <= min(m.up.shape[0], m.down[0].numel()), key
+    save_adapter(merged, tmp_path / "mix.safetensors")
+    ours = load_base("tiny")
+    Mixer(ours).add(tmp_path / "mix.safetensors")
+    for name, adapter, s in items:
+        mixer.add(adapter, name=name, strength=s)
+    close(run_unet(ours, inputs), run_unet(live, inputs))
+    close(run_text(ours, inputs), run_text(live, inputs))

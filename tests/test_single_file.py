@@ -175,6 +175,18 @@ def test_unreadable_files_raise(tiny_file, tmp_path):
             load_single_file(path)
 
 
+def test_broken_ckpt_gives_only_the_error(tmp_path):
+    """A truncated pickle: the one-line SdloraError, no torch warning printed before it."""
+    import warnings
+
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(b"\x80\x04")  # protocol-4 pickle header, then nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning on the way would raise instead
+        with pytest.raises(SdloraError, match=r"^.*broken.ckpt: not a readable checkpoint"):
+            load_single_file(broken)
+
+
 def test_not_sd_checkpoint_raises(tmp_path):
     from safetensors.torch import save_file
 

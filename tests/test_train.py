@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image, ImageDraw
 from sdlora.train import TrainConfig, train
 from sdlora.train import loop as loop_module
@@ -69,6 +70,7 @@ def shapes(tmp_path_factory) -> Path:
 def settings(data: Path, output: Path, **kw) -> TrainConfig:
     values = dict(
         data_dir=str(data),
+        base="tiny",
         output=str(output),
         resolution=64,
         batch_size=2,
@@ -85,7 +87,7 @@ def settings(data: Path, output: Path, **kw) -> TrainConfig:
 def cli_args(config: TrainConfig) -> list[str]:
     """The same run as `config`, as `sdlora train` flags."""
     args = [config.data_dir, "--output", config.output]
-    for key in ("resolution", "batch_size", "steps", "lr", "save_every", "seed", "workers"):
+    for key in ("base", "resolution", "batch_size", "steps", "lr", "save_every", "seed", "workers"):
         args += ["--" + key.replace("_", "-"), str(getattr(config, key))]
     return args + ["--no-tensorboard"]
 
@@ -134,6 +136,18 @@ def test_training_changes_only_lora_factors_and_loss_is_finite(
         assert weights.down.requires_grad and weights.up.dtype == torch.float32
         assert weights.up.abs().max() > 0  # B starts at zero: it trained
 
+    # attention runs through PyTorch's scaled_dot_product_attention
+    processors = pipe.unet.attn_processors.values()
+    assert processors and all(isinstance(p, AttnProcessor2_0) for p in processors)
+    # the closing summary says what was done and where the file is
+    done = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("done:"))
+    assert re.match(
+        r"done: 3 steps in [\d.]+ s \([\d.e+-]+ steps/s, [\d.e+-]+ images/s\), peak memory "
+        r"[\d.]+ GiB \(process RSS\); adapter: ",
+        done,
+    ), done
+    assert done.endswith(str(path))
+
     adapter = load_adapter(path)
     assert path == tmp_path / "out" / f"{shapes.name}.safetensors"
     counts = {
@@ -146,9 +160,28 @@ def test_training_changes_only_lora_factors_and_loss_is_finite(
     assert '"steps_done": 3' in adapter.metadata["sdlora_training"]
 
 
-def test_every_option_path_runs(shapes, tmp_path, caplog):
+def tensorboard_events(folder: Path) -> dict[str, list]:
+    """Scalar tag -> [(step, value)], and "images:" + tag -> [(step, (height, width))]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    found = {t: [(e.step, e.value) for e in events.Scalars(t)] for t in events.Tags()["scalars"]}
+    for tag in events.Tags()["images"]:
+        found["images:" + tag] = [(e.step, (e.height, e.width)) for e in events.Images(tag)]
+    return found
+
+
+def test_every_option_path_runs(shapes, tmp_path, monkeypatch, caplog):
     """bf16, v-prediction, min-SNR, noise offset, checkpointing, fresh encodes in a worker, tag
     shuffle, caption dropout, text encoder, nonlinearity, accumulation, samples, TensorBoard."""
+    held = {}
+
+    def keep(*args, **kwargs):
+        held["pipe"] = load_base(*args, **kwargs)
+        return held["pipe"]
+
+    monkeypatch.setattr(loop_module, "load_base", keep)
     caplog.set_level(logging.DEBUG, logger="sdlora.train")
     config = settings(
         shapes, tmp_path / "out", steps=2, grad_accum=2, mixed_precision="bf16",
@@ -168,7 +201,20 @@ def test_every_option_path_runs(shapes, tmp_path, caplog):
     samples = sorted(p.name for p in (tmp_path / "out" / "samples").iterdir())
     assert samples == ["step-000001.png", "step-000002.png"]
     assert Image.open(tmp_path / "out" / "samples" / samples[0]).size == (128, 64)
-    assert list((tmp_path / "out" / "logs").glob("events.out.tfevents.*"))
+    # frozen weights in the compute dtype, LoRA factors in fp32, checkpointing on
+    pipe = held["pipe"]
+    assert pipe.unet.conv_in.weight.dtype == torch.bfloat16
+    assert pipe.text_encoder.dtype == torch.bfloat16
+    assert pipe.unet.is_gradient_checkpointing
+    lora = [p for n, p in pipe.unet.named_parameters() if ".adapters." in n]
+    assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora)
+    # TensorBoard: loss and both learning rates per step (warm-up: 0 at step 1), sample grids
+    events = tensorboard_events(tmp_path / "out" / "logs")
+    assert [step for step, _ in events["loss"]] == [1, 2]
+    assert all(math.isfinite(v) for _, v in events["loss"])
+    assert [round(v, 6) for _, v in events["lr/unet"]] == [0.0, 1e-2]
+    assert [round(v, 6) for _, v in events["lr/text_encoder"]] == [0.0, 1e-3]
+    assert events["images:samples"] == [(1, (64, 128)), (2, (64, 128))]
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -243,6 +289,9 @@ def test_two_processes_through_accelerate_launch_write_one_adapter(shapes, tmp_p
     # one run of two processes (not two runs of one), and only the main process talks
     assert result.stderr.count("x 2 process(es)") == 1
     assert result.stderr.count("done:") == 1
+    # the progress bar shows the loss, learning rate, images/s and ETA
+    bar = result.stderr.replace("\r", "\n").splitlines()
+    assert any(re.search(r"training: 100%.*<00:00.*img_s=.*loss=[\d.]+, lr=", line) for line in bar)
     adapter = load_adapter(tmp_path / "out" / files[0])
     assert adapter.metadata["ss_steps"] == "2"
 
@@ -264,9 +313,58 @@ def test_broken_and_odd_images_train_on_the_good_ones(tmp_path, caplog):
 
 
 def test_nan_loss_stops_with_a_clear_message(shapes, tmp_path):
-    with pytest.raises(SdloraError, match=r"loss became .* at step \d+; training stopped"):
-        train(settings(shapes, tmp_path / "out", lr=1e20, steps=3))
-    assert not list((tmp_path / "out").glob("*.safetensors"))
+    out = tmp_path / "out"
+    with pytest.raises(SdloraError, match=r"loss became .* at step (\d+); training stopped") as err:
+        train(settings(shapes, out, lr=1e20, steps=4, save_every=1))
+    bad = int(re.search(r"at step (\d+)", str(err.value)).group(1))
+    assert bad >= 2  # the first loss is computed before any update
+    assert not list(out.glob("*.safetensors"))
+    # the checkpoints saved before the bad loss stay, and the message says how to go on
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == [f"step-{step:06d}" for step in range(1, bad)]
+    assert (
+        f"The last checkpoint is {out / 'checkpoints' / kept[-1]}; run the same command with "
+        "--resume" in str(err.value)
+    )
+
+
+def test_weights_that_stop_being_finite_are_never_checkpointed(shapes, tmp_path):
+    """An infinite learning rate: step 1's loss is finite, the update after it is not."""
+    out = tmp_path / "out"
+    with pytest.raises(SdloraError, match=r"stopped being finite at step 1; .* not saved"):
+        train(settings(shapes, out, lr=float("inf"), steps=3, save_every=1))
+    assert not list(out.glob("*.safetensors"))
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").iterdir())
+
+
+def test_same_seed_same_adapter_with_fresh_random_encodes(shapes, tmp_path):
+    """Random crops, flips, tag shuffle, caption dropout and LoRA dropout all come from the seed."""
+    kw = dict(
+        steps=2, crop="random", flip=True, shuffle_tags=True, caption_dropout=0.5, dropout=0.2
+    )
+    a = load_adapter(train(settings(shapes, tmp_path / "a", **kw)))
+    b = load_adapter(train(settings(shapes, tmp_path / "b", **kw)))
+    c = load_adapter(train(settings(shapes, tmp_path / "c", **kw | {"seed": 8})))
+    for key in a.modules:
+        torch.testing.assert_close(a.modules[key].up, b.modules[key].up, rtol=0, atol=0)
+        torch.testing.assert_close(a.modules[key].down, b.modules[key].down, rtol=0, atol=0)
+    assert any(not torch.equal(a.modules[k].up, c.modules[k].up) for k in a.modules)
+
+
+def test_interrupted_run_says_how_to_resume(shapes, tmp_path, caplog):
+    def interrupt(step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    caplog.set_level(logging.INFO, logger="sdlora.train")
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        train(settings(shapes, out, steps=6, save_every=2), on_step=interrupt)
+    assert not list(out.glob("*.safetensors"))
+    assert (
+        f"stopped at step 3. The last checkpoint is {out / 'checkpoints' / 'step-000002'}; "
+        "run the same command with --resume to continue." in caplog.text
+    )
 
 
 class ModelLoaded(Exception):
@@ -326,14 +424,44 @@ def test_bad_data_and_sizes_are_refused_before_the_model_loads(shapes, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_reports_errors_in_one_line(tmp_path, capsys):
+def test_small_images_at_a_large_resolution_are_named_in_a_warning(
+    shapes, tmp_path, no_model, caplog
+):
+    with pytest.raises(ModelLoaded):
+        train(settings(shapes, tmp_path / "out", resolution=128))
+    assert "4 of 4 images are enlarged 2x or more to reach --resolution 128" in caplog.text
+    assert "0.png, 64x64 in a 128x128 bucket" in caplog.text
+    caplog.clear()
+    with pytest.raises(ModelLoaded):
+        train(settings(shapes, tmp_path / "out", resolution=64))
+    assert "enlarged" not in caplog.text
+
+
+def test_cli_reports_errors_in_one_line(shapes, tmp_path, capsys, no_model):
     from sdlora.train.command import main
 
-    code = main([str(tmp_path / "missing"), "--output", str(tmp_path / "out")])
-    assert code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("sdlora: ") and "missing: no such folder" in err
-    assert err.count("\n") == 1
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / f"{shapes.name}.safetensors").write_bytes(b"x")
+    mistakes = {
+        "missing: no such folder": [str(tmp_path / "missing"), "-o", str(tmp_path / "out")],
+        "empty: no images found": [str(tmp_path / "empty"), "-o", str(tmp_path / "out")],
+        "already holds": [str(shapes), "-o", str(tmp_path / "done")],
+        "--resolution must be a multiple of 64": [str(shapes), "-o", "x", "--resolution", "100"],
+        "no output folder given": [str(shapes)],
+    }
+    for message, argv in mistakes.items():
+        assert main(argv) == 2, message
+        err = capsys.readouterr().err
+        assert err.startswith("sdlora: ") and message in err
+        assert err.count("\n") == 1, err
+    # a value argparse cannot read: the short usage line and the error, not every option
+    with pytest.raises(SystemExit) as exit_:
+        main([str(shapes), "-o", "x", "--resolution", "abc"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("usage: sdlora train DATA_DIR --output DIR [options]")
+    assert err[1:] == ["sdlora train: error: argument --resolution: invalid int value: 'abc'"]
 
 
 def test_epochs_count_whole_passes_over_the_data():
@@ -345,6 +473,27 @@ def test_epochs_count_whole_passes_over_the_data():
     assert loop_module.count_steps(TrainConfig(epochs=3, grad_accum=2), plan) == 3
     assert loop_module.count_steps(TrainConfig(steps=5), plan) == 5
     assert loop_module.count_steps(TrainConfig(), plan) == 1000
+
+
+def test_optimizer_has_separate_learning_rates_and_fuses_on_cuda():
+    from types import SimpleNamespace
+
+    def weights():
+        return SimpleNamespace(
+            down=torch.nn.Parameter(torch.zeros(2, 3)), up=torch.nn.Parameter(torch.zeros(3, 2))
+        )
+
+    injected = {"lora_unet_a": weights(), "lora_te_b": weights(), "lora_unet_c": weights()}
+    config = TrainConfig(lr=1e-4, text_encoder_lr=5e-5)
+    optimizer = loop_module.make_optimizer(config, injected, torch.device("cpu"))
+    unet, text = optimizer.param_groups
+    assert unet["lr"] == 1e-4 and len(unet["params"]) == 4
+    assert text["lr"] == 5e-5 and text["params"][0] is injected["lora_te_b"].down
+    assert not optimizer.defaults["fused"]
+    same = loop_module.make_optimizer(TrainConfig(lr=1e-4), injected, torch.device("cpu"))
+    assert [g["lr"] for g in same.param_groups] == [1e-4, 1e-4]
+    # fused AdamW is asked for on CUDA (the parameters stay on the CPU here; only the flag counts)
+    assert loop_module.make_optimizer(config, injected, torch.device("cuda")).defaults["fused"]
 
 
 def test_8bit_adamw_without_bitsandbytes_says_how_to_get_it():

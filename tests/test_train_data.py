@@ -8,6 +8,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from sdlora.train.config import TrainConfig
 from sdlora.train.data import (
@@ -16,9 +17,11 @@ from sdlora.train.data import (
     MicroBatches,
     discover,
     draw_caption,
+    enlarged_items,
     load_rgb,
     make_buckets,
     nearest_bucket,
+    possible_captions,
     to_bucket,
     with_trigger,
 )
@@ -177,6 +180,7 @@ def test_odd_images_are_read_as_rgb_and_broken_ones_skipped(tmp_path):
     assert dict((p.name, r) for p, r in skipped)["zero.png"] == "empty file"
     sizes = {item.path.name: item.size for item in items}
     assert sizes["exif.jpg"] == (64, 96)  # EXIF rotation applied
+    assert load_rgb(tmp_path / "data" / "exif.jpg").size == (64, 96)  # to the pixels too
     for item in items:
         img = load_rgb(item.path)
         assert img.mode == "RGB"
@@ -184,6 +188,7 @@ def test_odd_images_are_read_as_rgb_and_broken_ones_skipped(tmp_path):
     assert px["rgba.png"] == (255, 255, 255)  # transparent -> white, not black or blue
     assert px["gray16.png"] == (255, 255, 255)  # 16-bit white stays white, not clipped noise
     assert px["gray.png"] == (128, 128, 128)
+    assert px["palette.png"] == (0, 200, 0)
     assert px["cmyk.jpg"][0] > 200 and px["cmyk.jpg"][1] < 60  # cyan-free magenta+yellow = red
 
 
@@ -268,3 +273,49 @@ def test_micro_batches_draw_the_same_augmentation_for_the_same_step(tmp_path):
     a, b = dataset[5], dataset[5]
     assert a["pixels"].shape == (2, 3, 64, 64)
     assert (a["pixels"] == b["pixels"]).all() and a["captions"] == b["captions"]
+
+
+def test_random_crop_and_flip_vary_between_draws(tmp_path):
+    data = tmp_path / "data"
+    img = Image.fromarray(np.tile(np.arange(128, dtype=np.uint8) * 2, (64, 1)))  # left dark
+    img.convert("RGB").save(save_png(data / "ramp.png"))
+    center = to_bucket(load_rgb(data / "ramp.png"), (64, 64), "center", False, None)
+    for crop, flip in (("random", False), ("center", True)):
+        cfg = config(data, crop=crop, flip=flip, buckets=False)
+        items, _ = discover(cfg)
+        dataset = MicroBatches(BatchPlan(items, 1, seed=0), cfg, with_pixels=True)
+        draws = [dataset[k]["pixels"][0] for k in range(16)]
+        assert any(not torch.equal(d, center) for d in draws), crop
+        assert any(torch.equal(d, center) for d in draws) or crop == "random"
+        if flip:  # a flipped draw is the mirror image, the dark side on the right
+            flipped = [d for d in draws if not torch.equal(d, center)]
+            assert all(torch.equal(d, center.flip(-1)) for d in flipped)
+
+
+def test_caches_only_when_nothing_random_needs_fresh_encodes():
+    assert TrainConfig().caches_latents and TrainConfig().caches_text
+    for kw in (dict(crop="random"), dict(flip=True), dict(cache=False)):
+        assert not TrainConfig(**kw).caches_latents, kw
+    assert TrainConfig(crop="random", flip=True).caches_text
+    for kw in (dict(train_text_encoder=True), dict(shuffle_tags=True), dict(cache=False)):
+        assert not TrainConfig(**kw).caches_text, kw
+    assert TrainConfig(train_text_encoder=True, caption_dropout=0.5).caches_latents
+    # the text cache holds every caption a draw can give: trigger added, dropout's empty one
+    items = [ImageItem(path=None, caption=c, repeats=1, size=(64, 64)) for c in ("a", "sks b")]
+    cfg = TrainConfig(trigger="sks", caption_dropout=0.5)
+    cached = set(possible_captions(items, cfg))
+    assert cached == {"", "sks, a", "sks b"}
+    draws = {draw_caption(i, cfg, random.Random(k)) for i in items for k in range(20)}
+    assert draws == cached
+
+
+def test_images_much_smaller_than_their_bucket_are_found():
+    def item(size, bucket):
+        return ImageItem(path=None, caption="", repeats=1, size=size, bucket=bucket)
+
+    small, fits, wide = (
+        item((128, 128), (512, 512)),
+        item((300, 300), (512, 512)),
+        item((1024, 100), (1024, 256)),
+    )
+    assert enlarged_items([small, fits, wide]) == [small, wide]

@@ -60,6 +60,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train",
         help="fine-tune a LoRA on a folder of images",
+        # short usage: a mistyped flag gives two lines, not the whole option list
+        usage="%(prog)s DATA_DIR --output DIR [options]   (or --config FILE; see --help)",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -80,8 +82,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--name", help="adapter file name (default: the data folder's name)")
     g.add_argument(
         "--base",
-        help=f"base model: tiny, a diffusers model folder, or a single .safetensors file "
-        f"(default: {D.base})",
+        help="base model: toy (built in, pretrained, 64 px), tiny (built in, random weights, "
+        f"for tests), a diffusers model folder, or a single .safetensors file (default: {D.base})",
     )
     g.add_argument(
         "--base-config", metavar="DIR", help="diffusers folder describing a single-file base"

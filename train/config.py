@@ -67,7 +67,7 @@ class TrainConfig:
     data_dir: str = ""  # folder of images, searched recursively
     output: str = ""  # folder for the adapter, checkpoints/, samples/ and logs/
     name: str | None = None  # adapter file name; None: the data folder's name
-    base: str = "tiny"  # "tiny", a diffusers model folder, or a single-file checkpoint
+    base: str = "toy"  # "toy", "tiny", a diffusers model folder, or a single-file checkpoint
     base_config: str | None = None  # diffusers folder describing a single-file base
 
     # --- the adapter ---

@@ -27,6 +27,9 @@ from .config import SIDE_MULTIPLE, TrainConfig
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya: "10_mystyle" repeats its images 10 times
 METADATA_FILE = "metadata.jsonl"  # Hugging Face imagefolder: {"file_name": ..., "text": ...}
+# images scaled up by this factor or more to fill their bucket are named in a warning: they
+# cost the time of full-size images and add no detail (e.g. 128 px pictures at --resolution 512)
+ENLARGE_WARNING = 2.0
 
 
 @dataclass
@@ -208,6 +211,16 @@ def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tup
     """The bucket whose aspect ratio is closest to the image's (in log space)."""
     ratio = math.log(size[0] / size[1])
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
+def enlargement(item: ImageItem) -> float:
+    """How much `item` is scaled to cover its bucket (> 1: enlarged)."""
+    return max(item.bucket[0] / item.size[0], item.bucket[1] / item.size[1])
+
+
+def enlarged_items(items: list[ImageItem], factor: float = ENLARGE_WARNING) -> list[ImageItem]:
+    """Items scaled up by `factor` or more to fill their bucket."""
+    return [item for item in items if enlargement(item) >= factor]
 
 
 def to_bucket(

@@ -38,10 +38,12 @@ from ..layer import LoRAWeights
 from . import checkpoint
 from .config import DEFAULT_STEPS, RESUME_MUST_MATCH, TrainConfig
 from .data import (
+    ENLARGE_WARNING,
     BatchPlan,
     MicroBatches,
     derived_seed,
     discover,
+    enlarged_items,
     possible_captions,
     with_trigger,
 )
@@ -85,6 +87,20 @@ def train(
     )
     plan.check()
     resume_from = check_output(config)
+    enlarged = enlarged_items(items)
+    if enlarged and main:
+        first = enlarged[0]
+        logger.warning(
+            "%d of %d images are enlarged %gx or more to reach --resolution %d (e.g. %s, %dx%d "
+            "in a %dx%d bucket): a lower --resolution trains faster and loses no detail",
+            len(enlarged),
+            len(items),
+            ENLARGE_WARNING,
+            config.resolution,
+            first.path,
+            *first.size,
+            *first.bucket,
+        )
     total_steps = count_steps(config, plan)
     if main:
         logger.info(
@@ -221,40 +237,50 @@ def train(
     micro_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses, on device
     unread = LossLog(accelerator, output, writer, progress)
 
-    for k, batch in enumerate(loader, start=step * config.grad_accum):
-        micro_losses.append(train_step(batch, k))
-        if not accelerator.sync_gradients:
-            continue
+    try:
+        for k, batch in enumerate(loader, start=step * config.grad_accum):
+            micro_losses.append(train_step(batch, k))
+            if not accelerator.sync_gradients:
+                continue
 
-        # --- one optimizer step done
-        step += 1
-        unread.add(step, torch.stack(micro_losses).mean(), lr_scheduler.get_last_lr())
-        micro_losses = []
-        lr_scheduler.step()
-        progress.update(1)
-        if on_step is not None:
-            on_step(step)
+            # --- one optimizer step done
+            step += 1
+            unread.add(step, torch.stack(micro_losses).mean(), lr_scheduler.get_last_lr())
+            micro_losses = []
+            lr_scheduler.step()
+            progress.update(1)
+            if on_step is not None:
+                on_step(step)
 
-        last_step = step == total_steps
-        save = config.save_every and (step % config.save_every == 0 or last_step)
-        sample = config.sample_every and (step % config.sample_every == 0 or last_step)
-        if save or sample or last_step or step % config.log_every == 0:
-            # the only place the loop waits for the GPU: losses are checked before any save
-            rate = (step - first_step) * images_per_step / max(time.perf_counter() - started, 1e-9)
-            unread.read(rate)
-        if save:
-            if main:
-                meta = adapter_metadata(config, plan, step, total_steps, targets, accelerator)
-                save_checkpoint(
-                    output, step, config, injected, optimizer, lr_scheduler, accelerator, meta
-                )
-            accelerator.wait_for_everyone()
-        if sample:
-            if main:
-                save_samples(
-                    pipe, trained, sample_prompts, config, output, step, writer, accelerator
-                )
-            accelerator.wait_for_everyone()
+            last_step = step == total_steps
+            save = config.save_every and (step % config.save_every == 0 or last_step)
+            sample = config.sample_every and (step % config.sample_every == 0 or last_step)
+            if save or sample or last_step or step % config.log_every == 0:
+                # the only place the loop waits for the GPU: losses are checked before any save
+                seconds = max(time.perf_counter() - started, 1e-9)
+                unread.read((step - first_step) * images_per_step / seconds)
+            if save:
+                if main:
+                    meta = adapter_metadata(config, plan, step, total_steps, targets, accelerator)
+                    save_checkpoint(
+                        output, step, config, injected, optimizer, lr_scheduler, accelerator, meta
+                    )
+                accelerator.wait_for_everyone()
+            if sample:
+                if main:
+                    progress.set_description("sampling")
+                    save_samples(
+                        pipe, trained, sample_prompts, config, output, step, writer, accelerator
+                    )
+                    progress.set_description("training")
+                accelerator.wait_for_everyone()
+    except BaseException as err:
+        progress.close()  # the error message then starts on a line of its own
+        if writer is not None:
+            writer.close()
+        if main and isinstance(err, KeyboardInterrupt):
+            logger.warning("stopped at step %d. %s", step, resume_hint(output))
+        raise
     progress.close()
 
     # --- the adapter file, written once, by the main process
@@ -268,7 +294,7 @@ def train(
         elapsed = time.perf_counter() - started
         done = step - first_step
         logger.info(
-            "done: %d steps in %.1f s (%.2f steps/s, %.1f images/s), peak memory %s; adapter: %s",
+            "done: %d steps in %.1f s (%.3g steps/s, %.3g images/s), peak memory %s; adapter: %s",
             done,
             elapsed,
             done / max(elapsed, 1e-9),
@@ -312,16 +338,10 @@ class LossLog:
         finite = torch.isfinite(per_process).all(dim=0)
         if not finite.all():
             bad = int((~finite).nonzero()[0])
-            last = checkpoint.latest(self.output)
             raise SdloraError(
                 f"loss became {per_process[:, bad].tolist()} at step {self.steps[bad]}; "
-                "training stopped. "
-                + (
-                    f"The last good checkpoint is {last} (--resume continues from it). "
-                    if last
-                    else ""
-                )
-                + "Try a lower --lr, or --mixed-precision no"
+                f"training stopped. {resume_hint(self.output)} "
+                "Try a lower --lr, or --mixed-precision no"
             )
         losses = per_process.mean(dim=0).tolist()
         for step, loss, lrs in zip(self.steps, losses, self.lrs, strict=True):
@@ -337,6 +357,14 @@ class LossLog:
 
 
 # ---------------------------------------------------------------- set-up
+
+
+def resume_hint(output: Path) -> str:
+    """Where a stopped run can continue from, as a sentence for the user."""
+    last = checkpoint.latest(output)
+    if last is None:
+        return "No checkpoint was saved yet (see --save-every)."
+    return f"The last checkpoint is {last}; run the same command with --resume to continue."
 
 
 def has_accelerator_device() -> bool:
@@ -490,13 +518,24 @@ def open_tensorboard(output: Path, config: TrainConfig):
 
 
 def save_checkpoint(output, step, config, injected, optimizer, lr_scheduler, accelerator, meta):
-    """Everything needed to continue from `step`, plus the adapter so far."""
+    """Everything needed to continue from `step`, plus the adapter so far.
+
+    The loss read before this was finite, but this step's update came after it: factors that
+    are no longer finite are refused here, so the checkpoint to resume from stays a good one.
+    """
+    lora = {
+        key: {"down": w.down.detach().cpu(), "up": w.up.detach().cpu()}
+        for key, w in injected.items()
+    }
+    if not all(torch.isfinite(t).all() for factors in lora.values() for t in factors.values()):
+        raise SdloraError(
+            f"the adapter's weights stopped being finite at step {step}; training stopped and "
+            f"this step was not saved. {resume_hint(output)} Try a lower --lr, or "
+            "--mixed-precision no"
+        )
     state = {
         "step": step,
-        "lora": {
-            key: {"down": w.down.detach().cpu(), "up": w.up.detach().cpu()}
-            for key, w in injected.items()
-        },
+        "lora": lora,
         "optimizer": optimizer.state_dict(),
         "scheduler": lr_scheduler.state_dict(),
         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,

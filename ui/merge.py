@@ -14,6 +14,7 @@ from torch import nn
 
 from ..adapter import Adapter, ModuleFactors, flat_name, resolve
 from ..errors import SdloraError
+from ..merge import cap_rank
 
 
 def merge_exact(
@@ -39,8 +40,11 @@ def merge_exact(
                 raise SdloraError(f"{name}: {key} has a different shape than in the other adapters")
             parts.setdefault(key, []).append((down, up))
     modules = {
-        key: ModuleFactors(
-            down=torch.cat([d for d, _ in pairs]), up=torch.cat([u for _, u in pairs], dim=1)
+        # a summed rank above the layer's dims is re-factored to them by SVD, losing nothing
+        key: cap_rank(
+            ModuleFactors(
+                down=torch.cat([d for d, _ in pairs]), up=torch.cat([u for _, u in pairs], dim=1)
+            )
         )
         for key, pairs in parts.items()
     }
