@@ -89,3 +89,19 @@ def make_adapter_file(
             weights.up.normal_(0.0, 0.2, generator=g)
     save_adapter(collect_adapter(injected, {"sdlora_base_model": "tiny"}), path, overwrite=True)
     return path, pipe
+
+
+def draw_toy(pipe, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+    """(len(prompts), 3, 64, 64) in [0, 1]: the toy base's recommended settings (20 steps,
+    guidance 2), prompt i drawn with seed i."""
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    with torch.inference_mode():
+        return pipe(
+            prompts,
+            num_inference_steps=20,
+            guidance_scale=2.0,
+            generator=generators,
+            height=64,
+            width=64,
+            output_type="pt",
+        ).images

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import draw_toy
 from PIL import Image
 from sdlora.train import load_config, train
 
@@ -46,17 +47,7 @@ BINS = 4
 def draw(pipe) -> torch.Tensor:
     """(len(PROMPTS) * len(SEEDS), 3, 64, 64) in [0, 1]: each prompt at each seed, as the README."""
     prompts = [p for p in PROMPTS for _ in SEEDS]
-    generators = [torch.Generator().manual_seed(s) for _ in PROMPTS for s in SEEDS]
-    with torch.inference_mode():
-        return pipe(
-            prompts,
-            num_inference_steps=20,
-            guidance_scale=2.0,
-            generator=generators,
-            height=64,
-            width=64,
-            output_type="pt",
-        ).images
+    return draw_toy(pipe, prompts, [s for _ in PROMPTS for s in SEEDS])
 
 
 def style_reference(pipe) -> torch.Tensor:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import draw_toy
 from PIL import Image
 
 from sdlora import toyworld
@@ -91,16 +92,7 @@ def test_toy_base_draws_the_prompted_color() -> None:
     assert pipe.unet.dtype == torch.float32 and pipe.device.type == "cpu"
     colors = list(toyworld.COLORS)
     prompts = [f"a {colors[i % 8]} {toyworld.SHAPES[i % 7]}" for i in range(12)]
-    generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
-    images = pipe(
-        prompts,
-        num_inference_steps=20,
-        guidance_scale=2.0,
-        generator=generators,
-        height=64,
-        width=64,
-        output_type="pt",
-    ).images
+    images = draw_toy(pipe, prompts, list(range(len(prompts))))
     found = toyworld.dominant_shape_color(images)
     hits = sum(f == p.split()[1] for f, p in zip(found, prompts, strict=True))
     assert hits / len(prompts) >= 0.8, list(zip(prompts, found, strict=True))
