@@ -7,6 +7,7 @@ Every field is also a `sdlora train` flag (`rank` is `--rank`, `sample_prompts` 
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -280,11 +281,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     folder = path.resolve().parent
     for key in PATH_FIELDS:
         if isinstance(values.get(key), str) and values[key]:
-            values[key] = str(folder / values[key])
+            values[key] = os.path.normpath(folder / values[key])  # no "dir/../" in messages
     for key in ("base", "base_config", "resume"):
         value = values.get(key)
-        if isinstance(value, str) and value not in ("tiny", "latest") and (folder / value).exists():
-            values[key] = str(folder / value)
+        if isinstance(value, str) and value not in ("toy", "tiny", "latest") and (folder / value).exists():
+            values[key] = os.path.normpath(folder / value)
     return values
 
 
