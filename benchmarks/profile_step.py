@@ -60,21 +60,11 @@ def profile(run: str, batch: int, warm: int, active: int, device) -> list[tuple[
                 torch.cuda.synchronize(device)
                 prof.step()
         else:
-            from sdlora.train import TrainConfig
             from sdlora.train.loop import train
 
             with tempfile.TemporaryDirectory() as tmp:
                 data = training.write_images(Path(tmp) / "data", batch * 2, 512)
-                config = TrainConfig(
-                    data_dir=str(data),
-                    output=str(Path(tmp) / "out"),
-                    batch_size=batch,
-                    steps=steps,
-                    rank=4,
-                    save_every=0,
-                    tensorboard=False,
-                    compile=run,
-                )
+                config = training.bench_config(False, data, str(Path(tmp) / "out"), batch, steps, run)
                 train(config, pipe=build_pipeline(False, device), on_step=lambda s: prof.step())
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for event in prof.key_averages():

@@ -84,6 +84,24 @@ def write_images(folder: Path, count: int, side: int) -> Path:
     return folder
 
 
+def bench_config(
+    smoke: bool, data: Path, out: str, batch: int, steps: int, compile: str
+) -> TrainConfig:
+    """The benchmarked training run: rank 4 at 512 px (smoke: 64), no checkpoints or logs."""
+    return TrainConfig(
+        data_dir=str(data),
+        output=out,
+        resolution=64 if smoke else 512,
+        batch_size=batch,
+        steps=steps,
+        rank=4,
+        save_every=0,
+        tensorboard=False,
+        compile=compile,
+        mixed_precision="auto",
+    )
+
+
 def time_ours(
     smoke: bool, device: torch.device, data: Path, batch: int, steps: int, compile: str
 ) -> Timing:
@@ -99,18 +117,7 @@ def time_ours(
             marks[step] = time.perf_counter()
 
     with tempfile.TemporaryDirectory() as out:
-        config = TrainConfig(
-            data_dir=str(data),
-            output=out,
-            resolution=64 if smoke else 512,
-            batch_size=batch,
-            steps=steps,
-            rank=4,
-            save_every=0,
-            tensorboard=False,
-            compile=compile,
-            mixed_precision="auto",
-        )
+        config = bench_config(smoke, data, out, batch, steps, compile)
         start = time.perf_counter()
         train(config, pipe=pipe, on_step=on_step)
         end = time.perf_counter()
