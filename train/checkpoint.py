@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Adapter
-from ..errors import SdloraError
-from ..files import save_adapter
+from sdlora.adapter import Adapter
+from sdlora.errors import SdloraError
+from sdlora.files import save_adapter
 
 FOLDER = "checkpoints"
 NAME = re.compile(r"^step-(\d+)$")

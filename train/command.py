@@ -11,8 +11,7 @@ import logging
 import os
 import sys
 
-from ..errors import SdloraError
-from .config import (
+from sdlora.train.config import (
     COMPILE_MIN_STEPS,
     COMPILE_MODES,
     FIELD_NAMES,
@@ -21,6 +20,8 @@ from .config import (
     TrainConfig,
     load_config,
 )
+
+from sdlora.errors import SdloraError
 
 DESCRIPTION = """\
 Fine-tune a LoRA adapter on a folder of images and write OUTPUT/NAME.safetensors.
@@ -287,7 +288,7 @@ def setup_logging() -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run `sdlora train` from parsed arguments; return the exit code."""
-    from .loop import train  # heavy imports only once a run starts
+    from sdlora.train.loop import train  # heavy imports only once a run starts
 
     setup_logging()
     train(config_from_args(args))

@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import SdloraError
-from ..layer import NONLINEARITIES
+from sdlora.errors import SdloraError
+from sdlora.layer import NONLINEARITIES
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 LR_SCHEDULERS = (
@@ -284,7 +284,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             values[key] = os.path.normpath(folder / values[key])  # no "dir/../" in messages
     for key in ("base", "base_config", "resume"):
         value = values.get(key)
-        if isinstance(value, str) and value not in ("toy", "tiny", "latest") and (folder / value).exists():
+        if (
+            isinstance(value, str)
+            and value not in ("toy", "tiny", "latest")
+            and (folder / value).exists()
+        ):
             values[key] = os.path.normpath(folder / value)
     return values
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from sdlora.train.config import SIDE_MULTIPLE, TrainConfig
 
-from ..errors import SdloraError
-from .config import SIDE_MULTIPLE, TrainConfig
+from sdlora.errors import SdloraError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya: "10_mystyle" repeats its images 10 times

@@ -8,9 +8,8 @@ when they fit in `GPU_CACHE_BYTES` (then a step copies nothing from the host), e
 from __future__ import annotations
 
 import torch
+from sdlora.train.data import BatchPlan, MicroBatches, derived_seed
 from tqdm.auto import tqdm
-
-from .data import BatchPlan, MicroBatches, derived_seed
 
 GPU_CACHE_BYTES = 2 * 2**30  # caches up to this size stay on the GPU
 

@@ -21,23 +21,9 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-
-from ..base import load_base
-from ..errors import SdloraError
-from ..files import save_adapter
-from ..inject import (
-    TEXT_ENCODER_TARGETS,
-    UNET_TARGETS,
-    add_trainable,
-    collect_adapter,
-    target_names,
-)
-from ..layer import LoRAWeights
-from . import checkpoint
-from .config import DEFAULT_STEPS, RESUME_MUST_MATCH, TrainConfig
-from .data import (
+from sdlora.train import checkpoint
+from sdlora.train.config import DEFAULT_STEPS, RESUME_MUST_MATCH, TrainConfig
+from sdlora.train.data import (
     ENLARGE_WARNING,
     BatchPlan,
     MicroBatches,
@@ -47,10 +33,24 @@ from .data import (
     possible_captions,
     with_trigger,
 )
-from .encode import LatentCache, TextCache
-from .sample import sample_grid
-from .speed import speed_up, will_compile
-from .step import TrainStep
+from sdlora.train.encode import LatentCache, TextCache
+from sdlora.train.sample import sample_grid
+from sdlora.train.speed import speed_up, will_compile
+from sdlora.train.step import TrainStep
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from sdlora.base import load_base
+from sdlora.errors import SdloraError
+from sdlora.files import save_adapter
+from sdlora.inject import (
+    TEXT_ENCODER_TARGETS,
+    UNET_TARGETS,
+    add_trainable,
+    collect_adapter,
+    target_names,
+)
+from sdlora.layer import LoRAWeights
 
 logger = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ import logging
 import time
 
 import torch
+from sdlora.train.config import COMPILE_MIN_STEPS, COMPILE_MODES
 from torch import nn
 
-from ..errors import SdloraError
-from .config import COMPILE_MIN_STEPS, COMPILE_MODES
+from sdlora.errors import SdloraError
 
 logger = logging.getLogger(__name__)
 

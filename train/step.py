@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers.training_utils import compute_snr
+from sdlora.train.config import TrainConfig
+from sdlora.train.data import derived_seed
+from sdlora.train.encode import LatentCache, TextCache, encode_pixels, encode_text
 
-from ..errors import SdloraError
-from .config import TrainConfig
-from .data import derived_seed
-from .encode import LatentCache, TextCache, encode_pixels, encode_text
+from sdlora.errors import SdloraError
 
 
 class TrainStep:

@@ -11,9 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import gradio as gr
-
-from . import handlers as h
-from .paths import relative
+from sdlora.ui import handlers as h
+from sdlora.ui.paths import relative
 
 
 def add_api(ctx: h.Context, guard: Callable[[Callable], Callable], gpu: str) -> None:

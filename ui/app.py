@@ -20,14 +20,14 @@ from pathlib import Path
 
 import gradio as gr
 import pandas as pd
+from sdlora.ui import handlers as h
+from sdlora.ui.api import add_api
+from sdlora.ui.engine import Engine
+from sdlora.ui.state import MAX_ADAPTERS, Session, TrainSlot, stop_training
 
-from ..errors import SdloraError
-from ..generate import SCHEDULERS
-from ..layer import NONLINEARITIES
-from . import handlers as h
-from .api import add_api
-from .engine import Engine
-from .state import MAX_ADAPTERS, Session, TrainSlot, stop_training
+from sdlora.errors import SdloraError
+from sdlora.generate import SCHEDULERS
+from sdlora.layer import NONLINEARITIES
 
 logger = logging.getLogger(__name__)
 GPU = "gpu"  # concurrency group of every job that runs the models: one at a time

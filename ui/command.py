@@ -64,7 +64,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Build the app from parsed arguments and serve it until interrupted."""
-    from .app import build_app, launch  # gradio and torch only once the UI starts
+    from sdlora.ui.app import build_app, launch  # gradio and torch only once the UI starts
 
     app = build_app(
         base=args.base,

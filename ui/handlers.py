@@ -18,18 +18,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..base import BUILTIN
-from ..errors import SdloraError
-from ..export import export_diffusers, export_single_file, parse_dtype
-from ..files import load_adapter, save_adapter
-from ..generate import SCHEDULERS, GenerateSettings, generate, save_png
-from ..grid import labelled_grid
-from ..inspect import format_text, inspect_file
-from . import paths
-from .engine import Engine
-from .merge import merge_exact
-from .state import Session
-from .training import TrainJob
+from sdlora.ui import paths
+from sdlora.ui.engine import Engine
+from sdlora.ui.merge import merge_exact
+from sdlora.ui.state import Session
+from sdlora.ui.training import TrainJob
+
+from sdlora.base import BUILTIN
+from sdlora.errors import SdloraError
+from sdlora.export import export_diffusers, export_single_file, parse_dtype
+from sdlora.files import load_adapter, save_adapter
+from sdlora.generate import SCHEDULERS, GenerateSettings, generate, save_png
+from sdlora.grid import labelled_grid
+from sdlora.inspect import format_text, inspect_file
 
 Progress = Callable[[float, str], None]
 MAX_UPLOAD_BYTES = 2 * 1024**3  # 2 GiB: larger than any SD 1.x LoRA
@@ -383,7 +384,7 @@ def start_training(
 ) -> TrainJob:
     """Start training on datasets/<dataset> into outputs/train/<name>; the finished adapter is
     copied into the adapters folder. Settings are checked here, before anything starts."""
-    from ..train import load_config
+    from sdlora.train import load_config
 
     if not dataset:
         raise SdloraError("pick a dataset folder first")

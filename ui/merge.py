@@ -12,9 +12,9 @@ import json
 import torch
 from torch import nn
 
-from ..adapter import Adapter, ModuleFactors, flat_name, resolve
-from ..errors import SdloraError
-from ..merge import cap_rank
+from sdlora.adapter import Adapter, ModuleFactors, flat_name, resolve
+from sdlora.errors import SdloraError
+from sdlora.merge import cap_rank
 
 
 def merge_exact(

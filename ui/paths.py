@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path, PurePosixPath
 
-from ..errors import SdloraError
+from sdlora.errors import SdloraError
 
 ADAPTER_SUFFIX = ".safetensors"
 # A name the UI writes: letters, digits, '.', '_', '-', ' ' and '+', not starting with '.' or ' '.

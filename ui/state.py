@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import SdloraError
+from sdlora.errors import SdloraError
 
 MAX_ADAPTERS = 8  # adapter rows shown in the Mix tab
 

@@ -21,7 +21,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import SdloraError
+from sdlora.errors import SdloraError
 
 STEP_RECORD = re.compile(r"step (\d+): loss (\S+), lr (\S+)")  # the trainer's per-step debug line
 
@@ -163,8 +163,9 @@ class _Forward(logging.Handler):
 
 def main(argv: list[str] | None = None) -> int:
     """Child-process entry: run `train()` on the JSON settings in argv[0]."""
-    from ..train import load_config
-    from ..train.loop import train
+    from sdlora.train import load_config
+
+    from sdlora.train.loop import train
 
     argv = sys.argv[1:] if argv is None else argv
     log = logging.getLogger("sdlora")
