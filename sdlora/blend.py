@@ -19,7 +19,7 @@ from diffusers import StableDiffusionPipeline
 
 from .adapter import Adapter, resolve
 from .errors import SdloraError
-from .files import load_adapter
+from .formats import load_adapter
 from .fusion import Plan
 from .inject import unwrap_all, wrap
 from .layer import LoRALayer, LoRAWeights, max_rank

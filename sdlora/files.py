@@ -170,13 +170,3 @@ def parse_flat_lora(
     if nonlinear == (nonlinearity == "identity"):
         raise SdloraError(f"{source}: key layout and nonlinearity {nonlinearity!r} disagree")
     return Adapter(modules=modules, nonlinearity=nonlinearity, metadata=metadata, source=source)
-
-
-def load_adapter(path: str | Path) -> Adapter:
-    """Load an adapter file of any supported format (sdlora, kohya/LyCORIS, diffusers/PEFT).
-
-    The detected format is recorded in `metadata["sdlora_detected_format"]`.
-    """
-    from .formats import read_adapter  # formats builds on this module
-
-    return read_adapter(path)

@@ -399,3 +399,11 @@ def _peft_alpha(config: dict, path: str, rank: int) -> float:
     if config.get("use_rslora"):
         return alpha * rank / math.sqrt(rank)  # PEFT scale alpha / sqrt(r)
     return alpha
+
+
+def load_adapter(path: str | Path) -> Adapter:
+    """Load an adapter file of any supported format (sdlora, kohya/LyCORIS, diffusers/PEFT).
+
+    The detected format is recorded in `metadata["sdlora_detected_format"]`.
+    """
+    return read_adapter(path)

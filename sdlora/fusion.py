@@ -12,11 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import SdloraError
-from .layer import LoRALayer
+
+if TYPE_CHECKING:  # only for type hints: layer.py builds on this module
+    from .layer import LoRALayer
 
 
 @dataclass

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from .adapter import PREFIXES, Adapter, fits, module_paths, weight_of
-from .files import load_adapter
+from .formats import load_adapter
 
 logger = logging.getLogger(__name__)
 

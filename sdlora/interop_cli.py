@@ -25,7 +25,7 @@ def _check_out(out: str, overwrite: bool) -> Path:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert_adapter
-    from .files import load_adapter
+    from .formats import load_adapter
 
     out = _check_out(args.out, args.overwrite)
     adapter = load_adapter(args.file)
@@ -52,7 +52,8 @@ def _print_report(report, limit: int | None) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from .cli import parse_lora
-    from .files import load_adapter, save_adapter
+    from .files import save_adapter
+    from .formats import load_adapter
     from .merge import merge_adapters
 
     out = _check_out(args.out, args.overwrite)

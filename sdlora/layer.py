@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import SdloraError
+from .fusion import Plan
+from .fusion import merged_weight as fused_weight
 
 # Element-wise nonlinearities allowed between down and up.
 NONLINEARITIES: dict[str, type[nn.Module] | None] = {
@@ -191,8 +193,6 @@ class LoRALayer(nn.Module):
 
     def fuse(self, names: list[str] | set[str]) -> None:
         """Make base.weight = W0 + Σ strength·ΔW over `names` (linear adapters), from pristine W0."""
-        from .fusion import Plan
-
         names = set(names)
         for name in names:
             if not self.get(name).is_linear:
@@ -205,11 +205,9 @@ class LoRALayer(nn.Module):
 
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """W0 + Σ strength·ΔW over every linear adapter, fused or not, computed from W0 in fp32."""
-        from .fusion import merged_weight
-
         names = [n for n, w in self.items() if w.is_linear and self.strengths[n] != 0.0]
         w0 = self.pristine if self.pristine is not None else self.base.weight
-        return merged_weight(self, names, dtype or w0.dtype)
+        return fused_weight(self, names, dtype or w0.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)

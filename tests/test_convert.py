@@ -12,7 +12,7 @@ from sdlora.blend import Mixer
 from sdlora.cli import main
 from sdlora.convert import convert_adapter, path_by_name
 from sdlora.errors import SdloraError
-from sdlora.files import load_adapter
+from sdlora.formats import load_adapter
 
 
 def ours(path, strength=1.0):

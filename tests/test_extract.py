@@ -9,7 +9,7 @@ from sdlora.blend import Mixer
 from sdlora.cli import main
 from sdlora.export import export_diffusers
 from sdlora.extract import extract_adapter
-from sdlora.files import load_adapter
+from sdlora.formats import load_adapter
 
 
 @pytest.fixture

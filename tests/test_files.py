@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 
 from sdlora.blend import Mixer
 from sdlora.errors import SdloraError
-from sdlora.files import load_adapter, read_safetensors
+from sdlora.files import read_safetensors
+from sdlora.formats import load_adapter
 from sdlora.layer import NONLINEARITIES
 
 

@@ -14,8 +14,7 @@ from safetensors.torch import load_file, save_file
 from sdlora.base import load_base
 from sdlora.blend import Mixer
 from sdlora.errors import SdloraError
-from sdlora.files import load_adapter
-from sdlora.formats import exact_factors
+from sdlora.formats import exact_factors, load_adapter
 from sdlora.inspect import inspect_file
 
 ATTN = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"

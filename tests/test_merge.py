@@ -10,7 +10,8 @@ from sdlora.base import load_base
 from sdlora.blend import Mixer
 from sdlora.cli import main
 from sdlora.errors import SdloraError
-from sdlora.files import load_adapter, save_adapter
+from sdlora.files import save_adapter
+from sdlora.formats import load_adapter
 from sdlora.merge import compress, merge_adapters
 
 

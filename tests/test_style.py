@@ -25,7 +25,7 @@ from sdlora.train import load_config, train
 from sdlora import toyworld
 from sdlora.base import load_base
 from sdlora.blend import Mixer
-from sdlora.files import load_adapter
+from sdlora.formats import load_adapter
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "samples" / "style.toml"

@@ -27,7 +27,7 @@ from sdlora.train import loop as loop_module
 
 from sdlora.base import load_base
 from sdlora.errors import SdloraError
-from sdlora.files import load_adapter
+from sdlora.formats import load_adapter
 from sdlora.layer import LoRALayer
 
 ROOT = Path(__file__).resolve().parents[1]

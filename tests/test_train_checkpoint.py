@@ -8,7 +8,7 @@ from sdlora.train import checkpoint
 
 from sdlora.adapter import Adapter, ModuleFactors
 from sdlora.errors import SdloraError
-from sdlora.files import load_adapter
+from sdlora.formats import load_adapter
 
 
 def adapter(value: float) -> Adapter:

@@ -27,7 +27,8 @@ from sdlora.ui.training import TrainJob
 from sdlora.base import BUILTIN
 from sdlora.errors import SdloraError
 from sdlora.export import export_diffusers, export_single_file, parse_dtype
-from sdlora.files import load_adapter, save_adapter
+from sdlora.files import save_adapter
+from sdlora.formats import load_adapter
 from sdlora.generate import SCHEDULERS, GenerateSettings, generate, save_png
 from sdlora.grid import labelled_grid
 from sdlora.inspect import format_text, inspect_file
