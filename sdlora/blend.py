@@ -44,6 +44,20 @@ class Entry:
         return self.strength if self.enabled else 0.0
 
 
+MAX_STRENGTH = 100.0  # |strength| beyond this only ever draws black or noise
+
+
+def check_strength(name: str, strength: float) -> float:
+    """The strength as a float, or a one-line error if it is not finite or beyond ±MAX_STRENGTH."""
+    strength = float(strength)
+    if not math.isfinite(strength) or abs(strength) > MAX_STRENGTH:
+        raise SdloraError(
+            f"strength {strength:g} for {name!r} must be a finite number between "
+            f"{-MAX_STRENGTH:g} and {MAX_STRENGTH:g} (1 = as trained, 0 = base)"
+        )
+    return strength
+
+
 class Mixer:
     """Adapters attached to one pipeline's UNet and text encoder, by name."""
 
@@ -66,6 +80,7 @@ class Mixer:
         """Attach an adapter (object or file path) under `name`; return the name used."""
         if not isinstance(adapter, Adapter):
             adapter = load_adapter(adapter)
+        check_strength(str(name or adapter.source), strength)
         name = name or Path(adapter.source).stem or "adapter"
         if name in self.entries:
             raise SdloraError(f"an adapter named {name!r} is already loaded; remove it first")
@@ -151,9 +166,7 @@ class Mixer:
     def set_strength(self, name: str, strength: float) -> None:
         """Set one adapter's strength (any float; 0 = base, 1 = as trained)."""
         entry = self._get(name)
-        strength = float(strength)
-        if not math.isfinite(strength):
-            raise SdloraError(f"strength for {name!r} must be a finite number")
+        strength = check_strength(name, strength)
         if strength != entry.strength:
             previous, entry.strength = entry.strength, strength
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -54,6 +55,10 @@ def native_size(pipe: StableDiffusionPipeline) -> int:
     return int(pipe.unet.config.sample_size) * factor
 
 
+MAX_GUIDANCE = 100.0  # beyond this the latents overflow to a black or garbage image
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes unsigned 64-bit seeds
+
+
 def check_settings(pipe: StableDiffusionPipeline, s: GenerateSettings) -> None:
     """Raise a one-line error for settings that cannot work."""
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -62,6 +67,13 @@ def check_settings(pipe: StableDiffusionPipeline, s: GenerateSettings) -> None:
             raise SdloraError(f"--{name} {value} must be a positive multiple of {factor}")
     if s.steps < 1:
         raise SdloraError(f"--steps must be at least 1 (got {s.steps})")
+    if not (math.isfinite(s.guidance) and 0 <= s.guidance <= MAX_GUIDANCE):
+        raise SdloraError(
+            f"--guidance must be a number from 0 to {MAX_GUIDANCE:g} (got {s.guidance:g}); "
+            "SD models use 5-9, the toy base 2"
+        )
+    if not 0 <= s.seed <= MAX_SEED - max(s.num_images, 1) + 1:
+        raise SdloraError(f"--seed must be from 0 to 2**64 - (number of images) (got {s.seed})")
     if s.num_images < 1:
         raise SdloraError(f"number of images must be at least 1 (got {s.num_images})")
     if s.scheduler not in SCHEDULERS:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapter import Adapter, ModuleFactors, fit_factors
+from .blend import check_strength
 from .errors import SdloraError
 from .inspect import guess_architecture
 
@@ -75,7 +76,11 @@ def merge_exact(items: list[tuple[Adapter, float]]) -> Adapter:
             )
         )
     first = items[0][0]
-    meta = {k: v for k, v in first.metadata.items() if k in ("sdlora_base_model", "ss_base_model_version")}
+    meta = {
+        k: v
+        for k, v in first.metadata.items()
+        if k in ("sdlora_base_model", "ss_base_model_version")
+    }
     return Adapter(modules=modules, metadata=meta, source="merged")
 
 
@@ -133,6 +138,8 @@ def merge_adapters(
     """Merge (adapter, strength) pairs exactly, then compress to `rank` if given."""
     if not items:
         raise SdloraError("give at least one adapter to merge")
+    for adapter, strength in items:
+        check_strength(adapter.source, strength)
     merged = merge_exact(items)
     report = MergeReport(rank=None)
     if rank is not None:

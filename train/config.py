@@ -7,6 +7,7 @@ Every field is also a `sdlora train` flag (`rank` is `--rank`, `sample_prompts` 
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -139,6 +140,17 @@ class TrainConfig:
 
         need(bool(self.data_dir), "no data folder given; pass DATA_DIR (or data_dir in the config)")
         need(bool(self.output), "no output folder given; pass --output DIR")
+        need(
+            self.name is None
+            or (
+                self.name not in ("", ".", "..")
+                and "/" not in self.name
+                and "\\" not in self.name
+                and "\0" not in self.name
+            ),
+            f"--name {self.name!r} must be a plain file name (no folders); "
+            "the adapter is written inside --output",
+        )
         need(self.rank >= 1, f"--rank must be at least 1 (got {self.rank})")
         need(self.alpha is None or self.alpha > 0, f"--alpha must be positive (got {self.alpha})")
         need(
@@ -183,6 +195,15 @@ class TrainConfig:
             self.lr_scheduler in LR_SCHEDULERS,
             f"--lr-scheduler must be one of: {', '.join(LR_SCHEDULERS)}",
         )
+        need(
+            math.isfinite(self.lr) and math.isfinite(self.text_encoder_lr or 0.0),
+            "learning rates must be finite numbers",
+        )
+        need(
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            f"--weight-decay must be a finite number, 0 or more (got {self.weight_decay})",
+        )
+        need(0 <= self.seed <= 2**64 - 1, f"--seed must be from 0 to 2**64 - 1 (got {self.seed})")
         need(self.warmup_steps >= 0, "--warmup-steps must be 0 or more")
         need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of: {', '.join(OPTIMIZERS)}")
         need(self.max_grad_norm >= 0, "--max-grad-norm must be 0 or more")
