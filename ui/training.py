@@ -164,7 +164,6 @@ class _Forward(logging.Handler):
 def main(argv: list[str] | None = None) -> int:
     """Child-process entry: run `train()` on the JSON settings in argv[0]."""
     from sdlora.train import load_config
-
     from sdlora.train.loop import train
 
     argv = sys.argv[1:] if argv is None else argv
