@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .errors import SdloraError
+from .lora_spec import parse_lora
 
 DEFAULT_BASE = "toy"
 BASE_HELP = (
@@ -21,17 +22,6 @@ BASE_HELP = (
     "weights, for tests), a diffusers model folder, or a single .safetensors checkpoint in the "
     "original SD layout (default: %(default)s)"
 )
-
-
-def parse_lora(spec: str) -> tuple[str, float]:
-    """'FILE[:STRENGTH]' -> (file, strength); STRENGTH defaults to 1.0."""
-    path, sep, strength = spec.rpartition(":")
-    if sep:
-        try:
-            return path, float(strength)
-        except ValueError:
-            pass
-    return spec, 1.0
 
 
 def add_base_args(p: argparse.ArgumentParser) -> None:

@@ -51,9 +51,9 @@ def _print_report(report, limit: int | None) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .cli import parse_lora
     from .files import save_adapter
     from .formats import load_adapter
+    from .lora_spec import parse_lora
     from .merge import merge_adapters
 
     out = _check_out(args.out, args.overwrite)
