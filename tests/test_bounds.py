@@ -109,3 +109,17 @@ def test_train_command_refuses_a_name_with_folders(tmp_path, capsys):
     one_line_error(capsys, [*args, "--name", "../../x"], "must be a plain file name")
     assert not (tmp_path / "out").exists()
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_absurd_repeat_count_in_a_folder_name_is_refused(tmp_path, capsys):
+    from PIL import Image
+    from sdlora.train.data import discover
+
+    folder = tmp_path / "data" / "99999999999999999999_style"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (64, 64), "red").save(folder / "a.png")
+    with pytest.raises(SdloraError, match="asks for 99999999999999999999 repeats; use at most"):
+        discover(TrainConfig(data_dir=str(tmp_path / "data"), output=str(tmp_path / "out")))
+    args = ["train", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--base", "tiny"]
+    one_line_error(capsys, args, "99999999999999999999_style: the folder name asks for")
+    assert not (tmp_path / "out" / "data.safetensors").exists()

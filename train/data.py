@@ -25,6 +25,7 @@ from sdlora.train.config import SIDE_MULTIPLE, TrainConfig
 from sdlora.errors import SdloraError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+MAX_REPEATS = 10_000  # kohya users write 1-100; far beyond this an epoch never ends
 REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")  # kohya: "10_mystyle" repeats its images 10 times
 METADATA_FILE = "metadata.jsonl"  # Hugging Face imagefolder: {"file_name": ..., "text": ...}
 # images scaled up by this factor or more to fill their bucket are named in a warning: they
@@ -114,7 +115,13 @@ def repeats_for(path: Path, data_dir: Path) -> int:
     for folder in reversed(path.relative_to(data_dir).parts[:-1]):
         match = REPEATS_FOLDER.match(folder)
         if match:
-            return max(1, int(match.group(1)))
+            repeats = int(match.group(1))
+            if repeats > MAX_REPEATS:
+                raise SdloraError(
+                    f"{data_dir / Path(*path.relative_to(data_dir).parts[:-1])}: the folder name "
+                    f"asks for {repeats} repeats; use at most {MAX_REPEATS} (e.g. 10_{match.group(2)})"
+                )
+            return max(1, repeats)
     return 1
 
 
