@@ -196,10 +196,6 @@ class TrainConfig:
             f"--lr-scheduler must be one of: {', '.join(LR_SCHEDULERS)}",
         )
         need(
-            math.isfinite(self.lr) and math.isfinite(self.text_encoder_lr or 0.0),
-            "learning rates must be finite numbers",
-        )
-        need(
             math.isfinite(self.weight_decay) and self.weight_decay >= 0,
             f"--weight-decay must be a finite number, 0 or more (got {self.weight_decay})",
         )
