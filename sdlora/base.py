@@ -11,6 +11,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from .errors import SdloraError
+from .recommend import ATTRIBUTE, recommend_builtin
 
 BUILTIN = ("toy", "tiny")
 TOY_FOLDER = Path(__file__).parent / "assets" / "toy"  # pretrained by pretrain/toy_base.py
@@ -72,6 +73,7 @@ def load_base(
     """Load a base model: "toy", "tiny", a diffusers model folder, or a single .safetensors/.ckpt file.
 
     `config` is a diffusers model folder whose configs and tokenizer describe a single file.
+    A built-in base carries its recommended generation settings (see `sdlora.recommend`).
     """
     if spec == "toy":
         pipe = _load_toy()
@@ -104,6 +106,8 @@ def load_base(
                 f"{path}: unknown base file type; give a .safetensors checkpoint or a model folder"
             )
     pipe = _quiet(pipe)
+    if spec in BUILTIN:
+        setattr(pipe, ATTRIBUTE, recommend_builtin(spec, pipe))
     if dtype is not None or device is not None:
         pipe.to(device=device, dtype=dtype)
     return pipe

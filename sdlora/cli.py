@@ -178,12 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_base_args(p)
     p.add_argument("--prompt", required=True, help="what to draw")
     p.add_argument("--negative-prompt", default="", help="what to steer away from")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps (default: %(default)s)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="denoising steps (default: the base's recommended value, 20 for toy, 25 for SD)",
+    )
     p.add_argument(
         "--guidance",
         type=float,
-        default=7.5,
-        help="classifier-free guidance scale (default: %(default)s)",
+        help="classifier-free guidance scale (default: the base's recommended value, "
+        "2 for toy, 7.5 for SD)",
     )
     p.add_argument(
         "--seed",

@@ -22,6 +22,7 @@ from diffusers import (
 from PIL import Image, PngImagePlugin
 
 from .errors import SdloraError
+from .recommend import native_size, recommended
 
 SCHEDULERS = {
     "pndm": PNDMScheduler,
@@ -34,12 +35,15 @@ SCHEDULERS = {
 
 @dataclass
 class GenerateSettings:
-    """What makes an image reproducible: prompt, seed, sampler, size and the adapter mix."""
+    """What makes an image reproducible: prompt, seed, sampler, size and the adapter mix.
+
+    None for steps, guidance, width or height means the base's recommendation (`recommended`).
+    """
 
     prompt: str
     negative_prompt: str = ""
-    steps: int = 25
-    guidance: float = 7.5
+    steps: int | None = None  # None: the base's recommendation (20 for toy, 25 for SD)
+    guidance: float | None = None  # None: the base's recommendation (2 for toy, 7.5 for SD)
     seed: int = 0
     width: int | None = None  # None: the base's native size
     height: int | None = None
@@ -49,10 +53,14 @@ class GenerateSettings:
     sweep: dict[str, list[float]] = field(default_factory=dict)  # grid columns: name -> strengths
 
 
-def native_size(pipe: StableDiffusionPipeline) -> int:
-    """Image side the base was made for: UNet sample size times the VAE factor."""
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    return int(pipe.unet.config.sample_size) * factor
+def fill_recommended(pipe: StableDiffusionPipeline, s: GenerateSettings) -> GenerateSettings:
+    """Fill the steps and guidance left at None with the base's recommendation, in place."""
+    rec = recommended(pipe)
+    if s.steps is None:
+        s.steps = rec.steps
+    if s.guidance is None:
+        s.guidance = rec.guidance
+    return s
 
 
 MAX_GUIDANCE = 100.0  # beyond this the latents overflow to a black or garbage image
@@ -65,7 +73,7 @@ def check_settings(pipe: StableDiffusionPipeline, s: GenerateSettings) -> None:
     for name, value in (("width", s.width), ("height", s.height)):
         if value is not None and (value < factor or value % factor):
             raise SdloraError(f"--{name} {value} must be a positive multiple of {factor}")
-    if s.steps < 1:
+    if s.steps is not None and s.steps < 1:
         raise SdloraError(f"--steps must be at least 1 (got {s.steps})")
     if not (math.isfinite(s.guidance) and 0 <= s.guidance <= MAX_GUIDANCE):
         raise SdloraError(
@@ -89,9 +97,12 @@ def generate(
 ) -> list[Image.Image]:
     """Draw `settings.num_images` images; image i uses seed `settings.seed + i`.
 
-    `on_step(done, total)` is called after each denoising step (for progress bars).
+    Steps and guidance left at None are filled in with the base's recommendation first (in
+    `settings`, so the PNG saved with it records what was used). `on_step(done, total)` is
+    called after each denoising step (for progress bars).
     """
     check_settings(pipe, settings)
+    fill_recommended(pipe, settings)
     if type(pipe.scheduler) is not SCHEDULERS[settings.scheduler]:
         pipe.scheduler = SCHEDULERS[settings.scheduler].from_config(pipe.scheduler.config)
     size = native_size(pipe)

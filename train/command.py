@@ -256,7 +256,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="prompt for the samples; repeat for more (default: a training caption)",
     )
     g.add_argument(
-        "--sample-steps", type=int, help=f"denoising steps per sample (default: {D.sample_steps})"
+        "--sample-steps",
+        type=int,
+        help="denoising steps per sample (default: the base's recommended value, 20 for toy, "
+        "25 for SD)",
+    )
+    g.add_argument(
+        "--sample-guidance",
+        type=float,
+        help="guidance scale for the samples (default: the base's recommended value, 2 for "
+        "toy, 7.5 for SD)",
     )
     g.add_argument(
         "--tensorboard", action=on_off, help="TensorBoard logs in OUTPUT/logs (default: on)"

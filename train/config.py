@@ -125,7 +125,8 @@ class TrainConfig:
     keep_last: int = 3  # checkpoints kept under output/checkpoints/
     sample_every: int = 0  # sample images every N steps (and at the end); 0: never
     sample_prompts: list[str] = field(default_factory=list)  # empty: the first caption
-    sample_steps: int = 20  # denoising steps per sample image
+    sample_steps: int | None = None  # denoising steps per sample; None: the base's recommendation
+    sample_guidance: float | None = None  # guidance for samples; None: the base's recommendation
     tensorboard: bool = True  # TensorBoard logs under output/logs/ (needs tensorboard)
     log_every: int = 10  # read losses from the GPU every N steps (each read waits for the GPU)
     resume: str | None = None  # "latest" or a checkpoint folder; None: start fresh
@@ -224,7 +225,14 @@ class TrainConfig:
         need(self.save_every >= 0, "--save-every must be 0 or more")
         need(self.keep_last >= 1, "--keep-last must be at least 1")
         need(self.sample_every >= 0, "--sample-every must be 0 or more")
-        need(self.sample_steps >= 1, "--sample-steps must be at least 1")
+        need(
+            self.sample_steps is None or self.sample_steps >= 1,
+            "--sample-steps must be at least 1",
+        )
+        need(
+            self.sample_guidance is None or math.isfinite(self.sample_guidance),
+            "--sample-guidance must be a finite number",
+        )
         need(
             not (self.resume and self.overwrite),
             "--resume continues old checkpoints and --overwrite deletes them; pick one",

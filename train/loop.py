@@ -550,7 +550,15 @@ def save_samples(pipe, trained, prompts, config, output, step, writer, accelerat
         model.eval()
     with torch.no_grad(), accelerator.autocast():
         side = config.resolution
-        grid = sample_grid(pipe, prompts, config.seed, config.sample_steps, side, side)
+        grid = sample_grid(
+            pipe,
+            prompts,
+            config.seed,
+            config.sample_steps,
+            side,
+            side,
+            guidance=config.sample_guidance,
+        )
     for model in trained:
         model.train()
     folder = output / "samples"
