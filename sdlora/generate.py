@@ -75,7 +75,9 @@ def check_settings(pipe: StableDiffusionPipeline, s: GenerateSettings) -> None:
             raise SdloraError(f"--{name} {value} must be a positive multiple of {factor}")
     if s.steps is not None and s.steps < 1:
         raise SdloraError(f"--steps must be at least 1 (got {s.steps})")
-    if not (math.isfinite(s.guidance) and 0 <= s.guidance <= MAX_GUIDANCE):
+    if s.guidance is not None and not (
+        math.isfinite(s.guidance) and 0 <= s.guidance <= MAX_GUIDANCE
+    ):
         raise SdloraError(
             f"--guidance must be a number from 0 to {MAX_GUIDANCE:g} (got {s.guidance:g}); "
             "SD models use 5-9, the toy base 2"
