@@ -161,3 +161,17 @@ def resolve(
             f"in this base (e.g. {', '.join(unmatched[:3])}); was it made for another base model?"
         )
     return resolved, unmatched
+
+
+MAX_STRENGTH = 100.0  # |strength| beyond this only ever draws black or noise
+
+
+def check_strength(name: str, strength: float) -> float:
+    """The strength as a float, or a one-line error if it is not finite or beyond ±MAX_STRENGTH."""
+    strength = float(strength)
+    if not math.isfinite(strength) or abs(strength) > MAX_STRENGTH:
+        raise SdloraError(
+            f"strength {strength:g} for {name!r} must be a finite number between "
+            f"{-MAX_STRENGTH:g} and {MAX_STRENGTH:g} (1 = as trained, 0 = base)"
+        )
+    return strength

@@ -10,14 +10,13 @@ layers with their factors cached in the activations' dtype.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
 
-from .adapter import Adapter, resolve
+from .adapter import Adapter, check_strength, resolve
 from .errors import SdloraError
 from .formats import load_adapter
 from .fusion import Plan
@@ -42,20 +41,6 @@ class Entry:
     @property
     def effective(self) -> float:
         return self.strength if self.enabled else 0.0
-
-
-MAX_STRENGTH = 100.0  # |strength| beyond this only ever draws black or noise
-
-
-def check_strength(name: str, strength: float) -> float:
-    """The strength as a float, or a one-line error if it is not finite or beyond ±MAX_STRENGTH."""
-    strength = float(strength)
-    if not math.isfinite(strength) or abs(strength) > MAX_STRENGTH:
-        raise SdloraError(
-            f"strength {strength:g} for {name!r} must be a finite number between "
-            f"{-MAX_STRENGTH:g} and {MAX_STRENGTH:g} (1 = as trained, 0 = base)"
-        )
-    return strength
 
 
 class Mixer:

@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adapter import Adapter, ModuleFactors, fit_factors
-from .blend import check_strength
+from .adapter import Adapter, ModuleFactors, check_strength, fit_factors
 from .errors import SdloraError
 from .inspect import guess_architecture
 

@@ -137,9 +137,10 @@ def test_mixed_coverage_fused_matches_per_layer_merge(tiny, inputs, tmp_path):
 
 
 def test_non_finite_fuse_is_refused_and_nothing_written(tiny, two_files, monkeypatch):
-    import sdlora.blend
+    import sdlora.adapter
 
-    monkeypatch.setattr(sdlora.blend, "MAX_STRENGTH", float("inf"))  # reach the weights' own guard
+    # lift the strength bound to reach the weights' own non-finite guard
+    monkeypatch.setattr(sdlora.adapter, "MAX_STRENGTH", float("inf"))
     mixer = Mixer(tiny)
     mixer.add(two_files[0], strength=0.5)
     before = weights(tiny)

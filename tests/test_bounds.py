@@ -4,8 +4,9 @@ import pytest
 from conftest import make_adapter_file
 from sdlora.train.config import TrainConfig
 
+from sdlora.adapter import MAX_STRENGTH
 from sdlora.base import load_base
-from sdlora.blend import MAX_STRENGTH, Mixer
+from sdlora.blend import Mixer
 from sdlora.cli import main
 from sdlora.errors import SdloraError
 from sdlora.formats import load_adapter
@@ -122,3 +123,15 @@ def test_absurd_repeat_count_in_a_folder_name_is_refused(tmp_path, capsys):
     args = ["train", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--base", "tiny"]
     one_line_error(capsys, args, "99999999999999999999_style: the folder name asks for")
     assert not (tmp_path / "out" / "data.safetensors").exists()
+
+
+def test_repeat_error_names_the_folder_that_asks_not_a_subfolder(tmp_path):
+    from PIL import Image
+    from sdlora.train.data import discover
+
+    folder = tmp_path / "data" / "20000_style" / "close-ups"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (64, 64), "red").save(folder / "a.png")
+    with pytest.raises(SdloraError) as err:
+        discover(TrainConfig(data_dir=str(tmp_path / "data"), output=str(tmp_path / "out")))
+    assert str(err.value).startswith(f"{tmp_path / 'data' / '20000_style'}: the folder name asks")

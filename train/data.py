@@ -112,14 +112,15 @@ def find_image_files(data_dir: Path, exclude: Path | None = None) -> list[Path]:
 
 def repeats_for(path: Path, data_dir: Path) -> int:
     """N from the nearest folder named `N_name` between `data_dir` and the image, else 1."""
-    for folder in reversed(path.relative_to(data_dir).parts[:-1]):
-        match = REPEATS_FOLDER.match(folder)
+    folders = path.relative_to(data_dir).parts[:-1]
+    for depth in range(len(folders), 0, -1):
+        match = REPEATS_FOLDER.match(folders[depth - 1])
         if match:
             repeats = int(match.group(1))
             if repeats > MAX_REPEATS:
                 raise SdloraError(
-                    f"{data_dir / Path(*path.relative_to(data_dir).parts[:-1])}: the folder name "
-                    f"asks for {repeats} repeats; use at most {MAX_REPEATS} (e.g. 10_{match.group(2)})"
+                    f"{data_dir.joinpath(*folders[:depth])}: the folder name asks for {repeats} "
+                    f"repeats; use at most {MAX_REPEATS} (e.g. 10_{match.group(2)})"
                 )
             return max(1, repeats)
     return 1
