@@ -23,7 +23,8 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image, ImageDraw
 from sdlora.train import TrainConfig, train
-from sdlora.train import loop as loop_module
+from sdlora.train import models as models_module
+from sdlora.train import setup as train_setup
 
 from sdlora.base import load_base
 from sdlora.errors import SdloraError
@@ -115,7 +116,7 @@ def test_training_changes_only_lora_factors_and_loss_is_finite(
         held["pipe"] = load_base(*args, **kwargs)
         return held["pipe"]
 
-    monkeypatch.setattr(loop_module, "load_base", keep)
+    monkeypatch.setattr(models_module, "load_base", keep)
     caplog.set_level(logging.DEBUG, logger="sdlora.train")
     config = settings(shapes, tmp_path / "out", train_text_encoder=True, trigger="sks")
     path = train(config)
@@ -132,7 +133,7 @@ def test_training_changes_only_lora_factors_and_loss_is_finite(
     ]
     assert layers
     for layer in layers:
-        weights = layer.get(loop_module.ADAPTER_NAME)
+        weights = layer.get(models_module.ADAPTER_NAME)
         assert weights.down.requires_grad and weights.up.dtype == torch.float32
         assert weights.up.abs().max() > 0  # B starts at zero: it trained
 
@@ -181,7 +182,7 @@ def test_every_option_path_runs(shapes, tmp_path, monkeypatch, caplog):
         held["pipe"] = load_base(*args, **kwargs)
         return held["pipe"]
 
-    monkeypatch.setattr(loop_module, "load_base", keep)
+    monkeypatch.setattr(models_module, "load_base", keep)
     caplog.set_level(logging.DEBUG, logger="sdlora.train")
     config = settings(
         shapes, tmp_path / "out", steps=2, grad_accum=2, mixed_precision="bf16",
@@ -378,7 +379,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise ModelLoaded
 
-    monkeypatch.setattr(loop_module, "load_base", refuse)
+    monkeypatch.setattr(models_module, "load_base", refuse)
 
 
 def test_output_folder_rules(shapes, tmp_path, no_model):
@@ -469,10 +470,10 @@ def test_epochs_count_whole_passes_over_the_data():
 
     items = [ImageItem(path=None, caption="", repeats=r, size=(64, 64)) for r in (1, 3)]
     plan = BatchPlan(items, batch_size=2, seed=0)  # 4 images per epoch: 2 batches
-    assert loop_module.count_steps(TrainConfig(epochs=3), plan) == 6
-    assert loop_module.count_steps(TrainConfig(epochs=3, grad_accum=2), plan) == 3
-    assert loop_module.count_steps(TrainConfig(steps=5), plan) == 5
-    assert loop_module.count_steps(TrainConfig(), plan) == 1000
+    assert train_setup.count_steps(TrainConfig(epochs=3), plan) == 6
+    assert train_setup.count_steps(TrainConfig(epochs=3, grad_accum=2), plan) == 3
+    assert train_setup.count_steps(TrainConfig(steps=5), plan) == 5
+    assert train_setup.count_steps(TrainConfig(), plan) == 1000
 
 
 def test_optimizer_has_separate_learning_rates_and_fuses_on_cuda():
@@ -485,15 +486,15 @@ def test_optimizer_has_separate_learning_rates_and_fuses_on_cuda():
 
     injected = {"lora_unet_a": weights(), "lora_te_b": weights(), "lora_unet_c": weights()}
     config = TrainConfig(lr=1e-4, text_encoder_lr=5e-5)
-    optimizer = loop_module.make_optimizer(config, injected, torch.device("cpu"))
+    optimizer = models_module.make_optimizer(config, injected, torch.device("cpu"))
     unet, text = optimizer.param_groups
     assert unet["lr"] == 1e-4 and len(unet["params"]) == 4
     assert text["lr"] == 5e-5 and text["params"][0] is injected["lora_te_b"].down
     assert not optimizer.defaults["fused"]
-    same = loop_module.make_optimizer(TrainConfig(lr=1e-4), injected, torch.device("cpu"))
+    same = models_module.make_optimizer(TrainConfig(lr=1e-4), injected, torch.device("cpu"))
     assert [g["lr"] for g in same.param_groups] == [1e-4, 1e-4]
     # fused AdamW is asked for on CUDA (the parameters stay on the CPU here; only the flag counts)
-    assert loop_module.make_optimizer(config, injected, torch.device("cuda")).defaults["fused"]
+    assert models_module.make_optimizer(config, injected, torch.device("cuda")).defaults["fused"]
 
 
 def test_8bit_adamw_without_bitsandbytes_says_how_to_get_it():
@@ -504,4 +505,4 @@ def test_8bit_adamw_without_bitsandbytes_says_how_to_get_it():
     except ImportError:
         pass
     with pytest.raises(SdloraError, match=r"needs bitsandbytes: pip install"):
-        loop_module.make_optimizer(TrainConfig(optimizer="adamw8bit"), {}, torch.device("cpu"))
+        models_module.make_optimizer(TrainConfig(optimizer="adamw8bit"), {}, torch.device("cpu"))

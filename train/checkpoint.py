@@ -118,3 +118,11 @@ def load(path: Path) -> tuple[dict, dict]:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise SdloraError(f"{path}: checkpoint cannot be read ({reason})") from None
     return info, state
+
+
+def resume_hint(output: Path) -> str:
+    """Where a stopped run can continue from, as a sentence for the user."""
+    last = latest(output)
+    if last is None:
+        return "No checkpoint was saved yet (see --save-every)."
+    return f"The last checkpoint is {last}; run the same command with --resume to continue."

@@ -1,0 +1,76 @@
+"""What a run reports while it trains: losses (checked for NaN), the progress bar, TensorBoard."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from sdlora.train.checkpoint import resume_hint
+from sdlora.train.config import TrainConfig
+
+from sdlora.errors import SdloraError
+
+logger = logging.getLogger(__name__)
+
+
+class LossLog:
+    """Losses of the steps since the last read, kept on the device until `read()` fetches them.
+
+    A read is one host sync for all of them: it stops the run on a non-finite loss, then logs
+    each step (a debug line per step, TensorBoard, the progress bar).
+    """
+
+    def __init__(self, accelerator: Accelerator, output: Path, writer, progress):
+        self.accelerator, self.output, self.writer, self.progress = (
+            accelerator,
+            output,
+            writer,
+            progress,
+        )
+        self.steps: list[int] = []
+        self.losses: list[torch.Tensor] = []  # () each, on the device
+        self.lrs: list[list[float]] = []
+
+    def add(self, step: int, loss: torch.Tensor, lrs: list[float]) -> None:
+        self.steps.append(step)
+        self.losses.append(loss)
+        self.lrs.append(list(lrs))
+
+    def read(self, rate: float) -> None:
+        if not self.steps:
+            return
+        gathered = self.accelerator.gather(torch.stack(self.losses))  # (processes * n,)
+        per_process = gathered.reshape(-1, len(self.steps)).float().cpu()  # the host sync
+        finite = torch.isfinite(per_process).all(dim=0)
+        if not finite.all():
+            bad = int((~finite).nonzero()[0])
+            raise SdloraError(
+                f"loss became {per_process[:, bad].tolist()} at step {self.steps[bad]}; "
+                f"training stopped. {resume_hint(self.output)} "
+                "Try a lower --lr, or --mixed-precision no"
+            )
+        losses = per_process.mean(dim=0).tolist()
+        for step, loss, lrs in zip(self.steps, losses, self.lrs, strict=True):
+            logger.debug("step %d: loss %.6f, lr %.3g", step, loss, lrs[0])
+            if self.writer is not None:
+                self.writer.add_scalar("loss", loss, step)
+                for i, group_lr in enumerate(lrs):
+                    self.writer.add_scalar(f"lr/{['unet', 'text_encoder'][i]}", group_lr, step)
+        self.progress.set_postfix(
+            loss=f"{losses[-1]:.4f}", lr=f"{self.lrs[-1][0]:.2e}", img_s=f"{rate:.1f}"
+        )
+        self.steps, self.losses, self.lrs = [], [], []
+
+
+def open_tensorboard(output: Path, config: TrainConfig):
+    """A SummaryWriter under output/logs, or None (with a note) when tensorboard is missing."""
+    if not config.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        logger.info("TensorBoard logs are off: pip install tensorboard to get them")
+        return None
+    return SummaryWriter(log_dir=str(output / "logs"))
