@@ -22,8 +22,20 @@ class Recommended:
     size: int
 
 
+@dataclass(frozen=True)
+class TrainingStart:
+    """Training settings to start from on a base: image side, batch size, learning rate."""
+
+    resolution: int
+    batch_size: int
+    lr: float
+
+
 # guidance and steps of the built-in bases; their size comes from their configs
 BUILTIN = {"toy": (2.0, 20), "tiny": (SD_GUIDANCE, SD_STEPS)}
+# a small base learns a small adapter fast at a high rate (samples/style.toml); SD the usual
+BUILTIN_TRAINING = {"toy": TrainingStart(64, 4, 1e-3), "tiny": TrainingStart(64, 4, 1e-3)}
+SD_TRAINING = TrainingStart(512, 1, 1e-4)
 
 
 def native_size(pipe) -> int:
@@ -36,6 +48,16 @@ def recommend_builtin(name: str, pipe) -> Recommended:
     """The recommendation of built-in base `name` ("toy" or "tiny"), sized from `pipe`."""
     guidance, steps = BUILTIN[name]
     return Recommended(guidance=guidance, steps=steps, size=native_size(pipe))
+
+
+def guidance_and_steps(spec: str) -> tuple[float, int]:
+    """The recommended guidance and steps of the base named `spec`, without loading it."""
+    return BUILTIN.get(spec, (SD_GUIDANCE, SD_STEPS))
+
+
+def training_start(spec: str) -> TrainingStart:
+    """Training settings to start from on the base named `spec`, without loading it."""
+    return BUILTIN_TRAINING.get(spec, SD_TRAINING)
 
 
 def recommended(pipe) -> Recommended:

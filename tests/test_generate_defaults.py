@@ -108,3 +108,33 @@ def test_training_samples_use_the_recommendation_unless_given():
     pipe.calls.clear()
     sample_grid(pipe, ["a"], seed=0, steps=3, width=8, height=8, guidance=5.0)
     assert (pipe.calls[0]["guidance_scale"], pipe.calls[0]["num_inference_steps"]) == (5.0, 3)
+
+
+def _ui_values(app) -> dict:
+    """Starting values of the app's components that have an elem_id."""
+    blocks = app.blocks.values()
+    return {b.elem_id: getattr(b, "value", None) for b in blocks if getattr(b, "elem_id", None)}
+
+
+def test_web_ui_starts_at_the_base_recommendation(tmp_path):
+    from sdlora.ui.app import build_app
+
+    folders = [tmp_path / name for name in ("adapters", "datasets", "outputs")]
+    toy_ui = _ui_values(build_app("toy", *folders, device="cpu"))
+    assert (toy_ui["steps"], toy_ui["guidance"]) == (20, 2.0)
+    assert (toy_ui["resolution"], toy_ui["batch-size"], toy_ui["train-lr"]) == (64, 4, 1e-3)
+    # a model folder (not loaded to build the page) starts at the Stable Diffusion values
+    sd_ui = _ui_values(build_app(str(tmp_path / "some-sd-model"), *folders, device="cpu"))
+    assert (sd_ui["steps"], sd_ui["guidance"]) == (25, 7.5)
+    assert (sd_ui["resolution"], sd_ui["batch-size"], sd_ui["train-lr"]) == (512, 1, 1e-4)
+
+
+def test_web_ui_api_defaults_to_the_base_recommendation(tmp_path):
+    from sdlora.ui import handlers as h
+
+    settings = h.make_settings("a red circle")
+    assert settings.steps is None and settings.guidance is None  # filled in from the base
+    ctx = h.Context("toy", tmp_path / "a", tmp_path / "d", tmp_path / "o")
+    (path,) = h.run_generate(ctx, "toy", {}, settings)
+    record = _record(path)
+    assert (record["steps"], record["guidance"]) == (20, 2.0)

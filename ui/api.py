@@ -22,8 +22,8 @@ def add_api(ctx: h.Context, guard: Callable[[Callable], Callable], gpu: str) -> 
         prompt: str,
         adapters: dict[str, float] | None = None,
         negative_prompt: str = "",
-        steps: int = 25,
-        guidance: float = 7.5,
+        steps: int | None = None,
+        guidance: float | None = None,
         seed: int = 0,
         width: int = 0,
         height: int = 0,
@@ -32,7 +32,8 @@ def add_api(ctx: h.Context, guard: Callable[[Callable], Callable], gpu: str) -> 
         base: str = "",
     ) -> list[gr.FileData]:
         """Draw images with adapters {name: strength} from the adapters folder; returns PNGs
-        that carry prompt, seed, adapters and strengths in their metadata."""
+        that carry prompt, seed, adapters and strengths in their metadata. Steps and guidance
+        default to the base's recommended values (toy: 20 and 2; SD: 25 and 7.5)."""
         settings = h.make_settings(
             prompt, negative_prompt, steps, guidance, seed, width, height, scheduler, num_images
         )

@@ -185,15 +185,16 @@ def mix_files(ctx: Context, strengths: dict[str, float] | None) -> dict[str, tup
 def make_settings(
     prompt: str,
     negative_prompt: str = "",
-    steps: int = 25,
-    guidance: float = 7.5,
+    steps: int | None = None,
+    guidance: float | None = None,
     seed: int = 0,
     width: int = 0,
     height: int = 0,
     scheduler: str = "pndm",
     num_images: int = 1,
 ) -> GenerateSettings:
-    """GenerateSettings from form values (0 width/height = the base's native size), checked."""
+    """GenerateSettings from form values, checked. 0 width/height is the base's native size;
+    None steps/guidance the base's recommended values."""
     if not (prompt or "").strip():
         raise SdloraError("write a prompt first")
     if scheduler not in SCHEDULERS:
@@ -205,15 +206,15 @@ def make_settings(
             raise SdloraError(f"{label} must be between 0 (native) and {MAX_SIDE}")
     if not 1 <= int(num_images) <= MAX_IMAGES:
         raise SdloraError(f"number of images must be 1 to {MAX_IMAGES}")
-    if not 1 <= int(steps) <= 500:
+    if steps is not None and not 1 <= int(steps) <= 500:
         raise SdloraError("steps must be 1 to 500")
-    if not math.isfinite(float(guidance)):
+    if guidance is not None and not math.isfinite(float(guidance)):
         raise SdloraError("guidance must be a finite number")
     return GenerateSettings(
         prompt=prompt,
         negative_prompt=negative_prompt or "",
-        steps=int(steps),
-        guidance=float(guidance),
+        steps=None if steps is None else int(steps),
+        guidance=None if guidance is None else float(guidance),
         seed=int(seed),
         width=int(width) or None,
         height=int(height) or None,
