@@ -10,13 +10,12 @@ and strength 1.0 always means "as trained" (see `fold_scale`).
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .adapter import Adapter, ModuleFactors
@@ -26,6 +25,9 @@ from .layer import POSITIVELY_HOMOGENEOUS, check_nonlinearity
 FORMAT_VERSION = "1"
 NONLINEAR_PREFIX = "nonlinear_"
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+# An SDXL LoCon/LoKr adapter on every layer of both text encoders and the UNet holds about
+# 20,000 tensors; a file with many more is no adapter, and reading it would take minutes.
+MAX_TENSORS = 50_000
 
 
 def fold_scale(factors: ModuleFactors, nonlinearity: str) -> tuple[ModuleFactors, str]:
@@ -119,13 +121,16 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
             f"{path}: pickle files are never loaded (they can run code); use a .safetensors file"
         )
     try:
+        with safe_open(str(path), framework="pt") as f:  # the header only
+            count, metadata = len(f.keys()), f.metadata() or {}
+        if count > MAX_TENSORS:
+            raise SdloraError(
+                f"{path} holds {count:,} tensors; an adapter has at most {MAX_TENSORS:,} "
+                "(is this the right file?)"
+            )
         tensors = load_file(str(path))
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_len))
-    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as err:
+    except (SafetensorError, OSError, ValueError) as err:
         raise SdloraError(f"{path}: not a readable safetensors file ({err})") from None
-    metadata = header.get("__metadata__") or {}
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 

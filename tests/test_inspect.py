@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from conftest import make_adapter_file
 from safetensors.torch import load_file, save_file
@@ -9,6 +10,7 @@ from test_formats import kohya_file
 
 from sdlora.base import load_base
 from sdlora.cli import main
+from sdlora.errors import SdloraError
 from sdlora.files import read_safetensors
 from sdlora.inspect import inspect_file
 
@@ -87,3 +89,19 @@ def test_coverage_counts_other_shapes_apart(tmp_path, capsys):
     text = capsys.readouterr().out
     assert field(text, "coverage").strip() == "1 matched, 1 unmatched, 1 of another shape"
     assert f"other shape e.g. {q}" in text
+
+
+def test_a_file_with_too_many_tensors_is_refused_from_its_header(tmp_path, monkeypatch):
+    """Reading 100,000 tiny tensors took minutes; the header's count is enough to refuse."""
+    from sdlora import files
+
+    path = tmp_path / "many.safetensors"
+    count = files.MAX_TENSORS + 1
+    save_file({f"x{i}": torch.zeros(1) for i in range(count)}, str(path))
+
+    def never(*args, **kwargs):
+        raise AssertionError("the tensors were read")
+
+    monkeypatch.setattr(files, "load_file", never)
+    with pytest.raises(SdloraError, match=f"holds {count:,} tensors"):
+        inspect_file(path)
