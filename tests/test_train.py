@@ -143,7 +143,8 @@ def test_training_changes_only_lora_factors_and_loss_is_finite(
     # the closing summary says what was done and where the file is
     done = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("done:"))
     assert re.match(
-        r"done: 3 steps in [\d.]+ s \([\d.e+-]+ steps/s, [\d.e+-]+ images/s\), peak memory "
+        r"done: 3 steps in [\d.]+ s \(first step [\d.]+ s, then [\d.e+-]+ steps/s, "
+        r"[\d.e+-]+ images/s\), peak memory "
         r"[\d.]+ GiB \(process RSS\); adapter: ",
         done,
     ), done
@@ -506,3 +507,16 @@ def test_8bit_adamw_without_bitsandbytes_says_how_to_get_it():
         pass
     with pytest.raises(SdloraError, match=r"needs bitsandbytes: pip install"):
         models_module.make_optimizer(TrainConfig(optimizer="adamw8bit"), {}, torch.device("cpu"))
+
+
+def test_pace_keeps_the_first_step_apart_from_the_rate():
+    from sdlora.train.progress import Pace
+
+    pace = Pace(images_per_step=8, first_step=0, started=100.0)
+    assert pace.mark(1, 160.0) == pytest.approx(8 / 60)  # a 60 s first step (compiling)
+    assert pace.mark(11, 161.0) == pytest.approx(80.0)  # then 10 steps a second
+    assert pace.mark(21, 163.0) == pytest.approx(40.0)  # the recent rate, not the average
+    summary = pace.summary(21, 170.0)  # the adapter was written after the last read
+    assert summary == (
+        "21 steps in 70.0 s (first step 60.0 s, then 6.67 steps/s, 53.3 images/s)"
+    ), summary

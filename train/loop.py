@@ -23,7 +23,7 @@ from sdlora.train.data import MicroBatches, possible_captions, with_trigger
 from sdlora.train.encode import LatentCache, TextCache
 from sdlora.train.finish import adapter_metadata, peak_memory, save_checkpoint, save_samples
 from sdlora.train.models import Models, load_models, restore
-from sdlora.train.progress import LossLog, open_tensorboard
+from sdlora.train.progress import LossLog, Pace, open_tensorboard
 from sdlora.train.setup import DataRun, default_workers, make_accelerator, prepare_data
 from sdlora.train.step import TrainStep
 from torch.utils.data import DataLoader
@@ -93,6 +93,7 @@ def train(
 
     # --- the loop: micro-batches until the last optimizer step
     first_step, started = step, time.perf_counter()
+    pace = Pace(images_per_step, first_step, started)
     for model in models.trained:
         model.train()  # LoRA dropout and gradient checkpointing act in training mode
     micro_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses, on device
@@ -114,10 +115,10 @@ def train(
             last_step = step == data.total_steps
             save = config.save_every and (step % config.save_every == 0 or last_step)
             sample = config.sample_every and (step % config.sample_every == 0 or last_step)
-            if save or sample or last_step or step % config.log_every == 0:
+            first = step == first_step + 1  # read at once: start-up is timed apart
+            if save or sample or last_step or first or step % config.log_every == 0:
                 # the only place the loop waits for the GPU: losses are checked before any save
-                seconds = max(time.perf_counter() - started, 1e-9)
-                unread.read((step - first_step) * images_per_step / seconds)
+                unread.read(pace.mark(step, time.perf_counter()))
             if save:
                 if main:
                     save_checkpoint(output, step, config, models, accelerator, metadata())
@@ -144,14 +145,9 @@ def train(
         save_adapter(collect_adapter(models.injected, metadata()), path, overwrite=True)
         if writer is not None:
             writer.close()
-        elapsed = time.perf_counter() - started
-        done = step - first_step
         logger.info(
-            "done: %d steps in %.1f s (%.3g steps/s, %.3g images/s), peak memory %s; adapter: %s",
-            done,
-            elapsed,
-            done / max(elapsed, 1e-9),
-            done * images_per_step / max(elapsed, 1e-9),
+            "done: %s, peak memory %s; adapter: %s",
+            pace.summary(step, time.perf_counter()),
             peak_memory(accelerator.device),
             path,
         )

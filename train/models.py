@@ -8,6 +8,7 @@ stay fp32; the VAE stays fp32 (SD VAEs overflow in fp16; in bf16 runs it encodes
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,10 +16,10 @@ import torch
 from accelerate import Accelerator
 from diffusers import StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
-from sdlora.train import checkpoint
+from sdlora.train import checkpoint, precompile
 from sdlora.train.config import RESUME_MUST_MATCH, TrainConfig
 from sdlora.train.data import BatchPlan, derived_seed
-from sdlora.train.speed import speed_up, will_compile
+from sdlora.train.speed import REGIONS, compile_options, compile_regions, speed_up, will_compile
 
 from sdlora.base import load_base
 from sdlora.errors import SdloraError
@@ -90,14 +91,9 @@ def load_models(
         if config.train_text_encoder:
             te = pipe.text_encoder  # transformers 5 renamed gradient_checkpointing_enable
             getattr(te, "activation_checkpointing_enable", te.gradient_checkpointing_enable)()
-    compiling = will_compile(config.compile, accelerator.device, total_steps, len(plan.by_bucket))
-    # CUDA graphs reuse their output memory every step, so gradients must not accumulate
-    graphs = config.grad_accum == 1
-    fast = speed_up(
-        pipe.unet, accelerator.device, compiling, len(plan.by_bucket), cuda_graphs=graphs
-    )
-    if main and fast:
-        logger.info("speed: %s", ", ".join(f"{k} {v}" for k, v in fast.items()))
+    device = accelerator.device
+    compiling = will_compile(config.compile, device, total_steps, len(plan.by_bucket))
+    fast = speed_up(pipe.unet, device, compile=False, buckets=len(plan.by_bucket))
 
     optimizer = make_optimizer(config, injected, accelerator.device)
     lr_scheduler = get_scheduler(
@@ -109,6 +105,16 @@ def load_models(
     prepared = accelerator.prepare(*trained, optimizer)
     unet, optimizer = prepared[0], prepared[-1]
     text_encoder = prepared[1] if config.train_text_encoder else pipe.text_encoder
+    if compiling:
+        # CUDA graphs reuse their output memory every step, so gradients must not accumulate
+        graphs = config.grad_accum == 1
+        if use_compile_workers(config, device):
+            fast["compile workers"] = fill_compile_cache(
+                config, pipe, unet, plan, lora_args, weight_dtype, accelerator, graphs
+            )
+        fast["compile"] = compile_regions(pipe.unet, device, len(plan.by_bucket), graphs)
+    if main and fast:
+        logger.info("speed: %s", ", ".join(f"{k} {v}" for k, v in fast.items()))
     return Models(
         pipe,
         injected,
@@ -120,6 +126,67 @@ def load_models(
         lr_scheduler,
         weight_dtype,
     )
+
+
+def use_compile_workers(config: TrainConfig, device: torch.device) -> bool:
+    """Compile in parallel worker processes first (see precompile.py)?
+
+    On CUDA, unless SDLORA_COMPILE_WORKERS=0; not with gradient checkpointing (its blocks run
+    inside checkpoint wrappers that the workers do not rebuild).
+    """
+    wanted = os.environ.get("SDLORA_COMPILE_WORKERS", "") != "0"
+    return wanted and device.type == "cuda" and not config.gradient_checkpointing
+
+
+def batch_shapes(plan: BatchPlan) -> list[tuple[int, int, int]]:
+    """(batch, width, height) of every micro-batch the plan can hand out."""
+    shapes = set()
+    for (width, height), indices in plan.by_bucket.items():
+        shapes.add((min(plan.batch_size, len(indices)), width, height))
+        if len(indices) % plan.batch_size:
+            shapes.add((len(indices) % plan.batch_size, width, height))
+    return sorted(shapes)
+
+
+def fill_compile_cache(
+    config, pipe, unet, plan, lora_args, weight_dtype, accelerator, graphs
+) -> str:
+    """Compile the UNet's regions for every batch shape in worker processes; say how it went."""
+    device = accelerator.device
+    bare = accelerator.unwrap_model(unet)
+    channels_last = bare.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    factor = pipe.vae_scale_factor
+    tokens = pipe.tokenizer.model_max_length
+    width = pipe.text_encoder.config.hidden_size
+    generator = torch.Generator(device).manual_seed(0)  # its own: the training RNG is untouched
+    inputs = []
+    for batch, w, h in batch_shapes(plan):
+        latent = (batch, bare.config.in_channels, h // factor, w // factor)
+        noisy = torch.randn(latent, generator=generator, device=device)
+        timesteps = torch.randint(0, 1000, (batch,), generator=generator, device=device)
+        condition = torch.randn((batch, tokens, width), generator=generator, device=device)
+        condition = condition.to(weight_dtype).requires_grad_(config.train_text_encoder)
+        inputs.append((noisy.to(weight_dtype, memory_format=layout), timesteps, condition))
+    def call_unet(*args):  # as the prepared UNet runs, without its multi-process wrapper
+        with accelerator.autocast():
+            return bare(*args).sample
+
+    jobs = precompile.record_calls(bare, call_unet, inputs, REGIONS)
+    adapter = precompile.Adapter(
+        targets=tuple(target_names(config.targets, UNET_TARGETS)),
+        rank=lora_args["rank"],
+        alpha=lora_args["alpha"],
+        nonlinearity=lora_args["nonlinearity"],
+        dropout=lora_args["dropout"],
+        name=lora_args["name"],
+    )
+    autocast = weight_dtype if weight_dtype != torch.float32 else None
+    done = precompile.fill_cache(
+        bare, jobs, adapter, weight_dtype, autocast, compile_options(device, graphs)
+    )
+    failed = f", {done['failed']} failed" if done["failed"] else ""
+    return f"{len(jobs)} graphs in {done['workers']} processes, {done['seconds']:.0f} s{failed}"
 
 
 def check_sides(pipe, plan: BatchPlan) -> None:

@@ -64,6 +64,44 @@ class LossLog:
         self.steps, self.losses, self.lrs = [], [], []
 
 
+class Pace:
+    """Training speed as a user should read it: the first step apart, then the recent rate.
+
+    The first step carries the start-up (compiling, CUDA-graph capture, kernel choice); averaging
+    it into the rate would show a fraction of the speed the steps actually run at. `mark` is
+    called at each loss read (the loop's only host syncs), so the times are the GPU's.
+    """
+
+    def __init__(self, images_per_step: int, first_step: int, started: float):
+        self.images_per_step, self.started = images_per_step, started
+        self.first: tuple[int, float] = (first_step, started)  # (step, time) the run began at
+        self.after_first: tuple[int, float] | None = None  # when the first step was done
+        self.last: tuple[int, float] = self.first
+
+    def mark(self, step: int, now: float) -> float:
+        """Record a read at `step`; return images/s since the previous read."""
+        if self.after_first is None:
+            self.after_first = (step, now)
+        previous, self.last = self.last, (step, now)
+        return (step - previous[0]) * self.images_per_step / max(now - previous[1], 1e-9)
+
+    def summary(self, step: int, now: float) -> str:
+        """ "N steps in T s (first step F s, then R steps/s, I images/s)"."""
+        done, elapsed = step - self.first[0], now - self.started
+        if self.after_first is None or step <= self.after_first[0]:
+            rate = done / max(elapsed, 1e-9)
+            return f"{done} steps in {elapsed:.1f} s ({rate:.3g} steps/s, {rate * self.images_per_step:.3g} images/s)"
+        first_s = self.after_first[1] - self.started
+        (last_step, last), (one, one_at) = self.last, self.after_first
+        rate = (last_step - one) / max(
+            last - one_at, 1e-9
+        )  # steps after the first, to the last read
+        return (
+            f"{done} steps in {elapsed:.1f} s (first step {first_s:.1f} s, then {rate:.3g} "
+            f"steps/s, {rate * self.images_per_step:.3g} images/s)"
+        )
+
+
 def open_tensorboard(output: Path, config: TrainConfig):
     """A SummaryWriter under output/logs, or None (with a note) when tensorboard is missing."""
     if not config.tensorboard:

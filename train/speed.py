@@ -69,22 +69,32 @@ def speed_up(
     if device.type == "cuda":
         done["attention"] = pick_attention_kernel(unet, device)
     if compile:
-        limit = GRAPHS_PER_BUCKET * buckets
-        dynamo = torch._dynamo.config
-        # each block shape (per bucket) is one more compiled graph of the same code
-        dynamo.recompile_limit = max(dynamo.recompile_limit, limit)
-        dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * limit)
-        graphs = cuda_graphs and device.type == "cuda" and COMPILE_BACKEND == "inductor"
-        mode = "reduce-overhead" if graphs else None
-        count = 0
-        for module in unet.modules():
-            if type(module).__name__ in REGIONS:
-                module.compile(dynamic=COMPILE_DYNAMIC, backend=COMPILE_BACKEND, mode=mode)
-                count += 1
-        done["compile"] = f"{count} blocks ({', '.join(REGIONS)})" + (
-            ", CUDA graphs" if graphs else ""
-        )
+        done["compile"] = compile_regions(unet, device, buckets, cuda_graphs)
     return done
+
+
+def compile_options(device: torch.device, cuda_graphs: bool) -> dict:
+    """The keyword arguments of `module.compile` for each region."""
+    graphs = cuda_graphs and device.type == "cuda" and COMPILE_BACKEND == "inductor"
+    mode = "reduce-overhead" if graphs else None
+    return dict(dynamic=COMPILE_DYNAMIC, backend=COMPILE_BACKEND, mode=mode)
+
+
+def compile_regions(unet: nn.Module, device: torch.device, buckets: int, cuda_graphs: bool) -> str:
+    """torch.compile each repeated block of `unet` in place (it compiles at its first call)."""
+    limit = GRAPHS_PER_BUCKET * buckets
+    dynamo = torch._dynamo.config
+    # each block shape (per bucket) is one more compiled graph of the same code
+    dynamo.recompile_limit = max(dynamo.recompile_limit, limit)
+    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * limit)
+    options = compile_options(device, cuda_graphs)
+    count = 0
+    for module in unet.modules():
+        if type(module).__name__ in REGIONS:
+            module.compile(**options)
+            count += 1
+    graphs = ", CUDA graphs" if options["mode"] == "reduce-overhead" else ""
+    return f"{count} blocks ({', '.join(REGIONS)}){graphs}"
 
 
 def attention_shapes(unet: nn.Module, batch: int = 8) -> list[tuple[tuple[int, ...], int]]:

@@ -1,0 +1,50 @@
+"""Compiling in worker processes (train/precompile.py): what is recorded, and a worker's run.
+
+On the CPU the workers use the "eager" backend (it only traces), so this checks the workers
+rebuild every region and run it with the recorded inputs; that the graphs they compile are the
+training process's own (cache hits) is measured on the GPU (benchmarks/first_run.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from sdlora.train import precompile
+from sdlora.train.speed import REGIONS
+
+from sdlora.base import load_base
+from sdlora.inject import UNET_TARGETS, add_trainable, target_names
+
+
+def _unet_with_adapter():
+    unet = load_base("tiny").unet
+    targets = target_names("attn", UNET_TARGETS)
+    add_trainable(unet, "unet", targets, rank=4, nonlinearity="relu", name="training")
+    adapter = precompile.Adapter(tuple(targets), 4, None, "relu", 0.0, "training")
+    return unet.train(), adapter
+
+
+def test_recorded_calls_cover_every_region_once_and_leave_no_gradient():
+    unet, _ = _unet_with_adapter()
+    shapes = [(2, 8), (1, 8), (2, 16)]  # (batch, latent side): two batch sizes, two buckets
+    inputs = [
+        (torch.randn(b, 4, s, s), torch.randint(0, 1000, (b,)), torch.randn(b, 77, 32))
+        for b, s in shapes
+    ]
+    jobs = precompile.record_calls(unet, lambda *a: unet(*a).sample, inputs, REGIONS)
+    names = precompile.region_names(unet, REGIONS)
+    covered = [name for job in jobs for name in job["regions"]]
+    # each region once per input shape; regions with the same parameters and inputs share a job
+    assert sorted(covered) == sorted(names * len(shapes))
+    assert len(jobs) < len(covered)
+    first = jobs[0]["args"][0]
+    assert first["__tensor__"] and len(first["shape"]) == 4
+    assert all(p.grad is None for p in unet.parameters())  # forward only
+
+
+def test_a_worker_rebuilds_and_runs_every_recorded_region():
+    unet, adapter = _unet_with_adapter()
+    inputs = [(torch.randn(2, 4, 8, 8), torch.randint(0, 1000, (2,)), torch.randn(2, 77, 32))]
+    jobs = precompile.record_calls(unet, lambda *a: unet(*a).sample, inputs, REGIONS)
+    options = dict(dynamic=False, backend="eager", mode=None)
+    done = precompile.fill_cache(unet, jobs, adapter, torch.float32, None, options, workers=1)
+    assert done == {"workers": 1, "failed": 0, "seconds": done["seconds"]}

@@ -1,0 +1,250 @@
+"""Compiling the UNet's blocks in parallel processes, so a first run does not wait minutes.
+
+torch.compile works through the compiled regions (see speed.py) one after another in one
+process: on an empty compile cache that is most of three minutes for SD 1.5, while every other
+CPU core idles. PyTorch keeps what it compiled in an on-disk cache (Inductor's FX-graph cache and
+AOTAutograd's cache), shared by every process of the user on the machine. So before the first
+step:
+
+1. `record_calls`: one forward pass of the UNet on random inputs of each bucket's shape records
+   what each region receives (shapes, strides, dtypes, requires_grad, keyword values). No
+   backward, so no gradient reaches the adapter; the training RNG is untouched.
+2. Regions that would compile to the same graph (same class, same parameter shapes, same inputs)
+   are grouped; `fill_cache` shares the groups among worker processes (`python -m
+   sdlora.train.precompile SPEC.json`). Each worker builds the UNet on the meta device, injects
+   the same adapter, materialises only its blocks on the GPU, compiles them and runs each forward
+   and backward once on random inputs: that compiles and stores the graphs.
+3. The training process then compiles its regions as usual and finds every graph in the cache.
+
+Values never matter to a compiled graph, only shapes and types, so random weights and inputs give
+the very graphs the real run needs. A worker that fails costs nothing but time: the training
+process compiles whatever is missing itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+MAX_WORKERS = 8  # each holds a CUDA context (~0.5 GiB) and its blocks; more gain little
+WORKER_TIMEOUT_S = 900  # a worker still compiling after this is stopped; the trainer compiles
+TENSOR = "__tensor__"  # marks a recorded tensor in the JSON job description
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """The trainable adapter as injected in the training process (see models.load_models)."""
+
+    targets: tuple[str, ...]
+    rank: int
+    alpha: float | None
+    nonlinearity: str
+    dropout: float
+    name: str
+
+
+def describe(value):
+    """A JSON-able record of one argument: tensors by shape, stride, dtype, requires_grad."""
+    if isinstance(value, torch.Tensor):
+        return {
+            TENSOR: True,
+            "shape": list(value.shape),
+            "stride": list(value.stride()),
+            "dtype": str(value.dtype).removeprefix("torch."),
+            "requires_grad": value.requires_grad,
+        }
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [describe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): describe(v) for k, v in value.items()}
+    raise TypeError(f"cannot record an argument of type {type(value).__name__}")
+
+
+def rebuild(record, device: torch.device):
+    """A random tensor (or the plain value) matching a `describe` record."""
+    if isinstance(record, dict) and record.get(TENSOR):
+        dtype = getattr(torch, record["dtype"])
+        empty = torch.empty_strided(record["shape"], record["stride"], dtype=dtype, device=device)
+        value = empty.normal_() if dtype.is_floating_point else empty.random_(0, 2)
+        return value.requires_grad_(record["requires_grad"])
+    if isinstance(record, list):
+        return [rebuild(v, device) for v in record]
+    if isinstance(record, dict):
+        return {k: rebuild(v, device) for k, v in record.items()}
+    return record
+
+
+def region_names(unet: nn.Module, regions: tuple[str, ...]) -> list[str]:
+    return [name for name, m in unet.named_modules() if type(m).__name__ in regions]
+
+
+def record_calls(
+    unet: nn.Module,
+    call_unet,
+    inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    regions: tuple[str, ...],
+) -> list[dict]:
+    """What each region receives, for each set of UNet inputs (one per bucket shape).
+
+    `unet` is the bare UNet (its submodules are hooked); `call_unet(noisy, timesteps, condition)`
+    runs it as the training step does (prepared by accelerate: same autocast, same wrapper).
+    Returns one job per distinct graph: {"regions": [names], "args": [...], "kwargs": {...}}.
+    """
+    calls: list[tuple[str, dict]] = []
+    hooks = []
+    for name in region_names(unet, regions):
+
+        def pre(module, args, kwargs, name=name):
+            calls.append((name, {"args": describe(list(args)), "kwargs": describe(kwargs)}))
+
+        hooks.append(unet.get_submodule(name).register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        for noisy, timesteps, condition in inputs:
+            out = call_unet(noisy, timesteps, condition)
+            del out  # no backward: nothing reaches the adapter's gradients
+    finally:
+        for hook in hooks:
+            hook.remove()
+    jobs: dict[str, dict] = {}
+    for name, call in calls:
+        module = unet.get_submodule(name)
+        params = [
+            (n, list(p.shape), str(p.dtype), p.requires_grad) for n, p in module.named_parameters()
+        ]
+        key = json.dumps([type(module).__name__, params, call], sort_keys=True)
+        jobs.setdefault(key, {"regions": [], **call})["regions"].append(name)
+    return list(jobs.values())
+
+
+def fill_cache(
+    unet: nn.Module,
+    jobs: list[dict],
+    adapter: Adapter,
+    weight_dtype: torch.dtype,
+    autocast_dtype: torch.dtype | None,
+    compile_options: dict,
+    workers: int | None = None,
+) -> dict[str, float | int]:
+    """Compile the jobs' graphs into the on-disk compile cache with worker processes.
+
+    Returns what happened: workers started, failed, seconds. Never raises for a worker's failure.
+    """
+    count = workers or default_workers(len(jobs))
+    shares = [jobs[i::count] for i in range(count)]
+    device = next(unet.parameters()).device
+    channels_last = unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    spec = {
+        "unet_config": dict(unet.config),
+        "adapter": adapter.__dict__,
+        "weight_dtype": str(weight_dtype).removeprefix("torch."),
+        "autocast_dtype": str(autocast_dtype).removeprefix("torch.") if autocast_dtype else None,
+        "channels_last": channels_last,
+        "device": str(device),
+        "compile": compile_options,
+        "sdp_order": [int(b) for b in torch._C._get_sdp_priority_order()],
+    }
+    env = dict(os.environ)
+    # the workers share the CPU: each gets its part of Inductor's kernel-compiling threads
+    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, (os.cpu_count() or 2) // count)))
+    started = time.perf_counter()
+    failed = 0
+    with tempfile.TemporaryDirectory(prefix="sdlora-precompile-") as tmp:
+        procs = []
+        for i, share in enumerate(shares):
+            path = Path(tmp) / f"job-{i}.json"
+            path.write_text(json.dumps({**spec, "jobs": share}))
+            cmd = [sys.executable, "-m", "sdlora.train.precompile", str(path)]
+            procs.append(
+                subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            )
+        for proc in procs:
+            try:
+                _, err = proc.communicate(timeout=WORKER_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+            if proc.returncode != 0:
+                failed += 1
+                last = (err or b"").decode(errors="replace").strip().splitlines()[-1:]
+                logger.debug("a compile worker failed: %s", last[0] if last else proc.returncode)
+    return {"workers": count, "failed": failed, "seconds": time.perf_counter() - started}
+
+
+def default_workers(jobs: int) -> int:
+    """One worker per job, at most one per two CPU cores and MAX_WORKERS."""
+    return max(1, min(jobs, MAX_WORKERS, (os.cpu_count() or 2) // 2))
+
+
+def main(spec_path: str) -> None:
+    """A worker: compile and run once each job of the spec file (see `fill_cache`)."""
+    from diffusers import UNet2DConditionModel
+
+    from sdlora.inject import add_trainable
+
+    spec = json.loads(Path(spec_path).read_text())
+    device = torch.device(spec["device"])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch._C._set_sdp_priority_order(spec["sdp_order"])
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(spec["unet_config"])
+    unet.requires_grad_(False)
+    unet.to(dtype=getattr(torch, spec["weight_dtype"]))
+    a = spec["adapter"]
+    add_trainable(
+        unet,
+        "unet",
+        tuple(a["targets"]),
+        rank=a["rank"],
+        alpha=a["alpha"],
+        nonlinearity=a["nonlinearity"],
+        dropout=a["dropout"],
+        name=a["name"],
+    )
+    unet.train()
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, 4 * len(spec["jobs"]))
+    autocast = spec["autocast_dtype"]
+    for job in spec["jobs"]:
+        block = unet.get_submodule(job["regions"][0])
+        block.to_empty(device=device)
+        if spec["channels_last"]:
+            block.to(memory_format=torch.channels_last)
+        block.compile(**spec["compile"])
+        args, kwargs = rebuild(job["args"], device), rebuild(job["kwargs"], device)
+        if device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        dtype = getattr(torch, autocast) if autocast else torch.bfloat16
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast is not None):
+            out = block(*args, **kwargs)
+        out = next(t for t in _tensors(out))
+        if out.requires_grad:
+            out.float().sum().backward()
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _tensors(v)
+    elif hasattr(value, "to_tuple"):
+        yield from _tensors(value.to_tuple())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
