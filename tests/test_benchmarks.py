@@ -40,3 +40,21 @@ def test_smoke_benchmark_prints_every_row(tmp_path):
     assert all(v > 0 for v in speeds), speeds
     # targets are judged only on the GPU run: a CPU smoke run claims none met or missed
     assert all(r["met"] is None for r in result["rows"])
+
+
+def test_first_run_benchmark_times_whole_commands(tmp_path):
+    out = tmp_path / "first.json"
+    run = subprocess.run(
+        [sys.executable, "benchmarks/first_run.py", "--smoke", "--steps", "2", "--batches", "1"]
+        + ["--runs", "eager,reference", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {r["run"]: r for r in json.loads(out.read_text(encoding="utf-8"))["rows"]}
+    assert set(rows) == {"eager", "reference"}
+    for r in rows.values():
+        # the whole command takes longer than its first step, which is timed apart
+        assert r["wall_s"] > r["first_step_s"] > 0 and r["images_per_s"] > 0, r

@@ -168,6 +168,7 @@ def fill_compile_cache(
         condition = torch.randn((batch, tokens, width), generator=generator, device=device)
         condition = condition.to(weight_dtype).requires_grad_(config.train_text_encoder)
         inputs.append((noisy.to(weight_dtype, memory_format=layout), timesteps, condition))
+
     def call_unet(*args):  # as the prepared UNet runs, without its multi-process wrapper
         with accelerator.autocast():
             return bare(*args).sample
@@ -185,7 +186,7 @@ def fill_compile_cache(
     done = precompile.fill_cache(
         bare, jobs, adapter, weight_dtype, autocast, compile_options(device, graphs)
     )
-    failed = f", {done['failed']} failed" if done["failed"] else ""
+    failed = f", {done['failed']} failed ({done['error']})" if done["failed"] else ""
     return f"{len(jobs)} graphs in {done['workers']} processes, {done['seconds']:.0f} s{failed}"
 
 

@@ -141,7 +141,8 @@ def fill_cache(
 ) -> dict[str, float | int]:
     """Compile the jobs' graphs into the on-disk compile cache with worker processes.
 
-    Returns what happened: workers started, failed, seconds. Never raises for a worker's failure.
+    Returns what happened: workers started, failed, seconds, and the first failure's last line
+    as "error". Never raises for a worker's failure: the trainer compiles what is missing.
     """
     count = workers or default_workers(len(jobs))
     shares = [jobs[i::count] for i in range(count)]
@@ -161,7 +162,7 @@ def fill_cache(
     # the workers share the CPU: each gets its part of Inductor's kernel-compiling threads
     env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, (os.cpu_count() or 2) // count)))
     started = time.perf_counter()
-    failed = 0
+    failed, why = 0, ""
     with tempfile.TemporaryDirectory(prefix="sdlora-precompile-") as tmp:
         procs = []
         for i, share in enumerate(shares):
@@ -180,8 +181,9 @@ def fill_cache(
             if proc.returncode != 0:
                 failed += 1
                 last = (err or b"").decode(errors="replace").strip().splitlines()[-1:]
-                logger.debug("a compile worker failed: %s", last[0] if last else proc.returncode)
-    return {"workers": count, "failed": failed, "seconds": time.perf_counter() - started}
+                why = why or (last[0] if last else f"exit code {proc.returncode}")
+    done = {"workers": count, "failed": failed, "seconds": time.perf_counter() - started}
+    return done | ({"error": why} if why else {})
 
 
 def default_workers(jobs: int) -> int:
