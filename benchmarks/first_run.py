@@ -87,10 +87,13 @@ def train_command(
     ]
 
 
-def timed(cmd: list[str], env: dict) -> tuple[float, str]:
-    """(wall seconds, stderr) of a command; raises with its last lines when it fails."""
+def timed(cmd: list[str], env: dict, cwd: Path) -> tuple[float, str]:
+    """(wall seconds, stderr) of a command; raises with its last lines when it fails.
+
+    It runs in `cwd`, away from a source checkout: `-m sdlora.cli` then finds the installed
+    package (with sdlora.train), as a user's shell would."""
     started = time.perf_counter()
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cwd)
     wall = time.perf_counter() - started
     if run.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} failed: {run.stderr[-2000:]}")
@@ -129,7 +132,7 @@ def measure(smoke: bool, steps: int, batches: list[int], runs: list[str]) -> dic
                         env["SDLORA_COMPILE_WORKERS"] = "0"
                     out = root / f"out-{run}-{batch}"
                     cmd = train_command(model, data, out, steps, batch, compile, smoke)
-                wall, log = timed(cmd, env)
+                wall, log = timed(cmd, env, root)
                 rows.append(row(run, batch, steps, wall, log))
                 print(json.dumps(rows[-1]), flush=True)
     return {"info": info, "rows": rows}
