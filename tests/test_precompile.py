@@ -41,10 +41,23 @@ def test_recorded_calls_cover_every_region_once_and_leave_no_gradient():
     assert all(p.grad is None for p in unet.parameters())  # forward only
 
 
-def test_a_worker_rebuilds_and_runs_every_recorded_region():
+def test_a_worker_rebuilds_and_runs_every_recorded_region(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # PyTorch's compile cache
     unet, adapter = _unet_with_adapter()
     inputs = [(torch.randn(2, 4, 8, 8), torch.randint(0, 1000, (2,)), torch.randn(2, 77, 32))]
     jobs = precompile.record_calls(unet, lambda *a: unet(*a).sample, inputs, REGIONS)
     options = dict(dynamic=False, backend="eager", mode=None)
     done = precompile.fill_cache(unet, jobs, adapter, torch.float32, None, options, workers=1)
     assert done == {"workers": 1, "failed": 0, "seconds": done["seconds"]}
+    # the same graphs again (a second run): the cache has them, no worker starts
+    again = precompile.fill_cache(unet, jobs, adapter, torch.float32, None, options, workers=1)
+    assert again == {"workers": 0, "failed": 0, "seconds": 0.0}
+    assert len(list((tmp_path / "sdlora-precompiled").iterdir())) == 1
+
+
+def test_workers_get_the_largest_jobs_first_and_even_loads():
+    jobs = [{"cost": c, "name": n} for n, c in zip("abcdef", [1, 9, 3, 5, 1, 4], strict=True)]
+    shares = precompile.share_out(jobs, 3)
+    loads = sorted(sum(j["cost"] for j in share) for share in shares)
+    assert loads == [7, 7, 9]  # 9 | 5+1+1 | 4+3: largest first, each to the least loaded
+    assert precompile.share_out(jobs[:2], 5) == [[jobs[1]], [jobs[0]]]  # no empty workers

@@ -48,11 +48,14 @@ def train(
     """
     # --- set-up: every user mistake in data and output folder is found before a model loads
     config.check()
+    setup_started = time.perf_counter()
     accelerator = make_accelerator(config)
     main = accelerator.is_main_process
     output = Path(config.output)
     data = prepare_data(config, accelerator)
+    data_done = time.perf_counter()
     models = load_models(config, accelerator, data.plan, data.total_steps, pipe)
+    models_done = time.perf_counter()
     step = 0
     if data.resume_from is not None:
         step = restore(data.resume_from, config, models, accelerator)
@@ -60,6 +63,14 @@ def train(
             logger.info("resumed from %s at step %d", data.resume_from, step)
     dataset = MicroBatches(data.plan, config, with_pixels=not config.caches_latents)
     latent_cache, text_cache = make_caches(config, data, models, dataset, step, accelerator)
+    if main:
+        logger.info(
+            "set-up took %.1f s: data %.1f s, models %.1f s, caches %.1f s",
+            time.perf_counter() - setup_started,
+            data_done - setup_started,
+            models_done - data_done,
+            time.perf_counter() - models_done,
+        )
     train_step = TrainStep(
         config,
         accelerator,

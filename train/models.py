@@ -186,6 +186,8 @@ def fill_compile_cache(
     done = precompile.fill_cache(
         bare, jobs, adapter, weight_dtype, autocast, compile_options(device, graphs)
     )
+    if not done["workers"]:
+        return f"{len(jobs)} graphs already in the compile cache"
     failed = f", {done['failed']} failed ({done['error']})" if done["failed"] else ""
     return f"{len(jobs)} graphs in {done['workers']} processes, {done['seconds']:.0f} s{failed}"
 

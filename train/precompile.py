@@ -23,6 +23,7 @@ process compiles whatever is missing itself.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -126,8 +127,35 @@ def record_calls(
             (n, list(p.shape), str(p.dtype), p.requires_grad) for n, p in module.named_parameters()
         ]
         key = json.dumps([type(module).__name__, params, call], sort_keys=True)
-        jobs.setdefault(key, {"regions": [], **call})["regions"].append(name)
+        # compile time grows with the graph: its module count is the worker's load estimate
+        cost = sum(1 for _ in module.modules())
+        jobs.setdefault(key, {"regions": [], "cost": cost, **call})["regions"].append(name)
     return list(jobs.values())
+
+
+def share_out(jobs: list[dict], count: int) -> list[list[dict]]:
+    """Jobs dealt to `count` workers, largest first to the least loaded (LPT scheduling)."""
+    shares: list[list[dict]] = [[] for _ in range(count)]
+    loads = [0] * count
+    for job in sorted(jobs, key=lambda j: -j["cost"]):
+        i = loads.index(min(loads))
+        shares[i].append(job)
+        loads[i] += job["cost"]
+    return [share for share in shares if share]
+
+
+def done_marker(spec: dict) -> Path:
+    """A file in PyTorch's compile-cache folder saying these exact graphs were compiled there.
+
+    Its name hashes everything the graphs depend on (jobs, model, adapter, options, versions),
+    so a second run with the same shapes skips the workers and finds the graphs in the cache.
+    """
+    import diffusers
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    what = json.dumps([spec, torch.__version__, diffusers.__version__], sort_keys=True)
+    digest = hashlib.sha256(what.encode()).hexdigest()[:32]
+    return Path(cache_dir()) / "sdlora-precompiled" / digest
 
 
 def fill_cache(
@@ -144,8 +172,6 @@ def fill_cache(
     Returns what happened: workers started, failed, seconds, and the first failure's last line
     as "error". Never raises for a worker's failure: the trainer compiles what is missing.
     """
-    count = workers or default_workers(len(jobs))
-    shares = [jobs[i::count] for i in range(count)]
     device = next(unet.parameters()).device
     channels_last = unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     spec = {
@@ -158,6 +184,11 @@ def fill_cache(
         "compile": compile_options,
         "sdp_order": [int(b) for b in torch._C._get_sdp_priority_order()],
     }
+    marker = done_marker({**spec, "jobs": jobs})
+    if marker.exists():
+        return {"workers": 0, "failed": 0, "seconds": 0.0}
+    shares = share_out(jobs, workers or default_workers(len(jobs)))
+    count = len(shares)
     env = dict(os.environ)
     # the workers share the CPU: each gets its part of Inductor's kernel-compiling threads
     env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, (os.cpu_count() or 2) // count)))
@@ -182,6 +213,9 @@ def fill_cache(
                 failed += 1
                 last = (err or b"").decode(errors="replace").strip().splitlines()[-1:]
                 why = why or (last[0] if last else f"exit code {proc.returncode}")
+    if not failed:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
     done = {"workers": count, "failed": failed, "seconds": time.perf_counter() - started}
     return done | ({"error": why} if why else {})
 
