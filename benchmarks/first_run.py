@@ -141,6 +141,7 @@ def measure(smoke: bool, steps: int, batches: list[int], runs: list[str]) -> dic
 def row(run: str, batch: int, steps: int, wall: float, log: str) -> dict:
     found = DONE.search(log)
     speed = re.search(r"speed: (.*)", log)
+    setup = re.search(r"set-up took (.*)", log)
     first = float(found.group(3)) if found and found.group(3) else None
     images_s = float(found.group(5)) if found else None
     return dict(
@@ -151,6 +152,7 @@ def row(run: str, batch: int, steps: int, wall: float, log: str) -> dict:
         first_step_s=first,
         images_per_s=images_s,
         speed=speed.group(1).strip() if speed else "",
+        setup=setup.group(1).strip() if setup else "",
     )
 
 
