@@ -28,10 +28,11 @@ LR_SCHEDULERS = (
 OPTIMIZERS = ("adamw", "adamw8bit")
 COMPILE_MODES = ("auto", "on", "off")
 # --compile auto compiles on CUDA when the run has at least this many optimizer steps per bucket:
-# compiling costs about as much time as this many steps save. SD 1.5 on an H100 at batch 8, with
-# an empty compile cache: 194 s to the first step instead of 1 s, then 66 ms a step instead of
-# 174 ms, so it pays after about 1,800 steps (benchmarks/run.py).
-COMPILE_MIN_STEPS = 2000
+# compiling costs about as much time as this many steps save. SD 1.5 on an H200, an empty compile
+# cache, compile workers (train/precompile.py): about 65 s more start-up than eager, then 63 ms a
+# step instead of 210 at batch 8 and 56 instead of 156 at batch 1, so it pays after 450-650 steps
+# (benchmarks/first_run.py, README Performance).
+COMPILE_MIN_STEPS = 600
 CROPS = ("center", "random")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 # Sides of every training image are multiples of this: the SD VAE's factor 8 times 8, so the
