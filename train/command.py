@@ -41,6 +41,7 @@ output folder:
   OUTPUT/NAME.safetensors       the adapter (trigger words and settings in its metadata)
   OUTPUT/checkpoints/step-N/    every --save-every steps, the last --keep-last kept
   OUTPUT/samples/step-N.png     every --sample-every steps
+  OUTPUT/NAME-best.safetensors  with --keep-best: the adapter of the lowest validation loss
   OUTPUT/logs/                  TensorBoard: tensorboard --logdir OUTPUT/logs
 
 examples:
@@ -230,6 +231,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--seed", type=int, help=f"same seed and settings, same adapter (default: {D.seed})"
+    )
+
+    g = p.add_argument_group("validation")
+    g.add_argument(
+        "--validation-split",
+        type=float,
+        metavar="F",
+        help="hold out this fraction of the images (chosen by --seed) for a validation loss "
+        "(default: 0, none)",
+    )
+    g.add_argument(
+        "--validation-data",
+        metavar="DIR",
+        help="a folder of held-out images (captions as for DATA_DIR) for a validation loss",
+    )
+    g.add_argument(
+        "--validate-every",
+        type=int,
+        metavar="N",
+        help="validation loss (fixed timesteps and noise) every N steps and at the end "
+        f"(default: {D.validate_every})",
+    )
+    g.add_argument(
+        "--keep-best",
+        action=on_off,
+        help="keep the adapter of the lowest validation loss as OUTPUT/NAME-best.safetensors "
+        "(default: off)",
     )
 
     g = p.add_argument_group("checkpoints, samples, logs")

@@ -56,10 +56,11 @@ RESUME_MUST_MATCH = (
     "grad_accum",
     "resolution",
     "buckets",
+    "validation_split",
 )
 # Fields about this run rather than about the adapter, left out of the adapter's metadata.
 RUN_ONLY = ("output", "resume", "overwrite", "workers", "tensorboard", "compile", "log_every")
-PATH_FIELDS = ("data_dir", "output")
+PATH_FIELDS = ("data_dir", "output", "validation_data")
 
 
 @dataclass
@@ -120,6 +121,12 @@ class TrainConfig:
     noise_offset: float = 0.0  # per-channel noise offset; 0.05-0.1 helps very dark/bright images
     prediction_type: str | None = None  # None: the base's scheduler config says
     seed: int = 0  # same seed, same data, same settings: same adapter
+
+    # --- validation: loss on held-out images at fixed timesteps and noise (train/validate.py) ---
+    validation_split: float = 0.0  # fraction of the images held out (chosen by the seed)
+    validation_data: str | None = None  # or a folder of held-out images
+    validate_every: int = 100  # steps between validation losses (and one at the end)
+    keep_best: bool = False  # keep the lowest-validation-loss adapter as NAME-best.safetensors
 
     # --- checkpoints, samples, logs ---
     save_every: int = 500  # checkpoint every N steps; 0: only the final adapter
@@ -223,6 +230,23 @@ class TrainConfig:
             f"--compile must be one of: {', '.join(COMPILE_MODES)} (got {self.compile!r})",
         )
         need(self.log_every >= 1, f"--log-every must be at least 1 (got {self.log_every})")
+        need(
+            0 <= self.validation_split < 1,
+            f"--validation-split must be in [0, 1) (got {self.validation_split})",
+        )
+        need(
+            not (self.validation_split and self.validation_data),
+            "give --validation-split or --validation-data, not both",
+        )
+        need(
+            self.validate_every >= 1,
+            f"--validate-every must be at least 1 (got {self.validate_every})",
+        )
+        need(
+            not self.keep_best or self.has_validation,
+            "--keep-best needs validation images: add --validation-split F or "
+            "--validation-data DIR",
+        )
         need(self.save_every >= 0, "--save-every must be 0 or more")
         need(self.keep_last >= 1, "--keep-last must be at least 1")
         need(self.sample_every >= 0, "--sample-every must be 0 or more")
@@ -248,6 +272,15 @@ class TrainConfig:
     @property
     def adapter_path(self) -> Path:
         return Path(self.output) / f"{self.adapter_name}.safetensors"
+
+    @property
+    def best_path(self) -> Path:
+        """With --keep-best: the adapter of the lowest validation loss."""
+        return Path(self.output) / f"{self.adapter_name}-best.safetensors"
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.validation_split or self.validation_data)
 
     @property
     def caches_latents(self) -> bool:

@@ -26,6 +26,7 @@ from sdlora.train.models import Models, load_models, restore
 from sdlora.train.progress import LossLog, Pace, open_tensorboard
 from sdlora.train.setup import DataRun, default_workers, make_accelerator, prepare_data
 from sdlora.train.step import TrainStep
+from sdlora.train.validate import Validation, Validator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -83,6 +84,10 @@ def train(
         latent_cache,
         text_cache,
     )
+    validator = None
+    if data.held_out and main:
+        held_out = Validation.encode(data.held_out, models.pipe.vae, config)
+        validator = Validator(held_out, config, train_step.prediction_type)
     loader = make_loader(config, dataset, step, data.total_steps, accelerator)
     sample_prompts = config.sample_prompts or [with_trigger(data.items[0].caption, config.trigger)]
     writer = open_tensorboard(output, config) if main else None
@@ -101,6 +106,9 @@ def train(
         return adapter_metadata(
             config, data.plan, step, data.total_steps, models.targets, accelerator
         )
+
+    def save_adapter_at(path: Path, extra: dict[str, str]) -> None:
+        save_adapter(collect_adapter(models.injected, metadata() | extra), path, overwrite=True)
 
     # --- the loop: micro-batches until the last optimizer step
     first_step, started = step, time.perf_counter()
@@ -134,6 +142,16 @@ def train(
                 if main:
                     save_checkpoint(output, step, config, models, accelerator, metadata())
                 accelerator.wait_for_everyone()
+            if data.held_out and (step % config.validate_every == 0 or last_step):
+                if validator is not None:
+                    loss = validator(
+                        step, models, accelerator, train_step.noise_scheduler, save_adapter_at
+                    )
+                    logger.info("step %d: validation loss %.6f", step, loss)
+                    unread.shown["val"] = f"{loss:.4f}"
+                    if writer is not None:
+                        writer.add_scalar("loss/validation", loss, step)
+                accelerator.wait_for_everyone()
             if sample:
                 if main:
                     progress.set_description("sampling")
@@ -156,6 +174,8 @@ def train(
         save_adapter(collect_adapter(models.injected, metadata()), path, overwrite=True)
         if writer is not None:
             writer.close()
+        if validator is not None and validator.last is not None:
+            logger.info("%s", validator.summary())
         logger.info(
             "done: %s, peak memory %s; adapter: %s",
             pace.summary(step, time.perf_counter()),

@@ -32,6 +32,7 @@ class LossLog:
         self.steps: list[int] = []
         self.losses: list[torch.Tensor] = []  # () each, on the device
         self.lrs: list[list[float]] = []
+        self.shown: dict[str, str] = {}  # more for the progress bar (e.g. the validation loss)
 
     def add(self, step: int, loss: torch.Tensor, lrs: list[float]) -> None:
         self.steps.append(step)
@@ -59,7 +60,7 @@ class LossLog:
                 for i, group_lr in enumerate(lrs):
                     self.writer.add_scalar(f"lr/{['unet', 'text_encoder'][i]}", group_lr, step)
         self.progress.set_postfix(
-            loss=f"{losses[-1]:.4f}", lr=f"{self.lrs[-1][0]:.2e}", img_s=f"{rate:.1f}"
+            loss=f"{losses[-1]:.4f}", lr=f"{self.lrs[-1][0]:.2e}", img_s=f"{rate:.1f}", **self.shown
         )
         self.steps, self.losses, self.lrs = [], [], []
 

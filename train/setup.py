@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -17,6 +17,7 @@ from accelerate.state import AcceleratorState
 from sdlora.train import checkpoint
 from sdlora.train.config import DEFAULT_STEPS, TrainConfig
 from sdlora.train.data import ENLARGE_WARNING, BatchPlan, ImageItem, discover, enlarged_items
+from sdlora.train.validate import split_items
 
 from sdlora.errors import SdloraError
 
@@ -31,6 +32,7 @@ class DataRun:
     plan: BatchPlan  # batches per bucket, dealt out to this process
     total_steps: int  # optimizer steps of the whole run
     resume_from: Path | None  # the checkpoint to continue from, if any
+    held_out: list[ImageItem]  # validation images (none without --validation-*)
 
 
 def has_accelerator_device() -> bool:
@@ -78,6 +80,11 @@ def prepare_data(config: TrainConfig, accelerator: Accelerator) -> DataRun:
             len(skipped) + len(items),
             "; ".join(f"{path} ({reason})" for path, reason in skipped),
         )
+    held_out: list[ImageItem] = []
+    if config.validation_split:
+        items, held_out = split_items(items, config.validation_split, config.seed)
+    elif config.validation_data:
+        held_out, _ = discover(replace(config, data_dir=config.validation_data))
     plan = BatchPlan(
         items, config.batch_size, config.seed, accelerator.num_processes, accelerator.process_index
     )
@@ -110,12 +117,14 @@ def prepare_data(config: TrainConfig, accelerator: Accelerator) -> DataRun:
             accelerator.num_processes,
             config.grad_accum,
         )
+        if held_out:
+            logger.info("validation: %d held-out image(s)", len(held_out))
         if config.overwrite:
             checkpoint.remove_all(output)
         checkpoint.clean(output)
         output.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    return DataRun(items, plan, total_steps, resume_from)
+    return DataRun(items, plan, total_steps, resume_from, held_out)
 
 
 def count_steps(config: TrainConfig, plan: BatchPlan) -> int:
