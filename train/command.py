@@ -233,6 +233,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--seed", type=int, help=f"same seed and settings, same adapter (default: {D.seed})"
     )
 
+    g = p.add_argument_group("regularization (prior-preservation) images")
+    g.add_argument(
+        "--reg-data",
+        metavar="DIR",
+        help="class images trained beside every batch (kohya: N_class subfolders; DreamBooth's "
+        "prior preservation); captions as for DATA_DIR, else --class-prompt, else the N_class "
+        "folder's name",
+    )
+    g.add_argument(
+        "--prior-loss-weight",
+        type=float,
+        metavar="W",
+        help=f"loss = instance + W x class images (default: {D.prior_loss_weight})",
+    )
+    g.add_argument("--class-prompt", metavar="TEXT", help="caption of class images that have none")
+
     g = p.add_argument_group("validation")
     g.add_argument(
         "--validation-split",

@@ -57,10 +57,13 @@ RESUME_MUST_MATCH = (
     "resolution",
     "buckets",
     "validation_split",
+    "reg_data",
+    "prior_loss_weight",
+    "class_prompt",
 )
 # Fields about this run rather than about the adapter, left out of the adapter's metadata.
 RUN_ONLY = ("output", "resume", "overwrite", "workers", "tensorboard", "compile", "log_every")
-PATH_FIELDS = ("data_dir", "output", "validation_data")
+PATH_FIELDS = ("data_dir", "output", "validation_data", "reg_data")
 
 
 @dataclass
@@ -121,6 +124,11 @@ class TrainConfig:
     noise_offset: float = 0.0  # per-channel noise offset; 0.05-0.1 helps very dark/bright images
     prediction_type: str | None = None  # None: the base's scheduler config says
     seed: int = 0  # same seed, same data, same settings: same adapter
+
+    # --- regularization (prior-preservation) images: class images beside each batch (prior.py) ---
+    reg_data: str | None = None  # folder of class images (kohya: N_class subfolders)
+    prior_loss_weight: float = 1.0  # weight of the class images' loss (DreamBooth's λ)
+    class_prompt: str | None = None  # caption of class images with none of their own
 
     # --- validation: loss on held-out images at fixed timesteps and noise (train/validate.py) ---
     validation_split: float = 0.0  # fraction of the images held out (chosen by the seed)
@@ -230,6 +238,10 @@ class TrainConfig:
             f"--compile must be one of: {', '.join(COMPILE_MODES)} (got {self.compile!r})",
         )
         need(self.log_every >= 1, f"--log-every must be at least 1 (got {self.log_every})")
+        need(
+            math.isfinite(self.prior_loss_weight) and self.prior_loss_weight >= 0,
+            f"--prior-loss-weight must be a finite number, 0 or more (got {self.prior_loss_weight})",
+        )
         need(
             0 <= self.validation_split < 1,
             f"--validation-split must be in [0, 1) (got {self.validation_split})",

@@ -23,6 +23,7 @@ from sdlora.train.data import MicroBatches, possible_captions, with_trigger
 from sdlora.train.encode import LatentCache, TextCache
 from sdlora.train.finish import adapter_metadata, peak_memory, save_checkpoint, save_samples
 from sdlora.train.models import Models, load_models, restore
+from sdlora.train.prior import PriorImages
 from sdlora.train.progress import LossLog, Pace, open_tensorboard
 from sdlora.train.setup import DataRun, default_workers, make_accelerator, prepare_data
 from sdlora.train.step import TrainStep
@@ -63,7 +64,14 @@ def train(
         if main:
             logger.info("resumed from %s at step %d", data.resume_from, step)
     dataset = MicroBatches(data.plan, config, with_pixels=not config.caches_latents)
-    latent_cache, text_cache = make_caches(config, data, models, dataset, step, accelerator)
+    prior = None
+    if config.reg_data:
+        prior = PriorImages.find(config, accelerator.num_processes, accelerator.process_index)
+        if main:
+            logger.info(
+                "regularization: %d class image(s) from %s", len(prior.images), config.reg_data
+            )
+    latent_cache, text_cache = make_caches(config, data, models, dataset, step, accelerator, prior)
     if main:
         logger.info(
             "set-up took %.1f s: data %.1f s, models %.1f s, caches %.1f s",
@@ -83,6 +91,7 @@ def train(
         models.weight_dtype,
         latent_cache,
         text_cache,
+        prior,
     )
     validator = None
     if data.held_out and main:
@@ -194,6 +203,7 @@ def make_caches(
     dataset: MicroBatches,
     step: int,
     accelerator: Accelerator,
+    prior: PriorImages | None = None,
 ) -> tuple[LatentCache | None, TextCache | None]:
     """Encode each image / caption once, when nothing random needs fresh encodes every step."""
     latent_cache = text_cache = None
@@ -206,6 +216,7 @@ def make_caches(
             )
         if config.caches_text:
             captions = possible_captions(data.items, config)
+            captions += prior.captions if prior is not None else []
             pipe = models.pipe
             text_cache = TextCache(pipe.tokenizer, pipe.text_encoder, captions, accelerator.device)
     return latent_cache, text_cache

@@ -14,6 +14,7 @@ from diffusers.training_utils import compute_snr
 from sdlora.train.config import TrainConfig
 from sdlora.train.data import derived_seed
 from sdlora.train.encode import LatentCache, TextCache, encode_pixels, encode_text
+from sdlora.train.prior import PriorImages
 
 from sdlora.errors import SdloraError
 
@@ -38,6 +39,7 @@ class TrainStep:
         weight_dtype: torch.dtype,
         latent_cache: LatentCache | None = None,
         text_cache: TextCache | None = None,
+        prior: PriorImages | None = None,
     ):
         self.config, self.accelerator = config, accelerator
         self.vae, self.tokenizer = pipe.vae, pipe.tokenizer
@@ -47,6 +49,8 @@ class TrainStep:
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.weight_dtype = weight_dtype
         self.latent_cache, self.text_cache = latent_cache, text_cache
+        self.prior = prior  # class images beside each batch (prior preservation), or None
+        self.vae_scale_factor = pipe.vae_scale_factor
         self.prediction_type = config.prediction_type or noise_scheduler.config.prediction_type
         # channels-last input when the UNet's weights are laid out that way (see speed.py)
         conv_in = accelerator.unwrap_model(unet).conv_in.weight
@@ -75,6 +79,16 @@ class TrainStep:
                 bf16 = torch.autocast(device.type, torch.bfloat16, enabled=self.vae_in_bf16)
                 with torch.no_grad(), bf16:
                     latents = encode_pixels(self.vae, batch["pixels"], generator)
+            captions = list(batch["captions"])
+            if self.prior is not None:  # B class images in the same bucket: (2B, 4, h, w)
+                f = self.vae_scale_factor
+                bucket = (latents.shape[3] * f, latents.shape[2] * f)
+                pixels, prior_captions = self.prior.draw(k, bucket, latents.shape[0])
+                bf16 = torch.autocast(device.type, torch.bfloat16, enabled=self.vae_in_bf16)
+                with torch.no_grad(), bf16:
+                    prior_latents = encode_pixels(self.vae, pixels, generator)
+                latents = torch.cat([latents, prior_latents.to(latents.device)])
+                captions += prior_captions
             # 2. noise, plus an optional per-channel offset (B, C, 1, 1)
             noise = torch.randn(latents.shape, generator=generator, device=device)
             if config.noise_offset:
@@ -92,12 +106,10 @@ class TrainStep:
             noisy = scheduler.add_noise(latents, noise, timesteps)
             # 5. condition: text embeddings (B, 77, D)
             if self.text_cache is not None:
-                condition = self.text_cache.get(batch["captions"], device)
+                condition = self.text_cache.get(captions, device)
             else:
                 with torch.set_grad_enabled(config.train_text_encoder), accelerator.autocast():
-                    condition = encode_text(
-                        self.tokenizer, self.text_encoder, batch["captions"], device
-                    )
+                    condition = encode_text(self.tokenizer, self.text_encoder, captions, device)
             # 6. predict
             noisy = noisy.to(self.weight_dtype, memory_format=self.memory_format)
             pred = self.unet(noisy, timesteps, condition.to(self.weight_dtype)).sample
@@ -111,14 +123,21 @@ class TrainStep:
                     f"prediction type {self.prediction_type!r} is not supported; "
                     "use --prediction-type epsilon or v_prediction"
                 )
-            # 8. loss, optionally min-SNR-γ weighted (Hang et al. 2023, eq. 8)
-            if config.min_snr_gamma:
-                snr = compute_snr(scheduler, timesteps)  # (B,) = ᾱ_t / (1 - ᾱ_t)
-                clamped = snr.clamp(max=config.min_snr_gamma)
-                v = self.prediction_type == "v_prediction"
-                weight = clamped / (snr + 1) if v else clamped / snr
-                loss = F.mse_loss(pred.float(), target.float(), reduction="none")
-                loss = (loss.mean(dim=(1, 2, 3)) * weight).mean()
+            # 8. loss, optionally min-SNR-γ weighted (Hang et al. 2023, eq. 8); with class
+            #    images: instance half + prior_loss_weight × class half (DreamBooth, eq. 2)
+            if config.min_snr_gamma or self.prior is not None:
+                per_image = F.mse_loss(pred.float(), target.float(), reduction="none")
+                per_image = per_image.mean(dim=(1, 2, 3))  # (B,) or (2B,)
+                if config.min_snr_gamma:
+                    snr = compute_snr(scheduler, timesteps)  # ᾱ_t / (1 - ᾱ_t)
+                    clamped = snr.clamp(max=config.min_snr_gamma)
+                    v = self.prediction_type == "v_prediction"
+                    per_image = per_image * (clamped / (snr + 1) if v else clamped / snr)
+                if self.prior is not None:
+                    instance, prior = per_image.chunk(2)
+                    loss = instance.mean() + config.prior_loss_weight * prior.mean()
+                else:
+                    loss = per_image.mean()
             else:
                 loss = F.mse_loss(pred.float(), target.float())
             # 9. backward, clip, update (accelerate skips the update between accumulation steps)

@@ -1,0 +1,85 @@
+"""Regularization images (train/prior.py): captions, the draw, and loss = instance + w × prior."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+import torch
+from PIL import Image
+from sdlora.train import train
+from sdlora.train.prior import PriorImages
+from test_train import settings, shapes  # noqa: F401 (a fixture)
+
+from sdlora.errors import SdloraError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def class_images(tmp_path_factory):
+    """kohya layout: 2_dog/ (repeated twice) with one captioned image, and one plain folder."""
+    root = tmp_path_factory.mktemp("reg")
+    (root / "2_dog").mkdir()
+    (root / "other").mkdir()
+    for i, folder in enumerate(["2_dog", "2_dog", "other"]):
+        Image.new("RGB", (80, 64), (40 * i, 90, 200 - 50 * i)).save(root / folder / f"img_{i}.png")
+    (root / "2_dog" / "img_1.txt").write_text("a photo of a brown dog", encoding="utf-8")
+    return root
+
+
+def test_class_captions_and_the_draw_follow_kohya_and_the_seed(shapes, class_images, tmp_path):  # noqa: F811
+    config = settings(shapes, tmp_path / "o", reg_data=str(class_images))
+    prior = PriorImages.find(config)
+    by_name = {item.path.name: caption for item, caption in prior.images}
+    assert by_name == {
+        "img_0.png": "dog",
+        "img_1.png": "a photo of a brown dog",
+        "img_2.png": "img 2",
+    }
+    assert len(prior.order) == 5  # the 2_dog images count twice
+    with_prompt = PriorImages.find(
+        settings(shapes, tmp_path / "o", reg_data=str(class_images), class_prompt="a dog")
+    )
+    assert {c for _, c in with_prompt.images} == {"a dog", "a photo of a brown dog"}
+    pixels, captions = prior.draw(3, (64, 64), 2)
+    assert pixels.shape == (2, 3, 64, 64) and -1 <= pixels.min() and pixels.max() <= 1
+    again, same = prior.draw(3, (64, 64), 2)
+    assert torch.equal(pixels, again) and captions == same  # the same micro-batch, the same draw
+    # one cycle hands out every image as often as its repeats say
+    cycle = [prior.draw(k, (64, 64), 1)[1][0] for k in range(5)]
+    assert sorted(cycle) == sorted(["dog"] * 2 + ["a photo of a brown dog"] * 2 + ["img 2"])
+        ["dog", "dog", "a photo of a brown dog"] * 1 + ["a photo of a brown dog", "img 2"]
+    )
+    with pytest.raises(SdloraError, match="--reg-data"):
+        PriorImages.find(settings(shapes, tmp_path / "o", reg_data=str(tmp_path / "none")))
+
+
+def _first_loss(caplog) -> float:
+    return float(re.search(r"step 1: loss ([\d.e+-]+)", caplog.text).group(1))
+
+
+def test_a_step_loss_is_instance_plus_weight_times_prior(shapes, class_images, tmp_path, caplog):  # noqa: F811
+    caplog.set_level(logging.DEBUG, logger="sdlora.train")
+    losses = {}
+    for weight in (0.0, 1.0, 2.5):
+        caplog.clear()
+        config = settings(
+            shapes,
+            tmp_path / str(weight),
+            steps=1,
+            reg_data=str(class_images),
+            prior_loss_weight=weight,
+        )
+        train(config)
+        losses[weight] = _first_loss(caplog)
+    prior = losses[1.0] - losses[0.0]  # the same draws each time: only the weight differs
+    assert prior > 0
+    assert losses[2.5] == pytest.approx(losses[0.0] + 2.5 * prior, rel=1e-4)

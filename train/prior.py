@@ -1,0 +1,79 @@
+"""Regularization (prior-preservation) images: class images trained beside the instance images.
+
+DreamBooth (Ruiz et al. 2023, eq. 2) adds λ·‖ε̂(x_pr, c_pr) − ε‖² over images of the class
+(`a photo of a dog`) to the loss on the user's images, so the adapter learns the subject without
+turning every dog into it; kohya sd-scripts calls them regularization images, in folders named
+`N_class` (N repeats). Here every micro-batch of B instance images gets B class images, drawn in a
+seeded order that cycles through all of them, resized and center-cropped into the instance
+batch's bucket. One UNet forward runs on the 2B images, and the step's loss is
+instance + prior_loss_weight × prior, each the mean over its half (train/step.py).
+
+A class image's caption: its .txt or metadata.jsonl entry, else --class-prompt, else the name
+of its `N_class` folder (kohya's rule), else its file name.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from sdlora.train.config import TrainConfig
+from sdlora.train.data import REPEATS_FOLDER, ImageItem, derived_seed, discover, load_rgb, to_bucket
+
+from sdlora.errors import SdloraError
+
+
+class PriorImages:
+    """The class images of a run and which of them go with micro-batch k."""
+
+    def __init__(
+        self, items: list[ImageItem], captions: list[str], seed: int, world: int, rank: int
+    ):
+        # each image as often as its folder's repeat count, like the instance images
+        self.images = [(item, caption) for item, caption in zip(items, captions, strict=True)]
+        self.order = [i for i, (item, _) in enumerate(self.images) for _ in range(item.repeats)]
+        self.seed, self.world, self.rank = seed, world, rank
+
+    @classmethod
+    def find(cls, config: TrainConfig, world: int = 1, rank: int = 0) -> PriorImages:
+        """The images of --reg-data, checked like the training images."""
+        folder = Path(config.reg_data)
+        try:
+            items, _ = discover(replace(config, data_dir=str(folder), caption=None))
+        except SdloraError as err:
+            raise SdloraError(f"--reg-data: {err}") from None
+        captions = [class_caption(item, folder, config.class_prompt) for item in items]
+        return cls(items, captions, config.seed, world, rank)
+
+    @property
+    def captions(self) -> list[str]:
+        """Every caption a class image trains with (for the text cache)."""
+        return sorted({caption for _, caption in self.images})
+
+    def draw(self, k: int, bucket: tuple[int, int], count: int) -> tuple[torch.Tensor, list[str]]:
+        """(count, 3, H, W) pixels in [-1, 1] and captions of the class images for micro-batch k."""
+        pixels, captions = [], []
+        for j in range(count):
+            position = (k * self.world + self.rank) * count + j
+            cycle, offset = divmod(position, len(self.order))
+            order = list(self.order)
+            random.Random(derived_seed(self.seed, "prior order", cycle)).shuffle(order)
+            item, caption = self.images[order[offset]]
+            pixels.append(to_bucket(load_rgb(item.path), bucket, "center", False, None))
+            captions.append(caption)
+        return torch.stack(pixels), captions
+
+
+def class_caption(item: ImageItem, folder: Path, class_prompt: str | None) -> str:
+    """Caption of a class image (see the module docstring for the order of the rules)."""
+    if item.caption != " ".join(item.path.stem.replace("_", " ").split()):
+        return item.caption  # from its .txt or metadata.jsonl
+    if class_prompt:
+        return class_prompt
+    for part in reversed(item.path.relative_to(folder).parts[:-1]):
+        match = REPEATS_FOLDER.match(part)
+        if match:
+            return match.group(2).replace("_", " ")
+    return item.caption
