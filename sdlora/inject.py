@@ -29,6 +29,24 @@ UNET_TARGETS = {
         "proj_in",
         "proj_out",
     ),
+    # LoCon (kohya / LyCORIS): "all" plus the ResNet blocks and the down/up-samplers; k×k
+    # convolutions take --conv-rank, 1×1 convolutions and linear layers --rank
+    "locon": (
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "ff.net.0.proj",
+        "ff.net.2",
+        "proj_in",
+        "proj_out",
+        "conv1",
+        "conv2",
+        "conv_shortcut",
+        "time_emb_proj",
+        "downsamplers.0.conv",
+        "upsamplers.0.conv",
+    ),
 }
 TEXT_ENCODER_TARGETS = {
     "attn": ("q_proj", "k_proj", "v_proj", "out_proj"),
@@ -104,29 +122,37 @@ def add_trainable(
     dropout: float = 0.0,
     name: str = "train",
     generator: torch.Generator | None = None,
+    conv_rank: int | None = None,
+    conv_alpha: float | None = None,
 ) -> dict[str, LoRAWeights]:
     """Inject a fresh trainable adapter: A ~ Kaiming-uniform, B = 0, so outputs are unchanged.
 
-    Returns {flat key: LoRAWeights}; the factors are fp32 parameters with requires_grad=True.
+    k×k convolutions (k > 1) take `conv_rank` and `conv_alpha` when a conv rank is given (LoCon:
+    a k×k down and a 1×1 up); everything else `rank` and `alpha`. Returns {flat key:
+    LoRAWeights}; the factors are fp32 parameters with requires_grad=True.
     """
     check_nonlinearity(nonlinearity)
-    if rank < 1:
-        raise SdloraError(f"rank must be at least 1 (got {rank})")
-    scale = (alpha if alpha is not None else rank) / rank
+    for what, value in (("rank", rank), ("conv rank", conv_rank)):
+        if value is not None and value < 1:
+            raise SdloraError(f"{what} must be at least 1 (got {value})")
     injected: dict[str, LoRAWeights] = {}
     for path in find_targets(model, targets):
         layer = wrap(model, path)
         weight = layer.base.weight
-        if rank > max_rank(layer.base):
+        r, a, option = rank, alpha, "--rank"
+        if conv_rank is not None and weight.dim() == 4 and weight.shape[2:].numel() > 1:
+            r, a, option = conv_rank, conv_alpha, "--conv-rank"
+        scale = (a if a is not None else r) / r
+        if r > max_rank(layer.base):
             raise SdloraError(
-                f"rank {rank} is larger than module {path} allows ({max_rank(layer.base)}); "
-                "use a smaller --rank"
+                f"rank {r} is larger than module {path} allows ({max_rank(layer.base)}); "
+                f"use a smaller {option}"
             )
-        down = torch.empty(rank, *weight.shape[1:], dtype=torch.float32)
+        down = torch.empty(r, *weight.shape[1:], dtype=torch.float32)
         # Kaiming-uniform with a = sqrt(5), as nn.Linear and peft initialise A
         bound = 1.0 / math.sqrt(down[0].numel())
         down.uniform_(-bound, bound, generator=generator)
-        up = torch.zeros(weight.shape[0], rank, *([1, 1] if weight.dim() == 4 else []))
+        up = torch.zeros(weight.shape[0], r, *([1, 1] if weight.dim() == 4 else []))
         weights = LoRAWeights(
             down.to(weight.device),
             up.to(weight.device),

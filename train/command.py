@@ -116,8 +116,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--targets",
-        help="UNet modules: attn, attn-ff, all, or comma-separated "
-        f"module names (default: {D.targets})",
+        help="UNet modules: attn, attn-ff, all, locon (all + ResNet convolutions and the "
+        f"down/up-samplers), or comma-separated module names (default: {D.targets})",
+    )
+    g.add_argument(
+        "--conv-rank",
+        type=int,
+        metavar="R",
+        help="rank of k×k convolutions (LoCon: a k×k down, a 1×1 up) (default: --rank)",
+    )
+    g.add_argument(
+        "--conv-alpha",
+        type=float,
+        metavar="A",
+        help="alpha of k×k convolutions (default: the conv rank, i.e. scale 1)",
     )
     g.add_argument(
         "--train-text-encoder",

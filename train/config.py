@@ -48,6 +48,8 @@ RESUME_MUST_MATCH = (
     "nonlinearity",
     "dropout",
     "targets",
+    "conv_rank",
+    "conv_alpha",
     "train_text_encoder",
     "text_encoder_targets",
     "optimizer",
@@ -82,7 +84,9 @@ class TrainConfig:
     alpha: float | None = None  # None means alpha = rank, i.e. scale 1
     nonlinearity: str = "identity"  # σ between down and up; identity is a plain LoRA
     dropout: float = 0.0  # dropout on the adapter's input while training
-    targets: str = "attn"  # UNet preset (attn, attn-ff, all) or comma-separated module names
+    targets: str = "attn"  # UNet preset (attn, attn-ff, all, locon) or comma-separated names
+    conv_rank: int | None = None  # rank of k×k convolutions (LoCon); None: --rank
+    conv_alpha: float | None = None  # None means alpha = conv rank
     train_text_encoder: bool = False  # also train a LoRA on the text encoder
     text_encoder_targets: str = "attn"  # text-encoder preset or module names
 
@@ -170,6 +174,14 @@ class TrainConfig:
         )
         need(self.rank >= 1, f"--rank must be at least 1 (got {self.rank})")
         need(self.alpha is None or self.alpha > 0, f"--alpha must be positive (got {self.alpha})")
+        need(
+            self.conv_rank is None or self.conv_rank >= 1,
+            f"--conv-rank must be at least 1 (got {self.conv_rank})",
+        )
+        need(
+            self.conv_alpha is None or self.conv_alpha > 0,
+            f"--conv-alpha must be positive (got {self.conv_alpha})",
+        )
         need(
             self.nonlinearity in NONLINEARITIES,
             f"--nonlinearity {self.nonlinearity!r} is unknown; choose one of: "

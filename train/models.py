@@ -76,6 +76,8 @@ def load_models(
         dropout=config.dropout,
         name=ADAPTER_NAME,
         generator=init,
+        conv_rank=config.conv_rank,
+        conv_alpha=config.conv_alpha,
     )
     unet_targets = target_names(config.targets, UNET_TARGETS)
     injected = add_trainable(pipe.unet, "unet", unet_targets, **lora_args)
@@ -181,6 +183,8 @@ def fill_compile_cache(
         nonlinearity=lora_args["nonlinearity"],
         dropout=lora_args["dropout"],
         name=lora_args["name"],
+        conv_rank=lora_args["conv_rank"],
+        conv_alpha=lora_args["conv_alpha"],
     )
     autocast = weight_dtype if weight_dtype != torch.float32 else None
     done = precompile.fill_cache(

@@ -54,6 +54,8 @@ class Adapter:
     nonlinearity: str
     dropout: float
     name: str
+    conv_rank: int | None = None
+    conv_alpha: float | None = None
 
 
 def describe(value):
@@ -250,6 +252,8 @@ def main(spec_path: str) -> None:
         nonlinearity=a["nonlinearity"],
         dropout=a["dropout"],
         name=a["name"],
+        conv_rank=a["conv_rank"],
+        conv_alpha=a["conv_alpha"],
     )
     unet.train()
     dynamo = torch._dynamo.config
