@@ -150,6 +150,21 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm()) / norm if norm > 0 else 0.0
 
 
+def check_request(adapter: Adapter, rank: int, samples: int = 4, seed: int = 0) -> None:
+    """Refuse a linear adapter (nothing to distill), rank < 1, samples < 1 or a bad seed."""
+    if adapter.is_linear:
+        raise SdloraError(
+            f"{adapter.source}: is already a linear adapter; to change its rank use "
+            "`sdlora merge FILE --rank R --out OUT`"
+        )
+    if rank < 1:
+        raise SdloraError(f"--rank must be at least 1 (got {rank})")
+    if samples < 1:
+        raise SdloraError(f"--samples must be at least 1 (got {samples})")
+    if not 0 <= seed < 2**64 - 1:  # the held-out check uses seed + 1
+        raise SdloraError(f"--seed must be from 0 to 2**64 - 2 (got {seed})")
+
+
 def distill_adapter(
     pipe: StableDiffusionPipeline,
     adapter: Adapter,
@@ -164,15 +179,7 @@ def distill_adapter(
     classifier-free guidance runs the UNet on it at every step. The output-level check uses fresh
     latents and timesteps (seed + 1). `pipe` is left without adapters.
     """
-    if adapter.is_linear:
-        raise SdloraError(
-            f"{adapter.source}: is already a linear adapter; to change its rank use "
-            "`sdlora merge FILE --rank R --out OUT`"
-        )
-    if rank < 1:
-        raise SdloraError(f"--rank must be at least 1 (got {rank})")
-    if samples < 1:
-        raise SdloraError(f"--samples must be at least 1 (got {samples})")
+    check_request(adapter, rank, samples, seed)
     prompts = list(prompts or prompts_from_metadata(adapter.metadata))
     if not prompts:
         raise SdloraError(
