@@ -15,11 +15,12 @@ columns of X and X·V is in them for any V:
 
 so the best rank-R X·V is the truncated SVD of Ŷ (Eckart-Young): Ŷ_R = Ŷ·V_R·V_Rᵀ with V_R the
 top R right singular vectors of Ŷ, reached by V = W·V_R·V_Rᵀ. Hence ΔW* = V_R·(W·V_R)ᵀ:
-up = V_R (out, R), down = (W·V_R)ᵀ (R, d). Only Gram matrices are needed: with XᵀX = Q·Λ·Qᵀ,
-Ŷ has the same singular values and right vectors as M = Λ^(-1/2)·Qᵀ·XᵀY (k, out), since
-ŶᵀŶ = WᵀXᵀXW = MᵀM, and W = Q·Λ^(-1/2)·M. Directions of X with eigenvalue below 1e-10 of the
-largest are left out (a pseudo-inverse), so ΔW is zero on directions the data never visits.
-The squared residual is ‖Y‖² − Σ_{i<R} s_i² (s = singular values of M).
+up = V_R (out, R), down = (W·V_R)ᵀ (R, d). Only Gram matrices are needed: W solves
+(XᵀX + λI)·W = XᵀY (Cholesky), and V_R are the top eigenvectors of ŶᵀŶ = Wᵀ·XᵀX·W (out, out),
+whose eigenvalues are the squared singular values of Ŷ (equivalently of (XᵀX)^(1/2)·W). The tiny
+ridge λ (1e-10 of XᵀX's mean eigenvalue) keeps the solve defined when the inputs do not span
+every direction; XᵀY has no part outside the inputs' span, so ΔW is zero on directions the data
+never visits. The squared residual ‖Y‖² − 2·tr(ΔW·XᵀY) + tr(ΔW·XᵀX·ΔWᵀ) needs only the Grams.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from .blend import Mixer
 from .errors import SdloraError
 from .layer import LoRALayer, max_rank
 
-RCOND = 1e-10  # eigenvalues of XᵀX below RCOND · largest count as zero (pseudo-inverse)
+RIDGE = 1e-10  # λ = RIDGE · mean eigenvalue of XᵀX: keeps the solve defined when X is rank-deficient
 NONLINEAR, LINEAR = "nonlinear", "distilled"  # adapter names on the pipe while distilling
 
 
@@ -56,26 +57,25 @@ class DistillReport:
 def fit_reduced_rank(stats: LayerStats, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Best ΔW of rank ≤ `rank` for Y ≈ X·ΔWᵀ: (up (out, r), down (r, d), squared residual).
 
-    float64; r = min(rank, rank of the fitted values' space). Factors are balanced: each rank-one
-    term has equal norms in up and down.
+    float64; r = min(rank, out). Factors are balanced: each rank-one term has equal norms in up
+    and down.
     """
-    evals, q = torch.linalg.eigh(stats.gram)  # XᵀX = Q·Λ·Qᵀ, ascending
-    keep = evals > RCOND * evals[-1].clamp(min=0)
-    if not keep.any():  # the layer only ever saw zeros: nothing to fit
-        d, out = stats.cross.shape
+    gram, cross = stats.gram, stats.cross
+    d = gram.shape[0]
+    ridge = RIDGE * float(gram.diagonal().sum()) / d
+    if ridge <= 0:  # the layer only ever saw zeros: nothing to fit
         empty = torch.zeros(0, dtype=torch.float64)
-        return empty.reshape(out, 0), empty.reshape(0, d), stats.y_norm2
-    q, root = q[:, keep], evals[keep].sqrt()
-    m = (q.T @ stats.cross) / root[:, None]  # (k, out): Λ^(-1/2)·Qᵀ·XᵀY
-    _, s, vh = torch.linalg.svd(m, full_matrices=False)
-    r = min(rank, s.shape[0])
-    v = vh[:r].T  # (out, r): top right singular vectors of Ŷ
-    w = q @ (m / root[:, None])  # (d, out): least-squares W = Q·Λ⁻¹·Qᵀ·XᵀY
+        return empty.reshape(cross.shape[1], 0), empty.reshape(0, d), stats.y_norm2
+    eye = torch.eye(d, dtype=gram.dtype, device=gram.device)
+    w = torch.cholesky_solve(cross, torch.linalg.cholesky(gram + ridge * eye))  # (d, out)
+    fitted = w.T @ gram @ w  # ŶᵀŶ (out, out)
+    _, vecs = torch.linalg.eigh(fitted)  # ascending
+    r = min(rank, vecs.shape[1])
+    v = vecs[:, -r:].flip(1)  # (out, r): top right singular vectors of Ŷ
     up, down = v, (w @ v).T  # ΔW = V_R·(W·V_R)ᵀ
     norms = down.norm(dim=1).clamp(min=1e-300).sqrt()  # balance: ‖up_i‖ = ‖down_i‖
     up, down = up * norms, down / norms[:, None]
-    residual = max(stats.y_norm2 - float((s[:r] ** 2).sum()), 0.0)
-    return up, down, residual
+    return up, down, residual(stats, up @ down)
 
 
 def residual(stats: LayerStats, delta: torch.Tensor) -> float:

@@ -11,7 +11,7 @@ from sdlora.adapter import Adapter, ModuleFactors
 from sdlora.base import load_base
 from sdlora.blend import Mixer
 from sdlora.cli import main
-from sdlora.distill import adapted_layers, distill_adapter, fit_reduced_rank, prompts_from_metadata, residual
+from sdlora.distill import adapted_layers, distill_adapter, fit_reduced_rank, prompts_from_metadata
 from sdlora.files import save_adapter
 from sdlora.formats import load_adapter
 from sdlora.inject import add_trainable, collect_adapter
@@ -64,9 +64,8 @@ def test_reduced_rank_regression_matches_brute_force():
         up, down, err = fit_reduced_rank(stats, rank)
         delta = up @ down  # (out, d)
         best = u[:, :rank] * s[:rank] @ vh[:rank]  # best rank-R fitted values (Eckart-Young)
-        torch.testing.assert_close(x @ delta.T, best, atol=1e-8, rtol=1e-8)
-        torch.testing.assert_close(err, float(((x @ delta.T - y) ** 2).sum()), atol=1e-8, rtol=1e-8)
-        torch.testing.assert_close(residual(stats, delta), err, atol=1e-8, rtol=1e-8)
+        torch.testing.assert_close(x @ delta.T, best, atol=1e-7, rtol=1e-7)
+        torch.testing.assert_close(err, float(((x @ delta.T - y) ** 2).sum()), atol=1e-7, rtol=1e-7)
         uw, sw, vw = torch.linalg.svd(w_ls.T, full_matrices=False)  # naive: truncate W itself
         naive = (uw[:, :rank] * sw[:rank]) @ vw[:rank]
         assert err <= float(((x @ naive.T - y) ** 2).sum()) + 1e-9
@@ -74,16 +73,16 @@ def test_reduced_rank_regression_matches_brute_force():
 
 
 def test_rank_deficient_inputs_give_zero_change_off_the_data():
-    """Inputs in a 3-dim subspace of 8: ΔW is exact there and zero on directions never seen."""
+    """Inputs in a 3-dim subspace of 8: ΔW is exact there and (nearly) zero on directions never seen."""
     g = torch.Generator().manual_seed(1)
     basis = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))[0]
     x = torch.randn(200, 3, generator=g, dtype=torch.float64) @ basis[:, :3].T
     true = torch.randn(5, 8, generator=g, dtype=torch.float64)
     up, down, err = fit_reduced_rank(stats_of(x, x @ true.T), 5)
     delta = up @ down
-    torch.testing.assert_close(x @ delta.T, x @ true.T, atol=1e-9, rtol=1e-9)
-    assert (delta @ basis[:, 3:]).abs().max() < 1e-9
-    assert err < 1e-12
+    torch.testing.assert_close(x @ delta.T, x @ true.T, atol=1e-7, rtol=1e-7)
+    assert (delta @ basis[:, 3:]).norm() < 1e-4 * true.norm()  # rounding in XᵀX / λ only
+    assert err < 1e-12 * float((x @ true.T).square().sum())
 
 
 # ---------------------------------------------------------------------------- on the tiny base
@@ -125,22 +124,31 @@ def test_adapter_linear_on_its_inputs_is_recovered(files, name):
     for key, m in linear.modules.items():
         assert m.down.shape == (rank, *source.modules[key].down.shape[1:])
         true = delta_of(source.modules[key]) / 2  # [B, −B]·[A; −A] = 2·B·A; the function is B·A
-        evals, q = torch.linalg.eigh(stats[key].gram)
-        span = q[:, evals > 1e-10 * evals[-1]]  # directions the layer's inputs visit
-        torch.testing.assert_close(delta_of(m) @ span, true @ span, atol=1e-4 * float(true.norm()), rtol=0)
+        gram, diff = stats[key].gram, delta_of(m) - true
+        seen = lambda delta: float((delta @ gram * delta).sum()) ** 0.5  # noqa: E731  ‖X·ΔWᵀ‖
+        assert seen(diff) <= 1e-4 * seen(true), key
+        if gram.shape[0] <= 64:  # linear and 1x1: ΔW itself, on directions the inputs clearly visit
+            evals, q = torch.linalg.eigh(gram)
+            span = q[:, evals > 1e-6 * evals[-1]]
+            assert (diff @ span).norm() <= 1e-4 * true.norm(), key
     if name == "mirrored.safetensors":  # enough rows at every layer: fresh noise agrees too
         assert report.output_difference <= 1e-4, report
 
 
 def test_error_does_not_grow_with_rank(files):
+    """A gelu adapter with random weights: per layer and overall, more rank never fits worse."""
     source = load_adapter(files / "gelu.safetensors")
-    overall = []
-    for rank in (1, 2, 4):
-        _, report = distill_adapter(load_base("tiny"), source, rank, prompts=PROMPTS, samples=2)
-        overall.append(report.overall)
-        assert 0 < report.output_difference < 1 and 0 < report.effect_difference < 1
-    assert overall[0] >= overall[1] >= overall[2] and overall[0] > overall[2]
-    assert 0 < overall[2] < 1  # a gelu adapter is not linear: some error is left
+    pipe = load_base("tiny")
+    mixer = Mixer(pipe)
+    mixer.add(source, name="gelu")
+    stats = collect(pipe, adapted_layers(mixer, "gelu"), "gelu", Probe(PROMPTS + [""], samples=2))
+    errors = {rank: {k: fit_reduced_rank(s, rank)[2] for k, s in stats.items()} for rank in (1, 2, 3, 4)}
+    for key in stats:
+        sequence = [errors[rank][key] for rank in (1, 2, 3, 4)]
+        assert all(a >= b * (1 - 1e-9) for a, b in zip(sequence, sequence[1:])), (key, sequence)
+    total = sum(s.y_norm2 for s in stats.values())
+    overall = [(sum(errors[rank].values()) / total) ** 0.5 for rank in (1, 2, 3, 4)]
+    assert overall[0] > overall[1] > overall[2] > overall[3] > 0.01  # gelu is not linear
 
 
 def test_distilled_file_loads_in_diffusers_and_fuses(files, tmp_path, inputs):
@@ -156,6 +164,7 @@ def test_distilled_file_loads_in_diffusers_and_fuses(files, tmp_path, inputs):
     assert meta["ss_network_module"] == "networks.lora"
     assert set(json.loads(meta["sdlora_distill_errors"])) == set(adapter.modules)
     assert 0 < float(meta["sdlora_distill_relative_error"]) < 1
+    assert 0 < float(meta["sdlora_distill_effect_difference"]) < 1
     assert json.loads(meta["sdlora_distill_prompts"]) == PROMPTS
     theirs = load_base("tiny")
     theirs.load_lora_weights(str(out), adapter_name="distilled")
