@@ -38,7 +38,9 @@ from .blend import Mixer
 from .errors import SdloraError
 from .layer import LoRALayer, max_rank
 
-RIDGE = 1e-10  # λ = RIDGE · mean eigenvalue of XᵀX: keeps the solve defined when X is rank-deficient
+RIDGE = (
+    1e-10  # λ = RIDGE · mean eigenvalue of XᵀX: keeps the solve defined when X is rank-deficient
+)
 NONLINEAR, LINEAR = "nonlinear", "distilled"  # adapter names on the pipe while distilling
 
 
@@ -100,7 +102,9 @@ def prompts_from_metadata(metadata: dict[str, str]) -> list[str]:
         prompts += [str(p) for p in training.get("sample_prompts") or []]
         caption = training.get("caption")
         if caption:
-            prompts.append(f"{trigger}, {caption}" if trigger and trigger not in caption else caption)
+            prompts.append(
+                f"{trigger}, {caption}" if trigger and trigger not in caption else caption
+            )
     prompts += [str(w) for w in words if isinstance(words, list)]
     if isinstance(tags, dict):
         for counts in tags.values():

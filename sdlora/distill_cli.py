@@ -51,7 +51,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
         print(f"  {err:9.3e}  {key}")
     if len(shown) < len(worst):
         print(f"  ... {len(worst) - len(shown)} more modules (--all-modules lists every one)")
-    print(f"rank {report.rank}: overall relative error {report.overall:.3e} over {len(worst)} modules")
+    print(
+        f"rank {report.rank}: overall relative error {report.overall:.3e} over {len(worst)} modules"
+    )
     print(
         f"noise prediction on held-out noise: differs by {report.output_difference:.3e} of its "
         f"norm, {report.effect_difference:.3e} of the adapter's effect"
@@ -74,19 +76,37 @@ def register(sub: argparse._SubParsersAction) -> None:
         "file: it can be fused, merged, exported and read by other tools.",
     )
     p.add_argument("file", help="nonlinear adapter .safetensors file")
-    p.add_argument("--base", required=True, help="the base the adapter was trained on: 'toy', "
-                   "'tiny', a diffusers model folder or a single .safetensors checkpoint")
+    p.add_argument(
+        "--base",
+        required=True,
+        help="the base the adapter was trained on: 'toy', "
+        "'tiny', a diffusers model folder or a single .safetensors checkpoint",
+    )
     p.add_argument("--config", metavar="DIR", help="configs for a single-file --base")
     p.add_argument("--rank", type=int, required=True, help="rank of the linear LoRA")
     p.add_argument("--out", required=True, metavar="FILE.safetensors", help="where to write it")
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--prompts", nargs="+", metavar="PROMPT",
-                        help="prompts to collect activations on (default: those the file records)")
+    source.add_argument(
+        "--prompts",
+        nargs="+",
+        metavar="PROMPT",
+        help="prompts to collect activations on (default: those the file records)",
+    )
     source.add_argument("--prompts-file", metavar="FILE", help="UTF-8 text file, one prompt a line")
-    p.add_argument("--samples", type=int, default=4, help="noise draws per prompt, at timesteps "
-                   "spread over the schedule (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the noise and timesteps (default: %(default)s)")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=4,
+        help="noise draws per prompt, at timesteps spread over the schedule (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seeds the noise and timesteps (default: %(default)s)"
+    )
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
-    p.add_argument("--all-modules", action="store_true", help="list the error of every module, not the 10 worst")
+    p.add_argument(
+        "--all-modules",
+        action="store_true",
+        help="list the error of every module, not the 10 worst",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_distill)

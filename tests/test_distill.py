@@ -21,7 +21,9 @@ PROMPTS = ["a red circle on the left", "a blue star"]
 
 def stats_of(x: torch.Tensor, y: torch.Tensor) -> LayerStats:
     d, out = x.shape[1], y.shape[1]
-    stats = LayerStats(torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, out, dtype=torch.float64))
+    stats = LayerStats(
+        torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, out, dtype=torch.float64)
+    )
     stats.add(x, y)
     return stats
 
@@ -54,8 +56,12 @@ def test_reduced_rank_regression_matches_brute_force():
     """On explicit data: the fit equals the truncated SVD of the least-squares fitted values,
     the residual formula is right, and it beats truncating the least-squares weights."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(500, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 12, generator=g, dtype=torch.float64)
-    y = torch.tanh(x @ torch.randn(12, 9, generator=g, dtype=torch.float64)) + 0.1 * torch.randn(500, 9, generator=g, dtype=torch.float64)
+    x = torch.randn(500, 12, generator=g, dtype=torch.float64) @ torch.randn(
+        12, 12, generator=g, dtype=torch.float64
+    )
+    y = torch.tanh(x @ torch.randn(12, 9, generator=g, dtype=torch.float64)) + 0.1 * torch.randn(
+        500, 9, generator=g, dtype=torch.float64
+    )
     stats = stats_of(x, y)
     w_ls = torch.linalg.lstsq(x, y).solution  # (12, 9)
     fitted = x @ w_ls
@@ -92,12 +98,18 @@ def test_rank_deficient_inputs_give_zero_change_off_the_data():
 def files(tmp_path_factory):
     """gelu adapter (attn, UNet + text encoder), its mirrored relu twin, conv-target twin."""
     folder = tmp_path_factory.mktemp("distill")
-    gelu, _ = make_adapter_file(lambda: load_base("tiny"), folder / "gelu.safetensors", nonlinearity="gelu")
-    relu, _ = make_adapter_file(lambda: load_base("tiny"), folder / "relu.safetensors", nonlinearity="relu", seed=5)
+    gelu, _ = make_adapter_file(
+        lambda: load_base("tiny"), folder / "gelu.safetensors", nonlinearity="gelu"
+    )
+    relu, _ = make_adapter_file(
+        lambda: load_base("tiny"), folder / "relu.safetensors", nonlinearity="relu", seed=5
+    )
     save_adapter(mirrored(load_adapter(relu)), folder / "mirrored.safetensors")
     pipe = load_base("tiny")  # relu on 1x1 (proj_in) and 3x3 (resnet conv1) convs too
     g = torch.Generator().manual_seed(7)
-    injected = add_trainable(pipe.unet, "unet", ("to_q", "proj_in", "conv1"), 3, None, "relu", generator=g)
+    injected = add_trainable(
+        pipe.unet, "unet", ("to_q", "proj_in", "conv1"), 3, None, "relu", generator=g
+    )
     for weights in injected.values():
         with torch.no_grad():
             weights.up.normal_(0.0, 0.2, generator=g)
@@ -113,8 +125,10 @@ def test_adapter_linear_on_its_inputs_is_recovered(files, name):
     span of the inputs each layer saw (linear layers, 1x1 and 3x3 convs)."""
     source = load_adapter(files / name)
     rank = source.ranks()[0] // 2
-    probe = Probe(PROMPTS + [""], samples=8, seed=0)
-    linear, report = distill_adapter(load_base("tiny"), source, rank, PROMPTS, probe.samples, probe.seed)
+    probe = Probe(PROMPTS + [""], samples=8 if name == "mirrored.safetensors" else 3, seed=0)
+    linear, report = distill_adapter(
+        load_base("tiny"), source, rank, PROMPTS, probe.samples, probe.seed
+    )
     assert set(linear.modules) == set(source.modules)
     assert max(report.errors.values()) <= 1e-4, report.errors
     pipe = load_base("tiny")  # the same probe again, for each layer's inputs
@@ -125,7 +139,7 @@ def test_adapter_linear_on_its_inputs_is_recovered(files, name):
         assert m.down.shape == (rank, *source.modules[key].down.shape[1:])
         true = delta_of(source.modules[key]) / 2  # [B, −B]·[A; −A] = 2·B·A; the function is B·A
         gram, diff = stats[key].gram, delta_of(m) - true
-        seen = lambda delta: float((delta @ gram * delta).sum()) ** 0.5  # noqa: E731  ‖X·ΔWᵀ‖
+        seen = lambda delta, g=gram: float((delta @ g * delta).sum()) ** 0.5  # noqa: E731  ‖X·ΔWᵀ‖
         assert seen(diff) <= 1e-4 * seen(true), key
         if gram.shape[0] <= 64:  # linear and 1x1: ΔW itself, on directions the inputs clearly visit
             evals, q = torch.linalg.eigh(gram)
@@ -142,10 +156,15 @@ def test_error_does_not_grow_with_rank(files):
     mixer = Mixer(pipe)
     mixer.add(source, name="gelu")
     stats = collect(pipe, adapted_layers(mixer, "gelu"), "gelu", Probe(PROMPTS + [""], samples=2))
-    errors = {rank: {k: fit_reduced_rank(s, rank)[2] for k, s in stats.items()} for rank in (1, 2, 3, 4)}
+    errors = {
+        rank: {k: fit_reduced_rank(s, rank)[2] for k, s in stats.items()} for rank in (1, 2, 3, 4)
+    }
     for key in stats:
         sequence = [errors[rank][key] for rank in (1, 2, 3, 4)]
-        assert all(a >= b * (1 - 1e-9) for a, b in zip(sequence, sequence[1:])), (key, sequence)
+        assert all(a >= b * (1 - 1e-9) for a, b in zip(sequence[:-1], sequence[1:], strict=True)), (
+            key,
+            sequence,
+        )
     total = sum(s.y_norm2 for s in stats.values())
     overall = [(sum(errors[rank].values()) / total) ** 0.5 for rank in (1, 2, 3, 4)]
     assert overall[0] > overall[1] > overall[2] > overall[3] > 0.01  # gelu is not linear
@@ -171,13 +190,19 @@ def test_distilled_file_loads_in_diffusers_and_fuses(files, tmp_path, inputs):
     ours = load_base("tiny")
     Mixer(ours).add(out)
     assert (run_unet(ours, inputs) - run_unet(load_base("tiny"), inputs)).abs().max() > 1e-3
-    torch.testing.assert_close(run_unet(theirs, inputs), run_unet(ours, inputs), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(run_text(theirs, inputs), run_text(ours, inputs), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        run_unet(theirs, inputs), run_unet(ours, inputs), atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        run_text(theirs, inputs), run_text(ours, inputs), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_prompts_come_from_the_training_metadata():
     meta = {
-        "sdlora_training": json.dumps({"sample_prompts": ["sks dog on grass"], "caption": "a dog", "trigger": "sks"}),
+        "sdlora_training": json.dumps(
+            {"sample_prompts": ["sks dog on grass"], "caption": "a dog", "trigger": "sks"}
+        ),
         "sdlora_trigger_words": json.dumps(["sks"]),
         "ss_tag_frequency": json.dumps({"10_dogs": {"grass": 2, "dog": 9}}),
     }
@@ -195,15 +220,43 @@ def test_bad_requests_are_one_line_errors_and_write_nothing(files, tmp_path, cap
     gelu, out = str(files / "gelu.safetensors"), tmp_path / "out.safetensors"
     ok = ["--base", "tiny", "--out", str(out), "--prompts", "a star", "--samples", "1"]
     cases = [
-        ([str(files / "linear.safetensors"), "--rank", "2", *ok], ("linear.safetensors: ", "already a linear adapter", "merge")),
+        (
+            [str(files / "linear.safetensors"), "--rank", "2", *ok],
+            ("linear.safetensors: ", "already a linear adapter", "merge"),
+        ),
         ([gelu, "--rank", "0", *ok], ("--rank must be at least 1 (got 0)",)),
         ([gelu, "--rank", "33", *ok], ("--rank 33 is larger than module", "allows (32)")),
         ([gelu, "--rank", "2", *ok, "--samples", "0"], ("--samples must be at least 1",)),
-        ([str(tmp_path / "nope.safetensors"), "--rank", "2", *ok], ("nope.safetensors: no such file",)),
-        ([gelu, "--rank", "2", "--base", "toy", "--out", str(out), "--prompts", "a star"], ("gelu.safetensors: ", "does not fit this layer")),
-        ([gelu, "--rank", "2", "--base", "tiny", "--out", str(out)], ("gelu.safetensors: records no training prompts", "--prompts")),
-        ([gelu, "--rank", "2", "--base", "tiny", "--out", str(out), "--prompts-file", str(tmp_path / "p.txt")], ("--prompts-file", "no such file")),
-        ([gelu, "--rank", "2", "--base", "tiny", "--out", str(tmp_path / "out.ckpt")], (".safetensors; change the name",)),
+        (
+            [str(tmp_path / "nope.safetensors"), "--rank", "2", *ok],
+            ("nope.safetensors: no such file",),
+        ),
+        (
+            [gelu, "--rank", "2", "--base", "toy", "--out", str(out), "--prompts", "a star"],
+            ("gelu.safetensors: ", "does not fit this layer"),
+        ),
+        (
+            [gelu, "--rank", "2", "--base", "tiny", "--out", str(out)],
+            ("gelu.safetensors: records no training prompts", "--prompts"),
+        ),
+        (
+            [
+                gelu,
+                "--rank",
+                "2",
+                "--base",
+                "tiny",
+                "--out",
+                str(out),
+                "--prompts-file",
+                str(tmp_path / "p.txt"),
+            ],
+            ("--prompts-file", "no such file"),
+        ),
+        (
+            [gelu, "--rank", "2", "--base", "tiny", "--out", str(tmp_path / "out.ckpt")],
+            (".safetensors; change the name",),
+        ),
     ]
     for argv, parts in cases:
         assert main(["distill", *argv]) == 2, argv
@@ -219,7 +272,11 @@ def test_wrong_base_keys_are_refused(files, tmp_path, capsys):
     """Keys the base has no module for: the existing mismatch check names the file."""
     source = load_adapter(files / "gelu.safetensors")
     foreign = Adapter(
-        modules={k.replace("lora_unet_", "lora_unet_x"): m for k, m in source.modules.items() if k.startswith("lora_unet_")},
+        modules={
+            k.replace("lora_unet_", "lora_unet_x"): m
+            for k, m in source.modules.items()
+            if k.startswith("lora_unet_")
+        },
         nonlinearity="gelu",
     )
     save_adapter(foreign, tmp_path / "foreign.safetensors")
