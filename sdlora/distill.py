@@ -38,9 +38,8 @@ from .blend import Mixer
 from .errors import SdloraError
 from .layer import LoRALayer, max_rank
 
-RIDGE = (
-    1e-10  # λ = RIDGE · mean eigenvalue of XᵀX: keeps the solve defined when X is rank-deficient
-)
+# λ = RIDGE · mean eigenvalue of XᵀX: keeps the solve defined when X is rank-deficient
+RIDGE = 1e-10
 NONLINEAR, LINEAR = "nonlinear", "distilled"  # adapter names on the pipe while distilling
 
 
@@ -51,7 +50,8 @@ class DistillReport:
     rank: int
     errors: dict[str, float] = field(default_factory=dict)  # ‖XΔWᵀ − Y‖ / ‖Y‖ per layer
     overall: float = 0.0  # the same over all layers: √(Σ residual² / Σ ‖Y‖²)
-    output_difference: float = 0.0  # ‖ε_nonlinear − ε_linear‖ / ‖ε_nonlinear‖ (UNet noise)
+    # on held-out noise (and prompts, if given): UNet noise predictions ε with each adapter
+    output_difference: float = 0.0  # ‖ε_nonlinear − ε_linear‖ / ‖ε_nonlinear‖
     effect_difference: float = 0.0  # ‖ε_nonlinear − ε_linear‖ / ‖ε_nonlinear − ε_base‖
     prompts: list[str] = field(default_factory=list)  # what the activations were collected on
 
@@ -176,12 +176,14 @@ def distill_adapter(
     prompts: list[str] | None = None,
     samples: int = 4,
     seed: int = 0,
+    held_out: list[str] | None = None,
 ) -> tuple[Adapter, DistillReport]:
     """A linear adapter of rank `rank` fitted to the nonlinear `adapter` on `pipe`.
 
     `prompts` default to the training prompts the file records; the empty prompt is added, since
-    classifier-free guidance runs the UNet on it at every step. The output-level check uses fresh
-    latents and timesteps (seed + 1). `pipe` is left without adapters.
+    classifier-free guidance runs the UNet on it at every step. The output-level check runs on
+    fresh latents and timesteps (seed + 1), with the `held_out` prompts if given (else the same
+    prompts). `pipe` is left without adapters.
     """
     check_request(adapter, rank, samples, seed)
     prompts = list(prompts or prompts_from_metadata(adapter.metadata))
@@ -214,7 +216,8 @@ def distill_adapter(
             raise SdloraError(f"{adapter.source}: no adapted layer saw any input; nothing to fit")
         report.overall = math.sqrt(total_err / total_norm) if total_norm > 0 else 0.0
         linear = Adapter(modules=modules, metadata={}, source=adapter.source)
-        _compare_outputs(mixer, linear, Probe(used, samples, seed + 1), report)
+        check = Probe(list(held_out) if held_out else used, samples, seed + 1)
+        _compare_outputs(mixer, linear, check, report)
     finally:
         mixer.clear()
     linear.metadata = _metadata(adapter, report)

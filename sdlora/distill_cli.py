@@ -42,7 +42,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_base(args.base, device=device, config=args.config)
     linear, report = distill_adapter(
-        pipe, adapter, args.rank, prompts=prompts, samples=args.samples, seed=args.seed
+        pipe,
+        adapter,
+        args.rank,
+        prompts=prompts,
+        samples=args.samples,
+        seed=args.seed,
+        held_out=args.held_out,
     )
     save_adapter(linear, out, overwrite=args.overwrite)
     worst = sorted(report.errors.items(), key=lambda kv: -kv[1])
@@ -54,9 +60,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
     print(
         f"rank {report.rank}: overall relative error {report.overall:.3e} over {len(worst)} modules"
     )
+    held_out = "prompts" if args.held_out else "noise"
     print(
-        f"noise prediction on held-out noise: differs by {report.output_difference:.3e} of its "
-        f"norm, {report.effect_difference:.3e} of the adapter's effect"
+        f"noise prediction on held-out {held_out}: differs by {report.output_difference:.3e} "
+        f"of its norm, {report.effect_difference:.3e} of the adapter's effect"
     )
     print(out)
     return 0
@@ -93,6 +100,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="prompts to collect activations on (default: those the file records)",
     )
     source.add_argument("--prompts-file", metavar="FILE", help="UTF-8 text file, one prompt a line")
+    p.add_argument(
+        "--held-out",
+        nargs="+",
+        metavar="PROMPT",
+        help="prompts for the output check only, not fitted on (default: the fitting prompts, "
+        "on fresh noise)",
+    )
     p.add_argument(
         "--samples",
         type=int,

@@ -175,7 +175,22 @@ def test_distilled_file_loads_in_diffusers_and_fuses(files, tmp_path, inputs):
     metadata names the source and the errors."""
     out = tmp_path / "lin.safetensors"
     argv = ["distill", str(files / "gelu.safetensors"), "--base", "tiny", "--rank", "2"]
-    assert main([*argv, "--out", str(out), "--prompts", *PROMPTS, "--samples", "2"]) == 0
+    assert (
+        main(
+            [
+                *argv,
+                "--out",
+                str(out),
+                "--prompts",
+                *PROMPTS,
+                "--samples",
+                "2",
+                "--held-out",
+                "a green heart",
+            ]
+        )
+        == 0
+    )
     adapter = load_adapter(out)
     assert adapter.is_linear and adapter.ranks() == [2]
     meta = adapter.metadata
