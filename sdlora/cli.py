@@ -264,11 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """`register(subparsers)` of the command modules that live outside this file."""
+    from .distill_cli import register as distill
     from .interop_cli import register as interop
     from .train.command import register as train
     from .ui.command import register as ui
 
-    return [train, ui, interop]
+    return [train, ui, interop, distill]
 
 
 def main(argv: list[str] | None = None) -> int:
