@@ -17,6 +17,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from .adapter import Adapter, check_strength, resolve
+from .blocks import block_of, multiplier, parse_blocks
 from .errors import SdloraError
 from .formats import load_adapter
 from .fusion import Plan
@@ -37,6 +38,14 @@ class Entry:
     enabled: bool = True
     fused: bool = True  # ΔW lives in the weights (linear adapters only)
     unmatched: list[str] = field(default_factory=list)  # file keys the base has no module for
+    blocks: list[str] = field(default_factory=list)  # each layer's LoRA Block Weight block
+    block_strengths: dict[str, float] = field(default_factory=dict)  # see sdlora/blocks.py
+
+    def layer_strength(self, i: int) -> float:
+        """What layer i runs this adapter at: the effective strength × its block's multiplier."""
+        if not self.block_strengths:
+            return self.effective
+        return self.effective * multiplier(self.block_strengths, self.blocks[i])
 
     @property
     def effective(self) -> float:
@@ -61,8 +70,11 @@ class Mixer:
         name: str | None = None,
         strength: float = 1.0,
         fuse: bool = True,
+        blocks: str | dict | list | None = None,
     ) -> str:
-        """Attach an adapter (object or file path) under `name`; return the name used."""
+        """Attach an adapter (object or file path) under `name`; return the name used.
+
+        `blocks`: per-block strengths (sdlora/blocks.py), e.g. "IN=0,MID=1,OUT=0.5"."""
         if not isinstance(adapter, Adapter):
             adapter = load_adapter(adapter)
         check_strength(str(name or adapter.source), strength)
@@ -79,7 +91,9 @@ class Mixer:
                 ", ".join(unmatched[:3]),
             )
         fuse = fuse and adapter.is_linear
+        block_strengths = parse_blocks(blocks)
         layers: list[LoRALayer] = []
+        layer_blocks: list[str] = []
         try:
             for (comp, path), factors in resolved.items():
                 model = self.models[comp]
@@ -102,7 +116,17 @@ class Mixer:
                 except SdloraError as err:
                     raise SdloraError(f"{adapter.source}: {path}: {err}") from None
                 layers.append(layer)
-            entry = Entry(adapter, layers, float(strength), True, fuse, unmatched)
+                layer_blocks.append(block_of(comp, path))
+            entry = Entry(
+                adapter,
+                layers,
+                float(strength),
+                True,
+                fuse,
+                unmatched,
+                layer_blocks,
+                block_strengths,
+            )
             self.entries[name] = entry
             self._refresh(entry, restructure=True)
         except BaseException:
@@ -135,8 +159,8 @@ class Mixer:
     def _refresh(self, entry: Entry, restructure: bool = False) -> None:
         """Push the entry's effective strength (and fused switch) into its layers' weights."""
         name = next(n for n, e in self.entries.items() if e is entry)
-        for layer in entry.layers:
-            layer.strengths[name] = entry.effective
+        for i, layer in enumerate(entry.layers):
+            layer.strengths[name] = entry.layer_strength(i)
             if entry.fused != (name in layer.fused):
                 restructure = True
                 if entry.fused:
@@ -158,8 +182,22 @@ class Mixer:
                 self._refresh(entry)
             except SdloraError:  # nothing was written: put the old strength back everywhere
                 entry.strength = previous
-                for layer in entry.layers:
-                    layer.strengths[name] = entry.effective
+                for i, layer in enumerate(entry.layers):
+                    layer.strengths[name] = entry.layer_strength(i)
+                raise
+
+    def set_blocks(self, name: str, blocks: str | dict | list | None) -> None:
+        """Set one adapter's per-block strengths (sdlora/blocks.py); None or {}: all blocks 1."""
+        entry = self._get(name)
+        parsed = parse_blocks(blocks)
+        if parsed != entry.block_strengths:
+            previous, entry.block_strengths = entry.block_strengths, parsed
+            try:
+                self._refresh(entry)
+            except SdloraError:
+                entry.block_strengths = previous
+                for i, layer in enumerate(entry.layers):
+                    layer.strengths[name] = entry.layer_strength(i)
                 raise
 
     def set_strengths(self, strengths: dict[str, float]) -> None:
@@ -209,6 +247,7 @@ class Mixer:
             dict(
                 name=n,
                 strength=e.strength,
+                blocks=dict(e.block_strengths),
                 enabled=e.enabled,
                 fused=e.fused,
                 nonlinearity=e.adapter.nonlinearity,

@@ -1,0 +1,121 @@
+"""Per-block strengths (sdlora/blocks.py, Mixer blocks=): LoRA Block Weight's blocks, exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_adapter_file, run_unet
+from diffusers import UNet2DConditionModel
+
+from sdlora.base import load_base
+from sdlora.blend import Mixer
+from sdlora.blocks import BLOCKS17, block_of, parse_blocks, scale_blocks
+from sdlora.errors import SdloraError
+from sdlora.formats import load_adapter
+
+
+def test_modules_map_to_the_ldm_blocks():
+    cases = {
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": "IN01",
+        "down_blocks_1_attentions_1_proj_in": "IN05",
+        "down_blocks.2.downsamplers.0.conv": "IN09",
+        "down_blocks.3.resnets.1.conv1": "IN11",
+        "conv_in": "IN00",
+        "mid_block.attentions.0.proj_out": "M00",
+        "up_blocks.0.upsamplers.0.conv": "OUT02",
+        "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": "OUT03",
+        "up_blocks_3_attentions_2_proj_out": "OUT11",
+    }
+    assert {path: block_of("unet", path) for path in cases} == cases
+    assert block_of("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj") == "BASE"
+
+
+def test_the_17_value_vector_covers_an_sd15_attention_lora():
+    from benchmarks.sd15 import UNET_CONFIG
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**UNET_CONFIG)
+    blocks = {block_of("unet", p) for p, _ in unet.named_modules() if p.endswith("attn1.to_q")}
+    assert sorted(blocks) == sorted(BLOCKS17[1:])
+
+
+def test_specs_parse_and_bad_ones_are_refused():
+    assert parse_blocks("IN=0, MID=1,out=0.5,TE=0.2,IN04=0.7") == {
+        "IN": 0.0,
+        "M00": 1.0,
+        "OUT": 0.5,
+        "BASE": 0.2,
+        "IN04": 0.7,
+    }
+    vector = parse_blocks(",".join(["1"] * 7 + ["0"] + ["0.5"] * 9))
+    assert vector["M00"] == 0 and vector["OUT11"] == 0.5 and len(vector) == 17
+    for bad, match in [
+        ("IN=x", "not a number"),
+        ("FOO=1", "unknown block"),
+        ("1,2,3", "17 or 26 values"),
+        ("IN=1e30", "from -100 to 100"),
+        ("IN", "17 or 26"),
+    ]:
+        with pytest.raises(SdloraError, match=match):
+            parse_blocks(bad)
+
+
+@pytest.fixture(scope="module")
+def adapter_path(tmp_path_factory):
+    path, _ = make_adapter_file(
+        lambda: load_base("tiny"), tmp_path_factory.mktemp("blocks") / "a.safetensors"
+    )
+    return path
+
+
+def _weights(pipe) -> dict[str, torch.Tensor]:
+    """Every base weight under its plain name (a LoRALayer holds it as `<module>.base.weight`)."""
+    out = {}
+    for component in ("unet", "text_encoder"):
+        for key, value in getattr(pipe, component).state_dict().items():
+            if ".adapters." not in key:
+                out[key.replace(".base.", ".")] = value.clone()
+    return out
+
+
+def test_every_block_at_s_equals_whole_strength_s_exactly(adapter_path, inputs):
+    whole, blocked = load_base("tiny"), load_base("tiny")
+    Mixer(whole).add(adapter_path, strength=0.6)
+    mixer = Mixer(blocked)
+    mixer.add(adapter_path, blocks="IN=0.6,MID=0.6,OUT=0.6,BASE=0.6")
+    a, b = _weights(whole), _weights(blocked)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # and moving the blocks back to 1 is the whole adapter at strength 1, exactly
+    mixer.set_blocks("a", None)
+    full = load_base("tiny")
+    Mixer(full).add(adapter_path)
+    c, d = _weights(full), _weights(blocked)
+    assert all(torch.equal(c[k], d[k]) for k in c)
+
+
+def test_a_block_at_zero_keeps_the_base_weights_bit_for_bit(adapter_path, inputs):
+    base = _weights(load_base("tiny"))
+    pipe = load_base("tiny")
+    mixer = Mixer(pipe)
+    mixer.add(adapter_path, blocks="IN=0")
+    now = _weights(pipe)
+    down = [k for k in base if k.startswith("down_blocks.") and "attentions" in k and ".to_" in k]
+    up = [k for k in base if k.startswith("up_blocks.") and "attentions" in k and ".to_q" in k]
+    assert down and all(torch.equal(now[k], base[k]) for k in down)
+    assert any(not torch.equal(now[k], base[k]) for k in up)  # the others carry the adapter
+    assert (run_unet(pipe, inputs) - run_unet(load_base("tiny"), inputs)).abs().max() > 0
+
+
+def test_merging_with_block_strengths_scales_each_module(adapter_path):
+    adapter = load_adapter(adapter_path)
+    scaled = scale_blocks(adapter, parse_blocks("OUT=0.5,BASE=0"))
+    for key, factors in adapter.modules.items():
+        m = (
+            0.5
+            if key.startswith("lora_unet_up_blocks")
+            else 0.0
+            if key.startswith("lora_te_")
+            else 1.0
+        )
+        torch.testing.assert_close(scaled.modules[key].up, factors.up * m, rtol=0, atol=0)
+        assert torch.equal(scaled.modules[key].down, factors.down)
