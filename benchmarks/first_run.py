@@ -57,7 +57,14 @@ def build_folders(root: Path, smoke: bool) -> tuple[Path, Path]:
 
 
 def train_command(
-    model: Path, data: Path, out: Path, steps: int, batch: int, compile: str, smoke: bool
+    model: Path,
+    data: Path,
+    out: Path,
+    steps: int,
+    batch: int,
+    compile: str,
+    smoke: bool,
+    nonlinearity: str = "identity",
 ):
     return [
         sys.executable,
@@ -84,6 +91,8 @@ def train_command(
         "--seed",
         "0",
         "--overwrite",
+        "--nonlinearity",
+        nonlinearity,
     ]
 
 
@@ -100,12 +109,14 @@ def timed(cmd: list[str], env: dict, cwd: Path) -> tuple[float, str]:
     return wall, run.stderr + run.stdout
 
 
-def measure(smoke: bool, steps: int, batches: list[int], runs: list[str]) -> dict:
+def measure(
+    smoke: bool, steps: int, batches: list[int], runs: list[str], nonlinearity: str = "identity"
+) -> dict:
 
     from benchmarks.sd15 import device_info
 
     info = device_info() | {"mode": "smoke (tiny base, CPU)" if smoke else "SD 1.5, 512 px"}
-    info |= {"steps": steps, "images": IMAGES, "rank": 4}
+    info |= {"steps": steps, "images": IMAGES, "rank": 4, "nonlinearity": nonlinearity}
     rows = []
     with tempfile.TemporaryDirectory(prefix="sdlora-first-run-") as tmp:
         root = Path(tmp)
@@ -131,7 +142,9 @@ def measure(smoke: bool, steps: int, batches: list[int], runs: list[str]) -> dic
                     if run == "serial":
                         env["SDLORA_COMPILE_WORKERS"] = "0"
                     out = root / f"out-{run}-{batch}"
-                    cmd = train_command(model, data, out, steps, batch, compile, smoke)
+                    cmd = train_command(
+                        model, data, out, steps, batch, compile, smoke, nonlinearity
+                    )
                 wall, log = timed(cmd, env, root)
                 rows.append(row(run, batch, steps, wall, log))
                 print(json.dumps(rows[-1]), flush=True)
@@ -202,6 +215,7 @@ def main() -> None:
     parser.add_argument("--batches", default="8,1")
     parser.add_argument("--runs", default="eager,cold,warm,reference")
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--nonlinearity", default="identity", help="of the trained adapter")
     parser.add_argument("--json", help="also write the result here")
     parser.add_argument("--reference-run", nargs=3, metavar=("MODEL", "STEPS", "BATCH"))
     args = parser.parse_args()
@@ -214,7 +228,7 @@ def main() -> None:
     if unknown:
         parser.error(f"--runs: unknown {', '.join(unknown)}; choose from {', '.join(RUNS)}")
     batches = [int(b) for b in args.batches.split(",")]
-    result = measure(args.smoke, args.steps, batches, runs)
+    result = measure(args.smoke, args.steps, batches, runs, args.nonlinearity)
     print(table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
