@@ -62,7 +62,7 @@ def load_mix(args: argparse.Namespace, dtype=None):
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .generate import GenerateSettings, generate, save_png
+    from .generate import GenerateSettings, check_numbers, generate, save_png
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
@@ -76,7 +76,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         else None
     )
     sweep = parse_sweep(args.sweep, args.lora) if args.sweep else None
-    pipe, mixer = load_mix(args, dtype=dtype)
     settings = GenerateSettings(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -87,8 +86,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         height=args.height,
         scheduler=args.scheduler,
         num_images=args.num_images,
-        adapters=mixer.strengths(),
     )
+    check_numbers(settings)  # before the base loads
+    pipe, mixer = load_mix(args, dtype=dtype)
+    settings.adapters = mixer.strengths()
     if sweep:
         print(sweep_grid(pipe, mixer, settings, sweep, out))
         return 0
@@ -195,9 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="random seed; image i uses seed+i (default: %(default)s)",
     )
-    p.add_argument("--width", type=int, help="image width in px (default: the base's native size)")
     p.add_argument(
-        "--height", type=int, help="image height in px (default: the base's native size)"
+        "--width",
+        type=int,
+        help="image width in px, at most 4096 (default: the base's native size)",
+    )
+    p.add_argument(
+        "--height",
+        type=int,
+        help="image height in px, at most 4096 (default: the base's native size)",
     )
     p.add_argument(
         "--scheduler",
@@ -208,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-images",
         type=int,
         default=1,
-        help="images to draw; more than one adds -0, -1 ... to the name",
+        help="images to draw, at most 64; more than one adds -0, -1 ... to the name",
     )
     p.add_argument(
         "--sweep",

@@ -145,7 +145,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--resolution",
         type=int,
-        help=f"about RESOLUTION² pixels per image, a multiple of 64 (default: {D.resolution})",
+        help=f"about RESOLUTION² pixels per image, a multiple of 64 up to 2048 (default: {D.resolution})",
     )
     g.add_argument(
         "--buckets", action=on_off, help="aspect-ratio buckets so nothing is squashed (default: on)"
