@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .errors import SdloraError
-from .lora_spec import parse_lora
+from .lora_spec import adapter_names, parse_lora, parse_lora_spec  # noqa: F401 (parse_lora: re-exported)
 
 DEFAULT_BASE = "toy"
 BASE_HELP = (
@@ -35,8 +35,11 @@ def add_base_args(p: argparse.ArgumentParser) -> None:
         "--lora",
         action="append",
         default=[],
-        metavar="FILE[:STRENGTH]",
-        help="adapter to blend in, repeatable; STRENGTH defaults to 1.0 (0 = base, 1 = as trained)",
+        metavar="FILE[:STRENGTH][@NAME]",
+        help="adapter to blend in, repeatable; STRENGTH defaults to 1.0 (0 = base, 1 = as "
+        "trained); NAME (default: the file name without .safetensors) is how PNG metadata and "
+        "--sweep labels call it. Two files of one name (a/style, b/style) are told apart by "
+        "their folders",
     )
     p.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
@@ -50,12 +53,15 @@ def load_mix(args: argparse.Namespace, dtype=None):
     from .base import load_base
     from .blend import Mixer
 
+    specs = [parse_lora_spec(spec) for spec in args.lora]
+    names, notes = adapter_names(specs)
+    for note in notes:
+        print(f"sdlora: {note}", file=sys.stderr)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_base(args.base, device=device, dtype=dtype, config=args.config)
     mixer = Mixer(pipe)
-    for spec in args.lora:
-        path, strength = parse_lora(spec)
-        mixer.add(path, strength=strength)
+    for spec, name in zip(specs, names, strict=True):
+        mixer.add(spec.path, name=name, strength=spec.strength)
     return pipe, mixer
 
 
