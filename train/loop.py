@@ -33,7 +33,7 @@ from sdlora.train.data import (
     possible_captions,
     with_trigger,
 )
-from sdlora.train.encode import LatentCache, TextCache
+from sdlora.train.encode import LatentCache, TextCache, long_captions
 from sdlora.train.sample import sample_grid
 from sdlora.train.speed import speed_up, will_compile
 from sdlora.train.step import TrainStep
@@ -74,7 +74,7 @@ def train(
     output = Path(config.output)
 
     # --- data and output folder: every user mistake found here, before a model is loaded
-    items, skipped = discover(config)
+    items, skipped, data_warnings = discover(config)
     if skipped and main:
         logger.warning(
             "skipped %d unreadable image file(s) of %d: %s",
@@ -82,6 +82,8 @@ def train(
             len(skipped) + len(items),
             "; ".join(f"{path} ({reason})" for path, reason in skipped),
         )
+    for warning in data_warnings if main else ():
+        logger.warning(warning)
     plan = BatchPlan(
         items, config.batch_size, config.seed, accelerator.num_processes, accelerator.process_index
     )
@@ -134,6 +136,9 @@ def train(
         pipe.text_encoder.to(dtype=weight_dtype)
         # the VAE stays fp32: SD VAEs overflow in fp16; in bf16 runs it encodes under autocast
     check_sides(pipe, plan)
+    too_long = long_captions(pipe.tokenizer, items, config.trigger)
+    if too_long and main:
+        logger.warning(too_long)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     init = torch.Generator().manual_seed(derived_seed(config.seed, "init"))
     lora_args = dict(
