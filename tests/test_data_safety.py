@@ -381,3 +381,24 @@ def test_long_captions_are_counted_and_the_first_named_before_training(
     with pytest.raises(Injecting):  # the trigger word counts too
         train(_config(data, base="tiny", batch_size=1, steps=1, trigger="sks"))
     assert "(first: img_004.png, 114 tokens)" in caplog.text
+
+
+def test_web_ui_generate_gets_the_blank_image_error(tmp_path, monkeypatch):
+    from sdlora.ui import engine as engine_module
+    from sdlora.ui import handlers as h
+
+    def broken(*args, **kwargs):
+        pipe = load_base("tiny")
+        _break_decoder(pipe, "black")
+        return pipe
+
+    monkeypatch.setattr(engine_module, "load_base", broken)
+    for name in ("adapters", "datasets"):
+        (tmp_path / name).mkdir()
+    ctx = h.Context(
+        "tiny", tmp_path / "adapters", tmp_path / "datasets", tmp_path / "outputs",
+        engine_module.Engine("cpu"),
+    )  # fmt: skip
+    with pytest.raises(SdloraError, match=r"came out blank \(all pixels 0\)"):
+        h.run_generate(ctx, "tiny", {}, h.make_settings("x", steps=1, seed=2))
+    assert not list((tmp_path / "outputs").rglob("*.png"))
