@@ -222,7 +222,7 @@ def test_linked_folders_and_files_are_read_once_and_loops_named(tmp_path):
     assert skipped == []
     assert len(warnings) == 1
     assert warnings[0].startswith("2 linked folder(s) not read again")
-    assert "again: a link to" in warnings[0] and "read already as" in warnings[0]
+    assert "again: leads to" in warnings[0] and "read already as" in warnings[0]
 
 
 def test_a_link_to_the_data_folder_itself_is_a_loop(tmp_path):
@@ -316,6 +316,16 @@ def test_metadata_lines_that_would_be_lost_are_errors(tmp_path, row, message):
     _metadata(data, {"file_name": "b.png", "text": "fine"}, row)
     with pytest.raises(SdloraError, match=message):
         discover(_config(data))
+
+
+def test_metadata_outside_check_holds_for_a_relative_data_folder(tmp_path, monkeypatch):
+    from sdlora.train.data import discover
+
+    _png(tmp_path / "a.png")
+    _metadata(tmp_path, {"file_name": "../a.png", "text": "x"})
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SdloraError, match=r"file_name '\.\./a\.png' is outside"):
+        discover(TrainConfig(data_dir=".", output="out", resolution=64))
 
 
 def test_metadata_may_name_files_in_subfolders_and_sibling_folders(tmp_path):

@@ -134,9 +134,9 @@ def find_image_files(data_dir: Path, exclude: Path | None = None) -> Found:
                 continue
             real = os.path.realpath(path)
             if Path(here).is_relative_to(real):
-                skipped.append((Path(path), f"a link to {real}, which holds it (a loop)"))
+                skipped.append((Path(path), f"leads to {real}, which holds it (a loop)"))
             elif home.setdefault(real, path) != path:
-                skipped.append((Path(path), f"a link to {real}, read already as {home[real]}"))
+                skipped.append((Path(path), f"leads to {real}, read already as {home[real]}"))
             else:
                 kept.append(name)
         dirs[:] = kept
@@ -198,11 +198,11 @@ def read_metadata(files: list[Path], data_dir: Path) -> dict[Path, tuple[str, st
             if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
                 raise SdloraError(f'{meta}:{number}: each line needs a "file_name" string')
             name = row["file_name"]
-            target = os.path.normpath(meta.parent / name)
+            target = os.path.abspath(meta.parent / name)  # ".." taken away as written
             if (
                 os.path.isabs(name)
                 or PureWindowsPath(name).anchor
-                or not Path(target).is_relative_to(os.path.normpath(data_dir))
+                or not Path(target).is_relative_to(os.path.abspath(data_dir))
             ):
                 raise SdloraError(
                     f"{meta}:{number}: file_name {name!r} is outside the data folder; give the "
