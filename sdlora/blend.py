@@ -80,7 +80,10 @@ class Mixer:
         check_strength(str(name or adapter.source), strength)
         name = name or Path(adapter.source).stem or "adapter"
         if name in self.entries:
-            raise SdloraError(f"an adapter named {name!r} is already loaded; remove it first")
+            raise SdloraError(
+                f"an adapter named {name!r} is already loaded; add this one under another "
+                "name (name=...) or remove that one first"
+            )
         resolved, unmatched = resolve(adapter, self.models)
         if unmatched:
             logger.warning(

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .errors import SdloraError
-from .lora_spec import parse_lora
+from .lora_spec import adapter_names, parse_lora, parse_lora_spec  # noqa: F401 (parse_lora: re-exported)
 
 DEFAULT_BASE = "toy"
 BASE_HELP = (
@@ -35,8 +35,11 @@ def add_base_args(p: argparse.ArgumentParser) -> None:
         "--lora",
         action="append",
         default=[],
-        metavar="FILE[:STRENGTH]",
-        help="adapter to blend in, repeatable; STRENGTH defaults to 1.0 (0 = base, 1 = as trained)",
+        metavar="FILE[:STRENGTH][@NAME]",
+        help="adapter to blend in, repeatable; STRENGTH defaults to 1.0 (0 = base, 1 = as "
+        "trained); NAME (default: the file name without .safetensors) is how PNG metadata and "
+        "--sweep labels call it. Two files of one name (a/style, b/style) are told apart by "
+        "their folders",
     )
     p.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
@@ -50,19 +53,22 @@ def load_mix(args: argparse.Namespace, dtype=None):
     from .base import load_base
     from .blend import Mixer
 
+    specs = [parse_lora_spec(spec) for spec in args.lora]
+    names, notes = adapter_names(specs)
+    for note in notes:
+        print(f"sdlora: {note}", file=sys.stderr)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_base(args.base, device=device, dtype=dtype, config=args.config)
     mixer = Mixer(pipe)
-    for spec in args.lora:
-        path, strength = parse_lora(spec)
-        mixer.add(path, strength=strength)
+    for spec, name in zip(specs, names, strict=True):
+        mixer.add(spec.path, name=name, strength=spec.strength)
     return pipe, mixer
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .generate import GenerateSettings, generate, save_png
+    from .generate import GenerateSettings, check_numbers, generate, save_png
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
@@ -76,7 +82,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         else None
     )
     sweep = parse_sweep(args.sweep, args.lora) if args.sweep else None
-    pipe, mixer = load_mix(args, dtype=dtype)
     settings = GenerateSettings(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -87,8 +92,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         height=args.height,
         scheduler=args.scheduler,
         num_images=args.num_images,
-        adapters=mixer.strengths(),
     )
+    check_numbers(settings)  # before the base loads
+    pipe, mixer = load_mix(args, dtype=dtype)
+    settings.adapters = mixer.strengths()
     if sweep:
         print(sweep_grid(pipe, mixer, settings, sweep, out))
         return 0
@@ -195,9 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="random seed; image i uses seed+i (default: %(default)s)",
     )
-    p.add_argument("--width", type=int, help="image width in px (default: the base's native size)")
     p.add_argument(
-        "--height", type=int, help="image height in px (default: the base's native size)"
+        "--width",
+        type=int,
+        help="image width in px, at most 4096 (default: the base's native size)",
+    )
+    p.add_argument(
+        "--height",
+        type=int,
+        help="image height in px, at most 4096 (default: the base's native size)",
     )
     p.add_argument(
         "--scheduler",
@@ -208,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-images",
         type=int,
         default=1,
-        help="images to draw; more than one adds -0, -1 ... to the name",
+        help="images to draw, at most 64; more than one adds -0, -1 ... to the name",
     )
     p.add_argument(
         "--sweep",

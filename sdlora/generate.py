@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import (
     DDIMScheduler,
@@ -65,14 +66,15 @@ def fill_recommended(pipe: StableDiffusionPipeline, s: GenerateSettings) -> Gene
 
 MAX_GUIDANCE = 100.0  # beyond this the latents overflow to a black or garbage image
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes unsigned 64-bit seeds
+MAX_SIDE = 4096  # pixels; SD draws 512-1024, and 4096² already needs tens of GB of attention
+MAX_IMAGES = 64  # per call: all are denoised as one batch, so memory grows with the count
 
 
-def check_settings(pipe: StableDiffusionPipeline, s: GenerateSettings) -> None:
-    """Raise a one-line error for settings that cannot work."""
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+def check_numbers(s: GenerateSettings) -> None:
+    """Raise a one-line error for numbers that cannot work on any base (checked before loading)."""
     for name, value in (("width", s.width), ("height", s.height)):
-        if value is not None and (value < factor or value % factor):
-            raise SdloraError(f"--{name} {value} must be a positive multiple of {factor}")
+        if value is not None and not 1 <= value <= MAX_SIDE:
+            raise SdloraError(f"--{name} must be from 8 to {MAX_SIDE} pixels (got {value})")
     if s.steps is not None and s.steps < 1:
         raise SdloraError(f"--steps must be at least 1 (got {s.steps})")
     if s.guidance is not None and not (
@@ -82,14 +84,26 @@ def check_settings(pipe: StableDiffusionPipeline, s: GenerateSettings) -> None:
             f"--guidance must be a number from 0 to {MAX_GUIDANCE:g} (got {s.guidance:g}); "
             "SD models use 5-9, the toy base 2"
         )
-    if not 0 <= s.seed <= MAX_SEED - max(s.num_images, 1) + 1:
+    if not 1 <= s.num_images <= MAX_IMAGES:
+        raise SdloraError(
+            f"--num-images must be from 1 to {MAX_IMAGES} (got {s.num_images}); "
+            "for more, run again with another --seed"
+        )
+    if not 0 <= s.seed <= MAX_SEED - s.num_images + 1:
         raise SdloraError(f"--seed must be from 0 to 2**64 - (number of images) (got {s.seed})")
-    if s.num_images < 1:
-        raise SdloraError(f"number of images must be at least 1 (got {s.num_images})")
     if s.scheduler not in SCHEDULERS:
         raise SdloraError(
             f"unknown scheduler {s.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}"
         )
+
+
+def check_settings(pipe: StableDiffusionPipeline, s: GenerateSettings) -> None:
+    """Raise a one-line error for settings that cannot work on this base."""
+    check_numbers(s)
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    for name, value in (("width", s.width), ("height", s.height)):
+        if value is not None and value % factor:
+            raise SdloraError(f"--{name} {value} must be a positive multiple of {factor}")
 
 
 def generate(
@@ -128,8 +142,30 @@ def generate(
             if device.type == "cpu"
             else _latents(pipe, settings, generators, size).to(device, pipe.unet.dtype),
             callback_on_step_end=None if on_step is None else _step_callback(on_step),
+            output_type="np",
         )
-    return list(result.images)
+    return [to_image(pixels, settings.seed + i) for i, pixels in enumerate(result.images)]
+
+
+def to_image(pixels: np.ndarray, seed: int) -> Image.Image:
+    """(H, W, 3) floats in [0, 1] -> 8-bit RGB image; raise if it came out blank or broken.
+
+    An image whose every value is the same (all black, all grey) or that holds NaN/inf is what
+    an overflowing model gives (too high guidance or strengths, fp16 overflow); it is refused
+    rather than saved as if it were a picture.
+    """
+    if not np.isfinite(pixels).all():
+        raise SdloraError(
+            f"the image for seed {seed} came out broken (NaN or infinite values: the model "
+            "overflowed); check --guidance and the adapter strengths"
+        )
+    quantized = (pixels * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil
+    if quantized.min() == quantized.max():
+        raise SdloraError(
+            f"the image for seed {seed} came out blank (all pixels {quantized.flat[0]}); "
+            "check --guidance and the adapter strengths"
+        )
+    return Image.fromarray(quantized)
 
 
 def _step_callback(on_step: Callable[[int, int], None]) -> Callable:

@@ -42,7 +42,7 @@ def config(data_dir, **kw):
 
 
 def captions_of(data_dir, **kw):
-    items, _ = discover(config(data_dir, **kw))
+    items, _, _ = discover(config(data_dir, **kw))
     return {item.path.name: item.caption for item in items}
 
 
@@ -111,7 +111,7 @@ def test_repeats_from_kohya_folder_names(tmp_path):
     data = tmp_path / "data"
     save_png(data / "3_style" / "a.png")
     save_png(data / "b.png")
-    items, _ = discover(config(data))
+    items, _, _ = discover(config(data))
     repeats = {item.path.name: item.repeats for item in items}
     assert repeats == {"a.png": 3, "b.png": 1}
     assert BatchPlan(items, 1, seed=0).images_per_epoch == 4
@@ -174,7 +174,7 @@ def odd_images(folder):
 
 def test_odd_images_are_read_as_rgb_and_broken_ones_skipped(tmp_path):
     good, bad = odd_images(tmp_path / "data")
-    items, skipped = discover(config(tmp_path / "data"))
+    items, skipped, _ = discover(config(tmp_path / "data"))
     assert {item.path.name for item in items} == good
     assert {path.name for path, _ in skipped} == bad
     assert dict((p.name, r) for p, r in skipped)["zero.png"] == "empty file"
@@ -198,7 +198,7 @@ def test_hidden_files_and_output_folder_inside_data_are_skipped(tmp_path):
     save_png(data / ".cache" / "b.png")
     save_png(data / "run" / "samples" / "step-000010.png")
     cfg = TrainConfig(data_dir=str(data), output=str(data / "run"), resolution=64)
-    items, _ = discover(cfg)
+    items, _, _ = discover(cfg)
     assert [item.path.name for item in items] == ["a.png"]
 
 
@@ -268,7 +268,7 @@ def test_micro_batches_draw_the_same_augmentation_for_the_same_step(tmp_path):
     for i in range(4):
         save_png(data / f"{i}.png", color=(i * 60, 0, 0), size=(96, 64))
     cfg = config(data, crop="random", flip=True, buckets=False)
-    items, _ = discover(cfg)
+    items, _, _ = discover(cfg)
     dataset = MicroBatches(BatchPlan(items, 2, seed=0), cfg, with_pixels=True)
     a, b = dataset[5], dataset[5]
     assert a["pixels"].shape == (2, 3, 64, 64)
@@ -282,7 +282,7 @@ def test_random_crop_and_flip_vary_between_draws(tmp_path):
     center = to_bucket(load_rgb(data / "ramp.png"), (64, 64), "center", False, None)
     for crop, flip in (("random", False), ("center", True)):
         cfg = config(data, crop=crop, flip=flip, buckets=False)
-        items, _ = discover(cfg)
+        items, _, _ = discover(cfg)
         dataset = MicroBatches(BatchPlan(items, 1, seed=0), cfg, with_pixels=True)
         draws = [dataset[k]["pixels"][0] for k in range(16)]
         assert any(not torch.equal(d, center) for d in draws), crop

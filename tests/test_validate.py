@@ -25,7 +25,7 @@ def one_thread():
 
 
 def test_the_split_follows_the_seed_and_leaves_images_to_train(shapes, tmp_path):  # noqa: F811
-    items, _ = discover(settings(shapes, tmp_path / "out"))
+    items, _, _ = discover(settings(shapes, tmp_path / "out"))
     train_a, held_a = split_items(items, 0.25, seed=7)
     train_b, held_b = split_items(items, 0.25, seed=7)
     assert [i.path for i in held_a] == [i.path for i in held_b] and len(held_a) == 1

@@ -26,10 +26,13 @@ from sdlora.errors import SdloraError
 DESCRIPTION = """\
 Fine-tune a LoRA adapter on a folder of images and write OUTPUT/NAME.safetensors.
 
-Images (jpg, jpeg, png, webp, bmp) are found in DATA_DIR and its subfolders; a subfolder
+Images (jpg, jpeg, png, webp, bmp) are found in DATA_DIR and its subfolders, linked folders
+included (each folder is read once; links that lead back are named in a warning); a subfolder
 named N_name repeats its images N times. Each image's caption is, in order: IMAGE.txt beside
-it, its entry in a metadata.jsonl ({"file_name": ..., "text": ...}), --caption, the file name.
-Unreadable images are skipped with a warning.
+it, its entry in a metadata.jsonl ({"file_name": ..., "text": ...}; file_name inside DATA_DIR,
+text a string), --caption, the file name. Unreadable images are skipped with a warning, and so
+are reported metadata lines that name no image and captions longer than the text encoder's
+77 tokens (they are cut).
 
 Every option can also come from a TOML file (--config FILE; keys are the option names, e.g.
 rank = 8, sample_prompts = ["..."]; relative paths there are taken from the file's folder).
@@ -158,7 +161,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--resolution",
         type=int,
-        help=f"about RESOLUTION² pixels per image, a multiple of 64 (default: {D.resolution})",
+        help=f"about RESOLUTION² pixels per image, a multiple of 64 up to 2048 (default: {D.resolution})",
     )
     g.add_argument(
         "--buckets", action=on_off, help="aspect-ratio buckets so nothing is squashed (default: on)"

@@ -38,6 +38,8 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 # Sides of every training image are multiples of this: the SD VAE's factor 8 times 8, so the
 # latent side stays divisible through the UNet's downsampling.
 SIDE_MULTIPLE = 64
+# SD trains at 512-1024 px; buckets reach twice the resolution, so 2048 already means 4096 px sides
+MAX_RESOLUTION = 2048
 DEFAULT_STEPS = 1000  # when neither steps nor epochs is given
 
 # Fields that decide what a checkpoint means: a resumed run must use the same values.
@@ -202,8 +204,10 @@ class TrainConfig:
         need(self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})")
         need(self.grad_accum >= 1, f"--grad-accum must be at least 1 (got {self.grad_accum})")
         need(
-            self.resolution >= SIDE_MULTIPLE and self.resolution % SIDE_MULTIPLE == 0,
-            f"--resolution must be a multiple of {SIDE_MULTIPLE} (e.g. 512); got {self.resolution}",
+            SIDE_MULTIPLE <= self.resolution <= MAX_RESOLUTION
+            and self.resolution % SIDE_MULTIPLE == 0,
+            f"--resolution must be a multiple of {SIDE_MULTIPLE} from {SIDE_MULTIPLE} to "
+            f"{MAX_RESOLUTION} (e.g. 512); got {self.resolution}",
         )
         need(self.crop in CROPS, f"--crop must be one of: {', '.join(CROPS)}")
         need(

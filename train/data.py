@@ -15,7 +15,7 @@ import random
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath, PureWindowsPath
 
 import numpy as np
 import torch
@@ -87,6 +87,8 @@ def check_image(path: Path) -> tuple[int, int]:
 
 def read_check(path: Path) -> tuple[int, int] | str:
     """(width, height) of a readable image, else why it cannot be used."""
+    if not path.exists():
+        return f"a link to {os.readlink(path)}, which does not exist"
     try:
         return check_image(path)
     except UnidentifiedImageError:
@@ -96,18 +98,59 @@ def read_check(path: Path) -> tuple[int, int] | str:
         return f"{type(err).__name__}: {first}"
 
 
-def find_image_files(data_dir: Path, exclude: Path | None = None) -> list[Path]:
-    """Image files under `data_dir` by suffix, sorted; hidden files/folders and `exclude` skipped."""
-    found = []
-    for path in sorted(data_dir.rglob("*")):
-        rel = path.relative_to(data_dir)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        if exclude is not None and path.is_relative_to(exclude):
-            continue
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-            found.append(path)
-    return found
+@dataclass
+class Found:
+    """What a walk over the data folder found."""
+
+    images: list[Path]  # files with an image suffix, sorted (links to missing files included)
+    metadata: list[Path]  # every metadata.jsonl, sorted
+    skipped_links: list[tuple[Path, str]]  # folder links not followed, and why
+
+
+def find_image_files(data_dir: Path, exclude: Path | None = None) -> Found:
+    """Image and metadata files under `data_dir`; hidden files/folders and `exclude` skipped.
+
+    Links to folders are followed, and each real folder is read once: a link to a folder that is
+    read anyway (under its own name, through an earlier link, or one holding the link: a loop)
+    is skipped and listed. Real folders keep their own names, so they are walked first.
+    """
+
+    def wanted(path: str) -> bool:
+        if os.path.basename(path).startswith("."):
+            return False
+        return exclude is None or not Path(os.path.realpath(path)).is_relative_to(exclude)
+
+    home: dict[str, str] = {}  # real folder -> the path it is read under
+    for root, dirs, _ in os.walk(data_dir):  # does not enter links
+        dirs[:] = [d for d in dirs if wanted(os.path.join(root, d))]
+        home[os.path.realpath(root)] = root
+    images, metadata, skipped = [], [], []
+    for root, dirs, files in os.walk(data_dir, followlinks=True):
+        here = os.path.realpath(root)
+        kept = []
+        for name in sorted(dirs):
+            path = os.path.join(root, name)
+            if not wanted(path):
+                continue
+            real = os.path.realpath(path)
+            if Path(here).is_relative_to(real):
+                skipped.append((Path(path), f"leads to {real}, which holds it (a loop)"))
+            elif home.setdefault(real, path) != path:
+                skipped.append((Path(path), f"leads to {real}, read already as {home[real]}"))
+            else:
+                kept.append(name)
+        dirs[:] = kept
+        for name in files:
+            path = os.path.join(root, name)
+            if name.startswith("."):
+                continue
+            if name == METADATA_FILE:
+                metadata.append(Path(path))
+            elif os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES and (
+                os.path.isfile(path) or os.path.islink(path)
+            ):
+                images.append(Path(path))
+    return Found(sorted(images), sorted(metadata), skipped)
 
 
 def repeats_for(path: Path, data_dir: Path) -> int:
@@ -136,10 +179,15 @@ def read_text(path: Path) -> str:
         raise SdloraError(f"{path}: caption file is not UTF-8 text; save it as UTF-8") from None
 
 
-def read_metadata(data_dir: Path) -> dict[Path, str]:
-    """Captions from every metadata.jsonl under `data_dir`; file_name is relative to its folder."""
-    captions: dict[Path, str] = {}
-    for meta in sorted(data_dir.rglob(METADATA_FILE)):
+def read_metadata(files: list[Path], data_dir: Path) -> dict[Path, tuple[str, str]]:
+    """Real image path -> (caption, "metadata.jsonl:line") from Hugging Face imagefolder files.
+
+    file_name is relative to its metadata.jsonl and must stay inside `data_dir`; the caption is
+    "text" (or "caption") and must be a string. Lines that break these rules are errors, as in
+    Hugging Face datasets, rather than captions quietly lost.
+    """
+    captions: dict[Path, tuple[str, str]] = {}
+    for meta in files:
         for number, line in enumerate(read_text(meta).splitlines(), 1):
             if not line.strip():
                 continue
@@ -149,19 +197,39 @@ def read_metadata(data_dir: Path) -> dict[Path, str]:
                 raise SdloraError(f"{meta}:{number}: not a JSON object; fix the line") from None
             if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
                 raise SdloraError(f'{meta}:{number}: each line needs a "file_name" string')
-            text = row.get("text", row.get("caption"))
-            if isinstance(text, str):
-                captions[(meta.parent / row["file_name"]).resolve()] = text.strip()
+            name = row["file_name"]
+            target = os.path.abspath(meta.parent / name)  # ".." taken away as written
+            if (
+                os.path.isabs(name)
+                or PureWindowsPath(name).anchor
+                or not Path(target).is_relative_to(os.path.abspath(data_dir))
+            ):
+                raise SdloraError(
+                    f"{meta}:{number}: file_name {name!r} is outside the data folder; give the "
+                    f"image's path relative to {meta.parent}, e.g. {PurePath(name).name!r}"
+                )
+            key = "text" if "text" in row else "caption" if "caption" in row else None
+            if key is None:
+                raise SdloraError(
+                    f'{meta}:{number}: no "text" on this line (it has {", ".join(row)}); '
+                    'give the caption as "text": "..."'
+                )
+            if not isinstance(row[key], str):
+                raise SdloraError(
+                    f'{meta}:{number}: "{key}" is {json.dumps(row[key])[:40]}, not a string; '
+                    f'write the caption in quotes, e.g. "{key}": "a red circle"'
+                )
+            captions[Path(os.path.realpath(target))] = (row[key].strip(), f"{meta}:{number}")
     return captions
 
 
-def caption_for(path: Path, metadata: dict[Path, str], default: str | None) -> str:
+def caption_for(path: Path, metadata: dict[Path, tuple[str, str]], default: str | None) -> str:
     """<image>.txt, else metadata.jsonl, else `default`, else the file name (underscores as spaces)."""
     sidecar = path.with_suffix(".txt")
     if sidecar.is_file():
         return " ".join(read_text(sidecar).split())
     if path.resolve() in metadata:
-        return metadata[path.resolve()]
+        return metadata[path.resolve()][0]
     if default is not None:
         return default
     return " ".join(path.stem.replace("_", " ").split())
@@ -254,8 +322,11 @@ def to_bucket(
 # ---------------------------------------------------------------- discovery
 
 
-def discover(config: TrainConfig) -> tuple[list[ImageItem], list[tuple[Path, str]]]:
-    """Readable images with captions and buckets, and (path, reason) for every skipped file.
+def discover(
+    config: TrainConfig,
+) -> tuple[list[ImageItem], list[tuple[Path, str]], list[str]]:
+    """Readable images with captions and buckets, (path, reason) for every skipped file, and
+    warnings about data that is not used as it is (one sentence per kind, with a first example).
 
     Raises SdloraError when the folder is missing, holds no image, or no readable one.
     """
@@ -263,13 +334,14 @@ def discover(config: TrainConfig) -> tuple[list[ImageItem], list[tuple[Path, str
     if not data_dir.is_dir():
         raise SdloraError(f"{data_dir}: no such folder; give the folder of training images")
     output = Path(config.output).resolve() if config.output else None
-    files = find_image_files(data_dir, exclude=output)
+    found = find_image_files(data_dir, exclude=output)
+    files = found.images
     if not files:
         raise SdloraError(
             f"{data_dir}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))}, "
             "in subfolders too)"
         )
-    metadata = read_metadata(data_dir)
+    metadata = read_metadata(found.metadata, data_dir)
     buckets = make_buckets(config.resolution) if config.buckets else [(config.resolution,) * 2]
     items, skipped = [], []
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL frees the GIL
@@ -292,7 +364,27 @@ def discover(config: TrainConfig) -> tuple[list[ImageItem], list[tuple[Path, str
             f"{data_dir}: none of the {len(files)} image files could be read "
             f"(e.g. {skipped[0][0].name}: {skipped[0][1]})"
         )
-    return items, skipped
+    return items, skipped, data_warnings(found, metadata)
+
+
+def data_warnings(found: Found, metadata: dict[Path, tuple[str, str]]) -> list[str]:
+    """One warning per kind of data left out: folder links not followed, unused metadata lines."""
+    warnings = []
+    if found.skipped_links:
+        path, why = found.skipped_links[0]
+        warnings.append(
+            f"{len(found.skipped_links)} linked folder(s) not read again, so that each folder "
+            f"is read once (first: {path}: {why})"
+        )
+    images = {path.resolve() for path in found.images}
+    unused = [(where, path) for path, (_, where) in metadata.items() if path not in images]
+    if unused:
+        where, path = unused[0]
+        warnings.append(
+            f"{len(unused)} {METADATA_FILE} line(s) name no image in the data folder, so their "
+            f"captions are unused (first: {where}: {path.name} not found)"
+        )
+    return warnings
 
 
 # ---------------------------------------------------------------- batch order

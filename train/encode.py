@@ -8,7 +8,7 @@ when they fit in `GPU_CACHE_BYTES` (then a step copies nothing from the host), e
 from __future__ import annotations
 
 import torch
-from sdlora.train.data import BatchPlan, MicroBatches, derived_seed
+from sdlora.train.data import BatchPlan, ImageItem, MicroBatches, derived_seed, with_trigger
 from tqdm.auto import tqdm
 
 GPU_CACHE_BYTES = 2 * 2**30  # caches up to this size stay on the GPU
@@ -28,6 +28,22 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
         truncation=True,
         return_tensors="pt",
     ).input_ids
+
+
+def long_captions(tokenizer, items: list[ImageItem], trigger: str | None) -> str | None:
+    """A warning naming how many captions `tokenize` will cut, with the first; None if none."""
+    limit = tokenizer.model_max_length
+    captions = [with_trigger(item.caption, trigger) for item in items]
+    # the counts include the start and end tokens, as `limit` does; verbose=False: no warning
+    lengths = [len(ids) for ids in tokenizer(captions, verbose=False).input_ids]
+    long = [(item, n) for item, n in zip(items, lengths, strict=True) if n > limit]
+    if not long:
+        return None
+    item, n = long[0]
+    return (
+        f"{len(long)} caption(s) are longer than the text encoder's {limit} tokens and will be "
+        f"cut (first: {item.path.name}, {n} tokens); shorten them to keep their end"
+    )
 
 
 def encode_text(tokenizer, text_encoder, captions: list[str], device: torch.device) -> torch.Tensor:

@@ -19,6 +19,7 @@ from diffusers.optimization import get_scheduler
 from sdlora.train import checkpoint, precompile
 from sdlora.train.config import RESUME_MUST_MATCH, TrainConfig
 from sdlora.train.data import BatchPlan, derived_seed
+from sdlora.train.encode import long_captions
 from sdlora.train.speed import REGIONS, compile_options, compile_regions, speed_up, will_compile
 
 from sdlora.base import load_base
@@ -67,6 +68,9 @@ def load_models(
         torch.nn.Module.to(pipe.unet, dtype=weight_dtype)
         pipe.text_encoder.to(dtype=weight_dtype)
     check_sides(pipe, plan)
+    too_long = long_captions(pipe.tokenizer, plan.items, config.trigger)
+    if too_long and main:
+        logger.warning(too_long)
 
     init = torch.Generator().manual_seed(derived_seed(config.seed, "init"))
     lora_args = dict(

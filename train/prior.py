@@ -41,7 +41,7 @@ class PriorImages:
         """The images of --reg-data, checked like the training images."""
         folder = Path(config.reg_data)
         try:
-            items, _ = discover(replace(config, data_dir=str(folder), caption=None))
+            items, _, _ = discover(replace(config, data_dir=str(folder), caption=None))
         except SdloraError as err:
             raise SdloraError(f"--reg-data: {err}") from None
         captions = [class_caption(item, folder, config.class_prompt) for item in items]

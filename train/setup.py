@@ -72,7 +72,7 @@ def prepare_data(config: TrainConfig, accelerator: Accelerator) -> DataRun:
     """
     main = accelerator.is_main_process
     output = Path(config.output)
-    items, skipped = discover(config)
+    items, skipped, data_warnings = discover(config)
     if skipped and main:
         logger.warning(
             "skipped %d unreadable image file(s) of %d: %s",
@@ -80,11 +80,13 @@ def prepare_data(config: TrainConfig, accelerator: Accelerator) -> DataRun:
             len(skipped) + len(items),
             "; ".join(f"{path} ({reason})" for path, reason in skipped),
         )
+    for warning in data_warnings if main else ():
+        logger.warning(warning)
     held_out: list[ImageItem] = []
     if config.validation_split:
         items, held_out = split_items(items, config.validation_split, config.seed)
     elif config.validation_data:
-        held_out, _ = discover(replace(config, data_dir=config.validation_data))
+        held_out, _, _ = discover(replace(config, data_dir=config.validation_data))
     plan = BatchPlan(
         items, config.batch_size, config.seed, accelerator.num_processes, accelerator.process_index
     )
