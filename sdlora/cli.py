@@ -18,9 +18,11 @@ from .lora_spec import parse_lora
 
 DEFAULT_BASE = "toy"
 BASE_HELP = (
-    "base model: 'toy' (built in, pretrained on the toy world, 64 px), 'tiny' (built in, random "
-    "weights, for tests), a diffusers model folder, or a single .safetensors checkpoint in the "
-    "original SD layout (default: %(default)s)"
+    "base model: 'toy' (built in, pretrained on the toy world, 64 px), 'tiny' / 'tiny-v2' (built "
+    "in, random weights, SD 1.x / SD 2.x shaped, for tests), a diffusers model folder, a single "
+    ".safetensors checkpoint in the original SD layout, or a Hugging Face Hub id such as "
+    "stabilityai/stable-diffusion-2-1 (cached; HF_HUB_OFFLINE=1 reads the cache only) "
+    "(default: %(default)s)"
 )
 
 
@@ -29,7 +31,8 @@ def add_base_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
         metavar="DIR",
-        help="diffusers model folder with the configs and tokenizer for a single-file --base",
+        help="diffusers model folder with the configs and tokenizer for a single-file --base; its "
+        "scheduler config says the prediction type (SD 2.x 768 px: v_prediction)",
     )
     p.add_argument(
         "--lora",
