@@ -276,7 +276,8 @@ def _extra_commands():
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sdlora` command."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
+    # Only a Hub-id --base reaches the network (HF_HUB_OFFLINE=1 keeps it to the cache);
+    # every other load is local-only.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

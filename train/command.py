@@ -306,7 +306,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m sdlora.train.command ...`: the same as `sdlora train ...`."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
+    # Only a Hub-id --base reaches the network (HF_HUB_OFFLINE=1 keeps it to the cache);
+    # every other load is local-only.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     parser = argparse.ArgumentParser(prog="sdlora")
