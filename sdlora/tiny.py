@@ -73,7 +73,8 @@ UNET_V2_CONFIG = dict(
     use_linear_projection=True,
 )
 
-# SD 2.1's scheduler (DDIM, v-prediction, SD's betas)
+# SD 2.1's scheduler_config.json (DDIM, v-prediction, SD's betas); like it, this keeps
+# skip_prk_steps for a switch to PNDM (DDIM itself ignores it)
 SCHEDULER_V2_CONFIG = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
@@ -81,6 +82,7 @@ SCHEDULER_V2_CONFIG = dict(
     beta_schedule="scaled_linear",
     clip_sample=False,
     set_alpha_to_one=False,
+    skip_prk_steps=True,
     steps_offset=1,
     prediction_type="v_prediction",
 )
@@ -127,7 +129,10 @@ def build_tiny_pipeline(seed: int = SEED, family: str = "sd1") -> StableDiffusio
             text_encoder_config(tokenizer, 64, "gelu") if v2 else text_encoder_config(tokenizer)
         )
         text_encoder = CLIPTextModel(config)
-    scheduler = DDIMScheduler(**SCHEDULER_V2_CONFIG) if v2 else PNDMScheduler(**SCHEDULER_CONFIG)
+    if v2:
+        scheduler = DDIMScheduler.from_config(SCHEDULER_V2_CONFIG)
+    else:
+        scheduler = PNDMScheduler(**SCHEDULER_CONFIG)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
