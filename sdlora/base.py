@@ -121,6 +121,35 @@ def _load_hub(repo_id: str) -> StableDiffusionPipeline:
         raise SdloraError(f"base {repo_id!r}: cannot load this Hub model ({first})") from None
 
 
+# what a single file needs from a Hub model: its configs, tokenizer and scheduler, not weights
+CONFIG_FILES = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*"]
+
+
+def _hub_config_folder(repo_id: str) -> Path:
+    """The cached snapshot of a Hub model's configs (fetched first when online)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    offline = _hub_offline()
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=CONFIG_FILES,
+                cache_dir=_hub_cache(),
+                local_files_only=offline,
+            )
+        )
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
+        if offline and not _in_cache(repo_id):
+            raise SdloraError(
+                f"--config {repo_id!r} is not in the Hugging Face cache and HF_HUB_OFFLINE=1; "
+                f"run once online or `huggingface-cli download {repo_id}`"
+            ) from None
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise SdloraError(f"--config {repo_id!r}: cannot fetch its configs ({first})") from None
+
+
 def _in_cache(repo_id: str) -> bool:
     from huggingface_hub import constants
 
@@ -137,7 +166,8 @@ def load_base(
     """Load a base model: "toy", "tiny", "tiny-v2", a diffusers model folder, a single
     .safetensors/.ckpt file, or a Hub id such as "stabilityai/stable-diffusion-2-1".
 
-    `config` is a diffusers model folder whose configs and tokenizer describe a single file.
+    `config` is a diffusers model folder (or Hub id) whose configs, tokenizer and scheduler
+    describe a single file; its scheduler config gives the prediction type (`sdlora.families`).
     A built-in base carries its recommended generation settings (see `sdlora.recommend`).
     """
     if spec == "toy":
@@ -168,6 +198,8 @@ def load_base(
         elif path.suffix.lower() in SINGLE_FILE_SUFFIXES:
             from .single_file import load_single_file
 
+            if config is not None and is_hub_id(str(config)):
+                config = _hub_config_folder(str(config))
             pipe = load_single_file(path, config=config)
         else:
             raise SdloraError(

@@ -31,8 +31,8 @@ def add_base_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
         metavar="DIR",
-        help="diffusers model folder with the configs and tokenizer for a single-file --base; its "
-        "scheduler config says the prediction type (SD 2.x 768 px: v_prediction)",
+        help="diffusers model folder (or Hub id) with the configs and tokenizer for a single-file "
+        "--base; its scheduler config says the prediction type (SD 2.x 768 px: v_prediction)",
     )
     p.add_argument(
         "--lora",

@@ -72,3 +72,17 @@ def test_local_folder_shaped_like_an_id_is_a_folder(tmp_path, monkeypatch):
     load_base("tiny").save_pretrained(tmp_path / "owner" / "name")
     pipe = load_base("owner/name")  # exists here: read as a folder, never looked up on the Hub
     assert pipe.unet.config.cross_attention_dim == 32
+
+
+def test_single_file_described_by_a_cached_hub_id(hub_cache, tmp_path, inputs):
+    from sdlora.single_file import save_pipeline_single_file
+
+    want = load_base("tiny-v2")
+    path = save_pipeline_single_file(want, tmp_path / "v2.safetensors", dtype="fp32")
+    pipe = load_base(str(path), config="sdlora-test/tiny-v2")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"  # from the Hub configs
+    hidden = torch.randn(2, 77, 64, generator=torch.Generator().manual_seed(0))
+    x = dict(inputs, hidden=hidden)
+    torch.testing.assert_close(run_unet(pipe, x), run_unet(want, x), atol=0, rtol=0)
+    with pytest.raises(SdloraError, match=r"--config 'owner/absent' is not in the Hugging Face"):
+        load_base(str(path), config="owner/absent")

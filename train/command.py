@@ -83,8 +83,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--name", help="adapter file name (default: the data folder's name)")
     g.add_argument(
         "--base",
-        help="base model: toy (built in, pretrained, 64 px), tiny (built in, random weights, "
-        f"for tests), a diffusers model folder, or a single .safetensors file (default: {D.base})",
+        help="base model: toy (built in, pretrained, 64 px), tiny / tiny-v2 (built in, random "
+        "weights, SD 1.x / SD 2.x shaped, for tests), a diffusers model folder, a single "
+        "original-layout .safetensors file, or a Hub id such as stabilityai/stable-diffusion-2-1 "
+        f"(default: {D.base})",
     )
     g.add_argument(
         "--base-config", metavar="DIR", help="diffusers folder describing a single-file base"
