@@ -360,3 +360,16 @@ def test_generate_on_tiny_v2_uses_its_recommendation(tmp_path):
     image = Image.open(out)
     assert image.size == (64, 64)
     assert json.loads(image.text["sdlora"])["guidance"] == 7.5
+
+
+def test_convert_with_a_base_of_another_family_writes_nothing(tmp_path, capsys):
+    path, _ = make_adapter_file(tiny_v2, tmp_path / "v2style.safetensors")
+    out = tmp_path / "out.safetensors"
+    code = main(["convert", str(path), "--to", "diffusers", "--out", str(out), "--base", "tiny"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert (
+        "v2style.safetensors was trained for SD 2.x (cross-attention width 64); the base is SD 1.x"
+        in err
+    )
+    assert not out.exists()
