@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import SdloraError
-from .families import describe_width
+from .families import describe_width, family_of_width
 
 # component attribute on the pipeline -> flat-name prefix
 PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
@@ -171,10 +171,17 @@ def check_family(adapter: Adapter, models: dict[str, nn.Module]) -> None:
     theirs, ours = widths(adapter), base_widths(models)
     for component in ("unet", "text_encoder"):
         if component in theirs and component in ours and theirs[component] != ours[component]:
+            trained, base = theirs[component], ours.get("unet", ours[component])
+            family = family_of_width(trained)
+            same = family is not None and family is family_of_width(base)
             raise SdloraError(
-                f"{adapter.source} was trained for {describe_width(theirs[component])}; the base "
-                f"is {describe_width(ours['unet'] if 'unet' in ours else ours[component])}; "
-                "pick a base of the adapter's family"
+                f"{adapter.source} was trained for {describe_width(trained)}; the base is "
+                f"{describe_width(base)}; "
+                + (
+                    "pick the base it was made for"
+                    if same
+                    else "pick a base of the adapter's family"
+                )
             )
 
 

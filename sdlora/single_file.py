@@ -432,7 +432,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     for part in (UNET_PREFIX, VAE_PREFIX):
         if not any(k.startswith(part) for k in state):
             raise SdloraError(
-                f"{path}: not a Stable Diffusion single-file checkpoint (no {part}* weights)"
+                f"{path}: not a Stable Diffusion 1.x/2.x single-file checkpoint (no {part}* weights)"
             )
     if not any(k.startswith(f.text_prefix) for f in FAMILIES for k in state):
         prefixes = " or ".join(f"{f.text_prefix}* ({f.label})" for f in FAMILIES)

@@ -373,3 +373,13 @@ def test_convert_with_a_base_of_another_family_writes_nothing(tmp_path, capsys):
         in err
     )
     assert not out.exists()
+
+
+def test_adapter_of_another_base_of_the_same_family_says_so(tmp_path):
+    path, _ = make_adapter_file(lambda: load_base("tiny"), tmp_path / "t.safetensors")
+    with pytest.raises(SdloraError) as err:
+        Mixer(load_base("toy")).add(path)
+    assert str(err.value) == (
+        "t.safetensors was trained for SD 1.x (cross-attention width 32); the base is SD 1.x "
+        "(cross-attention width 96); pick the base it was made for"
+    )
