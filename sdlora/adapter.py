@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import SdloraError
+from .families import describe_width, family_of_width
 
 # component attribute on the pipeline -> flat-name prefix
 PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
@@ -137,14 +138,62 @@ def fits(factors: ModuleFactors, shape: torch.Size | tuple[int, ...]) -> bool:
     )
 
 
+def widths(adapter: Adapter) -> dict[str, int]:
+    """The widths an adapter was trained at, where its keys show them: `unet` = input width of a
+    cross-attention key projection (attn2.to_k/to_v), `text_encoder` = input width of a
+    self-attention q/k/v projection (the text encoder's hidden size)."""
+    found: dict[str, int] = {}
+    for key, factors in adapter.modules.items():
+        if key.startswith(PREFIXES["unet"]) and key.endswith(("attn2_to_k", "attn2_to_v")):
+            found.setdefault("unet", factors.down.shape[1])
+        elif key.startswith(PREFIXES["text_encoder"]) and key.endswith(
+            ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj")
+        ):
+            found.setdefault("text_encoder", factors.down.shape[1])
+    return found
+
+
+def base_widths(models: dict[str, nn.Module]) -> dict[str, int]:
+    """The same widths of a base: its UNet's cross-attention dim, its text encoder's hidden size."""
+    found: dict[str, int] = {}
+    unet_config = getattr(models.get("unet"), "config", None)
+    text_config = getattr(models.get("text_encoder"), "config", None)
+    if unet_config is not None and isinstance(unet_config.get("cross_attention_dim"), int):
+        found["unet"] = unet_config["cross_attention_dim"]
+    if text_config is not None and isinstance(getattr(text_config, "hidden_size", None), int):
+        found["text_encoder"] = text_config.hidden_size
+    return found
+
+
+def check_family(adapter: Adapter, models: dict[str, nn.Module]) -> None:
+    """Refuse, in one line naming both families, an adapter trained for another model family
+    (e.g. an SD 1.x adapter on an SD 2.x base), before anything is applied."""
+    theirs, ours = widths(adapter), base_widths(models)
+    for component in ("unet", "text_encoder"):
+        if component in theirs and component in ours and theirs[component] != ours[component]:
+            trained, base = theirs[component], ours.get("unet", ours[component])
+            family = family_of_width(trained)
+            same = family is not None and family is family_of_width(base)
+            raise SdloraError(
+                f"{adapter.source} was trained for {describe_width(trained)}; the base is "
+                f"{describe_width(base)}; "
+                + (
+                    "pick the base it was made for"
+                    if same
+                    else "pick a base of the adapter's family"
+                )
+            )
+
+
 def resolve(
     adapter: Adapter, models: dict[str, nn.Module]
 ) -> tuple[dict[tuple[str, str], ModuleFactors], list[str]]:
     """Map flat keys to (component, module path); return them and the keys that matched nothing.
 
-    Factors are fitted to the module's weight shape (`fit_factors`). A file where most keys match
-    nothing was made for another base and is refused.
+    Factors are fitted to the module's weight shape (`fit_factors`). A file made for another
+    model family (`check_family`), or where most keys match nothing, is refused.
     """
+    check_family(adapter, models)
     lookups = {comp: module_paths(model, comp) for comp, model in models.items()}
     resolved: dict[tuple[str, str], ModuleFactors] = {}
     unmatched: list[str] = []

@@ -1,10 +1,15 @@
-"""Base models: `tiny` (built in), a local diffusers folder, or a single-file SD checkpoint.
+"""Base models: built in (`toy`, `tiny`, `tiny-v2`), a local diffusers folder, a single-file SD
+checkpoint, or a Hugging Face Hub id.
 
-Nothing here downloads: every load is local-only.
+A Hub id is anything shaped `owner/name` that is not an existing local path; it goes through
+diffusers' own `from_pretrained`, which downloads into the Hugging Face cache when online and,
+with HF_HUB_OFFLINE=1, reads that cache only. Nothing else here downloads.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -13,7 +18,9 @@ from diffusers import StableDiffusionPipeline
 from .errors import SdloraError
 from .recommend import ATTRIBUTE, recommend_builtin
 
-BUILTIN = ("toy", "tiny")
+BUILTIN = ("toy", "tiny", "tiny-v2")
+TINY_FAMILIES = {"tiny": "sd1", "tiny-v2": "sd2"}  # built-in random-weight bases, by family
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, as the Hub spells them
 TOY_FOLDER = Path(__file__).parent / "assets" / "toy"  # pretrained by pretrain/toy_base.py
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -64,29 +71,120 @@ def _load_toy() -> StableDiffusionPipeline:
     )
 
 
+def is_hub_id(spec: str) -> bool:
+    """True for `owner/name` specs that are not a local path (those are read from the Hub)."""
+    return bool(HUB_ID.fullmatch(spec)) and not Path(spec).exists() and ".." not in spec
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_cache() -> str | None:
+    """The Hugging Face cache folder the environment names now (None: the library default)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None
+
+
+def _load_hub(repo_id: str) -> StableDiffusionPipeline:
+    """A Hub model through diffusers: from the cache when offline, downloading otherwise."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    offline = _hub_offline()
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            repo_id,
+            cache_dir=_hub_cache(),
+            local_files_only=offline,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except (GatedRepoError, RepositoryNotFoundError):
+        raise SdloraError(
+            f"base {repo_id!r}: no such model on the Hugging Face Hub, or it needs a login "
+            "(`huggingface-cli login`)"
+        ) from None
+    except (LocalEntryNotFoundError, OSError, ValueError, KeyError) as err:
+        if offline and not _in_cache(repo_id):
+            raise SdloraError(
+                f"base {repo_id!r} is not in the Hugging Face cache and HF_HUB_OFFLINE=1; run "
+                f"once online or `huggingface-cli download {repo_id}`"
+            ) from None
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise SdloraError(f"base {repo_id!r}: cannot load this Hub model ({first})") from None
+
+
+# what a single file needs from a Hub model: its configs, tokenizer and scheduler, not weights
+CONFIG_FILES = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*"]
+
+
+def _hub_config_folder(repo_id: str) -> Path:
+    """The cached snapshot of a Hub model's configs (fetched first when online)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    offline = _hub_offline()
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=CONFIG_FILES,
+                cache_dir=_hub_cache(),
+                local_files_only=offline,
+            )
+        )
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
+        if offline and not _in_cache(repo_id):
+            raise SdloraError(
+                f"--config {repo_id!r} is not in the Hugging Face cache and HF_HUB_OFFLINE=1; "
+                f"run once online or `huggingface-cli download {repo_id}`"
+            ) from None
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise SdloraError(f"--config {repo_id!r}: cannot fetch its configs ({first})") from None
+
+
+def _in_cache(repo_id: str) -> bool:
+    from huggingface_hub import constants
+
+    folder = Path(_hub_cache() or constants.HF_HUB_CACHE)
+    return (folder / ("models--" + repo_id.replace("/", "--")) / "snapshots").is_dir()
+
+
 def load_base(
     spec: str = "tiny",
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     config: str | Path | None = None,
 ) -> StableDiffusionPipeline:
-    """Load a base model: "toy", "tiny", a diffusers model folder, or a single .safetensors/.ckpt file.
+    """Load a base model: "toy", "tiny", "tiny-v2", a diffusers model folder, a single
+    .safetensors/.ckpt file, or a Hub id such as "stabilityai/stable-diffusion-2-1".
 
-    `config` is a diffusers model folder whose configs and tokenizer describe a single file.
+    `config` is a diffusers model folder (or Hub id) whose configs, tokenizer and scheduler
+    describe a single file; its scheduler config gives the prediction type (`sdlora.families`).
     A built-in base carries its recommended generation settings (see `sdlora.recommend`).
     """
     if spec == "toy":
         pipe = _load_toy()
-    elif spec == "tiny":
+    elif spec in TINY_FAMILIES:
         from .tiny import build_tiny_pipeline
 
-        pipe = build_tiny_pipeline()
+        pipe = build_tiny_pipeline(family=TINY_FAMILIES[spec])
+    elif is_hub_id(spec):
+        pipe = _load_hub(spec)
     else:
         path = Path(spec)
         if not path.exists():
             raise SdloraError(
                 f"base {spec!r}: no such file or folder; use one of {', '.join(BUILTIN)}, "
-                "a diffusers model folder, or a single .safetensors checkpoint"
+                "a diffusers model folder, a single .safetensors checkpoint, or a Hub id "
+                "(owner/name)"
             )
         if path.is_dir():
             if not (path / "model_index.json").exists():
@@ -100,6 +198,8 @@ def load_base(
         elif path.suffix.lower() in SINGLE_FILE_SUFFIXES:
             from .single_file import load_single_file
 
+            if config is not None and is_hub_id(str(config)):
+                config = _hub_config_folder(str(config))
             pipe = load_single_file(path, config=config)
         else:
             raise SdloraError(

@@ -18,9 +18,11 @@ from .lora_spec import adapter_names, parse_lora, parse_lora_spec  # noqa: F401 
 
 DEFAULT_BASE = "toy"
 BASE_HELP = (
-    "base model: 'toy' (built in, pretrained on the toy world, 64 px), 'tiny' (built in, random "
-    "weights, for tests), a diffusers model folder, or a single .safetensors checkpoint in the "
-    "original SD layout (default: %(default)s)"
+    "base model: 'toy' (built in, pretrained on the toy world, 64 px), 'tiny' / 'tiny-v2' (built "
+    "in, random weights, SD 1.x / SD 2.x shaped, for tests), a diffusers model folder, a single "
+    ".safetensors checkpoint in the original SD layout, or a Hugging Face Hub id such as "
+    "stabilityai/stable-diffusion-2-1 (cached; HF_HUB_OFFLINE=1 reads the cache only) "
+    "(default: %(default)s)"
 )
 
 
@@ -29,7 +31,8 @@ def add_base_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
         metavar="DIR",
-        help="diffusers model folder with the configs and tokenizer for a single-file --base",
+        help="diffusers model folder (or Hub id) with the configs and tokenizer for a single-file "
+        "--base; its scheduler config says the prediction type (SD 2.x 768 px: v_prediction)",
     )
     p.add_argument(
         "--lora",
@@ -287,7 +290,8 @@ def _extra_commands():
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sdlora` command."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
+    # Only a Hub-id --base reaches the network (HF_HUB_OFFLINE=1 keeps it to the cache);
+    # every other load is local-only.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -22,7 +22,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import PREFIXES, Adapter, _suffix, fit_factors, fits, module_paths, weight_of
+from .adapter import (
+    PREFIXES,
+    Adapter,
+    _suffix,
+    check_family,
+    fit_factors,
+    fits,
+    module_paths,
+    weight_of,
+)
 from .errors import SdloraError
 from .files import atomic_save_file, fold_scale, save_adapter
 from .formats import FORMAT_KEY
@@ -31,16 +40,60 @@ TARGET_FORMATS = ("kohya", "diffusers")
 
 # Module names made of several underscore-joined words, in diffusers' UNet and CLIP text model.
 COMPOUNDS = {
-    "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v",
-    "to_out", "proj_in", "proj_out", "conv_shortcut", "time_emb_proj", "conv_in", "conv_out",
-    "conv_norm_out", "time_embedding", "linear_1", "linear_2", "add_embedding", "text_model",
-    "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "layer_norm1", "layer_norm2",
-    "final_layer_norm", "token_embedding", "position_embedding",
+    "down_blocks",
+    "up_blocks",
+    "mid_block",
+    "transformer_blocks",
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out",
+    "proj_in",
+    "proj_out",
+    "conv_shortcut",
+    "time_emb_proj",
+    "conv_in",
+    "conv_out",
+    "conv_norm_out",
+    "time_embedding",
+    "linear_1",
+    "linear_2",
+    "add_embedding",
+    "text_model",
+    "self_attn",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "out_proj",
+    "layer_norm1",
+    "layer_norm2",
+    "final_layer_norm",
+    "token_embedding",
+    "position_embedding",
 }
 WORDS = {
-    "attentions", "resnets", "attn1", "attn2", "ff", "net", "proj", "norm", "norm1", "norm2",
-    "norm3", "conv1", "conv2", "conv", "downsamplers", "upsamplers", "encoder", "layers", "mlp",
-    "fc1", "fc2", "embeddings",
+    "attentions",
+    "resnets",
+    "attn1",
+    "attn2",
+    "ff",
+    "net",
+    "proj",
+    "norm",
+    "norm1",
+    "norm2",
+    "norm3",
+    "conv1",
+    "conv2",
+    "conv",
+    "downsamplers",
+    "upsamplers",
+    "encoder",
+    "layers",
+    "mlp",
+    "fc1",
+    "fc2",
+    "embeddings",
 }
 # Keys the diffusers layout drops (stale once re-written) or sdlora re-derives.
 DROPPED_METADATA = ("lora_adapter_metadata", FORMAT_KEY, "format")
@@ -70,6 +123,8 @@ def paths_for(adapter: Adapter, models: dict[str, nn.Module] | None) -> dict[str
     missing: list[str] = []
     misfits: list[str] = []  # "key (file out×in, base out×in)"
     lookups = {c: module_paths(m, c) for c, m in (models or {}).items()}
+    if models is not None:
+        check_family(adapter, models)  # another family: one line naming both, before any shape
     for key, factors in adapter.modules.items():
         comp = next((c for c, p in PREFIXES.items() if key.startswith(p)), None)
         if comp is None:
@@ -163,7 +218,9 @@ def convert_adapter(
     """Write `adapter` (linear) to `out` in the `to` layout ('kohya' or 'diffusers')."""
     out = Path(out)
     if to not in TARGET_FORMATS:
-        raise SdloraError(f"unknown target format {to!r}; choose one of: {', '.join(TARGET_FORMATS)}")
+        raise SdloraError(
+            f"unknown target format {to!r}; choose one of: {', '.join(TARGET_FORMATS)}"
+        )
     if out.suffix != ".safetensors":
         raise SdloraError(f"{out}: adapter files are written as .safetensors; change the name")
     if out.exists() and not overwrite:

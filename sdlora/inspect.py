@@ -6,20 +6,38 @@ import json
 import logging
 from pathlib import Path
 
-from .adapter import PREFIXES, Adapter, fits, module_paths, weight_of
+from .adapter import PREFIXES, Adapter, fits, module_paths, weight_of, widths
+from .families import width_label
 from .formats import load_adapter
 
 logger = logging.getLogger(__name__)
 
 # Module names shown as groups (longest match wins), as flat-name suffixes.
 LEAVES = (
-    "to_q", "to_k", "to_v", "to_out_0", "ff_net_0_proj", "ff_net_2", "proj_in", "proj_out",
-    "conv1", "conv2", "conv_shortcut", "time_emb_proj", "conv", "conv_in", "conv_out",
-    "linear_1", "linear_2", "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2",
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out_0",
+    "ff_net_0_proj",
+    "ff_net_2",
+    "proj_in",
+    "proj_out",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "time_emb_proj",
+    "conv",
+    "conv_in",
+    "conv_out",
+    "linear_1",
+    "linear_2",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "out_proj",
+    "fc1",
+    "fc2",
 )
-# Cross-attention width (in-features of attn2.to_k) -> the base family it was trained on.
-CROSS_ATTENTION_DIMS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 32: "tiny (sdlora built-in)"}
-TEXT_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 32: "tiny (sdlora built-in)"}
 
 # Metadata keys shown as their own fields rather than in the metadata dump.
 SHOWN = ("sdlora_nonlinearity", "sdlora_trigger_words", "sdlora_training")
@@ -32,18 +50,15 @@ def component_of(key: str) -> str:
 
 
 def guess_architecture(adapter: Adapter) -> str:
-    """The base family the adapter was made for, from its layer widths (then its metadata)."""
+    """The base family the adapter was made for (`sdlora.families`), from its layer widths
+    (cross-attention, else the text encoder's), then its metadata."""
     keys = list(adapter.modules)
     if any(k.startswith(("lora_te2_", "lora_textencoder2_")) for k in keys):
         return "SDXL"
-    for key, factors in adapter.modules.items():
-        if key.startswith("lora_unet_") and key.endswith("attn2_to_k"):
-            width = factors.down.shape[1]
-            return CROSS_ATTENTION_DIMS.get(width, f"unknown (cross-attention width {width})")
-    for key, factors in adapter.modules.items():
-        if key.startswith("lora_te_") and key.endswith("self_attn_q_proj"):
-            width = factors.down.shape[1]
-            return TEXT_WIDTHS.get(width, f"unknown (text width {width})")
+    found = widths(adapter)
+    width = found.get("unet", found.get("text_encoder"))
+    if width is not None:
+        return width_label(width)
     meta = adapter.metadata
     return meta.get("sdlora_base_model") or meta.get("ss_base_model_version") or "unknown"
 
@@ -53,7 +68,10 @@ def module_groups(adapter: Adapter) -> dict[str, dict]:
     groups: dict[str, dict] = {}
     for key, m in adapter.modules.items():
         leaf = max((x for x in LEAVES if key.endswith("_" + x)), key=len, default="other")
-        g = groups.setdefault(f"{component_of(key)} {leaf}", {"modules": 0, "ranks": set(), "alphas": set(), "scales": set()})
+        g = groups.setdefault(
+            f"{component_of(key)} {leaf}",
+            {"modules": 0, "ranks": set(), "alphas": set(), "scales": set()},
+        )
         g["modules"] += 1
         g["ranks"].add(m.rank)
         g["alphas"].add(m.alpha if m.alpha is not None else float(m.rank))
@@ -85,7 +103,10 @@ def coverage(adapter: Adapter, base) -> dict:
     if unmatched:
         logger.warning(
             "%s: %d of %d keys match no module in this base (e.g. %s)",
-            adapter.source, len(unmatched), len(adapter.modules), ", ".join(unmatched[:3]),
+            adapter.source,
+            len(unmatched),
+            len(adapter.modules),
+            ", ".join(unmatched[:3]),
         )
     return {
         "matched": len(adapter.modules) - len(unmatched) - len(mismatched),
@@ -147,7 +168,9 @@ def format_text(info: dict) -> str:
         "modules:       " + ", ".join(f"{c} {n}" for c, n in info["modules"].items()),
         f"architecture:  {info['architecture']}",
         *(
-            ["note:          LoHa/LoKr modules are held as their exact ΔW, so their rank reads min(out, in)"]
+            [
+                "note:          LoHa/LoKr modules are held as their exact ΔW, so their rank reads min(out, in)"
+            ]
             if info["format"].startswith("lycoris")
             else []
         ),

@@ -7,7 +7,10 @@ from pathlib import Path
 
 from .errors import SdloraError
 
-BASE_HELP = "'tiny' (built in), a diffusers model folder, or a single .safetensors SD checkpoint"
+BASE_HELP = (
+    "'tiny' / 'tiny-v2' (built in), a diffusers model folder, a single .safetensors SD "
+    "checkpoint, or a Hub id (owner/name)"
+)
 
 
 def _load_base(spec: str, config: str | None, device: str | None = None):
@@ -47,7 +50,9 @@ def _print_report(report, limit: int | None) -> None:
         print(f"  {err:9.3e}  {key}")
     if len(shown) < len(worst):
         print(f"  ... {len(worst) - len(shown)} more modules (--all-modules lists every one)")
-    print(f"rank {report.rank}: overall relative error {report.overall:.3e} over {len(worst)} modules")
+    print(
+        f"rank {report.rank}: overall relative error {report.overall:.3e} over {len(worst)} modules"
+    )
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -117,10 +122,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "blend (no cross terms). --rank R compresses each module to rank R by SVD and reports "
         "the relative error per module and overall. Adapters for different bases are refused.",
     )
-    p.add_argument("files", nargs="+", metavar="FILE[:STRENGTH]", help="adapters; STRENGTH defaults to 1.0")
-    p.add_argument("--out", required=True, metavar="FILE.safetensors", help="where to write the merged adapter")
-    p.add_argument("--rank", type=int, help="compress every module to this rank by SVD (default: exact)")
-    p.add_argument("--all-modules", action="store_true", help="list the error of every module, not the 10 worst")
+    p.add_argument(
+        "files", nargs="+", metavar="FILE[:STRENGTH]", help="adapters; STRENGTH defaults to 1.0"
+    )
+    p.add_argument(
+        "--out", required=True, metavar="FILE.safetensors", help="where to write the merged adapter"
+    )
+    p.add_argument(
+        "--rank", type=int, help="compress every module to this rank by SVD (default: exact)"
+    )
+    p.add_argument(
+        "--all-modules",
+        action="store_true",
+        help="list the error of every module, not the 10 worst",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_merge)
 
@@ -131,13 +146,27 @@ def register(sub: argparse._SubParsersAction) -> None:
         "of the UNet and text encoder, and report the relative error per module and overall.",
     )
     p.add_argument("--base", required=True, help="the original model: " + BASE_HELP)
-    p.add_argument("--tuned", required=True, help="the fine-tuned model, same architecture: " + BASE_HELP)
+    p.add_argument(
+        "--tuned", required=True, help="the fine-tuned model, same architecture: " + BASE_HELP
+    )
     p.add_argument("--rank", type=int, required=True, help="rank of the extracted LoRA")
     p.add_argument("--out", required=True, metavar="FILE.safetensors", help="where to write it")
-    p.add_argument("--targets", default="attn", help="modules: attn, attn-ff, all or names (default: %(default)s)")
+    p.add_argument(
+        "--targets",
+        default="attn",
+        help="modules: attn, attn-ff, all or names (default: %(default)s)",
+    )
     p.add_argument("--config", metavar="DIR", help="configs for single-file models")
-    p.add_argument("--tuned-config", metavar="DIR", help="configs for a single-file --tuned (default: --config)")
+    p.add_argument(
+        "--tuned-config",
+        metavar="DIR",
+        help="configs for a single-file --tuned (default: --config)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
-    p.add_argument("--all-modules", action="store_true", help="list the error of every module, not the 10 worst")
+    p.add_argument(
+        "--all-modules",
+        action="store_true",
+        help="list the error of every module, not the 10 worst",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_extract)

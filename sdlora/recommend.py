@@ -1,15 +1,18 @@
 """Each base's recommended generation settings: what to use where the user did not choose.
 
 The built-in bases carry theirs (the `toy` base draws its prompt at guidance 2, 20 steps); a
-diffusers folder or a single-file checkpoint gets the usual Stable Diffusion defaults.
+diffusers folder, a Hub id or a single-file checkpoint gets its family's (`sdlora.families`), at
+the size its UNet was made for.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-SD_GUIDANCE = 7.5  # the Stable Diffusion 1.x/2.x default classifier-free guidance
-SD_STEPS = 25  # the Stable Diffusion default number of denoising steps
+from .families import SD1, SD2, family_of_pipeline
+
+SD_GUIDANCE = SD1.guidance  # the Stable Diffusion 1.x/2.x default classifier-free guidance
+SD_STEPS = SD1.steps  # the Stable Diffusion default number of denoising steps
 ATTRIBUTE = "sdlora_recommended"  # where load_base() keeps a built-in base's recommendation
 
 
@@ -32,9 +35,14 @@ class TrainingStart:
 
 
 # guidance and steps of the built-in bases; their size comes from their configs
-BUILTIN = {"toy": (2.0, 20), "tiny": (SD_GUIDANCE, SD_STEPS)}
+BUILTIN = {
+    "toy": (2.0, 20),
+    "tiny": (SD1.guidance, SD1.steps),
+    "tiny-v2": (SD2.guidance, SD2.steps),
+}
 # a small base learns a small adapter fast at a high rate (samples/style.toml); SD the usual
-BUILTIN_TRAINING = {"toy": TrainingStart(64, 4, 1e-3), "tiny": TrainingStart(64, 4, 1e-3)}
+SMALL_TRAINING = TrainingStart(64, 4, 1e-3)
+BUILTIN_TRAINING = {"toy": SMALL_TRAINING, "tiny": SMALL_TRAINING, "tiny-v2": SMALL_TRAINING}
 SD_TRAINING = TrainingStart(512, 1, 1e-4)
 
 
@@ -45,7 +53,7 @@ def native_size(pipe) -> int:
 
 
 def recommend_builtin(name: str, pipe) -> Recommended:
-    """The recommendation of built-in base `name` ("toy" or "tiny"), sized from `pipe`."""
+    """The recommendation of built-in base `name` ("toy", "tiny", "tiny-v2"), sized from `pipe`."""
     guidance, steps = BUILTIN[name]
     return Recommended(guidance=guidance, steps=steps, size=native_size(pipe))
 
@@ -61,8 +69,10 @@ def training_start(spec: str) -> TrainingStart:
 
 
 def recommended(pipe) -> Recommended:
-    """The settings `pipe` draws well with: its own if load_base() gave it some, else SD's."""
+    """The settings `pipe` draws well with: its own if load_base() gave it some, else its
+    family's at its native size (SD 2.x: 7.5, 25 steps, 768 px for 2.1, 512 for 2.1-base)."""
     found = getattr(pipe, ATTRIBUTE, None)
     if isinstance(found, Recommended):
         return found
-    return Recommended(guidance=SD_GUIDANCE, steps=SD_STEPS, size=native_size(pipe))
+    family = family_of_pipeline(pipe)
+    return Recommended(guidance=family.guidance, steps=family.steps, size=native_size(pipe))

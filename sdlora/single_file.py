@@ -1,11 +1,13 @@
 """Single-file checkpoints in the original Stable Diffusion (LDM / CompVis) layout.
 
 This is the layout AUTOMATIC1111 and ComfyUI read: one file with
-`model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE) and
-`cond_stage_model.transformer.text_model.*` (CLIP text encoder, Hugging Face names).
-The key mapping is derived from the diffusers configs (number of blocks, layers per block,
-which blocks have attention), so the built-in tiny base and full SD 1.x shapes both work.
-Loading is offline: the file's weights plus a local diffusers folder's configs and tokenizer.
+`model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE) and the text encoder where its
+family keeps it (`sdlora.families`): SD 1.x `cond_stage_model.transformer.text_model.*` (CLIP,
+Hugging Face names), SD 2.x `cond_stage_model.model.*` (OpenCLIP: `transformer.resblocks.N`
+with q, k, v fused into `attn.in_proj_weight`). The key mapping is derived from the diffusers
+configs (number of blocks, layers per block, which blocks have attention), so the built-in tiny
+bases and full SD 1.x/2.x shapes both work. Loading is offline: the file's weights plus a local
+diffusers folder's configs and tokenizer.
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from .errors import SdloraError
+from .families import FAMILIES, Family, family_of_single_file, family_of_unet_config
 from .files import atomic_save_file
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = "cond_stage_model.transformer."
-SD1_KEY = UNET_PREFIX + "output_blocks.11.0.skip_connection.weight"  # 12 output blocks: SD 1.x
+FULL_KEY = UNET_PREFIX + "output_blocks.11.0.skip_connection.weight"  # 12 output blocks: full size
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # diffusers ResnetBlock2D child -> LDM ResBlock child (Sequentials: in_layers = norm, SiLU, conv).
@@ -167,24 +169,140 @@ def _convert(sd: Mapping[str, torch.Tensor], rules: Rules, prefix: str, what: st
     return out
 
 
+def _hf_names(text_encoder_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CLIP text weights under `text_model.` (transformers >= 5.6 flattened CLIPTextModel)."""
+    return {
+        key if key.startswith("text_model.") else "text_model." + key: value
+        for key, value in text_encoder_sd.items()
+    }
+
+
+def _clip_to_ldm(text_sd: Mapping[str, torch.Tensor], pad: bool) -> dict[str, torch.Tensor]:
+    """SD 1.x: the Hugging Face CLIP names as they are, under `text_model.`."""
+    return _hf_names(text_sd)
+
+
+def _clip_from_ldm(file_sd: Mapping[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    # Old files lack the `text_model.` level under the text encoder prefix.
+    return _hf_names(file_sd)
+
+
+# OpenCLIP (SD 2.x) names of one Hugging Face CLIP encoder layer's children; q, k, v are fused.
+OPEN_CLIP_LAYER = {
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+OPEN_CLIP_TOP = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+}
+OPEN_CLIP_LAYER_KEY = re.compile(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
+# `transformer.resblocks.N.<child>.weight`, and the fused `...attn.in_proj_weight`
+OPEN_CLIP_FILE_KEY = re.compile(
+    r"transformer\.resblocks\.(\d+)\.(attn\.in_proj|.+(?=\.))[._](weight|bias)"
+)
+
+
+def _open_clip_to_ldm(text_sd: Mapping[str, torch.Tensor], pad: bool) -> dict[str, torch.Tensor]:
+    """SD 2.x: Hugging Face CLIP names -> OpenCLIP's (`transformer.resblocks.N...`).
+
+    diffusers' SD 2.x text encoder is OpenCLIP's first L-1 of L layers (SD 2.x conditions on the
+    penultimate layer). With `pad` the file gets OpenCLIP's full tower as SD 2.x files have it,
+    like kohya's: a last block (a copy of the one before; never used, the penultimate layer's
+    output is) and an identity `text_projection`, which loaders that build the whole OpenCLIP
+    model (A1111, ComfyUI) expect.
+    """
+    sd = _hf_names(text_sd)
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        if key in OPEN_CLIP_TOP:
+            out[OPEN_CLIP_TOP[key]] = value
+            continue
+        if key.endswith("position_ids"):  # a constant buffer, not in OpenCLIP
+            continue
+        match = OPEN_CLIP_LAYER_KEY.fullmatch(key)
+        if match is None:
+            raise SdloraError(f"text encoder weight {key!r} has no place in the OpenCLIP layout")
+        index, child, kind = int(match[1]), match[2], match[3]
+        block = f"transformer.resblocks.{index}."
+        if child in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            fused.setdefault((index, kind), {})[child[-6]] = value
+        elif child in OPEN_CLIP_LAYER:
+            out[block + OPEN_CLIP_LAYER[child] + "." + kind] = value
+        else:
+            raise SdloraError(f"text encoder weight {key!r} has no place in the OpenCLIP layout")
+    for (index, kind), parts in fused.items():
+        # in_proj_weight: (3·D, D) = [q; k; v]
+        name = f"transformer.resblocks.{index}.attn.in_proj_{kind}"
+        out[name] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    if pad and fused:
+        last = max(index for index, _ in fused)
+        block = f"transformer.resblocks.{last}."
+        for key in [k for k in out if k.startswith(block)]:
+            out[key.replace(block, f"transformer.resblocks.{last + 1}.")] = out[key].clone()
+        width = out["ln_final.weight"].shape[0]
+        out["text_projection"] = torch.eye(width, dtype=out["ln_final.weight"].dtype)
+    return out
+
+
+def _open_clip_from_ldm(
+    file_sd: Mapping[str, torch.Tensor], layers: int
+) -> dict[str, torch.Tensor]:
+    """OpenCLIP names -> Hugging Face CLIP names for a `layers`-layer model; the rest is dropped
+    (the last block, text_projection, logit_scale: SD 2.x does not use them)."""
+    top = {v: k for k, v in OPEN_CLIP_TOP.items()}
+    children = {v: k for k, v in OPEN_CLIP_LAYER.items()}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in file_sd.items():
+        if key in top:
+            out[top[key]] = value
+            continue
+        match = OPEN_CLIP_FILE_KEY.fullmatch(key)
+        if match is None or int(match[1]) >= layers:
+            continue
+        index, child, kind = int(match[1]), match[2], match[3]
+        layer = f"text_model.encoder.layers.{index}."
+        if child == "attn.in_proj":  # (3·D, D) = [q; k; v]
+            for name, part in zip("qkv", value.chunk(3), strict=True):
+                out[f"{layer}self_attn.{name}_proj.{kind}"] = part
+        elif child in children:
+            out[f"{layer}{children[child]}.{kind}"] = value
+    return out
+
+
+# Text-encoder converters by `Family.text_layout`: (to the file, from the file).
+TEXT_LAYOUTS = {
+    "clip": (_clip_to_ldm, _clip_from_ldm),
+    "open_clip": (_open_clip_to_ldm, _open_clip_from_ldm),
+}
+
+
 def to_single_file_state_dict(
     unet_sd: Mapping[str, torch.Tensor],
     vae_sd: Mapping[str, torch.Tensor],
     text_encoder_sd: Mapping[str, torch.Tensor],
     unet_config: Mapping[str, Any],
     vae_config: Mapping[str, Any],
+    pad: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Rename diffusers UNet/VAE/CLIP state dicts into the original SD single-file layout."""
+    """Rename diffusers UNet/VAE/CLIP state dicts into the original single-file layout of the
+    UNet's family (`pad`: the unused parts such files carry, see `_open_clip_to_ldm`)."""
+    family = family_of_unet_config(unet_config)
     out = _convert(unet_sd, _unet_rules(unet_config), UNET_PREFIX, "unet")
     for key, value in _convert(vae_sd, _vae_rules(vae_config), VAE_PREFIX, "vae").items():
         # LDM's VAE attention uses 1x1 convs where diffusers uses Linear: (C, C) -> (C, C, 1, 1).
         if ".mid.attn_1." in key and key.endswith(".weight") and value.ndim == 2:
             value = value[:, :, None, None]
         out[key] = value
-    for key, value in text_encoder_sd.items():
-        # transformers >= 5.6 flattened CLIPTextModel (no `text_model.`); the file keeps it.
-        name = key if key.startswith("text_model.") else "text_model." + key
-        out[TEXT_PREFIX + name] = value
+    to_ldm, _ = TEXT_LAYOUTS[family.text_layout]
+    for key, value in to_ldm(text_encoder_sd, pad).items():
+        out[family.text_prefix + key] = value
     return out
 
 
@@ -259,7 +377,8 @@ def save_single_file(
                 )
             raise SdloraError(f"{path}: {key} has NaN/Inf values; nothing was written")
         tensors[key] = cast.contiguous()
-    info = {"format": "pt", "sdlora_layout": "ldm_sd_v1", **(metadata or {})}
+    layout = family_of_unet_config(unet_config).single_file_layout
+    info = {"format": "pt", "sdlora_layout": layout, **(metadata or {})}
     atomic_save_file(tensors, path, {k: str(v) for k, v in info.items()})
     return path
 
@@ -310,18 +429,38 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(data, dict):
         raise SdloraError(f"{path}: not a checkpoint (no dictionary of weights inside)")
     state = {k: v for k, v in data.items() if isinstance(k, str) and torch.is_tensor(v)}
-    for part in (UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX):
+    for part in (UNET_PREFIX, VAE_PREFIX):
         if not any(k.startswith(part) for k in state):
             raise SdloraError(
-                f"{path}: not a Stable Diffusion 1.x single-file checkpoint (no {part}* weights)"
+                f"{path}: not a Stable Diffusion 1.x/2.x single-file checkpoint (no {part}* weights)"
             )
-    # Old files lack the `text_model.` level under the text encoder prefix.
-    return {
-        TEXT_PREFIX + "text_model." + k[len(TEXT_PREFIX) :]
-        if k.startswith(TEXT_PREFIX) and not k.startswith(TEXT_PREFIX + "text_model.")
-        else k: v
-        for k, v in state.items()
-    }
+    if not any(k.startswith(f.text_prefix) for f in FAMILIES for k in state):
+        prefixes = " or ".join(f"{f.text_prefix}* ({f.label})" for f in FAMILIES)
+        raise SdloraError(f"{path}: no text encoder weights ({prefixes}); not a checkpoint we read")
+    # Old SD 1.x files lack the `text_model.` level under the CLIP text encoder prefix.
+    for prefix in (f.text_prefix for f in FAMILIES if f.text_layout == "clip"):
+        state = {
+            prefix + "text_model." + k[len(prefix) :]
+            if k.startswith(prefix) and not k.startswith(prefix + "text_model.")
+            else k: v
+            for k, v in state.items()
+        }
+    return state
+
+
+def _file_family(state: Mapping[str, torch.Tensor]) -> Family:
+    """The family whose text-encoder prefix the file's keys use."""
+    found = family_of_single_file(state)
+    if found is not None:
+        return found
+    return next(f for f in FAMILIES if any(k.startswith(f.text_prefix) for k in state))
+
+
+def _text_state(state: Mapping[str, torch.Tensor], family: Family, layers: int) -> dict:
+    """The file's text encoder weights under Hugging Face CLIP names (with `text_model.`)."""
+    _, from_ldm = TEXT_LAYOUTS[family.text_layout]
+    prefix = family.text_prefix
+    return from_ldm({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, layers)
 
 
 def _expected_shapes(folder: Path) -> dict[str, torch.Size]:
@@ -334,7 +473,12 @@ def _expected_shapes(folder: Path) -> dict[str, torch.Size]:
         vae = AutoencoderKL.from_config(vae_config)
         text_encoder = CLIPTextModel(text_config)
     sd = to_single_file_state_dict(
-        unet.state_dict(), vae.state_dict(), text_encoder.state_dict(), unet.config, vae.config
+        unet.state_dict(),
+        vae.state_dict(),
+        text_encoder.state_dict(),
+        unet.config,
+        vae.config,
+        pad=False,  # the unused parts some files carry are not required
     )
     # position_ids is a constant buffer that some files carry and some do not.
     return {k: v.shape for k, v in sd.items() if not k.endswith("position_ids")}
@@ -348,11 +492,11 @@ def _mismatches(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.
     ]
 
 
-def _write_tiny_configs(folder: Path) -> None:
-    """Write the tiny base's configs, tokenizer and scheduler (no weights) as a diffusers folder."""
+def _write_tiny_configs(folder: Path, family: Family) -> None:
+    """Write the family's built-in tiny base's configs, tokenizer and scheduler (no weights)."""
     from .tiny import build_tiny_pipeline
 
-    pipe = build_tiny_pipeline()
+    pipe = build_tiny_pipeline(family=family.name)
     pipe.save_config(folder)  # model_index.json
     pipe.unet.save_config(folder / "unet")
     pipe.vae.save_config(folder / "vae")
@@ -376,11 +520,9 @@ def _build(
     with init_empty_weights():  # parameters on meta (skips random init), buffers real
         text_encoder = CLIPTextModel(text_config)
     wrapped = any(k.startswith("text_model.") for k in text_encoder.state_dict())
-    text_sd = {
-        k[len(TEXT_PREFIX) :] if wrapped else k[len(TEXT_PREFIX + "text_model.") :]: v
-        for k, v in state.items()
-        if k.startswith(TEXT_PREFIX)
-    }
+    text_sd = _text_state(state, _file_family(state), text_config.num_hidden_layers)
+    if not wrapped:
+        text_sd = {k.removeprefix("text_model."): v for k, v in text_sd.items()}
     # assign=True adopts the file's tensors; the caller checked every parameter is there.
     text_encoder.load_state_dict(text_sd, strict=False, assign=True)
     return StableDiffusionPipeline.from_pretrained(
@@ -398,18 +540,25 @@ def _build(
 def load_single_file(
     path: str | Path, config: str | Path | None = None, dtype: torch.dtype = torch.float32
 ) -> StableDiffusionPipeline:
-    """Load an original-layout SD 1.x .safetensors/.ckpt offline; `config` is a diffusers folder.
+    """Load an original-layout SD 1.x/2.x .safetensors/.ckpt offline; `config` is a diffusers
+    folder whose configs, tokenizer and scheduler (so its prediction type) describe the file.
 
-    Without `config` only the built-in tiny base is recognised (by its tensor shapes).
+    Without `config` only the built-in tiny bases are recognised (by their tensor shapes).
     """
     path = Path(path)
     state = _read_state_dict(path)
+    family = _file_family(state)
     with tempfile.TemporaryDirectory(prefix="sdlora-config-") as scratch:
         if config is None:
             folder = Path(scratch)
-            _write_tiny_configs(folder)
+            _write_tiny_configs(folder, family)
             if _mismatches(state, _expected_shapes(folder)):
-                kind = "a full SD 1.x checkpoint" if SD1_KEY in state else "not the tiny base"
+                full = FULL_KEY in state
+                kind = (
+                    f"a full {family.label} checkpoint"
+                    if full
+                    else f"not the {family.builtin} base"
+                )
                 raise SdloraError(
                     f"{path}: {kind}; pass a diffusers model folder with its configs and "
                     "tokenizer (--config DIR)"

@@ -1,8 +1,11 @@
-"""The built-in `tiny` base: a Stable-Diffusion-1.x-shaped model with random, seeded weights.
+"""The built-in `tiny` and `tiny-v2` bases: SD-1.x- and SD-2.x-shaped models with random, seeded weights.
 
-Same classes and wiring as SD 1.x (UNet2DConditionModel with cross-attention, AutoencoderKL with
-a factor-8 latent, CLIPTextModel, CLIP tokenizer, PNDM scheduler with SD's betas), only narrow.
-Built from configs in well under a second; nothing is downloaded.
+`tiny` has the classes and wiring of SD 1.x (UNet2DConditionModel with cross-attention,
+AutoencoderKL with a factor-8 latent, CLIPTextModel with quick-GELU, CLIP tokenizer, PNDM
+scheduler with SD's betas), only narrow. `tiny-v2` is SD 2.1 the same way: heads per block, Linear
+proj_in/proj_out, a GELU text encoder (diffusers' SD 2.x text encoder is OpenCLIP-H's first 23 of 24
+layers: the penultimate layer's output), a DDIM scheduler predicting v. Built from configs in well
+under a second; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -10,7 +13,13 @@ from __future__ import annotations
 import tempfile
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .tokenizer_files import write_tokenizer_files
@@ -55,20 +64,46 @@ SCHEDULER_CONFIG = dict(
 )
 
 
-def text_encoder_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
-    """A 2-layer CLIP text encoder sized to the project's tokenizer."""
+# SD 2.1 in small: heads per block (SD 2.1: 5, 10, 20, 20 heads of 64), Linear projections,
+# cross-attention as wide as the text encoder (64 here, 1024 in SD 2.x; 32 in `tiny`).
+UNET_V2_CONFIG = dict(
+    UNET_CONFIG,
+    cross_attention_dim=64,
+    attention_head_dim=(2, 4, 4),  # heads per block: 16 channels each
+    use_linear_projection=True,
+)
+
+# SD 2.1's scheduler_config.json (DDIM, v-prediction, SD's betas); like it, this keeps
+# skip_prk_steps for a switch to PNDM (DDIM itself ignores it)
+SCHEDULER_V2_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    prediction_type="v_prediction",
+)
+
+
+def text_encoder_config(
+    tokenizer: CLIPTokenizer, width: int = 32, act: str = "quick_gelu"
+) -> CLIPTextConfig:
+    """A 2-layer CLIP text encoder sized to the project's tokenizer (SD 1.x: quick-GELU)."""
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=width,
+        intermediate_size=2 * width,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=77,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        hidden_act="quick_gelu",
-        projection_dim=32,
+        hidden_act=act,
+        projection_dim=width,
     )
 
 
@@ -79,22 +114,31 @@ def make_tokenizer() -> CLIPTokenizer:
         return CLIPTokenizer(str(vocab), str(merges), model_max_length=77)
 
 
-def build_tiny_pipeline(seed: int = SEED) -> StableDiffusionPipeline:
-    """Build the tiny SD-1.x-shaped pipeline with deterministic weights (fp32, CPU)."""
+def build_tiny_pipeline(seed: int = SEED, family: str = "sd1") -> StableDiffusionPipeline:
+    """Build the tiny SD-1.x-shaped (or with family="sd2", SD-2.x-shaped) pipeline with
+    deterministic weights (fp32, CPU)."""
     tokenizer = make_tokenizer()
+    v2 = family == "sd2"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**UNET_CONFIG)
+        unet = UNet2DConditionModel(**(UNET_V2_CONFIG if v2 else UNET_CONFIG))
         torch.manual_seed(seed + 1)
         vae = AutoencoderKL(**VAE_CONFIG)
         torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(text_encoder_config(tokenizer))
+        config = (
+            text_encoder_config(tokenizer, 64, "gelu") if v2 else text_encoder_config(tokenizer)
+        )
+        text_encoder = CLIPTextModel(config)
+    if v2:
+        scheduler = DDIMScheduler.from_config(SCHEDULER_V2_CONFIG)
+    else:
+        scheduler = PNDMScheduler(**SCHEDULER_CONFIG)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=PNDMScheduler(**SCHEDULER_CONFIG),
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

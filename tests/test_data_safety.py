@@ -252,7 +252,7 @@ def test_training_on_a_linked_folder_uses_all_its_images(tmp_path, caplog, monke
     """The reported case: 1 image trained instead of 5."""
     import logging
 
-    from sdlora.train import loop as loop_module
+    from sdlora.train import models as models_module
     from sdlora.train import train
 
     class Loaded(Exception):
@@ -261,7 +261,7 @@ def test_training_on_a_linked_folder_uses_all_its_images(tmp_path, caplog, monke
     def stop(*args, **kwargs):
         raise Loaded
 
-    monkeypatch.setattr(loop_module, "load_base", stop)
+    monkeypatch.setattr(models_module, "load_base", stop)
     data = tmp_path / "data"
     _png(data / "a.png")
     for i in range(4):
@@ -364,7 +364,7 @@ def test_long_captions_are_counted_and_the_first_named_before_training(
 ):
     import logging
 
-    from sdlora.train import loop as loop_module
+    from sdlora.train import models as models_module
     from sdlora.train import train
 
     class Injecting(Exception):
@@ -373,7 +373,7 @@ def test_long_captions_are_counted_and_the_first_named_before_training(
     def stop(*args, **kwargs):
         raise Injecting
 
-    monkeypatch.setattr(loop_module, "add_trainable", stop)  # the step after the warnings
+    monkeypatch.setattr(models_module, "add_trainable", stop)  # the step after the warnings
     data = tmp_path / "data"
     for name, words in (("img_001", 5), ("img_004", 110), ("img_007", 200)):
         _png(data / f"{name}.png")

@@ -293,7 +293,7 @@ def test_inspect_reports_format_architecture_groups(tmp_path):
     path, _ = peft_file(tmp_path)
     info = inspect_file(path)
     assert info["format"] == "diffusers-peft"
-    assert info["architecture"] == "tiny (sdlora built-in)"
+    assert info["architecture"] == "SD 1.x (tiny, sdlora built-in)"
     assert info["groups"]["unet to_v"]["alphas"] == [2.0] and info["groups"]["unet to_v"]["scales"] == [0.5]
     assert info["groups"]["text_encoder q_proj"]["scales"] == [1.5]
     json.dumps(info)

@@ -87,8 +87,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--name", help="adapter file name (default: the data folder's name)")
     g.add_argument(
         "--base",
-        help="base model: toy (built in, pretrained, 64 px), tiny (built in, random weights, "
-        f"for tests), a diffusers model folder, or a single .safetensors file (default: {D.base})",
+        help="base model: toy (built in, pretrained, 64 px), tiny / tiny-v2 (built in, random "
+        "weights, SD 1.x / SD 2.x shaped, for tests), a diffusers model folder, a single "
+        "original-layout .safetensors file, or a Hub id such as stabilityai/stable-diffusion-2-1 "
+        f"(default: {D.base})",
     )
     g.add_argument(
         "--base-config", metavar="DIR", help="diffusers folder describing a single-file base"
@@ -365,7 +367,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m sdlora.train.command ...`: the same as `sdlora train ...`."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded
+    # Only a Hub-id --base reaches the network (HF_HUB_OFFLINE=1 keeps it to the cache);
+    # every other load is local-only.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     parser = argparse.ArgumentParser(prog="sdlora")

@@ -78,7 +78,7 @@ class TrainConfig:
     data_dir: str = ""  # folder of images, searched recursively
     output: str = ""  # folder for the adapter, checkpoints/, samples/ and logs/
     name: str | None = None  # adapter file name; None: the data folder's name
-    base: str = "toy"  # "toy", "tiny", a diffusers model folder, or a single-file checkpoint
+    base: str = "toy"  # "toy", "tiny", "tiny-v2", a diffusers model folder, a single file, a Hub id
     base_config: str | None = None  # diffusers folder describing a single-file base
 
     # --- the adapter ---
@@ -373,7 +373,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         value = values.get(key)
         if (
             isinstance(value, str)
-            and value not in ("toy", "tiny", "latest")
+            and value not in ("toy", "tiny", "tiny-v2", "latest")
             and (folder / value).exists()
         ):
             values[key] = os.path.normpath(folder / value)

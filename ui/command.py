@@ -26,8 +26,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--base",
         default="toy",
-        help="base model: 'toy' (built in, pretrained), 'tiny' (built in, random weights), a "
-        "diffusers model folder, or a single .safetensors checkpoint (default: %(default)s)",
+        help="base model: 'toy' (built in, pretrained), 'tiny' / 'tiny-v2' (built in, random "
+        "weights, SD 1.x / SD 2.x shaped), a diffusers model folder, a single .safetensors "
+        "checkpoint, or a Hub id such as stabilityai/stable-diffusion-2-1 (default: %(default)s)",
     )
     p.add_argument(
         "--adapters", default="adapters", metavar="DIR", help="adapter files (default: %(default)s)"

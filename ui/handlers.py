@@ -48,7 +48,7 @@ def _quiet(fraction: float, text: str) -> None:
 class Context:
     """The folders and the shared engine one app serves (the same for every visitor)."""
 
-    base: str  # the base the app was started with: "tiny", a model folder or a single file
+    base: str  # the base the app was started with: "tiny", a model folder, a single file, a Hub id
     adapters: Path  # adapters are listed, uploaded and trained into here
     datasets: Path  # training data folders live here
     outputs: Path  # images, grids, exports and training runs are written here
