@@ -114,10 +114,7 @@ def train(
             accelerator.num_processes,
             config.grad_accum,
         )
-        if config.overwrite:
-            checkpoint.remove_all(output)
-        checkpoint.clean(output)
-        output.mkdir(parents=True, exist_ok=True)
+        checkpoint.prepare(output, config.adapter_path, config.overwrite)
     accelerator.wait_for_everyone()
 
     # --- models: frozen weights in the compute dtype, LoRA factors in fp32
