@@ -44,16 +44,17 @@ CAUSES = {
 }
 if hasattr(errno, "EDQUOT"):  # not on Windows
     CAUSES[errno.EDQUOT] = ("the disk quota is used up", _SPACE)
+FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # a full disk or quota
 
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors (Rust) reports an I/O error
 _umask_lock = threading.Lock()
 
 
 class WriteError(SdloraError):
-    """`path` could not be written: `cause` and `advice` in words."""
+    """`path` could not be written: `cause` and `advice` in words; `code` the errno, if any."""
 
-    def __init__(self, path: str | Path, cause: str, advice: str):
-        self.path, self.cause, self.advice = Path(path), cause, advice
+    def __init__(self, path: str | Path, cause: str, advice: str, code: int | None = None):
+        self.path, self.cause, self.advice, self.code = Path(path), cause, advice, code
         super().__init__(f"cannot write {path}: {cause}; {advice}")
 
 
@@ -74,21 +75,24 @@ def write_error(err: BaseException, target: str | Path) -> WriteError | None:
     """
     target = Path(target)
     if isinstance(err, WriteError):
-        return WriteError(target, err.cause, err.advice)
+        return WriteError(target, err.cause, err.advice, err.code)
     code = error_number(err)
     if code is None and not isinstance(err, OSError):
         return None
     if code in CAUSES:
-        return WriteError(target, *CAUSES[code])
+        return WriteError(target, *CAUSES[code], code)
     if code in (errno.ENOTDIR, errno.EEXIST):
         blocker = _file_in_the_way(target)
         if blocker is not None:
             what = "it" if blocker == target else str(blocker)
-            return WriteError(target, f"{what} is a file, not a folder", "choose another path")
+            return WriteError(
+                target, f"{what} is a file, not a folder", "choose another path", code
+            )
     if code == errno.EISDIR:
-        return WriteError(target, "it is a folder", "choose another name or move the folder away")
+        advice = "choose another name or move the folder away"
+        return WriteError(target, "it is a folder", advice, code)
     cause = getattr(err, "strerror", None) or str(err) or type(err).__name__
-    return WriteError(target, cause.splitlines()[0].lower(), "check the path and try again")
+    return WriteError(target, cause.splitlines()[0].lower(), "check the path and try again", code)
 
 
 def _file_in_the_way(target: Path) -> Path | None:
@@ -125,8 +129,16 @@ def current_umask() -> int:
 
 
 def set_public_mode(path: str | Path, folder: bool = False) -> None:
-    """Give `path` the mode a new file (0666) or folder (0777) gets under the current umask."""
-    os.chmod(path, (0o777 if folder else 0o666) & ~current_umask())
+    """Give `path` the mode a new file (0666) or folder (0777) gets under the current umask; a
+    folder's files and subfolders too (safetensors writes through private temporaries)."""
+    mask = current_umask()
+    os.chmod(path, (0o777 if folder else 0o666) & ~mask)
+    if folder:
+        for root, dirs, names in os.walk(path):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+            for name in names:
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def stale_temporaries(target: str | Path) -> list[Path]:

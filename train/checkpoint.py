@@ -11,6 +11,7 @@ random state and the batch order as well.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -26,7 +27,7 @@ import torch
 from sdlora.adapter import Adapter
 from sdlora.errors import SdloraError
 from sdlora.files import save_adapter
-from sdlora.writing import clean_stale, reported, set_public_mode, write_error
+from sdlora.writing import FULL, clean_stale, reported, set_public_mode, write_error
 
 FOLDER = "checkpoints"
 NAME = re.compile(r"^step-(\d+)$")
@@ -97,14 +98,20 @@ def save(
             raise
         raise SdloraError(
             f"cannot write checkpoint {final}: {problem.cause}; training stopped. "
-            + _resume_advice(output, problem.advice)
+            + _resume_advice(output, problem.code)
         ) from err
     prune(output, keep_last)
     return final
 
 
-def _resume_advice(output: Path, advice: str) -> str:
+def _resume_advice(output: Path, code: int | None) -> str:
     """What to do after a failed save, naming the checkpoint that is still whole."""
+    if code in FULL:
+        advice = "free some space"
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        advice = "make the folder writable"
+    else:
+        advice = "fix that"
     last = latest(output)
     if last is None:
         return f"No checkpoint was saved before this one; {advice}, then run the command again."
