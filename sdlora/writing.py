@@ -95,6 +95,12 @@ def write_error(err: BaseException, target: str | Path) -> WriteError | None:
     return WriteError(target, cause.splitlines()[0].lower(), "check the path and try again", code)
 
 
+def explain(err: OSError) -> str:
+    """One line for an OSError that no writer turned into a WriteError: the path and the cause."""
+    cause = CAUSES[err.errno][0] if err.errno in CAUSES else (err.strerror or str(err)).lower()
+    return f"{err.filename}: {cause}" if err.filename else cause
+
+
 def _file_in_the_way(target: Path) -> Path | None:
     """The nearest of `target` and its parents that exists but is not a folder."""
     for path in (target, *target.parents):

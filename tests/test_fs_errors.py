@@ -277,6 +277,30 @@ def test_full_disk_at_a_checkpoint_keeps_the_last_one_and_resumes(
     assert json.loads(adapter.metadata["sdlora_training"])["steps_done"] == 4
 
 
+def test_full_disk_at_the_final_adapter_names_the_checkpoint(images, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    args = train_args(images, out, "--save-every", "2")
+    disk = FullDisk(monkeypatch, allowed=2)  # both checkpoints fit, the adapter does not
+    line = one_line_error(args, capsys)
+    adapter = out / f"{images.name}.safetensors"
+    assert f"cannot write {adapter}: no space left on the device" in line
+    assert f"The last checkpoint is {out / 'checkpoints' / 'step-000004'}" in line
+    assert leftovers(out) == [] and not adapter.exists()
+    disk.full = False
+    assert main([*args, "--resume"]) == 0 and adapter.is_file()
+
+
+def test_any_other_io_failure_is_one_line_too(tmp_path, monkeypatch, capsys):
+    """A last resort in the command: an OSError nothing explained still prints one line."""
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "somewhere"))
+
+    monkeypatch.setattr("sdlora.generate.generate", full)
+    line = one_line_error([*GENERATE, "--out", str(tmp_path / "a.png")], capsys)
+    assert line == f"sdlora: {tmp_path / 'somewhere'}: no space left on the device"
+
+
 # ---------------------------------------------------------------- files where folders go
 
 

@@ -51,6 +51,7 @@ from sdlora.inject import (
     target_names,
 )
 from sdlora.layer import LoRAWeights
+from sdlora.writing import WriteError
 
 logger = logging.getLogger(__name__)
 
@@ -285,7 +286,10 @@ def train(
     accelerator.wait_for_everyone()
     if main:
         meta = adapter_metadata(config, plan, step, total_steps, targets, accelerator)
-        save_adapter(collect_adapter(injected, meta), path, overwrite=True)
+        try:
+            save_adapter(collect_adapter(injected, meta), path, overwrite=True)
+        except WriteError as err:  # a full disk at the very end: say where to resume from
+            raise SdloraError(f"{err}. {resume_hint(output)}") from err
         if writer is not None:
             writer.close()
         elapsed = time.perf_counter() - started
