@@ -78,6 +78,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SdloraError(f"--out {out}: give a .png file name")
     if out.exists() and not args.overwrite:
         raise SdloraError(f"{out} already exists; choose another --out or pass --overwrite")
+    if out.is_dir():
+        raise SdloraError(f"--out {out} is a folder; give a .png file name")
     dtype = (
         torch.float16
         if (args.device or "").startswith("cuda")
@@ -145,9 +147,10 @@ def sweep_grid(pipe, mixer, settings, strengths: list[float], out: Path) -> Path
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_diffusers, export_single_file, parse_dtype
+    from .export import check_out, export_diffusers, export_single_file, parse_dtype
 
     parse_dtype(args.dtype)
+    check_out(args.out, folder=args.format == "diffusers", overwrite=args.overwrite)
     args.device = args.device or "cpu"
     pipe, _ = load_mix(args)
     if args.format == "diffusers":
@@ -300,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except SdloraError as err:
         print(f"sdlora: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a failed read or write no one turned into words: still one line
+        from sdlora.writing import explain
+
+        print(f"sdlora: {explain(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sdlora: interrupted", file=sys.stderr)

@@ -6,9 +6,6 @@ adapters have no ΔW and cannot be folded into weights: an active one is refused
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -16,6 +13,7 @@ from diffusers import StableDiffusionPipeline
 
 from .errors import SdloraError
 from .layer import LoRALayer
+from .writing import written_folder
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -85,26 +83,60 @@ def _plain_copy(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch
     return fresh
 
 
-def replace_path(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Move a finished temporary file or folder to `out`; an old `out` goes only if allowed."""
-    if out.exists() and not overwrite:
+MODEL_INDEX = "model_index.json"  # every diffusers model folder has one
+
+
+def check_out(out: str | Path, folder: bool, overwrite: bool) -> Path:
+    """Refuse an --out that cannot take the export, before any work: one that exists (unless
+    `overwrite`), a file where a folder goes or the reverse, and a folder holding anything but a
+    diffusers model (--overwrite would delete it)."""
+    out = Path(out)
+    if not out.exists():
+        return out
+    if not overwrite:
         raise SdloraError(f"{out} already exists; choose another --out or pass --overwrite")
-    if out.is_dir() and not out.is_symlink():
-        old = out.with_name(f".{out.name}.old")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    if folder and not out.is_dir():
+        raise SdloraError(
+            f"{out} is a file and a diffusers export is a folder; choose another --out or move "
+            "the file away"
+        )
+    if not folder and out.is_dir():
+        raise SdloraError(
+            f"{out} is a folder and a single-file export is a file; choose another --out or "
+            "move the folder away"
+        )
+    if folder and not (out / MODEL_INDEX).is_file():
+        stray = sorted(out.iterdir())
+        if stray:
+            raise SdloraError(
+                f"{out} holds {_count(stray)} not part of a diffusers model "
+                f"({_names(stray)}); choose another --out or empty it"
+            )
+    return out
+
+
+def _count(paths: list[Path]) -> str:
+    """'1 file that is', '2 files and 1 folder that are'."""
+    folders = sum(p.is_dir() for p in paths)
+    files = len(paths) - folders
+    parts = [
+        f"{n} {word}{'s' if n != 1 else ''}"
+        for n, word in ((files, "file"), (folders, "folder"))
+        if n
+    ]
+    return " and ".join(parts) + (" that is" if len(paths) == 1 else " that are")
+
+
+def _names(paths: list[Path], most: int = 3) -> str:
+    names = [p.name + ("/" if p.is_dir() else "") for p in paths[:most]]
+    return ", ".join(names) + (f" and {len(paths) - most} more" if len(paths) > most else "")
 
 
 def export_diffusers(
     pipe: StableDiffusionPipeline, out: str | Path, dtype: str = "fp16", overwrite: bool = False
 ) -> Path:
-    """Write the current blend as a diffusers model folder (safetensors)."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise SdloraError(f"{out} already exists; choose another --out or pass --overwrite")
+    """Write the current blend as a diffusers model folder (safetensors), whole or not at all."""
+    out = check_out(out, folder=True, overwrite=overwrite)
     states = merged_components(pipe, parse_dtype(dtype))
     parts = {comp: _plain_copy(getattr(pipe, comp), states[comp]) for comp in states}
     plain = StableDiffusionPipeline(
@@ -115,14 +147,9 @@ def export_diffusers(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with written_folder(out) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
-        replace_path(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        check_out(out, folder=True, overwrite=overwrite)  # nothing appeared there meanwhile
     return out
 
 
@@ -135,8 +162,7 @@ def export_single_file(
     out = Path(out)
     if out.suffix != ".safetensors":
         raise SdloraError(f"{out}: a single-file checkpoint must end in .safetensors")
-    if out.exists() and not overwrite:
-        raise SdloraError(f"{out} already exists; choose another --out or pass --overwrite")
+    check_out(out, folder=False, overwrite=overwrite)
     states = merged_components(pipe, parse_dtype(dtype))
     save_single_file(
         states["unet"],

@@ -10,8 +10,6 @@ and strength 1.0 always means "as trained" (see `fold_scale`).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from .adapter import Adapter, ModuleFactors
 from .errors import SdloraError
 from .layer import POSITIVELY_HOMOGENEOUS, check_nonlinearity
+from .writing import written_file
 
 FORMAT_VERSION = "1"
 NONLINEAR_PREFIX = "nonlinear_"
@@ -72,16 +71,9 @@ def adapter_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
 def atomic_save_file(
     tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
 ) -> None:
-    """Write a safetensors file to a temporary name beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    """Write a safetensors file whole or not at all (see `sdlora.writing.written_file`)."""
+    with written_file(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_adapter(adapter: Adapter, path: str | Path, overwrite: bool = False) -> Path:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ from PIL import Image, PngImagePlugin
 
 from .errors import SdloraError
 from .recommend import native_size, recommended
+from .writing import written_file
 
 SCHEDULERS = {
     "pndm": PNDMScheduler,
@@ -210,15 +209,8 @@ def png_info(settings: GenerateSettings, index: int = 0) -> PngImagePlugin.PngIn
 def save_png(
     image: Image.Image, path: str | Path, settings: GenerateSettings, index: int = 0
 ) -> Path:
-    """Save atomically with the recipe in the PNG text metadata."""
+    """Save whole or not at all (`sdlora.writing`), with the recipe in the PNG text metadata."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with written_file(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=png_info(settings, index))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

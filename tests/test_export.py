@@ -101,6 +101,10 @@ def test_existing_output_is_kept(tiny, tmp_path):
     with pytest.raises(SdloraError, match="already exists"):
         export_diffusers(tiny, out)
     assert (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(SdloraError, match=r"holds 1 file that is not part of a diffusers model"):
+        export_diffusers(tiny, out, overwrite=True)  # issue 18: not a model folder, not replaced
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "model_index.json").write_text("{}")  # a model folder: --overwrite replaces it
     export_diffusers(tiny, out, overwrite=True)
-    assert (out / "model_index.json").exists() and not (out / "keep.txt").exists()
+    assert (out / "model_index.json").read_text() != "{}" and not (out / "keep.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temp folders left behind

@@ -11,12 +11,15 @@ random state and the batch order as well.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import pickle
 import re
 import shutil
 import tempfile
+from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -24,6 +27,7 @@ import torch
 from sdlora.adapter import Adapter
 from sdlora.errors import SdloraError
 from sdlora.files import save_adapter
+from sdlora.writing import FULL, clean_stale, reported, set_public_mode, write_error
 
 FOLDER = "checkpoints"
 NAME = re.compile(r"^step-(\d+)$")
@@ -57,27 +61,78 @@ def _fsync(path: Path) -> None:
 def save(
     output: Path, step: int, state: dict, adapter: Adapter, settings: dict, keep_last: int
 ) -> Path:
-    """Write checkpoint `step` atomically, then delete all but the newest `keep_last`."""
+    """Write checkpoint `step` atomically, then delete all but the newest `keep_last`.
+
+    A write that fails (a full disk, a folder made read-only) leaves no trace and the earlier
+    checkpoints whole, and raises an error naming the last one to --resume from.
+    """
     folder = output / FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=folder))
+    tmp = trash = None
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=folder))
         save_adapter(adapter, tmp / ADAPTER)
-        torch.save(state, tmp / STATE)
+        # torch.save reports a full disk as a bare RuntimeError; Python's own write names it
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        (tmp / STATE).write_bytes(buffer.getbuffer())
         (tmp / INFO).write_text(json.dumps({"step": step, "settings": settings}, indent=1))
         for name in (ADAPTER, STATE, INFO):
             _fsync(tmp / name)
+        set_public_mode(tmp, folder=True)
         if final.exists():  # a rerun of the same step: move the old one aside first
-            final.rename(folder / f".trash-{final.name}-{os.getpid()}")
+            trash = folder / f".trash-{final.name}-{os.getpid()}"
+            final.rename(trash)
         os.replace(tmp, final)
         if hasattr(os, "O_DIRECTORY"):
             _fsync(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except BaseException as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if trash is not None and not final.exists():
+            with suppress(OSError):
+                trash.rename(final)
+        problem = write_error(err, final)
+        if problem is None:
+            raise
+        raise SdloraError(
+            f"cannot write checkpoint {final}: {problem.cause}; training stopped. "
+            + _resume_advice(output, problem.code)
+        ) from err
     prune(output, keep_last)
     return final
+
+
+def _resume_advice(output: Path, code: int | None) -> str:
+    """What to do after a failed save, naming the checkpoint that is still whole."""
+    if code in FULL:
+        advice = "free some space"
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        advice = "make the folder writable"
+    else:
+        advice = "fix that"
+    last = latest(output)
+    if last is None:
+        return f"No checkpoint was saved before this one; {advice}, then run the command again."
+    return (
+        f"The last checkpoint, {last}, is intact: {advice}, then run the same command with "
+        "--resume to continue."
+    )
+
+
+def prepare(output: Path, adapter: Path, overwrite: bool) -> None:
+    """Make `output` ready before a run loads its model: the folder exists and takes files,
+    leftovers of killed writes (checkpoints and the `adapter` file) are gone, and with
+    `overwrite` the old checkpoints too. A folder that cannot be written is a WriteError."""
+    with reported(output):
+        if overwrite:
+            remove_all(output)
+        clean(output)
+        output.mkdir(parents=True, exist_ok=True)
+        clean_stale(adapter)
+        with tempfile.TemporaryFile(dir=output):  # can files be made here at all?
+            pass
 
 
 def prune(output: Path, keep_last: int) -> None:

@@ -380,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     except SdloraError as err:
         print(f"sdlora: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a failed read or write no one turned into words: still one line
+        from sdlora.writing import explain
+
+        print(f"sdlora: {explain(err)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -31,8 +31,10 @@ from sdlora.train.validate import Validation, Validator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from sdlora.errors import SdloraError
 from sdlora.files import save_adapter
 from sdlora.inject import collect_adapter
+from sdlora.writing import WriteError
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +182,10 @@ def train(
     path = config.adapter_path
     accelerator.wait_for_everyone()
     if main:
-        save_adapter(collect_adapter(models.injected, metadata()), path, overwrite=True)
+        try:
+            save_adapter(collect_adapter(models.injected, metadata()), path, overwrite=True)
+        except WriteError as err:  # a full disk at the very end: say where to resume from
+            raise SdloraError(f"{err}. {resume_hint(output)}") from err
         if writer is not None:
             writer.close()
         if validator is not None and validator.last is not None:

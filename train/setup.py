@@ -121,10 +121,7 @@ def prepare_data(config: TrainConfig, accelerator: Accelerator) -> DataRun:
         )
         if held_out:
             logger.info("validation: %d held-out image(s)", len(held_out))
-        if config.overwrite:
-            checkpoint.remove_all(output)
-        checkpoint.clean(output)
-        output.mkdir(parents=True, exist_ok=True)
+        checkpoint.prepare(output, config.adapter_path, config.overwrite)
     accelerator.wait_for_everyone()
     return DataRun(items, plan, total_steps, resume_from, held_out)
 

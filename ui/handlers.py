@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from sdlora.formats import load_adapter
 from sdlora.generate import SCHEDULERS, GenerateSettings, generate, save_png
 from sdlora.grid import labelled_grid
 from sdlora.inspect import format_text, inspect_file
+from sdlora.writing import written_file
 
 Progress = Callable[[float, str], None]
 MAX_UPLOAD_BYTES = 2 * 1024**3  # 2 GiB: larger than any SD 1.x LoRA
@@ -153,14 +152,8 @@ def upload_adapter(ctx: Context, upload: str | Path, overwrite: bool = False) ->
     dest = paths.inside(ctx.adapters, name[: -len(paths.ADAPTER_SUFFIX)] + paths.ADAPTER_SUFFIX)
     if dest.exists() and not overwrite:
         raise SdloraError(f"{dest.name} is already in the adapters folder; rename the file first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=ctx.adapters)
-    os.close(fd)
-    try:
+    with written_file(dest) as tmp:
         shutil.copyfile(upload, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return paths.relative(ctx.adapters, dest)[: -len(paths.ADAPTER_SUFFIX)]
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdlora.errors import SdloraError
+from sdlora.writing import written_file
 
 STEP_RECORD = re.compile(r"step (\d+): loss (\S+), lr (\S+)")  # the trainer's per-step debug line
 
@@ -135,14 +136,8 @@ class TrainJob:
 def _install(adapter: Path, folder: Path) -> Path:
     """Copy the finished adapter into `folder` under its own name, atomically."""
     dest = folder / adapter.name
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
+    with written_file(dest) as tmp:
         shutil.copyfile(adapter, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return dest
 
 
