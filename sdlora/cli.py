@@ -64,7 +64,7 @@ def load_mix(args: argparse.Namespace, dtype=None):
     pipe = load_base(args.base, device=device, dtype=dtype, config=args.config)
     mixer = Mixer(pipe)
     for spec, name in zip(specs, names, strict=True):
-        mixer.add(spec.path, name=name, strength=spec.strength)
+        mixer.add(spec.path, name=name, strength=spec.strength, blocks=spec.blocks)
     return pipe, mixer
 
 

@@ -56,16 +56,18 @@ def _print_report(report, limit: int | None) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from .blocks import parse_blocks, scale_blocks
     from .files import save_adapter
     from .formats import load_adapter
-    from .lora_spec import parse_lora
+    from .lora_spec import parse_lora_spec
     from .merge import merge_adapters
 
     out = _check_out(args.out, args.overwrite)
     items = []
     for spec in args.files:
-        path, strength = parse_lora(spec)
-        items.append((load_adapter(path), strength))
+        parsed = parse_lora_spec(spec)
+        adapter = scale_blocks(load_adapter(parsed.path), parse_blocks(parsed.blocks))
+        items.append((adapter, parsed.strength))
     merged, report = merge_adapters(items, rank=args.rank)
     save_adapter(merged, out, overwrite=args.overwrite)
     _print_report(report, None if args.all_modules else 10)

@@ -1,4 +1,8 @@
-"""`FILE[:STRENGTH][@NAME]`, the way every command names an adapter, its strength and its name.
+"""`FILE[:STRENGTH][@NAME][@BLOCKS]`: how every command names an adapter, strength, name, blocks.
+
+BLOCKS are per-block strengths (sdlora/blocks.py): `IN=0,MID=1,OUT=0.5` (names with `=`), or a
+vector of 17 or 26 numbers in LoRA Block Weight's order. They are split off first, from the last
+'@', when the text there holds '=' or is such a vector.
 
 Parsing keeps file names that hold ':' or '@' whole: STRENGTH is split off only when the text
 after the last ':' is a number (so `C:\\loras\\a.safetensors` stays a path), and NAME only after
@@ -8,12 +12,14 @@ the last '@', when that text holds no ':', '/' or '\\' and is not a file name
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SdloraError
 
 FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # '@x.safetensors' is a file
+VECTOR = re.compile(r"^\s*[-+.\deE]+(\s*,\s*[-+.\deE]+){16}((\s*,\s*[-+.\deE]+){9})?\s*$")
 
 
 @dataclass
@@ -23,6 +29,7 @@ class LoraSpec:
     path: str
     strength: float = 1.0
     name: str | None = None  # None: named after the file (see `adapter_names`)
+    blocks: str | None = None  # per-block strengths (sdlora/blocks.py); None: every block 1
 
 
 def parse_lora(spec: str) -> tuple[str, float]:
@@ -31,8 +38,24 @@ def parse_lora(spec: str) -> tuple[str, float]:
     return parsed.path, parsed.strength
 
 
+def split_blocks(spec: str) -> tuple[str, str | None]:
+    """('FILE[:STRENGTH][@NAME]', BLOCKS or None) from a spec that may end in '@BLOCKS'."""
+    head, sep, tail = spec.rpartition("@")
+    if sep and head and not any(c in tail for c in "/\\") and ("=" in tail or VECTOR.match(tail)):
+        return head, tail
+    return spec, None
+
+
 def parse_lora_spec(spec: str) -> LoraSpec:
-    """'FILE[:STRENGTH][@NAME]' -> LoraSpec; STRENGTH defaults to 1.0, NAME to None."""
+    """'FILE[:STRENGTH][@NAME][@BLOCKS]' -> LoraSpec; STRENGTH defaults to 1.0, NAME and BLOCKS
+    to None."""
+    spec, blocks = split_blocks(spec)
+    parsed = _parse_named(spec)
+    parsed.blocks = blocks
+    return parsed
+
+
+def _parse_named(spec: str) -> LoraSpec:
     head, sep, name = spec.rpartition("@")
     if (
         not sep

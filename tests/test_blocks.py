@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_adapter_file, run_unet
@@ -119,3 +120,52 @@ def test_merging_with_block_strengths_scales_each_module(adapter_path):
         )
         torch.testing.assert_close(scaled.modules[key].up, factors.up * m, rtol=0, atol=0)
         assert torch.equal(scaled.modules[key].down, factors.down)
+
+
+def test_the_command_line_takes_block_strengths_after_an_at(adapter_path, tmp_path):
+    from PIL import Image
+
+    from sdlora.cli import main
+    from sdlora.lora_spec import parse_lora_spec
+
+    spec = parse_lora_spec("a/b.safetensors:0.8@mine@IN=0,MID=1,OUT=0.5")
+    assert (spec.path, spec.strength, spec.name, spec.blocks) == (
+        "a/b.safetensors",
+        0.8,
+        "mine",
+        "IN=0,MID=1,OUT=0.5",
+    )
+    vector = ",".join(["1"] * 17)
+    assert parse_lora_spec(f"x.safetensors@{vector}").blocks == vector
+    assert parse_lora_spec("me@home.safetensors:0.5").blocks is None
+    common = ["generate", "--base", "tiny", "--prompt", "a red circle", "--steps", "2"]
+    assert main([*common, "--out", str(tmp_path / "base.png")]) == 0
+    off = f"{adapter_path}@IN=0,MID=0,OUT=0,BASE=0"  # every block at 0: the base, exactly
+    assert main([*common, "--lora", off, "--out", str(tmp_path / "off.png")]) == 0
+    on = f"{adapter_path}@OUT=2"
+    assert main([*common, "--lora", on, "--out", str(tmp_path / "on.png")]) == 0
+    pixels = {n: np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("base", "off", "on")}
+    assert np.array_equal(pixels["base"], pixels["off"])
+    assert not np.array_equal(pixels["base"], pixels["on"])
+
+
+def test_merge_honours_block_strengths(adapter_path, tmp_path):
+    from sdlora.cli import main
+
+    halves = tmp_path / "halves.safetensors"
+    half = tmp_path / "half.safetensors"
+    assert (
+        main(["merge", f"{adapter_path}@IN=0.5,MID=0.5,OUT=0.5,BASE=0.5", "--out", str(halves)])
+        == 0
+    )
+    assert main(["merge", f"{adapter_path}:0.5", "--out", str(half)]) == 0
+    a, b = load_adapter(halves), load_adapter(half)
+    assert a.modules.keys() == b.modules.keys()
+
+    def delta(f):  # where the strength sits (down or up) is the merger's choice; ΔW is not
+        return f.scale * f.up.reshape(f.up.shape[0], -1) @ f.down.reshape(f.down.shape[0], -1)
+
+    for key in a.modules:
+        torch.testing.assert_close(
+            delta(a.modules[key]), delta(b.modules[key]), rtol=1e-6, atol=1e-7, msg=key
+        )
