@@ -259,6 +259,161 @@ def train_cell(cell: dict, data: DataSet, out: Path, steps: int) -> Path:
     return train(config)
 
 
+def alpha_check(steps: int = 30, k: float = 16.0) -> dict[str, float]:
+    """Largest loss difference over `steps` steps between a rank-4 linear LoRA with alpha x k and
+    one with alpha at a changed lr and A init, under SGD and under Adam (the trainer's AdamW).
+
+    A float32 toy problem (64 x 16 inputs, random targets); 0 means the two runs are the same.
+    """
+    rows = {}
+    for optimizer in ("sgd", "adam"):
+
+        def run(scale: float, init: float, lr: float, optimizer: str = optimizer) -> list[float]:
+            g = torch.Generator().manual_seed(0)
+            x, y = torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g)
+            down = (torch.randn(4, 16, generator=g) / 4 * init).requires_grad_()
+            up = torch.zeros(16, 4, requires_grad=True)  # zero-init B, as the library
+            make = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
+            opt, losses = make([down, up], lr=lr), []
+            for _ in range(steps):
+                opt.zero_grad()
+                loss = ((scale * (x @ down.T) @ up.T - y) ** 2).mean()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+            return losses
+
+        reference = run(k, 1.0, 1e-2)  # alpha x k
+        for name, init, lr in (
+            ("lr x k, A init x sqrt(k)", math.sqrt(k), k),
+            ("lr x sqrt(k), A init x sqrt(k)", math.sqrt(k), math.sqrt(k)),
+            ("lr x k, same init", 1.0, k),
+            ("lr x sqrt(k), same init", 1.0, math.sqrt(k)),
+        ):
+            other = run(1.0, init, 1e-2 * lr)
+            rows[f"{optimizer}: {name}"] = max(
+                abs(a - b) for a, b in zip(reference, other, strict=True)
+            )
+    return rows
+
+
+def cell(rows: list[dict], **key) -> dict | None:
+    found = [r for r in rows if all(r[k] == v for k, v in key.items())]
+    return found[0] if found else None
+
+
+def summary(result: dict) -> str:
+    """Compact tables: σ x rank per data set, seed noise, lr sweep, alpha cells, alpha check."""
+    rows, info, out = result["rows"], result["info"], []
+    lr = min((r["lr"] for r in rows if r["alpha"] is None), key=lambda v: abs(v - 1e-3))
+    fmt = "{heldout_loss:.4f} · {style_distance:.3f} · {base_change:.0f}".format
+    for data, base in result["base"].items():
+        ranks = sorted({r["rank"] for r in rows if r["data"] == data and r["lr"] == lr})
+        sigmas = list(dict.fromkeys(r["nonlinearity"] for r in rows if r["data"] == data))
+        out += [
+            f"**{data}**, lr {lr:g}, {info['steps']} steps; each cell: held-out loss · style "
+            "distance · base change (lower is better for all three)",
+            "",
+            "| σ | " + " | ".join(f"rank {k}" for k in ranks) + " |",
+            "|---|" + "---|" * len(ranks),
+            f"| no adapter | {fmt(**base)} |" + " |" * (len(ranks) - 1),
+        ]
+        for sigma in sigmas:
+            found = [
+                cell(rows, data=data, nonlinearity=sigma, rank=k, lr=lr, seed=0, alpha=None)
+                for k in ranks
+            ]
+            out.append(f"| {sigma} | " + " | ".join(fmt(**c) if c else "" for c in found) + " |")
+        for seed in sorted({r["seed"] for r in rows if r["data"] == data} - {0}):
+            found = [
+                cell(rows, data=data, nonlinearity="identity", rank=k, lr=lr, seed=seed, alpha=None)
+                for k in ranks
+            ]
+            out.append(
+                f"| identity, seed {seed} | "
+                + " | ".join(fmt(**c) if c else "" for c in found)
+                + " |"
+            )
+        out.append("")
+        sweep = sorted({r["lr"] for r in rows if r["data"] == data and r["alpha"] is None})
+        sweep_ranks = {r["rank"] for r in rows if r["data"] == data and r["lr"] != lr}
+        for k in sorted(sweep_ranks):
+            out += [
+                f"**{data}**, learning rates at rank {k} (held-out loss · style distance · base change)",
+                "",
+                "| σ | " + " | ".join(f"lr {v:g}" for v in sweep) + " |",
+                "|---|" + "---|" * len(sweep),
+            ]
+            for sigma in sigmas:
+                found = [
+                    cell(rows, data=data, nonlinearity=sigma, rank=k, lr=v, seed=0, alpha=None)
+                    for v in sweep
+                ]
+                if any(found):
+                    out.append(
+                        f"| {sigma} | " + " | ".join(fmt(**c) if c else "" for c in found) + " |"
+                    )
+            out.append("")
+    alphas = [r for r in rows if r["alpha"] is not None]
+    if alphas:
+        out += [
+            "**alpha** (identity; held-out loss · style distance · base change)",
+            "",
+            "| data | rank | alpha | lr | result |",
+            "|---|---|---|---|---|",
+        ]
+        for r in alphas:
+            same = cell(
+                rows,
+                data=r["data"],
+                nonlinearity="identity",
+                rank=r["rank"],
+                lr=lr,
+                seed=0,
+                alpha=None,
+            )
+            if same and same not in [a.get("_shown") for a in alphas]:
+                out.append(f"| {r['data']} | {r['rank']} | rank | {lr:g} | {fmt(**same)} |")
+                for a in alphas:
+                    a["_shown"] = same
+            out.append(
+                f"| {r['data']} | {r['rank']} | {r['alpha']:g} | {r['lr']:.3g} | {fmt(**r)} |"
+            )
+        for a in alphas:
+            a.pop("_shown", None)
+        out.append("")
+    if result.get("alpha_check"):
+        out += [
+            "**alpha x 16 vs alpha at a changed lr and init** (toy linear LoRA, 30 steps, "
+            "largest loss difference; 0 = the same run)",
+            "",
+            "| change | max loss diff |",
+            "|---|---|",
+        ]
+        out += [f"| {k} | {v:.2g} |" for k, v in result["alpha_check"].items()]
+    return "\n".join(out)
+
+
+def merge(paths: list[str]) -> dict:
+    """One result from several runs' JSON files (e.g. one process per data set)."""
+    parts = [json.loads(Path(p).read_text(encoding="utf-8")) for p in paths]
+    info = dict(parts[0]["info"])
+    info["command"] = " ; ".join(p["info"]["command"] for p in parts)
+    info["cells"] = sum(p["info"]["cells"] for p in parts)
+    info["benchmark time"] = " + ".join(p["info"]["benchmark time"] for p in parts)
+    stopped = [p["info"]["stopped"] for p in parts if "stopped" in p["info"]]
+    if stopped:
+        info["stopped"] = "; ".join(stopped)
+    else:
+        info.pop("stopped", None)
+    result = {"info": info, "base": {}, "rows": []}
+    for p in parts:
+        result["base"] |= p["base"]
+        result["rows"] += p["rows"]
+    result["alpha_check"] = alpha_check()
+    return result
+
+
 def markdown(result: dict) -> str:
     lines = [", ".join(f"{k}: {v}" for k, v in result["info"].items()), ""]
     lines.append(
@@ -301,7 +456,17 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=1, help="torch threads (2 on a shared 2-core CPU thrash)"
     )
     parser.add_argument("--json", metavar="FILE", help="also write the JSON to FILE")
+    parser.add_argument(
+        "--merge", nargs="+", metavar="JSON", help="only merge these runs' JSON files and print"
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        result = merge(args.merge)
+        print(summary(result))
+        text = json.dumps(result, indent=1, ensure_ascii=False)
+        if args.json:
+            Path(args.json).write_text(text + "\n", encoding="utf-8")
+        return 0
     torch.set_num_threads(args.threads)
     if args.smoke:
         args.steps, args.ranks, args.sweep_lrs, args.noise_seeds = 2, [1], [], []
@@ -320,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         "cells": len(cells),
         "torch threads": args.threads,
     }
-    result = {"info": info, "base": {}, "rows": []}
+    result = {"info": info, "base": {}, "rows": [], "alpha_check": alpha_check()}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         pipe = load_base("toy")
@@ -345,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
                 Path(args.json).write_text(text + "\n", encoding="utf-8")
     info["benchmark time"] = f"{time.perf_counter() - started:.0f} s"
     print(markdown(result))
+    print()
+    print(summary(result))
     text = json.dumps(result, indent=1, ensure_ascii=False)
     print(text)
     if args.json:
