@@ -336,7 +336,9 @@ def summary(result: dict) -> str:
             )
         out.append("")
         sweep = sorted({r["lr"] for r in rows if r["data"] == data and r["alpha"] is None})
-        sweep_ranks = {r["rank"] for r in rows if r["data"] == data and r["lr"] != lr}
+        sweep_ranks = {
+            r["rank"] for r in rows if r["data"] == data and r["lr"] != lr and r["alpha"] is None
+        }
         for k in sorted(sweep_ranks):
             out += [
                 f"**{data}**, learning rates at rank {k} (held-out loss · style distance · base change)",
