@@ -4,6 +4,7 @@ blending, generation, export) runs on the CPU with the tiny base, so the GPU ben
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,24 @@ def test_first_run_benchmark_times_whole_commands(tmp_path):
     for r in rows.values():
         # the whole command takes longer than its first step, which is timed apart
         assert r["wall_s"] > r["first_step_s"] > 0 and r["images_per_s"] > 0, r
+
+
+def test_quality_benchmark_measures_every_cell(tmp_path):
+    out = tmp_path / "quality.json"
+    run = subprocess.run(
+        [sys.executable, "benchmarks/quality.py", "--smoke", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| data | σ | rank |" in run.stdout
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert {"device", "torch", "command", "seeds", "steps"} <= set(result["info"])
+    assert [r["nonlinearity"] for r in result["rows"]] == ["identity", "relu"]
+    for r in result["rows"]:
+        assert r["params"] > 0 and r["base_change"] >= 0, r
+        assert 0 <= r["style_distance"] <= 1 and math.isfinite(r["heldout_loss"]), r
+    # the same rank gives the same number of parameters whatever the nonlinearity
+    assert len({r["params"] for r in result["rows"]}) == 1
