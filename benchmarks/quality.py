@@ -95,7 +95,7 @@ class DataSet:
 
 def make_style(folder: Path) -> DataSet:
     """samples/style split into 9 trained and 3 held out, by the trainer's own split_items."""
-    items, _ = discover(TrainConfig(data_dir=str(ROOT / "samples" / "style"), resolution=64))
+    items, _, _ = discover(TrainConfig(data_dir=str(ROOT / "samples" / "style"), resolution=64))
     trained, held = split_items(items, 0.25, seed=0)
     for sub, chosen in (("train", trained), ("held", held)):
         (folder / sub).mkdir(parents=True)
@@ -158,7 +158,7 @@ class Judge:
     def __init__(self, pipe, data: DataSet):
         self.pipe, self.data = pipe, data
         config = TrainConfig(data_dir=str(data.held_dir), resolution=64, trigger=data.trigger)
-        items, _ = discover(config)
+        items, _, _ = discover(config)
         self.validation = Validation.encode(items, pipe.vae, config)  # seed 0 for every cell
         self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         with torch.inference_mode():  # held-out pictures as the autoencoder draws them
