@@ -16,37 +16,23 @@ from .errors import SdloraError
 from .layer import LoRALayer, LoRAWeights, check_nonlinearity, max_rank
 
 # Presets of target names per component. "attn" is what most SD LoRAs train.
+_ATTN = ("to_q", "to_k", "to_v", "to_out.0")
+_ALL = (*_ATTN, "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
+# LoCon (kohya / LyCORIS): "all" plus the ResNet blocks and the down/up-samplers; k×k
+# convolutions take --conv-rank, 1×1 convolutions and linear layers --rank
+_CONVS = (
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "time_emb_proj",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+)
 UNET_TARGETS = {
-    "attn": ("to_q", "to_k", "to_v", "to_out.0"),
-    "attn-ff": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"),
-    "all": (
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "ff.net.0.proj",
-        "ff.net.2",
-        "proj_in",
-        "proj_out",
-    ),
-    # LoCon (kohya / LyCORIS): "all" plus the ResNet blocks and the down/up-samplers; k×k
-    # convolutions take --conv-rank, 1×1 convolutions and linear layers --rank
-    "locon": (
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "ff.net.0.proj",
-        "ff.net.2",
-        "proj_in",
-        "proj_out",
-        "conv1",
-        "conv2",
-        "conv_shortcut",
-        "time_emb_proj",
-        "downsamplers.0.conv",
-        "upsamplers.0.conv",
-    ),
+    "attn": _ATTN,
+    "attn-ff": (*_ATTN, "ff.net.0.proj", "ff.net.2"),
+    "all": _ALL,
+    "locon": (*_ALL, *_CONVS),
 }
 TEXT_ENCODER_TARGETS = {
     "attn": ("q_proj", "k_proj", "v_proj", "out_proj"),

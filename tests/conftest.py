@@ -12,6 +12,17 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One CPU thread: the tiny model gains nothing from more, and loses much on a busy machine.
+
+    Training test modules use it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny():
     """A fresh tiny pipeline per test (builds in well under a second), fp32 on CPU."""

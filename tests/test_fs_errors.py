@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import safetensors.torch
-import torch
 from conftest import make_adapter_file
 from PIL import Image, ImageDraw
 from safetensors import SafetensorError
@@ -39,13 +38,7 @@ EXPORT = {
 SUFFIX = {"diffusers": "", "single-file": ".safetensors"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One CPU thread: the tiny model gains nothing from more, and loses much on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,7 @@ from test_train import settings, shapes  # noqa: F401 (a fixture)
 
 from sdlora.errors import SdloraError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import logging
 import re
 
 import pytest
-import torch
 from sdlora.train import train
 from sdlora.train.data import discover
 from sdlora.train.validate import recorded_best, split_items
@@ -15,13 +14,7 @@ from test_train import settings, shapes  # noqa: F401 (a fixture)
 from sdlora.errors import SdloraError
 from sdlora.files import read_safetensors
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_the_split_follows_the_seed_and_leaves_images_to_train(shapes, tmp_path):  # noqa: F811
