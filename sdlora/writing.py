@@ -2,7 +2,7 @@
 every failure told in one line.
 
 A file or folder is written under a hidden temporary name beside its target,
-`.NAME.XXXXXXXX.tmp`, and renamed onto the target when complete: a reader never sees half of
+`.NAME.<random>.tmp`, and renamed onto the target when complete: a reader never sees half of
 it, and a failed write leaves the old target as it was. The temporary is private while it is
 written (mkstemp makes 0600, mkdtemp 0700); before the rename it gets the mode the umask gives
 any new file (0666 & ~umask, folders 0777 & ~umask), so another user's ComfyUI or A1111 reads
@@ -148,7 +148,7 @@ def set_public_mode(path: str | Path, folder: bool = False) -> None:
 
 
 def stale_temporaries(target: str | Path) -> list[Path]:
-    """Temporaries of earlier writes to `target` beside it: `.NAME.XXXXXXXX.tmp`, nothing else."""
+    """Temporaries of earlier writes to `target` beside it: `.NAME.<random>.tmp`, nothing else."""
     target = Path(target)
     pattern = re.compile(rf"\.{re.escape(target.name)}\.{RANDOM_PART}{re.escape(TEMP_SUFFIX)}")
     try:

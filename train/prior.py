@@ -35,6 +35,7 @@ class PriorImages:
         self.images = [(item, caption) for item, caption in zip(items, captions, strict=True)]
         self.order = [i for i, (item, _) in enumerate(self.images) for _ in range(item.repeats)]
         self.seed, self.world, self.rank = seed, world, rank
+        self._cycle: tuple[int, list[int]] | None = None  # (pass, its shuffled order)
 
     @classmethod
     def find(cls, config: TrainConfig, world: int = 1, rank: int = 0) -> PriorImages:
@@ -52,15 +53,21 @@ class PriorImages:
         """Every caption a class image trains with (for the text cache)."""
         return sorted({caption for _, caption in self.images})
 
+    def cycle_order(self, cycle: int) -> list[int]:
+        """The seeded order of pass `cycle` through the class images (kept for the current one)."""
+        if self._cycle is None or self._cycle[0] != cycle:
+            order = list(self.order)
+            random.Random(derived_seed(self.seed, "prior order", cycle)).shuffle(order)
+            self._cycle = (cycle, order)
+        return self._cycle[1]
+
     def draw(self, k: int, bucket: tuple[int, int], count: int) -> tuple[torch.Tensor, list[str]]:
         """(count, 3, H, W) pixels in [-1, 1] and captions of the class images for micro-batch k."""
         pixels, captions = [], []
         for j in range(count):
             position = (k * self.world + self.rank) * count + j
             cycle, offset = divmod(position, len(self.order))
-            order = list(self.order)
-            random.Random(derived_seed(self.seed, "prior order", cycle)).shuffle(order)
-            item, caption = self.images[order[offset]]
+            item, caption = self.images[self.cycle_order(cycle)[offset]]
             pixels.append(to_bucket(load_rgb(item.path), bucket, "center", False, None))
             captions.append(caption)
         return torch.stack(pixels), captions
