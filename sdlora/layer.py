@@ -236,7 +236,7 @@ class LoRALayer(nn.Module):
             return y  # everything is in the weight
         stack, others = self.unfused_adapters(y.dtype, y.device)
         if stack is not None:  # frozen: factors cached in the activations' dtype
-            y = stack.add_to(y, x.to(y.dtype))
+            y = stack.add_to(y, x if x.dtype is y.dtype else x.to(y.dtype))
         for _, strength, weights in others:  # training: fp32 factors with gradients
             y = y + (strength * weights(x)).to(y.dtype)
         return y

@@ -31,14 +31,22 @@ def _gelu_(t: torch.Tensor) -> torch.Tensor:
     return t.copy_(F.gelu(t))  # GELU has no in-place kernel
 
 
-# σ applied in place, as the nn modules of layer.NONLINEARITIES compute it (LeakyReLU slope 0.01,
-# exact GELU); identity needs no call.
+# σ as the nn modules of layer.NONLINEARITIES compute it (LeakyReLU slope 0.01, exact GELU), in
+# place for inference and out of place where autograd follows (it saves σ's output); identity
+# needs no call
 IN_PLACE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": torch.relu_,
     "leaky_relu": lambda t: F.leaky_relu_(t, 0.01),
     "gelu": _gelu_,
     "silu": lambda t: F.silu(t, inplace=True),
     "tanh": torch.tanh_,
+}
+OUT_OF_PLACE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": torch.relu,
+    "leaky_relu": lambda t: F.leaky_relu(t, 0.01),
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
 }
 
 
@@ -50,30 +58,46 @@ class Stack:
     names: tuple[str, ...]  # the adapters in it, in stacking order
     down: torch.Tensor  # (R, in) or (R, in, kh, kw) for Conv2d
     up: torch.Tensor  # (out, R) or (out, R, 1, 1); strength · s folded in
-    runs: tuple[tuple[Callable, int, int], ...]  # (σ in place, first row, rows) per nonlinearity
+    runs: tuple[tuple[str, int, int], ...]  # (σ, first row, rows); identity has none
     conv: dict | None  # the base Conv2d's stride/padding/dilation; None for Linear
     whole: bool  # one run over every row: σ takes h itself, no slicing
 
-    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """y + B·σ(A·x), written into y (the base's fresh output) where its layout allows."""
-        if self.conv is None:
-            h = F.linear(x, self.down)  # (..., R)
-            self._sigma(h, -1)
-            if y.is_contiguous():  # one GEMM with beta = 1 instead of a GEMM and an add
-                out = y.shape[-1]
-                y.view(-1, out).addmm_(h.reshape(-1, h.shape[-1]), self.up.t())
-                return y
-            return y + F.linear(h, self.up)
-        h = F.conv2d(x, self.down, **self.conv)  # (B, R, H, W)
-        self._sigma(h, 1)
-        return y.add_(F.conv2d(h, self.up))
+    def __post_init__(self):
+        self.up_t = self.up.t() if self.conv is None else None  # (R, out) view, for addmm_
 
-    def _sigma(self, h: torch.Tensor, dim: int) -> None:
+    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y + B·σ(A·x); in place into y (the base's fresh output) unless autograd follows."""
+        if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
+            return y + self._up(self._sigma(self._down(x), OUT_OF_PLACE))
+        h = self._sigma(self._down(x), IN_PLACE)
+        if self.conv is None and y.is_contiguous():  # one GEMM with beta = 1, no add
+            y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), self.up_t)
+            return y
+        return y.add_(self._up(h))
+
+    def _down(self, x: torch.Tensor) -> torch.Tensor:
+        """A·x: (..., R) for Linear, (B, R, H, W) for Conv2d."""
+        if self.conv is None:
+            return F.linear(x, self.down)
+        return F.conv2d(x, self.down, **self.conv)
+
+    def _up(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.up) if self.conv is None else F.conv2d(h, self.up)
+
+    def _sigma(self, h: torch.Tensor, table: dict[str, Callable]) -> torch.Tensor:
+        """σ per run of rows (dim -1 for Linear, 1 for Conv2d), from `table`."""
         if self.whole:
-            self.runs[0][0](h)
-            return
-        for act, start, rows in self.runs:
-            act(h.narrow(dim, start, rows))
+            return table[self.runs[0][0]](h)
+        dim = -1 if self.conv is None else 1
+        if table is IN_PLACE:
+            for name, start, rows in self.runs:
+                table[name](h.narrow(dim, start, rows))
+            return h
+        pieces, done = [], 0
+        for name, start, rows in self.runs:
+            pieces += [h.narrow(dim, done, start - done), table[name](h.narrow(dim, start, rows))]
+            done = start + rows
+        return torch.cat([*pieces, h.narrow(dim, done, h.shape[dim] - done)], dim)
 
 
 def build(key: tuple, members: list[tuple[str, float, LoRAWeights]], dtype: torch.dtype) -> Stack:
@@ -84,10 +108,10 @@ def build(key: tuple, members: list[tuple[str, float, LoRAWeights]], dtype: torc
         for _, strength, weights in members:
             downs.append(weights.down.detach().float())
             ups.append((strength * weights.scale) * weights.up.detach().float())
-            act = IN_PLACE.get(weights.nonlinearity)
-            if act is not None and runs and runs[-1][0] is act:
+            act = weights.nonlinearity
+            if act != "identity" and runs and runs[-1][0] == act:
                 runs[-1][2] += weights.rank
-            elif act is not None:
+            elif act != "identity":
                 runs.append([act, start, weights.rank])
             start += weights.rank
         down = torch.cat(downs).to(dtype)
