@@ -1,6 +1,6 @@
 """Generation with unfused nonlinear adapters: what a step costs over the bare base.
 
-`python benchmarks/unfused.py [--rounds 5] [--steps 20] [--json FILE]`
+`python benchmarks/unfused.py [--rounds 5] [--steps 20] [--threads N] [--json FILE]`
 
 On a GPU: the SD 1.5-shaped pipeline (random weights, bf16, 512 px); on a CPU: the built-in `toy`
 base (fp32, its native size); `--smoke`: the tiny base on the CPU in seconds (the tests). Adapters
@@ -13,7 +13,9 @@ are rank 16 on the UNet and text-encoder attention, as in `mixing.py`. Configura
 
 Each round generates one image (guidance on: batch 2) per configuration, in turn, so that a
 machine's drift touches every configuration alike; the first round is a warm-up and not counted.
-A step is the median gap between step callbacks; the table gives the median over rounds.
+A step is the median gap between step callbacks; the table gives the median over rounds, and
+"over bare" the median over rounds of each round's step against the bare base's in that round
+(paired, so that a busy moment of a shared machine is not taken for a cost of the adapters).
 
 On a GPU two more columns say where the time goes: the kernels one UNet call launches (PyTorch's
 profiler) and the time of one UNet call replayed as a CUDA graph (no launch costs: the GPU's own
@@ -46,22 +48,26 @@ CONFIGS = (
 TARGETS = {"cuda": 0.10, "cpu": 0.15}  # the issue's: over the bare base, 1 nonlinear adapter
 
 
-def step_time(pipe, steps: int, size: int | None, device) -> float:
-    """Median seconds between step callbacks of one 1-image generation with guidance."""
+def step_time(pipe, steps: int, size: int | None, device) -> tuple[float, float]:
+    """(wall, process CPU) median seconds between step callbacks of one guided 1-image generation.
+
+    The CPU time is this process's own: on a shared machine it shows what a step costs even when
+    other processes take turns on the cores (wall time counts their turns too)."""
     from benchmarks.mixing import _sync
     from sdlora.generate import GenerateSettings, generate
 
-    marks: list[float] = []
+    marks: list[tuple[float, float]] = []
 
     def on_step(done: int, total: int) -> None:
         _sync(device)
-        marks.append(time.perf_counter())
+        marks.append((time.perf_counter(), time.process_time()))
 
     settings = GenerateSettings(
         prompt="a red circle", steps=steps, guidance=7.5, seed=0, width=size, height=size
     )
     generate(pipe, settings, on_step=on_step)
-    return statistics.median(b - a for a, b in zip(marks, marks[1:], strict=False))
+    gaps = list(zip(marks, marks[1:], strict=False))
+    return tuple(statistics.median(b[i] - a[i] for a, b in gaps) for i in (0, 1))
 
 
 def unet_inputs(pipe, size: int, device, dtype) -> tuple:
@@ -125,7 +131,7 @@ def attach(mixer, files: dict, adapters: list) -> None:
         mixer.add(files[nonlinearity][index], name=f"{nonlinearity}{index}", strength=strength)
 
 
-def measure(smoke: bool, rounds: int, steps: int) -> dict:
+def measure(smoke: bool, rounds: int, steps: int, threads: int | None = None) -> dict:
     """{"info": device and versions, "rows": one per configuration}."""
     import torch
 
@@ -135,6 +141,8 @@ def measure(smoke: bool, rounds: int, steps: int) -> dict:
     from sdlora.blend import Mixer
 
     device = torch.device("cpu" if smoke or not torch.cuda.is_available() else "cuda")
+    if threads:
+        torch.set_num_threads(threads)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     if device.type == "cuda":
         pipe, size, base = build_pipeline(False, device, dtype), 512, "SD 1.5-shaped, random"
@@ -145,12 +153,14 @@ def measure(smoke: bool, rounds: int, steps: int) -> dict:
     info = device_info(device) | {
         "base": base,
         "dtype": str(dtype).removeprefix("torch."),
+        "CPU threads": str(torch.get_num_threads()),
         "size": f"{size or pipe.unet.config.sample_size * 8} px, batch 2 (guidance)",
         "method": f"{rounds} rounds after 1 warm-up, {steps} steps each; medians",
         "command": "python benchmarks/unfused.py " + " ".join(sys.argv[1:]),
     }
     started = time.perf_counter()
     times: dict[str, list[float]] = {name: [] for name, _ in CONFIGS}
+    cpu_times: dict[str, list[float]] = {name: [] for name, _ in CONFIGS}
     extra: dict[str, dict] = {name: {} for name, _ in CONFIGS}
     with tempfile.TemporaryDirectory() as tmp:
         files = {
@@ -161,9 +171,10 @@ def measure(smoke: bool, rounds: int, steps: int) -> dict:
         for round_ in range(rounds + 1):
             for name, adapters in CONFIGS:
                 attach(mixer, files, adapters)
-                seconds = step_time(pipe, steps, size, device)
+                wall, cpu = step_time(pipe, steps, size, device)
                 if round_:
-                    times[name].append(seconds)
+                    times[name].append(wall)
+                    cpu_times[name].append(cpu)
         if device.type == "cuda":
             inputs = unet_inputs(pipe, size, device, dtype)
             for name, adapters in CONFIGS:
@@ -174,7 +185,6 @@ def measure(smoke: bool, rounds: int, steps: int) -> dict:
                 )
         mixer.clear()
     info["benchmark time"] = f"{time.perf_counter() - started:.0f} s"
-    bare = statistics.median(times["bare base"])
     bare_graph = extra["bare base"].get("graph_ms")
     rows = []
     for name, adapters in CONFIGS:
@@ -183,7 +193,9 @@ def measure(smoke: bool, rounds: int, steps: int) -> dict:
             configuration=name,
             step_ms=step * 1e3,
             steps_ms=[round(t * 1e3, 3) for t in times[name]],
-            over_bare=step / bare - 1,
+            over_bare=paired(times, name),
+            cpu_ms=statistics.median(cpu_times[name]) * 1e3,
+            cpu_over_bare=paired(cpu_times, name),
             target=None,
             met=None,
         )
@@ -197,16 +209,24 @@ def measure(smoke: bool, rounds: int, steps: int) -> dict:
     return {"info": info, "rows": rows}
 
 
+def paired(times: dict[str, list[float]], name: str) -> float:
+    """Median over rounds of a configuration's time over the bare base's in the same round, - 1."""
+    return statistics.median(
+        t / b - 1 for t, b in zip(times[name], times["bare base"], strict=True)
+    )
+
+
 def markdown(result: dict) -> str:
     """Device and versions, then one line per configuration."""
     lines = [f"- {k}: {v}" for k, v in result["info"].items()]
     gpu = "kernels" in result["rows"][0]
-    head = ["configuration", "step (ms)", "over bare"]
+    head = ["configuration", "step (ms)", "over bare", "step CPU time (ms)", "over bare"]
     head += ["kernels / UNet call", "UNet call as CUDA graph (ms)", "over bare"] if gpu else []
     lines += ["", "| " + " | ".join(head + ["target", "met"]) + " |"]
     lines.append("|" + "---|" * (len(head) + 2))
     for r in result["rows"]:
         cells = [r["configuration"], f"{r['step_ms']:.2f}", f"{r['over_bare']:+.1%}"]
+        cells += [f"{r['cpu_ms']:.2f}", f"{r['cpu_over_bare']:+.1%}"]
         if gpu:
             cells += [str(r["kernels"]), f"{r['graph_ms']:.2f}", f"{r['graph_over_bare']:+.1%}"]
         cells += [r["target"] or "", {True: "yes", False: "**no**", None: ""}[r["met"]]]
@@ -220,11 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny base on the CPU, in seconds")
     parser.add_argument("--rounds", type=int, help="counted rounds (5; --smoke: 1)")
     parser.add_argument("--steps", type=int, help="denoising steps per image (20; --smoke: 3)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (its default)")
     parser.add_argument("--json", metavar="FILE", help="also write the JSON to FILE")
     args = parser.parse_args(argv)
     rounds = args.rounds or (1 if args.smoke else 5)
     steps = args.steps or (3 if args.smoke else 20)
-    result = measure(args.smoke, rounds, steps)
+    result = measure(args.smoke, rounds, steps, args.threads)
     text = json.dumps(result, indent=1, ensure_ascii=False)
     print(markdown(result))
     print()
