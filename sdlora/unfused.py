@@ -6,8 +6,8 @@ B = [c_1·B_1 | … | c_n·B_n] (out, R), the sum is B·σ(A·x), σ acting on e
 Adapters are ordered by nonlinearity, so each σ is one in-place call on a run of rows (none for
 identity). A layer then costs the base, one down matmul, one σ per nonlinearity and one up matmul
 that adds into the base output in place, however many adapters it holds (the per-adapter path
-costs two matmuls, a σ and an add each). For Conv2d the down is the stacked k×k
-convolution and the up a 1×1 convolution over the stacked channels.
+costs two matmuls, a σ and an add each). For Conv2d the down is the stacked k×k convolution and
+the up a 1×1 convolution over the stacked channels.
 
 The stack is built from the fp32 factors in the activations' dtype (c_i·B_i in fp32, then one
 cast: the factors the per-adapter path used, bit for bit) and rebuilt when a strength, the set
