@@ -3,9 +3,12 @@ rebuilt whenever what it was built from changes, and never used for adapters bei
 
 import pytest
 import torch
+from conftest import make_adapter_file, run_unet
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from sdlora.base import load_base
+from sdlora.blend import Mixer
 from sdlora.layer import NONLINEARITIES, LoRALayer, LoRAWeights, make_nonlinearity
 from sdlora.unfused import IN_PLACE
 
@@ -208,3 +211,33 @@ def test_dropout_of_a_frozen_adapter_is_drawn_while_training():
     layer.eval()
     torch.testing.assert_close(layer(x).double(), reference(layer, x), atol=1e-5, rtol=1e-5)
     assert layer._stack.names == ("a",)
+
+
+def test_mixer_stack_equals_one_adapter_at_a_time(tiny, inputs, tmp_path):
+    """Two nonlinear adapters stacked beside a fused linear one, in the tiny UNet, against the
+    same adapters run one by one (made trainable, which takes them out of the stack)."""
+    mixer = Mixer(tiny)
+    for i, (act, strength) in enumerate((("relu", 0.8), ("gelu", -0.5), ("identity", 0.6))):
+        path, _ = make_adapter_file(
+            lambda: load_base("tiny"), tmp_path / f"{act}.safetensors", nonlinearity=act, seed=i
+        )
+        mixer.add(path, strength=strength)
+    layers = [m for m in tiny.unet.modules() if isinstance(m, LoRALayer)]
+
+    def one_at_a_time() -> torch.Tensor:
+        adapters = [w for layer in layers for _, w in layer.items()]
+        for w in adapters:
+            w.requires_grad_(True)
+        try:
+            return run_unet(tiny, inputs)
+        finally:
+            for w in adapters:
+                w.requires_grad_(False)
+
+    for relu in (0.8, 0.3):  # a strength change through the mixer rebuilds every stack
+        mixer.set_strength("relu", relu)
+        stacked = run_unet(tiny, inputs)
+        assert all(layer._stack.names == ("gelu", "relu") for layer in layers)
+        assert all(layer._stack.up.abs().max() > 0 for layer in layers)
+        torch.testing.assert_close(stacked, one_at_a_time(), atol=1e-5, rtol=1e-5)
+    assert (stacked - run_unet(load_base("tiny"), inputs)).abs().max() > 1e-3  # adapters act
