@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -165,6 +166,7 @@ def measure(smoke: bool, rounds: int, steps: int, threads: int | None = None) ->
         "command": "python benchmarks/unfused.py " + " ".join(sys.argv[1:]),
     }
     started = time.perf_counter()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     times: dict[str, list[float]] = {name: [] for name, _ in CONFIGS}
     cpu_times: dict[str, list[float]] = {name: [] for name, _ in CONFIGS}
     fastest: dict[str, list[float]] = {name: [] for name, _ in CONFIGS}
@@ -193,6 +195,8 @@ def measure(smoke: bool, rounds: int, steps: int, threads: int | None = None) ->
                 )
         mixer.clear()
     info["benchmark time"] = f"{time.perf_counter() - started:.0f} s"
+    if hasattr(os, "getloadavg"):  # how busy a shared machine was while it ran
+        info["load average"] = f"{load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     bare_graph = extra["bare base"].get("graph_ms")
     rows = []
     for name, adapters in CONFIGS:
