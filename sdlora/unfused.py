@@ -3,11 +3,11 @@
 y = W0·x + Σ_i c_i·B_i·σ_i(A_i·x), with c_i = strength_i · s_i. Stacking the downs,
 A = [A_1; …; A_n] (R, in), and setting the ups side by side with their scales folded in,
 B = [c_1·B_1 | … | c_n·B_n] (out, R), the sum is B·σ(A·x), σ acting on each adapter's rows of A·x.
-Adapters are ordered by nonlinearity, so each σ is one in-place call on a run of rows (none for
-identity). A layer then costs the base, one down matmul, one σ per nonlinearity and one up matmul
-that adds into the base output in place, however many adapters it holds (the per-adapter path
-costs two matmuls, a σ and an add each). For Conv2d the down is the stacked k×k convolution and
-the up a 1×1 convolution over the stacked channels.
+Adapters are ordered by nonlinearity, so each σ is one call on a run of rows (none for identity).
+A layer then costs the base, one down matmul, one σ per nonlinearity and one up matmul that adds
+into the base output in place, however many adapters it holds (the per-adapter path costs two
+matmuls, a σ and an add each). For Conv2d the down is the stacked k×k convolution and the up a
+1×1 convolution over the stacked channels.
 
 The stack is built from the fp32 factors in the activations' dtype (c_i·B_i in fp32, then one
 cast: the factors the per-adapter path used, bit for bit) and rebuilt when a strength, the set
@@ -31,9 +31,9 @@ def _gelu_(t: torch.Tensor) -> torch.Tensor:
     return t.copy_(F.gelu(t))  # GELU has no in-place kernel
 
 
-# σ as the nn modules of layer.NONLINEARITIES compute it (LeakyReLU slope 0.01, exact GELU), in
-# place for inference and out of place where autograd follows (it saves σ's output); identity
-# needs no call
+# σ as the nn modules of layer.NONLINEARITIES compute it (LeakyReLU slope 0.01, exact GELU). In
+# place on each run of rows when a stack holds several nonlinearities; out of place when one σ
+# covers every row, and where autograd follows (it saves σ's output). Identity needs no call.
 IN_PLACE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": torch.relu_,
     "leaky_relu": lambda t: F.leaky_relu_(t, 0.01),
@@ -86,8 +86,8 @@ class Stack:
 
     def _sigma(self, h: torch.Tensor, table: dict[str, Callable]) -> torch.Tensor:
         """σ per run of rows (dim -1 for Linear, 1 for Conv2d), from `table`."""
-        if self.whole:
-            return table[self.runs[0][0]](h)
+        if self.whole:  # out of place: one kernel for every σ (GELU in place takes two)
+            return OUT_OF_PLACE[self.runs[0][0]](h)
         dim = -1 if self.conv is None else 1
         if table is IN_PLACE:
             for name, start, rows in self.runs:

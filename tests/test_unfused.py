@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from sdlora.base import load_base
 from sdlora.blend import Mixer
 from sdlora.layer import NONLINEARITIES, LoRALayer, LoRAWeights, make_nonlinearity
-from sdlora.unfused import IN_PLACE
+from sdlora.unfused import IN_PLACE, OUT_OF_PLACE
 
 # (name, nonlinearity, rank, scale, strength): two relu adapters apart in the file order, so the
 # stack has to reorder them to keep one relu run
@@ -74,14 +74,15 @@ def layer_and_input(request):
     return make_layer(make_base()), torch.randn(*shape)
 
 
-def test_in_place_nonlinearities_equal_the_modules():
-    assert set(IN_PLACE) == set(NONLINEARITIES) - {"identity"}
+def test_stack_nonlinearities_equal_the_modules():
+    assert set(IN_PLACE) == set(OUT_OF_PLACE) == set(NONLINEARITIES) - {"identity"}
     x = torch.randn(64) * 3
     for name, act in IN_PLACE.items():
         h = x.clone()
         act(h.narrow(0, 8, 40))  # on a slice, as the stack applies them
         expected = torch.cat([x[:8], make_nonlinearity(name)(x[8:48]), x[48:]])
         assert torch.equal(h, expected), name
+        assert torch.equal(OUT_OF_PLACE[name](x), make_nonlinearity(name)(x)), name
 
 
 def test_stack_equals_the_formula(layer_and_input):
