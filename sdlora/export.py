@@ -18,7 +18,13 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
-from .embeddings import TokenEmbedding, attached, base_tokenizer, save_embedding_files
+from .embeddings import (
+    TokenEmbedding,
+    attached,
+    base_tokenizer,
+    file_name,
+    save_embedding_files,
+)
 from .errors import SdloraError
 from .layer import LoRALayer
 from .writing import written_folder
@@ -180,8 +186,12 @@ def export_single_file(
         raise SdloraError(f"{out}: a single-file checkpoint must end in .safetensors")
     check_out(out, folder=False, overwrite=overwrite)
     words = attached(pipe)
-    if words and embeddings_folder(out, folder=False).is_file():
-        raise SdloraError(f"{embeddings_folder(out, folder=False)} is a file; move it away")
+    beside = embeddings_folder(out, folder=False)
+    if words and beside.is_file():
+        raise SdloraError(f"{beside} is a file and the new words' embeddings go there; move it")
+    taken = [f for f in (beside / f"{file_name(t)}.safetensors" for t in words) if f.exists()]
+    if taken and not overwrite:
+        raise SdloraError(f"{taken[0]} already exists; choose another --out or pass --overwrite")
     states = merged_components(pipe, parse_dtype(dtype))
     save_single_file(
         states["unet"],

@@ -23,6 +23,7 @@ from sdlora.files import save_adapter
 from sdlora.formats import load_adapter
 
 PROMPT = "a ohwx circle"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def draw(pipe, prompt: str = PROMPT) -> np.ndarray:
@@ -127,7 +128,7 @@ def test_diffusers_reads_the_lora_and_the_word_as_we_do(worded, tmp_path):
 def test_export_writes_the_words_beside_the_base_vocabulary(worded, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from sdlora.export import export_diffusers
+    from sdlora.export import export_diffusers, export_single_file
 
     path, _ = worded
     pipe = load_base("tiny")
@@ -142,6 +143,16 @@ def test_export_writes_the_words_beside_the_base_vocabulary(worded, tmp_path):
     assert len(plain.tokenizer) == len(load_base("tiny").tokenizer)  # the base's vocabulary
     plain.load_textual_inversion(str(out / "embeddings" / "ohwx.safetensors"))
     torch.testing.assert_close(draw(plain), draw(pipe), atol=1e-4, rtol=0)
+    single = export_single_file(pipe, tmp_path / "merged.safetensors", dtype="fp32")
+    beside = tmp_path / "merged-embeddings"
+    assert single.is_file() and sorted(p.name for p in beside.iterdir()) == [
+        "ohwx.safetensors",
+        "zq.safetensors",
+    ]
+    single.unlink()
+    with pytest.raises(SdloraError, match="ohwx.safetensors already exists"):
+        export_single_file(pipe, single, dtype="fp32")
+    assert not single.exists()  # refused before anything was written
 
 
 def test_two_adapters_with_one_word_and_a_word_of_the_base_are_refused(worded, tmp_path):
