@@ -156,7 +156,8 @@ def test_export_writes_the_words_beside_the_base_vocabulary(worded, tmp_path):
 
 
 def test_two_adapters_with_one_word_and_a_word_of_the_base_are_refused(worded, tmp_path):
-    path, adapter = worded
+    path, _ = worded
+    adapter = load_adapter(path)  # a copy to change; the fixture's stays as it is
     mixer = Mixer(load_base("tiny"))
     mixer.add(path, name="a")
     with pytest.raises(SdloraError, match="both bring the word 'ohwx'"):
@@ -186,3 +187,25 @@ def test_token_specs_and_prompt_spelling():
     assert file_tensors(
         "zq", {"text_encoder": torch.zeros(1, 4), "text_encoder_2": torch.zeros(1, 8)}
     ).keys() == {"clip_l", "clip_g"}
+
+
+def test_convert_and_merge_keep_the_words(worded, tmp_path):
+    from sdlora.convert import convert_adapter
+    from sdlora.merge import merge_adapters
+
+    path, adapter = worded
+    kohya = convert_adapter(load_adapter(path), "kohya", tmp_path / "k.safetensors")
+    assert torch.equal(
+        load_adapter(kohya).embeddings["ohwx"]["text_encoder"],
+        adapter.embeddings["ohwx"]["text_encoder"],
+    )
+    convert_adapter(load_adapter(path), "diffusers", tmp_path / "d.safetensors")
+    assert sorted(p.name for p in (tmp_path / "d-embeddings").iterdir()) == [
+        "ohwx.safetensors",
+        "zq.safetensors",
+    ]
+    merged, _ = merge_adapters([(load_adapter(path), 0.5)], rank=2)
+    assert merged.embeddings.keys() == {"ohwx", "zq"}
+    assert merge_adapters([(load_adapter(path), 0.0)])[0].embeddings == {}
+    with pytest.raises(SdloraError, match="both|two adapters bring the word"):
+        merge_adapters([(load_adapter(path), 1.0), (load_adapter(path), 1.0)])
