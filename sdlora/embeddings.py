@@ -216,10 +216,10 @@ class TokenEmbedding(nn.Module):
         return self.base.weight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # no `if new.any()` shortcut: it would wait for the GPU, and under DDP a step without
+        # the words would leave `vectors` out of the graph
         out = self.base(ids.clamp(max=self.start - 1))  # (B, T, D)
         new = ids >= self.start
-        if not bool(new.any()):
-            return out
         extra = self.vectors.to(out.dtype)[(ids - self.start).clamp(0, len(self.vectors) - 1)]
         return torch.where(new[..., None], extra, out)
 

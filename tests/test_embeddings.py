@@ -65,6 +65,11 @@ def test_bundle_keys_are_a1111s_and_read_back_exactly(worded):
     }
     again = load_adapter(path)
     assert again.modules.keys() == adapter.modules.keys()
+    from sdlora.inspect import format_text, inspect_file
+
+    info = inspect_file(path)
+    assert info["words"] == {"ohwx": {"text_encoder": 2}, "zq": {"text_encoder": 1}}
+    assert "new words:     ohwx (2 vectors), zq (1 vector)" in format_text(info)
     for token, per in adapter.embeddings.items():
         assert torch.equal(again.embeddings[token]["text_encoder"], per["text_encoder"])
     # SDXL's two encoders read into their components (the other helper's table)
