@@ -191,7 +191,7 @@ def format_text(info: dict) -> str:
             "new words:     "
             + ", ".join(
                 f"{t} ({n} vector{'s' if n != 1 else ''})"
-                for t, n in ((t, sum(c.values())) for t, c in info["words"].items())
+                for t, n in ((t, max(c.values())) for t, c in info["words"].items())
             )
         )
     if "coverage" in info:
