@@ -214,3 +214,21 @@ def test_convert_and_merge_keep_the_words(worded, tmp_path):
     assert merge_adapters([(load_adapter(path), 0.0)])[0].embeddings == {}
     with pytest.raises(SdloraError, match="both|two adapters bring the word"):
         merge_adapters([(load_adapter(path), 1.0), (load_adapter(path), 1.0)])
+
+
+def test_random_start_vectors_sit_at_the_embeddings_scale():
+    from sdlora.embeddings import initial_vectors
+
+    pipe = load_base("toy")
+    weight = pipe.text_encoder.get_input_embeddings().weight
+    g = torch.Generator().manual_seed(0)
+    vectors = initial_vectors(pipe.tokenizer, weight, 64, None, g)
+    rows = weight.detach()[: len(pipe.tokenizer)]
+    ratio = vectors.norm(dim=1).mean() / rows.norm(dim=1).mean()
+    assert 0.8 < ratio < 1.25  # same per-dimension mean and spread: about the same length
+    again = initial_vectors(pipe.tokenizer, weight, 64, None, torch.Generator().manual_seed(0))
+    assert torch.equal(vectors, again)
+    circle = initial_vectors(pipe.tokenizer, weight, 2, "circle", g)
+    assert torch.equal(circle[0], circle[1]) and torch.equal(
+        circle[0], weight[pipe.tokenizer("circle", add_special_tokens=False).input_ids[0]]
+    )

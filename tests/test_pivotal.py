@@ -127,3 +127,15 @@ def test_the_cli_takes_words_and_refuses_bad_ones(shapes, tmp_path, capsys):  # 
     saved = load_file(config.adapter_path)
     assert saved["bundle_emb.zq.string_to_param.*"].shape == (2, 32)
     assert saved["bundle_emb.ohwx.string_to_param.*"].shape == (1, 32)
+
+
+def test_sd2_words_train_save_and_reload(shapes, tmp_path):  # noqa: F811
+    config = word_settings(shapes, tmp_path / "v2", base="tiny-v2", init_token=None, steps=2)
+    pipe = load_base("tiny-v2")
+    train(config, pipe=pipe)
+    pipe.unet.eval()
+    vectors = load_file(config.adapter_path)["bundle_emb.ohwx.string_to_param.*"]
+    assert vectors.shape == (2, 64)  # SD 2.x text encoder width (tiny-v2)
+    fresh = load_base("tiny-v2")
+    Mixer(fresh).add(config.adapter_path)
+    torch.testing.assert_close(draw(fresh), draw(pipe), atol=1e-5, rtol=0)
