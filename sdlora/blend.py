@@ -18,7 +18,7 @@ from diffusers import StableDiffusionPipeline
 
 from .adapter import Adapter, check_strength, resolve
 from .blocks import block_of, multiplier, parse_blocks
-from .embeddings import attach, detach
+from .embeddings import attach, check_words, detach
 from .errors import SdloraError
 from .formats import load_adapter
 from .fusion import Plan
@@ -87,6 +87,7 @@ class Mixer:
                 "name (name=...) or remove that one first"
             )
         resolved, unmatched = resolve(adapter, self.models)
+        check_words(self.pipe, adapter.embeddings, adapter.source)
         for other in self.entries.values():
             shared = sorted(set(adapter.embeddings) & set(other.adapter.embeddings))
             if shared:

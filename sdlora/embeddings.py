@@ -224,9 +224,28 @@ class TokenEmbedding(nn.Module):
         return torch.where(new[..., None], extra, out)
 
 
+def check_words(pipe, embeddings: Embeddings, source: str) -> None:
+    """Refuse, naming `source`, words this base cannot take: a text encoder it lacks, vectors of
+    another width (another model family), a word its tokenizer knows already."""
+    for token, per_component in embeddings.items():
+        for component, vectors in per_component.items():
+            encoder = getattr(pipe, component, None)
+            if encoder is None:
+                raise SdloraError(f"{source}: word {token!r} is for a {component} this base lacks")
+            width = encoder.get_input_embeddings().weight.shape[1]
+            if vectors.shape[1] != width:
+                raise SdloraError(
+                    f"{source}: word {token!r} is {vectors.shape[1]} wide but this base's "
+                    f"{component} takes {width}; it was made for another model family"
+                )
+            tokenizer = base_tokenizer(pipe, TOKENIZERS[component])
+            check_new_token(tokenizer, token, len(vectors), what=f"{source}: word")
+
+
 def attach(pipe, embeddings: Embeddings, trainable: bool = False) -> dict[str, TokenEmbedding]:
     """Give `pipe` these tokens: a tokenizer copy with them and a `TokenEmbedding` per text
     encoder (replacing any earlier attach). Return the new embedding module per component."""
+    check_words(pipe, embeddings, "new words")
     detach(pipe)
     modules: dict[str, TokenEmbedding] = {}
     components = sorted({c for per in embeddings.values() for c in per})
@@ -242,14 +261,8 @@ def attach(pipe, embeddings: Embeddings, trainable: bool = False) -> dict[str, T
         for token, per_component in embeddings.items():
             vectors = per_component.get(component)
             if vectors is None:
-                raise SdloraError(f"embedding {token!r} has no vectors for {component}")
-            if vectors.shape[1] != base.embedding_dim:
-                raise SdloraError(
-                    f"embedding {token!r} is {vectors.shape[1]} wide but this base's "
-                    f"{component} takes {base.embedding_dim}; it was made for another model family"
-                )
+                raise SdloraError(f"word {token!r} has no vectors for {component}")
             names = vector_names(token, vectors.shape[0])
-            check_new_token(tokenizer, token, vectors.shape[0], what="embedding")
             tokenizer.add_tokens(names)
             rows.append(vectors)
             layout[token] = (offset, len(names))
