@@ -41,6 +41,8 @@ CSS = """
 .sd-status .sd-ok {color: var(--body-text-color);}
 .sd-status .sd-error {color: var(--error-text-color, #b91c1c); font-weight: 600;}
 .sd-status .sd-wait {color: var(--body-text-color-subdued);}
+#result-column {position: sticky; top: 8px; align-self: flex-start;}  /* stays in view */
+.gradio-container {overflow: clip !important;}  /* 'hidden' would make sticky a no-op */
 .sd-result img {image-rendering: pixelated; max-width: 100%; height: auto; display: block;}
 .sd-result figure {margin: 0 0.6em 0.6em 0; display: inline-block; vertical-align: top;}
 .sd-result figcaption {font-size: 0.85em; color: var(--body-text-color-subdued);}

@@ -41,6 +41,7 @@ def layout(ctx: h.Context) -> HistoryPanel:
         columns=6,
         height=230,
         allow_preview=False,
+        fit_columns=False,
         object_fit="contain",
         elem_id="history",
         format="png",

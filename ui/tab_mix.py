@@ -137,22 +137,6 @@ def layout(ctx: h.Context, base: str, result_column: Callable[[], None]) -> MixT
                 )
             status = status_line("mix-status")
             with gr.Row():
-                steps = gr.Slider(1, 150, value=steps_start, step=1, label="Steps", elem_id="steps")
-                guidance = gr.Slider(
-                    0, 20, value=guidance_start, step=0.5, label="Guidance", elem_id="guidance"
-                )
-            with gr.Row(equal_height=True):
-                seed = gr.Number(-1, precision=0, label="Seed (-1 = random)", elem_id="seed")
-                reuse_btn = gr.Button(
-                    "Reuse last seed", size="sm", elem_id="reuse-seed", min_width=90
-                )
-                scheduler = gr.Dropdown(list(SCHEDULERS), value="pndm", label="Scheduler")
-            with gr.Row():
-                width = gr.Number(0, precision=0, label="Width (0 = native)", min_width=90)
-                height = gr.Number(0, precision=0, label="Height (0 = native)", min_width=90)
-                num_images = gr.Slider(1, 8, value=1, step=1, label="Images", elem_id="num-images")
-            gr.Markdown("### Mix")
-            with gr.Row():
                 base_dd = gr.Dropdown(
                     h.base_choices(ctx), value=base, label="Base model", elem_id="base", scale=2
                 )
@@ -175,7 +159,27 @@ def layout(ctx: h.Context, base: str, result_column: Callable[[], None]) -> MixT
                 refresh_btn = gr.Button("Refresh lists", size="sm", elem_id="refresh")
             add_status = status_line("add-status")
             slots = [slot_row(i) for i in range(MAX_ADAPTERS)]
-        with gr.Column(scale=4, min_width=400):
+            with gr.Accordion("Settings", open=True, elem_id="settings"):
+                with gr.Row():
+                    steps = gr.Slider(
+                        1, 150, value=steps_start, step=1, label="Steps", elem_id="steps"
+                    )
+                    guidance = gr.Slider(
+                        0, 20, value=guidance_start, step=0.5, label="Guidance", elem_id="guidance"
+                    )
+                with gr.Row(equal_height=True):
+                    seed = gr.Number(-1, precision=0, label="Seed (-1 = random)", elem_id="seed")
+                    reuse_btn = gr.Button(
+                        "Reuse last seed", size="sm", elem_id="reuse-seed", min_width=90
+                    )
+                    scheduler = gr.Dropdown(list(SCHEDULERS), value="pndm", label="Scheduler")
+                with gr.Row():
+                    width = gr.Number(0, precision=0, label="Width (0 = native)", min_width=90)
+                    height = gr.Number(0, precision=0, label="Height (0 = native)", min_width=90)
+                    num_images = gr.Slider(
+                        1, 8, value=1, step=1, label="Images", elem_id="num-images"
+                    )
+        with gr.Column(scale=4, min_width=400, elem_id="result-column"):
             result = gr.HTML(
                 '<p class="sd-empty">Images appear here.</p>',
                 elem_id="result",
