@@ -149,9 +149,8 @@ def layout(ctx: h.Context, base: str, result_column: Callable[[], None]) -> MixT
                 )
             with gr.Row():
                 add_btn = gr.Button("Add to mix", elem_id="add-adapter", size="sm")
-                upload_btn = gr.UploadButton(
+                upload_btn = gr.UploadButton(  # no file_types: its check would raise a toast
                     "Upload .safetensors",
-                    file_types=[".safetensors"],
                     file_count="single",
                     elem_id="upload",
                     size="sm",
@@ -482,8 +481,7 @@ def wire(
         tab.upload_btn,
         [tab.adapter_dd, inspect_dd],
         tab.add_status,
-        api_name="upload_adapter",
-        concurrency_limit=None,
+        **FREE,
     )
     for i, slot in enumerate(tab.slots):
         persist(
