@@ -37,7 +37,8 @@ GPU = "gpu"  # concurrency group of every job that runs the models: one at a tim
 FREE = dict(concurrency_limit=None, api_visibility="private")  # quick state-only events
 JOB = dict(concurrency_id=GPU, api_visibility="private")  # a button that runs the models
 CSS = """
-.sd-status {min-height: 2.2em; font-size: 0.95em; padding: 0.3em 0;}
+.sd-status {min-height: 1.6em; font-size: 0.95em; padding: 0 !important;}
+.sd-status > .html-container {padding: 2px 6px !important;}
 .sd-status .sd-ok {color: var(--body-text-color);}
 .sd-status .sd-error {color: var(--error-text-color, #b91c1c); font-weight: 600;}
 .sd-status .sd-wait {color: var(--body-text-color-subdued);}
