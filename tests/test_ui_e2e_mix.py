@@ -172,7 +172,7 @@ def test_history_restores_and_redraws_pixel_for_pixel(server, browser):
     page.context.close()
 
 
-def test_export_error_leaves_mix_usable_and_empty_mix_asks_first(server, browser):
+def test_export_error_leaves_mix_usable_and_empty_mix_asks_first(server, browser, tmp_path):
     page = open_page(browser, server["url"])
     page.get_by_role("tab", name="Export").click()
     expect()(page.locator("#export-plan")).to_contain_text("the base alone")
@@ -182,10 +182,27 @@ def test_export_error_leaves_mix_usable_and_empty_mix_asks_first(server, browser
     expect()(page.locator("#export-status")).to_contain_text("export name")
     assert page.locator(".toast-body").count() == 0
 
-    # the Mix tab still works: the base dropdown opens and picks, Add works
+    # a failed upload is told beside Upload in the page's words (no temporary paths)
     page.get_by_role("tab", name="Mix").click()
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"not a tensor file" * 4)
+    with page.expect_file_chooser() as chooser:
+        page.click("#upload")
+    chooser.value.set_files(str(bad))
+    expect()(page.locator("#add-status")).to_contain_text("broken.safetensors: not a readable")
+    assert "/tmp" not in page.locator("#add-status").inner_text()
+
+    # the Mix tab still works: the base dropdown opens and picks, Add works
     pick(page, "#base", "tiny")
     add(page, "style", 0)
+
+    # Compare keeps to the same 0-1 range as the Mix sliders
+    fill(page, "#prompt", "a red circle")
+    page.get_by_role("tab", name="Compare").click()
+    fill(page, "#x-values", "0, 1.5")
+    page.click("#compare")
+    expect()(page.locator("#compare-status")).to_contain_text("from 0 to 1 (got 1.5)")
+    page.get_by_role("tab", name="Mix").click()
     page.click("#remove-0")
     expect()(page.locator("#remove-0")).to_be_hidden()
 
