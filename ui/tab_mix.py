@@ -21,6 +21,7 @@ from PIL import Image
 from sdlora.ui import handlers as h
 from sdlora.ui.common import FREE, JOB, failed, on, reporter, status_line, sync_mix, waiting
 from sdlora.ui.state import MAX_ADAPTERS, Session
+from sdlora.ui.strength import Strength
 
 from sdlora.blocks import parse_blocks
 from sdlora.errors import SdloraError
@@ -30,16 +31,6 @@ from sdlora.recommend import guidance_and_steps
 NO_SECOND = "(none)"  # the Compare tab's "no Y adapter" choice
 RESULT_WIDTH = 480  # px the result column gives images at 1280 px wide (integer zoom inside it)
 RESULT_HEIGHT = 520  # px of it visible below the tabs at 800 px high
-
-
-class Strength(gr.Slider):
-    """A 0-1 slider whose typed values reach the handler even when out of range, so the page
-    can refuse them in its status line (Gradio's own check raises a toast instead)."""
-
-    is_template = True  # drawn by the frontend as a plain slider
-
-    def preprocess(self, payload: float) -> float:
-        return float(payload)
 
 
 @dataclass
@@ -258,7 +249,7 @@ def render(ctx: h.Context, session: Session) -> list:
     out = []
     for i in range(MAX_ADAPTERS):
         if i >= len(session.mix):
-            out += [gr.Group(visible=False), gr.Checkbox(), gr.Slider()]
+            out += [gr.Group(visible=False), gr.Checkbox(), gr.skip()]
             out += [gr.Markdown(""), gr.Dataset(samples=[], visible=False)]
             out += [gr.Slider(value=1.0)] * 4 + [gr.Textbox(value="")]
             continue
@@ -272,8 +263,8 @@ def render(ctx: h.Context, session: Session) -> list:
         out += [
             gr.Group(visible=True),
             gr.Checkbox(value=item.enabled),
-            gr.Slider(value=item.strength, label=item.name),
-            gr.Markdown(meta),
+            item.strength,
+            gr.Markdown(f"**{item.name}** · {meta}"),
             gr.Dataset(samples=[[w] for w in trigger_words], visible=bool(trigger_words)),
             *[gr.Slider(value=v) for v in values],
             gr.Textbox(value=custom),
@@ -363,7 +354,7 @@ def wire(
         try:
             session = sync_mix(session, base, values)
         except SdloraError as err:  # put the sliders back where the mix is
-            back = [gr.Slider(value=item.strength) for item in session.mix]
+            back = [item.strength for item in session.mix]
             back += [gr.skip()] * (MAX_ADAPTERS - len(back))
             return [session, *back, failed(str(err))]
         return [session, *[gr.skip()] * MAX_ADAPTERS, ""]
