@@ -34,6 +34,7 @@ class Session:
     mix: list[MixItem] = field(default_factory=list)
     last_seed: int | None = None  # the seed the last generation used (for "reuse")
     interrupted: bool = False  # set by Interrupt; the running job stops at its next step
+    putting_back: bool = False  # a refused strength is being put back in its slider
 
     def names(self) -> list[str]:
         return [item.name for item in self.mix]

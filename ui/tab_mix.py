@@ -263,8 +263,8 @@ def render(ctx: h.Context, session: Session) -> list:
         out += [
             gr.Group(visible=True),
             gr.Checkbox(value=item.enabled),
-            item.strength,
-            gr.Markdown(f"**{item.name}** · {meta}"),
+            gr.Slider(value=item.strength, label=item.name),
+            gr.Markdown(meta),
             gr.Dataset(samples=[[w] for w in trigger_words], visible=bool(trigger_words)),
             *[gr.Slider(value=v) for v in values],
             gr.Textbox(value=custom),
@@ -356,8 +356,12 @@ def wire(
         except SdloraError as err:  # put the sliders back where the mix is
             back = [item.strength for item in session.mix]
             back += [gr.skip()] * (MAX_ADAPTERS - len(back))
+            session.putting_back = True
             return [session, *back, failed(str(err))]
-        return [session, *[gr.skip()] * MAX_ADAPTERS, ""]
+        # the change that putting a slider back causes keeps the refusal on screen
+        note = gr.skip() if session.putting_back else ""
+        session.putting_back = False
+        return [session, *[gr.skip()] * MAX_ADAPTERS, note]
 
     def on_blocks(index: int) -> Callable:
         def set_blocks(session: Session, te, in_, mid, out, custom) -> list:
