@@ -169,6 +169,23 @@ def test_history_restores_and_redraws_pixel_for_pixel(server, browser):
     images = newest_images(server["outputs"])
     assert len(images) == before + 1 and "-11-" in images[-1].name
     assert np.array_equal(pixels(images[-1]), pixels(first))
+
+    # another visitor's Generate says what it waits for; Interrupt stops the long generation
+    # after its current step and saves nothing, and the waiting one then runs
+    other = open_page(browser, server["url"])
+    fill(other, "#prompt", "a yellow star")
+    set_number(other, "#steps", "2")
+    set_number(page, "#steps", "150")
+    set_number(page, "#num-images", "8")
+    page.click("#generate")
+    expect()(page.locator("#mix-status")).to_contain_text("step")
+    other.click("#generate")
+    expect()(other.locator("#mix-status")).to_contain_text("busy generating")
+    page.click("#interrupt")
+    expect()(page.locator("#mix-status")).to_contain_text("interrupted at step")
+    expect()(other.locator("#mix-status")).to_contain_text("1 image(s)")
+    assert len(newest_images(server["outputs"])) == len(images) + 1
+    other.context.close()
     page.context.close()
 
 
