@@ -14,6 +14,7 @@ import torch
 from conftest import make_adapter_file, run_text, run_unet
 from PIL import Image
 from safetensors import safe_open
+from sdlora.ui import exporting as ex
 from sdlora.ui import handlers as h
 from sdlora.ui import paths
 from sdlora.ui.engine import Engine
@@ -99,7 +100,7 @@ def test_symlink_out_of_the_folder_is_refused_and_not_listed(ctx, folders):
 @pytest.mark.parametrize("name", ["../x", "a/b", "/tmp/x", ".hidden", "x" * 200, "a:b"])
 def test_export_names_are_single_safe_file_names(ctx, name):
     with pytest.raises(SdloraError):
-        h.run_export(ctx, "tiny", {}, "lora", name=name)
+        ex.run_export(ctx, "tiny", {}, "lora", name=name)
 
 
 def test_only_listed_bases_are_loaded(ctx):
@@ -223,7 +224,7 @@ def test_compare_makes_one_labelled_grid(ctx):
 
 
 def test_merged_lora_export_equals_the_live_blend(ctx, inputs):
-    out = h.run_export(ctx, "tiny", {"style": 0.7, "detail": 0.4}, "lora", name="merged")
+    out = ex.run_export(ctx, "tiny", {"style": 0.7, "detail": 0.4}, "lora", name="merged")
     assert out == ctx.outputs / "exports" / "merged.safetensors"
 
     live = load_base("tiny")
@@ -239,12 +240,12 @@ def test_merged_lora_export_equals_the_live_blend(ctx, inputs):
         run_text(merged, inputs), run_text(live, inputs), atol=1e-5, rtol=1e-5
     )
     with pytest.raises(SdloraError, match="already exists"):
-        h.run_export(ctx, "tiny", {"style": 0.7}, "lora", name="merged")
+        ex.run_export(ctx, "tiny", {"style": 0.7}, "lora", name="merged")
 
 
 def test_checkpoint_exports_land_in_outputs(ctx):
-    single = h.run_export(ctx, "tiny", {"style": 0.5}, "single-file", "fp32", "mix-single")
-    folder = h.run_export(ctx, "tiny", {"style": 0.5}, "diffusers", "fp16", "mix-folder")
+    single = ex.run_export(ctx, "tiny", {"style": 0.5}, "single-file", "fp32", "mix-single")
+    folder = ex.run_export(ctx, "tiny", {"style": 0.5}, "diffusers", "fp16", "mix-folder")
     assert single == ctx.outputs / "exports" / "mix-single.safetensors" and single.is_file()
     assert (folder / "model_index.json").is_file()
     with safe_open(single, "pt") as f:
@@ -254,7 +255,7 @@ def test_checkpoint_exports_land_in_outputs(ctx):
     assert "exports/mix-folder" in h.base_choices(ctx)  # an exported folder can be the base
     assert h.resolve_base(ctx, "exports/mix-folder") == str(folder)
     with pytest.raises(SdloraError, match="format"):
-        h.run_export(ctx, "tiny", {}, "zip", name="x")
+        ex.run_export(ctx, "tiny", {}, "zip", name="x")
 
 
 def test_inspect_reports_the_file_and_coverage(ctx):
@@ -490,14 +491,14 @@ def test_interrupt_stops_a_generation_and_saves_nothing(ctx):
 
 
 def test_export_asks_before_writing_the_base_alone_and_speaks_ui_words(ctx):
-    with pytest.raises(h.BaseAlone, match="full copy of the base"):
-        h.run_export(ctx, "tiny", {"style": 0.0}, "single-file", name="alone", base_alone_ok=False)
+    with pytest.raises(ex.BaseAlone, match="full copy of the base"):
+        ex.run_export(ctx, "tiny", {"style": 0.0}, "single-file", name="alone", base_alone_ok=False)
     assert not list((ctx.outputs / "exports").glob("alone*"))
-    plan = h.export_plan(ctx, "tiny", {}, "single-file", "fp16")
+    plan = ex.export_plan(ctx, "tiny", {}, "single-file", "fp16")
     assert "the base alone" in plan and "MiB" in plan  # the base is loaded: size is known
-    plan = h.export_plan(ctx, "tiny", {"detail": 0.5}, "lora", "fp16", {"detail": "IN=0"})
+    plan = ex.export_plan(ctx, "tiny", {"detail": 0.5}, "lora", "fp16", {"detail": "IN=0"})
     assert "detail 0.5 [IN=0]" in plan and "KiB" in plan
-    folder = h.run_export(ctx, "tiny", {"detail": 0.5}, "diffusers", name="zipped")
+    folder = ex.run_export(ctx, "tiny", {"detail": 0.5}, "diffusers", name="zipped")
     from sdlora.ui.exporting import zip_folder
 
     archive = zip_folder(folder, lambda *_: None)
@@ -507,7 +508,7 @@ def test_export_asks_before_writing_the_base_alone_and_speaks_ui_words(ctx):
         names = z.namelist()
     assert "zipped/model_index.json" in names and "zipped/unet/config.json" in names
     with pytest.raises(SdloraError, match="tick Overwrite") as err:
-        h.run_export(ctx, "tiny", {"detail": 0.5}, "diffusers", name="zipped")
+        ex.run_export(ctx, "tiny", {"detail": 0.5}, "diffusers", name="zipped")
     assert "--" not in str(err.value)
 
 
@@ -552,9 +553,9 @@ def test_export_distills_nonlinear_adapters_to_plain_loras(ctx, folders):
         text_encoder=False,
     )
     with pytest.raises(SdloraError, match="nonlinear"):
-        h.run_export(ctx, "tiny", {"bent": 0.5}, "lora", name="bent-plain")
+        ex.run_export(ctx, "tiny", {"bent": 0.5}, "lora", name="bent-plain")
     notes: list[str] = []
-    out = h.run_export(
+    out = ex.run_export(
         ctx,
         "tiny",
         {"bent": 0.5, "style": 0.3},

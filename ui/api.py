@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import gradio as gr
+from sdlora.ui import exporting as ex
 from sdlora.ui import handlers as h
 from sdlora.ui.paths import relative
 
@@ -52,7 +53,7 @@ def add_api(ctx: h.Context, guard: Callable[[Callable], Callable], gpu: str) -> 
         """Write base + adapters {name: strength} into exports/ of the outputs folder as a
         diffusers folder, a single-file checkpoint or one merged LoRA (format "diffusers",
         "single-file" or "lora"); returns the written path relative to the outputs folder."""
-        out = h.run_export(ctx, base, adapters, format, dtype, name, overwrite)
+        out = ex.run_export(ctx, base, adapters, format, dtype, name, overwrite)
         return relative(ctx.outputs, out)
 
     def inspect(adapter: str, base: str = "") -> str:

@@ -16,17 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdlora.ui import exporting, paths
+from sdlora.ui import paths
 from sdlora.ui.engine import Engine
-from sdlora.ui.merge import merge_exact
 from sdlora.ui.state import Session
 from sdlora.ui.training import TrainJob
 
 from sdlora.base import BUILTIN
-from sdlora.blocks import parse_blocks, scale_blocks
+from sdlora.blocks import parse_blocks
 from sdlora.errors import SdloraError
-from sdlora.export import export_diffusers, export_single_file, parse_dtype
-from sdlora.files import save_adapter
 from sdlora.formats import load_adapter
 from sdlora.generate import SCHEDULERS, GenerateSettings, generate, save_png
 from sdlora.grid import labelled_grid
@@ -38,7 +35,6 @@ Progress = Callable[[float, str], None]
 MAX_UPLOAD_BYTES = 2 * 1024**3  # 2 GiB: larger than any SD 1.x LoRA
 MAX_SIDE = 2048  # pixels
 MAX_IMAGES = 16  # per generate call, and cells per compare grid
-EXPORT_FORMATS = ("diffusers", "single-file", "lora")
 
 
 def _quiet(fraction: float, text: str) -> None:
@@ -413,113 +409,6 @@ def run_compare(
     settings.adapters = {n: s for n, (_, s) in mix_files(ctx, base_mix).items()}
     settings.blocks = {n: b for n, b in (blocks or {}).items() if n in settings.adapters and b}
     return save_png(grid, _free(ctx.outputs / "compare" / f"{_stamp()}.png"), settings)
-
-
-# ---------------------------------------------------------------- export
-
-
-class BaseAlone(SdloraError):
-    """An export of an empty mix, which would write a full copy of the base: ask first."""
-
-
-def export_plan(
-    ctx: Context,
-    base: str,
-    strengths: dict[str, float] | None,
-    fmt: str,
-    dtype: str,
-    blocks: dict[str, str] | None = None,
-) -> str:
-    """What an export would write: the mix, the format and its estimated size."""
-    mix = mix_files(ctx, strengths)
-    spec = resolve_base(ctx, base)
-    what = {
-        "diffusers": f"a diffusers folder ({dtype}), downloadable as one zip",
-        "single-file": f"one checkpoint file ({dtype}) for A1111 / ComfyUI",
-        "lora": "one merged LoRA file (float32)",
-    }.get(fmt, fmt)
-    parts = [
-        f"{n} {s:g}" + (f" [{blocks[n]}]" if blocks and blocks.get(n) else "")
-        for n, (_, s) in mix.items()
-    ]
-    files = [p for p, s in mix.values() if s != 0.0]
-    size = exporting.estimate_bytes(ctx.engine, spec, fmt, dtype, files)
-    mix_text = ", ".join(parts) if parts else "the base alone (empty mix: a full copy of the base)"
-    return (
-        f"Will write {what}: base {base or ctx.base} + {mix_text}; about {exporting.human(size)}."
-    )
-
-
-def run_export(
-    ctx: Context,
-    base: str,
-    strengths: dict[str, float] | None,
-    fmt: str = "diffusers",
-    dtype: str = "fp16",
-    name: str = "",
-    overwrite: bool = False,
-    progress: Progress = _quiet,
-    blocks: dict[str, str] | None = None,
-    base_alone_ok: bool = True,
-    distill_rank: int = 0,
-    prompts: list[str] | None = None,
-    notes: list[str] | None = None,
-) -> Path:
-    """Write the mix to outputs/exports/: a diffusers folder, one checkpoint file, or one LoRA.
-
-    `base_alone_ok=False` refuses an empty mix with `BaseAlone` (the page asks first).
-    `distill_rank` > 0 replaces nonlinear adapters by plain LoRAs of that rank fitted to them
-    on `prompts` (else the prompts the files record); `notes` receives a line for each.
-    """
-    if fmt not in EXPORT_FORMATS:
-        raise SdloraError(
-            f"unknown export format {fmt!r}; choose one of: {', '.join(EXPORT_FORMATS)}"
-        )
-    parse_dtype(dtype)
-    name = paths.clean_name(name or f"mix-{_stamp()}", "export name")
-    if fmt != "diffusers" and not name.endswith(paths.ADAPTER_SUFFIX):
-        name += paths.ADAPTER_SUFFIX
-    out = paths.inside(ctx.outputs, f"exports/{name}", "export name")
-    if out.exists() and not overwrite:
-        raise SdloraError(f"exports/{name} already exists; choose another name or tick Overwrite")
-    mix = mix_files(ctx, strengths)
-    active = {n: v for n, v in mix.items() if v[1] != 0.0}
-    if not active and fmt != "lora" and not base_alone_ok:
-        raise BaseAlone(
-            "the mix is empty, so this writes a full copy of the base; "
-            "press Export the base alone to go ahead"
-        )
-    spec = resolve_base(ctx, base)
-    blocks = dict(blocks or {})
-    if distill_rank:
-        progress(0.02, "distilling nonlinear adapters")
-        strengths, lines = exporting.distill_nonlinear(
-            ctx.engine, spec, ctx.adapters, mix, int(distill_rank), prompts or [], progress
-        )
-        renamed = {exporting.distilled_name(n, int(distill_rank)): n for n in mix}
-        blocks = {new: blocks[old] for new, old in renamed.items() if old in blocks} | blocks
-        mix = mix_files(ctx, strengths)
-        (notes if notes is not None else []).extend(lines)
-    files = [p for p, s in mix.values() if s != 0.0]
-    size = exporting.estimate_bytes(ctx.engine, spec, fmt, dtype, files)
-    progress(0.3, "merging the adapters into the weights")
-    with (
-        ctx.engine.mixed(spec, mix, blocks, "exporting") as (pipe, mixer),
-        exporting.bytes_progress(out.parent, size, progress),
-    ):
-        if fmt == "diffusers":
-            return export_diffusers(pipe, out, dtype, overwrite=overwrite)
-        if fmt == "single-file":
-            return export_single_file(pipe, out, dtype, overwrite=overwrite)
-        merged = merge_exact(
-            [
-                (n, scale_blocks(mixer.entries[n].adapter, parse_blocks(blocks.get(n))), s)
-                for n, (_, s) in mix.items()
-                if s != 0.0
-            ],
-            mixer.models,
-        )
-        return save_adapter(merged, out, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------- train

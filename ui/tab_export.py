@@ -12,11 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import gradio as gr
+from sdlora.ui import exporting as ex
 from sdlora.ui import handlers as h
 from sdlora.ui.common import FREE, JOB, failed, on, reporter, status_line, sync_mix, waiting
-from sdlora.ui.exporting import zip_folder
 from sdlora.ui.state import Session
 from sdlora.ui.tab_mix import MixTab
+
+from sdlora.errors import SdloraError
 
 
 @dataclass
@@ -96,8 +98,8 @@ def wire(ctx: h.Context, tab: ExportTab, session: gr.State, mix: MixTab, tab_ite
 
     def on_plan(session: Session, base: str, fmt: str, dtype: str) -> str:
         try:
-            return h.export_plan(ctx, base, session.strengths(), fmt, dtype, session.blocks())
-        except h.SdloraError as err:
+            return ex.export_plan(ctx, base, session.strengths(), fmt, dtype, session.blocks())
+        except SdloraError as err:
             return f"⚠ {err}"
 
     def export(
@@ -117,7 +119,7 @@ def wire(ctx: h.Context, tab: ExportTab, session: gr.State, mix: MixTab, tab_ite
         session = sync_mix(session, base, values)
         notes: list[str] = []
         try:
-            out = h.run_export(
+            out = ex.run_export(
                 ctx,
                 base,
                 session.strengths(),
@@ -132,9 +134,9 @@ def wire(ctx: h.Context, tab: ExportTab, session: gr.State, mix: MixTab, tab_ite
                 prompts=[prompt] if (prompt or "").strip() else None,
                 notes=notes,
             )
-        except h.BaseAlone as err:
+        except ex.BaseAlone as err:
             return [gr.skip(), gr.skip(), gr.Row(visible=True), failed(str(err))]
-        files = [zip_folder(out, reporter(progress))] if out.is_dir() else [out]
+        files = [ex.zip_folder(out, reporter(progress))] if out.is_dir() else [out]
         mix_text = (
             ", ".join(f"{n} {s:g}" for n, s in session.strengths().items()) or "the base alone"
         )
