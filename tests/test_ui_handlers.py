@@ -396,7 +396,7 @@ def test_parameters_text_reads_back_what_png_info_wrote():
 
 def test_block_panel_at_s_everywhere_equals_whole_strength_s(ctx):
     """All blocks at s == the whole adapter at s, bit for bit; a block at 0 is the base's."""
-    assert h.blocks_spec(1, 1, 1, 1) == ""
+    assert h.blocks_spec(1, 1, 1, 1) == "" and h.blocks_spec(1, 0, 1, 0.5) == "IN=0,OUT=0.5"
     assert h.blocks_spec(0.5, 0.5, 0.5, 0.5) == "BASE=0.5,IN=0.5,MID=0.5,OUT=0.5"
     assert h.blocks_spec(1, 0, 1, 1, " IN04=0 ") == "IN04=0"
 

@@ -194,9 +194,7 @@ def blocks_spec(te: float, in_: float, mid: float, out: float, custom: str = "")
     if (custom or "").strip():
         return custom.strip()
     values = {"BASE": te, "IN": in_, "MID": mid, "OUT": out}
-    if all(float(v) == 1.0 for v in values.values()):
-        return ""
-    return ",".join(f"{k}={float(v):g}" for k, v in values.items())
+    return ",".join(f"{k}={float(v):g}" for k, v in values.items() if float(v) != 1.0)
 
 
 def upload_adapter(ctx: Context, upload: str | Path, overwrite: bool = False) -> str:
