@@ -21,6 +21,7 @@ from diffusers import (
 from PIL import Image, PngImagePlugin
 
 from .errors import SdloraError
+from .prompt_tags import lora_tag
 from .recommend import native_size, recommended
 from .writing import written_file
 
@@ -50,6 +51,7 @@ class GenerateSettings:
     scheduler: str = "pndm"
     num_images: int = 1
     adapters: dict[str, float] = field(default_factory=dict)  # name -> strength, for the record
+    blocks: dict[str, str] = field(default_factory=dict)  # name -> per-block strengths (blocks.py)
     sweep: dict[str, list[float]] = field(default_factory=dict)  # grid columns: name -> strengths
 
 
@@ -189,7 +191,9 @@ def png_info(settings: GenerateSettings, index: int = 0) -> PngImagePlugin.PngIn
     info = PngImagePlugin.PngInfo()
     record = asdict(settings) | {"seed": settings.seed + index, "num_images": 1}
     loras = " ".join(
-        f"<lora:{n}:{s:g}>" for n, s in settings.adapters.items() if n not in settings.sweep
+        lora_tag(n, s, settings.blocks.get(n))
+        for n, s in settings.adapters.items()
+        if n not in settings.sweep
     )
     info.add_text(
         "parameters",

@@ -14,6 +14,7 @@ import torch
 from conftest import make_adapter_file, run_text, run_unet
 from PIL import Image
 from safetensors import safe_open
+from sdlora.ui import exporting as ex
 from sdlora.ui import handlers as h
 from sdlora.ui import paths
 from sdlora.ui.engine import Engine
@@ -99,7 +100,7 @@ def test_symlink_out_of_the_folder_is_refused_and_not_listed(ctx, folders):
 @pytest.mark.parametrize("name", ["../x", "a/b", "/tmp/x", ".hidden", "x" * 200, "a:b"])
 def test_export_names_are_single_safe_file_names(ctx, name):
     with pytest.raises(SdloraError):
-        h.run_export(ctx, "tiny", {}, "lora", name=name)
+        ex.run_export(ctx, "tiny", {}, "lora", name=name)
 
 
 def test_only_listed_bases_are_loaded(ctx):
@@ -223,7 +224,7 @@ def test_compare_makes_one_labelled_grid(ctx):
 
 
 def test_merged_lora_export_equals_the_live_blend(ctx, inputs):
-    out = h.run_export(ctx, "tiny", {"style": 0.7, "detail": 0.4}, "lora", name="merged")
+    out = ex.run_export(ctx, "tiny", {"style": 0.7, "detail": 0.4}, "lora", name="merged")
     assert out == ctx.outputs / "exports" / "merged.safetensors"
 
     live = load_base("tiny")
@@ -239,12 +240,12 @@ def test_merged_lora_export_equals_the_live_blend(ctx, inputs):
         run_text(merged, inputs), run_text(live, inputs), atol=1e-5, rtol=1e-5
     )
     with pytest.raises(SdloraError, match="already exists"):
-        h.run_export(ctx, "tiny", {"style": 0.7}, "lora", name="merged")
+        ex.run_export(ctx, "tiny", {"style": 0.7}, "lora", name="merged")
 
 
 def test_checkpoint_exports_land_in_outputs(ctx):
-    single = h.run_export(ctx, "tiny", {"style": 0.5}, "single-file", "fp32", "mix-single")
-    folder = h.run_export(ctx, "tiny", {"style": 0.5}, "diffusers", "fp16", "mix-folder")
+    single = ex.run_export(ctx, "tiny", {"style": 0.5}, "single-file", "fp32", "mix-single")
+    folder = ex.run_export(ctx, "tiny", {"style": 0.5}, "diffusers", "fp16", "mix-folder")
     assert single == ctx.outputs / "exports" / "mix-single.safetensors" and single.is_file()
     assert (folder / "model_index.json").is_file()
     with safe_open(single, "pt") as f:
@@ -254,7 +255,7 @@ def test_checkpoint_exports_land_in_outputs(ctx):
     assert "exports/mix-folder" in h.base_choices(ctx)  # an exported folder can be the base
     assert h.resolve_base(ctx, "exports/mix-folder") == str(folder)
     with pytest.raises(SdloraError, match="format"):
-        h.run_export(ctx, "tiny", {}, "zip", name="x")
+        ex.run_export(ctx, "tiny", {}, "zip", name="x")
 
 
 def test_inspect_reports_the_file_and_coverage(ctx):
@@ -317,3 +318,261 @@ def test_ui_command_is_local_and_private_by_default():
     assert (args.host, args.port, args.share, args.base) == ("127.0.0.1", 7860, False, "toy")
     args = build_parser().parse_args(["ui", "--host", "0.0.0.0", "--share", "--outputs", "o"])
     assert (args.host, args.share, args.outputs) == ("0.0.0.0", True, "o")
+
+
+# ---------------------------------------------------------------- the page's rules (issue 14)
+
+
+def test_strengths_outside_0_1_are_refused_alike_in_mix_and_compare():
+    from sdlora.ui.common import sync_mix
+    from sdlora.ui.state import MAX_ADAPTERS
+
+    session = Session("tiny")
+    session.add("style", 0.4)
+    pad = [0.0] * (MAX_ADAPTERS - 1)
+    for bad in (1.5, -0.1, 3.0):
+        with pytest.raises(SdloraError, match="from 0 to 1"):
+            sync_mix(session, "tiny", (True, *[False] * (MAX_ADAPTERS - 1), bad, *pad))
+        with pytest.raises(SdloraError, match="from 0 to 1"):
+            h.parse_strengths(f"0, {bad}", "X strengths")
+    assert session.mix[0].strength == 0.4  # a refused value changes nothing
+    sync_mix(session, "tiny", (True, *[False] * (MAX_ADAPTERS - 1), 1.0, *pad))
+    assert session.mix[0].strength == 1.0 and h.parse_strengths("0, 1") == [0.0, 1.0]
+
+
+def test_lora_tags_in_the_prompt_join_the_mix(ctx):
+    from sdlora.prompt_tags import split_lora_tags
+
+    clean, strengths, blocks = split_lora_tags(
+        "a cat <lora:style:0.7>, sitting <LORA:sub/detail> <lora:x.safetensors:1:lbw=IN=0>"
+    )
+    assert clean == "a cat, sitting"
+    assert strengths == {"style": 0.7, "sub/detail": 1.0, "x": 1.0} and blocks == {"x": "IN=0"}
+    for bad in ("<lora:style:lots>", "<lora:style:nan>"):
+        with pytest.raises(SdloraError, match="lora:style"):
+            split_lora_tags(bad)
+
+    session = Session("tiny")
+    session.add("detail", 0.2)
+    prompt, names = h.add_from_prompt(ctx, session, "a red circle <lora:style:0.5> <lora:detail>")
+    assert prompt == "a red circle" and names == ["style", "detail"]
+    assert [(i.name, i.strength) for i in session.mix] == [("detail", 1.0), ("style", 0.5)]
+    with pytest.raises(SdloraError, match="from 0 to 1"):
+        h.add_from_prompt(ctx, Session("tiny"), "x <lora:style:1.5>")
+    with pytest.raises(SdloraError, match="no such file"):
+        h.add_from_prompt(ctx, Session("tiny"), "x <lora:nothere:0.5>")
+
+
+def test_parameters_text_reads_back_what_png_info_wrote():
+    from sdlora.generate import GenerateSettings, png_info
+    from sdlora.prompt_tags import parse_parameters
+
+    s = GenerateSettings(
+        "a cat, red",
+        "blurry",
+        steps=7,
+        guidance=3.5,
+        seed=40,
+        scheduler="euler",
+        num_images=2,
+        adapters={"style": 0.8, "detail": 0.25},
+        blocks={"detail": "IN=0,OUT=0.5"},
+    )
+    text = next(chunk[1] for chunk in png_info(s, 1).chunks if chunk[1].startswith(b"parameters"))
+    parsed = parse_parameters(text.split(b"\0", 1)[1].decode())
+    assert parsed == {
+        "prompt": "a cat, red",
+        "negative_prompt": "blurry",
+        "adapters": {"style": 0.8, "detail": 0.25},
+        "blocks": {"detail": "IN=0,OUT=0.5"},
+        "steps": 7,
+        "scheduler": "euler",
+        "guidance": 3.5,
+        "seed": 41,
+    }
+    with pytest.raises(SdloraError, match="settings line"):
+        parse_parameters("just a prompt")
+
+
+def test_block_panel_at_s_everywhere_equals_whole_strength_s(ctx):
+    """All blocks at s == the whole adapter at s, bit for bit; a block at 0 is the base's."""
+    assert h.blocks_spec(1, 1, 1, 1) == "" and h.blocks_spec(1, 0, 1, 0.5) == "IN=0,OUT=0.5"
+    assert h.blocks_spec(0.5, 0.5, 0.5, 0.5) == "BASE=0.5,IN=0.5,MID=0.5,OUT=0.5"
+    assert h.blocks_spec(1, 0, 1, 1, " IN04=0 ") == "IN04=0"
+
+    def weights(strength: float, blocks: dict | None) -> dict[str, torch.Tensor]:
+        path = paths.adapter_file(ctx.adapters, "style")
+        with ctx.engine.mixed("tiny", {"style": (path, strength)}, blocks) as (pipe, _):
+            return {
+                f"{c}.{k}": v.clone()
+                for c in ("unet", "text_encoder")
+                for k, v in getattr(pipe, c).state_dict().items()
+                if ".adapters." not in k
+            }
+
+    s = 0.35
+    whole = weights(s, None)
+    spec = h.blocks_spec(s, s, s, s)
+    assert all(torch.equal(whole[k], v) for k, v in weights(1.0, {"style": spec}).items())
+    base = weights(0.0, None)
+    in_off = weights(1.0, {"style": "IN=0"})
+    down = [k for k in base if k.startswith("unet.down_blocks") and "to_q" in k]
+    up = [k for k in base if k.startswith("unet.up_blocks") and "to_q" in k]
+    assert down and up
+    assert all(torch.equal(in_off[k], base[k]) for k in down)
+    assert not all(torch.equal(in_off[k], base[k]) for k in up)
+
+    session = Session("tiny")
+    session.add("style")
+    assert h.set_blocks(session, 0, spec) == spec and session.blocks() == {"style": spec}
+    for bad, message in (("IN=2", "from 0 to 1"), ("LEFT=1", "unknown block")):
+        with pytest.raises(SdloraError, match=message):
+            h.set_blocks(session, 0, bad)
+    assert session.mix[0].blocks == spec
+
+
+def test_history_recipe_redraws_the_image_exactly(ctx):
+    from sdlora.ui import history
+
+    first = h.run_generate(
+        ctx,
+        "tiny",
+        {"style": 0.6, "detail": 0.3},
+        h.make_settings("a green ring", steps=STEPS, seed=-1),
+        blocks={"detail": "OUT=0.5"},
+    )[0]
+    recipe = history.read_recipe(ctx.outputs, first.name)
+    assert recipe["adapters"] == {"style": 0.6, "detail": 0.3}
+    assert recipe["blocks"] == {"detail": "OUT=0.5"} and recipe["seed"] >= 0  # -1 drew one
+    again = h.run_generate(
+        ctx,
+        "tiny",
+        recipe["adapters"],
+        h.make_settings(
+            recipe["prompt"],
+            recipe["negative_prompt"],
+            recipe["steps"],
+            recipe["guidance"],
+            recipe["seed"],
+            0,
+            0,
+            recipe["scheduler"],
+        ),
+        blocks=recipe["blocks"],
+    )[0]
+    assert np.array_equal(pixels(again), pixels(first))
+    assert first in history.list_images(ctx.outputs)
+    with pytest.raises(SdloraError, match="outside|not allowed"):
+        history.read_recipe(ctx.outputs, "../../secret.png")
+
+    name = history.save_mix(
+        ctx.outputs,
+        "favourite",
+        "tiny",
+        Session("tiny", []).mix_record()
+        or [{"name": "style", "strength": 0.6, "enabled": True, "blocks": ""}],
+    )
+    assert history.list_mixes(ctx.outputs) == ["favourite"] and name == "favourite"
+    base, record = history.load_mix(ctx.outputs, "favourite")
+    restored = Session("tiny")
+    restored.set_mix(record + [{"name": "bad", "strength": 7}, "junk"])
+    assert base == "tiny" and [(i.name, i.strength) for i in restored.mix] == [("style", 0.6)]
+    with pytest.raises(SdloraError, match="mix name"):
+        history.save_mix(ctx.outputs, "../x", "tiny", record)
+
+
+def test_interrupt_stops_a_generation_and_saves_nothing(ctx):
+    before = set((ctx.outputs / "images").glob("*.png"))
+    with pytest.raises(h.Interrupted, match="interrupted at step 1"):
+        h.run_generate(ctx, "tiny", {}, settings(), interrupted=lambda: True)
+    with pytest.raises(h.Interrupted, match="no grid saved"):
+        h.run_compare(ctx, "tiny", {}, settings(), "style", [0, 1], interrupted=lambda: True)
+    assert set((ctx.outputs / "images").glob("*.png")) == before
+
+
+def test_export_asks_before_writing_the_base_alone_and_speaks_ui_words(ctx):
+    with pytest.raises(ex.BaseAlone, match="full copy of the base"):
+        ex.run_export(ctx, "tiny", {"style": 0.0}, "single-file", name="alone", base_alone_ok=False)
+    assert not list((ctx.outputs / "exports").glob("alone*"))
+    plan = ex.export_plan(ctx, "tiny", {}, "single-file", "fp16")
+    assert "the base alone" in plan and "MiB" in plan  # the base is loaded: size is known
+    plan = ex.export_plan(ctx, "tiny", {"detail": 0.5}, "lora", "fp16", {"detail": "IN=0"})
+    assert "detail 0.5 [IN=0]" in plan and "KiB" in plan
+    folder = ex.run_export(ctx, "tiny", {"detail": 0.5}, "diffusers", name="zipped")
+    from sdlora.ui.exporting import zip_folder
+
+    archive = zip_folder(folder, lambda *_: None)
+    import zipfile
+
+    with zipfile.ZipFile(archive) as z:
+        names = z.namelist()
+    assert "zipped/model_index.json" in names and "zipped/unet/config.json" in names
+    with pytest.raises(SdloraError, match="tick Overwrite") as err:
+        ex.run_export(ctx, "tiny", {"detail": 0.5}, "diffusers", name="zipped")
+    assert "--" not in str(err.value)
+
+
+def test_messages_in_ui_words():
+    import tempfile
+
+    from sdlora.ui.common import failed, in_ui_words
+
+    tmp = f"{tempfile.gettempdir()}/gradio/0a1b2c3d/"
+    assert in_ui_words(f"{tmp}x.safetensors: not a LoRA") == "x.safetensors: not a LoRA"
+    assert in_ui_words("x exists; choose another --out or pass --overwrite") == (
+        "x exists; choose another out or tick Overwrite"
+    )
+    assert in_ui_words("--guidance must be from 0 to 100") == "guidance must be from 0 to 100"
+    assert "&lt;b&gt;" in failed("<b>")  # messages are text, never markup
+
+
+def test_a_file_for_another_base_says_which(ctx, folders):
+    from safetensors.torch import save_file
+
+    foreign = folders["adapters"] / "for-toy.safetensors"
+    make_adapter_file(lambda: load_base("toy"), foreign, text_encoder=False)
+    with safe_open(foreign, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata() | {"sdlora_base_model": "toy"}
+    save_file(tensors, foreign, metadata)
+    try:
+        with pytest.raises(
+            SdloraError, match="trained for base toy, not tiny; switch Base model to toy"
+        ):
+            h.add_adapter(ctx, Session("tiny"), "for-toy")
+    finally:
+        foreign.unlink()
+
+
+def test_export_distills_nonlinear_adapters_to_plain_loras(ctx, folders):
+    make_adapter_file(
+        lambda: load_base("tiny"),
+        folders["adapters"] / "bent.safetensors",
+        nonlinearity="relu",
+        seed=5,
+        text_encoder=False,
+    )
+    with pytest.raises(SdloraError, match="nonlinear"):
+        ex.run_export(ctx, "tiny", {"bent": 0.5}, "lora", name="bent-plain")
+    notes: list[str] = []
+    out = ex.run_export(
+        ctx,
+        "tiny",
+        {"bent": 0.5, "style": 0.3},
+        "lora",
+        name="bent-merged",
+        distill_rank=2,
+        prompts=["a red circle"],
+        notes=notes,
+    )
+    distilled = folders["adapters"] / "bent.distilled-r2.safetensors"
+    assert out.is_file() and distilled.is_file()
+    assert notes and "relative error" in notes[0]
+    from sdlora.formats import load_adapter
+
+    assert load_adapter(distilled).is_linear and load_adapter(out).is_linear
+    assert set(load_adapter(distilled).ranks()) == {2}
+    assert json.loads(load_adapter(out).metadata["sdlora_merged_from"]) == {
+        "bent.distilled-r2": 0.5,
+        "style": 0.3,
+    }

@@ -11,12 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import gradio as gr
+from sdlora.ui import exporting as ex
 from sdlora.ui import handlers as h
 from sdlora.ui.paths import relative
 
 
 def add_api(ctx: h.Context, guard: Callable[[Callable], Callable], gpu: str) -> None:
-    """Register `/generate`, `/export` and `/inspect` on the Blocks being built."""
+    """Register `/generate`, `/export`, `/inspect` and `/upload_adapter` on the Blocks being
+    built. Unlike the page's buttons, these raise errors, so `gradio_client` receives them."""
 
     def generate(
         prompt: str,
@@ -51,13 +53,27 @@ def add_api(ctx: h.Context, guard: Callable[[Callable], Callable], gpu: str) -> 
         """Write base + adapters {name: strength} into exports/ of the outputs folder as a
         diffusers folder, a single-file checkpoint or one merged LoRA (format "diffusers",
         "single-file" or "lora"); returns the written path relative to the outputs folder."""
-        out = h.run_export(ctx, base, adapters, format, dtype, name, overwrite)
+        out = ex.run_export(ctx, base, adapters, format, dtype, name, overwrite)
         return relative(ctx.outputs, out)
 
     def inspect(adapter: str, base: str = "") -> str:
         """What `sdlora inspect` tells about an adapter of the adapters folder."""
         return h.inspect_adapter(ctx, adapter, base)
 
+    def upload_adapter(upload: str) -> str:
+        """Copy an uploaded .safetensors adapter into the adapters folder; returns its name."""
+        return h.upload_adapter(ctx, upload)
+
+    # a file input needs a component: hidden ones carry the upload and the name returned
+    upload_in = gr.File(visible=False, file_types=[".safetensors"], type="filepath")
+    name_out = gr.Textbox(visible=False)
+    upload_in.upload(
+        guard(upload_adapter),
+        upload_in,
+        name_out,
+        api_name="upload_adapter",
+        concurrency_limit=None,
+    )
     gr.api(guard(generate), api_name="generate", concurrency_id=gpu)
     gr.api(guard(export), api_name="export", concurrency_id=gpu)
     gr.api(guard(inspect), api_name="inspect", concurrency_id=gpu)

@@ -1,10 +1,11 @@
 """The mixer web UI: `build_app(...) -> gr.Blocks` with the tabs Mix, Compare, Export, Train, Inspect.
 
-Layout and wiring only: each tab is its own module (`tab_mix`, `tab_compare`, `tab_export`,
-`tab_train`, `tab_inspect`) and what each button does lives in `handlers`. Per-visitor state is
-in `gr.State` (their base and mix, their training job); the models are shared through one
-`Engine` and every job that touches them runs in the "gpu" concurrency group, one at a time.
-User mistakes arrive as `SdloraError`s and are shown as messages, never as tracebacks.
+Layout and wiring only: each tab is its own module (`tab_mix` with `mix_history`,
+`tab_compare`, `tab_export`, `tab_train`, `tab_inspect`) and what each button does lives in
+`handlers`. Per-visitor state is in `gr.State` (their base and mix, their training job) and,
+across reloads, in browser storage; the models are shared through one `Engine` and every job
+that touches them runs in the "gpu" concurrency group, one at a time. User mistakes arrive as
+`SdloraError`s and are shown in the status line beside the button pressed (`common.on`).
 
 API endpoints for `gradio_client` (see README): `/generate`, `/export`, `/inspect`,
 `/upload_adapter`.
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import gradio as gr
 from sdlora.ui import handlers as h
-from sdlora.ui import tab_compare, tab_export, tab_inspect, tab_mix, tab_train
+from sdlora.ui import history as history_store
+from sdlora.ui import mix_history, tab_compare, tab_export, tab_inspect, tab_mix, tab_train
 from sdlora.ui.api import add_api
-from sdlora.ui.common import FREE, GPU, guard
+from sdlora.ui.common import CSS, FREE, GPU, guard, on
 from sdlora.ui.engine import Engine
 from sdlora.ui.state import Session, TrainSlot, stop_training
 
@@ -46,45 +48,62 @@ def build_app(
     with gr.Blocks(title="sdlora mixer", analytics_enabled=False) as app:
         session = gr.State(Session(base=base))
         train_slot = gr.State(TrainSlot(), delete_callback=stop_training)
+        stored = gr.BrowserState({}, storage_key=mix_history.STORAGE_KEY)
         gr.Markdown(
-            "## sdlora mixer\nBlend LoRA adapters with exact strengths, generate, compare, "
-            "export, train. "
-            f"Adapters: `{ctx.adapters}` · datasets: `{ctx.datasets}` · outputs: `{ctx.outputs}`"
+            f"**sdlora mixer** · adapters `{ctx.adapters.name}/` · datasets "
+            f"`{ctx.datasets.name}/` · outputs `{ctx.outputs.name}/`",
+            elem_id="header",
         )
         with gr.Tabs():
             with gr.Tab("Mix", id="mix"):
-                mix = tab_mix.layout(ctx, base)
+                panel = []
+                mix = tab_mix.layout(ctx, base, lambda: panel.append(mix_history.layout(ctx)))
+                history = panel[0]
             with gr.Tab("Compare", id="compare"):
                 compare = tab_compare.layout()
-            with gr.Tab("Export", id="export"):
+            with gr.Tab("Export", id="export") as export_tab:
                 export = tab_export.layout()
             with gr.Tab("Train", id="train"):
                 train = tab_train.layout(ctx, base)
             with gr.Tab("Inspect", id="inspect"):
                 inspect = tab_inspect.layout(ctx)
 
-        tab_mix.wire(ctx, mix, session, [compare.x_dd, compare.y_dd], inspect.adapter_dd)
+        choices = [compare.x_dd, compare.y_dd]
+        persist, restore_page = mix_history.wire(ctx, mix, history, session, stored, choices)
+        tab_mix.wire(ctx, mix, session, choices, inspect.adapter_dd, history.gallery, persist)
         tab_compare.wire(ctx, compare, session, mix)
-        tab_export.wire(ctx, export, session, mix)
+        tab_export.wire(ctx, export, session, mix, export_tab)
         tab_train.wire(ctx, train, train_slot, mix.base_dd, [mix.adapter_dd, inspect.adapter_dd])
         tab_inspect.wire(ctx, inspect, mix.base_dd)
 
-        @guard
-        def on_refresh() -> tuple:
+        def lists() -> tuple:
             names = h.list_adapters(ctx)
             return (
                 gr.Dropdown(choices=names),
                 gr.Dropdown(choices=names),
                 gr.Dropdown(choices=h.base_choices(ctx)),
+                gr.Dropdown(choices=history_store.list_mixes(ctx.outputs)),
             )
 
         def on_load() -> tuple:
             """Lists as the folders are now: files added since the app started show up on load."""
-            return (*on_refresh(), gr.Dropdown(choices=h.list_datasets(ctx)))
+            return (*lists(), gr.Dropdown(choices=h.list_datasets(ctx)))
 
-        lists = [mix.adapter_dd, inspect.adapter_dd, mix.base_dd]
-        app.load(on_load, None, [*lists, train.dataset_dd], **FREE)
-        mix.refresh_btn.click(on_refresh, None, lists, **FREE)
+        list_outputs = [mix.adapter_dd, inspect.adapter_dd, mix.base_dd, history.saved_dd]
+        app.load(on_load, None, [*list_outputs, train.dataset_dd], **FREE).then(
+            restore_page,
+            [session, stored],
+            [session, mix.base_dd, *mix.rows, *choices, *mix.settings, history.gallery],
+            **FREE,
+        )
+        on(
+            mix.refresh_btn.click,
+            lambda: (*lists(), "Lists refreshed from the folders."),
+            None,
+            list_outputs,
+            mix.add_status,
+            **FREE,
+        )
         add_api(ctx, guard, GPU)
 
     app.queue(default_concurrency_limit=1)
@@ -101,6 +120,7 @@ def launch(
 ) -> None:
     """Serve the app: local only unless `host` says otherwise, a share link only if asked."""
     app.launch(
+        css=CSS,
         server_name=host,
         server_port=port,
         share=share,

@@ -1,11 +1,31 @@
-"""What every tab of the web UI shares: the concurrency rules and turning errors into messages."""
+"""What every tab of the web UI shares: the concurrency rules and where messages go.
+
+Messages sit next to the button that caused them, in a status line (`status_line`), and stay
+until that button (or another on the same line) is pressed again. Wire a button with `on()`:
+
+    def on_save(name: str) -> tuple:
+        path = h.save_something(ctx, name)          # may raise SdloraError
+        return gr.Dropdown(choices=...), done(f"Saved **{name}**.")
+
+    on(tab.save_btn.click, on_save, [tab.name], [tab.choices], tab.status, **FREE)
+
+The handler returns one value per output, then the status text (`done(...)`; a plain string is
+shown as a confirmation too); generators yield the same. When it raises, the status line shows
+the reason (`failed`) and every other output is left as it was (`gr.skip()`), so a mistake never
+puts Gradio's error overlay on components elsewhere on the page. `guard` is for API endpoints,
+where `gradio_client` should receive the error itself.
+"""
 
 from __future__ import annotations
 
 import functools
+import html
 import inspect
 import logging
+import re
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import gradio as gr
 from sdlora.ui.state import MAX_ADAPTERS, Session
@@ -16,18 +36,120 @@ logger = logging.getLogger(__name__)
 GPU = "gpu"  # concurrency group of every job that runs the models: one at a time
 FREE = dict(concurrency_limit=None, api_visibility="private")  # quick state-only events
 JOB = dict(concurrency_id=GPU, api_visibility="private")  # a button that runs the models
+CSS = """
+.sd-status {min-height: 1.6em; font-size: 0.95em; padding: 0 !important;}
+.sd-status > .html-container {padding: 2px 6px !important;}
+.sd-status .sd-ok {color: var(--body-text-color);}
+.sd-status .sd-error {color: var(--error-text-color, #b91c1c); font-weight: 600;}
+.sd-status .sd-wait {color: var(--body-text-color-subdued);}
+#result-column {position: sticky; top: 8px; align-self: flex-start;}  /* stays in view */
+.gradio-container {overflow: clip !important;}  /* 'hidden' would make sticky a no-op */
+.sd-result img {image-rendering: pixelated; max-width: 100%; height: auto; display: block;}
+.sd-result figure {margin: 0 0.6em 0.6em 0; display: inline-block; vertical-align: top;}
+.sd-result figcaption {font-size: 0.85em; color: var(--body-text-color-subdued);}
+"""
+
+
+def status_line(elem_id: str) -> gr.HTML:
+    """The status line of one button (or one row of buttons): confirmations and errors."""
+    return gr.HTML("", elem_id=elem_id, elem_classes="sd-status", padding=False)
+
+
+def _inline(text: str) -> str:
+    """Escape `text`, then render its **bold** and `code` spans (all the markup messages use)."""
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+def done(text: str) -> str:
+    """A confirmation for a status line."""
+    return f'<span class="sd-ok">{_inline(text)}</span>'
+
+
+def waiting(text: str) -> str:
+    """A note that a job is waiting or running, for a status line."""
+    return f'<span class="sd-wait">{_inline(text)}</span>'
+
+
+def failed(text: str) -> str:
+    """An error for a status line, in the UI's words (see `in_ui_words`)."""
+    return f'<span class="sd-error">⚠ {_inline(in_ui_words(text))}</span>'
+
+
+_FLAG = re.compile(r"(?<![\w/-])--([a-z][a-z0-9-]*)")
+_GRADIO_TMP = re.compile(re.escape(str(Path(tempfile.gettempdir()) / "gradio")) + r"/[^/\s]+/")
+
+
+def in_ui_words(text: str) -> str:
+    """A library message made fit for the page: no command-line flags, no upload temp paths."""
+    text = _GRADIO_TMP.sub("", text)
+    text = re.sub(r"\bpass --overwrite\b", "tick Overwrite", text)
+    return _FLAG.sub(lambda m: m.group(1).replace("-", " "), text)
+
+
+def _message(err: Exception, where: str) -> str:
+    if isinstance(err, SdloraError | gr.Error):
+        return str(err.message if isinstance(err, gr.Error) else err)
+    logger.exception("unexpected error in %s", where)
+    return f"{type(err).__name__}: {err}"
+
+
+def on(
+    trigger: Callable,
+    fn: Callable,
+    inputs: list | gr.components.Component | None,
+    outputs: list,
+    status: gr.HTML,
+    **kwargs,
+):
+    """Wire `fn` to `trigger` (e.g. `button.click`) with its messages going to `status`.
+
+    Returns the event, for `.then(...)` or an Interrupt button's `cancels=`. Progress and queue
+    position show on `status` only, so no other component is covered while the job runs.
+    """
+    n = len(outputs)
+
+    def fail(err: Exception) -> tuple:
+        return (*[gr.skip()] * n, failed(_message(err, fn.__name__)))
+
+    def shaped(result):
+        result = result if isinstance(result, tuple | list) and n else (result,)
+        *values, note = result
+        note = note if isinstance(note, str) and note.startswith("<span") else done(str(note))
+        return (*values, note) if n else note
+
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kw):
+            try:
+                for result in fn(*args, **kw):
+                    yield shaped(result)
+            except Exception as err:
+                yield fail(err) if n else fail(err)[-1]
+
+    else:
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kw):
+            try:
+                return shaped(fn(*args, **kw))
+            except Exception as err:
+                return fail(err) if n else fail(err)[-1]
+
+    kwargs.setdefault("show_progress_on", [status])
+    kwargs.setdefault("show_progress", "minimal")
+    return trigger(wrapper, inputs, [*outputs, status], **kwargs)
 
 
 def guard(fn: Callable) -> Callable:
-    """Show SdloraError (and anything unexpected) as a message in the page, not a traceback."""
+    """For API endpoints: SdloraError (and anything unexpected) as gr.Error, not a traceback."""
 
     def translate(err: Exception) -> gr.Error:
         if isinstance(err, gr.Error):
             return err
-        if isinstance(err, SdloraError):
-            return gr.Error(str(err), print_exception=False)
-        logger.exception("unexpected error in %s", fn.__name__)
-        return gr.Error(f"{type(err).__name__}: {err}", print_exception=False)
+        return gr.Error(_message(err, fn.__name__), print_exception=False)
 
     if inspect.isgeneratorfunction(fn):
 
@@ -56,8 +178,18 @@ def reporter(progress: gr.Progress) -> Callable[[float, str], None]:
 
 
 def sync_mix(session: Session, base: str, values: tuple) -> Session:
-    """Copy the on boxes and strength sliders (values = ons then strengths) into the session."""
+    """Copy the on boxes and strength sliders (values = ons then strengths) into the session.
+
+    A strength outside 0-1 is refused (the UI's range), naming the adapter; nothing changes.
+    """
     ons, strengths = values[:MAX_ADAPTERS], values[MAX_ADAPTERS:]
+    for i, item in enumerate(session.mix):
+        value = float(strengths[i])
+        if not 0.0 <= value <= 1.0:
+            raise SdloraError(
+                f"strength of {item.name} must be from 0 to 1 (got {value:g}); it stays at "
+                f"{item.strength:g}"
+            )
     session.base = base or session.base
     for i, item in enumerate(session.mix):
         item.enabled = bool(ons[i])

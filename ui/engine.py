@@ -54,6 +54,7 @@ class Engine:
         self.pipe: StableDiffusionPipeline | None = None
         self.mixer: Mixer | None = None
         self.loaded: dict[str, Loaded] = {}
+        self.doing: str | None = None  # what the job holding the lock does, for waiting pages
 
     def _use_base(self, spec: str) -> None:
         """Load `spec` unless it is the current base; only one base is held at a time."""
@@ -81,10 +82,17 @@ class Engine:
 
     @contextmanager
     def mixed(
-        self, base: str, mix: dict[str, tuple[Path, float]]
+        self,
+        base: str,
+        mix: dict[str, tuple[Path, float]],
+        blocks: dict[str, str] | None = None,
+        doing: str = "generating",
     ) -> Iterator[tuple[StableDiffusionPipeline, Mixer]]:
-        """Hold the lock with `base` loaded and exactly `mix` (name -> (file, strength)) active."""
-        with self.lock:
+        """Hold the lock with `base` loaded and exactly `mix` (name -> (file, strength)) active,
+        each adapter with its per-block strengths from `blocks` (name -> spec; absent = all 1).
+        `doing` says what the job does, for pages that wait meanwhile."""
+        blocks = blocks or {}
+        with self.lock, self._doing(doing):
             self._use_base(base)
             for name, (path, _) in mix.items():
                 self._attach(name, path)
@@ -94,6 +102,7 @@ class Engine:
                 self.loaded.pop(name, None)
             for name in self.mixer.entries:
                 if name in mix:
+                    self.mixer.set_blocks(name, blocks.get(name))
                     self.mixer.set_strength(name, mix[name][1])
                     self.mixer.enable(name, True)
                 else:
@@ -102,7 +111,37 @@ class Engine:
 
     def check(self, base: str, name: str, path: Path) -> None:
         """Attach one adapter to `base` now, so a file that does not fit is refused at once."""
-        with self.lock:
+        with self.lock, self._doing("loading an adapter"):
             self._use_base(base)
             self._attach(name, path)
             self.mixer.enable(name, False)
+
+    @contextmanager
+    def bare(self, base: str, doing: str) -> Iterator[StableDiffusionPipeline]:
+        """Hold the lock with `base` loaded and no adapter attached at all (for distilling);
+        adapters are attached again from their files by the next `mixed`."""
+        with self.lock, self._doing(doing):
+            self._use_base(base)
+            self.mixer.clear()
+            self.loaded.clear()
+            yield self.pipe
+
+    @contextmanager
+    def _doing(self, what: str) -> Iterator[None]:
+        previous, self.doing = self.doing, what
+        try:
+            yield
+        finally:
+            self.doing = previous
+
+    def parameters(self, base: str) -> int | None:
+        """Parameters of `base`'s UNet, text encoder and VAE if it is the loaded base, else None."""
+        pipe = self.pipe if self.base == base else None
+        if pipe is None:
+            return None
+        return sum(
+            p.numel()
+            for comp in ("unet", "text_encoder", "vae")
+            for name, p in getattr(pipe, comp).named_parameters()
+            if ".adapters." not in name
+        )

@@ -18,25 +18,23 @@ from pathlib import Path
 
 from sdlora.ui import paths
 from sdlora.ui.engine import Engine
-from sdlora.ui.merge import merge_exact
 from sdlora.ui.state import Session
 from sdlora.ui.training import TrainJob
 
 from sdlora.base import BUILTIN
+from sdlora.blocks import parse_blocks
 from sdlora.errors import SdloraError
-from sdlora.export import export_diffusers, export_single_file, parse_dtype
-from sdlora.files import save_adapter
 from sdlora.formats import load_adapter
 from sdlora.generate import SCHEDULERS, GenerateSettings, generate, save_png
 from sdlora.grid import labelled_grid
 from sdlora.inspect import format_text, inspect_file
+from sdlora.prompt_tags import split_lora_tags
 from sdlora.writing import written_file
 
 Progress = Callable[[float, str], None]
 MAX_UPLOAD_BYTES = 2 * 1024**3  # 2 GiB: larger than any SD 1.x LoRA
 MAX_SIDE = 2048  # pixels
 MAX_IMAGES = 16  # per generate call, and cells per compare grid
-EXPORT_FORMATS = ("diffusers", "single-file", "lora")
 
 
 def _quiet(fraction: float, text: str) -> None:
@@ -128,9 +126,75 @@ def add_adapter(ctx: Context, session: Session, name: str, strength: float = 1.0
     if not name:
         raise SdloraError("pick an adapter from the list first (or upload one)")
     path = paths.adapter_file(ctx.adapters, name)
-    ctx.engine.check(resolve_base(ctx, session.base), name, path)
+    if name in session.names():
+        raise SdloraError(f"{name} is already in the mix; set its strength in its row")
+    try:
+        ctx.engine.check(resolve_base(ctx, session.base), name, path)
+    except SdloraError as err:
+        raise SdloraError(_mismatch(ctx, name, session.base) or str(err)) from None
     session.add(name, strength)
     return session
+
+
+def _mismatch(ctx: Context, name: str, base: str) -> str | None:
+    """'NAME was trained for base toy; switch base' when the file records another base."""
+    try:
+        trained_for = adapter_info(ctx, name).get("base_model")
+    except SdloraError:
+        return None
+    if not trained_for or trained_for == base:
+        return None
+    switch = (
+        f"switch Base model to {trained_for}"
+        if trained_for in base_choices(ctx)
+        else "switch Base model to one of that kind"
+    )
+    return f"{name} was trained for base {trained_for}, not {base}; {switch}"
+
+
+def add_from_prompt(ctx: Context, session: Session, prompt: str) -> tuple[str, list[str]]:
+    """Take `<lora:name:w>` tags out of `prompt` into the mix: (prompt without tags, names).
+
+    A tag for an adapter already in the mix sets its strength; a new one is added (checked
+    against the base like Add to mix). Strengths outside 0-1 are refused.
+    """
+    clean, strengths, blocks = split_lora_tags(prompt)
+    for name, strength in strengths.items():
+        check_ui_strength(strength, f"<lora:{name}:{strength:g}>")
+        if name in blocks:
+            parse_blocks(blocks[name])
+        if name not in session.names():
+            add_adapter(ctx, session, name, strength)
+        item = next(i for i in session.mix if i.name == name)
+        item.strength, item.enabled = strength, True
+        if name in blocks:
+            item.blocks = blocks[name]
+    return clean, list(strengths)
+
+
+def check_ui_strength(value: float, what: str) -> float:
+    """The UI's strength range is 0-1 (the API and CLI take any strength); refuse others."""
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise SdloraError(f"{what}: strengths in the UI are from 0 to 1 (got {value:g})")
+    return value
+
+
+def set_blocks(session: Session, index: int, spec: str) -> str:
+    """Set per-block strengths of the mix's adapter `index` (sdlora/blocks.py); return the spec."""
+    spec = (spec or "").strip()
+    blocks = parse_blocks(spec)  # raises on a bad spec, naming it
+    for key, value in blocks.items():
+        check_ui_strength(value, f"block {key}")
+    session.mix[index].blocks = spec
+    return spec
+
+
+def blocks_spec(te: float, in_: float, mid: float, out: float, custom: str = "") -> str:
+    """The spec the block panel's sliders (or its custom text) stand for; "" when all are 1."""
+    if (custom or "").strip():
+        return custom.strip()
+    values = {"BASE": te, "IN": in_, "MID": mid, "OUT": out}
+    return ",".join(f"{k}={float(v):g}" for k, v in values.items() if float(v) != 1.0)
 
 
 def upload_adapter(ctx: Context, upload: str | Path, overwrite: bool = False) -> str:
@@ -159,7 +223,7 @@ def upload_adapter(ctx: Context, upload: str | Path, overwrite: bool = False) ->
 
 def mix_files(ctx: Context, strengths: dict[str, float] | None) -> dict[str, tuple[Path, float]]:
     """{name: strength} from a visitor or the API -> {name: (file, strength)}, checked."""
-    mix = {}
+    mix: dict[str, tuple[Path, float]] = {}
     for name, strength in (strengths or {}).items():
         try:
             strength = float(strength)
@@ -187,7 +251,7 @@ def make_settings(
     num_images: int = 1,
 ) -> GenerateSettings:
     """GenerateSettings from form values, checked. 0 width/height is the base's native size;
-    None steps/guidance the base's recommended values."""
+    None steps/guidance the base's recommended values; seed -1 a fresh random seed."""
     if not (prompt or "").strip():
         raise SdloraError("write a prompt first")
     if scheduler not in SCHEDULERS:
@@ -201,8 +265,15 @@ def make_settings(
         raise SdloraError(f"number of images must be 1 to {MAX_IMAGES}")
     if steps is not None and not 1 <= int(steps) <= 500:
         raise SdloraError("steps must be 1 to 500")
-    if guidance is not None and not math.isfinite(float(guidance)):
-        raise SdloraError("guidance must be a finite number")
+    if guidance is not None and not (
+        math.isfinite(float(guidance)) and 0 <= float(guidance) <= 100
+    ):
+        raise SdloraError("guidance must be from 0 to 100")
+    seed = int(seed if seed is not None else -1)
+    if seed == -1:
+        seed = random_seed()
+    if not 0 <= seed < 2**63:
+        raise SdloraError("seed must be -1 (random) or from 0 to 2**63 - 1")
     return GenerateSettings(
         prompt=prompt,
         negative_prompt=negative_prompt or "",
@@ -217,12 +288,16 @@ def make_settings(
 
 
 def random_seed() -> int:
-    """A fresh seed for the seed box."""
+    """A fresh seed (what seed -1 stands for)."""
     return random.randrange(2**31)
 
 
 def _stamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
+
+
+class Interrupted(SdloraError):
+    """The visitor pressed Interrupt; nothing was saved."""
 
 
 def run_generate(
@@ -231,16 +306,24 @@ def run_generate(
     strengths: dict[str, float] | None,
     settings: GenerateSettings,
     progress: Progress = _quiet,
+    blocks: dict[str, str] | None = None,
+    interrupted: Callable[[], bool] = lambda: False,
 ) -> list[Path]:
-    """Draw images with the given mix; save each under outputs/images/ with its recipe."""
+    """Draw images with the given mix (and per-block strengths); save each under
+    outputs/images/ with its recipe. `interrupted()` is asked after every denoising step."""
     mix = mix_files(ctx, strengths)
     settings.adapters = {name: strength for name, (_, strength) in mix.items()}
+    settings.blocks = {n: b for n, b in (blocks or {}).items() if n in mix and b}
     spec = resolve_base(ctx, base)
+
+    def on_step(done: int, total: int) -> None:
+        if interrupted():
+            raise Interrupted(f"interrupted at step {done} of {total}; nothing was saved")
+        progress(done / total, f"step {done} of {total}")
+
     progress(0.0, "loading the base and adapters")
-    with ctx.engine.mixed(spec, mix) as (pipe, _):
-        images = generate(
-            pipe, settings, on_step=lambda done, total: progress(done / total, "denoising")
-        )
+    with ctx.engine.mixed(spec, mix, settings.blocks) as (pipe, _):
+        images = generate(pipe, settings, on_step=on_step)
     folder = ctx.outputs / "images"
     stem = f"{_stamp()}-{settings.seed}"
     return [
@@ -259,13 +342,15 @@ def _free(path: Path) -> Path:
 
 
 def parse_strengths(text: str, what: str = "strengths") -> list[float]:
-    """'0, 0.25, 0.5' -> [0.0, 0.25, 0.5]."""
+    """'0, 0.25, 0.5' -> [0.0, 0.25, 0.5]; each from 0 to 1, as the Mix tab's sliders."""
     try:
         values = [float(v) for v in (text or "").replace(";", ",").split(",") if v.strip()]
     except ValueError:
         raise SdloraError(f"{what}: give numbers separated by commas, e.g. 0, 0.5, 1") from None
     if not values or not all(math.isfinite(v) for v in values):
         raise SdloraError(f"{what}: give numbers separated by commas, e.g. 0, 0.5, 1")
+    for value in values:
+        check_ui_strength(value, what)
     return values
 
 
@@ -279,10 +364,13 @@ def run_compare(
     y_name: str = "",
     y_values: list[float] | None = None,
     progress: Progress = _quiet,
+    blocks: dict[str, str] | None = None,
+    interrupted: Callable[[], bool] = lambda: False,
 ) -> Path:
     """Sweep `x_name` over `x_values` (and `y_name` over `y_values`): one labelled grid PNG.
 
     Every other adapter of the mix keeps its strength; every cell uses the same seed.
+    `interrupted()` is asked between cells.
     """
     if not x_name:
         raise SdloraError("pick the adapter to sweep")
@@ -299,8 +387,13 @@ def run_compare(
         row = []
         for x in x_values:
             mix = base_mix | {x_name: x} | ({y_name: y} if y_name else {})
+            if interrupted():
+                raise Interrupted(f"interrupted after {done} of {total} images; no grid saved")
             cell = mix_files(ctx, mix)
-            with ctx.engine.mixed(resolve_base(ctx, base), cell) as (pipe, _):
+            with ctx.engine.mixed(resolve_base(ctx, base), cell, blocks, "drawing a grid") as (
+                pipe,
+                _,
+            ):
                 row.append(generate(pipe, settings)[0])
             done += 1
             progress(done / total, f"image {done} of {total}")
@@ -312,42 +405,8 @@ def run_compare(
         title=f"{settings.prompt[:80]} · seed {settings.seed}",
     )
     settings.adapters = {n: s for n, (_, s) in mix_files(ctx, base_mix).items()}
+    settings.blocks = {n: b for n, b in (blocks or {}).items() if n in settings.adapters and b}
     return save_png(grid, _free(ctx.outputs / "compare" / f"{_stamp()}.png"), settings)
-
-
-# ---------------------------------------------------------------- export
-
-
-def run_export(
-    ctx: Context,
-    base: str,
-    strengths: dict[str, float] | None,
-    fmt: str = "diffusers",
-    dtype: str = "fp16",
-    name: str = "",
-    overwrite: bool = False,
-    progress: Progress = _quiet,
-) -> Path:
-    """Write the mix to outputs/exports/: a diffusers folder, one checkpoint file, or one LoRA."""
-    if fmt not in EXPORT_FORMATS:
-        raise SdloraError(
-            f"unknown export format {fmt!r}; choose one of: {', '.join(EXPORT_FORMATS)}"
-        )
-    parse_dtype(dtype)
-    name = paths.clean_name(name or f"mix-{_stamp()}", "export name")
-    if fmt != "diffusers" and not name.endswith(paths.ADAPTER_SUFFIX):
-        name += paths.ADAPTER_SUFFIX
-    out = paths.inside(ctx.outputs, f"exports/{name}", "export name")
-    mix = mix_files(ctx, strengths)
-    progress(0.1, "merging")
-    with ctx.engine.mixed(resolve_base(ctx, base), mix) as (pipe, mixer):
-        if fmt == "diffusers":
-            return export_diffusers(pipe, out, dtype, overwrite=overwrite)
-        if fmt == "single-file":
-            return export_single_file(pipe, out, dtype, overwrite=overwrite)
-        active = [(n, mixer.entries[n].adapter, s) for n, (_, s) in mix.items() if s != 0.0]
-        merged = merge_exact(active, mixer.models)
-        return save_adapter(merged, out, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------- train

@@ -6,7 +6,7 @@ Only plain data lives here: names and strengths. The models themselves are share
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sdlora.errors import SdloraError
@@ -21,6 +21,9 @@ class MixItem:
     name: str  # adapter name: its path in the adapters folder without `.safetensors`
     strength: float = 1.0  # 0 = base, 1 = as trained
     enabled: bool = True
+    blocks: str = (
+        ""  # per-block strengths (sdlora/blocks.py), e.g. "IN=0,MID=1,OUT=0.5"; "" = all 1
+    )
 
 
 @dataclass
@@ -29,6 +32,9 @@ class Session:
 
     base: str = "tiny"
     mix: list[MixItem] = field(default_factory=list)
+    last_seed: int | None = None  # the seed the last generation used (for "reuse")
+    interrupted: bool = False  # set by Interrupt; the running job stops at its next step
+    putting_back: bool = False  # a refused strength is being put back in its slider
 
     def names(self) -> list[str]:
         return [item.name for item in self.mix]
@@ -48,6 +54,31 @@ class Session:
     def strengths(self) -> dict[str, float]:
         """Strength of every enabled adapter, in mix order (what generation and export use)."""
         return {item.name: item.strength for item in self.mix if item.enabled}
+
+    def blocks(self) -> dict[str, str]:
+        """Per-block strengths of the enabled adapters that have any."""
+        return {item.name: item.blocks for item in self.mix if item.enabled and item.blocks}
+
+    def mix_record(self) -> list[dict]:
+        """The mix as plain JSON data (for browser storage and saved mixes)."""
+        return [asdict(item) for item in self.mix]
+
+    def set_mix(self, record: list) -> None:
+        """Replace the mix with one from `mix_record` (unknown keys and bad rows are dropped)."""
+        items = []
+        for row in record or []:
+            try:
+                item = MixItem(
+                    str(row["name"]),
+                    float(row.get("strength", 1.0)),
+                    bool(row.get("enabled", True)),
+                    str(row.get("blocks") or ""),
+                )
+            except (KeyError, TypeError, ValueError, AttributeError):
+                continue
+            if item.name not in [i.name for i in items] and 0 <= item.strength <= 1:
+                items.append(item)
+        self.mix = items[:MAX_ADAPTERS]
 
 
 @dataclass

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import gradio as gr
 from sdlora.ui import handlers as h
-from sdlora.ui.common import JOB, guard, reporter, sync_mix
+from sdlora.ui.common import FREE, JOB, on, reporter, status_line, sync_mix, waiting
 from sdlora.ui.state import Session
-from sdlora.ui.tab_mix import NO_SECOND, MixTab
+from sdlora.ui.tab_mix import NO_SECOND, MixTab, result_html
 
 
 @dataclass
@@ -18,34 +18,36 @@ class CompareTab:
     y_dd: gr.Dropdown
     y_vals: gr.Textbox
     compare_btn: gr.Button
-    grid_img: gr.Image
-    status: gr.Markdown
+    interrupt_btn: gr.Button
+    status: gr.HTML
+    grid: gr.HTML
 
 
 def layout() -> CompareTab:
     gr.Markdown(
-        "Sweep one adapter of your mix over several strengths, or two on an X/Y grid. "
+        "Sweep one adapter of your mix over several strengths (0 to 1), or two on an X/Y grid. "
         "The other adapters keep their strengths; prompt and settings come from Mix; "
         "every cell uses the same seed."
     )
     with gr.Row():
         x_dd = gr.Dropdown([], label="X adapter", elem_id="x-adapter")
-        x_vals = gr.Textbox("0, 0.25, 0.5, 0.75, 1", label="X strengths")
+        x_vals = gr.Textbox("0, 0.25, 0.5, 0.75, 1", label="X strengths", elem_id="x-values")
     with gr.Row():
         y_dd = gr.Dropdown(
             [NO_SECOND], value=NO_SECOND, label="Y adapter (optional)", elem_id="y-adapter"
         )
-        y_vals = gr.Textbox("0, 0.5, 1", label="Y strengths")
-    compare_btn = gr.Button("Make grid", variant="primary", elem_id="compare")
-    grid_img = gr.Image(label="Grid", type="filepath", format="png", elem_id="grid")
-    status = gr.Markdown()
-    return CompareTab(x_dd, x_vals, y_dd, y_vals, compare_btn, grid_img, status)
+        y_vals = gr.Textbox("0, 0.5, 1", label="Y strengths", elem_id="y-values")
+    with gr.Row(equal_height=True):
+        compare_btn = gr.Button("Make grid", variant="primary", elem_id="compare", scale=3)
+        interrupt_btn = gr.Button("Interrupt", variant="stop", elem_id="compare-interrupt", scale=1)
+    status = status_line("compare-status")
+    grid = gr.HTML("", elem_id="grid", elem_classes="sd-result")
+    return CompareTab(x_dd, x_vals, y_dd, y_vals, compare_btn, interrupt_btn, status, grid)
 
 
 def wire(ctx: h.Context, tab: CompareTab, session: gr.State, mix: MixTab) -> None:
     """The grid uses the Mix tab's base, mix and generation settings."""
 
-    @guard
     def on_compare(
         session: Session,
         base: str,
@@ -69,20 +71,47 @@ def wire(ctx: h.Context, tab: CompareTab, session: gr.State, mix: MixTab) -> Non
             prompt, negative, steps, guidance, seed, width, height, scheduler
         )
         y_name = "" if y_name in (None, NO_SECOND) else y_name
+        x_values = h.parse_strengths(x_text, "X strengths")
+        y_values = h.parse_strengths(y_text, "Y strengths") if y_name else None
         path = h.run_compare(
             ctx,
             base,
             session.strengths(),
             settings,
             x_name,
-            h.parse_strengths(x_text, "X strengths"),
+            x_values,
             y_name,
-            h.parse_strengths(y_text, "Y strengths") if y_name else None,
+            y_values,
             reporter(progress),
+            session.blocks(),
+            lambda: session.interrupted,
         )
-        return str(path), f"Saved `{h.paths.relative(ctx.outputs, path)}`"
+        session.last_seed = settings.seed
+        caption = (
+            f"seed {settings.seed} · {x_name} × {y_name}"
+            if y_name
+            else f"seed {settings.seed} · {x_name}"
+        )
+        return (
+            result_html([path], [caption]),
+            f"Saved {h.paths.relative(ctx.outputs, path)} (seed {settings.seed}).",
+        )
 
-    tab.compare_btn.click(
+    def before_job(session: Session) -> str:
+        session.interrupted = False
+        busy = ctx.engine.doing
+        return waiting(
+            f"Waiting for the model: it is busy {busy} (jobs that use it run one at a time)…"
+            if busy
+            else "Starting…"
+        )
+
+    def on_interrupt(session: Session) -> str:
+        session.interrupted = True
+        return waiting("Interrupting after the current image…")
+
+    on(
+        tab.compare_btn.click(before_job, session, tab.status, **FREE).then,
         on_compare,
         [
             session,
@@ -94,6 +123,8 @@ def wire(ctx: h.Context, tab: CompareTab, session: gr.State, mix: MixTab) -> Non
             tab.y_vals,
             *mix.mix_values,
         ],
-        [tab.grid_img, tab.status],
+        [tab.grid],
+        tab.status,
         **JOB,
     )
+    tab.interrupt_btn.click(on_interrupt, session, tab.status, **FREE)

@@ -1,15 +1,24 @@
 """The Export tab: the visitor's mix written as a checkpoint (diffusers folder or single file)
-or as one merged LoRA, into `exports/` of the outputs folder."""
+or as one merged LoRA, into `exports/` of the outputs folder.
+
+Before writing it shows what will be written (mix, format, estimated size), and an empty mix
+(a full copy of the base, gigabytes on a real model) is written only after a second press.
+A diffusers folder is offered as one zip. Nonlinear adapters can be distilled to plain LoRAs
+of a chosen rank (`sdlora.distill`) so that the mix can be exported at all.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import gradio as gr
+from sdlora.ui import exporting as ex
 from sdlora.ui import handlers as h
-from sdlora.ui.common import JOB, guard, reporter, sync_mix
+from sdlora.ui.common import FREE, JOB, failed, on, reporter, status_line, sync_mix, waiting
 from sdlora.ui.state import Session
 from sdlora.ui.tab_mix import MixTab
+
+from sdlora.errors import SdloraError
 
 
 @dataclass
@@ -18,14 +27,24 @@ class ExportTab:
     dtype: gr.Radio
     name: gr.Textbox
     overwrite: gr.Checkbox
+    distill: gr.Checkbox
+    rank: gr.Number
+    plan: gr.Markdown
     export_btn: gr.Button
+    confirm_row: gr.Row
+    confirm_btn: gr.Button
+    cancel_btn: gr.Button
+    status: gr.HTML
     files: gr.File
-    status: gr.Markdown
+
+    @property
+    def form(self) -> list:
+        return [self.fmt, self.dtype, self.name, self.overwrite, self.distill, self.rank]
 
 
 def layout() -> ExportTab:
     gr.Markdown(
-        "Write your current mix (Mix tab: base, adapters that are on, strengths) into "
+        "Write your current mix (Mix tab: base, adapters that are on, strengths, blocks) into "
         "`exports/` of the outputs folder."
     )
     fmt = gr.Radio(
@@ -41,42 +60,179 @@ def layout() -> ExportTab:
     with gr.Row():
         dtype = gr.Radio(["fp16", "bf16", "fp32"], value="fp16", label="dtype (checkpoints)")
         name = gr.Textbox(label="Name", placeholder="mix-<date>-<time>", elem_id="export-name")
-        overwrite = gr.Checkbox(False, label="Overwrite")
+        overwrite = gr.Checkbox(False, label="Overwrite", elem_id="export-overwrite")
+    with gr.Row(equal_height=True):
+        distill = gr.Checkbox(
+            False,
+            label="Distill nonlinear adapters to a plain LoRA first (needed to export them)",
+            elem_id="export-distill",
+            scale=3,
+        )
+        rank = gr.Number(8, precision=0, minimum=1, label="Distilled rank", scale=1)
+    plan = gr.Markdown(elem_id="export-plan")
     export_btn = gr.Button("Export", variant="primary", elem_id="export")
+    with gr.Row(visible=False, elem_id="export-confirm") as confirm_row:
+        confirm_btn = gr.Button("Export the base alone", variant="stop", elem_id="export-base")
+        cancel_btn = gr.Button("Cancel", elem_id="export-cancel")
+    status = status_line("export-status")
     files = gr.File(label="Download", file_count="multiple", elem_id="export-files")
-    status = gr.Markdown(elem_id="export-status")
-    return ExportTab(fmt, dtype, name, overwrite, export_btn, files, status)
+    return ExportTab(
+        fmt,
+        dtype,
+        name,
+        overwrite,
+        distill,
+        rank,
+        plan,
+        export_btn,
+        confirm_row,
+        confirm_btn,
+        cancel_btn,
+        status,
+        files,
+    )
 
 
-def wire(ctx: h.Context, tab: ExportTab, session: gr.State, mix: MixTab) -> None:
+def wire(ctx: h.Context, tab: ExportTab, session: gr.State, mix: MixTab, tab_item: gr.Tab) -> None:
     """Export the Mix tab's base and mix; an exported diffusers folder joins the base choices."""
 
-    @guard
-    def on_export(
+    def on_plan(session: Session, base: str, fmt: str, dtype: str) -> str:
+        try:
+            return ex.export_plan(ctx, base, session.strengths(), fmt, dtype, session.blocks())
+        except SdloraError as err:
+            return f"⚠ {err}"
+
+    def export(
+        base_alone_ok: bool,
         session: Session,
         base: str,
         fmt: str,
         dtype: str,
         name: str,
         overwrite: bool,
+        distill: bool,
+        rank: int,
+        prompt: str,
+        progress: gr.Progress,
+        values: tuple,
+    ) -> list:
+        session = sync_mix(session, base, values)
+        notes: list[str] = []
+        try:
+            out = ex.run_export(
+                ctx,
+                base,
+                session.strengths(),
+                fmt,
+                dtype,
+                name,
+                overwrite,
+                reporter(progress),
+                blocks=session.blocks(),
+                base_alone_ok=base_alone_ok,
+                distill_rank=int(rank or 0) if distill else 0,
+                prompts=[prompt] if (prompt or "").strip() else None,
+                notes=notes,
+            )
+        except ex.BaseAlone as err:
+            return [gr.skip(), gr.skip(), gr.Row(visible=True), failed(str(err))]
+        files = [ex.zip_folder(out, reporter(progress))] if out.is_dir() else [out]
+        mix_text = (
+            ", ".join(f"{n} {s:g}" for n, s in session.strengths().items()) or "the base alone"
+        )
+        note = f"Wrote {h.paths.relative(ctx.outputs, out)} ({mix_text})."
+        if out.is_dir():
+            note += f" Download: {files[0].name}."
+        note += "".join(f" {line}." for line in notes)
+        return [
+            [str(f) for f in files],
+            gr.Dropdown(choices=h.base_choices(ctx)),
+            gr.Row(visible=False),
+            note,
+        ]
+
+    def on_export(
+        session,
+        base,
+        fmt,
+        dtype,
+        name,
+        overwrite,
+        distill,
+        rank,
+        prompt,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio injects it)
         *values,
-    ) -> tuple:
-        session = sync_mix(session, base, values)
-        out = h.run_export(
-            ctx, base, session.strengths(), fmt, dtype, name, overwrite, reporter(progress)
-        )
-        files = sorted(p for p in out.rglob("*") if p.is_file()) if out.is_dir() else [out]
-        mix = ", ".join(f"{n} {s:g}" for n, s in session.strengths().items()) or "the base alone"
-        return (
-            [str(f) for f in files],
-            f"Wrote `{h.paths.relative(ctx.outputs, out)}` ({mix}) in the outputs folder.",
-            gr.Dropdown(choices=h.base_choices(ctx)),
+    ) -> list:
+        return export(
+            False,
+            session,
+            base,
+            fmt,
+            dtype,
+            name,
+            overwrite,
+            distill,
+            rank,
+            prompt,
+            progress,
+            values,
         )
 
-    tab.export_btn.click(
-        on_export,
-        [session, mix.base_dd, tab.fmt, tab.dtype, tab.name, tab.overwrite, *mix.mix_values],
-        [tab.files, tab.status, mix.base_dd],
-        **JOB,
+    def on_confirm(
+        session,
+        base,
+        fmt,
+        dtype,
+        name,
+        overwrite,
+        distill,
+        rank,
+        prompt,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio injects it)
+        *values,
+    ) -> list:
+        return export(
+            True,
+            session,
+            base,
+            fmt,
+            dtype,
+            name,
+            overwrite,
+            distill,
+            rank,
+            prompt,
+            progress,
+            values,
+        )
+
+    def before_job() -> str:
+        busy = ctx.engine.doing
+        return waiting(
+            f"Waiting for the model: it is busy {busy} (jobs that use it run one at a time)…"
+            if busy
+            else "Starting…"
+        )
+
+    inputs = [session, mix.base_dd, *tab.form, mix.prompt, *mix.mix_values]
+    outputs = [tab.files, mix.base_dd, tab.confirm_row]
+    for button, handler in ((tab.export_btn, on_export), (tab.confirm_btn, on_confirm)):
+        on(
+            button.click(before_job, None, tab.status, **FREE).then,
+            handler,
+            inputs,
+            outputs,
+            tab.status,
+            **JOB,
+        )
+    tab.cancel_btn.click(
+        lambda: (gr.Row(visible=False), "Nothing was written."),
+        None,
+        [tab.confirm_row, tab.status],
+        **FREE,
     )
+    plan_inputs = [session, mix.base_dd, tab.fmt, tab.dtype]
+    tab_item.select(on_plan, plan_inputs, tab.plan, **FREE)
+    for control in (tab.fmt, tab.dtype):
+        control.change(on_plan, plan_inputs, tab.plan, **FREE)

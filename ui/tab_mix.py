@@ -1,30 +1,41 @@
-"""The Mix tab: pick a base and adapters, set each adapter's strength, generate.
+"""The Mix tab: prompt and settings, the adapters of the mix with their strengths, the result.
 
-The adapter rows are fixed components (MAX_ADAPTERS of them) shown or hidden to match the
-visitor's mix; `render` fills them in, and the Compare tab's adapter choices with them.
+Left: prompt, Generate / Interrupt with their status line, settings, then the mix (base,
+adapter rows with an expandable per-block panel each). Right: the result, drawn at an integer
+zoom with crisp pixels, and the History of earlier images (`mix_history`). The adapter rows are
+fixed components (MAX_ADAPTERS of them) shown or hidden to match the visitor's mix; `render`
+fills them in, and the Compare tab's adapter choices with them.
 """
 
 from __future__ import annotations
 
+import html
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
 
 import gradio as gr
+from PIL import Image
 from sdlora.ui import handlers as h
-from sdlora.ui.common import FREE, JOB, guard, reporter, sync_mix
+from sdlora.ui.common import FREE, JOB, failed, on, reporter, status_line, sync_mix, waiting
 from sdlora.ui.state import MAX_ADAPTERS, Session
+from sdlora.ui.strength import Strength
 
+from sdlora.blocks import parse_blocks
 from sdlora.errors import SdloraError
 from sdlora.generate import SCHEDULERS
 from sdlora.recommend import guidance_and_steps
 
 NO_SECOND = "(none)"  # the Compare tab's "no Y adapter" choice
+RESULT_WIDTH = 480  # px the result column gives images at 1280 px wide (integer zoom inside it)
+RESULT_HEIGHT = 520  # px of it visible below the tabs at 800 px high
 
 
 @dataclass
 class Slot:
-    """One adapter row: on box, strength slider, remove button, summary, trigger words."""
+    """One adapter row: on box, strength, remove button, summary, trigger words, block panel."""
 
     box: gr.Group
     on: gr.Checkbox
@@ -32,6 +43,15 @@ class Slot:
     remove: gr.Button
     meta: gr.Markdown
     words: gr.Dataset
+    te: gr.Slider
+    in_: gr.Slider
+    mid: gr.Slider
+    out: gr.Slider
+    custom: gr.Textbox
+
+    @property
+    def block_inputs(self) -> list:
+        return [self.te, self.in_, self.mid, self.out, self.custom]
 
 
 @dataclass
@@ -41,25 +61,36 @@ class MixTab:
     refresh_btn: gr.Button
     add_btn: gr.Button
     upload_btn: gr.UploadButton
+    add_status: gr.HTML
     slots: list[Slot]
     prompt: gr.Textbox
     negative: gr.Textbox
     steps: gr.Slider
     guidance: gr.Slider
     seed: gr.Number
-    dice: gr.Button
+    reuse_btn: gr.Button
     scheduler: gr.Dropdown
     width: gr.Number
     height: gr.Number
     num_images: gr.Slider
     generate_btn: gr.Button
-    gallery: gr.Gallery
-    status: gr.Markdown
+    interrupt_btn: gr.Button
+    status: gr.HTML
+    result: gr.HTML
 
     @property
     def mix_values(self) -> list:
         """The on boxes then the strength sliders (what `sync_mix` reads)."""
         return [s.on for s in self.slots] + [s.strength for s in self.slots]
+
+    @property
+    def rows(self) -> list:
+        """What `render` updates, slot by slot."""
+        return [
+            part
+            for s in self.slots
+            for part in (s.box, s.on, s.strength, s.meta, s.words, *s.block_inputs)
+        ]
 
     @property
     def settings(self) -> list:
@@ -76,78 +107,97 @@ class MixTab:
         ]
 
 
-def layout(ctx: h.Context, base: str) -> MixTab:
-    """The tab's components, in page order. Steps and guidance start at the base's values."""
+def layout(ctx: h.Context, base: str, result_column: Callable[[], None]) -> MixTab:
+    """The tab's components, in page order; `result_column()` adds what goes under the result.
+    Steps and guidance start at the base's recommended values, the seed at -1 (random)."""
     guidance_start, steps_start = guidance_and_steps(base)
-    with gr.Row():
-        with gr.Column(scale=2, min_width=380):
-            base_dd = gr.Dropdown(
-                h.base_choices(ctx), value=base, label="Base model", elem_id="base"
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5, min_width=520):
+            prompt = gr.Textbox(
+                label="Prompt",
+                lines=2,
+                elem_id="prompt",
+                placeholder="a red circle <lora:style:0.8>  (a <lora:name:strength> tag adds "
+                "that adapter to the mix)",
             )
+            negative = gr.Textbox(label="Negative prompt", elem_id="negative")
+            with gr.Row(equal_height=True):
+                generate_btn = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
+                interrupt_btn = gr.Button(
+                    "Interrupt", variant="stop", elem_id="interrupt", scale=1, min_width=90
+                )
+            status = status_line("mix-status")
             with gr.Row():
+                base_dd = gr.Dropdown(
+                    h.base_choices(ctx), value=base, label="Base model", elem_id="base", scale=2
+                )
                 adapter_dd = gr.Dropdown(
                     h.list_adapters(ctx),
                     value=None,
                     label="Adapter file",
                     elem_id="adapter-pick",
-                    scale=4,
+                    scale=3,
                 )
-                refresh_btn = gr.Button("Refresh", size="sm", scale=1, min_width=80)
             with gr.Row():
-                add_btn = gr.Button("Add to mix", elem_id="add-adapter")
-                upload_btn = gr.UploadButton(
+                add_btn = gr.Button("Add to mix", elem_id="add-adapter", size="sm")
+                upload_btn = gr.UploadButton(  # no file_types: its check would raise a toast
                     "Upload .safetensors",
-                    file_types=[".safetensors"],
                     file_count="single",
                     elem_id="upload",
+                    size="sm",
                 )
+                refresh_btn = gr.Button("Refresh lists", size="sm", elem_id="refresh")
+            add_status = status_line("add-status")
             slots = [slot_row(i) for i in range(MAX_ADAPTERS)]
-        with gr.Column(scale=3, min_width=420):
-            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
-            negative = gr.Textbox(label="Negative prompt", elem_id="negative")
-            with gr.Row():
-                steps = gr.Slider(1, 150, value=steps_start, step=1, label="Steps", elem_id="steps")
-                guidance = gr.Slider(
-                    0, 20, value=guidance_start, step=0.5, label="Guidance", elem_id="guidance"
-                )
-            with gr.Row(equal_height=True):
-                seed = gr.Number(0, precision=0, label="Seed", elem_id="seed")
-                dice = gr.Button("Random seed", size="sm")
-                scheduler = gr.Dropdown(list(SCHEDULERS), value="pndm", label="Scheduler")
-            with gr.Row():
-                width = gr.Number(0, precision=0, label="Width (0 = native)")
-                height = gr.Number(0, precision=0, label="Height (0 = native)")
-                num_images = gr.Slider(1, 8, value=1, step=1, label="Images")
-            generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
-            gallery = gr.Gallery(
-                label="Images",
-                columns=4,
-                height=420,
-                object_fit="contain",
-                elem_id="gallery",
-                format="png",
+            with gr.Accordion("Settings", open=True, elem_id="settings"):
+                with gr.Row():
+                    steps = gr.Slider(
+                        1, 150, value=steps_start, step=1, label="Steps", elem_id="steps"
+                    )
+                    guidance = gr.Slider(
+                        0, 20, value=guidance_start, step=0.5, label="Guidance", elem_id="guidance"
+                    )
+                with gr.Row(equal_height=True):
+                    seed = gr.Number(-1, precision=0, label="Seed (-1 = random)", elem_id="seed")
+                    reuse_btn = gr.Button(
+                        "Reuse last seed", size="sm", elem_id="reuse-seed", min_width=90
+                    )
+                    scheduler = gr.Dropdown(list(SCHEDULERS), value="pndm", label="Scheduler")
+                with gr.Row():
+                    width = gr.Number(0, precision=0, label="Width (0 = native)", min_width=90)
+                    height = gr.Number(0, precision=0, label="Height (0 = native)", min_width=90)
+                    num_images = gr.Slider(
+                        1, 8, value=1, step=1, label="Images", elem_id="num-images"
+                    )
+        with gr.Column(scale=4, min_width=400, elem_id="result-column"):
+            result = gr.HTML(
+                '<p class="sd-empty">Images appear here.</p>',
+                elem_id="result",
+                elem_classes="sd-result",
             )
-            status = gr.Markdown(elem_id="mix-status")
+            result_column()
     return MixTab(
         base_dd,
         adapter_dd,
         refresh_btn,
         add_btn,
         upload_btn,
+        add_status,
         slots,
         prompt,
         negative,
         steps,
         guidance,
         seed,
-        dice,
+        reuse_btn,
         scheduler,
         width,
         height,
         num_images,
         generate_btn,
-        gallery,
+        interrupt_btn,
         status,
+        result,
     )
 
 
@@ -155,15 +205,9 @@ def slot_row(i: int) -> Slot:
     """Adapter row `i`, hidden until the mix has that many adapters."""
     with gr.Group(visible=False, elem_id=f"slot-{i}") as box:
         with gr.Row(equal_height=True):
-            on = gr.Checkbox(True, label="on", scale=0, min_width=70, elem_id=f"on-{i}")
-            strength = gr.Slider(
-                0,
-                1,
-                value=1.0,
-                step=0.01,
-                label="strength",
-                scale=5,
-                elem_id=f"strength-{i}",
+            on_box = gr.Checkbox(True, label="on", scale=0, min_width=70, elem_id=f"on-{i}")
+            strength = Strength(
+                0, 1, value=1.0, step=0.01, label="strength", scale=5, elem_id=f"strength-{i}"
             )
             remove = gr.Button("Remove", size="sm", scale=0, min_width=80, elem_id=f"remove-{i}")
         meta = gr.Markdown(elem_id=f"meta-{i}")
@@ -174,7 +218,30 @@ def slot_row(i: int) -> Slot:
             type="values",
             visible=False,
         )
-    return Slot(box, on, strength, remove, meta, words)
+        with gr.Accordion("Per-block strengths", open=False, elem_id=f"blocks-{i}"):
+            with gr.Row():
+                te = gr.Slider(0, 1, 1, step=0.05, label="TE (text encoder)", elem_id=f"te-{i}")
+                in_ = gr.Slider(0, 1, 1, step=0.05, label="IN", elem_id=f"in-{i}")
+                mid = gr.Slider(0, 1, 1, step=0.05, label="MID", elem_id=f"mid-{i}")
+                out = gr.Slider(0, 1, 1, step=0.05, label="OUT", elem_id=f"out-{i}")
+            custom = gr.Textbox(
+                label="or blocks as LoRA Block Weight writes them (overrides the sliders)",
+                placeholder="IN04=0,OUT=0.5   or 17 / 26 comma-separated numbers",
+                elem_id=f"custom-{i}",
+            )
+    return Slot(box, on_box, strength, remove, meta, words, te, in_, mid, out, custom)
+
+
+def _group_values(spec: str) -> tuple[list[float], str]:
+    """Slider values (TE, IN, MID, OUT) and custom text that show `spec` in the block panel."""
+    try:
+        blocks = parse_blocks(spec)
+    except SdloraError:
+        blocks = {}
+    groups = {"BASE", "IN", "M00", "OUT"}
+    if set(blocks) <= groups:
+        return [blocks.get(k, 1.0) for k in ("BASE", "IN", "M00", "OUT")], ""
+    return [1.0, 1.0, 1.0, 1.0], spec
 
 
 def render(ctx: h.Context, session: Session) -> list:
@@ -182,13 +249,9 @@ def render(ctx: h.Context, session: Session) -> list:
     out = []
     for i in range(MAX_ADAPTERS):
         if i >= len(session.mix):
-            out += [
-                gr.Group(visible=False),
-                gr.Checkbox(),
-                gr.Slider(),
-                gr.Markdown(""),
-                gr.Dataset(samples=[], visible=False),
-            ]
+            out += [gr.Group(visible=False), gr.Checkbox(), gr.skip()]
+            out += [gr.Markdown(""), gr.Dataset(samples=[], visible=False)]
+            out += [gr.Slider(value=1.0)] * 4 + [gr.Textbox(value="")]
             continue
         item = session.mix[i]
         try:
@@ -196,12 +259,15 @@ def render(ctx: h.Context, session: Session) -> list:
             meta, trigger_words = h.summary(info), info["trigger_words"]
         except SdloraError as err:
             meta, trigger_words = f"⚠ {err}", []
+        values, custom = _group_values(item.blocks)
         out += [
             gr.Group(visible=True),
             gr.Checkbox(value=item.enabled),
             gr.Slider(value=item.strength, label=item.name),
             gr.Markdown(meta),
             gr.Dataset(samples=[[w] for w in trigger_words], visible=bool(trigger_words)),
+            *[gr.Slider(value=v) for v in values],
+            gr.Textbox(value=custom),
         ]
     names = session.names()
     out += [
@@ -211,25 +277,62 @@ def render(ctx: h.Context, session: Session) -> list:
     return out
 
 
+def image_url(path: Path) -> str:
+    """The URL Gradio serves a file of the outputs folder at (`gr.set_static_paths`)."""
+    return "gradio_api/file=" + quote(str(path))
+
+
+def zoom_for(size: tuple[int, int], count: int) -> int:
+    """The largest integer zoom at which `count` images of `size` fit the result column
+    (0: the image is larger than its space and is shown scaled down to fit)."""
+    columns = 1 if count == 1 else 2 if count <= 4 else 3
+    room_w = (RESULT_WIDTH - 12 * (columns - 1)) // columns
+    rows = -(-count // columns)
+    room_h = (RESULT_HEIGHT - 28 * rows) // rows
+    return max(0, min(room_w // size[0], room_h // size[1]))
+
+
+def result_html(files: list[Path], captions: list[str]) -> str:
+    """The images at an integer zoom with crisp pixels (never cropped), each with its caption."""
+    if not files:
+        return '<p class="sd-empty">Images appear here.</p>'
+    with Image.open(files[0]) as first:
+        size = first.size
+    zoom = zoom_for(size, len(files))
+    figures = []
+    for path, text in zip(files, captions, strict=True):
+        if zoom:
+            w, hgt = size[0] * zoom, size[1] * zoom
+            dims = f'width="{w}" height="{hgt}" style="width:{w}px;height:{hgt}px"'
+        else:
+            dims = f'width="{size[0]}" height="{size[1]}"'
+        figures.append(
+            f'<figure><img src="{image_url(path)}" {dims} data-zoom="{zoom}" '
+            f'alt="{html.escape(path.name)}"><figcaption>{html.escape(text)}</figcaption></figure>'
+        )
+    note = f"{size[0]}×{size[1]} px" + (f", shown at {zoom}×" if zoom else ", scaled to fit")
+    return f'<div class="sd-images">{"".join(figures)}</div><p class="sd-size">{note}</p>'
+
+
 def wire(
     ctx: h.Context,
     tab: MixTab,
     session: gr.State,
     compare_choices: list[gr.Dropdown],
     inspect_dd: gr.Dropdown,
+    history: gr.Gallery,
+    persist: Callable,
 ) -> None:
-    """The tab's events. `compare_choices`: the Compare tab's X and Y adapter dropdowns."""
-    rows = [part for s in tab.slots for part in (s.box, s.on, s.strength, s.meta, s.words)]
-    mix_outputs = [*rows, *compare_choices]
+    """The tab's events. `compare_choices`: the Compare tab's X and Y adapter dropdowns;
+    `history` gets the new images; `persist(event)` chains saving the page state."""
+    mix_outputs = [*tab.rows, *compare_choices]
     synced = [session, tab.base_dd, *tab.mix_values]
 
-    @guard
     def on_add(session: Session, base: str, name: str, *values) -> list:
         session = sync_mix(session, base, values)
         h.add_adapter(ctx, session, name)
-        return [session, *render(ctx, session), f"Added **{name}**."]
+        return [session, *render(ctx, session), f"Added **{name}** to the mix."]
 
-    @guard
     def on_upload(upload: str) -> tuple:
         name = h.upload_adapter(ctx, upload)
         names = h.list_adapters(ctx)
@@ -237,16 +340,38 @@ def wire(
         return gr.Dropdown(choices=names, value=name), gr.Dropdown(choices=names), note
 
     def on_remove(index: int) -> Callable:
-        @guard
         def remove(session: Session, base: str, *values) -> list:
             session = sync_mix(session, base, values)
+            name = session.mix[index].name if index < len(session.mix) else ""
             session.remove(index)
-            return [session, *render(ctx, session)]
+            return [session, *render(ctx, session), f"Removed **{name}**."]
 
         return remove
 
-    def on_slot_change(session: Session, base: str, *values) -> Session:
-        return sync_mix(session, base, values)
+    strengths = [s.strength for s in tab.slots]
+
+    def on_slot_change(session: Session, base: str, *values) -> list:
+        try:
+            session = sync_mix(session, base, values)
+        except SdloraError as err:  # put the sliders back where the mix is
+            back = [item.strength for item in session.mix]
+            back += [gr.skip()] * (MAX_ADAPTERS - len(back))
+            session.putting_back = True
+            return [session, *back, failed(str(err))]
+        # the change that putting a slider back causes keeps the refusal on screen
+        note = gr.skip() if session.putting_back else ""
+        session.putting_back = False
+        return [session, *[gr.skip()] * MAX_ADAPTERS, note]
+
+    def on_blocks(index: int) -> Callable:
+        def set_blocks(session: Session, te, in_, mid, out, custom) -> list:
+            if index >= len(session.mix):
+                return [session, ""]
+            spec = h.set_blocks(session, index, h.blocks_spec(te, in_, mid, out, custom))
+            name = session.mix[index].name
+            return [session, f"**{name}** blocks: {spec or 'all 1'}"]
+
+        return set_blocks
 
     def on_word(sample: list, text: str) -> str:
         word = sample[0] if sample else ""
@@ -261,7 +386,16 @@ def wire(
         guidance, steps = guidance_and_steps(base)
         return gr.Slider(value=steps), gr.Slider(value=guidance)
 
-    @guard
+    def before_job(session: Session) -> str:
+        """Shown at once when a job is queued: what it waits for, if anything."""
+        session.interrupted = False
+        busy = ctx.engine.doing
+        return waiting(
+            f"Waiting for the model: it is busy {busy} (jobs that use it run one at a time)…"
+            if busy
+            else "Starting…"
+        )
+
     def on_generate(
         session: Session,
         base: str,
@@ -276,45 +410,125 @@ def wire(
         num_images: int,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio injects it)
         *values,
-    ) -> tuple:
+    ) -> list:
         session = sync_mix(session, base, values)
+        prompt, tagged = h.add_from_prompt(ctx, session, prompt)
         settings = h.make_settings(
             prompt, negative, steps, guidance, seed, width, height, scheduler, num_images
         )
         started = time.perf_counter()
-        files = h.run_generate(ctx, base, session.strengths(), settings, reporter(progress))
+        files = h.run_generate(
+            ctx,
+            base,
+            session.strengths(),
+            settings,
+            reporter(progress),
+            session.blocks(),
+            lambda: session.interrupted,
+        )
+        session.last_seed = settings.seed
         mix = ", ".join(f"{n} {s:g}" for n, s in settings.adapters.items()) or "no adapters"
+        captions = [
+            f"seed {settings.seed + i} · {mix}" + (" · blocks" if settings.blocks else "")
+            for i in range(len(files))
+        ]
         saved = h.paths.relative(ctx.outputs, files[0].parent)
         note = (
             f"{len(files)} image(s) in {time.perf_counter() - started:.1f} s · seed "
-            f"{settings.seed} · {mix} · saved to `{saved}/`"
+            f"{settings.seed} · {mix} · saved in {saved}/"
         )
-        return [str(f) for f in files], note
+        if tagged:
+            note += f" · from the prompt: {', '.join(tagged)}"
+        rows = render(ctx, session) if tagged else [gr.skip()] * (len(mix_outputs))
+        return [
+            session,
+            prompt,
+            *rows,
+            result_html(files, captions),
+            history_items(ctx),
+            note,
+        ]
 
-    tab.base_dd.change(on_base, [session, tab.base_dd], session, **FREE)
+    def on_interrupt(session: Session) -> str:
+        session.interrupted = True
+        return waiting("Interrupting after the current step…")
+
+    def on_reuse(session: Session) -> tuple:
+        if session.last_seed is None:
+            raise SdloraError("no image yet: generate once, then its seed can be reused")
+        return session.last_seed, f"Seed set to {session.last_seed}, the last one used."
+
+    persist(tab.base_dd.change(on_base, [session, tab.base_dd], session, **FREE))
     tab.base_dd.input(on_pick_base, tab.base_dd, [tab.steps, tab.guidance], **FREE)
-    tab.add_btn.click(
-        on_add,
-        [session, tab.base_dd, tab.adapter_dd, *tab.mix_values],
-        [session, *mix_outputs, tab.status],
-        **JOB,
+    persist(
+        on(
+            tab.add_btn.click,
+            on_add,
+            [session, tab.base_dd, tab.adapter_dd, *tab.mix_values],
+            [session, *mix_outputs],
+            tab.add_status,
+            **JOB,
+        )
     )
-    tab.upload_btn.upload(
+    on(
+        tab.upload_btn.upload,
         on_upload,
         tab.upload_btn,
-        [tab.adapter_dd, inspect_dd, tab.status],
-        api_name="upload_adapter",
-        concurrency_limit=None,
+        [tab.adapter_dd, inspect_dd],
+        tab.add_status,
+        **FREE,
     )
     for i, slot in enumerate(tab.slots):
-        slot.remove.click(on_remove(i), synced, [session, *mix_outputs], **FREE)
-        slot.on.change(on_slot_change, synced, session, **FREE)
-        slot.strength.change(on_slot_change, synced, session, **FREE)
+        persist(
+            on(
+                slot.remove.click,
+                on_remove(i),
+                synced,
+                [session, *mix_outputs],
+                tab.add_status,
+                **FREE,
+            )
+        )
+        for control in (slot.on, slot.strength):
+            persist(
+                control.change(
+                    on_slot_change, synced, [session, *strengths, tab.add_status], **FREE
+                )
+            )
+        for control in slot.block_inputs:
+            persist(
+                on(
+                    control.change if control is not slot.custom else control.submit,
+                    on_blocks(i),
+                    [session, *slot.block_inputs],
+                    [session],
+                    tab.add_status,
+                    **FREE,
+                )
+            )
         slot.words.click(on_word, [slot.words, tab.prompt], tab.prompt, **FREE)
-    tab.dice.click(h.random_seed, None, tab.seed, **FREE)
-    tab.generate_btn.click(
+    on(tab.reuse_btn.click, on_reuse, session, [tab.seed], tab.status, **FREE)
+    generating = on(
+        tab.generate_btn.click(before_job, session, tab.status, **FREE).then,
         on_generate,
         [session, tab.base_dd, *tab.settings, tab.num_images, *tab.mix_values],
-        [tab.gallery, tab.status],
+        [session, tab.prompt, *mix_outputs, tab.result, history],
+        tab.status,
         **JOB,
     )
+    persist(generating)
+    tab.interrupt_btn.click(on_interrupt, session, tab.status, **FREE)
+
+
+def history_items(ctx: h.Context) -> list[tuple[str, str]]:
+    """(image, caption) for the History gallery, newest first."""
+    from sdlora.ui import history
+
+    items = []
+    for path in history.list_images(ctx.outputs):
+        try:
+            caption = history.caption(history.read_recipe(ctx.outputs, path.name))
+        except SdloraError:
+            caption = path.name
+        items.append((str(path), caption))
+    return items

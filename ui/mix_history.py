@@ -1,0 +1,197 @@
+"""The Mix tab's right column under the result: History (earlier images; a click restores
+their prompt, settings, seed and mix) and Saved mixes; plus keeping the page across reloads.
+
+The page state (base, mix, prompt and settings) lives in the browser's storage
+(`gr.BrowserState`): every change of the mix and every Generate writes it, and loading the
+page reads it back. Images restore from their own PNG record (`history.read_recipe`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+from sdlora.ui import handlers as h
+from sdlora.ui import history
+from sdlora.ui.common import FREE, on, status_line
+from sdlora.ui.state import Session
+from sdlora.ui.tab_mix import MixTab, history_items, render
+
+from sdlora.errors import SdloraError
+
+STORAGE_KEY = "sdlora-mixer"
+SETTINGS = ("prompt", "negative", "steps", "guidance", "seed", "width", "height", "scheduler")
+
+
+@dataclass
+class HistoryPanel:
+    gallery: gr.Gallery
+    status: gr.HTML
+    mix_name: gr.Textbox
+    save_btn: gr.Button
+    saved_dd: gr.Dropdown
+    load_btn: gr.Button
+    mixes_status: gr.HTML
+
+
+def layout(ctx: h.Context) -> HistoryPanel:
+    gallery = gr.Gallery(
+        history_items(ctx),
+        label="History: click an image to restore its prompt, settings, seed and mix",
+        columns=6,
+        height=230,
+        allow_preview=False,
+        fit_columns=False,
+        object_fit="contain",
+        elem_id="history",
+        format="png",
+    )
+    status = status_line("history-status")
+    with gr.Accordion("Saved mixes", open=False, elem_id="saved-mixes"):
+        with gr.Row(equal_height=True):
+            mix_name = gr.Textbox(label="Name", elem_id="mix-name", scale=2)
+            save_btn = gr.Button("Save mix", size="sm", elem_id="save-mix", scale=1)
+        with gr.Row(equal_height=True):
+            saved_dd = gr.Dropdown(
+                history.list_mixes(ctx.outputs), label="Saved", elem_id="saved-pick", scale=2
+            )
+            load_btn = gr.Button("Load mix", size="sm", elem_id="load-mix", scale=1)
+        mixes_status = status_line("mixes-status")
+    return HistoryPanel(gallery, status, mix_name, save_btn, saved_dd, load_btn, mixes_status)
+
+
+def page_record(session: Session, *settings) -> dict:
+    """What the browser keeps: base, mix and the generation settings."""
+    return {
+        "base": session.base,
+        "mix": session.mix_record(),
+        "settings": dict(zip(SETTINGS, settings, strict=True)),
+    }
+
+
+def _settings_updates(values: dict) -> list:
+    """Updates for the Mix tab's settings from a {field: value} dict (absent: unchanged)."""
+    return [gr.skip() if k not in values else values[k] for k in SETTINGS]
+
+
+def wire(
+    ctx: h.Context,
+    tab: MixTab,
+    panel: HistoryPanel,
+    session: gr.State,
+    stored: gr.BrowserState,
+    compare_choices: list,
+):
+    """History, saved mixes, and the page kept in browser storage; returns `persist(event)`,
+    which chains writing the page state after an event."""
+    mix_outputs = [*tab.rows, *compare_choices]
+
+    def save_page(session: Session, *settings) -> dict:
+        return page_record(session, *settings)
+
+    def persist(event) -> None:
+        event.then(save_page, [session, *tab.settings], stored, **FREE)
+
+    def restore_page(session: Session, record: dict | None) -> list:
+        """Page load: the base, mix and settings this browser had (nothing if none kept)."""
+        record = record if isinstance(record, dict) else {}
+        choices = h.base_choices(ctx)
+        if record.get("base") in choices:
+            session.base = record["base"]
+        session.set_mix(record.get("mix") or [])
+        session.mix = [i for i in session.mix if i.name in h.list_adapters(ctx)]
+        values = record.get("settings") if isinstance(record.get("settings"), dict) else {}
+        return [
+            session,
+            gr.Dropdown(value=session.base),
+            *render(ctx, session),
+            *_settings_updates(values),
+            history_items(ctx),
+        ]
+
+    def on_pick(session: Session, evt: gr.SelectData) -> list:
+        value = evt.value if isinstance(evt.value, dict) else {}
+        image = value.get("image") or {}
+        path = image.get("path") or image.get("orig_name") or ""
+        name = path.rsplit("/", 1)[-1]
+        recipe = history.read_recipe(ctx.outputs, name)
+        adapters = recipe.get("adapters") or {}
+        known = h.list_adapters(ctx)
+        missing = [n for n in adapters if n not in known]
+        if missing:
+            raise SdloraError(
+                f"{name} used {', '.join(missing)}, which the adapters folder no longer has"
+            )
+        blocks = recipe.get("blocks") or {}
+        session.set_mix(
+            [{"name": n, "strength": s, "blocks": blocks.get(n, "")} for n, s in adapters.items()]
+        )
+        values = {
+            "prompt": recipe.get("prompt", ""),
+            "negative": recipe.get("negative_prompt", ""),
+            "steps": recipe.get("steps"),
+            "guidance": recipe.get("guidance"),
+            "seed": recipe.get("seed"),
+            "width": recipe.get("width") or 0,
+            "height": recipe.get("height") or 0,
+            "scheduler": recipe.get("scheduler"),
+        }
+        values = {k: v for k, v in values.items() if v is not None}
+        note = f"Restored {name}: seed {values.get('seed', '?')}, {history.caption(recipe)}; press Generate to draw it again."
+        return [session, *render(ctx, session), *_settings_updates(values), note]
+
+    def on_save(session: Session, base: str, name: str) -> tuple:
+        saved = history.save_mix(ctx.outputs, name, base, session.mix_record())
+        return gr.Dropdown(
+            choices=history.list_mixes(ctx.outputs), value=saved
+        ), f"Saved mix **{saved}**."
+
+    def on_load(session: Session, name: str) -> list:
+        base, record = history.load_mix(ctx.outputs, name)
+        known = h.list_adapters(ctx)
+        missing = [
+            r.get("name") for r in record if isinstance(r, dict) and r.get("name") not in known
+        ]
+        if missing:
+            raise SdloraError(
+                f"mix {name!r} uses {', '.join(map(str, missing))}, which the adapters folder no longer has"
+            )
+        session.set_mix(record)
+        if base in h.base_choices(ctx):
+            session.base = base
+        return [
+            session,
+            gr.Dropdown(value=session.base),
+            *render(ctx, session),
+            f"Loaded mix **{name}**.",
+        ]
+
+    persist(
+        on(
+            panel.gallery.select,
+            on_pick,
+            session,
+            [session, *mix_outputs, *tab.settings],
+            panel.status,
+            **FREE,
+        )
+    )
+    on(
+        panel.save_btn.click,
+        on_save,
+        [session, tab.base_dd, panel.mix_name],
+        [panel.saved_dd],
+        panel.mixes_status,
+        **FREE,
+    )
+    persist(
+        on(
+            panel.load_btn.click,
+            on_load,
+            [session, panel.saved_dd],
+            [session, tab.base_dd, *mix_outputs],
+            panel.mixes_status,
+            **FREE,
+        )
+    )
+    return persist, restore_page
