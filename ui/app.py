@@ -2,7 +2,7 @@
 
 Layout and wiring only: each tab is its own module (`tab_mix`, `tab_compare`, `tab_export`,
 `tab_train`, `tab_inspect`) and what each button does lives in `handlers`. Per-visitor state is
-in `gr.State` (their base and mix, their training job); the models are shared through one
+in `gr.State` (their base and mix); training runs are the server's (`jobs`); the models are shared through one
 `Engine` and every job that touches them runs in the "gpu" concurrency group, one at a time.
 User mistakes arrive as `SdloraError`s and are shown as messages, never as tracebacks.
 
@@ -20,7 +20,7 @@ from sdlora.ui import tab_compare, tab_export, tab_inspect, tab_mix, tab_train
 from sdlora.ui.api import add_api
 from sdlora.ui.common import FREE, GPU, guard
 from sdlora.ui.engine import Engine
-from sdlora.ui.state import Session, TrainSlot, stop_training
+from sdlora.ui.state import Session
 
 
 def build_app(
@@ -45,7 +45,6 @@ def build_app(
 
     with gr.Blocks(title="sdlora mixer", analytics_enabled=False) as app:
         session = gr.State(Session(base=base))
-        train_slot = gr.State(TrainSlot(), delete_callback=stop_training)
         gr.Markdown(
             "## sdlora mixer\nBlend LoRA adapters with exact strengths, generate, compare, "
             "export, train. "
@@ -66,7 +65,7 @@ def build_app(
         tab_mix.wire(ctx, mix, session, [compare.x_dd, compare.y_dd], inspect.adapter_dd)
         tab_compare.wire(ctx, compare, session, mix)
         tab_export.wire(ctx, export, session, mix)
-        tab_train.wire(ctx, train, train_slot, mix.base_dd, [mix.adapter_dd, inspect.adapter_dd])
+        tab_train.wire(ctx, train, app, mix.base_dd, [mix.adapter_dd, inspect.adapter_dd])
         tab_inspect.wire(ctx, inspect, mix.base_dd)
 
         @guard
