@@ -101,7 +101,7 @@ def test_training_runs_beside_generation_survives_reload_and_stops(server):
             assert trainer.locator("#train-lr input").input_value() == "0.001"
             trainer.locator("#train-name").get_by_role("textbox").fill("long")
             trainer.locator("#train-steps").get_by_role("spinbutton").fill(str(STEPS))
-            trainer.locator("#sample-every").get_by_role("spinbutton").fill("40")
+            trainer.locator("#sample-every").get_by_role("spinbutton").fill("20")
             trainer.click("#train-start")
             expect(trainer.locator("#train-status")).to_contain_text(
                 f"of {STEPS}", timeout=TIMEOUT_MS
@@ -134,6 +134,12 @@ def test_training_runs_beside_generation_survives_reload_and_stops(server):
             trainer.reload()
             trainer.get_by_role("tab", name="Train").click()
             expect(trainer.locator("#train-status")).to_contain_text(f"of {STEPS}")
+            expect(trainer.locator("#train-name").get_by_role("textbox")).to_have_value(
+                "long"
+            )  # its settings
+            expect(trainer.locator("#train-steps").get_by_role("spinbutton")).to_have_value(
+                str(STEPS)
+            )
             first = step_shown(trainer)
             expect(trainer.locator("#train-status")).not_to_contain_text(
                 f"step {first} of", timeout=TIMEOUT_MS

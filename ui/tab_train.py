@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import astuple, dataclass, replace
 
 import gradio as gr
 from sdlora.ui import handlers as h
@@ -278,16 +278,23 @@ def wire(
     def on_tick(watch: Watch) -> tuple:
         return show(watch.job_id, watch, ctx)
 
+    keep_form = (gr.skip(),) * (1 + len(tab.form))
+
+    def attach(job_id: str) -> tuple:
+        """Show run `job_id`, with its settings in the form (ready for Resume after a Stop)."""
+        dataset, form = train_setup.form_of(JOBS.get(job_id).settings, ctx)
+        return (*show(job_id, Watch(), ctx), dataset, *astuple(form))
+
     def on_attach(watch: Watch) -> tuple:
         job_id = JOBS.running()
         if job_id is None:
-            return said("No training is running now.", watch)
-        return show(job_id, Watch(), ctx)
+            return (*said("No training is running now.", watch), *keep_form)
+        return attach(job_id)
 
     def on_load(watch: Watch) -> tuple:
         """A page (re)loaded while a run is going shows that run."""
         job_id = JOBS.running()
-        return show(job_id, Watch(), ctx) if job_id else said("", watch)
+        return attach(job_id) if job_id else (*said("", watch), *keep_form)
 
     def on_stop(watch: Watch) -> tuple:
         job_id = watch.job_id if watch.job_id and JOBS.get(watch.job_id) else JOBS.running()
@@ -323,7 +330,8 @@ def wire(
     )
     tab.start_btn.click(on_start, [watch_state, base_dd, tab.dataset_dd, *tab.form], view, **FREE)
     timer.tick(on_tick, watch_state, view, **FREE)
-    tab.attach_btn.click(on_attach, watch_state, view, **FREE)
+    with_form = [*view, tab.dataset_dd, *tab.form]
+    tab.attach_btn.click(on_attach, watch_state, with_form, **FREE)
     tab.stop_btn.click(on_stop, watch_state, view, **FREE)
-    app.load(on_load, watch_state, view, **FREE)
+    app.load(on_load, watch_state, with_form, **FREE)
     base_dd.input(on_pick_base, base_dd, [tab.resolution, tab.batch_size, tab.lr], **FREE)

@@ -16,7 +16,7 @@ from PIL import Image
 from sdlora.train import load_config
 from sdlora.train.checkpoint import checkpoints
 from sdlora.train.config import TrainConfig
-from sdlora.train.data import BatchPlan, discover
+from sdlora.train.data import ENLARGE_WARNING, BatchPlan, discover, enlarged_items
 from sdlora.ui import paths
 from sdlora.ui.handlers import Context
 
@@ -114,6 +114,14 @@ def preview(ctx: Context, dataset: str, resolution: int) -> DatasetPreview:
         notes.insert(
             0,
             f"{len(skipped)} file(s) cannot be read and are left out (e.g. {first.name}: {reason})",
+        )
+    enlarged = enlarged_items(items)
+    if enlarged:
+        first = enlarged[0]
+        notes.append(
+            f"{len(enlarged)} of {len(items)} images are enlarged {ENLARGE_WARNING:g}× or more "
+            f"to reach the resolution (e.g. {first.path.name}, {first.size[0]}×{first.size[1]}): "
+            "a lower resolution trains faster and loses no detail"
         )
     thumbs = [(thumbnail(item.path), item.caption) for item in items[:PREVIEW_IMAGES]]
     sizes = sorted({item.bucket for item in items})
@@ -227,3 +235,25 @@ def checked_run(ctx: Context, base: str, dataset: str, form: Form) -> Run:
     except SdloraError as err:
         raise SdloraError(ui_words(str(err), ctx)) from None
     return Run(settings, name, output, len(items))
+
+
+def form_of(settings: dict, ctx: Context) -> tuple[str, Form]:
+    """The dataset and form that `checked_run` made `settings` from (to show a run's settings
+    on a page that finds it running)."""
+    dataset = Path(settings["data_dir"]).relative_to(ctx.datasets).as_posix()
+    prompts = settings.get("sample_prompts") or [""]
+    form = Form(
+        name=settings["name"],
+        trigger=settings.get("trigger") or "",
+        rank=settings["rank"],
+        nonlinearity=settings["nonlinearity"],
+        steps=settings["steps"],
+        lr=settings["lr"],
+        resolution=settings["resolution"],
+        batch_size=settings["batch_size"],
+        train_text_encoder=settings["train_text_encoder"],
+        sample_every=settings["sample_every"],
+        sample_prompt=prompts[0],
+        seed=settings["seed"],
+    )
+    return dataset, form
