@@ -95,6 +95,7 @@ def test_training_runs_beside_generation_survives_reload_and_stops(server):
             pick(trainer, "#dataset", "shapes")
             expect(trainer.locator("#dataset-info")).to_contain_text("12 images")
             expect(trainer.locator("#dataset-preview img").first).to_be_visible()
+            screenshot(trainer, "ui-train-preview.png")
 
             # the form starts at the toy base's values; a long run that samples now and then
             assert trainer.locator("#resolution input").input_value() == "64"
@@ -158,6 +159,7 @@ def test_training_runs_beside_generation_survives_reload_and_stops(server):
             expect(trainer.locator("#train-status")).to_contain_text("Stopped at step")
             expect(trainer.locator("#train-status")).to_contain_text("nothing to resume")
             assert not alive(job.pid)
+            screenshot(trainer, "ui-train-stopped.png")
             assert JOBS.running() is None and not job.status().running
             assert not (server["root"] / "adapters" / "long.safetensors").exists()
         finally:

@@ -18,6 +18,8 @@ from sdlora.ui.training import TrainJob
 
 from sdlora.errors import SdloraError
 
+KEEP_FINISHED = 8  # finished runs kept for pages that still show them
+
 
 class Busy(SdloraError):
     """A run is going already; `job_id` names it so that the page can offer to watch it."""
@@ -44,6 +46,8 @@ class Jobs:
             for job_id, job in self._jobs.items():
                 if job.status().running:
                     raise Busy(job_id, job)
+            for old in list(self._jobs)[: -KEEP_FINISHED or None]:
+                del self._jobs[old]  # all finished: pages that watched them have seen the end
             job_id = uuid.uuid4().hex[:12]
             self._jobs[job_id] = launch()
             return job_id

@@ -11,8 +11,10 @@ form's words, and leave the other components alone.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import astuple, dataclass, replace
 
 import gradio as gr
@@ -150,7 +152,8 @@ def layout(ctx: h.Context, base: str) -> TrainTab:
             x="step",
             y="loss",
             color="curve",
-            label="Loss",
+            color_map={"loss": "#9ca3af", "smoothed": "#ea580c"},
+            label="Loss: each step (grey), smoothed (orange)",
             height=320,
             x_axis_format="d",
             elem_id="loss-plot",
@@ -224,6 +227,23 @@ def show(job_id: str | None, watch: Watch, ctx: h.Context) -> tuple:
     watch = replace(watch, losses=len(s.losses), samples=len(found), finished=done)
     timer = gr.Timer(active=not done)
     return (watch, out_status, plot, gallery, timer, gr.Button(visible=False), *lists)
+
+
+def quietly(fn: Callable[..., tuple], n: int, status_at: int = 1) -> Callable[..., tuple]:
+    """`fn`, but an unexpected error is logged and written into the status line (output
+    `status_at` of `n`) instead of putting Gradio's error overlay on the tab's components."""
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        try:
+            return fn(*args)
+        except Exception as err:
+            logger.exception("unexpected error in %s", fn.__name__)
+            out = [gr.skip()] * n
+            out[status_at] = f"**Something went wrong:** {type(err).__name__}: {err}"
+            return tuple(out)
+
+    return wrapper
 
 
 def wire(
@@ -326,12 +346,20 @@ def wire(
         lambda: gr.Dropdown(choices=h.list_datasets(ctx)), None, tab.dataset_dd, **FREE
     )
     tab.dataset_dd.change(
-        on_dataset, [tab.dataset_dd, tab.resolution], [tab.preview_text, tab.preview], **FREE
+        quietly(on_dataset, 2, 0),
+        [tab.dataset_dd, tab.resolution],
+        [tab.preview_text, tab.preview],
+        **FREE,
     )
-    tab.start_btn.click(on_start, [watch_state, base_dd, tab.dataset_dd, *tab.form], view, **FREE)
-    timer.tick(on_tick, watch_state, view, **FREE)
+    tab.start_btn.click(
+        quietly(on_start, len(view)),
+        [watch_state, base_dd, tab.dataset_dd, *tab.form],
+        view,
+        **FREE,
+    )
+    timer.tick(quietly(on_tick, len(view)), watch_state, view, **FREE)
     with_form = [*view, tab.dataset_dd, *tab.form]
-    tab.attach_btn.click(on_attach, watch_state, with_form, **FREE)
-    tab.stop_btn.click(on_stop, watch_state, view, **FREE)
-    app.load(on_load, watch_state, with_form, **FREE)
+    tab.attach_btn.click(quietly(on_attach, len(with_form)), watch_state, with_form, **FREE)
+    tab.stop_btn.click(quietly(on_stop, len(view)), watch_state, view, **FREE)
+    app.load(quietly(on_load, len(with_form)), watch_state, with_form, **FREE)
     base_dd.input(on_pick_base, base_dd, [tab.resolution, tab.batch_size, tab.lr], **FREE)
