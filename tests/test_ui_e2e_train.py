@@ -78,6 +78,11 @@ def test_training_runs_beside_generation_survives_reload_and_stops(server):
             trainer.goto(server["url"])
             trainer.get_by_role("tab", name="Train").click()
 
+            visitor = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
+            visitor.set_default_timeout(TIMEOUT_MS)
+            visitor.goto(server["url"])
+            expect(visitor.locator("#generate")).to_be_visible()
+
             # a folder without images is refused at once, in the page's words
             pick(trainer, "#dataset", "empty")
             expect(trainer.locator("#dataset-info")).to_contain_text("no images found")
@@ -111,24 +116,26 @@ def test_training_runs_beside_generation_survives_reload_and_stops(server):
             job = JOBS.get(job_id)
             assert job is not None and alive(job.pid)
 
-            # another visitor generates meanwhile: their image is done while training goes on
-            visitor = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
-            visitor.set_default_timeout(TIMEOUT_MS)
-            visitor.goto(server["url"])
+            # another visitor (their page open since before the Start) generates meanwhile:
+            # their image is done while the training goes on, step after step
+            before = job.status().step
             visitor.locator("#prompt").get_by_role("textbox").fill("a red circle")
             visitor.click("#generate")
             visitor.locator("#gallery img").first.wait_for(state="visible")
             assert JOBS.running() == job_id and alive(job.pid)
-            assert job.status().step < STEPS
+            assert before < job.status().step < STEPS
 
-            # the visitor sees the run too; their Start says what runs instead of a second run
+            # their Start says what runs instead of starting a second run, and offers to watch it
             visitor.get_by_role("tab", name="Train").click()
-            expect(visitor.locator("#train-status")).to_contain_text("Training long")
             pick(visitor, "#dataset", "shapes")
             visitor.locator("#train-name").get_by_role("textbox").fill("second")
             visitor.click("#train-start")
             expect(visitor.locator("#train-status")).to_contain_text("long is training now")
             assert JOBS.running() == job_id
+            visitor.click("#train-attach")
+            expect(visitor.locator("#train-status")).to_contain_text("Training long on shapes")
+            expect(visitor.locator("#train-name").get_by_role("textbox")).to_have_value("long")
+            expect(visitor.locator("#train-attach")).to_be_hidden()
             visitor.close()
 
             # a reload finds the run again: the step counter moves, loss and samples come in

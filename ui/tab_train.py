@@ -32,6 +32,7 @@ from sdlora.recommend import training_start
 logger = logging.getLogger(__name__)
 MIN_AXIS = 20  # the loss plot's x axis spans at least 0..20: whole-step ticks from the start
 POLL_S = 1.0  # how often a watching page asks for news (each ask is a quick, queue-free event)
+MAX_NOTES = 3  # the trainer's latest warnings shown under the status line
 
 
 @dataclass(frozen=True)
@@ -222,8 +223,8 @@ def show(job_id: str | None, watch: Watch, ctx: h.Context) -> tuple:
     if done and not watch.finished and s.adapter is not None:
         names = h.list_adapters(ctx)
         lists = [gr.Dropdown(choices=names), gr.Dropdown(choices=names)]
-    if watch.note:
-        out_status = f"{watch.note}\n\n{out_status}"
+    notes = [train_setup.ui_words(w, ctx) for w in dict.fromkeys(s.warnings)]
+    out_status = "\n\n".join([watch.note, out_status, *notes[-MAX_NOTES:]]).strip()
     watch = replace(watch, losses=len(s.losses), samples=len(found), finished=done)
     timer = gr.Timer(active=not done)
     return (watch, out_status, plot, gallery, timer, gr.Button(visible=False), *lists)
