@@ -121,7 +121,9 @@ def test_training_runs_beside_generation_survives_reload_and_stops(server):
             before = job.status().step
             visitor.locator("#prompt").get_by_role("textbox").fill("a red circle")
             visitor.click("#generate")
-            visitor.locator("#gallery img").first.wait_for(state="visible")
+            result = "#gallery img, #result img"  # the Mix tab's result (gallery, or HTML)
+            visitor.locator(result).first.wait_for(state="visible")
+            assert len(list((server["root"] / "outputs" / "images").glob("*.png"))) == 1
             assert JOBS.running() == job_id and alive(job.pid)
             assert before < job.status().step < STEPS
 

@@ -146,40 +146,36 @@ def start(jobs: Jobs, ctx: h.Context, form: Form) -> tuple[str, TrainJob]:
     return job_id, jobs.get(job_id)
 
 
-def test_one_run_at_a_time_and_stop_ends_its_process(ctx):
+def test_one_run_at_a_time_stop_ends_its_process_and_resume_finishes(ctx, tmp_path):
     jobs = Jobs()
-    job_id, job = start(jobs, ctx, Form(name="long", steps=100_000, sample_every=0, **TOY))
+    form = Form(name="resumed", steps=30, sample_every=30, sample_prompt="a red circle", **TOY)
+    job_id, job = start(jobs, ctx, form)  # a checkpoint every 3 steps
     assert jobs.running() == job_id
-    with pytest.raises(Busy, match=r"\*\*long\*\* is training now") as busy:
+    with pytest.raises(Busy, match=r"\*\*resumed\*\* is training now") as busy:
         start(jobs, ctx, Form(name="other", steps=2, **TOY))
     assert busy.value.job_id == job_id
-    wait_for(lambda: job.status().step >= 3, "three steps")
+    wait_for(lambda: checkpoints(job.output), "a checkpoint")
 
     s = job.status()
     assert s.running and s.first_step_at is not None and s.images_per_step == 4
-    text = train_view.status_text(s, "long", "style", job.output, 10_000, time.monotonic())
-    assert f"step {s.step} of 100000" in text and "images/s" in text and "left" in text
+    text = train_view.status_text(s, "resumed", "style", job.output, 3, time.monotonic())
+    assert f"step {s.step} of 30" in text and "images/s" in text and "left" in text
 
     s = job.stop()
     assert gone(job.pid)
     with pytest.raises(ProcessLookupError):
         os.killpg(job.pid, 0)  # nothing of its process group is left either
     assert s.stopped and not s.running and s.adapter is None and s.error is None
-    assert jobs.running() is None and not (ctx.adapters / "long.safetensors").exists()
-    text = train_view.status_text(s, "long", "style", job.output, 10_000, time.monotonic())
+    assert jobs.running() is None and not (ctx.adapters / "resumed.safetensors").exists()
+    last = int(checkpoints(job.output)[-1].name.split("-")[-1])
+    text = train_view.status_text(s, "resumed", "style", job.output, 3, time.monotonic())
+    assert text == (
+        f"Stopped at step {s.step}. The last checkpoint is at step {last}: tick **Resume** "
+        "and press Start to go on from there."
+    )
+    text = train_view.stopped_text(s, tmp_path, 3)  # a run folder without checkpoints
     assert text.startswith(f"Stopped at step {s.step}, before the first checkpoint")
     assert "Resume" not in text
-
-
-def test_stop_offers_resume_from_the_checkpoint_and_resume_finishes(ctx):
-    jobs = Jobs()
-    form = Form(name="resumed", steps=30, sample_every=30, sample_prompt="a red circle", **TOY)
-    _, job = start(jobs, ctx, form)  # a checkpoint every 3 steps
-    wait_for(lambda: checkpoints(job.output), "a checkpoint")
-    s = job.stop()
-    last = int(checkpoints(job.output)[-1].name.split("-")[-1])
-    text = train_view.stopped_text(s, job.output, 3)
-    assert f"The last checkpoint is at step {last}: tick **Resume**" in text
 
     form.resume = True
     _, job = start(jobs, ctx, form)
