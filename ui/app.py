@@ -2,8 +2,9 @@
 
 Layout and wiring only: each tab is its own module (`tab_mix`, `tab_compare`, `tab_export`,
 `tab_train`, `tab_inspect`) and what each button does lives in `handlers`. Per-visitor state is
-in `gr.State` (their base and mix); training runs are the server's (`jobs`); the models are shared through one
-`Engine` and every job that touches them runs in the "gpu" concurrency group, one at a time.
+in `gr.State` (their base and mix); training runs are the server's (`jobs`), in processes of
+their own. The models are shared through one `Engine` and every job that touches them runs in the
+"gpu" concurrency group, one at a time.
 User mistakes arrive as `SdloraError`s and are shown as messages, never as tracebacks.
 
 API endpoints for `gradio_client` (see README): `/generate`, `/export`, `/inspect`,
