@@ -1,5 +1,5 @@
 """The web UI's handlers on CPU with the tiny base: path safety, uploads, per-session mixes,
-PNG recipes, exports (a merged LoRA equals the live blend), grids and training jobs."""
+PNG recipes, exports (a merged LoRA equals the live blend) and grids (training: test_ui_training)."""
 
 from __future__ import annotations
 
@@ -264,51 +264,7 @@ def test_inspect_reports_the_file_and_coverage(ctx):
     assert "coverage" in text and str(ctx.adapters) not in text
 
 
-# ---------------------------------------------------------------- training
-
-
-def test_training_settings_are_checked_before_anything_starts(ctx):
-    for kwargs, message in [
-        (dict(dataset="../style"), "'..'"),
-        (dict(dataset="nope"), "no such folder"),
-        (dict(dataset="style", name="../x"), "adapter name"),
-        (dict(dataset="style", name="fresh", resolution=65), "resolution"),
-        (dict(dataset="style", name="style", resume=True, overwrite=True), "pick one"),
-    ]:
-        with pytest.raises(SdloraError, match=message):
-            h.start_training(ctx, "tiny", **kwargs)
-
-
-def test_training_job_reports_steps_and_installs_the_adapter(ctx):
-    job = h.start_training(
-        ctx,
-        "tiny",
-        "style",
-        name="trained",
-        steps=2,
-        resolution=64,
-        rank=2,
-        sample_every=2,
-        sample_prompt="a circle",
-    )
-    status = job.wait(timeout=240)
-    assert status.error is None and not status.running, status
-    assert status.steps == [1, 2] and all(np.isfinite(status.losses))
-    assert status.adapter == ctx.adapters / "trained.safetensors"
-    assert "trained" in h.list_adapters(ctx)
-    assert job.latest_sample() is not None
-    with pytest.raises(SdloraError, match="already in the adapters folder"):
-        h.start_training(ctx, "tiny", "style", name="trained", steps=2, resolution=64)
-
-
-def test_training_job_stops_on_request(ctx):
-    job = h.start_training(ctx, "tiny", "style", name="stopped", steps=500, resolution=64)
-    job.stop()
-    status = job.wait(timeout=60)
-    assert status.stopped and not status.running and status.adapter is None
-    assert status.error is None
-    assert not (ctx.adapters / "stopped.safetensors").exists()
-    assert os.path.isdir(ctx.outputs) and "stopped" not in h.list_adapters(ctx)
+# ---------------------------------------------------------------- command
 
 
 def test_ui_command_is_local_and_private_by_default():

@@ -2,9 +2,10 @@
 
 Layout and wiring only: each tab is its own module (`tab_mix` with `mix_history`,
 `tab_compare`, `tab_export`, `tab_train`, `tab_inspect`) and what each button does lives in
-`handlers`. Per-visitor state is in `gr.State` (their base and mix, their training job) and,
-across reloads, in browser storage; the models are shared through one `Engine` and every job
-that touches them runs in the "gpu" concurrency group, one at a time. User mistakes arrive as
+`handlers`. Per-visitor state is in `gr.State` (their base and mix) and, across reloads, in
+browser storage; training runs are the server's (`jobs`), in processes of their own. The models
+are shared through one `Engine` and every job that touches them runs in the "gpu" concurrency
+group, one at a time. User mistakes arrive as
 `SdloraError`s and are shown in the status line beside the button pressed (`common.on`).
 
 API endpoints for `gradio_client` (see README): `/generate`, `/export`, `/inspect`,
@@ -22,7 +23,7 @@ from sdlora.ui import mix_history, tab_compare, tab_export, tab_inspect, tab_mix
 from sdlora.ui.api import add_api
 from sdlora.ui.common import CSS, FREE, GPU, guard, on
 from sdlora.ui.engine import Engine
-from sdlora.ui.state import Session, TrainSlot, stop_training
+from sdlora.ui.state import Session
 
 
 def build_app(
@@ -47,7 +48,6 @@ def build_app(
 
     with gr.Blocks(title="sdlora mixer", analytics_enabled=False) as app:
         session = gr.State(Session(base=base))
-        train_slot = gr.State(TrainSlot(), delete_callback=stop_training)
         stored = gr.BrowserState({}, storage_key=mix_history.STORAGE_KEY)
         gr.Markdown(
             f"**sdlora mixer** · adapters `{ctx.adapters.name}/` · datasets "
@@ -73,7 +73,7 @@ def build_app(
         tab_mix.wire(ctx, mix, session, choices, inspect.adapter_dd, history.gallery, persist)
         tab_compare.wire(ctx, compare, session, mix)
         tab_export.wire(ctx, export, session, mix, export_tab)
-        tab_train.wire(ctx, train, train_slot, mix.base_dd, [mix.adapter_dd, inspect.adapter_dd])
+        tab_train.wire(ctx, train, app, mix.base_dd, [mix.adapter_dd, inspect.adapter_dd])
         tab_inspect.wire(ctx, inspect, mix.base_dd)
 
         def lists() -> tuple:

@@ -19,7 +19,6 @@ from pathlib import Path
 from sdlora.ui import paths
 from sdlora.ui.engine import Engine
 from sdlora.ui.state import Session
-from sdlora.ui.training import TrainJob
 
 from sdlora.base import BUILTIN
 from sdlora.blocks import parse_blocks
@@ -415,66 +414,3 @@ def run_compare(
 def list_datasets(ctx: Context) -> list[str]:
     """Training-data folders in the datasets folder."""
     return paths.list_folders(ctx.datasets)
-
-
-def start_training(
-    ctx: Context,
-    base: str,
-    dataset: str,
-    name: str = "",
-    trigger: str = "",
-    rank: int = 8,
-    nonlinearity: str = "identity",
-    steps: int = 200,
-    lr: float = 1e-4,
-    resolution: int = 512,
-    batch_size: int = 1,
-    train_text_encoder: bool = False,
-    sample_every: int = 0,
-    sample_prompt: str = "",
-    seed: int = 0,
-    resume: bool = False,
-    overwrite: bool = False,
-) -> TrainJob:
-    """Start training on datasets/<dataset> into outputs/train/<name>; the finished adapter is
-    copied into the adapters folder. Settings are checked here, before anything starts."""
-    from sdlora.train import load_config
-
-    if not dataset:
-        raise SdloraError("pick a dataset folder first")
-    data = paths.inside(ctx.datasets, dataset, "dataset")
-    if not data.is_dir():
-        raise SdloraError(f"dataset {dataset!r}: no such folder in the datasets folder")
-    name = paths.clean_name(name or data.name, "adapter name")
-    name = name.removesuffix(paths.ADAPTER_SUFFIX)
-    output = paths.inside(ctx.outputs, f"train/{name}", "adapter name")
-    if (ctx.adapters / f"{name}{paths.ADAPTER_SUFFIX}").exists() and not (resume or overwrite):
-        raise SdloraError(
-            f"an adapter named {name!r} is already in the adapters folder; choose another name, "
-            "tick resume to continue its run, or tick overwrite"
-        )
-    steps = int(steps)
-    settings = dict(
-        data_dir=str(data),
-        output=str(output),
-        name=name,
-        base=resolve_base(ctx, base),
-        rank=int(rank),
-        nonlinearity=nonlinearity,
-        steps=steps,
-        lr=float(lr),
-        resolution=int(resolution),
-        batch_size=int(batch_size),
-        train_text_encoder=bool(train_text_encoder),
-        trigger=trigger.strip() or None,
-        sample_every=int(sample_every),
-        sample_prompts=[sample_prompt] if sample_prompt.strip() else [],
-        seed=int(seed),
-        save_every=max(1, steps // 10),
-        resume="latest" if resume else None,
-        overwrite=bool(overwrite),
-        workers=0,
-        tensorboard=False,
-    )
-    load_config(None, **settings).check()
-    return TrainJob(settings, steps, output, install_to=ctx.adapters)

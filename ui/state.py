@@ -1,4 +1,4 @@
-"""Per-visitor state, kept in `gr.State`: the visitor's base choice and mix, and their training job.
+"""Per-visitor state, kept in `gr.State`: the visitor's base choice and mix.
 
 Only plain data lives here: names and strengths. The models themselves are shared (see
 `engine.Engine`), and a visitor's mix is applied to them only while their own job runs.
@@ -7,7 +7,6 @@ Only plain data lives here: names and strengths. The models themselves are share
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 from sdlora.errors import SdloraError
 
@@ -80,19 +79,3 @@ class Session:
                 items.append(item)
         self.mix = items[:MAX_ADAPTERS]
 
-
-@dataclass
-class TrainSlot:
-    """Holds the visitor's running training job (a `training.TrainJob`), so Stop can reach it."""
-
-    job: Any = None
-
-    def stop(self) -> None:
-        if self.job is not None:
-            self.job.stop()
-
-
-def stop_training(slot: TrainSlot | None) -> None:
-    """`gr.State` delete callback: a closed session leaves no trainer running."""
-    if slot is not None:
-        slot.stop()

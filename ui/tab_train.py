@@ -1,29 +1,57 @@
 """The Train tab: train a LoRA on a dataset folder in its own process, with live loss and samples.
 
-The finished adapter is copied into the adapters folder, where the Mix and Inspect tabs find it.
-Settings start at the base's values (`sdlora.recommend.training_start`).
+The run is the server's (`jobs.JOBS`), not the page's: Start returns at once, the page then
+watches the run with a timer, and a reloaded page or another browser finds the running one and
+can watch and stop it. Runs take no place in the generation queue, so visitors keep
+generating while one trains. The finished adapter is copied into the adapters folder, where the
+Mix and Inspect tabs find it. Settings start at the base's values
+(`sdlora.recommend.training_start`). Mistakes are written into the tab's status line, in the
+form's words, and leave the other components alone.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import astuple, dataclass, replace
 
 import gradio as gr
-import pandas as pd
 from sdlora.ui import handlers as h
-from sdlora.ui.common import FREE, JOB, guard
-from sdlora.ui.state import TrainSlot
+from sdlora.ui import train_setup, train_view
+from sdlora.ui.common import FREE
+from sdlora.ui.jobs import JOBS, Busy
+from sdlora.ui.train_setup import Form
+from sdlora.ui.training import TrainJob
 
 from sdlora.errors import SdloraError
 from sdlora.layer import NONLINEARITIES
 from sdlora.recommend import training_start
+
+logger = logging.getLogger(__name__)
+MIN_AXIS = 20  # the loss plot's x axis spans at least 0..20: whole-step ticks from the start
+POLL_S = 1.0  # how often a watching page asks for news (each ask is a quick, queue-free event)
+MAX_NOTES = 3  # the trainer's latest warnings shown under the status line
+
+
+@dataclass(frozen=True)
+class Watch:
+    """Which run this page shows, and how much of it the page has already got."""
+
+    job_id: str | None = None
+    losses: int = -1  # losses already plotted (-1: the plot is not this run's yet)
+    samples: int = -1  # sample grids already in the gallery
+    finished: bool = False  # the end of the run has been shown
+    note: str = ""  # an answer to this page's last Start, kept above the run's status
 
 
 @dataclass
 class TrainTab:
     dataset_dd: gr.Dropdown
     refresh_data: gr.Button
+    preview_text: gr.Markdown
+    preview: gr.Gallery
     name: gr.Textbox
     trigger: gr.Textbox
     rank: gr.Slider
@@ -40,13 +68,14 @@ class TrainTab:
     overwrite: gr.Checkbox
     start_btn: gr.Button
     stop_btn: gr.Button
+    attach_btn: gr.Button
     status: gr.Markdown
     loss_plot: gr.LinePlot
-    sample_img: gr.Image
+    samples: gr.HTML
 
     @property
-    def settings(self) -> list:
-        """The form, in `handlers.start_training` order after base and dataset."""
+    def form(self) -> list:
+        """The form, in `train_setup.Form` order."""
         return [
             self.name,
             self.trigger,
@@ -70,15 +99,26 @@ def layout(ctx: h.Context, base: str) -> TrainTab:
     gr.Markdown(
         "Train a LoRA on a folder of images (captions in `.txt` files beside them). "
         "The run goes to `train/<name>/` in the outputs folder; the finished adapter "
-        "appears in the Mix tab. Stop keeps the last checkpoint: tick resume to go on."
+        "appears in the Mix tab. It keeps running when you leave the page: come back to watch "
+        "or stop it. Stop keeps the last checkpoint: tick Resume to go on."
     )
     with gr.Row():
         dataset_dd = gr.Dropdown(
-            h.list_datasets(ctx), label="Dataset folder", scale=3, elem_id="dataset"
+            h.list_datasets(ctx), value=None, label="Dataset folder", scale=3, elem_id="dataset"
         )
         refresh_data = gr.Button("Refresh", size="sm", scale=1, min_width=80)
         name = gr.Textbox(label="Adapter name (default: the folder's name)", elem_id="train-name")
         trigger = gr.Textbox(label="Trigger word (optional)")
+    preview_text = gr.Markdown(elem_id="dataset-info")
+    preview = gr.Gallery(
+        label="Dataset",
+        columns=8,
+        height=240,
+        object_fit="contain",
+        format="png",
+        visible=False,
+        elem_id="dataset-preview",
+    )
     with gr.Row():
         rank = gr.Slider(1, 128, value=8, step=1, label="Rank")
         nonlinearity = gr.Dropdown(list(NONLINEARITIES), value="identity", label="Nonlinearity")
@@ -95,7 +135,10 @@ def layout(ctx: h.Context, base: str) -> TrainTab:
         train_te = gr.Checkbox(False, label="Also train the text encoder")
     with gr.Row():
         sample_every = gr.Number(
-            0, precision=0, label="Sample every N steps (0 = never)", elem_id="sample-every"
+            Form.sample_every,
+            precision=0,
+            label="Sample every N steps (0 = never)",
+            elem_id="sample-every",
         )
         sample_prompt = gr.Textbox(label="Sample prompt (default: a training caption)")
         resume = gr.Checkbox(False, label="Resume the last run of this name")
@@ -103,13 +146,27 @@ def layout(ctx: h.Context, base: str) -> TrainTab:
     with gr.Row():
         start_btn = gr.Button("Start training", variant="primary", elem_id="train-start")
         stop_btn = gr.Button("Stop", variant="stop", elem_id="train-stop")
+        attach_btn = gr.Button("Watch the running training", visible=False, elem_id="train-attach")
     status = gr.Markdown(elem_id="train-status")
     with gr.Row():
-        loss_plot = gr.LinePlot(x="step", y="loss", label="Loss", height=260)
-        sample_img = gr.Image(label="Latest samples", type="filepath", format="png")
+        loss_plot = gr.LinePlot(
+            x="step",
+            y="loss",
+            color="curve",
+            color_map={"loss": "#9ca3af", "smoothed": "#ea580c"},
+            label="Loss: each step (grey), smoothed (orange)",
+            height=320,
+            x_axis_format="d",
+            elem_id="loss-plot",
+        )
+        with gr.Column():
+            gr.Markdown("Samples, newest first (at the base's recommended guidance and steps)")
+            samples = gr.HTML("", elem_id="train-samples", max_height=560, padding=False)
     return TrainTab(
         dataset_dd,
         refresh_data,
+        preview_text,
+        preview,
         name,
         trigger,
         rank,
@@ -126,62 +183,156 @@ def layout(ctx: h.Context, base: str) -> TrainTab:
         overwrite,
         start_btn,
         stop_btn,
+        attach_btn,
         status,
         loss_plot,
-        sample_img,
+        samples,
     )
+
+
+def show(job_id: str | None, watch: Watch, ctx: h.Context) -> tuple:
+    """What changed on a page that watches run `job_id` and has already got `watch`:
+    (watch, status, loss plot, samples, timer, attach button, Mix adapters, Inspect adapters)."""
+    job: TrainJob | None = JOBS.get(job_id)
+    if job is None:
+        return (Watch(), gr.skip(), gr.skip(), gr.skip(), gr.Timer(active=False), *[gr.skip()] * 3)
+    if watch.job_id != job_id:
+        watch = Watch(job_id)
+    s = job.status()
+    if s.error:
+        s = replace(s, error=train_setup.ui_words(s.error, ctx))
+    out_status = train_view.status_text(
+        s,
+        job.settings["name"],
+        job.label,
+        job.output,
+        job.settings["save_every"],
+        time.monotonic(),
+    )
+    plot = gr.skip()
+    if len(s.losses) != watch.losses:
+        plot = gr.LinePlot(
+            value=train_view.loss_frame(s.steps, s.losses), x_lim=[0, max(s.step, MIN_AXIS)]
+        )
+    found = job.samples()
+    gallery = gr.skip()
+    if len(found) != watch.samples:
+        gallery = train_view.samples_html(found)
+    lists = [gr.skip(), gr.skip()]
+    done = not s.running
+    if done and not watch.finished and s.adapter is not None:
+        names = h.list_adapters(ctx)
+        lists = [gr.Dropdown(choices=names), gr.Dropdown(choices=names)]
+    notes = [train_setup.ui_words(w, ctx) for w in dict.fromkeys(s.warnings)]
+    out_status = "\n\n".join([watch.note, out_status, *notes[-MAX_NOTES:]]).strip()
+    watch = replace(watch, losses=len(s.losses), samples=len(found), finished=done)
+    timer = gr.Timer(active=not done)
+    return (watch, out_status, plot, gallery, timer, gr.Button(visible=False), *lists)
+
+
+def quietly(fn: Callable[..., tuple], n: int, status_at: int = 1) -> Callable[..., tuple]:
+    """`fn`, but an unexpected error is logged and written into the status line (output
+    `status_at` of `n`) instead of putting Gradio's error overlay on the tab's components."""
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        try:
+            return fn(*args)
+        except Exception as err:
+            logger.exception("unexpected error in %s", fn.__name__)
+            out = [gr.skip()] * n
+            out[status_at] = f"**Something went wrong:** {type(err).__name__}: {err}"
+            return tuple(out)
+
+    return wrapper
 
 
 def wire(
     ctx: h.Context,
     tab: TrainTab,
-    train_slot: gr.State,
+    app: gr.Blocks,
     base_dd: gr.Dropdown,
     adapter_lists: list[gr.Dropdown],
 ) -> None:
     """Train on the Mix tab's base; `adapter_lists` (Mix, Inspect) get the new adapter."""
+    watch_state = gr.State(Watch())
+    timer = gr.Timer(POLL_S, active=False)
+    view = [
+        watch_state,
+        tab.status,
+        tab.loss_plot,
+        tab.samples,
+        timer,
+        tab.attach_btn,
+        *adapter_lists,
+    ]
+    unchanged = (gr.skip(),) * (len(view) - 2)
 
-    @guard
-    def on_train(
-        slot: TrainSlot,
-        base: str,
-        dataset: str,
-        progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio injects it)
-        *settings,
-    ):
-        if slot.job is not None and slot.job.status().running:
-            raise SdloraError("a training run of yours is already going; stop it first")
-        slot.job = job = h.start_training(ctx, base, dataset, *settings)
-        progress(0.0, desc="starting")
-        while True:
-            status = job.status()
-            progress((status.step, status.total), desc="training", unit="steps")
-            plot = pd.DataFrame({"step": status.steps, "loss": status.losses})
-            sample = job.latest_sample()
-            if not status.running:
-                break
-            last = status.messages[-1] if status.messages else "loading the base"
-            text = f"step {status.step} of {status.total} · {last}"
-            yield plot, str(sample) if sample else None, text, gr.Dropdown(), gr.Dropdown()
-            time.sleep(1.0)
-        if status.error:
-            raise SdloraError(status.error)
-        if status.stopped:
-            text = f"Stopped at step {status.step}; tick resume and start to go on."
-        else:
-            text = f"Done: **{status.adapter.stem}** is in the adapters folder (Mix tab)."
-        names = h.list_adapters(ctx)
-        yield (
-            plot,
-            str(sample) if sample else None,
-            text,
-            gr.Dropdown(choices=names),
-            gr.Dropdown(choices=names),
-        )
+    def said(text: str, watch: Watch) -> tuple:
+        """Only the status line changes (a mistake or a note); the page keeps what it shows.
+        A page that watches a run keeps the note above the run's status until the next Start."""
+        job = JOBS.get(watch.job_id)
+        if job is not None and job.status().running:
+            return show(watch.job_id, replace(watch, note=text), ctx)
+        return (watch, text, *unchanged)
 
-    def on_stop(slot: TrainSlot) -> str:
-        slot.stop()
-        return "Stopping…"
+    def on_start(watch: Watch, base: str, dataset: str, *form) -> tuple:
+        try:
+            run = train_setup.checked_run(ctx, h.resolve_base(ctx, base), dataset, Form(*form))
+            job_id = JOBS.start(
+                lambda: TrainJob(
+                    run.settings,
+                    run.output,
+                    install_to=ctx.adapters,
+                    label=f"{dataset} ({run.images} images)",
+                )
+            )
+        except Busy as err:
+            if watch.job_id == err.job_id:  # this page shows that run already
+                return said(f"**Not started:** {err}.", watch)
+            note = f"**Not started:** {err}."
+            return (watch, note, *unchanged[:3], gr.Button(visible=True), *unchanged[4:])
+        except SdloraError as err:
+            return said(f"**Not started:** {err}", watch)
+        return show(job_id, Watch(), ctx)
+
+    def on_tick(watch: Watch) -> tuple:
+        return show(watch.job_id, watch, ctx)
+
+    keep_form = (gr.skip(),) * (1 + len(tab.form))
+
+    def attach(job_id: str) -> tuple:
+        """Show run `job_id`, with its settings in the form (ready for Resume after a Stop)."""
+        dataset, form = train_setup.form_of(JOBS.get(job_id).settings, ctx)
+        return (*show(job_id, Watch(), ctx), dataset, *astuple(form))
+
+    def on_attach(watch: Watch) -> tuple:
+        job_id = JOBS.running()
+        if job_id is None:
+            return (*said("No training is running now.", watch), *keep_form)
+        return attach(job_id)
+
+    def on_load(watch: Watch) -> tuple:
+        """A page (re)loaded while a run is going shows that run."""
+        job_id = JOBS.running()
+        return attach(job_id) if job_id else (*said("", watch), *keep_form)
+
+    def on_stop(watch: Watch) -> tuple:
+        job_id = watch.job_id if watch.job_id and JOBS.get(watch.job_id) else JOBS.running()
+        job = JOBS.get(job_id)
+        if job is None or not job.status().running:
+            return said("No training is running now.", watch)
+        job.stop()
+        return show(job_id, watch, ctx)
+
+    def on_dataset(dataset: str, resolution: float) -> tuple:
+        if not dataset:
+            return "", gr.Gallery(visible=False)
+        try:
+            found = train_setup.preview(ctx, dataset, int(resolution or 0) or 512)
+        except SdloraError as err:
+            return f"**Cannot train on this folder:** {err}", gr.Gallery(value=[], visible=False)
+        return found.summary(), gr.Gallery(value=found.thumbnails, visible=True)
 
     def on_pick_base(base: str) -> tuple:
         """The visitor picked another base: resolution, batch size and rate move to its values."""
@@ -195,11 +346,21 @@ def wire(
     tab.refresh_data.click(
         lambda: gr.Dropdown(choices=h.list_datasets(ctx)), None, tab.dataset_dd, **FREE
     )
-    tab.start_btn.click(
-        on_train,
-        [train_slot, base_dd, tab.dataset_dd, *tab.settings],
-        [tab.loss_plot, tab.sample_img, tab.status, *adapter_lists],
-        **JOB,
+    tab.dataset_dd.change(
+        quietly(on_dataset, 2, 0),
+        [tab.dataset_dd, tab.resolution],
+        [tab.preview_text, tab.preview],
+        **FREE,
     )
-    tab.stop_btn.click(on_stop, train_slot, tab.status, **FREE)
+    tab.start_btn.click(
+        quietly(on_start, len(view)),
+        [watch_state, base_dd, tab.dataset_dd, *tab.form],
+        view,
+        **FREE,
+    )
+    timer.tick(quietly(on_tick, len(view)), watch_state, view, **FREE)
+    with_form = [*view, tab.dataset_dd, *tab.form]
+    tab.attach_btn.click(quietly(on_attach, len(with_form)), watch_state, with_form, **FREE)
+    tab.stop_btn.click(quietly(on_stop, len(view)), watch_state, view, **FREE)
+    app.load(quietly(on_load, len(with_form)), watch_state, with_form, **FREE)
     base_dd.input(on_pick_base, base_dd, [tab.resolution, tab.batch_size, tab.lr], **FREE)

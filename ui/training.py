@@ -2,9 +2,11 @@
 
 A child process can be stopped at any moment (the trainer's checkpoints survive a kill, and
 "resume" continues from the last one), frees all its memory when it ends, and cannot take the
-web server down with it. The child is this module run as `python -m sdlora.ui.training CONFIG`;
-it forwards the trainer's log records: `{"step", "loss", "lr"}` per optimizer step,
-`{"message"}` for notes and warnings, then `{"done": adapter path}` or `{"error": message}`.
+web server down with it. The child is this module run as `python -m sdlora.ui.training CONFIG`,
+in a process group of its own so that Stop reaches everything it started. It writes
+`{"at": step}` as each optimizer step ends, `{"step", "loss", "lr"}` when the trainer reads the
+losses (every step's, a few steps late), `{"message", "level"}` for notes and warnings, then
+`{"done": adapter path}` or `{"error": message}`.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,33 +30,61 @@ from sdlora.errors import SdloraError
 from sdlora.writing import written_file
 
 STEP_RECORD = re.compile(r"step (\d+): loss (\S+), lr (\S+)")  # the trainer's per-step debug line
+STOP_GRACE_S = 10.0  # after SIGTERM, how long the child may take before it is killed
+SPEED_WINDOW = 20  # steps the speed (and so the ETA) is measured over
 
 
 @dataclass
 class Status:
-    """What a training run has reported so far."""
+    """What a training run has reported so far (a snapshot; times are `time.monotonic()`)."""
 
     total: int  # optimizer steps of the run
-    steps: list[int] = field(default_factory=list)
+    images_per_step: int  # batch size x gradient accumulation
+    started: float  # when the child process was started
+    step: int = 0  # the last optimizer step done
+    first_step_at: float | None = None  # when the first step of this run ended
+    recent: list[tuple[int, float]] = field(default_factory=list)  # (step, time), newest last
+    steps: list[int] = field(default_factory=list)  # steps whose loss has been read
     losses: list[float] = field(default_factory=list)
-    messages: list[str] = field(default_factory=list)
-    adapter: Path | None = None  # the finished adapter, once written
+    warnings: list[str] = field(default_factory=list)  # the trainer's warnings, as written
+    adapter: Path | None = None  # the finished adapter, once written and installed
     error: str | None = None
-    stopped: bool = False  # stopped by the visitor
+    stopped: bool = False  # stopped by a visitor
     running: bool = True
+    ended: float | None = None  # when the child process ended
 
-    @property
-    def step(self) -> int:
-        return self.steps[-1] if self.steps else 0
+    def steps_per_s(self) -> float | None:
+        """Recent speed: steps over the last SPEED_WINDOW steps; None before two steps."""
+        if len(self.recent) < 2:
+            return None
+        (s0, t0), (s1, t1) = self.recent[0], self.recent[-1]
+        return (s1 - s0) / max(t1 - t0, 1e-9)
+
+    def eta_s(self) -> float | None:
+        """Seconds left at the recent speed; None while the speed is unknown."""
+        rate = self.steps_per_s()
+        return None if not rate else (self.total - self.step) / rate
 
 
 class TrainJob:
     """One `train()` run in a child process; `status()` reads its progress, `stop()` ends it."""
 
-    def __init__(self, settings: dict, total: int, output: Path, install_to: Path | None = None):
+    def __init__(
+        self,
+        settings: dict,
+        output: Path,
+        install_to: Path | None = None,
+        label: str = "",
+    ):
+        self.settings = dict(settings)
         self.output = Path(output)
         self.install_to = install_to  # where the finished adapter is copied (the adapters folder)
-        self._status = Status(total=total)
+        self.label = label  # what the page calls the run (the dataset it trains on)
+        self.started_wall = time.time()  # samples written since then belong to this run
+        total = int(settings["steps"])
+        per_step = int(settings.get("batch_size", 1)) * int(settings.get("grad_accum", 1))
+        self._status = Status(total=total, images_per_step=per_step, started=time.monotonic())
+        self._recent: deque[tuple[int, float]] = deque(maxlen=SPEED_WINDOW + 1)
         self._lock = threading.Lock()
         self._stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
         env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
@@ -62,7 +95,9 @@ class TrainJob:
             stdin=subprocess.DEVNULL,
             text=True,
             env=env,
+            start_new_session=True,  # its own process group: Stop ends all of it, Ctrl-C none
         )
+        self.pid = self.process.pid
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -72,28 +107,40 @@ class TrainJob:
                 event = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            with self._lock:
-                s = self._status
-                if "step" in event:
-                    s.steps.append(int(event["step"]))
-                    s.losses.append(float(event["loss"]))
-                elif "message" in event:
-                    s.messages.append(str(event["message"]))
-                elif "error" in event:
-                    s.error = str(event["error"])
-                elif "done" in event:
-                    s.adapter = Path(event["done"])
+            self._take(event, time.monotonic())
         code = self.process.wait()
         with self._lock:
             s = self._status
             if s.adapter is not None and self.install_to is not None:
-                s.adapter = _install(s.adapter, self.install_to)
+                try:
+                    s.adapter = _install(s.adapter, self.install_to)
+                except SdloraError as err:
+                    s.error, s.adapter = str(err), None
             if code != 0 and s.error is None and not s.stopped:
                 self._stderr.seek(0)
                 tail = self._stderr.read().strip().splitlines()[-3:]
                 s.error = f"training failed (exit code {code}): " + " / ".join(tail)
-            s.running = False
+            s.running, s.ended = False, time.monotonic()
         self._stderr.close()
+
+    def _take(self, event: dict, now: float) -> None:
+        with self._lock:
+            s = self._status
+            if "at" in event:
+                s.step = int(event["at"])
+                if s.first_step_at is None:
+                    s.first_step_at = now
+                self._recent.append((s.step, now))
+            elif "step" in event:
+                s.steps.append(int(event["step"]))
+                s.losses.append(float(event["loss"]))
+            elif "message" in event:
+                if event.get("level", logging.INFO) >= logging.WARNING:
+                    s.warnings.append(str(event["message"]))
+            elif "error" in event:
+                s.error = str(event["error"])
+            elif "done" in event:
+                s.adapter = Path(event["done"])
 
     def status(self) -> Status:
         """A snapshot of the run's progress."""
@@ -101,36 +148,58 @@ class TrainJob:
             s = self._status
             return Status(
                 s.total,
+                s.images_per_step,
+                s.started,
+                s.step,
+                s.first_step_at,
+                list(self._recent),
                 list(s.steps),
                 list(s.losses),
-                list(s.messages),
+                list(s.warnings),
                 s.adapter,
                 s.error,
                 s.stopped,
                 s.running,
+                s.ended,
             )
 
-    def latest_sample(self) -> Path | None:
-        """The newest sample grid the run has written, if any."""
-        found = sorted((self.output / "samples").glob("*.png"), key=lambda p: p.stat().st_mtime)
-        return found[-1] if found else None
+    def samples(self) -> list[Path]:
+        """Sample grids this run has written, oldest first (files are named by step)."""
+        folder = self.output / "samples"
+        if not folder.is_dir():
+            return []
+        found = [p for p in folder.glob("step-*.png") if p.stat().st_mtime >= self.started_wall]
+        return sorted(found)
 
     def wait(self, timeout: float | None = None) -> Status:
         """Block until the run has ended (and its adapter is installed); return its status."""
         self._reader.join(timeout)
         return self.status()
 
-    def stop(self) -> None:
-        """End the run now; its last checkpoint stays for a later resume."""
+    def stop(self) -> Status:
+        """End the run and everything it started: SIGTERM to its process group, SIGKILL after
+        STOP_GRACE_S. Returns once the process is gone; its last checkpoint stays for a resume."""
         with self._lock:
-            if not self._status.running:
-                return
-            self._status.stopped = True
-        self.process.terminate()
+            running = self._status.running
+            self._status.stopped = self._status.stopped or running
+        if not running:
+            return self.status()
+        _signal_group(self.pid, signal.SIGTERM)
         try:
-            self.process.wait(timeout=20)
+            self.process.wait(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            _signal_group(self.pid, signal.SIGKILL)
+            self.process.wait()
+        _signal_group(self.pid, signal.SIGKILL)  # anything it started that outlived it
+        return self.wait(timeout=STOP_GRACE_S)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    """Send `sig` to the process group led by `pid` (the child's own, see start_new_session)."""
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass  # already gone
 
 
 def _install(adapter: Path, folder: Path) -> Path:
@@ -141,6 +210,10 @@ def _install(adapter: Path, folder: Path) -> Path:
     return dest
 
 
+def _emit(event: dict) -> None:
+    print(json.dumps(event), flush=True)
+
+
 class _Forward(logging.Handler):
     """Writes the trainer's log records to stdout as JSON lines."""
 
@@ -148,12 +221,9 @@ class _Forward(logging.Handler):
         text = record.getMessage()
         match = STEP_RECORD.fullmatch(text)
         if match:
-            event = {"step": int(match[1]), "loss": float(match[2]), "lr": float(match[3])}
+            _emit({"step": int(match[1]), "loss": float(match[2]), "lr": float(match[3])})
         elif record.levelno >= logging.INFO:
-            event = {"message": text}
-        else:
-            return
-        print(json.dumps(event), flush=True)
+            _emit({"message": text, "level": record.levelno})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,12 +235,19 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("sdlora")
     log.addHandler(_Forward())
     log.setLevel(logging.DEBUG)
+    parent = os.getppid()
+
+    def on_step(step: int) -> None:
+        if os.getppid() != parent:  # the web server is gone: nobody can watch or stop this run
+            raise SystemExit(3)
+        _emit({"at": step})
+
     try:
-        path = train(load_config(None, **json.loads(argv[0])))
+        path = train(load_config(None, **json.loads(argv[0])), on_step=on_step)
     except SdloraError as err:
-        print(json.dumps({"error": str(err)}), flush=True)
+        _emit({"error": str(err)})
         return 2
-    print(json.dumps({"done": str(Path(path).resolve())}), flush=True)
+    _emit({"done": str(Path(path).resolve())})
     return 0
 
 

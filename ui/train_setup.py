@@ -1,0 +1,259 @@
+"""From the Train form to a run: the dataset preview, the settings checked, messages in UI words.
+
+Everything a visitor can get wrong is found here, in well under a second, with the trainer's own
+checks (`TrainConfig.check`, `discover`, `BatchPlan.check`, the output-folder rules): a run that
+starts has data to train on. The trainer speaks to command-line users (`--lr must be
+positive`); `ui_words` says the same with the form's labels and without the server's paths.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+from sdlora.train import load_config
+from sdlora.train.checkpoint import checkpoints
+from sdlora.train.config import TrainConfig
+from sdlora.train.data import ENLARGE_WARNING, BatchPlan, discover, enlarged_items
+from sdlora.ui import paths
+from sdlora.ui.handlers import Context
+
+from sdlora.errors import SdloraError
+
+PREVIEW_IMAGES = 24  # thumbnails shown of a dataset (the count says how many there are)
+THUMB_SIDE = 96  # thumbnail side in pixels: small ones are enlarged by a whole factor
+
+# the trainer's flags -> the Train form's labels
+LABELS = {
+    "lr": "Learning rate",
+    "steps": "Steps",
+    "rank": "Rank",
+    "resolution": "Resolution",
+    "batch-size": "Batch size",
+    "seed": "Seed",
+    "sample-every": "Sample every",
+    "sample-prompt": "Sample prompt",
+    "nonlinearity": "Nonlinearity",
+    "name": "Adapter name",
+    "trigger": "Trigger word",
+    "resume": "Resume",
+    "overwrite": "Overwrite",
+}
+# whole phrases of the trainer's advice -> what to do in the form
+PHRASES = [
+    (r"run the same command with --resume to continue", "tick Resume and press Start to go on"),
+    (r"\(see --save-every\)", ""),
+    (r"pass --resume to continue that run", "tick Resume to continue that run"),
+    (r"--overwrite to start over", "Overwrite to start over"),
+    (r"choose another --output", "choose another adapter name"),
+    (r"Try a lower --lr", "Try a lower learning rate"),
+]
+
+
+@dataclass
+class DatasetPreview:
+    """What a dataset folder holds, as the trainer will see it."""
+
+    count: int  # readable images
+    thumbnails: list[tuple[Image.Image, str]]  # (thumbnail, caption), the first PREVIEW_IMAGES
+    sizes: list[tuple[int, int]]  # training buckets (width, height) in use
+    notes: list[str]  # skipped files and the trainer's warnings, in UI words
+
+    def summary(self) -> str:
+        sides = ", ".join(f"{w}×{h}" for w, h in self.sizes)
+        text = f"**{self.count} image{'s' if self.count != 1 else ''}**, trained at {sides}"
+        return "\n\n".join([text, *self.notes])
+
+
+def ui_words(message: str, ctx: Context) -> str:
+    """A trainer message as the page should say it: form labels for flags, short folder names."""
+    for pattern, replacement in PHRASES:
+        message = re.sub(pattern, replacement, message)
+
+    def label(match: re.Match) -> str:
+        flag = match[1]
+        return LABELS.get(flag, flag.replace("-", " "))
+
+    message = re.sub(r"--([a-z][a-z-]*)", label, message)
+    datasets = Path(ctx.datasets).resolve()
+    message = re.sub(  # "<datasets>/cats: no images" -> "dataset 'cats': no images"
+        rf"{re.escape(str(datasets))}/([^:/]+):", lambda m: f"dataset {m[1]!r}:", message
+    )
+    for folder, name in [
+        (ctx.datasets, "datasets"),
+        (ctx.outputs, "outputs"),
+        (ctx.adapters, "adapters"),
+    ]:
+        message = message.replace(f"{Path(folder).resolve()}/", f"{name}/")
+    return re.sub(r"  +", " ", message).strip()
+
+
+def dataset_folder(datasets: Path, dataset: str) -> Path:
+    if not dataset:
+        raise SdloraError("pick a dataset folder first")
+    data = paths.inside(datasets, dataset, "dataset")
+    if not data.is_dir():
+        raise SdloraError(f"dataset {dataset!r}: no such folder in the datasets folder; refresh")
+    return data
+
+
+def preview(ctx: Context, dataset: str, resolution: int) -> DatasetPreview:
+    """The dataset's images with their captions, as `discover` finds them; SdloraError when it
+    has none that can be trained on."""
+    data = dataset_folder(ctx.datasets, dataset)
+    config = TrainConfig(data_dir=str(data), resolution=int(resolution))
+    try:
+        items, skipped, warnings = discover(config)
+    except SdloraError as err:
+        raise SdloraError(ui_words(str(err), ctx)) from None
+    notes = [ui_words(w, ctx) for w in warnings]
+    if skipped:
+        first, reason = skipped[0]
+        notes.insert(
+            0,
+            f"{len(skipped)} file(s) cannot be read and are left out (e.g. {first.name}: {reason})",
+        )
+    enlarged = enlarged_items(items)
+    if enlarged:
+        first = enlarged[0]
+        notes.append(
+            f"{len(enlarged)} of {len(items)} images are enlarged {ENLARGE_WARNING:g}× or more "
+            f"to reach the resolution (e.g. {first.path.name}, {first.size[0]}×{first.size[1]}): "
+            "a lower resolution trains faster and loses no detail"
+        )
+    thumbs = [(thumbnail(item.path), item.caption) for item in items[:PREVIEW_IMAGES]]
+    sizes = sorted({item.bucket for item in items})
+    return DatasetPreview(len(items), thumbs, sizes, notes)
+
+
+def thumbnail(path: Path, side: int = THUMB_SIDE) -> Image.Image:
+    """`path` fitted in side x side: shrunk smoothly, or enlarged by a whole factor (crisp)."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        longest = max(image.size)
+        if longest > side:
+            image.thumbnail((side, side), Image.Resampling.LANCZOS)
+            return image
+        factor = max(1, side // longest)
+        return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+
+
+@dataclass
+class Form:
+    """The Train form's values, in the form's order."""
+
+    name: str = ""
+    trigger: str = ""
+    rank: int = 8
+    nonlinearity: str = "identity"
+    steps: int = 200
+    lr: float = 1e-4
+    resolution: int = 512
+    batch_size: int = 1
+    train_text_encoder: bool = False
+    sample_every: int = 50
+    sample_prompt: str = ""
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+
+
+@dataclass
+class Run:
+    """A checked run: the trainer's settings and where it writes."""
+
+    settings: dict  # `load_config` keywords
+    name: str  # the adapter's name
+    output: Path  # outputs/train/<name>
+    images: int  # training images found
+
+
+def checked_run(ctx: Context, base: str, dataset: str, form: Form) -> Run:
+    """The trainer's settings for this form; SdloraError in UI words for anything that would
+    make the run fail before its first step."""
+    data = dataset_folder(ctx.datasets, dataset)
+    name = paths.clean_name(form.name or data.name, "adapter name")
+    name = name.removesuffix(paths.ADAPTER_SUFFIX)
+    output = paths.inside(ctx.outputs, f"train/{name}", "adapter name")
+    for value, label in [
+        (form.steps, "Steps"),
+        (form.rank, "Rank"),
+        (form.batch_size, "Batch size"),
+        (form.resolution, "Resolution"),
+    ]:
+        if value is None or int(value) != value:
+            raise SdloraError(f"{label}: give a whole number")
+    if form.lr is None:
+        raise SdloraError("Learning rate: give a number such as 1e-4")
+    if form.resume and form.overwrite:
+        raise SdloraError("tick Resume or Overwrite, not both: pick one")
+    if form.resume and not checkpoints(output):
+        raise SdloraError(
+            f"Resume: the run {name!r} has no checkpoint to continue from; untick Resume"
+        )
+    if not (form.resume or form.overwrite):
+        if (ctx.adapters / f"{name}{paths.ADAPTER_SUFFIX}").exists():
+            raise SdloraError(
+                f"an adapter named {name!r} is already in the adapters folder; choose another "
+                "name, tick Resume to continue its run, or tick Overwrite"
+            )
+        if checkpoints(output) or (output / f"{name}{paths.ADAPTER_SUFFIX}").exists():
+            raise SdloraError(
+                f"a run named {name!r} was started before; tick Resume to continue it, "
+                "Overwrite to start over, or choose another adapter name"
+            )
+    steps = int(form.steps)
+    settings = dict(
+        data_dir=str(data),
+        output=str(output),
+        name=name,
+        base=base,
+        rank=int(form.rank),
+        nonlinearity=form.nonlinearity,
+        steps=steps,
+        lr=float(form.lr),
+        resolution=int(form.resolution),
+        batch_size=int(form.batch_size),
+        train_text_encoder=bool(form.train_text_encoder),
+        trigger=form.trigger.strip() or None,
+        sample_every=int(form.sample_every or 0),
+        sample_prompts=[form.sample_prompt] if form.sample_prompt.strip() else [],
+        seed=int(form.seed),
+        save_every=max(1, steps // 10),
+        resume="latest" if form.resume else None,
+        overwrite=bool(form.overwrite),
+        workers=0,
+        tensorboard=False,
+    )
+    try:
+        config = load_config(None, **settings)
+        config.check()
+        items, _, _ = discover(config)
+        BatchPlan(items, config.batch_size, config.seed, 1, 0).check()
+    except SdloraError as err:
+        raise SdloraError(ui_words(str(err), ctx)) from None
+    return Run(settings, name, output, len(items))
+
+
+def form_of(settings: dict, ctx: Context) -> tuple[str, Form]:
+    """The dataset and form that `checked_run` made `settings` from (to show a run's settings
+    on a page that finds it running)."""
+    dataset = Path(settings["data_dir"]).relative_to(ctx.datasets).as_posix()
+    prompts = settings.get("sample_prompts") or [""]
+    form = Form(
+        name=settings["name"],
+        trigger=settings.get("trigger") or "",
+        rank=settings["rank"],
+        nonlinearity=settings["nonlinearity"],
+        steps=settings["steps"],
+        lr=settings["lr"],
+        resolution=settings["resolution"],
+        batch_size=settings["batch_size"],
+        train_text_encoder=settings["train_text_encoder"],
+        sample_every=settings["sample_every"],
+        sample_prompt=prompts[0],
+        seed=settings["seed"],
+    )
+    return dataset, form
