@@ -78,4 +78,3 @@ class Session:
             if item.name not in [i.name for i in items] and 0 <= item.strength <= 1:
                 items.append(item)
         self.mix = items[:MAX_ADAPTERS]
-
