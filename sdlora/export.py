@@ -9,10 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from .errors import SdloraError
+from .families import family_of_pipeline
 from .layer import LoRALayer
+from .pipelines import assemble
 from .writing import written_folder
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -25,10 +27,15 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def check_foldable(pipe: StableDiffusionPipeline) -> None:
+def _models(pipe: DiffusionPipeline) -> tuple[str, ...]:
+    """The pipeline's weighted parts: UNet, its family's text encoders, VAE."""
+    return ("unet", *(enc.component for enc in family_of_pipeline(pipe).text_encoders), "vae")
+
+
+def check_foldable(pipe: DiffusionPipeline) -> None:
     """Raise naming every active nonlinear adapter: they cannot be folded into weights."""
     blocked = set()
-    for comp in ("unet", "text_encoder"):
+    for comp in _models(pipe):
         for module in getattr(pipe, comp).modules():
             if isinstance(module, LoRALayer):
                 for name, weights in module.items():
@@ -62,13 +69,10 @@ def merged_state_dict(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, t
     return state
 
 
-def merged_components(pipe: StableDiffusionPipeline, dtype: torch.dtype) -> dict[str, dict]:
-    """{'unet'|'text_encoder'|'vae': merged state dict} in `dtype`."""
+def merged_components(pipe: DiffusionPipeline, dtype: torch.dtype) -> dict[str, dict]:
+    """{'unet'|'text_encoder'|'text_encoder_2' (SDXL)|'vae': merged state dict} in `dtype`."""
     check_foldable(pipe)
-    return {
-        comp: merged_state_dict(getattr(pipe, comp), dtype)
-        for comp in ("unet", "text_encoder", "vae")
-    }
+    return {comp: merged_state_dict(getattr(pipe, comp), dtype) for comp in _models(pipe)}
 
 
 def _plain_copy(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -133,20 +137,13 @@ def _names(paths: list[Path], most: int = 3) -> str:
 
 
 def export_diffusers(
-    pipe: StableDiffusionPipeline, out: str | Path, dtype: str = "fp16", overwrite: bool = False
+    pipe: DiffusionPipeline, out: str | Path, dtype: str = "fp16", overwrite: bool = False
 ) -> Path:
     """Write the current blend as a diffusers model folder (safetensors), whole or not at all."""
     out = check_out(out, folder=True, overwrite=overwrite)
     states = merged_components(pipe, parse_dtype(dtype))
     parts = {comp: _plain_copy(getattr(pipe, comp), states[comp]) for comp in states}
-    plain = StableDiffusionPipeline(
-        **parts,
-        tokenizer=pipe.tokenizer,
-        scheduler=pipe.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    plain = assemble(family_of_pipeline(pipe), {**pipe.components, **parts})
     with written_folder(out) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         check_out(out, folder=True, overwrite=overwrite)  # nothing appeared there meanwhile
@@ -154,7 +151,7 @@ def export_diffusers(
 
 
 def export_single_file(
-    pipe: StableDiffusionPipeline, out: str | Path, dtype: str = "fp16", overwrite: bool = False
+    pipe: DiffusionPipeline, out: str | Path, dtype: str = "fp16", overwrite: bool = False
 ) -> Path:
     """Write the current blend as one .safetensors in the original SD (A1111/ComfyUI) layout."""
     from .single_file import save_single_file
@@ -173,5 +170,6 @@ def export_single_file(
         out,
         dtype=dtype,
         overwrite=overwrite,
+        text_encoder_2_sd=states.get("text_encoder_2"),
     )
     return out

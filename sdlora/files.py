@@ -16,8 +16,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .adapter import Adapter, ModuleFactors
+from .adapter import Adapter, ModuleFactors, file_key, memory_key
 from .errors import SdloraError
+from .families import SD1, SDXL, family_of_adapter_keys
 from .layer import POSITIVELY_HOMOGENEOUS, check_nonlinearity
 from .writing import written_file
 
@@ -53,9 +54,12 @@ def check_rank(rank: int, out_features: int, in_features: int) -> None:
 
 
 def adapter_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
-    """The file's tensors for `adapter` (whose factors are already folded)."""
+    """The file's tensors for `adapter` (whose factors are already folded), under the names its
+    family's files use (SDXL: lora_te1_ for the first text encoder)."""
     tensors: dict[str, torch.Tensor] = {}
+    sdxl = family_of_adapter_keys(adapter.modules, adapter.metadata) is SDXL
     for key, factors in adapter.modules.items():
+        key = file_key(key, sdxl)
         if adapter.is_linear:
             names = (f"{key}.lora_down.weight", f"{key}.lora_up.weight", f"{key}.alpha")
         else:
@@ -87,13 +91,14 @@ def save_adapter(adapter: Adapter, path: str | Path, overwrite: bool = False) ->
         if not (torch.isfinite(factors.down).all() and torch.isfinite(factors.up).all()):
             raise SdloraError(f"{path}: module {key} has NaN/Inf weights; nothing was written")
     ranks = adapter.ranks()
+    family = family_of_adapter_keys(adapter.modules, adapter.metadata) or SD1
     metadata = {
         "sdlora_format_version": FORMAT_VERSION,
         "sdlora_nonlinearity": adapter.nonlinearity,
         "ss_network_module": "networks.lora" if adapter.is_linear else "sdlora.nonlinear",
         "ss_network_dim": str(max(ranks)) if ranks else "0",
         "ss_network_alpha": str(max(ranks)) if ranks else "0",  # = rank: the scale is folded
-        "ss_base_model_version": "sd_v1",
+        "ss_base_model_version": family.base_model_version,
         "ss_output_name": path.stem,
         **adapter.metadata,
     }
@@ -143,7 +148,7 @@ def parse_flat_lora(
         if up is None:
             raise SdloraError(f"{source}: {base} has a down weight but no up weight")
         alpha = tensors.get(base + ".alpha")
-        key = base[len(NONLINEAR_PREFIX) :] if nonlinear else base
+        key = memory_key(base[len(NONLINEAR_PREFIX) :] if nonlinear else base)
         if down.shape[0] != up.shape[1]:
             raise SdloraError(
                 f"{source}: {key} has down rank {down.shape[0]} but up rank {up.shape[1]}"
