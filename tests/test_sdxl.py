@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_adapter_file
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
+from safetensors import safe_open
 
 from sdlora.base import load_base
 from sdlora.blend import Mixer
 from sdlora.cli import main
+from sdlora.errors import SdloraError
 from sdlora.families import SDXL, family_of_pipeline, width_label
 from sdlora.recommend import recommended
 from sdlora.single_file import save_pipeline_single_file
@@ -184,3 +187,184 @@ def test_generate_cli_on_tiny_xl(tmp_path):
     image = Image.open(out)
     assert image.size == (64, 64)
     assert json.loads(image.text["sdlora"])["guidance"] == 5.0
+
+
+def test_saved_adapter_is_in_kohya_sdxl_layout_and_diffusers_reads_it(tmp_path, xl_inputs):
+    path, trained = make_xl_adapter(tmp_path / "xl.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+        alphas = {f.get_tensor(k).item() for k in keys if k.endswith(".alpha")}
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert alphas == {4.0}  # alpha = rank: the training scale is folded into the factors
+    for name in (
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+        "lora_unet_input_blocks_8_1_transformer_blocks_1_attn2_to_k",
+        "lora_unet_middle_block_1_transformer_blocks_0_attn1_to_out_0",
+        "lora_unet_output_blocks_0_1_transformer_blocks_1_attn2_to_v",
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+        "lora_te2_text_model_encoder_layers_1_self_attn_out_proj",
+    ):
+        assert {f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha"} <= keys
+    assert not any(k.startswith(("lora_te_", "lora_unet_down_blocks")) for k in keys)
+
+    ours, theirs = tiny_xl(), tiny_xl()
+    mixer = Mixer(ours)
+    mixer.add(path)
+    theirs.load_lora_weights(str(path), adapter_name="xl")
+    assert_same_outputs(ours, trained, xl_inputs)
+    assert_same_outputs(theirs, ours, xl_inputs)
+    mixer.set_strength("xl", 0.3)
+    theirs.set_adapters(["xl"], [0.3])
+    assert_same_outputs(theirs, ours, xl_inputs)
+
+
+# kohya SDXL module names beside the tiny-xl modules they name, written out by hand: two layers
+# per block, so input_blocks 1-2 are down block 0 (no attention), 3 its downsampler, 4-5 down
+# block 1, 7-8 down block 2; output_blocks 0-2 up block 0, ..., 6-8 up block 2 (no attention).
+# (diffusers 0.42 tells a text encoder's key convention by its out_proj keys, which kohya's files
+# always have: without one, it cannot read the file.)
+HAND_WRITTEN = (
+    ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", "unet",
+     "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"),
+    ("lora_unet_input_blocks_8_1_transformer_blocks_1_attn2_to_k", "unet",
+     "down_blocks.2.attentions.1.transformer_blocks.1.attn2.to_k"),
+    ("lora_unet_middle_block_1_transformer_blocks_0_ff_net_0_proj", "unet",
+     "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj"),
+    ("lora_unet_output_blocks_2_1_proj_out", "unet", "up_blocks.0.attentions.2.proj_out"),
+    ("lora_unet_output_blocks_5_1_transformer_blocks_0_attn1_to_out_0", "unet",
+     "up_blocks.1.attentions.2.transformer_blocks.0.attn1.to_out.0"),
+    ("lora_unet_input_blocks_1_0_in_layers_2", "unet", "down_blocks.0.resnets.0.conv1"),
+    ("lora_unet_output_blocks_8_0_emb_layers_1", "unet", "up_blocks.2.resnets.2.time_emb_proj"),
+    ("lora_te1_text_model_encoder_layers_1_self_attn_v_proj", "text_encoder",
+     "encoder.layers.1.self_attn.v_proj"),
+    ("lora_te1_text_model_encoder_layers_1_self_attn_out_proj", "text_encoder",
+     "encoder.layers.1.self_attn.out_proj"),
+    ("lora_te1_text_model_encoder_layers_0_mlp_fc1", "text_encoder", "encoder.layers.0.mlp.fc1"),
+    ("lora_te2_text_model_encoder_layers_1_self_attn_out_proj", "text_encoder_2",
+     "text_model.encoder.layers.1.self_attn.out_proj"),
+    ("lora_te2_text_model_encoder_layers_0_mlp_fc2", "text_encoder_2",
+     "text_model.encoder.layers.0.mlp.fc2"),
+)  # fmt: skip
+
+
+def hand_written_file(path):
+    """A kohya SDXL file from the names above: rank 4, alpha 2, a 3x3 LoCon on the conv."""
+    from safetensors.torch import save_file
+
+    pipe, g, tensors = tiny_xl(), torch.Generator().manual_seed(3), {}
+    for name, component, module in HAND_WRITTEN:
+        weight = getattr(pipe, component).get_submodule(module).weight
+        kernel = tuple(weight.shape[2:])
+        tensors[f"{name}.lora_down.weight"] = torch.randn(4, weight.shape[1], *kernel, generator=g)
+        up = torch.randn(weight.shape[0], 4, *((1, 1) if kernel else ()), generator=g)
+        tensors[f"{name}.lora_up.weight"] = up * 0.1
+        tensors[f"{name}.alpha"] = torch.tensor(2.0)
+    save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora"})
+    return path
+
+
+def test_hand_written_kohya_sdxl_file_loads_here_and_in_diffusers_alike(tmp_path, xl_inputs):
+    from sdlora.adapter import resolve
+    from sdlora.formats import load_adapter
+    from sdlora.pipelines import adaptable_models
+
+    path = hand_written_file(tmp_path / "hand.safetensors")
+    ours, theirs = tiny_xl(), tiny_xl()
+    resolved, unmatched = resolve(load_adapter(path), adaptable_models(ours))
+    assert not unmatched
+    assert set(resolved) == {(component, module) for _, component, module in HAND_WRITTEN}
+    Mixer(ours).add(path)
+    theirs.load_lora_weights(str(path), adapter_name="hand")
+    base = tiny_xl()
+    for run in RUNS:
+        assert (run(ours, xl_inputs) - run(base, xl_inputs)).abs().max() > 1e-4, run.__name__
+    assert_same_outputs(theirs, ours, xl_inputs)
+
+
+def test_diffusers_peft_sdxl_file_reads_back_with_the_same_outputs(tmp_path, xl_inputs):
+    """A file in diffusers' own SDXL layout (`save_lora_weights` of all three models)."""
+    from peft.utils import get_peft_model_state_dict
+
+    from sdlora.formats import load_adapter
+
+    path = hand_written_file(tmp_path / "hand.safetensors")
+    theirs = tiny_xl()
+    theirs.load_lora_weights(str(path), adapter_name="hand")
+    layers, configs = {}, {}
+    for comp in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(theirs, comp)
+        layers[f"{comp}_lora_layers"] = get_peft_model_state_dict(model, adapter_name="hand")
+        configs[f"{comp}_lora_adapter_metadata"] = model.peft_config["hand"].to_dict()
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "peft", **layers, **configs)
+    saved = tmp_path / "peft" / "pytorch_lora_weights.safetensors"
+    with safe_open(str(saved), framework="pt") as f:
+        assert any(k.startswith("text_encoder_2.") for k in f.keys())
+        assert any(k.startswith("unet.down_blocks.") for k in f.keys())
+    adapter = load_adapter(saved)
+    assert adapter.metadata["sdlora_detected_format"] == "diffusers-peft"
+    counts = {
+        c: sum(h[1] == c for h in HAND_WRITTEN) for c in ("unet", "text_encoder", "text_encoder_2")
+    }
+    assert adapter.components() == counts
+    ours = tiny_xl()
+    Mixer(ours).add(adapter)
+    assert_same_outputs(theirs, ours, xl_inputs)
+
+
+def plain_weights(pipe) -> dict[str, torch.Tensor]:
+    names = [c for c in ("unet", "text_encoder", "text_encoder_2") if hasattr(pipe, c)]
+    return {f"{c}.{k}": v.clone() for c in names for k, v in getattr(pipe, c).state_dict().items()}
+
+
+def sd1_adapter(path):
+    return make_adapter_file(lambda: load_base("tiny"), path)[0]
+
+
+def xl_text_only_adapter(path):
+    """Only the text encoders: no UNet width tells the family, the lora_te2_ names do."""
+    from safetensors.torch import load_file, save_file
+
+    full, _ = make_xl_adapter(path.with_name("full.safetensors"))
+    save_file({k: v for k, v in load_file(full).items() if k.startswith("lora_te")}, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "base", "message"),
+    [
+        (sd1_adapter, "tiny-xl", "was trained for SD 1.x (cross-attention width 32); the base is "
+         "SDXL (cross-attention width 80); pick a base of the adapter's family"),
+        (lambda p: make_xl_adapter(p)[0], "tiny", "was trained for SDXL (cross-attention width "
+         "80); the base is SD 1.x (cross-attention width 32); pick a base of the adapter's family"),
+        (xl_text_only_adapter, "tiny", "was trained for SDXL; the base is SD 1.x "
+         "(cross-attention width 32); pick a base of the adapter's family"),
+    ],
+)  # fmt: skip
+def test_adapter_of_another_family_is_refused_whole(tmp_path, make, base, message):
+    path = make(tmp_path / "style.safetensors")
+    pipe = load_base(base)
+    before = plain_weights(pipe)
+    mixer = Mixer(pipe)
+    with pytest.raises(SdloraError) as err:
+        mixer.add(path)
+    assert str(err.value) == f"style.safetensors {message}"
+    assert not mixer.entries
+    after = plain_weights(pipe)
+    assert after.keys() == before.keys()  # no wrapper left anywhere
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("base", ["tiny", "tiny-xl"])
+def test_cli_generate_refuses_another_family_in_one_line(tmp_path, capsys, base):
+    if base == "tiny":
+        path, trained, other = make_xl_adapter(tmp_path / "style.safetensors")[0], "SDXL", "SD 1.x"
+    else:
+        path, trained, other = sd1_adapter(tmp_path / "style.safetensors"), "SD 1.x", "SDXL"
+    out = tmp_path / "o.png"
+    argv = ["generate", "--prompt", "x", "--steps", "1", "--device", "cpu", "--base", base]
+    assert main([*argv, "--lora", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"style.safetensors was trained for {trained} (cross-attention width" in err
+    assert f"the base is {other} (cross-attention width" in err
+    assert not out.exists()
