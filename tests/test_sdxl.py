@@ -16,8 +16,9 @@ from sdlora.cli import main
 from sdlora.errors import SdloraError
 from sdlora.families import SDXL, family_of_pipeline, width_label
 from sdlora.recommend import recommended
-from sdlora.single_file import save_pipeline_single_file
+from sdlora.single_file import load_single_file, save_pipeline_single_file
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -116,7 +117,7 @@ def xl_file(tmp_path_factory):
     )
 
 
-def test_folder_and_single_file_load_as_sdxl(xl_folder, xl_file, xl_inputs):
+def test_folder_and_single_file_load_as_sdxl(xl_folder, xl_file):
     want = tiny_xl()
     for pipe in (
         load_base(str(xl_folder)),
@@ -128,7 +129,6 @@ def test_folder_and_single_file_load_as_sdxl(xl_folder, xl_file, xl_inputs):
             got, mine = getattr(pipe, name).state_dict(), getattr(want, name).state_dict()
             assert got.keys() == mine.keys(), name
             assert all(torch.equal(got[k], v) for k, v in mine.items()), name
-    assert_same_outputs(load_base(str(xl_file)), want, xl_inputs, atol=0)
 
 
 def test_cached_hub_id_loads_offline_as_sdxl(tmp_path, monkeypatch, xl_inputs):
@@ -368,3 +368,151 @@ def test_cli_generate_refuses_another_family_in_one_line(tmp_path, capsys, base)
     assert f"style.safetensors was trained for {trained} (cross-attention width" in err
     assert f"the base is {other} (cross-attention width" in err
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def live_blend(tmp_path_factory):
+    """tiny-xl with a random adapter at strength 0.7, and the adapter's file."""
+    path, _ = make_xl_adapter(tmp_path_factory.mktemp("blend") / "a.safetensors", seed=2)
+    pipe = tiny_xl()
+    Mixer(pipe).add(path, strength=0.7)
+    return pipe, path
+
+
+def test_single_file_export_is_sgm_layout_and_diffusers_loads_the_blend(
+    live_blend, xl_folder, tmp_path, xl_inputs
+):
+    from sdlora.export import export_single_file, merged_components
+
+    live, _ = live_blend
+    out = export_single_file(live, tmp_path / "merged.safetensors", dtype="fp32")
+    merged = merged_components(live, torch.float32)["text_encoder_2"]
+    with safe_open(str(out), framework="pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+        g = "conditioner.embedders.1.model."
+        fused = f.get_tensor(g + "transformer.resblocks.1.attn.in_proj_weight")
+        q, k, v = (merged[f"text_model.encoder.layers.1.self_attn.{n}_proj.weight"] for n in "qkv")
+        assert torch.equal(fused, torch.cat([q, k, v]))  # (3·48, 48) = [q; k; v]
+        proj = f.get_tensor(g + "text_projection")
+        assert torch.equal(proj, merged["text_projection.weight"].T)  # OpenCLIP: x @ P
+    assert meta["sdlora_layout"] == "sgm_sdxl"
+    assert {
+        "model.diffusion_model.label_emb.0.0.weight",
+        "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight",
+        "first_stage_model.decoder.conv_out.weight",
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.1.self_attn.q_proj.weight",
+        g + "transformer.resblocks.1.attn.in_proj_bias",
+        g + "ln_final.weight",
+        g + "positional_embedding",
+        g + "token_embedding.weight",
+    } <= keys
+    assert not any(k.startswith("cond_stage_model.") for k in keys)
+    assert not any(".self_attn." in k for k in keys if k.startswith(g))
+    theirs = StableDiffusionXLPipeline.from_single_file(
+        str(out), config=str(xl_folder), local_files_only=True
+    )
+    assert_same_outputs(theirs, live, xl_inputs)
+    assert_same_outputs(load_single_file(out), live, xl_inputs)
+
+
+def test_diffusers_folder_export_equals_the_live_blend(live_blend, tmp_path, xl_inputs):
+    from sdlora.export import export_diffusers
+
+    live, _ = live_blend
+    out = export_diffusers(live, tmp_path / "merged", dtype="fp32")
+    loaded = load_base(str(out))
+    assert isinstance(loaded, StableDiffusionXLPipeline)
+    assert_same_outputs(loaded, live, xl_inputs)
+
+
+def test_inspect_names_the_family_and_covers_both_text_encoders(live_blend):
+    from sdlora.inspect import format_text, inspect_file
+
+    _, path = live_blend
+    info = inspect_file(path, base=tiny_xl())
+    assert info["architecture"] == "SDXL (tiny-xl, sdlora built-in)"
+    assert info["modules"] == {"unet": 136, "text_encoder": 8, "text_encoder_2": 8}
+    assert info["coverage"]["matched"] == 152 and info["coverage"]["unmatched"] == 0
+    assert "text_encoder_2 q_proj" in info["groups"]
+    assert "architecture:  SDXL (tiny-xl, sdlora built-in)" in format_text(info)
+    other = inspect_file(path, base=load_base("tiny"))["coverage"]
+    assert other["matched"] < 152
+
+
+def test_convert_both_ways_keeps_the_outputs(live_blend, tmp_path, xl_inputs):
+    from sdlora.convert import convert_adapter
+    from sdlora.formats import load_adapter
+    from sdlora.pipelines import adaptable_models
+
+    _, path = live_blend
+    models = adaptable_models(tiny_xl())
+    with pytest.raises(SdloraError, match="pass --base"):
+        convert_adapter(load_adapter(path), "diffusers", tmp_path / "x.safetensors")
+    peft = convert_adapter(load_adapter(path), "diffusers", tmp_path / "d.safetensors", models)
+    with safe_open(str(peft), framework="pt") as f:
+        assert any(k.startswith("text_encoder_2.text_model.") for k in f.keys())
+        assert any(k.startswith("unet.down_blocks.1.attentions.0.") for k in f.keys())
+    back = convert_adapter(load_adapter(peft), "kohya", tmp_path / "k.safetensors", models)
+    with safe_open(str(back), framework="pt") as f:
+        assert set(f.keys()) == set(safe_open(str(path), framework="pt").keys())
+    ours, theirs, again = tiny_xl(), tiny_xl(), tiny_xl()
+    Mixer(ours).add(path)
+    theirs.load_lora_weights(str(peft), adapter_name="d")
+    Mixer(again).add(back)
+    assert_same_outputs(theirs, ours, xl_inputs)
+    assert_same_outputs(again, ours, xl_inputs)
+
+
+def test_merge_of_sdxl_adapters_equals_their_blend(tmp_path, xl_inputs):
+    from sdlora.files import save_adapter
+    from sdlora.formats import load_adapter
+    from sdlora.merge import merge_adapters
+
+    a, _ = make_xl_adapter(tmp_path / "a.safetensors", seed=4)
+    b, _ = make_xl_adapter(tmp_path / "b.safetensors", seed=5)
+    merged, _ = merge_adapters([(load_adapter(a), 0.5), (load_adapter(b), -0.8)])
+    out = save_adapter(merged, tmp_path / "m.safetensors")
+    with safe_open(str(out), framework="pt") as f:
+        assert any(k.startswith("lora_te1_") for k in f.keys())
+    live, single = tiny_xl(), tiny_xl()
+    mixer = Mixer(live)
+    mixer.add(a, strength=0.5)
+    mixer.add(b, strength=-0.8)
+    Mixer(single).add(out)
+    assert_same_outputs(single, live, xl_inputs)
+
+
+def test_extract_from_an_sdxl_blend_recovers_it(live_blend, tmp_path, xl_inputs):
+    from sdlora.export import export_diffusers
+    from sdlora.extract import extract_adapter
+
+    live, _ = live_blend
+    tuned = load_base(str(export_diffusers(live, tmp_path / "tuned", dtype="fp32")))
+    adapter, report = extract_adapter(tiny_xl(), tuned, rank=4)
+    assert report.overall < 1e-5  # a rank-4 change, extracted at rank 4
+    assert adapter.components() == {"unet": 136, "text_encoder": 8, "text_encoder_2": 8}
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in adapter.modules
+    pipe = tiny_xl()
+    Mixer(pipe).add(adapter, name="extracted")
+    assert_same_outputs(pipe, live, xl_inputs, atol=1e-4)
+
+
+def test_sdxl_blocks_by_either_name_and_lbw_vectors(tmp_path, xl_inputs):
+    from sdlora.blocks import block_of, parse_blocks
+
+    for kohya, component, path in HAND_WRITTEN:
+        suffix = kohya.split("_", 2)[2] if component == "unet" else ""
+        if component == "unet":
+            assert block_of("unet", suffix) == block_of("unet", path), kohya
+    assert block_of("unet", "down_blocks.1.attentions.0.proj_in") == "IN04"
+    assert block_of("unet", "input_blocks_8_1_proj_in") == "IN08"
+    assert block_of("unet", "up_blocks.1.attentions.2.proj_out") == "OUT05"
+    assert block_of("unet", "label_emb_0_0") == block_of("unet", "add_embedding.linear_1") == "IN00"
+    twenty = parse_blocks(",".join(["1"] * 11 + ["0"] * 9))  # SDXL full: BASE..M00, OUT00..08
+    assert twenty["M00"] == 1 and twenty["OUT00"] == 0 and "OUT09" not in twenty
+    twelve = parse_blocks([0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0])  # SDXL attention blocks
+    assert twelve["BASE"] == 0 and twelve["IN08"] == 1 and twelve["OUT05"] == 0
+    path, _ = make_xl_adapter(tmp_path / "a.safetensors")
+    muted, base = tiny_xl(), tiny_xl()
+    Mixer(muted).add(path, blocks=[0] * 20)
+    assert_same_outputs(muted, base, xl_inputs, atol=0)
