@@ -132,6 +132,7 @@ def test_folder_and_single_file_load_as_sdxl(xl_folder, xl_file):
 
 
 def test_cached_hub_id_loads_offline_as_sdxl(tmp_path, monkeypatch, xl_inputs):
+    """A Hub id (from a cache built here) as a base, and as the --config of a single file."""
     repo = tmp_path / "hf" / "hub" / "models--sdlora-test--tiny-xl"
     tiny_xl().save_pretrained(repo / "snapshots" / COMMIT)
     (repo / "refs").mkdir()
@@ -142,6 +143,13 @@ def test_cached_hub_id_loads_offline_as_sdxl(tmp_path, monkeypatch, xl_inputs):
     pipe = load_base("sdlora-test/tiny-xl")
     assert isinstance(pipe, StableDiffusionXLPipeline)
     assert_same_outputs(pipe, tiny_xl(), xl_inputs, atol=0)
+    file = save_pipeline_single_file(pipe, tmp_path / "xl.safetensors", dtype="fp32")
+    described = load_base(str(file), config="sdlora-test/tiny-xl")  # configs from the Hub cache
+    assert isinstance(described, StableDiffusionXLPipeline)
+    assert (
+        described.tokenizer_2("a red circle").input_ids
+        == pipe.tokenizer_2("a red circle").input_ids
+    )
 
 
 def make_xl_adapter(path, **kwargs):
@@ -516,3 +524,91 @@ def test_sdxl_blocks_by_either_name_and_lbw_vectors(tmp_path, xl_inputs):
     muted, base = tiny_xl(), tiny_xl()
     Mixer(muted).add(path, blocks=[0] * 20)
     assert_same_outputs(muted, base, xl_inputs, atol=0)
+
+
+def test_sdxl_shapes_give_the_well_known_names():
+    """Full SDXL base shapes (on meta): SGM names, and diffusers' converters read them back."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from sdlora.single_file import to_single_file_state_dict
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(  # stable-diffusion-xl-base-1.0's unet/config.json
+            sample_size=128,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(320, 640, 1280),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+        )
+        clip_l = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072))
+        big_g = CLIPTextModelWithProjection(  # OpenCLIP ViT-bigG/14's text tower
+            CLIPTextConfig(
+                hidden_size=1280,
+                intermediate_size=5120,
+                num_attention_heads=20,
+                num_hidden_layers=32,
+                projection_dim=1280,
+                hidden_act="gelu",
+            )
+        )
+    sd = to_single_file_state_dict(
+        unet.state_dict(),
+        vae.state_dict(),
+        clip_l.state_dict(),
+        unet.config,
+        vae.config,
+        text_encoder_2_sd=big_g.state_dict(),
+    )
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    m, g = "model.diffusion_model.", "conditioner.embedders.1.model."
+    assert shapes[m + "input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"] == (640, 640)
+    assert shapes[m + "input_blocks.8.1.transformer_blocks.9.attn2.to_k.weight"] == (1280, 2048)
+    assert shapes[m + "middle_block.1.transformer_blocks.9.ff.net.2.weight"] == (1280, 5120)
+    assert shapes[m + "output_blocks.2.2.conv.weight"] == (1280, 1280, 3, 3)
+    assert shapes[m + "output_blocks.8.0.skip_connection.weight"] == (320, 640, 1, 1)
+    assert shapes[m + "label_emb.0.0.weight"] == (1280, 2816)
+    assert not any(k.startswith(m + "input_blocks.9.") for k in sd)  # 9 input blocks, 0-8
+    assert shapes[g + "transformer.resblocks.31.attn.in_proj_weight"] == (3840, 1280)
+    assert shapes[g + "text_projection"] == (1280, 1280)
+    assert shapes[g + "positional_embedding"] == (77, 1280)
+    assert shapes["conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"] == (
+        768,
+    )
+    back = convert_ldm_unet_checkpoint(sd, unet.config)
+    want = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in back.items()} == want
+    back = convert_open_clip_checkpoint(big_g, sd, prefix=g)
+    assert {k: tuple(v.shape) for k, v in back.items()} == {
+        k: tuple(v.shape) for k, v in big_g.state_dict().items() if not k.endswith("position_ids")
+    }
+
+
+def test_full_sdxl_file_needs_its_config_folder(tmp_path):
+    from safetensors.torch import save_file
+
+    names = {
+        "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (2, 2048),
+        "first_stage_model.decoder.conv_out.weight": (1,),
+        "conditioner.embedders.1.model.positional_embedding": (1,),
+    }
+    path = tmp_path / "sd_xl_base_1.0.safetensors"
+    save_file({k: torch.zeros(s) for k, s in names.items()}, str(path))
+    with pytest.raises(SdloraError, match=r"a full SDXL checkpoint; .*--config DIR"):
+        load_single_file(path)
