@@ -16,9 +16,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .adapter import Adapter, ModuleFactors, file_key, memory_key
+from .adapter import Adapter, ModuleFactors, adapter_family, file_key, memory_key
 from .errors import SdloraError
-from .families import SD1, SDXL, family_of_adapter_keys
+from .families import SD1
 from .layer import POSITIVELY_HOMOGENEOUS, check_nonlinearity
 from .writing import written_file
 
@@ -57,9 +57,9 @@ def adapter_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
     """The file's tensors for `adapter` (whose factors are already folded), under the names its
     family's files use (SDXL: lora_te1_ for the first text encoder)."""
     tensors: dict[str, torch.Tensor] = {}
-    sdxl = family_of_adapter_keys(adapter.modules, adapter.metadata) is SDXL
+    family = adapter_family(adapter) or SD1
     for key, factors in adapter.modules.items():
-        key = file_key(key, sdxl)
+        key = file_key(key, family)
         if adapter.is_linear:
             names = (f"{key}.lora_down.weight", f"{key}.lora_up.weight", f"{key}.alpha")
         else:
@@ -91,7 +91,7 @@ def save_adapter(adapter: Adapter, path: str | Path, overwrite: bool = False) ->
         if not (torch.isfinite(factors.down).all() and torch.isfinite(factors.up).all()):
             raise SdloraError(f"{path}: module {key} has NaN/Inf weights; nothing was written")
     ranks = adapter.ranks()
-    family = family_of_adapter_keys(adapter.modules, adapter.metadata) or SD1
+    family = adapter_family(adapter) or SD1
     metadata = {
         "sdlora_format_version": FORMAT_VERSION,
         "sdlora_nonlinearity": adapter.nonlinearity,
