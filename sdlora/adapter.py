@@ -62,6 +62,9 @@ class Adapter:
     nonlinearity: str = "identity"
     metadata: dict[str, str] = field(default_factory=dict)
     source: str = "adapter"  # file name, for messages
+    # new words it brings (pivotal tuning): token -> text-encoder component -> (n, D) vectors;
+    # see sdlora/embeddings.py
+    embeddings: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def is_linear(self) -> bool:

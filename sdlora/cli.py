@@ -148,7 +148,14 @@ def sweep_grid(pipe, mixer, settings, strengths: list[float], out: Path) -> Path
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import check_out, export_diffusers, export_single_file, parse_dtype
+    from .embeddings import attached
+    from .export import (
+        check_out,
+        embeddings_folder,
+        export_diffusers,
+        export_single_file,
+        parse_dtype,
+    )
 
     parse_dtype(args.dtype)
     check_out(args.out, folder=args.format == "diffusers", overwrite=args.overwrite)
@@ -159,6 +166,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         out = export_single_file(pipe, args.out, args.dtype, overwrite=args.overwrite)
     print(out)
+    words = attached(pipe)
+    if words:
+        folder = embeddings_folder(out, folder=args.format == "diffusers")
+        print(
+            f"new words {', '.join(words)} cannot live in a checkpoint's vocabulary: their "
+            f"embeddings are in {folder}/ (copy them to A1111's embeddings/ or ComfyUI's "
+            "models/embeddings/; diffusers: pipe.load_textual_inversion(FILE))"
+        )
     return 0
 
 

@@ -35,6 +35,7 @@ from .adapter import (
     module_paths,
     weight_of,
 )
+from .embeddings import file_name, save_embedding_files
 from .errors import SdloraError
 from .files import atomic_save_file, fold_scale, save_adapter
 from .formats import FORMAT_KEY
@@ -167,7 +168,9 @@ def folded(adapter: Adapter) -> Adapter:
     modules = {k: fold_scale(m, "identity")[0] for k, m in adapter.modules.items()}
     meta = {k: v for k, v in adapter.metadata.items() if k not in DROPPED_METADATA}
     meta["sdlora_converted_from"] = adapter.metadata.get(FORMAT_KEY, "unknown")
-    return Adapter(modules=modules, metadata=meta, source=adapter.source)
+    return Adapter(
+        modules=modules, metadata=meta, source=adapter.source, embeddings=adapter.embeddings
+    )
 
 
 def diffusers_state(
@@ -218,7 +221,10 @@ def convert_adapter(
     models: dict[str, nn.Module] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write `adapter` (linear) to `out` in the `to` layout ('kohya' or 'diffusers')."""
+    """Write `adapter` (linear) to `out` in the `to` layout ('kohya' or 'diffusers').
+
+    New words (sdlora/embeddings.py) stay bundled in a kohya file; the diffusers layout has no
+    place for them, so they go to `<out stem>-embeddings/<token>.safetensors` beside it."""
     out = Path(out)
     if to not in TARGET_FORMATS:
         raise SdloraError(
@@ -249,5 +255,12 @@ def convert_adapter(
         "lora_adapter_metadata": json.dumps(packed, indent=2, sort_keys=True),
         **{k: str(v) for k, v in adapter.metadata.items()},
     }
+    beside = out.with_name(out.stem + "-embeddings")
+    if adapter.embeddings and not overwrite:
+        for token in adapter.embeddings:
+            if (beside / f"{file_name(token)}.safetensors").exists():
+                raise SdloraError(f"{beside / file_name(token)}.safetensors already exists")
     atomic_save_file(tensors, out, metadata)
+    if adapter.embeddings:
+        save_embedding_files(adapter.embeddings, beside, overwrite=overwrite)
     return out

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .adapter import Adapter, ModuleFactors, flat_name, memory_key
+from .embeddings import split_bundle
 from .errors import SdloraError
 from .files import NONLINEAR_PREFIX, check_rank, parse_flat_lora, read_safetensors
 
@@ -114,6 +115,7 @@ def read_adapter(path: str | Path) -> Adapter:
     tensors, metadata = read_safetensors(path)
     source = path.name
     try:
+        tensors, embeddings = split_bundle(tensors, source)  # bundled words: not LoRA weights
         family = detect_format(tensors, metadata)
         for key, value in tensors.items():
             if value.is_floating_point() and not torch.isfinite(value).all():
@@ -128,6 +130,7 @@ def read_adapter(path: str | Path) -> Adapter:
     else:
         adapter, detected = parse_diffusers(tensors, metadata, source)
     adapter.metadata[FORMAT_KEY] = detected
+    adapter.embeddings = embeddings
     return adapter
 
 

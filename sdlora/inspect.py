@@ -144,6 +144,8 @@ def describe(adapter: Adapter) -> dict:
         "groups": module_groups(adapter),
         "base_model": adapter.metadata.get("sdlora_base_model"),
         "trigger_words": adapter.trigger_words(),
+        # new words it brings (pivotal tuning): token -> {text encoder: vectors}
+        "words": {t: {c: len(v) for c, v in per.items()} for t, per in adapter.embeddings.items()},
         "training": training,
         "metadata": {k: v for k, v in adapter.metadata.items() if k not in SHOWN},
     }
@@ -186,6 +188,14 @@ def format_text(info: dict) -> str:
         lines.append(f"base model:    {info['base_model']}")
     if info.get("trigger_words"):
         lines.append(f"trigger words: {', '.join(info['trigger_words'])}")
+    if info.get("words"):
+        lines.append(
+            "new words:     "
+            + ", ".join(
+                f"{t} ({n} vector{'s' if n != 1 else ''})"
+                for t, n in ((t, max(c.values())) for t, c in info["words"].items())
+            )
+        )
     if "coverage" in info:
         cov = info["coverage"]
         lines.append(

@@ -11,6 +11,8 @@ import torch
 from sdlora.train.data import BatchPlan, ImageItem, MicroBatches, derived_seed, with_trigger
 from tqdm.auto import tqdm
 
+from sdlora.embeddings import expand_prompt
+
 GPU_CACHE_BYTES = 2 * 2**30  # caches up to this size stay on the GPU
 
 
@@ -20,9 +22,10 @@ def cache_device(device: torch.device, nbytes: int) -> torch.device:
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    """(B, 77) token ids, padded and truncated to the tokenizer's length, as SD 1.x trains."""
+    """(B, 77) token ids, padded and truncated to the tokenizer's length, as SD 1.x trains;
+    multi-vector new words spelled out as the pipeline spells them (`expand_prompt`)."""
     return tokenizer(
-        captions,
+        [expand_prompt(tokenizer, caption) for caption in captions],
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,

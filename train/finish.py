@@ -15,8 +15,27 @@ from sdlora.train.data import BatchPlan
 from sdlora.train.models import Models
 from sdlora.train.sample import sample_grid
 
+from sdlora.adapter import Adapter
+from sdlora.embeddings import save_embedding_files
 from sdlora.errors import SdloraError
 from sdlora.inject import collect_adapter
+
+EMBEDDINGS = "embeddings"  # OUTPUT/embeddings/<token>.safetensors: the new words on their own
+
+
+def trained_adapter(models: Models, meta: dict[str, str]) -> Adapter:
+    """The adapter so far, scale folded, with the run's new words (pivotal tuning) bundled."""
+    adapter = collect_adapter(models.injected, meta)
+    if models.words is not None:
+        adapter.embeddings = models.words.embeddings()
+    return adapter
+
+
+def save_words(output: Path, models: Models) -> list[Path]:
+    """The new words as separate embedding files in OUTPUT/embeddings/ (none: nothing)."""
+    if models.words is None:
+        return []
+    return save_embedding_files(models.words.embeddings(), output / EMBEDDINGS, overwrite=True)
 
 
 def save_checkpoint(
@@ -36,7 +55,9 @@ def save_checkpoint(
         key: {"down": w.down.detach().cpu(), "up": w.up.detach().cpu()}
         for key, w in models.injected.items()
     }
-    if not all(torch.isfinite(t).all() for factors in lora.values() for t in factors.values()):
+    words = models.words.state() if models.words is not None else {}
+    tensors = [t for factors in lora.values() for t in factors.values()] + list(words.values())
+    if not all(torch.isfinite(t).all() for t in tensors):
         raise SdloraError(
             f"the adapter's weights stopped being finite at step {step}; training stopped and "
             f"this step was not saved. {resume_hint(output)} Try a lower --lr, or "
@@ -45,11 +66,12 @@ def save_checkpoint(
     state = {
         "step": step,
         "lora": lora,
+        "embeddings": words,
         "optimizer": models.optimizer.state_dict(),
         "scheduler": models.lr_scheduler.state_dict(),
         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
     }
-    adapter = collect_adapter(models.injected, meta)
+    adapter = trained_adapter(models, meta)
     checkpoint.save(output, step, state, adapter, config.settings(), config.keep_last)
 
 
@@ -101,7 +123,7 @@ def adapter_metadata(
     te_lr = config.text_encoder_lr if config.text_encoder_lr is not None else config.lr
     meta = {
         "sdlora_training": json.dumps(settings, sort_keys=True),
-        "sdlora_trigger_words": json.dumps([config.trigger] if config.trigger else []),
+        "sdlora_trigger_words": json.dumps(trigger_words(config)),
         "sdlora_base_model": config.base,
         "sdlora_targets": json.dumps(targets),
         "ss_sd_model_name": Path(config.base).name,
@@ -125,6 +147,14 @@ def adapter_metadata(
         "ss_min_snr_gamma": str(config.min_snr_gamma),
     }
     return meta
+
+
+def trigger_words(config: TrainConfig) -> list[str]:
+    """--trigger and the new words, each once."""
+    words = ([config.trigger] if config.trigger else []) + [
+        spec.split(":")[0] for spec in config.new_tokens
+    ]
+    return list(dict.fromkeys(words))
 
 
 def peak_memory(device: torch.device) -> str:

@@ -21,7 +21,14 @@ from sdlora.train.checkpoint import resume_hint
 from sdlora.train.config import TrainConfig
 from sdlora.train.data import MicroBatches, possible_captions, with_trigger
 from sdlora.train.encode import LatentCache, TextCache
-from sdlora.train.finish import adapter_metadata, peak_memory, save_checkpoint, save_samples
+from sdlora.train.finish import (
+    adapter_metadata,
+    peak_memory,
+    save_checkpoint,
+    save_samples,
+    save_words,
+    trained_adapter,
+)
 from sdlora.train.models import Models, load_models, restore
 from sdlora.train.prior import PriorImages
 from sdlora.train.progress import LossLog, Pace, open_tensorboard
@@ -33,7 +40,6 @@ from tqdm.auto import tqdm
 
 from sdlora.errors import SdloraError
 from sdlora.files import save_adapter
-from sdlora.inject import collect_adapter
 from sdlora.writing import WriteError
 
 logger = logging.getLogger(__name__)
@@ -119,7 +125,7 @@ def train(
         )
 
     def save_adapter_at(path: Path, extra: dict[str, str]) -> None:
-        save_adapter(collect_adapter(models.injected, metadata() | extra), path, overwrite=True)
+        save_adapter(trained_adapter(models, metadata() | extra), path, overwrite=True)
 
     # --- the loop: micro-batches until the last optimizer step
     first_step, started = step, time.perf_counter()
@@ -183,7 +189,9 @@ def train(
     accelerator.wait_for_everyone()
     if main:
         try:
-            save_adapter(collect_adapter(models.injected, metadata()), path, overwrite=True)
+            save_adapter(trained_adapter(models, metadata()), path, overwrite=True)
+            for file in save_words(output, models):
+                logger.info("new word's embedding: %s", file)
         except WriteError as err:  # a full disk at the very end: say where to resume from
             raise SdloraError(f"{err}. {resume_hint(output)}") from err
         if writer is not None:

@@ -20,6 +20,8 @@ from sdlora.train import checkpoint, precompile
 from sdlora.train.config import RESUME_MUST_MATCH, TrainConfig
 from sdlora.train.data import BatchPlan, derived_seed
 from sdlora.train.encode import long_captions
+from sdlora.train.pivotal import NewWords, add_new_words
+from sdlora.train.prior import generate_missing
 from sdlora.train.speed import REGIONS, compile_options, compile_regions, speed_up, will_compile
 
 from sdlora.base import load_base
@@ -45,6 +47,7 @@ class Models:
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     weight_dtype: torch.dtype  # of the frozen UNet and text-encoder weights
+    words: NewWords | None = None  # new words trained with the adapter (pivotal tuning)
 
 
 def load_models(
@@ -63,6 +66,8 @@ def load_models(
         pipe = load_base(config.base, device=accelerator.device, config=config.base_config)
     else:
         pipe.to(accelerator.device)
+    if config.reg_generate:  # the base itself, before any cast or adapter
+        generate_missing(pipe, config, accelerator)
     if weight_dtype != torch.float32:
         # nn.Module.to: diffusers' own .to(dtype) warns about fp32 modules even when there are none
         torch.nn.Module.to(pipe.unet, dtype=weight_dtype)
@@ -92,6 +97,9 @@ def load_models(
         injected.update(add_trainable(pipe.text_encoder, "text_encoder", te_targets, **lora_args))
         trained.append(pipe.text_encoder)
     targets = {"unet": list(unet_targets), "text_encoder": list(te_targets)}
+    words = add_new_words(pipe, config)
+    if words is not None and not config.train_text_encoder:
+        trained.append(pipe.text_encoder)  # its new words learn
     if config.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         if config.train_text_encoder:
@@ -101,7 +109,7 @@ def load_models(
     compiling = will_compile(config.compile, device, total_steps, len(plan.by_bucket))
     fast = speed_up(pipe.unet, device, compile=False, buckets=len(plan.by_bucket))
 
-    optimizer = make_optimizer(config, injected, accelerator.device)
+    optimizer = make_optimizer(config, injected, accelerator.device, words)
     lr_scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer,
@@ -110,7 +118,7 @@ def load_models(
     )
     prepared = accelerator.prepare(*trained, optimizer)
     unet, optimizer = prepared[0], prepared[-1]
-    text_encoder = prepared[1] if config.train_text_encoder else pipe.text_encoder
+    text_encoder = prepared[1] if config.text_learns else pipe.text_encoder
     if compiling:
         # CUDA graphs reuse their output memory every step, so gradients must not accumulate
         graphs = config.grad_accum == 1
@@ -131,6 +139,7 @@ def load_models(
         optimizer,
         lr_scheduler,
         weight_dtype,
+        words,
     )
 
 
@@ -172,7 +181,7 @@ def fill_compile_cache(
         noisy = torch.randn(latent, generator=generator, device=device)
         timesteps = torch.randint(0, 1000, (batch,), generator=generator, device=device)
         condition = torch.randn((batch, tokens, width), generator=generator, device=device)
-        condition = condition.to(weight_dtype).requires_grad_(config.train_text_encoder)
+        condition = condition.to(weight_dtype).requires_grad_(config.text_learns)
         inputs.append((noisy.to(weight_dtype, memory_format=layout), timesteps, condition))
 
     def call_unet(*args):  # as the prepared UNet runs, without its multi-process wrapper
@@ -213,15 +222,22 @@ def check_sides(pipe, plan: BatchPlan) -> None:
 
 
 def make_optimizer(
-    config: TrainConfig, injected: dict[str, LoRAWeights], device: torch.device
+    config: TrainConfig,
+    injected: dict[str, LoRAWeights],
+    device: torch.device,
+    words: NewWords | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA) or bitsandbytes' 8-bit AdamW; UNet and text-encoder LR apart."""
+    """AdamW (fused on CUDA) or bitsandbytes' 8-bit AdamW; UNet, text-encoder and new-word LR
+    apart (the new words without weight decay, see pivotal.py)."""
     unet = [p for k, w in injected.items() if k.startswith("lora_unet_") for p in (w.down, w.up)]
     text = [p for k, w in injected.items() if k.startswith("lora_te_") for p in (w.down, w.up)]
     groups = [{"params": unet, "lr": config.lr}]
     if text:
         te_lr = config.lr if config.text_encoder_lr is None else config.text_encoder_lr
         groups.append({"params": text, "lr": te_lr})
+    if words is not None:
+        lr = config.lr if config.embedding_lr is None else config.embedding_lr
+        groups.append({"params": [words.parameter], "lr": lr, "weight_decay": 0.0})
     if config.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -253,6 +269,8 @@ def restore(path: Path, config: TrainConfig, models: Models, accelerator: Accele
         for key, weights in models.injected.items():
             weights.down.copy_(state["lora"][key]["down"])
             weights.up.copy_(state["lora"][key]["up"])
+    if models.words is not None:
+        models.words.load_state(state.get("embeddings", {}), str(path))
     models.optimizer.load_state_dict(state["optimizer"])
     models.lr_scheduler.load_state_dict(state["scheduler"])
     if accelerator.scaler is not None and state.get("scaler"):
