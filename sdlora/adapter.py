@@ -1,9 +1,14 @@
 """An adapter in memory: per-module factors keyed by their kohya-style flat names.
 
-Keys are the names A1111, ComfyUI, kohya and diffusers all understand for SD 1.x:
-`lora_unet_<module path, dots as underscores>` for the UNet and `lora_te_<path>` for the text
-encoder (e.g. `lora_te_text_model_encoder_layers_0_self_attn_q_proj`). They are resolved to real
-module paths against a loaded base (`resolve`), since underscores are ambiguous on their own.
+Keys are the names A1111, ComfyUI, kohya and diffusers all understand:
+`lora_unet_<module path, dots as underscores>` for the UNet, `lora_te_<path>` for the (first)
+text encoder (e.g. `lora_te_text_model_encoder_layers_0_self_attn_q_proj`) and `lora_te2_<path>`
+for SDXL's second. The UNet path is diffusers' for SD 1.x/2.x and the original (SGM) one for
+SDXL (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`), as kohya writes them
+(`Family.adapter_unet_names`); an SDXL UNet answers to its diffusers names too, which diffusers
+and PEFT files use. SDXL files spell the first text encoder `lora_te1_`: it is read as `lora_te_`
+(`memory_key`) and written back so (`file_key`). Keys are resolved to real module paths against a loaded base
+(`resolve`), since underscores are ambiguous on their own.
 """
 
 from __future__ import annotations
@@ -16,10 +21,20 @@ import torch
 from torch import nn
 
 from .errors import SdloraError
-from .families import describe_width, family_of_width
+from .families import (
+    FAMILIES,
+    Family,
+    describe_width,
+    family_of_adapter_keys,
+    family_of_unet_config,
+    family_of_width,
+)
+from .ldm_names import original_module_paths
 
 # component attribute on the pipeline -> flat-name prefix
-PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+# the leading modules of a CLIPTextModel that transformers 5 no longer nests under `text_model.`
+CLIP_TOP = ("embeddings.", "encoder.", "final_layer_norm.")
 
 
 @dataclass
@@ -59,7 +74,7 @@ class Adapter:
         """Module count per component (unet / text_encoder / other)."""
         counts: dict[str, int] = {}
         for key in self.modules:
-            comp = next((c for c, p in PREFIXES.items() if key.startswith(p)), "other")
+            comp = component_of(key) or "other"
             counts[comp] = counts.get(comp, 0) + 1
         return counts
 
@@ -80,35 +95,87 @@ def _canonical(component: str, path: str) -> str:
 
     transformers 5 dropped CLIPTextModel's `text_model.` level; files everywhere keep it.
     """
-    if component == "text_encoder":
-        return "text_model_" + path.removeprefix("text_model.").replace(".", "_")
+    if component.startswith("text_encoder") and path.startswith(CLIP_TOP):
+        path = "text_model." + path
     return path.replace(".", "_")
 
 
 def flat_name(component: str, path: str) -> str:
-    """`unet`, `down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in`."""
+    """`unet`, `down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in`
+    (diffusers' module names; `module_keys` gives the names of the model's family)."""
     return PREFIXES[component] + _canonical(component, path)
 
 
-def module_paths(model: nn.Module, component: str) -> dict[str, str]:
-    """Flat-name suffix -> module path for every Linear/Conv2d in `model` (wrapped ones included)."""
+def _adaptable(model: nn.Module) -> dict[str, nn.Module]:
+    """Path -> module for every Linear/Conv2d in `model` (LoRALayer-wrapped ones included)."""
     from .layer import LoRALayer  # local: layer imports nothing from here
 
-    paths: dict[str, str] = {}
-    for path, module in model.named_modules():
-        if isinstance(module, LoRALayer) or (
-            isinstance(module, nn.Linear | nn.Conv2d) and not path.endswith(".base")
-        ):
-            paths[_canonical(component, path)] = path
-    return paths
+    return {
+        path: module
+        for path, module in model.named_modules()
+        if isinstance(module, LoRALayer)
+        or (isinstance(module, nn.Linear | nn.Conv2d) and not path.endswith(".base"))
+    }
+
+
+def _original_names(model: nn.Module, component: str, paths) -> dict[str, str]:
+    """Module path -> original-layout path where the model's family names UNet modules so in
+    adapter files (SDXL); empty otherwise."""
+    config = getattr(model, "config", None)
+    if component != "unet" or config is None or "down_block_types" not in config:
+        return {}
+    if family_of_unet_config(config).adapter_unet_names != "original":
+        return {}
+    return original_module_paths(config, paths)
+
+
+def module_keys(model: nn.Module, component: str) -> dict[str, str]:
+    """Module path -> the flat key this model's family writes for it in adapter files."""
+    paths = list(_adaptable(model))
+    original = _original_names(model, component, paths)
+    return {p: PREFIXES[component] + _canonical(component, original.get(p, p)) for p in paths}
+
+
+def module_paths(model: nn.Module, component: str) -> dict[str, str]:
+    """Flat-name suffix -> module path for every Linear/Conv2d in `model` (wrapped ones
+    included): the family's own names, and for an SDXL UNet its diffusers names as well."""
+    paths = list(_adaptable(model))
+    found = {_canonical(component, p): p for p in paths}
+    for path, original in _original_names(model, component, paths).items():
+        found[_canonical(component, original)] = path
+    return found
 
 
 def _suffix(component: str, key: str) -> str:
     """Flat key -> canonical suffix; old kohya text-encoder keys lack `text_model_`."""
     suffix = key[len(PREFIXES[component]) :]
-    if component == "text_encoder" and not suffix.startswith("text_model_"):
+    if component.startswith("text_encoder") and not suffix.startswith("text_model_"):
         suffix = "text_model_" + suffix
     return suffix
+
+
+def component_of(key: str) -> str | None:
+    """The pipeline component a flat key belongs to (unet, text_encoder, text_encoder_2), if any."""
+    return next((c for c, p in PREFIXES.items() if key.startswith(p)), None)
+
+
+def file_key(key: str, family: Family) -> str:
+    """The key as the family's adapter files spell it (`TextEncoder.adapter_prefix`: SDXL files
+    call the first text encoder lora_te1_)."""
+    for encoder in family.text_encoders:
+        ours = PREFIXES[encoder.component]
+        if key.startswith(ours):
+            return encoder.adapter_prefix + key[len(ours) :]
+    return key
+
+
+def memory_key(key: str) -> str:
+    """The key as sdlora holds it, whichever family's file spelled it (lora_te1_ -> lora_te_)."""
+    for encoder in (e for f in FAMILIES for e in f.text_encoders):
+        ours = PREFIXES[encoder.component]
+        if key.startswith(encoder.adapter_prefix) and not key.startswith(ours):
+            return ours + key[len(encoder.adapter_prefix) :]
+    return key
 
 
 def fit_factors(factors: ModuleFactors, shape: torch.Size | tuple[int, ...]) -> ModuleFactors:
@@ -143,36 +210,47 @@ def fits(factors: ModuleFactors, shape: torch.Size | tuple[int, ...]) -> bool:
 
 def widths(adapter: Adapter) -> dict[str, int]:
     """The widths an adapter was trained at, where its keys show them: `unet` = input width of a
-    cross-attention key projection (attn2.to_k/to_v), `text_encoder` = input width of a
-    self-attention q/k/v projection (the text encoder's hidden size)."""
+    cross-attention key projection (attn2.to_k/to_v), `text_encoder`/`text_encoder_2` = input
+    width of a self-attention q/k/v projection (the text encoder's hidden size)."""
     found: dict[str, int] = {}
     for key, factors in adapter.modules.items():
-        if key.startswith(PREFIXES["unet"]) and key.endswith(("attn2_to_k", "attn2_to_v")):
+        comp = component_of(key)
+        if comp == "unet" and key.endswith(("attn2_to_k", "attn2_to_v")):
             found.setdefault("unet", factors.down.shape[1])
-        elif key.startswith(PREFIXES["text_encoder"]) and key.endswith(
+        elif comp is not None and key.endswith(
             ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj")
         ):
-            found.setdefault("text_encoder", factors.down.shape[1])
+            found.setdefault(comp, factors.down.shape[1])
     return found
 
 
 def base_widths(models: dict[str, nn.Module]) -> dict[str, int]:
-    """The same widths of a base: its UNet's cross-attention dim, its text encoder's hidden size."""
+    """The same widths of a base: its UNet's cross-attention dim, its text encoders' hidden sizes."""
     found: dict[str, int] = {}
     unet_config = getattr(models.get("unet"), "config", None)
-    text_config = getattr(models.get("text_encoder"), "config", None)
     if unet_config is not None and isinstance(unet_config.get("cross_attention_dim"), int):
         found["unet"] = unet_config["cross_attention_dim"]
-    if text_config is not None and isinstance(getattr(text_config, "hidden_size", None), int):
-        found["text_encoder"] = text_config.hidden_size
+    for comp in ("text_encoder", "text_encoder_2"):
+        text_config = getattr(models.get(comp), "config", None)
+        if text_config is not None and isinstance(getattr(text_config, "hidden_size", None), int):
+            found[comp] = text_config.hidden_size
     return found
+
+
+def adapter_family(adapter: Adapter) -> Family | None:
+    """The family an adapter was made for, where it shows: its cross-attention width, else its
+    names or metadata (SDXL, `family_of_adapter_keys`)."""
+    width = widths(adapter).get("unet")
+    found = family_of_width(width) if width is not None else None
+    return found or family_of_adapter_keys(adapter.modules, adapter.metadata)
 
 
 def check_family(adapter: Adapter, models: dict[str, nn.Module]) -> None:
     """Refuse, in one line naming both families, an adapter trained for another model family
-    (e.g. an SD 1.x adapter on an SD 2.x base), before anything is applied."""
+    (e.g. an SD 1.x adapter on an SDXL base), before anything is applied."""
     theirs, ours = widths(adapter), base_widths(models)
-    for component in ("unet", "text_encoder"):
+    base = ours.get("unet")
+    for component in PREFIXES:
         if component in theirs and component in ours and theirs[component] != ours[component]:
             trained, base = theirs[component], ours.get("unet", ours[component])
             family = family_of_width(trained)
@@ -186,6 +264,17 @@ def check_family(adapter: Adapter, models: dict[str, nn.Module]) -> None:
                     else "pick a base of the adapter's family"
                 )
             )
+    # SDXL adapters by their names (te2, original UNet names) where no width tells: a text-
+    # encoder-only SDXL file's CLIP-L is as wide as SD 1.x's
+    unet = models.get("unet")
+    named = family_of_adapter_keys(adapter.modules, adapter.metadata)
+    if named is None or unet is None or base is None:
+        return
+    if named is not family_of_unet_config(unet.config):
+        raise SdloraError(
+            f"{adapter.source} was trained for {named.label}; the base is "
+            f"{describe_width(base)}; pick a base of the adapter's family"
+        )
 
 
 def resolve(
@@ -201,7 +290,7 @@ def resolve(
     resolved: dict[tuple[str, str], ModuleFactors] = {}
     unmatched: list[str] = []
     for key, factors in adapter.modules.items():
-        comp = next((c for c, p in PREFIXES.items() if key.startswith(p)), None)
+        comp = component_of(key)
         path = lookups[comp].get(_suffix(comp, key)) if comp in lookups else None
         if path is None:
             unmatched.append(key)

@@ -1,5 +1,9 @@
-"""Base models: built in (`toy`, `tiny`, `tiny-v2`), a local diffusers folder, a single-file SD
-checkpoint, or a Hugging Face Hub id.
+"""Base models: built in (`toy`, `tiny`, `tiny-v2`, `tiny-xl`), a local diffusers folder, a
+single-file SD checkpoint, or a Hugging Face Hub id.
+
+Each family runs in its diffusers pipeline class (`Family.pipeline`: StableDiffusionPipeline for
+SD 1.x/2.x, StableDiffusionXLPipeline for SDXL); a folder or Hub model says which in its
+model_index.json, a single file in its keys (`sdlora.single_file`).
 
 A Hub id is anything shaped `owner/name` that is not an existing local path; it goes through
 diffusers' own `from_pretrained`, which downloads into the Hugging Face cache when online and,
@@ -8,27 +12,44 @@ with HF_HUB_OFFLINE=1, reads that cache only. Nothing else here downloads.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
 from .errors import SdloraError
+from .families import SDXL
+from .pipelines import load_options, pipeline_class
 from .recommend import ATTRIBUTE, recommend_builtin
 
-BUILTIN = ("toy", "tiny", "tiny-v2")
-TINY_FAMILIES = {"tiny": "sd1", "tiny-v2": "sd2"}  # built-in random-weight bases, by family
+BUILTIN = ("toy", "tiny", "tiny-v2", "tiny-xl")
+TINY_FAMILIES = {"tiny": "sd1", "tiny-v2": "sd2", "tiny-xl": "sdxl"}  # random-weight bases
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, as the Hub spells them
 TOY_FOLDER = Path(__file__).parent / "assets" / "toy"  # pretrained by pretrain/toy_base.py
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
-def _quiet(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
+def _class_of_index(index: dict, where: str) -> type[DiffusionPipeline]:
+    """The pipeline class to load a model_index.json with: SDXL when it has two text encoders."""
+    if "text_encoder_2" in index and "text_encoder" in index:
+        return pipeline_class(SDXL)
+    if "text_encoder_2" in index:
+        raise SdloraError(
+            f"{where}: a model with only a second text encoder (an SDXL refiner?) is not a base "
+            "sdlora can use; give an SD 1.x, SD 2.x or SDXL base"
+        )
+    return StableDiffusionPipeline
+
+
+def _quiet(pipe: DiffusionPipeline) -> DiffusionPipeline:
     pipe.set_progress_bar_config(disable=True)
-    for name in ("unet", "vae", "text_encoder"):
-        getattr(pipe, name).eval().requires_grad_(False)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, name, None)
+        if model is not None:
+            model.eval().requires_grad_(False)
     return pipe
 
 
@@ -89,7 +110,7 @@ def _hub_cache() -> str | None:
     return None
 
 
-def _load_hub(repo_id: str) -> StableDiffusionPipeline:
+def _load_hub(repo_id: str) -> DiffusionPipeline:
     """A Hub model through diffusers: from the cache when offline, downloading otherwise."""
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -99,12 +120,15 @@ def _load_hub(repo_id: str) -> StableDiffusionPipeline:
 
     offline = _hub_offline()
     try:
-        return StableDiffusionPipeline.from_pretrained(
-            repo_id,
-            cache_dir=_hub_cache(),
-            local_files_only=offline,
-            safety_checker=None,
-            requires_safety_checker=False,
+        from huggingface_hub import hf_hub_download
+
+        index_file = hf_hub_download(
+            repo_id, "model_index.json", cache_dir=_hub_cache(), local_files_only=offline
+        )
+        index = json.loads(Path(index_file).read_text(encoding="utf-8"))
+        cls = _class_of_index(index, f"base {repo_id!r}")
+        return cls.from_pretrained(
+            repo_id, cache_dir=_hub_cache(), local_files_only=offline, **load_options(cls)
         )
     except (GatedRepoError, RepositoryNotFoundError):
         raise SdloraError(
@@ -122,7 +146,7 @@ def _load_hub(repo_id: str) -> StableDiffusionPipeline:
 
 
 # what a single file needs from a Hub model: its configs, tokenizer and scheduler, not weights
-CONFIG_FILES = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*"]
+CONFIG_FILES = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*"]
 
 
 def _hub_config_folder(repo_id: str) -> Path:
@@ -162,9 +186,10 @@ def load_base(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     config: str | Path | None = None,
-) -> StableDiffusionPipeline:
-    """Load a base model: "toy", "tiny", "tiny-v2", a diffusers model folder, a single
-    .safetensors/.ckpt file, or a Hub id such as "stabilityai/stable-diffusion-2-1".
+) -> DiffusionPipeline:
+    """Load a base model: "toy", "tiny", "tiny-v2", "tiny-xl", a diffusers model folder, a single
+    .safetensors/.ckpt file, or a Hub id such as "stabilityai/stable-diffusion-xl-base-1.0";
+    a StableDiffusionPipeline, or a StableDiffusionXLPipeline for SDXL.
 
     `config` is a diffusers model folder (or Hub id) whose configs, tokenizer and scheduler
     describe a single file; its scheduler config gives the prediction type (`sdlora.families`).
@@ -190,9 +215,9 @@ def load_base(
             if not (path / "model_index.json").exists():
                 raise SdloraError(f"{path}: not a diffusers model folder (no model_index.json)")
             try:
-                pipe = StableDiffusionPipeline.from_pretrained(
-                    path, local_files_only=True, safety_checker=None, requires_safety_checker=False
-                )
+                index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+                cls = _class_of_index(index, str(path))
+                pipe = cls.from_pretrained(path, local_files_only=True, **load_options(cls))
             except (OSError, ValueError, KeyError) as err:
                 raise SdloraError(f"{path}: cannot load this model folder ({err})") from None
         elif path.suffix.lower() in SINGLE_FILE_SUFFIXES:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from .adapter import Adapter, check_strength, resolve
 from .blocks import block_of, multiplier, parse_blocks
@@ -25,7 +25,7 @@ from .fusion import Plan
 from .inject import unwrap_all, wrap
 from .layer import LoRALayer, LoRAWeights, max_rank
 
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # those a pipeline has
 logger = logging.getLogger(__name__)
 
 
@@ -54,9 +54,9 @@ class Entry:
 
 
 class Mixer:
-    """Adapters attached to one pipeline's UNet and text encoder, by name."""
+    """Adapters attached to one pipeline's UNet and text encoder(s), by name."""
 
-    def __init__(self, pipe: StableDiffusionPipeline):
+    def __init__(self, pipe: DiffusionPipeline):
         self.pipe = pipe
         self.entries: dict[str, Entry] = {}
         self._plan: Plan | None = None  # fused groups; None after a change of what is fused where

@@ -18,10 +18,11 @@ from .lora_spec import adapter_names, parse_lora, parse_lora_spec  # noqa: F401 
 
 DEFAULT_BASE = "toy"
 BASE_HELP = (
-    "base model: 'toy' (built in, pretrained on the toy world, 64 px), 'tiny' / 'tiny-v2' (built "
-    "in, random weights, SD 1.x / SD 2.x shaped, for tests), a diffusers model folder, a single "
-    ".safetensors checkpoint in the original SD layout, or a Hugging Face Hub id such as "
-    "stabilityai/stable-diffusion-2-1 (cached; HF_HUB_OFFLINE=1 reads the cache only) "
+    "base model: 'toy' (built in, pretrained on the toy world, 64 px), 'tiny' / 'tiny-v2' / "
+    "'tiny-xl' (built in, random weights, SD 1.x / SD 2.x / SDXL shaped, for tests), a diffusers "
+    "model folder, a single .safetensors checkpoint in the original SD or SDXL layout, or a "
+    "Hugging Face Hub id such as stabilityai/stable-diffusion-xl-base-1.0 (cached; "
+    "HF_HUB_OFFLINE=1 reads the cache only) "
     "(default: %(default)s)"
 )
 

@@ -9,8 +9,10 @@ diffusers: `unet.<module path>.lora_A.weight` / `lora_B.weight`, `text_encoder.<
 In both the training scale is folded into A (alpha = rank), so strength 1.0 means "as trained"
 everywhere. diffusers keys need real module paths, but flat names lose the dots. Without a base,
 the path is rebuilt from SD's module-name vocabulary (diffusers UNet2DConditionModel and
-CLIPTextModel names), which is unambiguous for SD 1.x/2.x; a name outside it is refused. With a
-base, the paths come from its modules and keys it lacks are refused.
+CLIPTextModel names), which is unambiguous for SD 1.x/2.x; a name outside it is refused (SDXL's
+original-layout UNet names need the base's config: pass one). With a base, the paths come from
+its modules and keys it lacks are refused, and a kohya file gets the names the base's family
+uses (SDXL: original UNet names, lora_te1_/lora_te2_).
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ import torch
 from torch import nn
 
 from .adapter import (
-    PREFIXES,
     Adapter,
     _suffix,
     check_family,
+    component_of,
     fit_factors,
     fits,
+    module_keys,
     module_paths,
     weight_of,
 )
@@ -127,7 +130,7 @@ def paths_for(adapter: Adapter, models: dict[str, nn.Module] | None) -> dict[str
     if models is not None:
         check_family(adapter, models)  # another family: one line naming both, before any shape
     for key, factors in adapter.modules.items():
-        comp = next((c for c, p in PREFIXES.items() if key.startswith(p)), None)
+        comp = component_of(key)
         if comp is None:
             raise SdloraError(f"{adapter.source}: module {key} belongs to no UNet or text encoder")
         suffix = _suffix(comp, key)
@@ -181,7 +184,7 @@ def diffusers_state(
         comp, path = paths[key]
         if models is not None:
             factors = fit_factors(factors, weight_of(models[comp], path).shape)
-        if comp == "text_encoder":
+        if comp.startswith("text_encoder"):
             # Keys keep CLIP's `text_model.` level, as files everywhere do (diffusers maps them
             # onto transformers 5, which dropped it); patterns leave it out, so they match either.
             path = path.removeprefix("text_model.")
@@ -233,8 +236,13 @@ def convert_adapter(
         raise SdloraError(f"{out} already exists; choose another --out or pass --overwrite")
     adapter = folded(adapter)
     if to == "kohya":
-        if models is not None:
-            paths_for(adapter, models)  # refuse keys the base lacks
+        if models is not None:  # refuse keys the base lacks; name the rest as its family does
+            paths = paths_for(adapter, models)
+            names = {comp: module_keys(model, comp) for comp, model in models.items()}
+            adapter.modules = {
+                names[paths[key][0]][paths[key][1]]: factors
+                for key, factors in adapter.modules.items()
+            }
         return save_adapter(adapter, out, overwrite=overwrite)
     tensors, configs = diffusers_state(adapter, models)
     for name, value in tensors.items():

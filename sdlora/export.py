@@ -16,9 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from .embeddings import (
+    TOKENIZERS,
     TokenEmbedding,
     attached,
     base_tokenizer,
@@ -26,7 +27,9 @@ from .embeddings import (
     save_embedding_files,
 )
 from .errors import SdloraError
+from .families import family_of_pipeline
 from .layer import LoRALayer
+from .pipelines import assemble
 from .writing import written_folder
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -39,10 +42,15 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def check_foldable(pipe: StableDiffusionPipeline) -> None:
+def _models(pipe: DiffusionPipeline) -> tuple[str, ...]:
+    """The pipeline's weighted parts: UNet, its family's text encoders, VAE."""
+    return ("unet", *(enc.component for enc in family_of_pipeline(pipe).text_encoders), "vae")
+
+
+def check_foldable(pipe: DiffusionPipeline) -> None:
     """Raise naming every active nonlinear adapter: they cannot be folded into weights."""
     blocked = set()
-    for comp in ("unet", "text_encoder"):
+    for comp in _models(pipe):
         for module in getattr(pipe, comp).modules():
             if isinstance(module, LoRALayer):
                 for name, weights in module.items():
@@ -82,13 +90,10 @@ def merged_state_dict(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, t
     return state
 
 
-def merged_components(pipe: StableDiffusionPipeline, dtype: torch.dtype) -> dict[str, dict]:
-    """{'unet'|'text_encoder'|'vae': merged state dict} in `dtype`."""
+def merged_components(pipe: DiffusionPipeline, dtype: torch.dtype) -> dict[str, dict]:
+    """{'unet'|'text_encoder'|'text_encoder_2' (SDXL)|'vae': merged state dict} in `dtype`."""
     check_foldable(pipe)
-    return {
-        comp: merged_state_dict(getattr(pipe, comp), dtype)
-        for comp in ("unet", "text_encoder", "vae")
-    }
+    return {comp: merged_state_dict(getattr(pipe, comp), dtype) for comp in _models(pipe)}
 
 
 def _plain_copy(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -153,20 +158,16 @@ def _names(paths: list[Path], most: int = 3) -> str:
 
 
 def export_diffusers(
-    pipe: StableDiffusionPipeline, out: str | Path, dtype: str = "fp16", overwrite: bool = False
+    pipe: DiffusionPipeline, out: str | Path, dtype: str = "fp16", overwrite: bool = False
 ) -> Path:
     """Write the current blend as a diffusers model folder (safetensors), whole or not at all."""
     out = check_out(out, folder=True, overwrite=overwrite)
     states = merged_components(pipe, parse_dtype(dtype))
     parts = {comp: _plain_copy(getattr(pipe, comp), states[comp]) for comp in states}
-    plain = StableDiffusionPipeline(
-        **parts,
-        tokenizer=base_tokenizer(pipe),
-        scheduler=pipe.scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    tokenizers = {
+        name: base_tokenizer(pipe, name) for name in TOKENIZERS.values() if hasattr(pipe, name)
+    }
+    plain = assemble(family_of_pipeline(pipe), {**pipe.components, **parts, **tokenizers})
     with written_folder(out) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         if attached(pipe):
@@ -176,7 +177,7 @@ def export_diffusers(
 
 
 def export_single_file(
-    pipe: StableDiffusionPipeline, out: str | Path, dtype: str = "fp16", overwrite: bool = False
+    pipe: DiffusionPipeline, out: str | Path, dtype: str = "fp16", overwrite: bool = False
 ) -> Path:
     """Write the current blend as one .safetensors in the original SD (A1111/ComfyUI) layout."""
     from .single_file import save_single_file
@@ -202,6 +203,7 @@ def export_single_file(
         out,
         dtype=dtype,
         overwrite=overwrite,
+        text_encoder_2_sd=states.get("text_encoder_2"),
     )
     if words:
         save_embedding_files(words, embeddings_folder(out, folder=False), overwrite=overwrite)

@@ -1,11 +1,12 @@
 """Model families: one entry per Stable Diffusion family, everything that tells them apart.
 
 A family says how to recognise a base or an adapter of its kind (the cross-attention width, i.e.
-the text encoder's hidden size: 768 for SD 1.x's CLIP ViT-L/14, 1024 for SD 2.x's OpenCLIP ViT-H),
-how its single-file checkpoints are laid out, and what it draws well with. Trainer, mixer,
-exporter and inspector ask this table instead of branching on a family themselves; a new family
-(SDXL next) is one more `Family(...)` in `FAMILIES` plus, where its layout is new, one converter
-named by `text_layout` in `single_file.py`.
+the text encoders' hidden size: 768 for SD 1.x's CLIP ViT-L/14, 1024 for SD 2.x's OpenCLIP ViT-H,
+2048 for SDXL's two), which pipeline runs it, how its single-file checkpoints and adapter files
+name things, and what it draws well with. Trainer, mixer, exporter and inspector ask this table
+instead of branching on a family themselves; a new family is one more `Family(...)` in
+`FAMILIES` plus, where its layout is new, one converter named by `TextEncoder.layout` in
+`single_file.py`.
 
 SD 2.x prediction type: the 768-px SD 2.x models (2.0-v, 2.1) predict v, the 512-px ones (2.0-base,
 2.1-base) predict ε. A single file does not say which (kohya and A1111 need a `--v_parameterization`
@@ -22,21 +23,40 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class TextEncoder:
+    """One text encoder of a family: the pipeline attribute, its single-file and adapter names."""
+
+    component: str  # pipeline attribute: "text_encoder", "text_encoder_2"
+    file_prefix: str  # single files: "cond_stage_model.transformer." / "...model." / ...
+    layout: str  # "clip": Hugging Face names as they are; "open_clip": resblocks, fused qkv
+    adapter_prefix: str  # kohya flat-name prefix in adapter files: lora_te_, lora_te1_, lora_te2_
+    # the transformers class diffusers runs it as: SDXL's second one keeps its projection, whose
+    # output is the pooled text embedding the UNet takes
+    model_class: str = "CLIPTextModel"
+
+
+@dataclass(frozen=True)
 class Family:
     """One Stable Diffusion family: how to recognise it, its file layout, its defaults."""
 
-    name: str  # short id used in metadata: "sd1", "sd2"
+    name: str  # short id used in metadata: "sd1", "sd2", "sdxl"
     label: str  # what users read: "SD 1.x"
-    # Cross-attention width (= text encoder hidden size) of this family's real bases, and of
-    # sdlora's built-in small ones. An adapter's attn2.to_k input width says its family.
+    # Cross-attention width (= text encoder hidden size, both encoders' together for SDXL) of
+    # this family's real bases, and of sdlora's built-in small ones. An adapter's attn2.to_k
+    # input width says its family.
     cross_attention_dim: int
     small_bases: dict[int, str]  # width -> built-in base of this family with that width
-    linear_projection: bool  # transformer proj_in/proj_out are Linear (SD 2.x), not 1x1 Conv
-    # Single-file (original LDM) layout: where the text encoder lives and in which naming.
-    text_prefix: str  # "cond_stage_model.transformer." (HF CLIP) / "cond_stage_model.model."
-    text_layout: str  # "clip": Hugging Face names as they are; "open_clip": resblocks, fused qkv
-    text_key: str  # a text-encoder key every single file of this family has
-    single_file_layout: str  # the `sdlora_layout` metadata of the single files sdlora writes
+    linear_projection: bool  # transformer proj_in/proj_out are Linear (SD 2.x, SDXL), not 1x1 Conv
+    pipeline: str  # the diffusers pipeline class that runs it
+    text_encoders: tuple[TextEncoder, ...]
+    # Single-file layout: where the text encoders live (above), a key every file has, and the
+    # `sdlora_layout` metadata of the single files sdlora writes.
+    text_key: str
+    single_file_layout: str
+    # How kohya-layout adapters name UNet modules: "diffusers" (down_blocks_1_attentions_0_...,
+    # SD 1.x/2.x) or "original" (the LDM/SGM names, input_blocks_4_1_..., SDXL).
+    adapter_unet_names: str
+    base_model_version: str  # kohya's `ss_base_model_version` metadata for this family
     # Recommended generation settings at the family's native size (the UNet's sample size × 8).
     guidance: float
     steps: int
@@ -49,10 +69,14 @@ SD1 = Family(
     cross_attention_dim=768,  # CLIP ViT-L/14
     small_bases={32: "tiny", 96: "toy"},
     linear_projection=False,
-    text_prefix="cond_stage_model.transformer.",
-    text_layout="clip",
+    pipeline="StableDiffusionPipeline",
+    text_encoders=(
+        TextEncoder("text_encoder", "cond_stage_model.transformer.", "clip", "lora_te_"),
+    ),
     text_key="cond_stage_model.transformer.text_model.final_layer_norm.weight",
     single_file_layout="ldm_sd_v1",
+    adapter_unet_names="diffusers",
+    base_model_version="sd_v1",
     guidance=7.5,
     steps=25,
     builtin="tiny",
@@ -64,22 +88,52 @@ SD2 = Family(
     cross_attention_dim=1024,  # OpenCLIP ViT-H/14
     small_bases={64: "tiny-v2"},
     linear_projection=True,
-    text_prefix="cond_stage_model.model.",
-    text_layout="open_clip",
+    pipeline="StableDiffusionPipeline",
+    text_encoders=(
+        TextEncoder("text_encoder", "cond_stage_model.model.", "open_clip", "lora_te_"),
+    ),
     text_key="cond_stage_model.model.token_embedding.weight",
     single_file_layout="ldm_sd_v2",
+    adapter_unet_names="diffusers",
+    base_model_version="sd_v2",
     guidance=7.5,
     steps=25,
     builtin="tiny-v2",
 )
 
-# SDXL goes here: cross_attention_dim=2048, two text encoders (the second under
-# "conditioner.embedders.1.model.", open_clip layout, adapter prefix lora_te2_), guidance 5-7 at
-# 1024 px. Its UNet has other blocks and an added time embedding, so it also needs its own UNet
-# rules in single_file.py and a pipeline class; detection by width needs nothing more.
-FAMILIES: tuple[Family, ...] = (SD1, SD2)
+# SDXL: CLIP ViT-L (768) and OpenCLIP ViT-bigG (1280) side by side; the UNet attends to both
+# encoders' penultimate hidden states concatenated (2048) and takes bigG's pooled embedding and
+# six size/crop numbers through an added time embedding (`addition_embed_type="text_time"`).
+# Single files use Stability's SGM layout (`conditioner.embedders.0/1`), kohya-layout adapters
+# the SGM UNet names and lora_te1_/lora_te2_. Native size 1024 px.
+SDXL = Family(
+    name="sdxl",
+    label="SDXL",
+    cross_attention_dim=2048,  # 768 (CLIP ViT-L) + 1280 (OpenCLIP ViT-bigG)
+    small_bases={80: "tiny-xl"},
+    linear_projection=True,
+    pipeline="StableDiffusionXLPipeline",
+    text_encoders=(
+        TextEncoder("text_encoder", "conditioner.embedders.0.transformer.", "clip", "lora_te1_"),
+        TextEncoder(
+            "text_encoder_2",
+            "conditioner.embedders.1.model.",
+            "open_clip",
+            "lora_te2_",
+            "CLIPTextModelWithProjection",
+        ),
+    ),
+    text_key="conditioner.embedders.1.model.positional_embedding",
+    single_file_layout="sgm_sdxl",
+    adapter_unet_names="original",
+    base_model_version="sdxl_base_v1-0",
+    guidance=5.0,  # diffusers' StableDiffusionXLPipeline default
+    steps=30,
+    builtin="tiny-xl",
+)
+
+FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL)
 BY_NAME = {f.name: f for f in FAMILIES}
-RECOGNISED_ONLY = {2048: "SDXL"}  # widths named in messages, of families sdlora cannot load yet
 
 
 def family_of_width(width: int) -> Family | None:
@@ -90,13 +144,16 @@ def family_of_width(width: int) -> Family | None:
 
 
 def family_of_unet_config(config: Mapping[str, Any]) -> Family:
-    """The family of a UNet2DConditionModel config: by its cross-attention width, else by shape."""
+    """The family of a UNet2DConditionModel config: SDXL by its added text/time embedding, else
+    by its cross-attention width, else by shape."""
+    if config.get("addition_embed_type") == "text_time":
+        return SDXL
     width = config.get("cross_attention_dim")
     found = family_of_width(width) if isinstance(width, int) else None
     if found is not None:
         return found
     linear = bool(config.get("use_linear_projection", False))
-    return next(f for f in FAMILIES if f.linear_projection == linear)
+    return next(f for f in FAMILIES if f.linear_projection == linear and f is not SDXL)
 
 
 def family_of_pipeline(pipe) -> Family:
@@ -110,12 +167,24 @@ def family_of_single_file(keys) -> Family | None:
     return next((f for f in FAMILIES if f.text_key in keys), None)
 
 
+def family_of_adapter_keys(keys, metadata: Mapping[str, str] | None = None) -> Family | None:
+    """SDXL when an adapter's own names or metadata show it: a second text encoder (lora_te2_),
+    original-layout UNet names, or kohya's `ss_base_model_version` "sdxl_..."; else None (the
+    names of SD 1.x and 2.x adapters are the same: their widths tell them apart)."""
+    original = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+    if any(k.startswith(("lora_te2_", *original)) for k in keys):
+        return SDXL
+    if (metadata or {}).get("ss_base_model_version", "").startswith("sdxl"):
+        return SDXL
+    return None
+
+
 def width_label(width: int) -> str:
     """What a cross-attention width says about a model: `SD 2.x`, `SD 1.x (tiny, sdlora
     built-in)`, `SDXL`, or `unknown (cross-attention width 48)`."""
     family = family_of_width(width)
     if family is None:
-        return RECOGNISED_ONLY.get(width, f"unknown (cross-attention width {width})")
+        return f"unknown (cross-attention width {width})"
     small = family.small_bases.get(width)
     return f"{family.label} ({small}, sdlora built-in)" if small else family.label
 
@@ -123,5 +192,5 @@ def width_label(width: int) -> str:
 def describe_width(width: int) -> str:
     """`SD 2.x (cross-attention width 1024)`: the family and the width, for messages."""
     family = family_of_width(width)
-    name = family.label if family else RECOGNISED_ONLY.get(width, "a model")
+    name = family.label if family else "a model"
     return f"{name} (cross-attention width {width})"

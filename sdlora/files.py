@@ -16,9 +16,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .adapter import Adapter, ModuleFactors
+from .adapter import Adapter, ModuleFactors, adapter_family, file_key, memory_key
 from .embeddings import bundle_tensors
 from .errors import SdloraError
+from .families import SD1
 from .layer import POSITIVELY_HOMOGENEOUS, check_nonlinearity
 from .writing import written_file
 
@@ -54,9 +55,12 @@ def check_rank(rank: int, out_features: int, in_features: int) -> None:
 
 
 def adapter_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
-    """The file's tensors for `adapter` (whose factors are already folded)."""
+    """The file's tensors for `adapter` (whose factors are already folded), under the names its
+    family's files use (SDXL: lora_te1_ for the first text encoder)."""
     tensors: dict[str, torch.Tensor] = {}
+    family = adapter_family(adapter) or SD1
     for key, factors in adapter.modules.items():
+        key = file_key(key, family)
         if adapter.is_linear:
             names = (f"{key}.lora_down.weight", f"{key}.lora_up.weight", f"{key}.alpha")
         else:
@@ -93,13 +97,14 @@ def save_adapter(adapter: Adapter, path: str | Path, overwrite: bool = False) ->
                 f"{path}: embedding {token!r} has NaN/Inf values; nothing was written"
             )
     ranks = adapter.ranks()
+    family = adapter_family(adapter) or SD1
     metadata = {
         "sdlora_format_version": FORMAT_VERSION,
         "sdlora_nonlinearity": adapter.nonlinearity,
         "ss_network_module": "networks.lora" if adapter.is_linear else "sdlora.nonlinear",
         "ss_network_dim": str(max(ranks)) if ranks else "0",
         "ss_network_alpha": str(max(ranks)) if ranks else "0",  # = rank: the scale is folded
-        "ss_base_model_version": "sd_v1",
+        "ss_base_model_version": family.base_model_version,
         "ss_output_name": path.stem,
         **adapter.metadata,
     }
@@ -149,7 +154,7 @@ def parse_flat_lora(
         if up is None:
             raise SdloraError(f"{source}: {base} has a down weight but no up weight")
         alpha = tensors.get(base + ".alpha")
-        key = base[len(NONLINEAR_PREFIX) :] if nonlinear else base
+        key = memory_key(base[len(NONLINEAR_PREFIX) :] if nonlinear else base)
         if down.shape[0] != up.shape[1]:
             raise SdloraError(
                 f"{source}: {key} has down rank {down.shape[0]} but up rank {up.shape[1]}"

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import Adapter, ModuleFactors, flat_name
+from .adapter import Adapter, ModuleFactors, flat_name, memory_key
 from .embeddings import split_bundle
 from .errors import SdloraError
 from .files import NONLINEAR_PREFIX, check_rank, parse_flat_lora, read_safetensors
@@ -101,7 +101,7 @@ def detect_format(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
         for k in keys
     ):
         return "diffusers"
-    if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in keys):
+    if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")) for k in keys):
         raise SdloraError("this is a full model checkpoint, not an adapter; use it as --base")
     raise SdloraError(
         f"no LoRA weights found: unknown adapter format (keys like {', '.join(keys[:3]) or 'none'}); "
@@ -181,7 +181,7 @@ def parse_kohya(
             raise SdloraError(f"{source}: module {module} lacks its part {err}") from None
         except (SdloraError, RuntimeError) as err:
             raise SdloraError(f"{source}: module {module}: {err}") from None
-        modules[_kohya_key(module)] = factors
+        modules[memory_key(module)] = factors
         types.add(kind)
     if not modules:
         raise SdloraError(f"{source}: no LoRA weights found (not a LoRA adapter file?)")
@@ -190,11 +190,6 @@ def parse_kohya(
     else:
         detected = "lycoris-" + "+".join(sorted(types))
     return Adapter(modules=modules, metadata=dict(metadata), source=source), detected
-
-
-def _kohya_key(module: str) -> str:
-    """SDXL-era `lora_te1_` is SD's one text encoder; other keys stay as they are."""
-    return "lora_te_" + module[len("lora_te1_") :] if module.startswith("lora_te1_") else module
 
 
 def _lora_module(parts: dict[str, torch.Tensor], alpha: float | None) -> ModuleFactors:
@@ -366,10 +361,8 @@ def _split_component(prefix: str, source: str) -> tuple[str, str]:
 
 
 def _flat(component: str, path: str) -> str:
-    """Flat key for a module path; components sdlora does not load keep a prefix resolve reports."""
-    if component in ("unet", "text_encoder"):
-        return flat_name(component, path)
-    return f"lora_{component.replace('_', '')}_" + path.replace(".", "_")
+    """Flat key for a module path (diffusers names; an SDXL UNet answers to them too)."""
+    return flat_name(component, path)
 
 
 def _peft_configs(metadata: dict[str, str], source: str) -> dict[str, dict]:

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .adapter import Adapter, ModuleFactors, flat_name
+from .adapter import Adapter, ModuleFactors, module_keys
 from .errors import SdloraError
 from .layer import LoRALayer, LoRAWeights, check_nonlinearity, max_rank
 
@@ -122,6 +122,7 @@ def add_trainable(
         if value is not None and value < 1:
             raise SdloraError(f"{what} must be at least 1 (got {value})")
     injected: dict[str, LoRAWeights] = {}
+    keys = module_keys(model, component)  # the names of the model's family (SDXL: SGM UNet)
     for path in find_targets(model, targets):
         layer = wrap(model, path)
         weight = layer.base.weight
@@ -149,7 +150,7 @@ def add_trainable(
             trainable=True,
         )
         layer.add(name, weights)
-        injected[flat_name(component, path)] = weights
+        injected[keys[path]] = weights
     return injected
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .families import SD1, SD2, family_of_pipeline
+from .families import SD1, SD2, SDXL, family_of_pipeline
 
 SD_GUIDANCE = SD1.guidance  # the Stable Diffusion 1.x/2.x default classifier-free guidance
 SD_STEPS = SD1.steps  # the Stable Diffusion default number of denoising steps
@@ -39,10 +39,11 @@ BUILTIN = {
     "toy": (2.0, 20),
     "tiny": (SD1.guidance, SD1.steps),
     "tiny-v2": (SD2.guidance, SD2.steps),
+    "tiny-xl": (SDXL.guidance, SDXL.steps),
 }
 # a small base learns a small adapter fast at a high rate (samples/style.toml); SD the usual
 SMALL_TRAINING = TrainingStart(64, 4, 1e-3)
-BUILTIN_TRAINING = {"toy": SMALL_TRAINING, "tiny": SMALL_TRAINING, "tiny-v2": SMALL_TRAINING}
+BUILTIN_TRAINING = {name: SMALL_TRAINING for name in BUILTIN}
 SD_TRAINING = TrainingStart(512, 1, 1e-4)
 
 
@@ -53,7 +54,7 @@ def native_size(pipe) -> int:
 
 
 def recommend_builtin(name: str, pipe) -> Recommended:
-    """The recommendation of built-in base `name` ("toy", "tiny", "tiny-v2"), sized from `pipe`."""
+    """The recommendation of built-in base `name` ("toy", "tiny", "tiny-v2", "tiny-xl"), sized from `pipe`."""
     guidance, steps = BUILTIN[name]
     return Recommended(guidance=guidance, steps=steps, size=native_size(pipe))
 

@@ -4,10 +4,12 @@ This is the layout AUTOMATIC1111 and ComfyUI read: one file with
 `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE) and the text encoder where its
 family keeps it (`sdlora.families`): SD 1.x `cond_stage_model.transformer.text_model.*` (CLIP,
 Hugging Face names), SD 2.x `cond_stage_model.model.*` (OpenCLIP: `transformer.resblocks.N`
-with q, k, v fused into `attn.in_proj_weight`). The key mapping is derived from the diffusers
-configs (number of blocks, layers per block, which blocks have attention), so the built-in tiny
-bases and full SD 1.x/2.x shapes both work. Loading is offline: the file's weights plus a local
-diffusers folder's configs and tokenizer.
+with q, k, v fused into `attn.in_proj_weight`), SDXL (Stability's SGM layout) both:
+`conditioner.embedders.0.transformer.text_model.*` (CLIP ViT-L) and
+`conditioner.embedders.1.model.*` (OpenCLIP ViT-bigG with its `text_projection`). The UNet and
+VAE names come from `sdlora.ldm_names`, derived from the diffusers configs, so the built-in tiny
+bases and full-size models both work. Loading is offline: the file's weights plus a local
+diffusers folder's configs and tokenizers.
 """
 
 from __future__ import annotations
@@ -23,156 +25,38 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig
 
 from .errors import SdloraError
-from .families import FAMILIES, Family, family_of_single_file, family_of_unet_config
+from .families import (
+    FAMILIES,
+    Family,
+    TextEncoder,
+    family_of_single_file,
+    family_of_unet_config,
+)
 from .files import atomic_save_file
+from .ldm_names import convert, unet_rules, vae_rules
+from .pipelines import load_options, pipeline_class
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 FULL_KEY = UNET_PREFIX + "output_blocks.11.0.skip_connection.weight"  # 12 output blocks: full size
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# diffusers ResnetBlock2D child -> LDM ResBlock child (Sequentials: in_layers = norm, SiLU, conv).
-UNET_RESNET = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
-VAE_RESNET = {
-    "norm1": "norm1",
-    "conv1": "conv1",
-    "norm2": "norm2",
-    "conv2": "conv2",
-    "conv_shortcut": "nin_shortcut",
-}
-VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v"}
-
-# A rule maps a diffusers module prefix to an LDM prefix; `None` keeps the rest of the key,
-# a dict renames the first child of the prefix (e.g. norm1 -> in_layers.0).
-Rules = dict[str, tuple[str, dict[str, str] | None]]
-
-
-def _per_block(value: int | list[int] | tuple[int, ...], n: int) -> list[int]:
-    return [value] * n if isinstance(value, int) else list(value)
-
-
-def _unet_rules(config: Mapping[str, Any]) -> Rules:
-    """Prefix rules for UNet2DConditionModel -> `model.diffusion_model.`."""
-    down_types, up_types = list(config["down_block_types"]), list(config["up_block_types"])
-    n = len(down_types)
-    layers = _per_block(config["layers_per_block"], n)
-    rules: Rules = {
-        "time_embedding.linear_1.": ("time_embed.0.", None),
-        "time_embedding.linear_2.": ("time_embed.2.", None),
-        "conv_in.": ("input_blocks.0.0.", None),
-        "conv_norm_out.": ("out.0.", None),
-        "conv_out.": ("out.2.", None),
-    }
-    # input_blocks: 0 is conv_in; then each layer is (resnet, attention), each downsampler its own.
-    index = 0
-    for b in range(n):
-        for j in range(layers[b]):
-            index += 1
-            rules[f"down_blocks.{b}.resnets.{j}."] = (f"input_blocks.{index}.0.", UNET_RESNET)
-            rules[f"down_blocks.{b}.attentions.{j}."] = (f"input_blocks.{index}.1.", None)
-        if b < n - 1:  # diffusers adds no downsampler to the last block
-            index += 1
-            rules[f"down_blocks.{b}.downsamplers.0.conv."] = (f"input_blocks.{index}.0.op.", None)
-    # middle_block: resnet, attention, resnet.
-    for i in range(2):
-        rules[f"mid_block.resnets.{i}."] = (f"middle_block.{2 * i}.", UNET_RESNET)
-    rules["mid_block.attentions.0."] = ("middle_block.1.", None)
-    # output_blocks: up block b has layers[n-1-b] + 1 layers; the upsampler follows the last
-    # layer's attention (slot 2) or, in blocks without attention, its resnet (slot 1).
-    index = 0
-    for b in range(n):
-        count = layers[n - 1 - b] + 1
-        for j in range(count):
-            rules[f"up_blocks.{b}.resnets.{j}."] = (f"output_blocks.{index}.0.", UNET_RESNET)
-            rules[f"up_blocks.{b}.attentions.{j}."] = (f"output_blocks.{index}.1.", None)
-            if j == count - 1 and b < n - 1:
-                slot = 2 if "Attn" in up_types[b] else 1
-                rules[f"up_blocks.{b}.upsamplers.0.conv."] = (
-                    f"output_blocks.{index}.{slot}.conv.",
-                    None,
-                )
-            index += 1
-    return rules
-
-
-def _vae_rules(config: Mapping[str, Any]) -> Rules:
-    """Prefix rules for AutoencoderKL -> `first_stage_model.`."""
-    n = len(config["down_block_types"])
-    rules: Rules = {
-        "quant_conv.": ("quant_conv.", None),
-        "post_quant_conv.": ("post_quant_conv.", None),
-    }
-    for part in ("encoder", "decoder"):
-        rules[f"{part}.conv_in."] = (f"{part}.conv_in.", None)
-        rules[f"{part}.conv_norm_out."] = (f"{part}.norm_out.", None)
-        rules[f"{part}.conv_out."] = (f"{part}.conv_out.", None)
-        for i in range(2):
-            rules[f"{part}.mid_block.resnets.{i}."] = (f"{part}.mid.block_{i + 1}.", VAE_RESNET)
-        attention = f"{part}.mid_block.attentions.0."
-        rules[attention] = (f"{part}.mid.attn_1.", VAE_ATTENTION)
-        rules[attention + "to_out.0."] = (f"{part}.mid.attn_1.proj_out.", None)
-    layers = config["layers_per_block"]
-    for i in range(n):
-        # LDM numbers decoder levels from the lowest resolution up, diffusers the other way.
-        up = n - 1 - i
-        for j in range(layers + 1):  # the decoder has one resnet more per level
-            if j < layers:
-                rules[f"encoder.down_blocks.{i}.resnets.{j}."] = (
-                    f"encoder.down.{i}.block.{j}.",
-                    VAE_RESNET,
-                )
-            rules[f"decoder.up_blocks.{i}.resnets.{j}."] = (
-                f"decoder.up.{up}.block.{j}.",
-                VAE_RESNET,
-            )
-        rules[f"encoder.down_blocks.{i}.downsamplers.0."] = (f"encoder.down.{i}.downsample.", None)
-        rules[f"decoder.up_blocks.{i}.upsamplers.0."] = (f"decoder.up.{up}.upsample.", None)
-    return rules
-
-
-def _rename(key: str, rules: Rules, ordered: list[str], what: str) -> str:
-    for prefix in ordered:
-        if key.startswith(prefix):
-            ldm, children = rules[prefix]
-            rest = key[len(prefix) :]
-            if children is not None:
-                head, dot, tail = rest.partition(".")
-                if head not in children:
-                    break
-                rest = children[head] + dot + tail
-            return ldm + rest
-    raise SdloraError(
-        f"{what} weight {key!r} has no place in the original SD layout; "
-        "fuse or remove adapters before exporting"
-    )
-
-
-def _convert(sd: Mapping[str, torch.Tensor], rules: Rules, prefix: str, what: str) -> dict:
-    ordered = sorted(rules, key=len, reverse=True)  # longest prefix wins (to_out.0 vs attention)
-    out = {prefix + _rename(k, rules, ordered, what): v for k, v in sd.items()}
-    if len(out) != len(sd):
-        raise SdloraError(f"{what}: two weights mapped to the same name; the config does not fit")
-    return out
+CLIP_TOP = ("embeddings.", "encoder.", "final_layer_norm.")  # under `text_model.` in files
 
 
 def _hf_names(text_encoder_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CLIP text weights under `text_model.` (transformers >= 5.6 flattened CLIPTextModel)."""
+    """CLIP text weights under `text_model.` (transformers >= 5.6 flattened CLIPTextModel);
+    a projection (`text_projection.weight`) stays beside it."""
     return {
-        key if key.startswith("text_model.") else "text_model." + key: value
+        "text_model." + key if key.startswith(CLIP_TOP) else key: value
         for key, value in text_encoder_sd.items()
     }
 
@@ -182,12 +66,14 @@ def _clip_to_ldm(text_sd: Mapping[str, torch.Tensor], pad: bool) -> dict[str, to
     return _hf_names(text_sd)
 
 
-def _clip_from_ldm(file_sd: Mapping[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+def _clip_from_ldm(
+    file_sd: Mapping[str, torch.Tensor], layers: int, projection: bool
+) -> dict[str, torch.Tensor]:
     # Old files lack the `text_model.` level under the text encoder prefix.
     return _hf_names(file_sd)
 
 
-# OpenCLIP (SD 2.x) names of one Hugging Face CLIP encoder layer's children; q, k, v are fused.
+# OpenCLIP (SD 2.x, SDXL's second encoder) names of one Hugging Face CLIP encoder layer's children; q, k, v are fused.
 OPEN_CLIP_LAYER = {
     "self_attn.out_proj": "attn.out_proj",
     "layer_norm1": "ln_1",
@@ -209,20 +95,26 @@ OPEN_CLIP_FILE_KEY = re.compile(
 
 
 def _open_clip_to_ldm(text_sd: Mapping[str, torch.Tensor], pad: bool) -> dict[str, torch.Tensor]:
-    """SD 2.x: Hugging Face CLIP names -> OpenCLIP's (`transformer.resblocks.N...`).
+    """Hugging Face CLIP names -> OpenCLIP's (`transformer.resblocks.N...`).
 
+    SDXL's second encoder is OpenCLIP-bigG whole: every layer, and its projection, whose
+    `text_projection` (width, dim) is applied as x @ P where Hugging Face's Linear holds Pᵀ.
     diffusers' SD 2.x text encoder is OpenCLIP's first L-1 of L layers (SD 2.x conditions on the
-    penultimate layer). With `pad` the file gets OpenCLIP's full tower as SD 2.x files have it,
-    like kohya's: a last block (a copy of the one before; never used, the penultimate layer's
-    output is) and an identity `text_projection`, which loaders that build the whole OpenCLIP
-    model (A1111, ComfyUI) expect.
+    penultimate layer) without a projection. With `pad` such a file gets OpenCLIP's full tower as
+    SD 2.x files have it, like kohya's: a last block (a copy of the one before; never used, the
+    penultimate layer's output is) and an identity `text_projection`, which loaders that build
+    the whole OpenCLIP model (A1111, ComfyUI) expect.
     """
     sd = _hf_names(text_sd)
     out: dict[str, torch.Tensor] = {}
     fused: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    projected = "text_projection.weight" in sd
     for key, value in sd.items():
         if key in OPEN_CLIP_TOP:
             out[OPEN_CLIP_TOP[key]] = value
+            continue
+        if key == "text_projection.weight":  # (dim, width) -> OpenCLIP's (width, dim)
+            out["text_projection"] = value.T.contiguous()
             continue
         if key.endswith("position_ids"):  # a constant buffer, not in OpenCLIP
             continue
@@ -241,7 +133,7 @@ def _open_clip_to_ldm(text_sd: Mapping[str, torch.Tensor], pad: bool) -> dict[st
         # in_proj_weight: (3·D, D) = [q; k; v]
         name = f"transformer.resblocks.{index}.attn.in_proj_{kind}"
         out[name] = torch.cat([parts["q"], parts["k"], parts["v"]])
-    if pad and fused:
+    if pad and fused and not projected:
         last = max(index for index, _ in fused)
         block = f"transformer.resblocks.{last}."
         for key in [k for k in out if k.startswith(block)]:
@@ -252,16 +144,20 @@ def _open_clip_to_ldm(text_sd: Mapping[str, torch.Tensor], pad: bool) -> dict[st
 
 
 def _open_clip_from_ldm(
-    file_sd: Mapping[str, torch.Tensor], layers: int
+    file_sd: Mapping[str, torch.Tensor], layers: int, projection: bool
 ) -> dict[str, torch.Tensor]:
-    """OpenCLIP names -> Hugging Face CLIP names for a `layers`-layer model; the rest is dropped
-    (the last block, text_projection, logit_scale: SD 2.x does not use them)."""
+    """OpenCLIP names -> Hugging Face CLIP names for a `layers`-layer model, with the projection
+    when the model has one (SDXL); the rest is dropped (SD 2.x's unused last block and
+    text_projection, logit_scale)."""
     top = {v: k for k, v in OPEN_CLIP_TOP.items()}
     children = {v: k for k, v in OPEN_CLIP_LAYER.items()}
     out: dict[str, torch.Tensor] = {}
     for key, value in file_sd.items():
         if key in top:
             out[top[key]] = value
+            continue
+        if key == "text_projection" and projection:
+            out["text_projection.weight"] = value.T.contiguous()
             continue
         match = OPEN_CLIP_FILE_KEY.fullmatch(key)
         if match is None or int(match[1]) >= layers:
@@ -276,7 +172,7 @@ def _open_clip_from_ldm(
     return out
 
 
-# Text-encoder converters by `Family.text_layout`: (to the file, from the file).
+# Text-encoder converters by `TextEncoder.layout`: (to the file, from the file).
 TEXT_LAYOUTS = {
     "clip": (_clip_to_ldm, _clip_from_ldm),
     "open_clip": (_open_clip_to_ldm, _open_clip_from_ldm),
@@ -290,19 +186,25 @@ def to_single_file_state_dict(
     unet_config: Mapping[str, Any],
     vae_config: Mapping[str, Any],
     pad: bool = True,
+    text_encoder_2_sd: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Rename diffusers UNet/VAE/CLIP state dicts into the original single-file layout of the
-    UNet's family (`pad`: the unused parts such files carry, see `_open_clip_to_ldm`)."""
+    UNet's family (`pad`: the unused parts such files carry, see `_open_clip_to_ldm`); SDXL
+    needs its second text encoder's too."""
     family = family_of_unet_config(unet_config)
-    out = _convert(unet_sd, _unet_rules(unet_config), UNET_PREFIX, "unet")
-    for key, value in _convert(vae_sd, _vae_rules(vae_config), VAE_PREFIX, "vae").items():
+    texts = {"text_encoder": text_encoder_sd, "text_encoder_2": text_encoder_2_sd}
+    out = convert(unet_sd, unet_rules(unet_config), UNET_PREFIX, "unet")
+    for key, value in convert(vae_sd, vae_rules(vae_config), VAE_PREFIX, "vae").items():
         # LDM's VAE attention uses 1x1 convs where diffusers uses Linear: (C, C) -> (C, C, 1, 1).
         if ".mid.attn_1." in key and key.endswith(".weight") and value.ndim == 2:
             value = value[:, :, None, None]
         out[key] = value
-    to_ldm, _ = TEXT_LAYOUTS[family.text_layout]
-    for key, value in to_ldm(text_encoder_sd, pad).items():
-        out[family.text_prefix + key] = value
+    for encoder in family.text_encoders:
+        if texts.get(encoder.component) is None:
+            raise SdloraError(f"a {family.label} checkpoint needs the {encoder.component} weights")
+        to_ldm, _ = TEXT_LAYOUTS[encoder.layout]
+        for key, value in to_ldm(texts[encoder.component], pad).items():
+            out[encoder.file_prefix + key] = value
     return out
 
 
@@ -312,6 +214,7 @@ CLIP_TEXT_KEY = re.compile(
     r"|final_layer_norm\.(weight|bias)"
     r"|encoder\.layers\.\d+\.(self_attn\.[qkv]_proj|self_attn\.out_proj|layer_norm[12]|mlp\.fc[12])"
     r"\.(weight|bias))"
+    r"|text_projection\.weight"  # SDXL's second encoder, CLIPTextModelWithProjection
 )
 
 
@@ -348,8 +251,10 @@ def save_single_file(
     dtype: str | torch.dtype = "fp16",
     overwrite: bool = False,
     metadata: Mapping[str, str] | None = None,
+    text_encoder_2_sd: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write one original-layout .safetensors checkpoint atomically; refuse to overwrite."""
+    """Write one original-layout .safetensors checkpoint atomically; refuse to overwrite.
+    An SDXL UNet's file needs `text_encoder_2_sd` too."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise SdloraError(f"{path}: single-file checkpoints are saved as .safetensors")
@@ -358,7 +263,9 @@ def save_single_file(
     target = _parse_dtype(dtype)
     _check_keys(unet_sd, UNet2DConditionModel, unet_config, "unet")
     _check_keys(vae_sd, AutoencoderKL, vae_config, "vae")
-    odd = [k for k in text_encoder_sd if not CLIP_TEXT_KEY.fullmatch(k)]
+    odd = [
+        k for k in (*text_encoder_sd, *(text_encoder_2_sd or ())) if not CLIP_TEXT_KEY.fullmatch(k)
+    ]
     if odd:
         raise SdloraError(
             f"text encoder weight {odd[0]!r} is not a CLIP text model weight; "
@@ -366,7 +273,7 @@ def save_single_file(
         )
     tensors = {}
     for key, value in to_single_file_state_dict(
-        unet_sd, vae_sd, text_encoder_sd, unet_config, vae_config
+        unet_sd, vae_sd, text_encoder_sd, unet_config, vae_config, True, text_encoder_2_sd
     ).items():
         cast = value.detach().to("cpu", target if value.is_floating_point() else value.dtype)
         if cast.is_floating_point() and not torch.isfinite(cast).all():
@@ -384,12 +291,13 @@ def save_single_file(
 
 
 def save_pipeline_single_file(
-    pipe: StableDiffusionPipeline,
+    pipe: DiffusionPipeline,
     path: str | Path,
     dtype: str | torch.dtype = "fp16",
     overwrite: bool = False,
 ) -> Path:
-    """Save a plain (adapter-free) pipeline's UNet, VAE and text encoder as one file."""
+    """Save a plain (adapter-free) pipeline's UNet, VAE and text encoder(s) as one file."""
+    second = getattr(pipe, "text_encoder_2", None)
     return save_single_file(
         pipe.unet.state_dict(),
         pipe.vae.state_dict(),
@@ -399,6 +307,7 @@ def save_pipeline_single_file(
         path,
         dtype=dtype,
         overwrite=overwrite,
+        text_encoder_2_sd=None if second is None else second.state_dict(),
     )
 
 
@@ -432,13 +341,15 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     for part in (UNET_PREFIX, VAE_PREFIX):
         if not any(k.startswith(part) for k in state):
             raise SdloraError(
-                f"{path}: not a Stable Diffusion 1.x/2.x single-file checkpoint (no {part}* weights)"
+                f"{path}: not a Stable Diffusion 1.x/2.x/XL single-file checkpoint (no {part}* "
+                "weights)"
             )
-    if not any(k.startswith(f.text_prefix) for f in FAMILIES for k in state):
-        prefixes = " or ".join(f"{f.text_prefix}* ({f.label})" for f in FAMILIES)
+    encoders = [enc for f in FAMILIES for enc in f.text_encoders]
+    if not any(k.startswith(enc.file_prefix) for enc in encoders for k in state):
+        prefixes = " or ".join(f"{f.text_encoders[-1].file_prefix}* ({f.label})" for f in FAMILIES)
         raise SdloraError(f"{path}: no text encoder weights ({prefixes}); not a checkpoint we read")
     # Old SD 1.x files lack the `text_model.` level under the CLIP text encoder prefix.
-    for prefix in (f.text_prefix for f in FAMILIES if f.text_layout == "clip"):
+    for prefix in {enc.file_prefix for enc in encoders if enc.layout == "clip"}:
         state = {
             prefix + "text_model." + k[len(prefix) :]
             if k.startswith(prefix) and not k.startswith(prefix + "text_model.")
@@ -449,36 +360,61 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _file_family(state: Mapping[str, torch.Tensor]) -> Family:
-    """The family whose text-encoder prefix the file's keys use."""
+    """The family whose text-encoder prefixes the file's keys use (the most specific first)."""
     found = family_of_single_file(state)
     if found is not None:
         return found
-    return next(f for f in FAMILIES if any(k.startswith(f.text_prefix) for k in state))
+    return next(
+        f
+        for f in reversed(FAMILIES)
+        if any(k.startswith(f.text_encoders[-1].file_prefix) for k in state)
+    )
 
 
-def _text_state(state: Mapping[str, torch.Tensor], family: Family, layers: int) -> dict:
-    """The file's text encoder weights under Hugging Face CLIP names (with `text_model.`)."""
-    _, from_ldm = TEXT_LAYOUTS[family.text_layout]
-    prefix = family.text_prefix
-    return from_ldm({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, layers)
+def _is_full_size(state: Mapping[str, torch.Tensor], family: Family) -> bool:
+    """True for a file of a real model of the family (its cross-attention width), not a tiny one."""
+    return FULL_KEY in state or any(
+        k.startswith(UNET_PREFIX)
+        and k.endswith("attn2.to_k.weight")
+        and v.shape[-1] == family.cross_attention_dim
+        for k, v in state.items()
+    )
+
+
+def _text_state(
+    state: Mapping[str, torch.Tensor], encoder: TextEncoder, layers: int, projection: bool
+) -> dict:
+    """The file's weights of one text encoder under Hugging Face CLIP names (with `text_model.`)."""
+    _, from_ldm = TEXT_LAYOUTS[encoder.layout]
+    prefix = encoder.file_prefix
+    inner = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return from_ldm(inner, layers, projection)
+
+
+def _text_model_class(encoder: TextEncoder) -> type:
+    return getattr(transformers, encoder.model_class)
 
 
 def _expected_shapes(folder: Path) -> dict[str, torch.Size]:
     """Original-layout names and shapes of the models the folder's configs describe."""
     unet_config = UNet2DConditionModel.load_config(folder, subfolder="unet", local_files_only=True)
     vae_config = AutoencoderKL.load_config(folder, subfolder="vae", local_files_only=True)
-    text_config = CLIPTextConfig.from_pretrained(folder / "text_encoder", local_files_only=True)
+    family = family_of_unet_config(unet_config)
+    texts = {}
     with torch.device("meta"):  # shapes only: no memory, no init cost
         unet = UNet2DConditionModel.from_config(unet_config)
         vae = AutoencoderKL.from_config(vae_config)
-        text_encoder = CLIPTextModel(text_config)
+        for enc in family.text_encoders:
+            config = CLIPTextConfig.from_pretrained(folder / enc.component, local_files_only=True)
+            texts[enc.component] = _text_model_class(enc)(config).state_dict()
     sd = to_single_file_state_dict(
         unet.state_dict(),
         vae.state_dict(),
-        text_encoder.state_dict(),
+        texts["text_encoder"],
         unet.config,
         vae.config,
         pad=False,  # the unused parts some files carry are not required
+        text_encoder_2_sd=texts.get("text_encoder_2"),
     )
     # position_ids is a constant buffer that some files carry and some do not.
     return {k: v.shape for k, v in sd.items() if not k.endswith("position_ids")}
@@ -493,22 +429,22 @@ def _mismatches(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.
 
 
 def _write_tiny_configs(folder: Path, family: Family) -> None:
-    """Write the family's built-in tiny base's configs, tokenizer and scheduler (no weights)."""
+    """Write the family's built-in tiny base's configs, tokenizers and scheduler (no weights)."""
     from .tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(family=family.name)
     pipe.save_config(folder)  # model_index.json
-    pipe.unet.save_config(folder / "unet")
-    pipe.vae.save_config(folder / "vae")
-    pipe.text_encoder.config.save_pretrained(folder / "text_encoder")
-    pipe.tokenizer.save_pretrained(folder / "tokenizer")
-    pipe.scheduler.save_pretrained(folder / "scheduler")
+    for name, part in pipe.components.items():
+        if isinstance(part, transformers.PreTrainedModel):
+            part.config.save_pretrained(folder / name)
+        elif hasattr(part, "save_config"):  # UNet, VAE, scheduler
+            part.save_config(folder / name)
+        elif part is not None:  # tokenizers
+            part.save_pretrained(folder / name)
 
 
-def _build(
-    state: dict[str, torch.Tensor], folder: Path, dtype: torch.dtype
-) -> StableDiffusionPipeline:
-    """Assemble the pipeline: weights from `state`, configs/tokenizer/scheduler from `folder`."""
+def _build(state: dict[str, torch.Tensor], folder: Path, dtype: torch.dtype) -> DiffusionPipeline:
+    """Assemble the pipeline: weights from `state`, configs/tokenizers/scheduler from `folder`."""
     # Models are built in fp32 and the weights cast into them; torch_dtype makes diffusers call
     # model.to(dtype), which logs a spurious fp32-modules warning, so pass it only when needed.
     common = dict(config=str(folder), local_files_only=True)
@@ -516,32 +452,30 @@ def _build(
         common["torch_dtype"] = dtype
     unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", **common)
     vae = AutoencoderKL.from_single_file(state, subfolder="vae", **common)
-    text_config = CLIPTextConfig.from_pretrained(folder / "text_encoder", local_files_only=True)
-    with init_empty_weights():  # parameters on meta (skips random init), buffers real
-        text_encoder = CLIPTextModel(text_config)
-    wrapped = any(k.startswith("text_model.") for k in text_encoder.state_dict())
-    text_sd = _text_state(state, _file_family(state), text_config.num_hidden_layers)
-    if not wrapped:
-        text_sd = {k.removeprefix("text_model."): v for k, v in text_sd.items()}
-    # assign=True adopts the file's tensors; the caller checked every parameter is there.
-    text_encoder.load_state_dict(text_sd, strict=False, assign=True)
-    return StableDiffusionPipeline.from_pretrained(
-        folder,
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder.to(dtype).eval(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-        local_files_only=True,
-    )
+    family = family_of_unet_config(unet.config)
+    models = dict(unet=unet, vae=vae)
+    for enc in family.text_encoders:
+        config = CLIPTextConfig.from_pretrained(folder / enc.component, local_files_only=True)
+        with init_empty_weights():  # parameters on meta (skips random init), buffers real
+            model = _text_model_class(enc)(config)
+        names = model.state_dict()
+        text_sd = _text_state(
+            state, enc, config.num_hidden_layers, "text_projection.weight" in names
+        )
+        if not any(k.startswith("text_model.") for k in names):  # transformers 5: flat
+            text_sd = {k.removeprefix("text_model."): v for k, v in text_sd.items()}
+        # assign=True adopts the file's tensors; the caller checked every parameter is there.
+        model.load_state_dict(text_sd, strict=False, assign=True)
+        models[enc.component] = model.to(dtype).eval()
+    cls = pipeline_class(family)
+    return cls.from_pretrained(folder, **models, **load_options(cls), local_files_only=True)
 
 
 def load_single_file(
     path: str | Path, config: str | Path | None = None, dtype: torch.dtype = torch.float32
-) -> StableDiffusionPipeline:
-    """Load an original-layout SD 1.x/2.x .safetensors/.ckpt offline; `config` is a diffusers
-    folder whose configs, tokenizer and scheduler (so its prediction type) describe the file.
+) -> DiffusionPipeline:
+    """Load an original-layout SD 1.x/2.x/XL .safetensors/.ckpt offline; `config` is a diffusers
+    folder whose configs, tokenizers and scheduler (so its prediction type) describe the file.
 
     Without `config` only the built-in tiny bases are recognised (by their tensor shapes).
     """
@@ -553,10 +487,9 @@ def load_single_file(
             folder = Path(scratch)
             _write_tiny_configs(folder, family)
             if _mismatches(state, _expected_shapes(folder)):
-                full = FULL_KEY in state
                 kind = (
                     f"a full {family.label} checkpoint"
-                    if full
+                    if _is_full_size(state, family)
                     else f"not the {family.builtin} base"
                 )
                 raise SdloraError(

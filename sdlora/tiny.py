@@ -1,11 +1,16 @@
-"""The built-in `tiny` and `tiny-v2` bases: SD-1.x- and SD-2.x-shaped models with random, seeded weights.
+"""The built-in `tiny`, `tiny-v2` and `tiny-xl` bases: SD-1.x-, SD-2.x- and SDXL-shaped models
+with random, seeded weights.
 
 `tiny` has the classes and wiring of SD 1.x (UNet2DConditionModel with cross-attention,
 AutoencoderKL with a factor-8 latent, CLIPTextModel with quick-GELU, CLIP tokenizer, PNDM
 scheduler with SD's betas), only narrow. `tiny-v2` is SD 2.1 the same way: heads per block, Linear
 proj_in/proj_out, a GELU text encoder (diffusers' SD 2.x text encoder is OpenCLIP-H's first 23 of 24
-layers: the penultimate layer's output), a DDIM scheduler predicting v. Built from configs in well
-under a second; nothing is downloaded.
+layers: the penultimate layer's output), a DDIM scheduler predicting v. `tiny-xl` is SDXL the same way: a CLIP text encoder
+(quick-GELU, 32 wide) and a wider GELU one with a projection (OpenCLIP-bigG's place, 48 wide)
+whose hidden states are concatenated (80 = the UNet's cross-attention width), the second's pooled
+projection and six size/crop numbers through the UNet's added time embedding, SDXL's block
+layout (no attention in the first block, two layers per block, more transformer layers in the
+last) and its Euler scheduler. Built from configs in well under a second; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -16,11 +21,18 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 from .tokenizer_files import write_tokenizer_files
 
@@ -88,6 +100,49 @@ SCHEDULER_V2_CONFIG = dict(
 )
 
 
+# SDXL in small: its block types and layer counts (SDXL: 320/640/1280 channels, 5/10/20 heads,
+# 1/2/10 transformer layers), Linear projections, cross-attention as wide as both text encoders
+# (80 = 32 + 48; SDXL 2048 = 768 + 1280), and the added embedding of the second encoder's pooled
+# projection (48) and six time ids of 8 sinusoids each (SDXL: 1280 + 6 · 256 = 2816).
+TEXT_XL_WIDTHS = (32, 48)
+UNET_XL_CONFIG = dict(
+    sample_size=8,  # latent side; 64 px images (SDXL: 128, 1024 px)
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(16, 32, 64),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 1, 2),
+    attention_head_dim=(1, 2, 4),  # heads per block: 16 channels each
+    cross_attention_dim=sum(TEXT_XL_WIDTHS),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + TEXT_XL_WIDTHS[1],
+    norm_num_groups=8,
+)
+VAE_XL_CONFIG = dict(VAE_CONFIG, scaling_factor=0.13025)  # SDXL's VAE scale
+
+# SDXL base's scheduler_config.json: Euler, SD's betas, epsilon; like it, this keeps the DDIM and
+# PNDM settings for a switch of sampler (`sdlora generate --scheduler`)
+SCHEDULER_XL_CONFIG = dict(
+    num_train_timesteps=1000,
+    clip_sample=False,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    sample_max_value=1.0,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+    timestep_spacing="leading",
+    interpolation_type="linear",
+    prediction_type="epsilon",
+    use_karras_sigmas=False,
+)
+
+
 def text_encoder_config(
     tokenizer: CLIPTokenizer, width: int = 32, act: str = "quick_gelu"
 ) -> CLIPTextConfig:
@@ -114,9 +169,13 @@ def make_tokenizer() -> CLIPTokenizer:
         return CLIPTokenizer(str(vocab), str(merges), model_max_length=77)
 
 
-def build_tiny_pipeline(seed: int = SEED, family: str = "sd1") -> StableDiffusionPipeline:
-    """Build the tiny SD-1.x-shaped (or with family="sd2", SD-2.x-shaped) pipeline with
-    deterministic weights (fp32, CPU)."""
+def build_tiny_pipeline(
+    seed: int = SEED, family: str = "sd1"
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """Build the tiny SD-1.x-shaped (or with family="sd2" or "sdxl", SD-2.x- or SDXL-shaped)
+    pipeline with deterministic weights (fp32, CPU)."""
+    if family == "sdxl":
+        return build_tiny_xl_pipeline(seed)
     tokenizer = make_tokenizer()
     v2 = family == "sd2"
     with torch.random.fork_rng(devices=[]):
@@ -145,5 +204,35 @@ def build_tiny_pipeline(seed: int = SEED, family: str = "sd1") -> StableDiffusio
     )
     pipe.set_progress_bar_config(disable=True)
     for model in (unet, vae, text_encoder):
+        model.eval()
+    return pipe
+
+
+def build_tiny_xl_pipeline(seed: int = SEED) -> StableDiffusionXLPipeline:
+    """Build the tiny SDXL-shaped pipeline with deterministic weights (fp32, CPU)."""
+    tokenizer = make_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**UNET_XL_CONFIG)
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**VAE_XL_CONFIG)
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(text_encoder_config(tokenizer, TEXT_XL_WIDTHS[0]))
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = CLIPTextModelWithProjection(
+            text_encoder_config(tokenizer, TEXT_XL_WIDTHS[1], "gelu")
+        )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=make_tokenizer(),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(SCHEDULER_XL_CONFIG),
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    for model in (unet, vae, text_encoder, text_encoder_2):
         model.eval()
     return pipe

@@ -98,7 +98,7 @@ def test_unknown_nonlinearity_in_file(tiny, tmp_path):
 def test_adapter_for_another_base_is_refused(tiny, tmp_path):
     path, _ = make_adapter_file(lambda: tiny, tmp_path / "a.safetensors")
     tensors = {
-        k.replace("lora_unet_", "lora_unet_input_blocks_"): v for k, v in load_file(path).items()
+        k.replace("lora_unet_", "lora_unet_extra_"): v for k, v in load_file(path).items()
     }
     save_file(
         {k: v for k, v in tensors.items() if "lora_unet" in k}, tmp_path / "other.safetensors"
