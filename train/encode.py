@@ -1,5 +1,7 @@
 """From pixels and captions to what the UNet takes: VAE latents and text embeddings, with caches.
 
+Captions are encoded by the family's `Conditioning` (train/condition.py).
+
 Cached latents are drawn from the VAE's posterior with a generator seeded per image, so a cache
 rebuilt after a resume holds exactly the same latents as the first one. Caches live on the GPU
 when they fit in `GPU_CACHE_BYTES` (then a step copies nothing from the host), else on the CPU.
@@ -8,6 +10,7 @@ when they fit in `GPU_CACHE_BYTES` (then a step copies nothing from the host), e
 from __future__ import annotations
 
 import torch
+from sdlora.train.condition import Conditioning, Text
 from sdlora.train.data import BatchPlan, ImageItem, MicroBatches, derived_seed, with_trigger
 from tqdm.auto import tqdm
 
@@ -17,17 +20,6 @@ GPU_CACHE_BYTES = 2 * 2**30  # caches up to this size stay on the GPU
 def cache_device(device: torch.device, nbytes: int) -> torch.device:
     """Where a cache of `nbytes` lives: the accelerator if it fits the budget, else the CPU."""
     return device if device.type != "cpu" and nbytes <= GPU_CACHE_BYTES else torch.device("cpu")
-
-
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    """(B, 77) token ids, padded and truncated to the tokenizer's length, as SD 1.x trains."""
-    return tokenizer(
-        captions,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
 
 
 def long_captions(tokenizer, items: list[ImageItem], trigger: str | None) -> str | None:
@@ -44,11 +36,6 @@ def long_captions(tokenizer, items: list[ImageItem], trigger: str | None) -> str
         f"{len(long)} caption(s) are longer than the text encoder's {limit} tokens and will be "
         f"cut (first: {item.path.name}, {n} tokens); shorten them to keep their end"
     )
-
-
-def encode_text(tokenizer, text_encoder, captions: list[str], device: torch.device) -> torch.Tensor:
-    """(B, 77, D) last hidden state of the text encoder: the UNet's cross-attention input."""
-    return text_encoder(tokenize(tokenizer, captions).to(device))[0]
 
 
 def encode_pixels(vae, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -94,19 +81,24 @@ class LatentCache:
 
 
 class TextCache:
-    """Caption -> (77, D) embedding, for every caption a draw can give."""
+    """Caption -> its `Text` (hidden states (77, D), SDXL: and pooled (P,)), for every caption a
+    draw can give."""
 
     def __init__(
-        self, tokenizer, text_encoder, captions: list[str], device: torch.device, chunk: int = 32
+        self, conditioning: Conditioning, captions: list[str], device: torch.device, chunk: int = 32
     ):
-        self.embeddings: dict[str, torch.Tensor] = {}
-        size = text_encoder.dtype.itemsize * tokenizer.model_max_length
-        home = cache_device(device, len(captions) * size * text_encoder.config.hidden_size)
+        self.embeddings: dict[str, Text] = {}
+        probe = conditioning.encode(captions[:1], device)
+        per_caption = sum(
+            t.element_size() * t[0].numel() for t in (probe.hidden, probe.pooled) if t is not None
+        )
+        home = cache_device(device, len(captions) * per_caption)
         for start in range(0, len(captions), chunk):
             part = captions[start : start + chunk]
-            encoded = encode_text(tokenizer, text_encoder, part, device)
-            for caption, embedding in zip(part, encoded, strict=True):
-                self.embeddings[caption] = embedding.to(home)
+            encoded = conditioning.encode(part, device)
+            for row, caption in enumerate(part):
+                pooled = None if encoded.pooled is None else encoded.pooled[row].to(home)
+                self.embeddings[caption] = Text(encoded.hidden[row].to(home), pooled)
 
-    def get(self, captions: list[str], device: torch.device) -> torch.Tensor:
-        return torch.stack([self.embeddings[c] for c in captions]).to(device, non_blocking=True)
+    def get(self, captions: list[str], device: torch.device) -> Text:
+        return Text.stack([self.embeddings[c] for c in captions]).to(device)

@@ -15,6 +15,10 @@ from sdlora.errors import SdloraError
 logger = logging.getLogger(__name__)
 
 
+# the optimizer's parameter groups, in order (models.make_optimizer): SD 1.x/2.x have one text
+# encoder, SDXL two
+LR_NAMES = ("unet", "text_encoder", "text_encoder_2")
+
 class LossLog:
     """Losses of the steps since the last read, kept on the device until `read()` fetches them.
 
@@ -57,8 +61,8 @@ class LossLog:
             logger.debug("step %d: loss %.6f, lr %.3g", step, loss, lrs[0])
             if self.writer is not None:
                 self.writer.add_scalar("loss", loss, step)
-                for i, group_lr in enumerate(lrs):
-                    self.writer.add_scalar(f"lr/{['unet', 'text_encoder'][i]}", group_lr, step)
+                for name, group_lr in zip(LR_NAMES, lrs, strict=False):
+                    self.writer.add_scalar(f"lr/{name}", group_lr, step)
         self.progress.set_postfix(
             loss=f"{losses[-1]:.4f}", lr=f"{self.lrs[-1][0]:.2e}", img_s=f"{rate:.1f}", **self.shown
         )
