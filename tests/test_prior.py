@@ -47,7 +47,9 @@ def test_class_captions_and_the_draw_follow_kohya_and_the_seed(shapes, class_ima
     pixels, captions = drawn.pixels, drawn.captions
     assert pixels.shape == (2, 3, 64, 64) and -1 <= pixels.min() and pixels.max() <= 1
     again = prior.draw(3, (64, 64), 2)
-    assert torch.equal(pixels, again.pixels) and captions == again.captions  # the same micro-batch, the same draw
+    assert (
+        torch.equal(pixels, again.pixels) and captions == again.captions
+    )  # the same micro-batch, the same draw
     # one cycle hands out every image as often as its repeats say
     cycle = [prior.draw(k, (64, 64), 1).captions[0] for k in range(5)]
     assert sorted(cycle) == sorted(["dog"] * 2 + ["a photo of a brown dog"] * 2 + ["img 2"])

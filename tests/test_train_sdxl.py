@@ -13,12 +13,12 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image, ImageDraw
 from safetensors import safe_open
-
-from sdlora.base import load_base
-from sdlora.formats import load_adapter
 from sdlora.train import TrainConfig
 from sdlora.train.data import to_bucket_cropped
 from sdlora.train.loop import train
+
+from sdlora.base import load_base
+from sdlora.formats import load_adapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,7 +57,9 @@ def test_a_random_crop_reports_where_the_window_sits_also_when_flipped():
     img = Image.effect_noise((150, 100), 60).convert("RGB")
     scaled = img.resize((192, 128), Image.Resampling.LANCZOS)
     for seed in range(6):
-        pixels, (top, left) = to_bucket_cropped(img, (128, 128), "random", True, random.Random(seed))
+        pixels, (top, left) = to_bucket_cropped(
+            img, (128, 128), "random", True, random.Random(seed)
+        )
         window = scaled.crop((left, top, left + 128, top + 128))
         flipped = scaled.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         mirrored = flipped.crop((left, top, left + 128, top + 128))

@@ -373,7 +373,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             f"{path} is a folder; --config takes a TOML file (e.g. train.toml)"
         ) from None
     except OSError as err:
-        raise SdloraError(f"{path}: the config file cannot be read ({err.strerror or err})") from None
+        raise SdloraError(
+            f"{path}: the config file cannot be read ({err.strerror or err})"
+        ) from None
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise SdloraError(f"{path}: not a valid UTF-8 TOML file ({err})") from None
     if isinstance(raw.get("train"), dict):  # allow a [train] table

@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 # encoder, SDXL two
 LR_NAMES = ("unet", "text_encoder", "text_encoder_2")
 
+
 class LossLog:
     """Losses of the steps since the last read, kept on the device until `read()` fetches them.
 

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers.training_utils import compute_snr
+from sdlora.train.condition import Conditioning
 from sdlora.train.config import TrainConfig
 from sdlora.train.data import derived_seed
-from sdlora.train.condition import Conditioning
 from sdlora.train.encode import LatentCache, TextCache, encode_pixels
 from sdlora.train.prior import PriorImages
 
@@ -115,9 +115,7 @@ class TrainStep:
             else:
                 with torch.set_grad_enabled(config.train_text_encoder), accelerator.autocast():
                     text = self.conditioning.encode(captions, device)
-            condition = self.conditioning.unet_kwargs(
-                text, self.weight_dtype, sizes, crops, target
-            )
+            condition = self.conditioning.unet_kwargs(text, self.weight_dtype, sizes, crops, target)
             # 6. predict
             noisy = noisy.to(self.weight_dtype, memory_format=self.memory_format)
             pred = self.unet(noisy, timesteps, **condition).sample

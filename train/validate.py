@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from sdlora.train.config import TrainConfig
 from sdlora.train.condition import Conditioning
+from sdlora.train.config import TrainConfig
 from sdlora.train.data import (
     ImageItem,
     derived_seed,
