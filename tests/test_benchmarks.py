@@ -80,3 +80,27 @@ def test_quality_benchmark_measures_every_cell(tmp_path):
         assert 0 <= r["style_distance"] <= 1 and math.isfinite(r["heldout_loss"]), r
     # the same rank gives the same number of parameters whatever the nonlinearity
     assert len({r["params"] for r in result["rows"]}) == 1
+
+
+def test_sdxl_benchmark_smoke_measures_every_run(tmp_path):
+    out = tmp_path / "sdxl.json"
+    run = subprocess.run(
+        [sys.executable, "benchmarks/sdxl.py", "--smoke", "--steps", "3", "--batches", "1"]
+        + ["--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert set(result["runs"]) == {"ours 1", "reference 1", "ours 1 checkpointed"}
+    rows = {r["name"]: r for r in result["rows"]}
+    for name in (
+        "reference img/s, batch 1",
+        "sdlora img/s, batch 1 (compiled)",
+        "sdlora img/s, 24 GiB setting (batch 1, checkpointing)",
+        "sdlora peak memory, 24 GiB setting",
+    ):
+        assert rows[name]["value"] > 0, rows[name]
+    assert all(r["met"] is None for r in result["rows"])  # no target judged on the CPU

@@ -60,7 +60,10 @@ class LatentCache:
         for index, item in enumerate(plan.items):
             by_bucket.setdefault(item.bucket, []).append(index)
         bar = tqdm(total=len(plan.items), desc="caching latents", disable=not show_progress)
-        for indices in by_bucket.values():
+        for (width, height), indices in by_bucket.items():
+            # the fp32 VAE's activations grow with the pixels: at most chunk × 512² at once
+            # (SDXL at 1024 px: 2 images; 8 took 20 GiB more than a training step)
+            chunk = max(1, chunk * 512 * 512 // (width * height))
             for start in range(0, len(indices), chunk):
                 part = indices[start : start + chunk]
                 pixels = torch.stack([dataset.pixels(plan.items[i], None) for i in part])
