@@ -3,6 +3,7 @@ diffusers builds it, trained adapters load in diffusers with our outputs, resume
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ from safetensors import safe_open
 from sdlora.train import TrainConfig
 from sdlora.train.data import to_bucket_cropped
 from sdlora.train.loop import train
+from sdlora.train.setup import base_resolution
 
 from sdlora.base import load_base
 from sdlora.formats import load_adapter
@@ -197,3 +199,16 @@ def test_sdxl_resume_ends_where_a_straight_run_ends(wide, tmp_path):
         torch.testing.assert_close(a.modules[key].down, b.modules[key].down, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a.modules[key].up, b.modules[key].up, rtol=1e-5, atol=1e-6)
     assert b.modules[key].up.abs().max() > 0
+
+
+def test_default_resolution_is_the_bases_own(tmp_path):
+    folder = tmp_path / "sdxl-like"
+    for name, config in (
+        ("unet", {"sample_size": 128}),
+        ("vae", {"block_out_channels": [128, 256, 512, 512]}),
+    ):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "config.json").write_text(json.dumps(config), "utf-8")
+    assert base_resolution(TrainConfig(base=str(folder))) == 1024  # 128 latents × 8
+    assert base_resolution(TrainConfig(base="tiny-xl")) == 64
+    assert base_resolution(TrainConfig(base="tiny"), pipe=load_base("tiny-v2")) == 64
