@@ -7,7 +7,7 @@ for SDXL's second. The UNet path is diffusers' for SD 1.x/2.x and the original (
 SDXL (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`), as kohya writes them
 (`Family.adapter_unet_names`); an SDXL UNet answers to its diffusers names too, which diffusers
 and PEFT files use. SDXL files spell the first text encoder `lora_te1_`: it is read as `lora_te_`
-and written back by `file_key`. Keys are resolved to real module paths against a loaded base
+(`memory_key`) and written back so (`file_key`). Keys are resolved to real module paths against a loaded base
 (`resolve`), since underscores are ambiguous on their own.
 """
 
@@ -22,6 +22,8 @@ from torch import nn
 
 from .errors import SdloraError
 from .families import (
+    FAMILIES,
+    Family,
     describe_width,
     family_of_adapter_keys,
     family_of_unet_config,
@@ -60,6 +62,9 @@ class Adapter:
     nonlinearity: str = "identity"
     metadata: dict[str, str] = field(default_factory=dict)
     source: str = "adapter"  # file name, for messages
+    # new words it brings (pivotal tuning): token -> text-encoder component -> (n, D) vectors;
+    # see sdlora/embeddings.py
+    embeddings: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def is_linear(self) -> bool:
@@ -154,17 +159,22 @@ def component_of(key: str) -> str | None:
     return next((c for c, p in PREFIXES.items() if key.startswith(p)), None)
 
 
-def file_key(key: str, sdxl: bool) -> str:
-    """The key as an adapter file spells it: SDXL files call the first text encoder lora_te1_."""
-    if sdxl and key.startswith(PREFIXES["text_encoder"]):
-        return "lora_te1_" + key[len(PREFIXES["text_encoder"]) :]
+def file_key(key: str, family: Family) -> str:
+    """The key as the family's adapter files spell it (`TextEncoder.adapter_prefix`: SDXL files
+    call the first text encoder lora_te1_)."""
+    for encoder in family.text_encoders:
+        ours = PREFIXES[encoder.component]
+        if key.startswith(ours):
+            return encoder.adapter_prefix + key[len(ours) :]
     return key
 
 
 def memory_key(key: str) -> str:
-    """The key as sdlora holds it: SDXL's lora_te1_ is the first text encoder, lora_te_."""
-    if key.startswith("lora_te1_"):
-        return PREFIXES["text_encoder"] + key[len("lora_te1_") :]
+    """The key as sdlora holds it, whichever family's file spelled it (lora_te1_ -> lora_te_)."""
+    for encoder in (e for f in FAMILIES for e in f.text_encoders):
+        ours = PREFIXES[encoder.component]
+        if key.startswith(encoder.adapter_prefix) and not key.startswith(ours):
+            return ours + key[len(encoder.adapter_prefix) :]
     return key
 
 
@@ -225,6 +235,14 @@ def base_widths(models: dict[str, nn.Module]) -> dict[str, int]:
         if text_config is not None and isinstance(getattr(text_config, "hidden_size", None), int):
             found[comp] = text_config.hidden_size
     return found
+
+
+def adapter_family(adapter: Adapter) -> Family | None:
+    """The family an adapter was made for, where it shows: its cross-attention width, else its
+    names or metadata (SDXL, `family_of_adapter_keys`)."""
+    width = widths(adapter).get("unet")
+    found = family_of_width(width) if width is not None else None
+    return found or family_of_adapter_keys(adapter.modules, adapter.metadata)
 
 
 def check_family(adapter: Adapter, models: dict[str, nn.Module]) -> None:

@@ -146,7 +146,7 @@ def _load_hub(repo_id: str) -> DiffusionPipeline:
 
 
 # what a single file needs from a Hub model: its configs, tokenizer and scheduler, not weights
-CONFIG_FILES = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*"]
+CONFIG_FILES = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*"]
 
 
 def _hub_config_folder(repo_id: str) -> Path:

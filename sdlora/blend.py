@@ -18,6 +18,7 @@ from diffusers import DiffusionPipeline
 
 from .adapter import Adapter, check_strength, resolve
 from .blocks import block_of, multiplier, parse_blocks
+from .embeddings import attach, check_words, detach
 from .errors import SdloraError
 from .formats import load_adapter
 from .fusion import Plan
@@ -59,6 +60,7 @@ class Mixer:
         self.pipe = pipe
         self.entries: dict[str, Entry] = {}
         self._plan: Plan | None = None  # fused groups; None after a change of what is fused where
+        self._words: tuple | None = ()  # the new words attached now (None: unknown, re-attach)
 
     @property
     def models(self) -> dict[str, torch.nn.Module]:
@@ -85,6 +87,14 @@ class Mixer:
                 "name (name=...) or remove that one first"
             )
         resolved, unmatched = resolve(adapter, self.models)
+        check_words(self.pipe, adapter.embeddings, adapter.source)
+        for other in self.entries.values():
+            shared = sorted(set(adapter.embeddings) & set(other.adapter.embeddings))
+            if shared:
+                raise SdloraError(
+                    f"{adapter.source} and {other.adapter.source} both bring the word "
+                    f"{shared[0]!r}; load only one of them"
+                )
         if unmatched:
             logger.warning(
                 "%s: %d of %d keys match no module in this base and are ignored (e.g. %s)",
@@ -138,6 +148,8 @@ class Mixer:
                     layer.remove(name, refuse=False)
             self.entries.pop(name, None)
             self._refuse_all(layers)
+            self._words = None
+            self._sync_words()
             raise
         return name
 
@@ -174,6 +186,27 @@ class Mixer:
             self._refuse_all()
         elif entry.fused:
             self._plan.apply(only=name)
+        self._sync_words()
+
+    def _sync_words(self) -> None:
+        """Give the pipeline the new words (embeddings) of every adapter that is on, and only
+        those: with none on, the base's own tokenizer and embedding are back, so a prompt
+        holding such a word is tokenised exactly as the base would (sdlora/embeddings.py)."""
+        active = {
+            token: vectors
+            for entry in self.entries.values()
+            if entry.effective != 0
+            for token, vectors in entry.adapter.embeddings.items()
+        }
+        words = tuple((token, id(vectors)) for token, vectors in active.items())
+        if words == self._words:
+            return
+        self._words = None  # until the attach below is complete
+        if active:
+            attach(self.pipe, active)
+        else:
+            detach(self.pipe)
+        self._words = words
 
     def set_strength(self, name: str, strength: float) -> None:
         """Set one adapter's strength (any float; 0 = base, 1 = as trained)."""
@@ -231,6 +264,7 @@ class Mixer:
             layer.remove(name, refuse=False)
         del self.entries[name]
         self._refuse_all(entry.layers)
+        self._sync_words()
         if not self.entries:
             for model in self.models.values():
                 unwrap_all(model)
@@ -255,6 +289,7 @@ class Mixer:
                 fused=e.fused,
                 nonlinearity=e.adapter.nonlinearity,
                 ranks=e.adapter.ranks(),
+                words=list(e.adapter.embeddings),
                 modules=e.adapter.components(),
                 unmatched=len(e.unmatched),
                 source=e.adapter.source,

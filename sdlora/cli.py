@@ -18,10 +18,11 @@ from .lora_spec import adapter_names, parse_lora, parse_lora_spec  # noqa: F401 
 
 DEFAULT_BASE = "toy"
 BASE_HELP = (
-    "base model: 'toy' (built in, pretrained on the toy world, 64 px), 'tiny' / 'tiny-v2' (built "
-    "in, random weights, SD 1.x / SD 2.x shaped, for tests), a diffusers model folder, a single "
-    ".safetensors checkpoint in the original SD layout, or a Hugging Face Hub id such as "
-    "stabilityai/stable-diffusion-2-1 (cached; HF_HUB_OFFLINE=1 reads the cache only) "
+    "base model: 'toy' (built in, pretrained on the toy world, 64 px), 'tiny' / 'tiny-v2' / "
+    "'tiny-xl' (built in, random weights, SD 1.x / SD 2.x / SDXL shaped, for tests), a diffusers "
+    "model folder, a single .safetensors checkpoint in the original SD or SDXL layout, or a "
+    "Hugging Face Hub id such as stabilityai/stable-diffusion-xl-base-1.0 (cached; "
+    "HF_HUB_OFFLINE=1 reads the cache only) "
     "(default: %(default)s)"
 )
 
@@ -147,7 +148,14 @@ def sweep_grid(pipe, mixer, settings, strengths: list[float], out: Path) -> Path
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import check_out, export_diffusers, export_single_file, parse_dtype
+    from .embeddings import attached
+    from .export import (
+        check_out,
+        embeddings_folder,
+        export_diffusers,
+        export_single_file,
+        parse_dtype,
+    )
 
     parse_dtype(args.dtype)
     check_out(args.out, folder=args.format == "diffusers", overwrite=args.overwrite)
@@ -158,6 +166,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         out = export_single_file(pipe, args.out, args.dtype, overwrite=args.overwrite)
     print(out)
+    words = attached(pipe)
+    if words:
+        folder = embeddings_folder(out, folder=args.format == "diffusers")
+        print(
+            f"new words {', '.join(words)} cannot live in a checkpoint's vocabulary: their "
+            f"embeddings are in {folder}/ (copy them to A1111's embeddings/ or ComfyUI's "
+            "models/embeddings/; diffusers: pipe.load_textual_inversion(FILE))"
+        )
     return 0
 
 

@@ -9,8 +9,10 @@ diffusers: `unet.<module path>.lora_A.weight` / `lora_B.weight`, `text_encoder.<
 In both the training scale is folded into A (alpha = rank), so strength 1.0 means "as trained"
 everywhere. diffusers keys need real module paths, but flat names lose the dots. Without a base,
 the path is rebuilt from SD's module-name vocabulary (diffusers UNet2DConditionModel and
-CLIPTextModel names), which is unambiguous for SD 1.x/2.x; a name outside it is refused. With a
-base, the paths come from its modules and keys it lacks are refused.
+CLIPTextModel names), which is unambiguous for SD 1.x/2.x; a name outside it is refused (SDXL's
+original-layout UNet names need the base's config: pass one). With a base, the paths come from
+its modules and keys it lacks are refused, and a kohya file gets the names the base's family
+uses (SDXL: original UNet names, lora_te1_/lora_te2_).
 """
 
 from __future__ import annotations
@@ -23,15 +25,17 @@ import torch
 from torch import nn
 
 from .adapter import (
-    PREFIXES,
     Adapter,
     _suffix,
     check_family,
+    component_of,
     fit_factors,
     fits,
+    module_keys,
     module_paths,
     weight_of,
 )
+from .embeddings import file_name, save_embedding_files
 from .errors import SdloraError
 from .files import atomic_save_file, fold_scale, save_adapter
 from .formats import FORMAT_KEY
@@ -126,7 +130,7 @@ def paths_for(adapter: Adapter, models: dict[str, nn.Module] | None) -> dict[str
     if models is not None:
         check_family(adapter, models)  # another family: one line naming both, before any shape
     for key, factors in adapter.modules.items():
-        comp = next((c for c, p in PREFIXES.items() if key.startswith(p)), None)
+        comp = component_of(key)
         if comp is None:
             raise SdloraError(f"{adapter.source}: module {key} belongs to no UNet or text encoder")
         suffix = _suffix(comp, key)
@@ -164,7 +168,9 @@ def folded(adapter: Adapter) -> Adapter:
     modules = {k: fold_scale(m, "identity")[0] for k, m in adapter.modules.items()}
     meta = {k: v for k, v in adapter.metadata.items() if k not in DROPPED_METADATA}
     meta["sdlora_converted_from"] = adapter.metadata.get(FORMAT_KEY, "unknown")
-    return Adapter(modules=modules, metadata=meta, source=adapter.source)
+    return Adapter(
+        modules=modules, metadata=meta, source=adapter.source, embeddings=adapter.embeddings
+    )
 
 
 def diffusers_state(
@@ -178,7 +184,7 @@ def diffusers_state(
         comp, path = paths[key]
         if models is not None:
             factors = fit_factors(factors, weight_of(models[comp], path).shape)
-        if comp == "text_encoder":
+        if comp.startswith("text_encoder"):
             # Keys keep CLIP's `text_model.` level, as files everywhere do (diffusers maps them
             # onto transformers 5, which dropped it); patterns leave it out, so they match either.
             path = path.removeprefix("text_model.")
@@ -215,7 +221,10 @@ def convert_adapter(
     models: dict[str, nn.Module] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write `adapter` (linear) to `out` in the `to` layout ('kohya' or 'diffusers')."""
+    """Write `adapter` (linear) to `out` in the `to` layout ('kohya' or 'diffusers').
+
+    New words (sdlora/embeddings.py) stay bundled in a kohya file; the diffusers layout has no
+    place for them, so they go to `<out stem>-embeddings/<token>.safetensors` beside it."""
     out = Path(out)
     if to not in TARGET_FORMATS:
         raise SdloraError(
@@ -227,8 +236,13 @@ def convert_adapter(
         raise SdloraError(f"{out} already exists; choose another --out or pass --overwrite")
     adapter = folded(adapter)
     if to == "kohya":
-        if models is not None:
-            paths_for(adapter, models)  # refuse keys the base lacks
+        if models is not None:  # refuse keys the base lacks; name the rest as its family does
+            paths = paths_for(adapter, models)
+            names = {comp: module_keys(model, comp) for comp, model in models.items()}
+            adapter.modules = {
+                names[paths[key][0]][paths[key][1]]: factors
+                for key, factors in adapter.modules.items()
+            }
         return save_adapter(adapter, out, overwrite=overwrite)
     tensors, configs = diffusers_state(adapter, models)
     for name, value in tensors.items():
@@ -241,5 +255,12 @@ def convert_adapter(
         "lora_adapter_metadata": json.dumps(packed, indent=2, sort_keys=True),
         **{k: str(v) for k, v in adapter.metadata.items()},
     }
+    beside = out.with_name(out.stem + "-embeddings")
+    if adapter.embeddings and not overwrite:
+        for token in adapter.embeddings:
+            if (beside / f"{file_name(token)}.safetensors").exists():
+                raise SdloraError(f"{beside / file_name(token)}.safetensors already exists")
     atomic_save_file(tensors, out, metadata)
+    if adapter.embeddings:
+        save_embedding_files(adapter.embeddings, beside, overwrite=overwrite)
     return out

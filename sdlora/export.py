@@ -2,6 +2,13 @@
 
 Weights are merged from the pristine W0 in fp32 and cast once to the export dtype. Nonlinear
 adapters have no ΔW and cannot be folded into weights: an active one is refused by name.
+
+New words an active adapter brings (pivotal tuning, sdlora/embeddings.py) cannot live in a
+checkpoint's vocabulary: the checkpoint holds the base's tokenizer and embedding, and each word
+is written as an embedding file, `<token>.safetensors`, into `embeddings/` inside a diffusers
+folder or into `NAME-embeddings/` beside a single file (`embeddings_folder`): A1111's
+`embeddings/` and ComfyUI's `models/embeddings/` take them as they are (the file name is the
+word), diffusers loads them with `load_textual_inversion`.
 """
 
 from __future__ import annotations
@@ -11,6 +18,14 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
+from .embeddings import (
+    TOKENIZERS,
+    TokenEmbedding,
+    attached,
+    base_tokenizer,
+    file_name,
+    save_embedding_files,
+)
 from .errors import SdloraError
 from .families import family_of_pipeline
 from .layer import LoRALayer
@@ -52,7 +67,13 @@ def merged_state_dict(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, t
     """The model's state dict as a plain (unwrapped) model with every linear adapter merged."""
     state: dict[str, torch.Tensor] = {}
     layers = {p: m for p, m in model.named_modules() if isinstance(m, LoRALayer)}
+    words = [p for p, m in model.named_modules() if isinstance(m, TokenEmbedding)]
     for key, value in model.state_dict().items():
+        word = next((p for p in words if key.startswith(p + ".")), None)
+        if word is not None:  # the base's embedding; new words go to embedding files
+            if key == f"{word}.base.weight":
+                state[f"{word}.weight"] = value.detach().to("cpu", dtype)
+            continue
         owner = next((p for p in layers if key.startswith(p + ".")), None)
         if owner is None:
             state[key] = value.detach().to("cpu", dtype if value.is_floating_point() else None)
@@ -143,9 +164,14 @@ def export_diffusers(
     out = check_out(out, folder=True, overwrite=overwrite)
     states = merged_components(pipe, parse_dtype(dtype))
     parts = {comp: _plain_copy(getattr(pipe, comp), states[comp]) for comp in states}
-    plain = assemble(family_of_pipeline(pipe), {**pipe.components, **parts})
+    tokenizers = {
+        name: base_tokenizer(pipe, name) for name in TOKENIZERS.values() if hasattr(pipe, name)
+    }
+    plain = assemble(family_of_pipeline(pipe), {**pipe.components, **parts, **tokenizers})
     with written_folder(out) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
+        if attached(pipe):
+            save_embedding_files(attached(pipe), embeddings_folder(tmp, folder=True))
         check_out(out, folder=True, overwrite=overwrite)  # nothing appeared there meanwhile
     return out
 
@@ -160,6 +186,13 @@ def export_single_file(
     if out.suffix != ".safetensors":
         raise SdloraError(f"{out}: a single-file checkpoint must end in .safetensors")
     check_out(out, folder=False, overwrite=overwrite)
+    words = attached(pipe)
+    beside = embeddings_folder(out, folder=False)
+    if words and beside.is_file():
+        raise SdloraError(f"{beside} is a file and the new words' embeddings go there; move it")
+    taken = [f for f in (beside / f"{file_name(t)}.safetensors" for t in words) if f.exists()]
+    if taken and not overwrite:
+        raise SdloraError(f"{taken[0]} already exists; choose another --out or pass --overwrite")
     states = merged_components(pipe, parse_dtype(dtype))
     save_single_file(
         states["unet"],
@@ -172,4 +205,12 @@ def export_single_file(
         overwrite=overwrite,
         text_encoder_2_sd=states.get("text_encoder_2"),
     )
+    if words:
+        save_embedding_files(words, embeddings_folder(out, folder=False), overwrite=overwrite)
     return out
+
+
+def embeddings_folder(out: str | Path, folder: bool) -> Path:
+    """Where an export puts the embedding files of active new words (see the module docstring)."""
+    out = Path(out)
+    return out / "embeddings" if folder else out.with_name(out.stem + "-embeddings")

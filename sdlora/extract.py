@@ -1,6 +1,6 @@
 """Extraction: a LoRA from the difference of two checkpoints, ΔW = W_tuned − W_base, by SVD.
 
-For each target module of the UNet and text encoder the best rank-R approximation of ΔW
+For each target module of the UNet and text encoder(s) the best rank-R approximation of ΔW
 (Eckart-Young) gives up = U·√S, down = √S·Vᵀ; the relative Frobenius error is reported per module
 and overall. Modules that did not change are left out.
 """
@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
-from .adapter import Adapter, ModuleFactors, flat_name
+from .adapter import Adapter, ModuleFactors, module_keys
 from .errors import SdloraError
 from .inject import TEXT_ENCODER_TARGETS, UNET_TARGETS, find_targets, target_names
 from .merge import MergeReport
+from .pipelines import adaptable_models
 
 
 def extract_module(delta: torch.Tensor, rank: int) -> tuple[ModuleFactors, float, float]:
@@ -34,8 +35,8 @@ def extract_module(delta: torch.Tensor, rank: int) -> tuple[ModuleFactors, float
 
 
 def extract_adapter(
-    base: StableDiffusionPipeline,
-    tuned: StableDiffusionPipeline,
+    base: DiffusionPipeline,
+    tuned: DiffusionPipeline,
     rank: int,
     targets: str = "attn",
     base_name: str = "base",
@@ -44,17 +45,27 @@ def extract_adapter(
     """LoRA of rank `rank` approximating tuned − base over the `targets` preset of both models."""
     if rank < 1:
         raise SdloraError(f"--rank must be at least 1 (got {rank})")
-    presets = {"unet": UNET_TARGETS, "text_encoder": TEXT_ENCODER_TARGETS}
     report = MergeReport(rank=rank)
     modules: dict[str, ModuleFactors] = {}
     total_err = total_norm = 0.0
-    for comp, preset in presets.items():
-        base_model, tuned_model = getattr(base, comp), getattr(tuned, comp)
+    for comp, base_model in adaptable_models(base).items():
+        preset = UNET_TARGETS if comp == "unet" else TEXT_ENCODER_TARGETS
+        tuned_model = getattr(tuned, comp, None)
+        if tuned_model is None:
+            raise SdloraError(
+                f"{tuned_name} has no {comp} and {base_name} has; both models must share one "
+                "architecture"
+            )
         tuned_modules = dict(tuned_model.named_modules())
+        keys = module_keys(base_model, comp)  # the names of the base's family
         for path in find_targets(base_model, target_names(targets, preset)):
             w0 = base_model.get_submodule(path).weight
             other = tuned_modules.get(path)
-            if other is None or getattr(other, "weight", None) is None or other.weight.shape != w0.shape:
+            if (
+                other is None
+                or getattr(other, "weight", None) is None
+                or other.weight.shape != w0.shape
+            ):
                 raise SdloraError(
                     f"{tuned_name}: {comp} module {path} is missing or has another shape than in "
                     f"{base_name}; both models must share one architecture"
@@ -64,7 +75,7 @@ def extract_adapter(
                 raise SdloraError(f"{tuned_name}: {comp} module {path} has NaN/Inf weights")
             if not delta.any():
                 continue
-            key = flat_name(comp, path)
+            key = keys[path]
             modules[key], err, norm = extract_module(delta, rank)
             report.errors[key] = math.sqrt(err / norm)
             total_err, total_norm = total_err + err, total_norm + norm

@@ -16,9 +16,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .adapter import Adapter, ModuleFactors, file_key, memory_key
+from .adapter import Adapter, ModuleFactors, adapter_family, file_key, memory_key
+from .embeddings import bundle_tensors
 from .errors import SdloraError
-from .families import SD1, SDXL, family_of_adapter_keys
+from .families import SD1
 from .layer import POSITIVELY_HOMOGENEOUS, check_nonlinearity
 from .writing import written_file
 
@@ -57,9 +58,9 @@ def adapter_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
     """The file's tensors for `adapter` (whose factors are already folded), under the names its
     family's files use (SDXL: lora_te1_ for the first text encoder)."""
     tensors: dict[str, torch.Tensor] = {}
-    sdxl = family_of_adapter_keys(adapter.modules, adapter.metadata) is SDXL
+    family = adapter_family(adapter) or SD1
     for key, factors in adapter.modules.items():
-        key = file_key(key, sdxl)
+        key = file_key(key, family)
         if adapter.is_linear:
             names = (f"{key}.lora_down.weight", f"{key}.lora_up.weight", f"{key}.alpha")
         else:
@@ -69,7 +70,7 @@ def adapter_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
         tensors[names[0]] = factors.down.detach().contiguous()
         tensors[names[1]] = factors.up.detach().contiguous()
         tensors[names[2]] = torch.tensor(alpha, dtype=torch.float32)
-    return tensors
+    return tensors | bundle_tensors(adapter.embeddings)
 
 
 def atomic_save_file(
@@ -90,8 +91,13 @@ def save_adapter(adapter: Adapter, path: str | Path, overwrite: bool = False) ->
     for key, factors in adapter.modules.items():
         if not (torch.isfinite(factors.down).all() and torch.isfinite(factors.up).all()):
             raise SdloraError(f"{path}: module {key} has NaN/Inf weights; nothing was written")
+    for token, per_component in adapter.embeddings.items():
+        if not all(torch.isfinite(v).all() for v in per_component.values()):
+            raise SdloraError(
+                f"{path}: embedding {token!r} has NaN/Inf values; nothing was written"
+            )
     ranks = adapter.ranks()
-    family = family_of_adapter_keys(adapter.modules, adapter.metadata) or SD1
+    family = adapter_family(adapter) or SD1
     metadata = {
         "sdlora_format_version": FORMAT_VERSION,
         "sdlora_nonlinearity": adapter.nonlinearity,

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .adapter import Adapter, ModuleFactors, flat_name, memory_key
+from .embeddings import split_bundle
 from .errors import SdloraError
 from .files import NONLINEAR_PREFIX, check_rank, parse_flat_lora, read_safetensors
 
@@ -71,12 +72,7 @@ CONV3_LEAVES = ("conv1", "conv2", "conv", "conv_in", "conv_out")
 
 # Old diffusers attention-processor names -> module names.
 LEGACY_PROCESSOR = {
-    "unet": {
-        "to_q_lora": "to_q",
-        "to_k_lora": "to_k",
-        "to_v_lora": "to_v",
-        "to_out_lora": "to_out.0",
-    },
+    "unet": {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"},
     "text_encoder": {
         "to_q_lora": "q_proj",
         "to_k_lora": "k_proj",
@@ -84,28 +80,15 @@ LEGACY_PROCESSOR = {
         "to_out_lora": "out_proj",
     },
 }
-DIFFUSERS_COMPONENTS = {
-    "unet": "unet",
-    "text_encoder": "text_encoder",
-    "text_encoder_2": "text_encoder_2",
-}
-UNET_ROOTS = (
-    "down_blocks.",
-    "up_blocks.",
-    "mid_block.",
-    "conv_in.",
-    "conv_out.",
-    "time_embedding.",
-)
+DIFFUSERS_COMPONENTS = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
+UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in.", "conv_out.", "time_embedding.")
 
 
 def detect_format(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
     """The file's family: sdlora, kohya, diffusers; raise for full checkpoints and unknown files."""
     keys = list(tensors)
     kohya = any(k.startswith(KOHYA_PREFIXES) for k in keys)
-    if any(k.startswith(NONLINEAR_PREFIX) for k in keys) or (
-        kohya and "sdlora_format_version" in metadata
-    ):
+    if any(k.startswith(NONLINEAR_PREFIX) for k in keys) or (kohya and "sdlora_format_version" in metadata):
         return "sdlora"
     if kohya:
         return "kohya"
@@ -118,10 +101,7 @@ def detect_format(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
         for k in keys
     ):
         return "diffusers"
-    if any(
-        k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))
-        for k in keys
-    ):
+    if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")) for k in keys):
         raise SdloraError("this is a full model checkpoint, not an adapter; use it as --base")
     raise SdloraError(
         f"no LoRA weights found: unknown adapter format (keys like {', '.join(keys[:3]) or 'none'}); "
@@ -135,6 +115,7 @@ def read_adapter(path: str | Path) -> Adapter:
     tensors, metadata = read_safetensors(path)
     source = path.name
     try:
+        tensors, embeddings = split_bundle(tensors, source)  # bundled words: not LoRA weights
         family = detect_format(tensors, metadata)
         for key, value in tensors.items():
             if value.is_floating_point() and not torch.isfinite(value).all():
@@ -149,6 +130,7 @@ def read_adapter(path: str | Path) -> Adapter:
     else:
         adapter, detected = parse_diffusers(tensors, metadata, source)
     adapter.metadata[FORMAT_KEY] = detected
+    adapter.embeddings = embeddings
     return adapter
 
 
@@ -164,9 +146,7 @@ def parse_kohya(
     for name, value in tensors.items():
         module, dot, part = name.partition(".")
         if not dot or not module.startswith(KOHYA_PREFIXES):
-            raise SdloraError(
-                f"{source}: key {name!r} is not in the kohya layout; the file mixes formats"
-            )
+            raise SdloraError(f"{source}: key {name!r} is not in the kohya layout; the file mixes formats")
         groups[module][part] = value
     modules: dict[str, ModuleFactors] = {}
     types: set[str] = set()
@@ -332,9 +312,7 @@ def parse_diffusers(
     for name, value in tensors.items():
         for marker, reason in _DIFFUSERS_REFUSED.items():
             if marker in name:
-                raise SdloraError(
-                    f"{source}: {reason} is not supported ({name}); nothing was loaded"
-                )
+                raise SdloraError(f"{source}: {reason} is not supported ({name}); nothing was loaded")
         part = next(((s, role) for s, role in _DIFFUSERS_PARTS if name.endswith(s)), None)
         if part is None:
             raise SdloraError(f"{source}: key {name!r} is not a LoRA weight; nothing was loaded")
@@ -403,9 +381,7 @@ def _peft_configs(metadata: dict[str, str], source: str) -> dict[str, dict]:
             configs[component][field_name] = value
     for component, config in configs.items():
         if config.get("use_dora"):
-            raise SdloraError(
-                f"{source}: DoRA adapters ({component}) are not supported; nothing was loaded"
-            )
+            raise SdloraError(f"{source}: DoRA adapters ({component}) are not supported; nothing was loaded")
     return dict(configs)
 
 

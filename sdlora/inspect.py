@@ -6,9 +6,10 @@ import json
 import logging
 from pathlib import Path
 
-from .adapter import PREFIXES, Adapter, fits, module_paths, weight_of, widths
-from .families import width_label
+from .adapter import Adapter, component_of, fits, module_paths, weight_of, widths
+from .families import family_of_adapter_keys, width_label
 from .formats import load_adapter
+from .pipelines import adaptable_models
 
 logger = logging.getLogger(__name__)
 
@@ -43,22 +44,23 @@ LEAVES = (
 SHOWN = ("sdlora_nonlinearity", "sdlora_trigger_words", "sdlora_training")
 
 
-def component_of(key: str) -> str:
-    """Flat key -> 'unet' | 'text_encoder' | the other prefix (e.g. 'lora_te2')."""
-    comp = next((c for c, p in PREFIXES.items() if key.startswith(p)), None)
-    return comp or "_".join(key.split("_")[:2])
+def _component(key: str) -> str:
+    """Flat key -> 'unet' | 'text_encoder' | 'text_encoder_2' | the other prefix."""
+    return component_of(key) or "_".join(key.split("_")[:2])
 
 
 def guess_architecture(adapter: Adapter) -> str:
-    """The base family the adapter was made for (`sdlora.families`), from its layer widths
-    (cross-attention, else the text encoder's), then its metadata."""
-    keys = list(adapter.modules)
-    if any(k.startswith(("lora_te2_", "lora_textencoder2_")) for k in keys):
-        return "SDXL"
+    """The base family the adapter was made for (`sdlora.families`): by its cross-attention
+    width, else by SDXL's names (`family_of_adapter_keys`), else by its text encoder's width,
+    else by its metadata."""
     found = widths(adapter)
-    width = found.get("unet", found.get("text_encoder"))
-    if width is not None:
-        return width_label(width)
+    if "unet" in found:
+        return width_label(found["unet"])
+    named = family_of_adapter_keys(adapter.modules, adapter.metadata)
+    if named is not None:
+        return named.label
+    if "text_encoder" in found:
+        return width_label(found["text_encoder"])
     meta = adapter.metadata
     return meta.get("sdlora_base_model") or meta.get("ss_base_model_version") or "unknown"
 
@@ -69,7 +71,7 @@ def module_groups(adapter: Adapter) -> dict[str, dict]:
     for key, m in adapter.modules.items():
         leaf = max((x for x in LEAVES if key.endswith("_" + x)), key=len, default="other")
         g = groups.setdefault(
-            f"{component_of(key)} {leaf}",
+            f"{_component(key)} {leaf}",
             {"modules": 0, "ranks": set(), "alphas": set(), "scales": set()},
         )
         g["modules"] += 1
@@ -90,11 +92,11 @@ def coverage(adapter: Adapter, base) -> dict:
     """
     from .adapter import _suffix
 
-    models = {c: getattr(base, c) for c in ("unet", "text_encoder")}
+    models = adaptable_models(base)
     lookups = {c: module_paths(m, c) for c, m in models.items()}
     unmatched, mismatched = [], []
     for key, factors in adapter.modules.items():
-        comp = component_of(key)
+        comp = _component(key)
         path = lookups[comp].get(_suffix(comp, key)) if comp in lookups else None
         if path is None:
             unmatched.append(key)
@@ -142,6 +144,8 @@ def describe(adapter: Adapter) -> dict:
         "groups": module_groups(adapter),
         "base_model": adapter.metadata.get("sdlora_base_model"),
         "trigger_words": adapter.trigger_words(),
+        # new words it brings (pivotal tuning): token -> {text encoder: vectors}
+        "words": {t: {c: len(v) for c, v in per.items()} for t, per in adapter.embeddings.items()},
         "training": training,
         "metadata": {k: v for k, v in adapter.metadata.items() if k not in SHOWN},
     }
@@ -184,6 +188,14 @@ def format_text(info: dict) -> str:
         lines.append(f"base model:    {info['base_model']}")
     if info.get("trigger_words"):
         lines.append(f"trigger words: {', '.join(info['trigger_words'])}")
+    if info.get("words"):
+        lines.append(
+            "new words:     "
+            + ", ".join(
+                f"{t} ({n} vector{'s' if n != 1 else ''})"
+                for t, n in ((t, max(c.values())) for t, c in info["words"].items())
+            )
+        )
     if "coverage" in info:
         cov = info["coverage"]
         lines.append(

@@ -8,7 +8,7 @@ from pathlib import Path
 from .errors import SdloraError
 
 BASE_HELP = (
-    "'tiny' / 'tiny-v2' (built in), a diffusers model folder, a single .safetensors SD "
+    "'tiny' / 'tiny-v2' / 'tiny-xl' (built in), a diffusers model folder, a single .safetensors SD "
     "checkpoint, or a Hub id (owner/name)"
 )
 
@@ -29,13 +29,14 @@ def _check_out(out: str, overwrite: bool) -> Path:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert_adapter
     from .formats import load_adapter
+    from .pipelines import adaptable_models
 
     out = _check_out(args.out, args.overwrite)
     adapter = load_adapter(args.file)
     models = None
     if args.base:
         pipe = _load_base(args.base, args.config)
-        models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+        models = adaptable_models(pipe)
     print(convert_adapter(adapter, args.to, out, models=models, overwrite=args.overwrite))
     return 0
 

@@ -5,7 +5,9 @@ s = alpha / rank, σ = the nonlinearity). `LoRALayer` wraps a frozen base Linear
 a reference to it, never a copy) and holds any number of named adapters, each with its own
 strength. Linear adapters (σ = identity) can be fused into the base weight: the fused weight is
 always rebuilt from a pristine copy of W0 in fp32, so any number of strength changes gives the
-same weights as one fresh fuse.
+same weights as one fresh fuse. Adapters that stay unfused and are frozen (generation) run
+stacked, all of a layer's in one pair of matmuls (sdlora/unfused.py); trainable ones run one by
+one in fp32 with their gradients.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 from .errors import SdloraError
 from .fusion import Plan
 from .fusion import merged_weight as fused_weight
+from .unfused import Stack, build
 
 # Element-wise nonlinearities allowed between down and up.
 NONLINEARITIES: dict[str, type[nn.Module] | None] = {
@@ -78,7 +81,6 @@ class LoRAWeights(nn.Module):
         self.act = make_nonlinearity(nonlinearity)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv = conv  # None for Linear; stride/padding/dilation of the base Conv2d
-        self._frozen: tuple | None = None  # inference copy of the factors, see frozen_factors
 
     @property
     def rank(self) -> int:
@@ -114,22 +116,10 @@ class LoRAWeights(nn.Module):
     def frozen(self) -> bool:
         return not (self.down.requires_grad or self.up.requires_grad)
 
-    def frozen_factors(self, dtype: torch.dtype, strength: float) -> tuple[torch.Tensor, ...]:
-        """(down, strength·s·up) in `dtype`, cached until the strength or the factors change."""
-        key = (dtype, strength, self.down._version, self.up._version)
-        if self._frozen is None or self._frozen[0] != key:
-            up = (strength * self.scale) * self.up.detach().float()
-            self._frozen = (key, self.down.detach().to(dtype), up.to(dtype))
-        return self._frozen[1:]
-
-    def apply_frozen(self, x: torch.Tensor, strength: float) -> torch.Tensor:
-        """strength · s · B · σ(A · x) for inference: x's dtype, the scales folded into B."""
-        down, up = self.frozen_factors(x.dtype, strength)
-        if self.training:
-            x = self.dropout(x)
-        if self.conv is None:
-            return F.linear(self.act(F.linear(x, down)), up)
-        return F.conv2d(self.act(F.conv2d(x, down, **self.conv)), up)
+    @property
+    def stackable(self) -> bool:
+        """True when it can run in a layer's inference stack: frozen, and no dropout to draw."""
+        return self.frozen and not (self.training and isinstance(self.dropout, nn.Dropout))
 
 
 def _key(name: str) -> str:
@@ -153,6 +143,8 @@ class LoRALayer(nn.Module):
         self.strengths: dict[str, float] = {}
         self.fused: set[str] = set()  # adapters whose ΔW is in base.weight right now
         self.pristine: torch.Tensor | None = None  # W0, kept once anything is fused
+        self._weights: dict[str, LoRAWeights] = {}  # name -> adapter, without the key mangling
+        self._stack: Stack | None = None  # the frozen unfused adapters, see unfused_adapters
 
     def conv_args(self) -> dict | None:
         if isinstance(self.base, nn.Conv2d):
@@ -173,7 +165,9 @@ class LoRALayer(nn.Module):
         if _key(name) in self.adapters:
             self.remove(name)
         self.adapters[_key(name)] = weights
+        self._weights[name] = weights
         self.strengths[name] = float(strength)
+        self._stack = None
 
     def get(self, name: str) -> LoRAWeights:
         return self.adapters[_key(name)]
@@ -187,7 +181,9 @@ class LoRALayer(nn.Module):
         was_fused = name in self.fused
         self.fused.discard(name)
         del self.adapters[_key(name)]
+        del self._weights[name]
         del self.strengths[name]
+        self._stack = None
         if was_fused and refuse:
             self.fuse(self.fused)
 
@@ -209,17 +205,38 @@ class LoRALayer(nn.Module):
         w0 = self.pristine if self.pristine is not None else self.base.weight
         return fused_weight(self, names, dtype or w0.dtype)
 
+    def unfused_adapters(
+        self, dtype: torch.dtype, device: torch.device
+    ) -> tuple[Stack | None, list[tuple[str, float, LoRAWeights]]]:
+        """(stack of the stackable adapters, the others as (name, strength, weights)).
+
+        Only adapters that are neither fused nor at strength 0 count. The stack is kept until a
+        strength, the fused set, an adapter or its factors, the dtype or the device change.
+        """
+        stacked, others, state = [], [], [dtype, device]
+        for name, weights in self._weights.items():
+            strength = self.strengths[name]
+            if name in self.fused or strength == 0.0:
+                continue
+            if weights.stackable:
+                stacked.append((name, strength, weights))
+                state.append((name, strength, weights.down._version, weights.up._version))
+            else:
+                others.append((name, strength, weights))
+        key = tuple(state)
+        if not stacked:
+            self._stack = None
+        elif self._stack is None or self._stack.key != key:
+            self._stack = build(key, stacked, dtype)
+        return self._stack, others
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if len(self.fused) == len(self.adapters):
             return y  # everything is in the weight
-        for key, weights in self.adapters.items():
-            name = _name(key)
-            strength = self.strengths[name]
-            if name in self.fused or strength == 0.0:
-                continue
-            if weights.frozen:  # inference: factors cached in the activations' dtype
-                y = y + weights.apply_frozen(x.to(y.dtype), strength)
-            else:  # training: fp32 factors with gradients
-                y = y + (strength * weights(x)).to(y.dtype)
+        stack, others = self.unfused_adapters(y.dtype, y.device)
+        if stack is not None:  # frozen: factors cached in the activations' dtype
+            y = stack.add_to(y, x if x.dtype is y.dtype else x.to(y.dtype))
+        for _, strength, weights in others:  # training: fp32 factors with gradients
+            y = y + (strength * weights(x)).to(y.dtype)
         return y

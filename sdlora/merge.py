@@ -57,7 +57,8 @@ def check_mergeable(adapters: list[Adapter]) -> None:
 
 
 def merge_exact(items: list[tuple[Adapter, float]]) -> Adapter:
-    """One adapter equal to Σ strength·ΔW of `items` (ranks concatenated, scales folded into A)."""
+    """One adapter equal to Σ strength·ΔW of `items` (ranks concatenated, scales folded into A),
+    carrying the new words of every adapter with a strength other than 0."""
     check_mergeable([a for a, _ in items])
     parts: dict[str, list[ModuleFactors]] = {}
     for adapter, strength in items:
@@ -74,13 +75,21 @@ def merge_exact(items: list[tuple[Adapter, float]]) -> Adapter:
                 up=torch.cat([f.up for f in fitted], dim=1),
             )
         )
+    words: dict[str, dict[str, torch.Tensor]] = {}
+    for adapter, strength in items:  # a word cannot be scaled: kept whole where strength != 0
+        for token, vectors in adapter.embeddings.items() if strength else ():
+            if token in words:
+                raise SdloraError(
+                    f"two adapters bring the word {token!r} ({adapter.source}); merge only one"
+                )
+            words[token] = vectors
     first = items[0][0]
     meta = {
         k: v
         for k, v in first.metadata.items()
         if k in ("sdlora_base_model", "ss_base_model_version")
     }
-    return Adapter(modules=modules, metadata=meta, source="merged")
+    return Adapter(modules=modules, metadata=meta, source="merged", embeddings=words)
 
 
 def compress_module(factors: ModuleFactors, rank: int) -> tuple[ModuleFactors, float, float]:
@@ -128,7 +137,13 @@ def compress(adapter: Adapter, rank: int) -> tuple[Adapter, MergeReport]:
         report.errors[key] = math.sqrt(err / norm) if norm > 0 else 0.0
         total_err, total_norm = total_err + err, total_norm + norm
     report.overall = math.sqrt(total_err / total_norm) if total_norm > 0 else 0.0
-    return Adapter(modules=modules, metadata=dict(adapter.metadata), source=adapter.source), report
+    kept = Adapter(
+        modules=modules,
+        metadata=dict(adapter.metadata),
+        source=adapter.source,
+        embeddings=adapter.embeddings,
+    )
+    return kept, report
 
 
 def merge_adapters(

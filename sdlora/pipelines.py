@@ -14,7 +14,7 @@ from typing import Any
 import diffusers
 from diffusers import DiffusionPipeline
 
-from .families import BY_NAME, Family
+from .families import BY_NAME, Family, family_of_pipeline
 
 # what each pipeline class takes beside its models, tokenizers and scheduler
 OPTIONS = {
@@ -41,3 +41,9 @@ def assemble(family: Family | str, components: Mapping[str, Any]) -> DiffusionPi
     pipeline's `components` will do: its safety checker and watermark are left out)."""
     cls = pipeline_class(family)
     return cls(**{**components, **ABSENT.get(cls.__name__, {}), **load_options(cls)})
+
+
+def adaptable_models(pipe: DiffusionPipeline) -> dict[str, Any]:
+    """The models adapters change, by attribute: the UNet and the family's text encoders."""
+    names = ("unet", *(enc.component for enc in family_of_pipeline(pipe).text_encoders))
+    return {name: getattr(pipe, name) for name in names}

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import init_empty_weights
 import transformers
+from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file

@@ -82,6 +82,34 @@ def test_quality_benchmark_measures_every_cell(tmp_path):
     assert len({r["params"] for r in result["rows"]}) == 1
 
 
+def test_unfused_benchmark_times_every_configuration(tmp_path):
+    out = tmp_path / "unfused.json"
+    run = subprocess.run(
+        [sys.executable, "benchmarks/unfused.py", "--smoke", "--threads", "1"]
+        + ["--steps", "3", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| configuration | step (ms) |" in run.stdout
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert {"device", "torch", "base", "method", "command"} <= set(result["info"])
+    rows = {r["configuration"]: r for r in result["rows"]}
+    assert list(rows) == [
+        "bare base",
+        "1 nonlinear (relu)",
+        "3 nonlinear (relu, gelu, silu)",
+        "4 fused linear + 1 relu",
+    ]
+    assert rows["bare base"]["over_bare"] == 0.0
+    for r in rows.values():
+        assert min(r["step_ms"], r["cpu_ms"], r["fastest_ms"]) > 0, r
+        assert math.isfinite(r["over_bare"] + r["fastest_over_bare"]), r
+        assert r["met"] is None, r  # a smoke run claims no target
+
+
 def test_sdxl_benchmark_smoke_measures_every_run(tmp_path):
     out = tmp_path / "sdxl.json"
     run = subprocess.run(

@@ -89,7 +89,7 @@ def test_extract_from_bad_checkpoints(tmp_path, capsys):
     one_line(capsys, "tuned.ckpt: ", "not a readable checkpoint")
     good, _ = make_adapter_file(lambda: load_base("tiny"), tmp_path / "lora.safetensors")
     assert main([*argv, str(good)]) == 2  # an adapter is not a model
-    one_line(capsys, "lora.safetensors: ", "not a Stable Diffusion 1.x/2.x single-file checkpoint")
+    one_line(capsys, "lora.safetensors: ", "not a Stable Diffusion 1.x/2.x/XL single-file checkpoint")
     assert main(["extract", "--base", "tiny", "--tuned", "tiny", "--rank", "0", "--out", str(out)]) == 2
     one_line(capsys, "--rank", "must be at least 1 (got 0)")
     assert not out.exists()

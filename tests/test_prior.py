@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -78,3 +79,46 @@ def test_a_step_loss_is_instance_plus_weight_times_prior(shapes, class_images, t
     prior = losses[1.0] - losses[0.0]  # the same draws each time: only the weight differs
     assert prior > 0
     assert losses[2.5] == pytest.approx(losses[0.0] + 2.5 * prior, rel=1e-4)
+
+
+def test_reg_generate_fills_the_folder_once_with_the_bases_images(shapes, tmp_path, caplog):  # noqa: F811
+    from sdlora.train.data import derived_seed
+    from sdlora.train.prior import GENERATED
+
+    from sdlora.base import load_base
+    from sdlora.generate import GenerateSettings, generate
+
+    caplog.set_level(logging.INFO, logger="sdlora.train")
+    reg = tmp_path / "reg"
+    (reg / "1_circle").mkdir(parents=True)
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(reg / "1_circle" / "mine.png")
+    config = settings(
+        shapes, tmp_path / "a", steps=1, reg_data=str(reg), reg_generate=3, class_prompt="a circle"
+    )
+    train(config)
+    drawn = sorted((reg / GENERATED).iterdir())
+    assert [p.name for p in drawn] == ["class-00000.png", "class-00001.png"]  # 1 + 2 = 3
+    assert "regularization: 3 class image(s)" in caplog.text
+    # image 1 is what the base draws for the class prompt with its seed (recommended settings)
+    expected = generate(
+        load_base("tiny"),
+        GenerateSettings(prompt="a circle", seed=derived_seed(config.seed, "class image", 1)),
+    )[0]
+    assert np.array_equal(np.asarray(Image.open(drawn[1])), np.asarray(expected))
+    stamps = [p.stat().st_mtime_ns for p in drawn]
+    caplog.clear()
+    train(
+        settings(
+            shapes,
+            tmp_path / "b",
+            steps=1,
+            reg_data=str(reg),
+            reg_generate=3,
+            class_prompt="a circle",
+        )
+    )
+    assert "drawing" not in caplog.text  # cached: nothing drawn the second time
+    assert [p.stat().st_mtime_ns for p in sorted((reg / GENERATED).iterdir())] == stamps
+    assert not list(reg.rglob(".*"))  # no temporary files left behind
+    with pytest.raises(SdloraError, match="--reg-generate draws class images"):
+        train(settings(shapes, tmp_path / "c", reg_data=str(reg), reg_generate=3))

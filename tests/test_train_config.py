@@ -124,3 +124,14 @@ def test_sample_configs_load():
     for toml in sorted(SAMPLES.glob("train_*.toml")):
         config = load_config(toml).check()
         assert Path(config.data_dir).is_dir(), toml
+
+
+def test_the_pivotal_sample_config_parses_and_checks():
+    config = load_config(SAMPLES / "style-pivotal.toml").check()
+    assert config.base == "toy" and config.targets == "locon" and config.keep_best
+    assert config.new_tokens == ["sks:2"] and config.init_token == "style"
+    assert config.embedding_only_steps == 50 and config.embedding_lr == 5e-3
+    assert config.reg_generate == 12 and config.class_prompt == "a shape"
+    assert Path(config.reg_data) == SAMPLES.parent / "runs" / "style-pivotal-class"
+    assert Path(config.data_dir) == SAMPLES / "style" and config.validation_split == 0.17
+    assert not config.caches_text  # the word changes the text encoder's output every step

@@ -274,6 +274,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"loss = instance + W x class images (default: {D.prior_loss_weight})",
     )
     g.add_argument("--class-prompt", metavar="TEXT", help="caption of class images that have none")
+    g.add_argument(
+        "--reg-generate",
+        type=int,
+        metavar="N",
+        help="before training, fill --reg-data up to N class images drawn by the base from "
+        "--class-prompt (seeded, the base's recommended settings), kept in "
+        "REG_DATA/sdlora-generated/ so a second run draws nothing (default: 0, never)",
+    )
+
+    g = p.add_argument_group("pivotal tuning (new words trained with the LoRA)")
+    g.add_argument(
+        "--new-token",
+        dest="new_tokens",
+        action="append",
+        metavar="WORD[:N]",
+        help="a new word with N vectors (default 1) the text encoder learns beside the LoRA, "
+        "e.g. ohwx or ohwx:2; repeat for more. Saved in the adapter (A1111's bundle_emb form) "
+        "and as OUTPUT/embeddings/WORD.safetensors (diffusers' load_textual_inversion); put it "
+        "in the captions, e.g. with --trigger",
+    )
+    g.add_argument(
+        "--init-token",
+        metavar="WORD",
+        help="start the new words from this word's embedding (one token of the base, e.g. "
+        "the class: person, dog) (default: random normal at the embeddings' mean and spread)",
+    )
+    g.add_argument(
+        "--embedding-lr",
+        type=float,
+        metavar="LR",
+        help="learning rate of the new words, without weight decay (default: --lr)",
+    )
+    g.add_argument(
+        "--embedding-only-steps",
+        type=int,
+        metavar="N",
+        help="the first N steps train only the new words, then the LoRA joins (default: 0)",
+    )
 
     g = p.add_argument_group("validation")
     g.add_argument(

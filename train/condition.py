@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sdlora.embeddings import expand_prompt
 from sdlora.families import family_of_pipeline
 
 
@@ -66,9 +67,10 @@ class Text:
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    """(B, 77) token ids, padded and truncated to the tokenizer's length, as SD trains."""
+    """(B, 77) token ids, padded and truncated to the tokenizer's length, as SD trains;
+    multi-vector new words spelled out as the pipeline spells them (`expand_prompt`)."""
     return tokenizer(
-        captions,
+        [expand_prompt(tokenizer, caption) for caption in captions],
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,

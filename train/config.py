@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from sdlora.embeddings import parse_token_spec
 from sdlora.errors import SdloraError
 from sdlora.layer import NONLINEARITIES
 
@@ -64,6 +65,9 @@ RESUME_MUST_MATCH = (
     "reg_data",
     "prior_loss_weight",
     "class_prompt",
+    "reg_generate",
+    "new_tokens",
+    "init_token",
 )
 # Fields about this run rather than about the adapter, left out of the adapter's metadata.
 RUN_ONLY = ("output", "resume", "overwrite", "workers", "tensorboard", "compile", "log_every")
@@ -138,6 +142,16 @@ class TrainConfig:
     reg_data: str | None = None  # folder of class images (kohya: N_class subfolders)
     prior_loss_weight: float = 1.0  # weight of the class images' loss (DreamBooth's λ)
     class_prompt: str | None = None  # caption of class images with none of their own
+    # fill --reg-data up to N class images drawn by the base from --class-prompt before training
+    # (seeded, the base's recommended settings), kept in reg_data/sdlora-generated/; 0: never
+    reg_generate: int = 0
+
+    # --- pivotal tuning: new words (textual inversion) trained with the LoRA (train/pivotal.py) ---
+    new_tokens: list[str] = field(default_factory=list)  # TOKEN or TOKEN:N (N vectors), e.g. ohwx
+    # the new words start as this word's embedding; None: random normal at the embeddings' scale
+    init_token: str | None = None
+    embedding_lr: float | None = None  # learning rate of the new words; None: --lr
+    embedding_only_steps: int = 0  # the first N optimizer steps train only the new words
 
     # --- validation: loss on held-out images at fixed timesteps and noise (train/validate.py) ---
     validation_split: float = 0.0  # fraction of the images held out (chosen by the seed)
@@ -266,6 +280,38 @@ class TrainConfig:
             math.isfinite(self.prior_loss_weight) and self.prior_loss_weight >= 0,
             f"--prior-loss-weight must be a finite number, 0 or more (got {self.prior_loss_weight})",
         )
+        need(self.reg_generate >= 0, f"--reg-generate must be 0 or more (got {self.reg_generate})")
+        need(
+            not self.reg_generate or (self.reg_data and self.class_prompt),
+            "--reg-generate draws class images into --reg-data from --class-prompt; give both",
+        )
+        tokens = [parse_token_spec(spec)[0] for spec in self.new_tokens]  # each spec checked
+        need(
+            len(set(tokens)) == len(tokens),
+            f"--new-token: a word is given twice ({', '.join(tokens)})",
+        )
+        need(
+            self.init_token is None or bool(self.new_tokens),
+            "--init-token starts new words; give them with --new-token",
+        )
+        need(
+            self.embedding_lr is None
+            or (math.isfinite(self.embedding_lr) and self.embedding_lr > 0),
+            f"--embedding-lr must be a positive number (got {self.embedding_lr})",
+        )
+        need(
+            self.embedding_only_steps >= 0,
+            f"--embedding-only-steps must be 0 or more (got {self.embedding_only_steps})",
+        )
+        need(
+            not self.embedding_only_steps or bool(self.new_tokens),
+            "--embedding-only-steps trains new words first; give them with --new-token",
+        )
+        need(
+            self.steps is None or self.embedding_only_steps < self.steps,
+            f"--embedding-only-steps {self.embedding_only_steps} leaves no step of the "
+            f"{self.steps} for the LoRA; give fewer",
+        )
         need(
             0 <= self.validation_split < 1,
             f"--validation-split must be in [0, 1) (got {self.validation_split})",
@@ -326,7 +372,12 @@ class TrainConfig:
     @property
     def caches_text(self) -> bool:
         """Text embeddings can be cached when the text encoder is frozen and captions fixed."""
-        return self.cache and not self.train_text_encoder and not self.shuffle_tags
+        return self.cache and not self.text_learns and not self.shuffle_tags
+
+    @property
+    def text_learns(self) -> bool:
+        """Something in the text encoder trains: its LoRA, or new words (pivotal tuning)."""
+        return self.train_text_encoder or bool(self.new_tokens)
 
     def settings(self) -> dict[str, Any]:
         """The settings that describe the adapter, as JSON-able values (for metadata)."""
@@ -342,11 +393,13 @@ def _normalise(values: dict[str, Any], source: str) -> dict[str, Any]:
         name = key.replace("-", "_")
         if name == "sample_prompt":
             name = "sample_prompts"
+        if name == "new_token":
+            name = "new_tokens"
         if name not in FIELD_NAMES:
             close = difflib.get_close_matches(name, FIELD_NAMES, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise SdloraError(f"{source}: unknown setting {key!r}{hint}")
-        if name == "sample_prompts" and isinstance(value, str):
+        if name in ("sample_prompts", "new_tokens") and isinstance(value, str):
             value = [value]
         out[name] = value
     return out

@@ -15,9 +15,28 @@ from sdlora.train.data import BatchPlan
 from sdlora.train.models import Models
 from sdlora.train.sample import sample_grid
 
+from sdlora.adapter import Adapter
+from sdlora.embeddings import save_embedding_files
 from sdlora.errors import SdloraError
 from sdlora.families import Family
 from sdlora.inject import collect_adapter
+
+EMBEDDINGS = "embeddings"  # OUTPUT/embeddings/<token>.safetensors: the new words on their own
+
+
+def trained_adapter(models: Models, meta: dict[str, str]) -> Adapter:
+    """The adapter so far, scale folded, with the run's new words (pivotal tuning) bundled."""
+    adapter = collect_adapter(models.injected, meta)
+    if models.words is not None:
+        adapter.embeddings = models.words.embeddings()
+    return adapter
+
+
+def save_words(output: Path, models: Models) -> list[Path]:
+    """The new words as separate embedding files in OUTPUT/embeddings/ (none: nothing)."""
+    if models.words is None:
+        return []
+    return save_embedding_files(models.words.embeddings(), output / EMBEDDINGS, overwrite=True)
 
 
 def save_checkpoint(
@@ -37,7 +56,9 @@ def save_checkpoint(
         key: {"down": w.down.detach().cpu(), "up": w.up.detach().cpu()}
         for key, w in models.injected.items()
     }
-    if not all(torch.isfinite(t).all() for factors in lora.values() for t in factors.values()):
+    words = models.words.state() if models.words is not None else {}
+    tensors = [t for factors in lora.values() for t in factors.values()] + list(words.values())
+    if not all(torch.isfinite(t).all() for t in tensors):
         raise SdloraError(
             f"the adapter's weights stopped being finite at step {step}; training stopped and "
             f"this step was not saved. {resume_hint(output)} Try a lower --lr, or "
@@ -46,11 +67,12 @@ def save_checkpoint(
     state = {
         "step": step,
         "lora": lora,
+        "embeddings": words,
         "optimizer": models.optimizer.state_dict(),
         "scheduler": models.lr_scheduler.state_dict(),
         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
     }
-    adapter = collect_adapter(models.injected, meta)
+    adapter = trained_adapter(models, meta)
     checkpoint.save(output, step, state, adapter, config.settings(), config.keep_last)
 
 
@@ -110,7 +132,7 @@ def adapter_metadata(
         version += "_v"
     meta = {
         "sdlora_training": json.dumps(settings, sort_keys=True),
-        "sdlora_trigger_words": json.dumps([config.trigger] if config.trigger else []),
+        "sdlora_trigger_words": json.dumps(trigger_words(config)),
         "sdlora_base_model": config.base,
         "sdlora_targets": json.dumps(targets),
         "ss_sd_model_name": Path(config.base).name,
@@ -137,6 +159,14 @@ def adapter_metadata(
         "sdlora_family": family.name,
     }
     return meta
+
+
+def trigger_words(config: TrainConfig) -> list[str]:
+    """--trigger and the new words, each once."""
+    words = ([config.trigger] if config.trigger else []) + [
+        spec.split(":")[0] for spec in config.new_tokens
+    ]
+    return list(dict.fromkeys(words))
 
 
 def peak_memory(device: torch.device) -> str:

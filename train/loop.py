@@ -23,7 +23,14 @@ from sdlora.train.condition import Conditioning
 from sdlora.train.config import TrainConfig
 from sdlora.train.data import MicroBatches, possible_captions, with_trigger
 from sdlora.train.encode import LatentCache, TextCache
-from sdlora.train.finish import adapter_metadata, peak_memory, save_checkpoint, save_samples
+from sdlora.train.finish import (
+    adapter_metadata,
+    peak_memory,
+    save_checkpoint,
+    save_samples,
+    save_words,
+    trained_adapter,
+)
 from sdlora.train.models import Models, load_models, restore
 from sdlora.train.prior import PriorImages
 from sdlora.train.progress import LossLog, Pace, open_tensorboard
@@ -42,7 +49,6 @@ from tqdm.auto import tqdm
 from sdlora.errors import SdloraError
 from sdlora.families import family_of_pipeline
 from sdlora.files import save_adapter
-from sdlora.inject import collect_adapter
 from sdlora.writing import WriteError
 
 logger = logging.getLogger(__name__)
@@ -126,7 +132,8 @@ def train(
         disable=not main,
         dynamic_ncols=True,
     )
-    unread = LossLog(accelerator, output, writer, progress)
+    lr_names = [group["name"] for group in models.optimizer.param_groups]
+    unread = LossLog(accelerator, output, writer, progress, lr_names)
 
     def metadata() -> dict[str, str]:
         return adapter_metadata(
@@ -141,7 +148,7 @@ def train(
         )
 
     def save_adapter_at(path: Path, extra: dict[str, str]) -> None:
-        save_adapter(collect_adapter(models.injected, metadata() | extra), path, overwrite=True)
+        save_adapter(trained_adapter(models, metadata() | extra), path, overwrite=True)
 
     # --- the loop: micro-batches until the last optimizer step
     first_step, started = step, time.perf_counter()
@@ -205,7 +212,9 @@ def train(
     accelerator.wait_for_everyone()
     if main:
         try:
-            save_adapter(collect_adapter(models.injected, metadata()), path, overwrite=True)
+            save_adapter(trained_adapter(models, metadata()), path, overwrite=True)
+            for file in save_words(output, models):
+                logger.info("new word's embedding: %s", file)
         except WriteError as err:  # a full disk at the very end: say where to resume from
             raise SdloraError(f"{err}. {resume_hint(output)}") from err
         if writer is not None:

@@ -21,6 +21,8 @@ from sdlora.train.condition import Conditioning
 from sdlora.train.config import RESUME_MUST_MATCH, TrainConfig
 from sdlora.train.data import BatchPlan, derived_seed
 from sdlora.train.encode import long_captions
+from sdlora.train.pivotal import NewWords, add_new_words
+from sdlora.train.prior import generate_missing
 from sdlora.train.speed import REGIONS, compile_options, compile_regions, speed_up, will_compile
 
 from sdlora.base import load_base
@@ -49,6 +51,7 @@ class Models:
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     weight_dtype: torch.dtype  # of the frozen UNet and text-encoder weights
+    words: NewWords | None = None  # new words trained with the adapter (pivotal tuning)
 
 
 def load_models(
@@ -67,6 +70,8 @@ def load_models(
         pipe = load_base(config.base, device=accelerator.device, config=config.base_config)
     else:
         pipe.to(accelerator.device)
+    if config.reg_generate:  # the base itself, before any cast or adapter
+        generate_missing(pipe, config, accelerator)
     if weight_dtype != torch.float32:
         # nn.Module.to: diffusers' own .to(dtype) warns about fp32 modules even when there are none
         torch.nn.Module.to(pipe.unet, dtype=weight_dtype)
@@ -101,6 +106,10 @@ def load_models(
             injected.update(add_trainable(te, component, te_targets, **lora_args))
             trained.append(te)
         targets[component] = list(te_targets)
+    words = add_new_words(pipe, config)
+    if words is not None and "text_encoder" not in trained_encoders:
+        trained.append(pipe.text_encoder)  # its new words learn
+        trained_encoders.append("text_encoder")
     if config.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         for te in trained[1:]:  # transformers 5 renamed gradient_checkpointing_enable
@@ -109,7 +118,7 @@ def load_models(
     compiling = will_compile(config.compile, device, total_steps, len(plan.by_bucket))
     fast = speed_up(pipe.unet, device, compile=False, buckets=len(plan.by_bucket))
 
-    optimizer = make_optimizer(config, injected, accelerator.device)
+    optimizer = make_optimizer(config, injected, accelerator.device, words)
     lr_scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer,
@@ -141,6 +150,7 @@ def load_models(
         optimizer,
         lr_scheduler,
         weight_dtype,
+        words,
     )
 
 
@@ -191,7 +201,7 @@ def fill_compile_cache(
         crops = torch.zeros((batch, 2), dtype=torch.long)
         kwargs = conditioning.unet_kwargs(text.expand(batch), weight_dtype, sizes, crops, (h, w))
         hidden = kwargs["encoder_hidden_states"].clone()
-        kwargs["encoder_hidden_states"] = hidden.requires_grad_(config.train_text_encoder)
+        kwargs["encoder_hidden_states"] = hidden.requires_grad_(config.text_learns)
         inputs.append((noisy.to(weight_dtype, memory_format=layout), timesteps, kwargs))
 
     def call_unet(noisy, timesteps, kwargs):  # as the prepared UNet runs, without its wrapper
@@ -232,20 +242,32 @@ def check_sides(pipe, plan: BatchPlan) -> None:
 
 
 def make_optimizer(
-    config: TrainConfig, injected: dict[str, LoRAWeights], device: torch.device
+    config: TrainConfig,
+    injected: dict[str, LoRAWeights],
+    device: torch.device,
+    words: NewWords | None = None,
 ) -> torch.optim.Optimizer:
     """AdamW (fused on CUDA) or bitsandbytes' 8-bit AdamW, one learning rate per model:
     --lr for the UNet, --text-encoder-lr for the (first) text encoder, --text-encoder-2-lr for
-    SDXL's second one (None: --text-encoder-lr)."""
+    SDXL's second one (None: --text-encoder-lr), --embedding-lr for new words (pivotal.py; no
+    weight decay)."""
     te_lr = config.lr if config.text_encoder_lr is None else config.text_encoder_lr
     te2_lr = te_lr if config.text_encoder_2_lr is None else config.text_encoder_2_lr
-    # kohya key prefixes: lora_te_ (SD 1.x/2.x), lora_te1_ and lora_te2_ (SDXL)
-    rates = {"lora_unet_": config.lr, "lora_te_": te_lr, "lora_te1_": te_lr, "lora_te2_": te2_lr}
+    # kohya key prefix -> (group name, as TensorBoard shows its rate under lr/, rate)
+    rates = {
+        "lora_unet_": ("unet", config.lr),
+        "lora_te_": ("text_encoder", te_lr),
+        "lora_te1_": ("text_encoder", te_lr),
+        "lora_te2_": ("text_encoder_2", te2_lr),
+    }
     groups = []
-    for prefix, lr in rates.items():
+    for prefix, (name, lr) in rates.items():
         params = [p for k, w in injected.items() if k.startswith(prefix) for p in (w.down, w.up)]
         if params or prefix == "lora_unet_":
-            groups.append({"params": params, "lr": lr})
+            groups.append({"params": params, "lr": lr, "name": name})
+    if words is not None:
+        lr = config.lr if config.embedding_lr is None else config.embedding_lr
+        groups.append({"params": [words.parameter], "lr": lr, "weight_decay": 0.0, "name": "words"})
     if config.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -277,6 +299,8 @@ def restore(path: Path, config: TrainConfig, models: Models, accelerator: Accele
         for key, weights in models.injected.items():
             weights.down.copy_(state["lora"][key]["down"])
             weights.up.copy_(state["lora"][key]["up"])
+    if models.words is not None:
+        models.words.load_state(state.get("embeddings", {}), str(path))
     models.optimizer.load_state_dict(state["optimizer"])
     models.lr_scheduler.load_state_dict(state["scheduler"])
     if accelerator.scaler is not None and state.get("scaler"):

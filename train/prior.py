@@ -10,10 +10,16 @@ instance + prior_loss_weight × prior, each the mean over its half (train/step.p
 
 A class image's caption: its .txt or metadata.jsonl entry, else --class-prompt, else the name
 of its `N_class` folder (kohya's rule), else its file name.
+
+With --reg-generate N, a folder holding fewer than N class images is filled up before training
+with images the base itself draws from --class-prompt (`generate_missing`): image i is
+`sdlora-generated/class-<i>.png`, drawn with a seed derived from i at the base's recommended
+settings and written whole or not at all, so a second run finds them and draws nothing.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,12 +31,17 @@ from sdlora.train.data import (
     ImageItem,
     derived_seed,
     discover,
+    find_image_files,
     load_rgb,
     size_ids,
     to_bucket_cropped,
 )
 
 from sdlora.errors import SdloraError
+from sdlora.generate import SCHEDULERS, GenerateSettings, generate, save_png
+
+GENERATED = "sdlora-generated"  # the subfolder of --reg-data holding class images the base drew
+logger = logging.getLogger(__name__)
 
 
 class PriorImages:
@@ -106,3 +117,45 @@ def class_caption(item: ImageItem, folder: Path, class_prompt: str | None) -> st
         if match:
             return match.group(2).replace("_", " ")
     return item.caption
+
+
+def generate_missing(pipe, config: TrainConfig, accelerator) -> int:
+    """Draw class images with the base `pipe` until --reg-data holds --reg-generate of them;
+    return how many were drawn (see the module docstring). The main process draws, the
+    others wait."""
+    folder = Path(config.reg_data)
+    if folder.exists() and not folder.is_dir():
+        raise SdloraError(f"--reg-data {folder} is a file; give a folder of class images")
+    have = len(find_image_files(folder).images) if folder.is_dir() else 0
+    missing = max(0, config.reg_generate - have)
+    if missing and accelerator.is_main_process:
+        out = folder / GENERATED
+        out.mkdir(parents=True, exist_ok=True)
+        todo = [i for i in range(config.reg_generate) if not class_image(out, i).exists()]
+        todo = todo[:missing]
+        logger.info(
+            "drawing %d class image(s) of %r with the base into %s",
+            len(todo),
+            config.class_prompt,
+            out,
+        )
+        scheduler = pipe.scheduler  # generate() may switch it; the run's stays as it was
+        name = next((n for n, c in SCHEDULERS.items() if type(scheduler) is c), "pndm")
+        try:
+            for i in todo:
+                settings = GenerateSettings(
+                    prompt=config.class_prompt,
+                    seed=derived_seed(config.seed, "class image", i),
+                    scheduler=name,
+                )
+                (image,) = generate(pipe, settings)
+                save_png(image, class_image(out, i), settings)
+        finally:
+            pipe.scheduler = scheduler
+    accelerator.wait_for_everyone()
+    return len(todo) if missing and accelerator.is_main_process else 0
+
+
+def class_image(folder: Path, index: int) -> Path:
+    """Where generated class image `index` lives."""
+    return folder / f"class-{index:05d}.png"

@@ -15,11 +15,6 @@ from sdlora.errors import SdloraError
 logger = logging.getLogger(__name__)
 
 
-# the optimizer's parameter groups, in order (models.make_optimizer): SD 1.x/2.x have one text
-# encoder, SDXL two
-LR_NAMES = ("unet", "text_encoder", "text_encoder_2")
-
-
 class LossLog:
     """Losses of the steps since the last read, kept on the device until `read()` fetches them.
 
@@ -27,13 +22,16 @@ class LossLog:
     each step (a debug line per step, TensorBoard, the progress bar).
     """
 
-    def __init__(self, accelerator: Accelerator, output: Path, writer, progress):
+    def __init__(
+        self, accelerator: Accelerator, output: Path, writer, progress, lr_names: list[str]
+    ):
         self.accelerator, self.output, self.writer, self.progress = (
             accelerator,
             output,
             writer,
             progress,
         )
+        self.lr_names = lr_names  # of the optimizer's parameter groups: "unet", "text_encoder"...
         self.steps: list[int] = []
         self.losses: list[torch.Tensor] = []  # () each, on the device
         self.lrs: list[list[float]] = []
@@ -62,7 +60,7 @@ class LossLog:
             logger.debug("step %d: loss %.6f, lr %.3g", step, loss, lrs[0])
             if self.writer is not None:
                 self.writer.add_scalar("loss", loss, step)
-                for name, group_lr in zip(LR_NAMES, lrs, strict=False):
+                for name, group_lr in zip(self.lr_names, lrs, strict=True):
                     self.writer.add_scalar(f"lr/{name}", group_lr, step)
         self.progress.set_postfix(
             loss=f"{losses[-1]:.4f}", lr=f"{self.lrs[-1][0]:.2e}", img_s=f"{rate:.1f}", **self.shown

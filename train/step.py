@@ -17,6 +17,7 @@ from sdlora.train.data import derived_seed
 from sdlora.train.encode import LatentCache, TextCache, encode_pixels
 from sdlora.train.prior import PriorImages
 
+from sdlora.embeddings import TokenEmbedding
 from sdlora.errors import SdloraError
 
 
@@ -49,6 +50,10 @@ class TrainStep:
         self.unet, self.trained = unet, trained
         self.noise_scheduler, self.optimizer = noise_scheduler, optimizer
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        # the adapter's factors, apart from new words' vectors (pivotal tuning, pivotal.py)
+        words = pipe.text_encoder.get_input_embeddings()
+        words = words.vectors if isinstance(words, TokenEmbedding) else None
+        self.lora_params = [p for p in self.params if p is not words]
         self.weight_dtype = weight_dtype
         self.latent_cache, self.text_cache = latent_cache, text_cache
         self.prior = prior  # class images beside each batch (prior preservation), or None
@@ -113,7 +118,7 @@ class TrainStep:
             if self.text_cache is not None:
                 text = self.text_cache.get(captions, device)
             else:
-                with torch.set_grad_enabled(config.train_text_encoder), accelerator.autocast():
+                with torch.set_grad_enabled(config.text_learns), accelerator.autocast():
                     text = self.conditioning.encode(captions, device)
             condition = self.conditioning.unet_kwargs(text, self.weight_dtype, sizes, crops, target)
             # 6. predict
@@ -146,8 +151,13 @@ class TrainStep:
                     loss = per_image.mean()
             else:
                 loss = F.mse_loss(pred.float(), target.float())
-            # 9. backward, clip, update (accelerate skips the update between accumulation steps)
+            # 9. backward, clip, update (accelerate skips the update between accumulation steps);
+            #    in the first --embedding-only-steps only new words learn: AdamW skips
+            #    parameters without a gradient, their moments included
             accelerator.backward(loss)
+            if k // config.grad_accum < config.embedding_only_steps:
+                for p in self.lora_params:
+                    p.grad = None
             if accelerator.sync_gradients and config.max_grad_norm:
                 accelerator.clip_grad_norm_(self.params, config.max_grad_norm)
             self.optimizer.step()
