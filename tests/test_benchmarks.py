@@ -108,3 +108,27 @@ def test_unfused_benchmark_times_every_configuration(tmp_path):
         assert min(r["step_ms"], r["cpu_ms"], r["fastest_ms"]) > 0, r
         assert math.isfinite(r["over_bare"] + r["fastest_over_bare"]), r
         assert r["met"] is None, r  # a smoke run claims no target
+
+
+def test_sdxl_benchmark_smoke_measures_every_run(tmp_path):
+    out = tmp_path / "sdxl.json"
+    run = subprocess.run(
+        [sys.executable, "benchmarks/sdxl.py", "--smoke", "--steps", "3", "--batches", "1"]
+        + ["--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert set(result["runs"]) == {"ours 1", "reference 1", "ours 1 checkpointed"}
+    rows = {r["name"]: r for r in result["rows"]}
+    for name in (
+        "reference img/s, batch 1",
+        "sdlora img/s, batch 1 (compiled)",
+        "sdlora img/s, 24 GiB setting (batch 1, checkpointing)",
+        "sdlora peak memory, 24 GiB setting",
+    ):
+        assert rows[name]["value"] > 0, rows[name]
+    assert all(r["met"] is None for r in result["rows"])  # no target judged on the CPU

@@ -44,12 +44,15 @@ def test_class_captions_and_the_draw_follow_kohya_and_the_seed(shapes, class_ima
         settings(shapes, tmp_path / "o", reg_data=str(class_images), class_prompt="a dog")
     )
     assert {c for _, c in with_prompt.images} == {"a dog", "a photo of a brown dog"}
-    pixels, captions = prior.draw(3, (64, 64), 2)
+    drawn = prior.draw(3, (64, 64), 2)
+    pixels, captions = drawn.pixels, drawn.captions
     assert pixels.shape == (2, 3, 64, 64) and -1 <= pixels.min() and pixels.max() <= 1
-    again, same = prior.draw(3, (64, 64), 2)
-    assert torch.equal(pixels, again) and captions == same  # the same micro-batch, the same draw
+    again = prior.draw(3, (64, 64), 2)
+    assert (
+        torch.equal(pixels, again.pixels) and captions == again.captions
+    )  # the same micro-batch, the same draw
     # one cycle hands out every image as often as its repeats say
-    cycle = [prior.draw(k, (64, 64), 1)[1][0] for k in range(5)]
+    cycle = [prior.draw(k, (64, 64), 1).captions[0] for k in range(5)]
     assert sorted(cycle) == sorted(["dog"] * 2 + ["a photo of a brown dog"] * 2 + ["img 2"])
     with pytest.raises(SdloraError, match="--reg-data"):
         PriorImages.find(settings(shapes, tmp_path / "o", reg_data=str(tmp_path / "none")))

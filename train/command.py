@@ -139,7 +139,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--train-text-encoder",
         action=on_off,
-        help="also train a LoRA on the text encoder (default: off)",
+        help="also train a LoRA on the text encoder (SDXL: on both) (default: off)",
     )
     g.add_argument(
         "--text-encoder-targets",
@@ -163,7 +163,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--resolution",
         type=int,
-        help=f"about RESOLUTION² pixels per image, a multiple of 64 up to 2048 (default: {D.resolution})",
+        help="about RESOLUTION² pixels per image, a multiple of 64 up to 2048 (default: the "
+        "base's own size: SD 1.x 512, SD 2.x 768 or 512, SDXL 1024, built-in bases 64)",
     )
     g.add_argument(
         "--buckets", action=on_off, help="aspect-ratio buckets so nothing is squashed (default: on)"
@@ -204,7 +205,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, help=f"learning rate (default: {D.lr})")
     g.add_argument(
-        "--text-encoder-lr", type=float, help="text-encoder learning rate (default: --lr)"
+        "--text-encoder-lr",
+        type=float,
+        help="text-encoder learning rate, SDXL: of both encoders (default: --lr)",
+    )
+    g.add_argument(
+        "--text-encoder-2-lr",
+        type=float,
+        help="SDXL: learning rate of the second text encoder, OpenCLIP-bigG "
+        "(default: --text-encoder-lr)",
     )
     g.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, help=f"(default: {D.lr_scheduler})")
     g.add_argument("--warmup-steps", type=int, help=f"LR warm-up steps (default: {D.warmup_steps})")

@@ -103,7 +103,9 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
 
     # --- data ---
-    resolution: int = 512  # about resolution² pixels per image; a multiple of 64
+    # about resolution² pixels per image, a multiple of 64; None: the size the base was made for
+    # (SD 1.x 512, SD 2.x 768 or 512, SDXL 1024, built-in bases 64; see setup.base_resolution)
+    resolution: int | None = None
     buckets: bool = True  # aspect-ratio buckets, so nothing is squashed; False: square crops
     crop: str = "center"  # center or random crop into the bucket
     flip: bool = False  # random horizontal flip (turns latent caching off)
@@ -119,7 +121,8 @@ class TrainConfig:
 
     # --- optimisation ---
     lr: float = 1e-4  # UNet LoRA learning rate
-    text_encoder_lr: float | None = None  # None: same as lr
+    text_encoder_lr: float | None = None  # None: same as lr (SDXL: both text encoders)
+    text_encoder_2_lr: float | None = None  # SDXL's second (OpenCLIP-bigG); None: text_encoder_lr
     lr_scheduler: str = "constant"  # one of LR_SCHEDULERS
     warmup_steps: int = 0
     optimizer: str = "adamw"  # adamw (fused on CUDA) or adamw8bit (needs bitsandbytes)
@@ -218,7 +221,8 @@ class TrainConfig:
         need(self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})")
         need(self.grad_accum >= 1, f"--grad-accum must be at least 1 (got {self.grad_accum})")
         need(
-            SIDE_MULTIPLE <= self.resolution <= MAX_RESOLUTION
+            self.resolution is None
+            or SIDE_MULTIPLE <= self.resolution <= MAX_RESOLUTION
             and self.resolution % SIDE_MULTIPLE == 0,
             f"--resolution must be a multiple of {SIDE_MULTIPLE} from {SIDE_MULTIPLE} to "
             f"{MAX_RESOLUTION} (e.g. 512); got {self.resolution}",
@@ -237,6 +241,10 @@ class TrainConfig:
         need(
             self.text_encoder_lr is None or self.text_encoder_lr >= 0,
             f"--text-encoder-lr must be 0 or more (got {self.text_encoder_lr})",
+        )
+        need(
+            self.text_encoder_2_lr is None or self.text_encoder_2_lr >= 0,
+            f"--text-encoder-2-lr must be 0 or more (got {self.text_encoder_2_lr})",
         )
         need(
             self.lr_scheduler in LR_SCHEDULERS,

@@ -299,24 +299,54 @@ def enlarged_items(items: list[ImageItem], factor: float = ENLARGE_WARNING) -> l
     return [item for item in items if enlargement(item) >= factor]
 
 
+def placement(
+    size: tuple[int, int], bucket: tuple[int, int], crop: str, rng: random.Random | None
+) -> tuple[tuple[int, int], int, int]:
+    """(scaled (width, height), left, top): the image scaled to cover the bucket, and where the
+    bucket's window sits in it (center, or drawn from `rng` for a random crop)."""
+    width, height = bucket
+    scale = max(width / size[0], height / size[1])
+    scaled = (max(width, round(size[0] * scale)), max(height, round(size[1] * scale)))
+    if crop == "random" and rng is not None:
+        left, top = rng.randint(0, scaled[0] - width), rng.randint(0, scaled[1] - height)
+    else:
+        left, top = (scaled[0] - width) // 2, (scaled[1] - height) // 2
+    return scaled, left, top
+
+
 def to_bucket(
     img: Image.Image, bucket: tuple[int, int], crop: str, flip: bool, rng: random.Random | None
 ) -> torch.Tensor:
     """Resize to cover the bucket, crop, maybe flip; return (3, H, W) in [-1, 1]."""
+    return to_bucket_cropped(img, bucket, crop, flip, rng)[0]
+
+
+def to_bucket_cropped(
+    img: Image.Image, bucket: tuple[int, int], crop: str, flip: bool, rng: random.Random | None
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """`to_bucket`, and the (top, left) of the crop in the scaled image as the pixels show it:
+    mirrored when the image was flipped (SDXL's crop conditioning, train/condition.py)."""
     width, height = bucket
-    scale = max(width / img.width, height / img.height)
-    size = (max(width, round(img.width * scale)), max(height, round(img.height * scale)))
+    size, left, top = placement(img.size, bucket, crop, rng)
     if size != img.size:
         img = img.resize(size, Image.Resampling.LANCZOS)
-    if crop == "random" and rng is not None:
-        left, top = rng.randint(0, size[0] - width), rng.randint(0, size[1] - height)
-    else:
-        left, top = (size[0] - width) // 2, (size[1] - height) // 2
     img = img.crop((left, top, left + width, top + height))
     if flip and rng is not None and rng.random() < 0.5:
         img = ImageOps.mirror(img)
+        left = size[0] - width - left
     pixels = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())  # (H, W, 3) in 0..255
-    return pixels.permute(2, 0, 1) / 127.5 - 1.0
+    return pixels.permute(2, 0, 1) / 127.5 - 1.0, (top, left)
+
+
+def size_ids(item: ImageItem) -> tuple[int, int]:
+    """(height, width) of the image before scaling: SDXL's "original size" condition."""
+    return item.size[1], item.size[0]
+
+
+def center_crop(item: ImageItem) -> tuple[int, int]:
+    """(top, left) of a center crop into the item's bucket, without reading the image."""
+    _, left, top = placement(item.size, item.bucket, "center", None)
+    return top, left
 
 
 # ---------------------------------------------------------------- discovery
@@ -448,7 +478,8 @@ class BatchPlan:
 class MicroBatches(torch.utils.data.Dataset):
     """Map-style view of the plan for a DataLoader: index k -> micro-batch k.
 
-    Returns {"indices": (B,) item indices, "captions": [str] * B, "pixels": (B, 3, H, W) or None}.
+    Returns {"indices": (B,) item indices, "captions": [str] * B, "pixels": (B, 3, H, W) or None,
+    "sizes": (B, 2) original (height, width), "crops": (B, 2) (top, left) of each crop}.
     Pixels are left out when latents come from the cache.
     """
 
@@ -465,12 +496,28 @@ class MicroBatches(torch.utils.data.Dataset):
         captions = [draw_caption(item, self.config, rng) for item in items]
         pixels = None
         if self.with_pixels:
-            pixels = torch.stack([self.pixels(item, rng) for item in items])
-        return {"indices": torch.tensor(indices), "captions": captions, "pixels": pixels}
+            loaded = [self.cropped(item, rng) for item in items]
+            pixels = torch.stack([p for p, _ in loaded])
+            crops = [crop for _, crop in loaded]
+        else:  # cached latents: center crops, no flips
+            crops = [center_crop(item) for item in items]
+        return {
+            "indices": torch.tensor(indices),
+            "captions": captions,
+            "pixels": pixels,
+            "sizes": torch.tensor([size_ids(item) for item in items]),
+            "crops": torch.tensor(crops),
+        }
 
     def pixels(self, item: ImageItem, rng: random.Random | None) -> torch.Tensor:
+        return self.cropped(item, rng)[0]
+
+    def cropped(
+        self, item: ImageItem, rng: random.Random | None
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(3, H, W) pixels of `item` in its bucket and the (top, left) of the crop."""
         try:
             img = load_rgb(item.path)
         except (OSError, ValueError, SyntaxError) as err:
             raise SdloraError(f"{item.path}: could not be read any more ({err})") from None
-        return to_bucket(img, item.bucket, self.config.crop, self.config.flip, rng)
+        return to_bucket_cropped(img, item.bucket, self.config.crop, self.config.flip, rng)

@@ -1,5 +1,7 @@
 """From pixels and captions to what the UNet takes: VAE latents and text embeddings, with caches.
 
+Captions are encoded by the family's `Conditioning` (train/condition.py).
+
 Cached latents are drawn from the VAE's posterior with a generator seeded per image, so a cache
 rebuilt after a resume holds exactly the same latents as the first one. Caches live on the GPU
 when they fit in `GPU_CACHE_BYTES` (then a step copies nothing from the host), else on the CPU.
@@ -8,10 +10,9 @@ when they fit in `GPU_CACHE_BYTES` (then a step copies nothing from the host), e
 from __future__ import annotations
 
 import torch
+from sdlora.train.condition import Conditioning, Text
 from sdlora.train.data import BatchPlan, ImageItem, MicroBatches, derived_seed, with_trigger
 from tqdm.auto import tqdm
-
-from sdlora.embeddings import expand_prompt
 
 GPU_CACHE_BYTES = 2 * 2**30  # caches up to this size stay on the GPU
 
@@ -19,18 +20,6 @@ GPU_CACHE_BYTES = 2 * 2**30  # caches up to this size stay on the GPU
 def cache_device(device: torch.device, nbytes: int) -> torch.device:
     """Where a cache of `nbytes` lives: the accelerator if it fits the budget, else the CPU."""
     return device if device.type != "cpu" and nbytes <= GPU_CACHE_BYTES else torch.device("cpu")
-
-
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    """(B, 77) token ids, padded and truncated to the tokenizer's length, as SD 1.x trains;
-    multi-vector new words spelled out as the pipeline spells them (`expand_prompt`)."""
-    return tokenizer(
-        [expand_prompt(tokenizer, caption) for caption in captions],
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
 
 
 def long_captions(tokenizer, items: list[ImageItem], trigger: str | None) -> str | None:
@@ -47,11 +36,6 @@ def long_captions(tokenizer, items: list[ImageItem], trigger: str | None) -> str
         f"{len(long)} caption(s) are longer than the text encoder's {limit} tokens and will be "
         f"cut (first: {item.path.name}, {n} tokens); shorten them to keep their end"
     )
-
-
-def encode_text(tokenizer, text_encoder, captions: list[str], device: torch.device) -> torch.Tensor:
-    """(B, 77, D) last hidden state of the text encoder: the UNet's cross-attention input."""
-    return text_encoder(tokenize(tokenizer, captions).to(device))[0]
 
 
 def encode_pixels(vae, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -76,7 +60,10 @@ class LatentCache:
         for index, item in enumerate(plan.items):
             by_bucket.setdefault(item.bucket, []).append(index)
         bar = tqdm(total=len(plan.items), desc="caching latents", disable=not show_progress)
-        for indices in by_bucket.values():
+        for (width, height), indices in by_bucket.items():
+            # the fp32 VAE's activations grow with the pixels: at most chunk × 512² at once
+            # (SDXL at 1024 px: 2 images; 8 took 20 GiB more than a training step)
+            chunk = max(1, chunk * 512 * 512 // (width * height))
             for start in range(0, len(indices), chunk):
                 part = indices[start : start + chunk]
                 pixels = torch.stack([dataset.pixels(plan.items[i], None) for i in part])
@@ -97,19 +84,24 @@ class LatentCache:
 
 
 class TextCache:
-    """Caption -> (77, D) embedding, for every caption a draw can give."""
+    """Caption -> its `Text` (hidden states (77, D), SDXL: and pooled (P,)), for every caption a
+    draw can give."""
 
     def __init__(
-        self, tokenizer, text_encoder, captions: list[str], device: torch.device, chunk: int = 32
+        self, conditioning: Conditioning, captions: list[str], device: torch.device, chunk: int = 32
     ):
-        self.embeddings: dict[str, torch.Tensor] = {}
-        size = text_encoder.dtype.itemsize * tokenizer.model_max_length
-        home = cache_device(device, len(captions) * size * text_encoder.config.hidden_size)
+        self.embeddings: dict[str, Text] = {}
+        probe = conditioning.encode(captions[:1], device)
+        per_caption = sum(
+            t.element_size() * t[0].numel() for t in (probe.hidden, probe.pooled) if t is not None
+        )
+        home = cache_device(device, len(captions) * per_caption)
         for start in range(0, len(captions), chunk):
             part = captions[start : start + chunk]
-            encoded = encode_text(tokenizer, text_encoder, part, device)
-            for caption, embedding in zip(part, encoded, strict=True):
-                self.embeddings[caption] = embedding.to(home)
+            encoded = conditioning.encode(part, device)
+            for row, caption in enumerate(part):
+                pooled = None if encoded.pooled is None else encoded.pooled[row].to(home)
+                self.embeddings[caption] = Text(encoded.hidden[row].to(home), pooled)
 
-    def get(self, captions: list[str], device: torch.device) -> torch.Tensor:
-        return torch.stack([self.embeddings[c] for c in captions]).to(device, non_blocking=True)
+    def get(self, captions: list[str], device: torch.device) -> Text:
+        return Text.stack([self.embeddings[c] for c in captions]).to(device)

@@ -18,6 +18,7 @@ from sdlora.train.sample import sample_grid
 from sdlora.adapter import Adapter
 from sdlora.embeddings import save_embedding_files
 from sdlora.errors import SdloraError
+from sdlora.families import Family
 from sdlora.inject import collect_adapter
 
 EMBEDDINGS = "embeddings"  # OUTPUT/embeddings/<token>.safetensors: the new words on their own
@@ -116,11 +117,19 @@ def adapter_metadata(
     total_steps: int,
     targets: dict[str, list[str]],
     accelerator: Accelerator,
+    family: Family,
+    prediction_type: str,
 ) -> dict[str, str]:
-    """Training settings, trigger words, base and targets, plus the kohya `ss_*` keys that apply."""
+    """Training settings, trigger words, base and targets, plus the kohya `ss_*` keys that apply.
+
+    kohya's `ss_base_model_version` is the family's (sd_v1, sd_v2, sdxl_base_v1-0), with "_v"
+    after SD 1.x/2.x versions trained for v-prediction (sd_v2_v), as kohya writes it."""
     settings = config.settings()
     settings.update(steps_done=step, total_steps=total_steps)
     te_lr = config.text_encoder_lr if config.text_encoder_lr is not None else config.lr
+    version = family.base_model_version
+    if prediction_type == "v_prediction" and version.startswith("sd_v"):
+        version += "_v"
     meta = {
         "sdlora_training": json.dumps(settings, sort_keys=True),
         "sdlora_trigger_words": json.dumps(trigger_words(config)),
@@ -145,6 +154,9 @@ def adapter_metadata(
         "ss_network_dropout": str(config.dropout),
         "ss_noise_offset": str(config.noise_offset),
         "ss_min_snr_gamma": str(config.min_snr_gamma),
+        "ss_base_model_version": version,
+        "ss_v2": str(family.name == "sd2"),
+        "sdlora_family": family.name,
     }
     return meta
 

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from diffusers.optimization import get_scheduler
 from sdlora.train import checkpoint, precompile
+from sdlora.train.condition import Conditioning
 from sdlora.train.config import RESUME_MUST_MATCH, TrainConfig
 from sdlora.train.data import BatchPlan, derived_seed
 from sdlora.train.encode import long_captions
@@ -26,6 +27,7 @@ from sdlora.train.speed import REGIONS, compile_options, compile_regions, speed_
 
 from sdlora.base import load_base
 from sdlora.errors import SdloraError
+from sdlora.families import family_of_pipeline
 from sdlora.inject import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_trainable, target_names
 from sdlora.layer import LoRAWeights
 
@@ -38,12 +40,14 @@ ADAPTER_NAME = "training"  # the adapter's name inside each LoRALayer while trai
 class Models:
     """A run's models, as the loop uses them."""
 
-    pipe: StableDiffusionPipeline  # the base, with the adapter injected (for sampling)
+    pipe: DiffusionPipeline  # the base, with the adapter injected (for sampling)
     injected: dict[str, LoRAWeights]  # kohya module key -> the trainable factors
-    targets: dict[str, list[str]]  # "unet" / "text_encoder" -> module names adapted
+    targets: dict[str, list[str]]  # "unet" / "text_encoder" / "text_encoder_2" -> modules adapted
     trained: list[torch.nn.Module]  # the models whose adapter learns (train/eval mode)
     unet: torch.nn.Module  # as accelerate prepared it
-    text_encoder: torch.nn.Module
+    prepared: list[torch.nn.Module]  # `trained`, as accelerate prepared them (UNet first)
+    # every text encoder of the family by pipeline attribute; the trained ones as prepared
+    text_encoders: dict[str, torch.nn.Module]
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     weight_dtype: torch.dtype  # of the frozen UNet and text-encoder weights
@@ -55,7 +59,7 @@ def load_models(
     accelerator: Accelerator,
     plan: BatchPlan,
     total_steps: int,
-    pipe: StableDiffusionPipeline | None = None,
+    pipe: DiffusionPipeline | None = None,
 ) -> Models:
     """Load the base (or take `pipe`), inject the adapter, build optimizer and schedule."""
     main = accelerator.is_main_process
@@ -71,7 +75,8 @@ def load_models(
     if weight_dtype != torch.float32:
         # nn.Module.to: diffusers' own .to(dtype) warns about fp32 modules even when there are none
         torch.nn.Module.to(pipe.unet, dtype=weight_dtype)
-        pipe.text_encoder.to(dtype=weight_dtype)
+        for component in text_encoder_names(pipe):
+            getattr(pipe, component).to(dtype=weight_dtype)
     check_sides(pipe, plan)
     too_long = long_captions(pipe.tokenizer, plan.items, config.trigger)
     if too_long and main:
@@ -90,20 +95,24 @@ def load_models(
     )
     unet_targets = target_names(config.targets, UNET_TARGETS)
     injected = add_trainable(pipe.unet, "unet", unet_targets, **lora_args)
-    te_targets = ()
     trained = [pipe.unet]
-    if config.train_text_encoder:
-        te_targets = target_names(config.text_encoder_targets, TEXT_ENCODER_TARGETS)
-        injected.update(add_trainable(pipe.text_encoder, "text_encoder", te_targets, **lora_args))
-        trained.append(pipe.text_encoder)
-    targets = {"unet": list(unet_targets), "text_encoder": list(te_targets)}
+    targets = {"unet": list(unet_targets)}
+    trained_encoders = text_encoder_names(pipe) if config.train_text_encoder else []
+    for component in text_encoder_names(pipe):
+        te_targets = ()
+        if component in trained_encoders:
+            te_targets = target_names(config.text_encoder_targets, TEXT_ENCODER_TARGETS)
+            te = getattr(pipe, component)
+            injected.update(add_trainable(te, component, te_targets, **lora_args))
+            trained.append(te)
+        targets[component] = list(te_targets)
     words = add_new_words(pipe, config)
-    if words is not None and not config.train_text_encoder:
+    if words is not None and "text_encoder" not in trained_encoders:
         trained.append(pipe.text_encoder)  # its new words learn
+        trained_encoders.append("text_encoder")
     if config.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-        if config.train_text_encoder:
-            te = pipe.text_encoder  # transformers 5 renamed gradient_checkpointing_enable
+        for te in trained[1:]:  # transformers 5 renamed gradient_checkpointing_enable
             getattr(te, "activation_checkpointing_enable", te.gradient_checkpointing_enable)()
     device = accelerator.device
     compiling = will_compile(config.compile, device, total_steps, len(plan.by_bucket))
@@ -118,7 +127,8 @@ def load_models(
     )
     prepared = accelerator.prepare(*trained, optimizer)
     unet, optimizer = prepared[0], prepared[-1]
-    text_encoder = prepared[1] if config.text_learns else pipe.text_encoder
+    text_encoders = {name: getattr(pipe, name) for name in text_encoder_names(pipe)}
+    text_encoders.update(zip(trained_encoders, prepared[1:-1], strict=True))
     if compiling:
         # CUDA graphs reuse their output memory every step, so gradients must not accumulate
         graphs = config.grad_accum == 1
@@ -135,12 +145,18 @@ def load_models(
         targets,
         trained,
         unet,
-        text_encoder,
+        list(prepared[:-1]),
+        text_encoders,
         optimizer,
         lr_scheduler,
         weight_dtype,
         words,
     )
+
+
+def text_encoder_names(pipe) -> list[str]:
+    """The pipeline attributes of the base's text encoders, as its family lists them."""
+    return [te.component for te in family_of_pipeline(pipe).text_encoders]
 
 
 def use_compile_workers(config: TrainConfig, device: torch.device) -> bool:
@@ -172,21 +188,25 @@ def fill_compile_cache(
     channels_last = bare.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     factor = pipe.vae_scale_factor
-    tokens = pipe.tokenizer.model_max_length
-    width = pipe.text_encoder.config.hidden_size
+    conditioning = Conditioning.of(pipe)
+    with torch.no_grad():  # real text embeddings have the shapes and dtype a step sees
+        text = conditioning.encode([""], device)
     generator = torch.Generator(device).manual_seed(0)  # its own: the training RNG is untouched
     inputs = []
     for batch, w, h in batch_shapes(plan):
         latent = (batch, bare.config.in_channels, h // factor, w // factor)
         noisy = torch.randn(latent, generator=generator, device=device)
         timesteps = torch.randint(0, 1000, (batch,), generator=generator, device=device)
-        condition = torch.randn((batch, tokens, width), generator=generator, device=device)
-        condition = condition.to(weight_dtype).requires_grad_(config.text_learns)
-        inputs.append((noisy.to(weight_dtype, memory_format=layout), timesteps, condition))
+        sizes = torch.tensor([[h, w]] * batch)
+        crops = torch.zeros((batch, 2), dtype=torch.long)
+        kwargs = conditioning.unet_kwargs(text.expand(batch), weight_dtype, sizes, crops, (h, w))
+        hidden = kwargs["encoder_hidden_states"].clone()
+        kwargs["encoder_hidden_states"] = hidden.requires_grad_(config.text_learns)
+        inputs.append((noisy.to(weight_dtype, memory_format=layout), timesteps, kwargs))
 
-    def call_unet(*args):  # as the prepared UNet runs, without its multi-process wrapper
+    def call_unet(noisy, timesteps, kwargs):  # as the prepared UNet runs, without its wrapper
         with accelerator.autocast():
-            return bare(*args).sample
+            return bare(noisy, timesteps, **kwargs).sample
 
     jobs = precompile.record_calls(bare, call_unet, inputs, REGIONS)
     adapter = precompile.Adapter(
@@ -227,17 +247,27 @@ def make_optimizer(
     device: torch.device,
     words: NewWords | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA) or bitsandbytes' 8-bit AdamW; UNet, text-encoder and new-word LR
-    apart (the new words without weight decay, see pivotal.py)."""
-    unet = [p for k, w in injected.items() if k.startswith("lora_unet_") for p in (w.down, w.up)]
-    text = [p for k, w in injected.items() if k.startswith("lora_te_") for p in (w.down, w.up)]
-    groups = [{"params": unet, "lr": config.lr}]
-    if text:
-        te_lr = config.lr if config.text_encoder_lr is None else config.text_encoder_lr
-        groups.append({"params": text, "lr": te_lr})
+    """AdamW (fused on CUDA) or bitsandbytes' 8-bit AdamW, one learning rate per model:
+    --lr for the UNet, --text-encoder-lr for the (first) text encoder, --text-encoder-2-lr for
+    SDXL's second one (None: --text-encoder-lr), --embedding-lr for new words (pivotal.py; no
+    weight decay)."""
+    te_lr = config.lr if config.text_encoder_lr is None else config.text_encoder_lr
+    te2_lr = te_lr if config.text_encoder_2_lr is None else config.text_encoder_2_lr
+    # kohya key prefix -> (group name, as TensorBoard shows its rate under lr/, rate)
+    rates = {
+        "lora_unet_": ("unet", config.lr),
+        "lora_te_": ("text_encoder", te_lr),
+        "lora_te1_": ("text_encoder", te_lr),
+        "lora_te2_": ("text_encoder_2", te2_lr),
+    }
+    groups = []
+    for prefix, (name, lr) in rates.items():
+        params = [p for k, w in injected.items() if k.startswith(prefix) for p in (w.down, w.up)]
+        if params or prefix == "lora_unet_":
+            groups.append({"params": params, "lr": lr, "name": name})
     if words is not None:
         lr = config.lr if config.embedding_lr is None else config.embedding_lr
-        groups.append({"params": [words.parameter], "lr": lr, "weight_decay": 0.0})
+        groups.append({"params": [words.parameter], "lr": lr, "weight_decay": 0.0, "name": "words"})
     if config.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb

@@ -98,13 +98,13 @@ def region_names(unet: nn.Module, regions: tuple[str, ...]) -> list[str]:
 def record_calls(
     unet: nn.Module,
     call_unet,
-    inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    inputs: list[tuple],
     regions: tuple[str, ...],
 ) -> list[dict]:
     """What each region receives, for each set of UNet inputs (one per bucket shape).
 
-    `unet` is the bare UNet (its submodules are hooked); `call_unet(noisy, timesteps, condition)`
-    runs it as the training step does (prepared by accelerate: same autocast, same wrapper).
+    `unet` is the bare UNet (its submodules are hooked); `call_unet(*args)` for each `args` in
+    `inputs` (noisy latents, timesteps, conditioning) runs it as the training step does (prepared by accelerate: same autocast, same wrapper).
     Returns one job per distinct graph: {"regions": [names], "args": [...], "kwargs": {...}}.
     """
     calls: list[tuple[str, dict]] = []
@@ -116,8 +116,8 @@ def record_calls(
 
         hooks.append(unet.get_submodule(name).register_forward_pre_hook(pre, with_kwargs=True))
     try:
-        for noisy, timesteps, condition in inputs:
-            out = call_unet(noisy, timesteps, condition)
+        for args in inputs:
+            out = call_unet(*args)
             del out  # no backward: nothing reaches the adapter's gradients
     finally:
         for hook in hooks:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -33,7 +33,8 @@ from sdlora.train.data import (
     discover,
     find_image_files,
     load_rgb,
-    to_bucket,
+    size_ids,
+    to_bucket_cropped,
 )
 
 from sdlora.errors import SdloraError
@@ -79,16 +80,30 @@ class PriorImages:
             self._cycle = (cycle, order)
         return self._cycle[1]
 
-    def draw(self, k: int, bucket: tuple[int, int], count: int) -> tuple[torch.Tensor, list[str]]:
-        """(count, 3, H, W) pixels in [-1, 1] and captions of the class images for micro-batch k."""
-        pixels, captions = [], []
+    def draw(self, k: int, bucket: tuple[int, int], count: int) -> Drawn:
+        """The `count` class images of micro-batch k, center-cropped into `bucket`."""
+        pixels, captions, sizes, crops = [], [], [], []
         for j in range(count):
             position = (k * self.world + self.rank) * count + j
             cycle, offset = divmod(position, len(self.order))
             item, caption = self.images[self.cycle_order(cycle)[offset]]
-            pixels.append(to_bucket(load_rgb(item.path), bucket, "center", False, None))
+            image, crop = to_bucket_cropped(load_rgb(item.path), bucket, "center", False, None)
+            pixels.append(image)
             captions.append(caption)
-        return torch.stack(pixels), captions
+            sizes.append(size_ids(item))
+            crops.append(crop)
+        return Drawn(torch.stack(pixels), captions, torch.tensor(sizes), torch.tensor(crops))
+
+
+@dataclass
+class Drawn:
+    """Class images for one micro-batch: (B, 3, H, W) pixels in [-1, 1], captions, and each
+    image's original (height, width) and crop (top, left) for SDXL's size ids."""
+
+    pixels: torch.Tensor
+    captions: list[str]
+    sizes: torch.Tensor  # (B, 2)
+    crops: torch.Tensor  # (B, 2)
 
 
 def class_caption(item: ImageItem, folder: Path, class_prompt: str | None) -> str:

@@ -22,13 +22,16 @@ class LossLog:
     each step (a debug line per step, TensorBoard, the progress bar).
     """
 
-    def __init__(self, accelerator: Accelerator, output: Path, writer, progress):
+    def __init__(
+        self, accelerator: Accelerator, output: Path, writer, progress, lr_names: list[str]
+    ):
         self.accelerator, self.output, self.writer, self.progress = (
             accelerator,
             output,
             writer,
             progress,
         )
+        self.lr_names = lr_names  # of the optimizer's parameter groups: "unet", "text_encoder"...
         self.steps: list[int] = []
         self.losses: list[torch.Tensor] = []  # () each, on the device
         self.lrs: list[list[float]] = []
@@ -57,8 +60,8 @@ class LossLog:
             logger.debug("step %d: loss %.6f, lr %.3g", step, loss, lrs[0])
             if self.writer is not None:
                 self.writer.add_scalar("loss", loss, step)
-                for i, group_lr in enumerate(lrs):
-                    self.writer.add_scalar(f"lr/{['unet', 'text_encoder'][i]}", group_lr, step)
+                for name, group_lr in zip(self.lr_names, lrs, strict=True):
+                    self.writer.add_scalar(f"lr/{name}", group_lr, step)
         self.progress.set_postfix(
             loss=f"{losses[-1]:.4f}", lr=f"{self.lrs[-1][0]:.2e}", img_s=f"{rate:.1f}", **self.shown
         )

@@ -19,6 +19,7 @@ from sdlora.train.config import DEFAULT_STEPS, TrainConfig
 from sdlora.train.data import ENLARGE_WARNING, BatchPlan, ImageItem, discover, enlarged_items
 from sdlora.train.validate import split_items
 
+from sdlora.base import BUILTIN, is_hub_id
 from sdlora.errors import SdloraError
 
 logger = logging.getLogger(__name__)
@@ -169,3 +170,89 @@ def check_output(config: TrainConfig) -> Path | None:
 def default_workers() -> int:
     """Image-loading processes: half the CPU cores (the other half feed the GPU), 1 to 8."""
     return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+def base_resolution(config: TrainConfig, pipe=None) -> int:
+    """--resolution's default: the image side the base was made for, read without loading it.
+
+    A loaded `pipe`, a built-in base and a diffusers folder or cached Hub id say it in their
+    UNet and VAE configs (sample size × VAE factor: SD 1.5 512, SD 2.1 768, SDXL 1024); a single
+    file says its family in its keys (SDXL 1024, SD 1.x 512, SD 2.x from --base-config's UNet,
+    else 768). Anything else: 512, the SD default.
+    """
+    from sdlora.families import SD2, SDXL, family_of_single_file
+    from sdlora.recommend import native_size, training_start
+
+    if pipe is not None:
+        return native_size(pipe)
+    if config.base in BUILTIN:
+        return training_start(config.base).resolution
+    path = Path(config.base)
+    if path.is_dir():
+        return folder_resolution(path) or SD_RESOLUTION
+    if path.is_file():
+        family = single_file_family(path, family_of_single_file)
+        if family is SDXL:
+            return 1024
+        if family is SD2:
+            described = config_folder(config.base_config)
+            return (folder_resolution(described) if described else None) or 768
+        return SD_RESOLUTION
+    if is_hub_id(config.base):
+        return folder_resolution(hub_configs(config.base)) or SD_RESOLUTION
+    return SD_RESOLUTION
+
+
+SD_RESOLUTION = 512
+
+
+def folder_resolution(folder: Path | None) -> int | None:
+    """UNet sample size × VAE scale factor from a diffusers folder's configs, if both read."""
+    import json
+
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def single_file_family(path: Path, family_of_single_file):
+    """The family a single-file checkpoint's key names say, from its header only."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return family_of_single_file(f.keys())
+    except Exception:  # not safetensors (or damaged): load_base reports it properly
+        return None
+
+
+def config_folder(base_config: str | None) -> Path | None:
+    """--base-config as a local folder (a Hub id: its cached configs), if any."""
+    if not base_config:
+        return None
+    if Path(base_config).is_dir():
+        return Path(base_config)
+    return hub_configs(base_config) if is_hub_id(base_config) else None
+
+
+def hub_configs(repo_id: str) -> Path | None:
+    """The folder holding a Hub model's unet/ and vae/ configs: from the cache, else (online)
+    fetched, two small files; None when neither works (load_base then says why)."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "unet/config.json")
+    if isinstance(found, str) and isinstance(
+        try_to_load_from_cache(repo_id, "vae/config.json"), str
+    ):
+        return Path(found).parent.parent
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return None
+    try:
+        for name in ("unet/config.json", "vae/config.json"):
+            found = hf_hub_download(repo_id, name)
+        return Path(found).parent.parent
+    except Exception:  # no network, no such model, a login needed: load_base reports it
+        return None

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers.training_utils import compute_snr
+from sdlora.train.condition import Conditioning
 from sdlora.train.config import TrainConfig
 from sdlora.train.data import derived_seed
-from sdlora.train.encode import LatentCache, TextCache, encode_pixels, encode_text
+from sdlora.train.encode import LatentCache, TextCache, encode_pixels
 from sdlora.train.prior import PriorImages
 
 from sdlora.embeddings import TokenEmbedding
@@ -23,9 +24,10 @@ from sdlora.errors import SdloraError
 class TrainStep:
     """A micro-step of LoRA training: encode, noise, predict, loss, backward, optimizer step.
 
-    `trained` are the models whose LoRA factors learn (the UNet, and the text encoder when it
-    trains), as returned by `accelerator.prepare`. With a latent / text cache the VAE / text
-    encoder are skipped; without one they run every step.
+    `trained` are the models whose LoRA factors learn (the UNet, and the text encoders when they
+    train), as returned by `accelerator.prepare`; `conditioning` runs the family's text
+    encoders (train/condition.py). With a latent / text cache the VAE / text encoders are
+    skipped; without one they run every step.
     """
 
     def __init__(
@@ -34,7 +36,8 @@ class TrainStep:
         accelerator: Accelerator,
         pipe,
         unet: torch.nn.Module,
-        text_encoder: torch.nn.Module,
+        trained: list[torch.nn.Module],
+        conditioning: Conditioning,
         noise_scheduler,
         optimizer: torch.optim.Optimizer,
         weight_dtype: torch.dtype,
@@ -43,9 +46,8 @@ class TrainStep:
         prior: PriorImages | None = None,
     ):
         self.config, self.accelerator = config, accelerator
-        self.vae, self.tokenizer = pipe.vae, pipe.tokenizer
-        self.unet, self.text_encoder = unet, text_encoder
-        self.trained = [unet, text_encoder] if config.text_learns else [unet]
+        self.vae, self.conditioning = pipe.vae, conditioning
+        self.unet, self.trained = unet, trained
         self.noise_scheduler, self.optimizer = noise_scheduler, optimizer
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         # the adapter's factors, apart from new words' vectors (pivotal tuning, pivotal.py)
@@ -85,15 +87,17 @@ class TrainStep:
                 with torch.no_grad(), bf16:
                     latents = encode_pixels(self.vae, batch["pixels"], generator)
             captions = list(batch["captions"])
+            sizes, crops = batch["sizes"], batch["crops"]  # (B, 2) each, for SDXL's size ids
+            f = self.vae_scale_factor
+            target = (latents.shape[2] * f, latents.shape[3] * f)  # the bucket (height, width)
             if self.prior is not None:  # B class images in the same bucket: (2B, 4, h, w)
-                f = self.vae_scale_factor
-                bucket = (latents.shape[3] * f, latents.shape[2] * f)
-                pixels, prior_captions = self.prior.draw(k, bucket, latents.shape[0])
+                drawn = self.prior.draw(k, (target[1], target[0]), latents.shape[0])
                 bf16 = torch.autocast(device.type, torch.bfloat16, enabled=self.vae_in_bf16)
                 with torch.no_grad(), bf16:
-                    prior_latents = encode_pixels(self.vae, pixels, generator)
+                    prior_latents = encode_pixels(self.vae, drawn.pixels, generator)
                 latents = torch.cat([latents, prior_latents.to(latents.device)])
-                captions += prior_captions
+                captions += drawn.captions
+                sizes, crops = torch.cat([sizes, drawn.sizes]), torch.cat([crops, drawn.crops])
             # 2. noise, plus an optional per-channel offset (B, C, 1, 1)
             noise = torch.randn(latents.shape, generator=generator, device=device)
             if config.noise_offset:
@@ -109,15 +113,17 @@ class TrainStep:
             )
             # 4. forward diffusion: x_t = sqrt(ᾱ_t)·x_0 + sqrt(1-ᾱ_t)·ε
             noisy = scheduler.add_noise(latents, noise, timesteps)
-            # 5. condition: text embeddings (B, 77, D)
+            # 5. condition: text embeddings (B, 77, D); SDXL also pooled text (B, 1280) and
+            #    size ids (B, 6) = original (h, w), crop (top, left), bucket (h, w)
             if self.text_cache is not None:
-                condition = self.text_cache.get(captions, device)
+                text = self.text_cache.get(captions, device)
             else:
                 with torch.set_grad_enabled(config.text_learns), accelerator.autocast():
-                    condition = encode_text(self.tokenizer, self.text_encoder, captions, device)
+                    text = self.conditioning.encode(captions, device)
+            condition = self.conditioning.unet_kwargs(text, self.weight_dtype, sizes, crops, target)
             # 6. predict
             noisy = noisy.to(self.weight_dtype, memory_format=self.memory_format)
-            pred = self.unet(noisy, timesteps, condition.to(self.weight_dtype)).sample
+            pred = self.unet(noisy, timesteps, **condition).sample
             # 7. target by prediction type
             if self.prediction_type == "epsilon":
                 target = noise

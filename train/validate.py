@@ -14,9 +14,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from sdlora.train.condition import Conditioning
 from sdlora.train.config import TrainConfig
-from sdlora.train.data import ImageItem, derived_seed, load_rgb, to_bucket, with_trigger
-from sdlora.train.encode import encode_pixels, encode_text
+from sdlora.train.data import (
+    ImageItem,
+    derived_seed,
+    load_rgb,
+    size_ids,
+    to_bucket_cropped,
+    with_trigger,
+)
+from sdlora.train.encode import encode_pixels
 
 from sdlora.errors import SdloraError
 
@@ -49,26 +57,31 @@ class Validation:
     latents: list[torch.Tensor]  # (4, h, w) fp32 each
     captions: list[str]
     seed: int
+    sizes: list[tuple[int, int]]  # original (height, width) of each image (SDXL's size ids)
+    crops: list[tuple[int, int]]  # (top, left) of its center crop
+    scale: int  # pixels per latent pixel (the VAE's factor)
 
     @classmethod
     def encode(cls, items: list[ImageItem], vae, config: TrainConfig) -> Validation:
         """Encode the held-out images once (center crop into their bucket, no flip)."""
-        latents = []
+        latents, crops = [], []
         with torch.no_grad():
             for index, item in enumerate(items):
-                pixels = to_bucket(load_rgb(item.path), item.bucket, "center", False, None)
+                image = load_rgb(item.path)
+                pixels, crop = to_bucket_cropped(image, item.bucket, "center", False, None)
+                crops.append(crop)
                 generator = torch.Generator(vae.device).manual_seed(
                     derived_seed(config.seed, "validation latent", index)
                 )
                 latents.append(encode_pixels(vae, pixels[None], generator)[0])
         captions = [with_trigger(item.caption, config.trigger) for item in items]
-        return cls(latents, captions, config.seed)
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        return cls(latents, captions, config.seed, [size_ids(i) for i in items], crops, scale)
 
     def loss(
         self,
         unet,
-        text_encoder,
-        tokenizer,
+        conditioning: Conditioning,
         scheduler,
         prediction_type: str,
         weight_dtype: torch.dtype,
@@ -81,7 +94,12 @@ class Validation:
                 zip(self.latents, self.captions, strict=True)
             ):
                 device = latent.device
-                condition = encode_text(tokenizer, text_encoder, [caption], device)
+                text = conditioning.encode([caption], device).expand(len(TIMESTEPS))
+                repeat = len(TIMESTEPS)
+                sizes = torch.tensor([self.sizes[index]] * repeat)
+                crops = torch.tensor([self.crops[index]] * repeat)
+                target = (latent.shape[1] * self.scale, latent.shape[2] * self.scale)
+                condition = conditioning.unet_kwargs(text, weight_dtype, sizes, crops, target)
                 x0 = latent[None].expand(len(TIMESTEPS), -1, -1, -1)
                 timesteps = torch.tensor(TIMESTEPS, device=device)
                 generator = torch.Generator(device).manual_seed(
@@ -90,8 +108,7 @@ class Validation:
                 noise = torch.randn(x0.shape, generator=generator, device=device)
                 noisy = scheduler.add_noise(x0, noise, timesteps)
                 noisy = noisy.to(weight_dtype, memory_format=memory_format)
-                cond = condition.expand(len(TIMESTEPS), -1, -1).to(weight_dtype)
-                pred = unet(noisy, timesteps, cond).sample
+                pred = unet(noisy, timesteps, **condition).sample
                 if prediction_type == "v_prediction":
                     target = scheduler.get_velocity(x0, noise, timesteps)
                 else:
@@ -123,7 +140,8 @@ class Validator:
         validates) under the run's autocast, with compiled regions run eagerly.
         """
         unet = accelerator.unwrap_model(models.unet)
-        text_encoder = accelerator.unwrap_model(models.text_encoder)
+        encoders = {k: accelerator.unwrap_model(m) for k, m in models.text_encoders.items()}
+        conditioning = Conditioning.of(models.pipe, encoders)
         channels_last = unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
         memory = torch.channels_last if channels_last else torch.contiguous_format
         for model in models.trained:
@@ -131,8 +149,7 @@ class Validator:
         with accelerator.autocast(), eager():
             loss = self.validation.loss(
                 unet,
-                text_encoder,
-                models.pipe.tokenizer,
+                conditioning,
                 scheduler,
                 self.prediction_type,
                 models.weight_dtype,
