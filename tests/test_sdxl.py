@@ -185,6 +185,28 @@ def test_mixer_on_tiny_xl_equals_the_trained_adapter(tmp_path, xl_inputs):
     assert_same_outputs(pipe, base, xl_inputs)
 
 
+def test_ui_mix_merge_on_tiny_xl_writes_kohya_names_and_equals_the_blend(tmp_path, xl_inputs):
+    """The web UI's "save the mix as one LoRA" keeps SDXL's SGM names, and the file is exact."""
+    from sdlora.files import save_adapter
+    from sdlora.formats import load_adapter
+    from sdlora.ui.merge import merge_exact
+
+    a, _ = make_xl_adapter(tmp_path / "a.safetensors", seed=1)
+    b, _ = make_xl_adapter(tmp_path / "b.safetensors", seed=2)
+    live = tiny_xl()
+    mixer = Mixer(live)
+    mixer.add(a, strength=0.7)
+    mixer.add(b, strength=0.4)
+    items = [("a", load_adapter(a), 0.7), ("b", load_adapter(b), 0.4)]
+    merged = merge_exact(items, mixer.models)
+    assert set(merged.modules) == set(load_adapter(a).modules)
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in merged.modules
+    save_adapter(merged, tmp_path / "mix.safetensors")
+    ours = tiny_xl()
+    Mixer(ours).add(tmp_path / "mix.safetensors")
+    assert_same_outputs(ours, live, xl_inputs)
+
+
 def test_generate_cli_on_tiny_xl(tmp_path):
     import json
 

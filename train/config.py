@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from sdlora.base import BUILTIN
 from sdlora.embeddings import parse_token_spec
 from sdlora.errors import SdloraError
 from sdlora.layer import NONLINEARITIES
@@ -82,7 +83,7 @@ class TrainConfig:
     data_dir: str = ""  # folder of images, searched recursively
     output: str = ""  # folder for the adapter, checkpoints/, samples/ and logs/
     name: str | None = None  # adapter file name; None: the data folder's name
-    base: str = "toy"  # "toy", "tiny", "tiny-v2", a diffusers model folder, a single file, a Hub id
+    base: str = "toy"  # built-in (sdlora.base.BUILTIN), a diffusers folder, a single file, a Hub id
     base_config: str | None = None  # diffusers folder describing a single-file base
 
     # --- the adapter ---
@@ -442,7 +443,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         value = values.get(key)
         if (
             isinstance(value, str)
-            and value not in ("toy", "tiny", "tiny-v2", "latest")
+            and value not in (*BUILTIN, "latest")
             and (folder / value).exists()
         ):
             values[key] = os.path.normpath(folder / value)

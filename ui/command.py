@@ -26,8 +26,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--base",
         default="toy",
-        help="base model: 'toy' (built in, pretrained), 'tiny' / 'tiny-v2' (built in, random "
-        "weights, SD 1.x / SD 2.x shaped), a diffusers model folder, a single .safetensors "
+        help="base model: 'toy' (built in, pretrained), 'tiny' / 'tiny-v2' / 'tiny-xl' (built "
+        "in, random weights, SD 1.x / SD 2.x / SDXL shaped), a diffusers model folder, a single .safetensors "
         "checkpoint, or a Hub id such as stabilityai/stable-diffusion-2-1 (default: %(default)s)",
     )
     p.add_argument(

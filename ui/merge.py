@@ -2,7 +2,8 @@
 
 Σ_i s_i·B_i·A_i = [B_1 … B_n]·[s_1·A_1; …; s_n·A_n], so the merged file at strength 1.0 equals
 the live blend exactly (fp32), at the price of rank = the sum of the ranks. Keys are rebuilt from
-the module each file resolves to in the base, so old and new spellings of a key never collide.
+the module each file resolves to in the base, in the base family's own layout (kohya's SGM
+block names for SDXL), so old and new spellings of a key never collide.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import torch
 from torch import nn
 
-from sdlora.adapter import Adapter, ModuleFactors, flat_name, resolve
+from sdlora.adapter import Adapter, ModuleFactors, module_keys, resolve
 from sdlora.errors import SdloraError
 from sdlora.merge import cap_rank
 
@@ -30,12 +31,14 @@ def merge_exact(
     if not adapters:
         raise SdloraError("the mix is empty; enable at least one adapter to merge")
     parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    # the key each module has in the base family's own layout (SGM block names for SDXL)
+    keys = {component: module_keys(model, component) for component, model in models.items()}
     for name, adapter, strength in adapters:
         resolved, _ = resolve(adapter, models)
         for (component, path), factors in resolved.items():
             down = factors.down.float() * (strength * factors.scale)  # (r, in[, kh, kw])
             up = factors.up.float()  # (out, r[, 1, 1])
-            key = flat_name(component, path)
+            key = keys[component][path]
             if parts.get(key) and parts[key][0][0].shape[1:] != down.shape[1:]:
                 raise SdloraError(f"{name}: {key} has a different shape than in the other adapters")
             parts.setdefault(key, []).append((down, up))
