@@ -53,6 +53,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 from diffusers import DDPMScheduler  # noqa: E402
 from sdlora.train import TrainConfig, train  # noqa: E402
+from sdlora.train.condition import Conditioning  # noqa: E402
 from sdlora.train.data import discover  # noqa: E402
 from sdlora.train.validate import Validation, split_items  # noqa: E402
 
@@ -172,8 +173,9 @@ class Judge:
 
     def measure(self) -> dict:
         pipe = self.pipe
+        conditioning = Conditioning.of(pipe)  # built per call: the Mixer may have wrapped it
         loss = self.validation.loss(
-            pipe.unet, pipe.text_encoder, pipe.tokenizer, self.scheduler, "epsilon", torch.float32
+            pipe.unet, conditioning, self.scheduler, "epsilon", torch.float32
         )
         styled = draw(pipe, self.data.prompts)
         plain = draw(pipe, PLAIN_PROMPTS)

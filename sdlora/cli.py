@@ -39,11 +39,12 @@ def add_base_args(p: argparse.ArgumentParser) -> None:
         "--lora",
         action="append",
         default=[],
-        metavar="FILE[:STRENGTH][@NAME]",
+        metavar="FILE[:STRENGTH][@NAME][@BLOCKS]",
         help="adapter to blend in, repeatable; STRENGTH defaults to 1.0 (0 = base, 1 = as "
         "trained); NAME (default: the file name without .safetensors) is how PNG metadata and "
         "--sweep labels call it. Two files of one name (a/style, b/style) are told apart by "
-        "their folders",
+        "their folders. BLOCKS: per-block strengths, e.g. IN=0,MID=1,OUT=0.5 or a LoRA Block "
+        "Weight vector of 17/26 (SDXL: 12/20) numbers; kept in the PNG's parameters as :lbw=",
     )
     p.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
@@ -51,7 +52,7 @@ def add_base_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_mix(args: argparse.Namespace, dtype=None):
-    """Load the base and blend every --lora; return (pipe, mixer)."""
+    """Load the base and blend every --lora; return (pipe, mixer, {name: per-block strengths})."""
     import torch
 
     from .base import load_base
@@ -66,7 +67,8 @@ def load_mix(args: argparse.Namespace, dtype=None):
     mixer = Mixer(pipe)
     for spec, name in zip(specs, names, strict=True):
         mixer.add(spec.path, name=name, strength=spec.strength, blocks=spec.blocks)
-    return pipe, mixer
+    blocks = {name: spec.blocks for spec, name in zip(specs, names, strict=True) if spec.blocks}
+    return pipe, mixer, blocks
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -100,8 +102,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         num_images=args.num_images,
     )
     check_numbers(settings)  # before the base loads
-    pipe, mixer = load_mix(args, dtype=dtype)
-    settings.adapters = mixer.strengths()
+    pipe, mixer, blocks = load_mix(args, dtype=dtype)
+    settings.adapters, settings.blocks = mixer.strengths(), blocks
     if sweep:
         print(sweep_grid(pipe, mixer, settings, sweep, out))
         return 0
@@ -160,7 +162,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     parse_dtype(args.dtype)
     check_out(args.out, folder=args.format == "diffusers", overwrite=args.overwrite)
     args.device = args.device or "cpu"
-    pipe, _ = load_mix(args)
+    pipe, _, _ = load_mix(args)
     if args.format == "diffusers":
         out = export_diffusers(pipe, args.out, args.dtype, overwrite=args.overwrite)
     else:

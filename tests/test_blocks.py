@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -147,6 +149,8 @@ def test_the_command_line_takes_block_strengths_after_an_at(adapter_path, tmp_pa
     pixels = {n: np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("base", "off", "on")}
     assert np.array_equal(pixels["base"], pixels["off"])
     assert not np.array_equal(pixels["base"], pixels["on"])
+    name = Path(adapter_path).stem  # the PNG's A1111 record keeps the blocks
+    assert f"<lora:{name}:1:lbw=OUT=2>" in Image.open(tmp_path / "on.png").text["parameters"]
 
 
 def test_merge_honours_block_strengths(adapter_path, tmp_path):

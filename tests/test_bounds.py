@@ -119,7 +119,11 @@ def test_absurd_repeat_count_in_a_folder_name_is_refused(tmp_path, capsys):
     folder.mkdir(parents=True)
     Image.new("RGB", (64, 64), "red").save(folder / "a.png")
     with pytest.raises(SdloraError, match="asks for 99999999999999999999 repeats; use at most"):
-        discover(TrainConfig(data_dir=str(tmp_path / "data"), output=str(tmp_path / "out")))
+        discover(
+            TrainConfig(
+                data_dir=str(tmp_path / "data"), output=str(tmp_path / "out"), resolution=64
+            )
+        )
     args = ["train", str(tmp_path / "data"), "--output", str(tmp_path / "out"), "--base", "tiny"]
     one_line_error(capsys, args, "99999999999999999999_style: the folder name asks for")
     assert not (tmp_path / "out" / "data.safetensors").exists()
@@ -133,5 +137,9 @@ def test_repeat_error_names_the_folder_that_asks_not_a_subfolder(tmp_path):
     folder.mkdir(parents=True)
     Image.new("RGB", (64, 64), "red").save(folder / "a.png")
     with pytest.raises(SdloraError) as err:
-        discover(TrainConfig(data_dir=str(tmp_path / "data"), output=str(tmp_path / "out")))
+        discover(
+            TrainConfig(
+                data_dir=str(tmp_path / "data"), output=str(tmp_path / "out"), resolution=64
+            )
+        )
     assert str(err.value).startswith(f"{tmp_path / 'data' / '20000_style'}: the folder name asks")

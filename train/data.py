@@ -359,7 +359,10 @@ def discover(
     warnings about data that is not used as it is (one sentence per kind, with a first example).
 
     Raises SdloraError when the folder is missing, holds no image, or no readable one.
+    `config.resolution` must be set (`train()` fills a None from the base: setup.base_resolution).
     """
+    if config.resolution is None:
+        raise SdloraError("the training resolution is not set; give --resolution (e.g. 512)")
     data_dir = Path(config.data_dir)
     if not data_dir.is_dir():
         raise SdloraError(f"{data_dir}: no such folder; give the folder of training images")
