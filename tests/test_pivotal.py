@@ -139,3 +139,12 @@ def test_sd2_words_train_save_and_reload(shapes, tmp_path):  # noqa: F811
     fresh = load_base("tiny-v2")
     Mixer(fresh).add(config.adapter_path)
     torch.testing.assert_close(draw(fresh), draw(pipe), atol=1e-5, rtol=0)
+
+
+def test_words_on_sdxl_are_refused_before_any_step(shapes, tmp_path):  # noqa: F811
+    """SDXL has two text encoders; a word trained in one only would be half a word."""
+    config = word_settings(shapes, tmp_path / "xl", base="tiny-xl", init_token=None)
+    with pytest.raises(SdloraError, match="on SDXL .* not supported yet") as err:
+        train(config)
+    assert "\n" not in str(err.value)
+    assert not config.adapter_path.exists()

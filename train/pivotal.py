@@ -86,6 +86,11 @@ def add_new_words(pipe, config: TrainConfig) -> NewWords | None:
     if not config.new_tokens:
         return None
     counts = parse_new_tokens(config.new_tokens)
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: a word needs both encoders
+        raise SdloraError(
+            "--new-token: pivotal tuning trains the one text encoder of SD 1.x / 2.x bases; "
+            "on SDXL (two text encoders) it is not supported yet, so leave --new-token out"
+        )
     tokenizer = pipe.tokenizer
     if config.init_token is not None:
         single_token_id(tokenizer, config.init_token)  # one-line error before any work
