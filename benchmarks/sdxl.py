@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
-    EulerDiscreteScheduler,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -47,9 +46,17 @@ from sdlora.train.loop import train
 
 from benchmarks.reference import ReferenceLoopXL
 from benchmarks.sd15 import device_info
-from benchmarks.training import RUN_STEPS, Timing, peak_gib, reset_memory, sync, write_images
+from benchmarks.training import (
+    RUN_STEPS,
+    Timing,
+    peak_gib,
+    reset_memory,
+    sync,
+    time_loop,
+    write_images,
+)
 from sdlora.base import load_base
-from sdlora.tiny import SCHEDULER_XL_CONFIG, make_tokenizer
+from sdlora.tiny import make_tokenizer, xl_pipeline
 
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
 UNET_CONFIG = dict(
@@ -137,19 +144,9 @@ def build_pipeline(smoke: bool, device: torch.device) -> StableDiffusionXLPipeli
         vae = AutoencoderKL(**VAE_CONFIG)
         text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIGS[0], **ids))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_CONFIGS[1], **ids))
-    pipe = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=make_tokenizer(),
-        unet=unet,
-        scheduler=EulerDiscreteScheduler.from_config(SCHEDULER_XL_CONFIG),
-        add_watermarker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = xl_pipeline(unet, vae, text_encoder, text_encoder_2, tokenizer)
     for model in (unet, vae, text_encoder, text_encoder_2):
-        model.eval().requires_grad_(False)
+        model.requires_grad_(False)
     return pipe
 
 
@@ -202,25 +199,12 @@ def time_ours(
 
 def time_reference(smoke: bool, device: torch.device, batch: int, steps: int) -> Timing:
     """The diffusers SDXL example's set-up and loop for `steps` steps, timed like `time_ours`."""
-    warm = max(2, steps // 3)
     pipe = build_pipeline(smoke, device)
     reset_memory(device)
     start = time.perf_counter()
     resolution = 64 if smoke else RESOLUTION
     loop = ReferenceLoopXL(pipe, batch, resolution, "no" if smoke else "bf16")
-    marks = {}
-    for step in range(1, steps + 1):
-        loop.step()
-        if step in (1, warm, steps):
-            sync(device)
-            marks[step] = time.perf_counter()
-    timing = Timing(
-        first_step_s=marks[1] - start,
-        step_s=(marks[steps] - marks[warm]) / (steps - warm),
-        finish_s=0.0,
-        peak_gib=peak_gib(device),
-        batch=batch,
-    )
+    timing = time_loop(loop.step, steps, start, device, batch)
     del loop, pipe
     return timing
 

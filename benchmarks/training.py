@@ -133,28 +133,34 @@ def time_ours(
     return timing
 
 
-def time_reference(smoke: bool, device: torch.device, batch: int, steps: int) -> Timing:
-    """The diffusers example's set-up and loop for `steps` steps, timed like `time_ours`."""
+def time_loop(step, steps: int, start: float, device: torch.device, batch: int) -> Timing:
+    """Call `step()` `steps` times and time it like `time_ours`: the first step from `start`
+    (set-up included), the steady step over the last two thirds; syncs only at those marks."""
     warm = max(2, steps // 3)
-    pipe = build_pipeline(smoke, device, torch.float32)
-    reset_memory(device)
-    start = time.perf_counter()
-    loop = ReferenceLoop(
-        pipe, batch, 64 if smoke else 512, mixed_precision="no" if smoke else "bf16"
-    )
     marks = {}
-    for step in range(1, steps + 1):
-        loop.step()
-        if step in (1, warm, steps):
+    for k in range(1, steps + 1):
+        step()
+        if k in (1, warm, steps):
             sync(device)
-            marks[step] = time.perf_counter()
-    timing = Timing(
+            marks[k] = time.perf_counter()
+    return Timing(
         first_step_s=marks[1] - start,
         step_s=(marks[steps] - marks[warm]) / (steps - warm),
         finish_s=0.0,
         peak_gib=peak_gib(device),
         batch=batch,
     )
+
+
+def time_reference(smoke: bool, device: torch.device, batch: int, steps: int) -> Timing:
+    """The diffusers example's set-up and loop for `steps` steps, timed like `time_ours`."""
+    pipe = build_pipeline(smoke, device, torch.float32)
+    reset_memory(device)
+    start = time.perf_counter()
+    loop = ReferenceLoop(
+        pipe, batch, 64 if smoke else 512, mixed_precision="no" if smoke else "bf16"
+    )
+    timing = time_loop(loop.step, steps, start, device, batch)
     del loop, pipe
     return timing
 

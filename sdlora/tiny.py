@@ -222,6 +222,12 @@ def build_tiny_xl_pipeline(seed: int = SEED) -> StableDiffusionXLPipeline:
         text_encoder_2 = CLIPTextModelWithProjection(
             text_encoder_config(tokenizer, TEXT_XL_WIDTHS[1], "gelu")
         )
+    return xl_pipeline(unet, vae, text_encoder, text_encoder_2, tokenizer)
+
+
+def xl_pipeline(unet, vae, text_encoder, text_encoder_2, tokenizer) -> StableDiffusionXLPipeline:
+    """An SDXL pipeline of these models in eval mode: the project's tokenizer for the second
+    encoder, SDXL base's Euler scheduler, no watermarker, no progress bar."""
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,

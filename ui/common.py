@@ -72,6 +72,16 @@ def waiting(text: str) -> str:
     return f'<span class="sd-wait">{_inline(text)}</span>'
 
 
+def queued(engine) -> str:
+    """What a model job shows at once when queued: what it waits for, if anything."""
+    busy = engine.doing
+    return waiting(
+        f"Waiting for the model: it is busy {busy} (jobs that use it run one at a time)…"
+        if busy
+        else "Starting…"
+    )
+
+
 def failed(text: str) -> str:
     """An error for a status line, in the UI's words (see `in_ui_words`)."""
     return f'<span class="sd-error">⚠ {_inline(in_ui_words(text))}</span>'

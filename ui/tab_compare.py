@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 from sdlora.ui import handlers as h
-from sdlora.ui.common import FREE, JOB, on, reporter, status_line, sync_mix, waiting
+from sdlora.ui.common import FREE, JOB, on, queued, reporter, status_line, sync_mix, waiting
 from sdlora.ui.state import Session
 from sdlora.ui.tab_mix import NO_SECOND, MixTab, result_html
 
@@ -99,12 +99,7 @@ def wire(ctx: h.Context, tab: CompareTab, session: gr.State, mix: MixTab) -> Non
 
     def before_job(session: Session) -> str:
         session.interrupted = False
-        busy = ctx.engine.doing
-        return waiting(
-            f"Waiting for the model: it is busy {busy} (jobs that use it run one at a time)…"
-            if busy
-            else "Starting…"
-        )
+        return queued(ctx.engine)
 
     def on_interrupt(session: Session) -> str:
         session.interrupted = True

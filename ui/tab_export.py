@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import gradio as gr
 from sdlora.ui import exporting as ex
 from sdlora.ui import handlers as h
-from sdlora.ui.common import FREE, JOB, failed, on, reporter, status_line, sync_mix, waiting
+from sdlora.ui.common import FREE, JOB, failed, on, queued, reporter, status_line, sync_mix
 from sdlora.ui.state import Session
 from sdlora.ui.tab_mix import MixTab
 
@@ -151,49 +151,10 @@ def wire(ctx: h.Context, tab: ExportTab, session: gr.State, mix: MixTab, tab_ite
             note,
         ]
 
-    def on_export(
-        session,
-        base,
-        fmt,
-        dtype,
-        name,
-        overwrite,
-        distill,
-        rank,
-        prompt,
-        progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio injects it)
-        *values,
-    ) -> list:
-        return export(
-            False,
-            session,
-            base,
-            fmt,
-            dtype,
-            name,
-            overwrite,
-            distill,
-            rank,
-            prompt,
-            progress,
-            values,
-        )
+    def handler(base_alone_ok: bool):
+        """Export's event handler; Confirm's says the base alone may be written."""
 
-    def on_confirm(
-        session,
-        base,
-        fmt,
-        dtype,
-        name,
-        overwrite,
-        distill,
-        rank,
-        prompt,
-        progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio injects it)
-        *values,
-    ) -> list:
-        return export(
-            True,
+        def run(
             session,
             base,
             fmt,
@@ -203,24 +164,23 @@ def wire(ctx: h.Context, tab: ExportTab, session: gr.State, mix: MixTab, tab_ite
             distill,
             rank,
             prompt,
-            progress,
-            values,
-        )
+            progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio injects it)
+            *values,
+        ) -> list:
+            settings = (fmt, dtype, name, overwrite, distill, rank, prompt)
+            return export(base_alone_ok, session, base, *settings, progress, values)
+
+        return run
 
     def before_job() -> str:
-        busy = ctx.engine.doing
-        return waiting(
-            f"Waiting for the model: it is busy {busy} (jobs that use it run one at a time)…"
-            if busy
-            else "Starting…"
-        )
+        return queued(ctx.engine)
 
     inputs = [session, mix.base_dd, *tab.form, mix.prompt, *mix.mix_values]
     outputs = [tab.files, mix.base_dd, tab.confirm_row]
-    for button, handler in ((tab.export_btn, on_export), (tab.confirm_btn, on_confirm)):
+    for button, on_click in ((tab.export_btn, handler(False)), (tab.confirm_btn, handler(True))):
         on(
             button.click(before_job, None, tab.status, **FREE).then,
-            handler,
+            on_click,
             inputs,
             outputs,
             tab.status,

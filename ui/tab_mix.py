@@ -19,7 +19,7 @@ from urllib.parse import quote
 import gradio as gr
 from PIL import Image
 from sdlora.ui import handlers as h
-from sdlora.ui.common import FREE, JOB, failed, on, reporter, status_line, sync_mix, waiting
+from sdlora.ui.common import FREE, JOB, failed, on, queued, reporter, status_line, sync_mix, waiting
 from sdlora.ui.state import MAX_ADAPTERS, Session
 from sdlora.ui.strength import Strength
 
@@ -389,12 +389,7 @@ def wire(
     def before_job(session: Session) -> str:
         """Shown at once when a job is queued: what it waits for, if anything."""
         session.interrupted = False
-        busy = ctx.engine.doing
-        return waiting(
-            f"Waiting for the model: it is busy {busy} (jobs that use it run one at a time)…"
-            if busy
-            else "Starting…"
-        )
+        return queued(ctx.engine)
 
     def on_generate(
         session: Session,
