@@ -89,9 +89,9 @@ class TrainStep:
             captions = list(batch["captions"])
             sizes, crops = batch["sizes"], batch["crops"]  # (B, 2) each, for SDXL's size ids
             f = self.vae_scale_factor
-            target = (latents.shape[2] * f, latents.shape[3] * f)  # the bucket (height, width)
+            bucket = (latents.shape[2] * f, latents.shape[3] * f)  # (height, width) in pixels
             if self.prior is not None:  # B class images in the same bucket: (2B, 4, h, w)
-                drawn = self.prior.draw(k, (target[1], target[0]), latents.shape[0])
+                drawn = self.prior.draw(k, (bucket[1], bucket[0]), latents.shape[0])
                 bf16 = torch.autocast(device.type, torch.bfloat16, enabled=self.vae_in_bf16)
                 with torch.no_grad(), bf16:
                     prior_latents = encode_pixels(self.vae, drawn.pixels, generator)
@@ -120,7 +120,7 @@ class TrainStep:
             else:
                 with torch.set_grad_enabled(config.text_learns), accelerator.autocast():
                     text = self.conditioning.encode(captions, device)
-            condition = self.conditioning.unet_kwargs(text, self.weight_dtype, sizes, crops, target)
+            condition = self.conditioning.unet_kwargs(text, self.weight_dtype, sizes, crops, bucket)
             # 6. predict
             noisy = noisy.to(self.weight_dtype, memory_format=self.memory_format)
             pred = self.unet(noisy, timesteps, **condition).sample
