@@ -1,20 +1,27 @@
 """The run a user makes: the whole `sdlora train` command, timed from the shell, first and second.
 
-`python benchmarks/first_run.py [--steps 1000] [--batches 8,1] [--runs eager,cold,warm,reference]`
+`python benchmarks/first_run.py [--steps 1000] [--batches 8,1] [--runs eager,cold,warm,reference]
+[--family sd15|sdxl] [--keep DIR]`
 
-Builds an SD 1.5-shaped model folder with random weights (fp16 files, as downloaded models are)
-and a folder of 64 images at 512 px, then times whole commands as subprocesses, start-up
-included (imports, model load and cast, caching, compiling, the steps, writing the adapter):
+Builds a model folder with random weights (fp16 files, as downloaded models are; SD 1.5-shaped,
+or SDXL-base-1.0-shaped with `--family sdxl`) and a folder of 64 images at the family's size
+(512 or 1024 px), then times whole commands as subprocesses, start-up included (imports, model
+load and cast, caching, compiling, the steps, writing the adapter):
 
-- eager:     `sdlora train ... --compile off`
-- cold:      `sdlora train ... --compile on` with an empty compile cache (a fresh machine)
-- warm:      the same again, the compile cache now holding its graphs (a second run)
-- serial:    `cold` with SDLORA_COMPILE_WORKERS=0 (compiling in the training process alone)
-- reference: the diffusers LoRA example's loop (`reference.py`) as a command: load the folder,
-             set up, run the steps (VAE and text encoder every step, ready-made batches)
+- eager:        `sdlora train ... --compile off`
+- cold:         `sdlora train ... --compile on` with an empty compile cache (a fresh machine)
+- warm:         the same again, the compile cache now holding its graphs (a second run)
+- serial:       `cold` with SDLORA_COMPILE_WORKERS=0 (compiling in the training process alone)
+- checkpointed: `cold` with `--gradient-checkpointing` (the small-GPU setting)
+- reference:    the diffusers LoRA example's loop (`reference.py`) as a command: load the folder,
+                set up, run the steps (VAE every step, ready-made batches)
 
-Each row gives the wall time, the first step as the trainer reports it (start-up included) and
-the rate after it. `--smoke` does the same on the CPU with the tiny base in seconds (the tests).
+Each row gives the wall time, the first step as the trainer reports it (start-up included), the
+rate after it, the wall time of 1,000 steps projected from these, and on CUDA two peaks: the
+trainer's own (PyTorch's allocated memory) and the whole GPU's (what `nvidia-smi` reports as
+used, sampled every 0.1 s, above what was used before the command: compile workers, CUDA
+contexts and the caching allocator's reserve included). `--keep DIR` builds the folders there
+once and reuses them. `--smoke` does the same on the CPU with the tiny base in seconds (tests).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,27 +41,47 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-RUNS = ("eager", "cold", "warm", "serial", "reference")
+RUNS = ("eager", "cold", "warm", "serial", "checkpointed", "reference")
+FAMILIES = {"sd15": 512, "sdxl": 1024}  # family: image side
 DONE = re.compile(
     r"done: (\d+) steps in ([\d.]+) s \((?:first step ([\d.]+) s, then )?([\d.e+-]+) steps/s, "
     r"([\d.e+-]+) images/s\)"
 )
 IMAGES = 64
+PROJECTED_STEPS = 1000  # the wall-time column projects each run to this many steps
+PEAK = re.compile(r"peak memory ([\d.]+) GiB \(GPU\)")
 
 
-def build_folders(root: Path, smoke: bool) -> tuple[Path, Path]:
-    """(model folder, image folder) under `root`."""
+def build_folders(root: Path, smoke: bool, family: str = "sd15") -> tuple[Path, Path]:
+    """(model folder, image folder) under `root`; kept when a previous call built them."""
     import torch
 
-    from benchmarks.sd15 import build_pipeline
     from benchmarks.training import write_images
 
+    model, images = root / "model", root / "images"
+    if (model / "model_index.json").exists() and len(list(images.glob("*.txt"))) == IMAGES:
+        return model, images
     device = "cuda" if torch.cuda.is_available() and not smoke else "cpu"
-    pipe = build_pipeline(smoke, device, torch.float16 if device == "cuda" else torch.float32)
-    model = root / "model"
-    pipe.save_pretrained(model, safe_serialization=True)
-    data = write_images(root / "images", IMAGES, 64 if smoke else 512)
-    return model, data
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    if family == "sdxl":
+        from benchmarks.sdxl import build_pipeline as build_xl
+
+        pipe = build_xl(smoke, torch.device(device)).to(dtype=dtype)
+    else:
+        from benchmarks.sd15 import build_pipeline
+
+        pipe = build_pipeline(smoke, device, dtype)
+    partial = root / "model.partial"
+    pipe.save_pretrained(partial, safe_serialization=True)
+    partial.rename(model)
+    del pipe
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the commands measured next find the GPU as a user would
+    return model, write_images(images, IMAGES, side(family, smoke))
+
+
+def side(family: str, smoke: bool) -> int:
+    return 64 if smoke else FAMILIES[family]
 
 
 def train_command(
@@ -65,6 +93,8 @@ def train_command(
     compile: str,
     smoke: bool,
     nonlinearity: str = "identity",
+    family: str = "sd15",
+    checkpointing: bool = False,
 ):
     return [
         sys.executable,
@@ -81,7 +111,7 @@ def train_command(
         "--batch-size",
         str(batch),
         "--resolution",
-        "64" if smoke else "512",
+        str(side(family, smoke)),
         "--rank",
         "4",
         "--compile",
@@ -93,70 +123,100 @@ def train_command(
         "--overwrite",
         "--nonlinearity",
         nonlinearity,
-    ]
+    ] + (["--gradient-checkpointing"] if checkpointing else [])
 
 
-def timed(cmd: list[str], env: dict, cwd: Path) -> tuple[float, str]:
-    """(wall seconds, stderr) of a command; raises with its last lines when it fails.
+def timed(cmd: list[str], env: dict, cwd: Path) -> tuple[float, str, float | None]:
+    """(wall seconds, output, GiB the whole GPU used above its use before) of a command; raises
+    with its last lines when it fails. The GPU figure is None without nvidia-smi.
 
     It runs in `cwd`, away from a source checkout: `-m sdlora.cli` then finds the installed
     package (with sdlora.train), as a user's shell would."""
+    before = gpu_used_mib()
+    sampler = None
+    if before is not None:
+        query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
+        sampler = subprocess.Popen(query + ["-lms", "100"], stdout=subprocess.PIPE, text=True)
     started = time.perf_counter()
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cwd)
-    wall = time.perf_counter() - started
+    try:
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cwd)
+    finally:
+        wall = time.perf_counter() - started
+        if sampler is not None:
+            sampler.terminate()
+            samples = [int(v) for v in sampler.communicate()[0].split() if v.isdigit()]
     if run.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} failed: {run.stderr[-2000:]}")
-    return wall, run.stderr + run.stdout
+    peak = (max(samples, default=before) - before) / 1024 if sampler is not None else None
+    return wall, run.stderr + run.stdout, peak
+
+
+def gpu_used_mib() -> int | None:
+    """MiB in use on GPU 0 as nvidia-smi reports it; None where there is no nvidia-smi."""
+    query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"]
+    try:
+        out = subprocess.run(query, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return int(out.split()[0])
 
 
 def measure(
-    smoke: bool, steps: int, batches: list[int], runs: list[str], nonlinearity: str = "identity"
+    smoke: bool,
+    steps: int,
+    batches: list[int],
+    runs: list[str],
+    nonlinearity: str = "identity",
+    family: str = "sd15",
+    keep: Path | None = None,
 ) -> dict:
 
     from benchmarks.sd15 import device_info
 
-    info = device_info() | {"mode": "smoke (tiny base, CPU)" if smoke else "SD 1.5, 512 px"}
+    mode = f"{'SDXL' if family == 'sdxl' else 'SD 1.5'}, {side(family, False)} px"
+    info = device_info() | {"mode": "smoke (tiny base, CPU)" if smoke else mode}
     info |= {"steps": steps, "images": IMAGES, "rank": 4, "nonlinearity": nonlinearity}
     rows = []
     with tempfile.TemporaryDirectory(prefix="sdlora-first-run-") as tmp:
-        root = Path(tmp)
-        model, data = build_folders(root, smoke)
+        root = keep or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        model, data = build_folders(root, smoke, family)
         for batch in batches:
-            cache = root / f"compile-cache-{batch}"
             for run in runs:
                 env = dict(os.environ, PYTHONUNBUFFERED="1")
                 if run == "reference":
-                    cmd = [
-                        sys.executable,
-                        __file__,
-                        "--reference-run",
-                        str(model),
-                        str(steps),
-                        str(batch),
-                    ]
+                    cmd = [sys.executable, __file__, "--reference-run", str(model)]
+                    cmd += [str(steps), str(batch), "--family", family]
                     cmd += ["--smoke"] if smoke else []
                 else:
                     compile = "off" if run == "eager" else "on"
-                    cache_dir = cache if run in ("cold", "warm") else root / f"serial-cache-{batch}"
-                    env["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+                    cache = root / f"{'cold' if run == 'warm' else run}-cache-{batch}"
+                    if run != "warm":  # every other run starts on an empty compile cache
+                        shutil.rmtree(cache, ignore_errors=True)
+                    env["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
                     if run == "serial":
                         env["SDLORA_COMPILE_WORKERS"] = "0"
                     out = root / f"out-{run}-{batch}"
                     cmd = train_command(
-                        model, data, out, steps, batch, compile, smoke, nonlinearity
-                    )
-                wall, log = timed(cmd, env, root)
-                rows.append(row(run, batch, steps, wall, log))
+                        model, data, out, steps, batch, compile, smoke, nonlinearity, family,
+                        checkpointing=run == "checkpointed",
+                    )  # fmt: skip
+                wall, log, gpu = timed(cmd, env, root)
+                rows.append(row(run, batch, steps, wall, log, gpu))
                 print(json.dumps(rows[-1]), flush=True)
     return {"info": info, "rows": rows}
 
 
-def row(run: str, batch: int, steps: int, wall: float, log: str) -> dict:
+def row(run: str, batch: int, steps: int, wall: float, log: str, gpu: float | None) -> dict:
     found = DONE.search(log)
     speed = re.search(r"speed: (.*)", log)
     setup = re.search(r"set-up took (.*)", log)
+    peak = PEAK.search(log)
     first = float(found.group(3)) if found and found.group(3) else None
     images_s = float(found.group(5)) if found else None
+    projected = None
+    if first is not None and images_s:  # the command's time outside the steps stays as it was
+        projected = wall + (PROJECTED_STEPS - steps) * batch / images_s
     return dict(
         run=run,
         batch=batch,
@@ -164,24 +224,31 @@ def row(run: str, batch: int, steps: int, wall: float, log: str) -> dict:
         wall_s=round(wall, 1),
         first_step_s=first,
         images_per_s=images_s,
+        wall_1000_s=round(projected, 1) if projected is not None else None,
+        peak_gib=float(peak.group(1)) if peak else None,
+        gpu_gib=round(gpu, 2) if gpu is not None else None,
         speed=speed.group(1).strip() if speed else "",
         setup=setup.group(1).strip() if setup else "",
     )
 
 
-def reference_run(model: str, steps: int, batch: int, smoke: bool) -> None:
+def reference_run(model: str, steps: int, batch: int, smoke: bool, family: str = "sd15") -> None:
     """The diffusers example's loop as one command: load, set up, `steps` steps, report."""
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from benchmarks.reference import ReferenceLoop
+    from benchmarks.reference import ReferenceLoop, ReferenceLoopXL
 
     started = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model, safety_checker=None, local_files_only=True
-    )
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline.from_pretrained(model, local_files_only=True)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            model, safety_checker=None, local_files_only=True
+        )
     mixed = "no" if smoke or not torch.cuda.is_available() else "bf16"
-    loop = ReferenceLoop(pipe, batch, 64 if smoke else 512, mixed_precision=mixed)
+    looping = ReferenceLoopXL if family == "sdxl" else ReferenceLoop
+    loop = looping(pipe, batch, side(family, smoke), mixed_precision=mixed)
     loop.step()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -190,6 +257,8 @@ def reference_run(model: str, steps: int, batch: int, smoke: bool) -> None:
         loop.step()  # the example reads the loss every step: each step ends synchronised
     end = time.perf_counter()
     rate = (steps - 1) / max(end - first, 1e-9)
+    if torch.cuda.is_available():
+        print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB (GPU)")
     print(
         f"done: {steps} steps in {end - started:.1f} s (first step {first - started:.1f} s, then "
         f"{rate:.3g} steps/s, {rate * batch:.3g} images/s)",
@@ -198,12 +267,16 @@ def reference_run(model: str, steps: int, batch: int, smoke: bool) -> None:
 
 
 def table(result: dict) -> str:
-    lines = ["| run | batch | steps | wall s | first step s | img/s after it | compile |"]
-    lines.append("|---|---|---|---|---|---|---|")
+    lines = [
+        f"| run | batch | steps | wall s | first step s | img/s after it | {PROJECTED_STEPS} steps s "
+        "(projected) | peak GiB (PyTorch) | GPU GiB (nvidia-smi) | compile |"
+    ]
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         lines.append(
             f"| {r['run']} | {r['batch']} | {r['steps']} | {r['wall_s']} | {r['first_step_s']} | "
-            f"{r['images_per_s']} | {r['speed']} |"
+            f"{r['images_per_s']} | {r['wall_1000_s']} | {r['peak_gib']} | {r['gpu_gib']} | "
+            f"{r['speed']} |"
         )
     info = ", ".join(f"{k}: {v}" for k, v in result["info"].items())
     return info + "\n\n" + "\n".join(lines)
@@ -216,19 +289,23 @@ def main() -> None:
     parser.add_argument("--runs", default="eager,cold,warm,reference")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--nonlinearity", default="identity", help="of the trained adapter")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="sd15")
+    parser.add_argument("--keep", type=Path, help="build the folders here once, reuse them")
     parser.add_argument("--json", help="also write the result here")
     parser.add_argument("--reference-run", nargs=3, metavar=("MODEL", "STEPS", "BATCH"))
     args = parser.parse_args()
     if args.reference_run:
         model, steps, batch = args.reference_run
-        reference_run(model, int(steps), int(batch), args.smoke)
+        reference_run(model, int(steps), int(batch), args.smoke, args.family)
         return
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     unknown = sorted(set(runs) - set(RUNS))
     if unknown:
         parser.error(f"--runs: unknown {', '.join(unknown)}; choose from {', '.join(RUNS)}")
     batches = [int(b) for b in args.batches.split(",")]
-    result = measure(args.smoke, args.steps, batches, runs, args.nonlinearity)
+    result = measure(
+        args.smoke, args.steps, batches, runs, args.nonlinearity, args.family, args.keep
+    )
     print(table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1), encoding="utf-8")

@@ -23,7 +23,14 @@ from sdlora.train.data import BatchPlan, derived_seed
 from sdlora.train.encode import long_captions
 from sdlora.train.pivotal import NewWords, add_new_words
 from sdlora.train.prior import generate_missing
-from sdlora.train.speed import REGIONS, compile_options, compile_regions, speed_up, will_compile
+from sdlora.train.speed import (
+    compile_options,
+    compile_regions,
+    cuda_graphs_allowed,
+    regions_of,
+    speed_up,
+    will_compile,
+)
 
 from sdlora.base import load_base
 from sdlora.errors import SdloraError
@@ -130,8 +137,7 @@ def load_models(
     text_encoders = {name: getattr(pipe, name) for name in text_encoder_names(pipe)}
     text_encoders.update(zip(trained_encoders, prepared[1:-1], strict=True))
     if compiling:
-        # CUDA graphs reuse their output memory every step, so gradients must not accumulate
-        graphs = config.grad_accum == 1
+        graphs = cuda_graphs_allowed(config.grad_accum, config.gradient_checkpointing)
         if use_compile_workers(config, device):
             fast["compile workers"] = fill_compile_cache(
                 config, pipe, unet, plan, lora_args, weight_dtype, accelerator, graphs
@@ -162,11 +168,11 @@ def text_encoder_names(pipe) -> list[str]:
 def use_compile_workers(config: TrainConfig, device: torch.device) -> bool:
     """Compile in parallel worker processes first (see precompile.py)?
 
-    On CUDA, unless SDLORA_COMPILE_WORKERS=0; not with gradient checkpointing (its blocks run
-    inside checkpoint wrappers that the workers do not rebuild).
+    On CUDA, unless SDLORA_COMPILE_WORKERS=0. With gradient checkpointing the workers switch it
+    on in their UNet too, so the regions they compile are the training process's own.
     """
     wanted = os.environ.get("SDLORA_COMPILE_WORKERS", "") != "0"
-    return wanted and device.type == "cuda" and not config.gradient_checkpointing
+    return wanted and device.type == "cuda"
 
 
 def batch_shapes(plan: BatchPlan) -> list[tuple[int, int, int]]:
@@ -208,7 +214,7 @@ def fill_compile_cache(
         with accelerator.autocast():
             return bare(noisy, timesteps, **kwargs).sample
 
-    jobs = precompile.record_calls(bare, call_unet, inputs, REGIONS)
+    jobs = precompile.record_calls(bare, call_unet, inputs, regions_of(bare))
     adapter = precompile.Adapter(
         targets=tuple(target_names(config.targets, UNET_TARGETS)),
         rank=lora_args["rank"],
@@ -220,8 +226,10 @@ def fill_compile_cache(
         conv_alpha=lora_args["conv_alpha"],
     )
     autocast = weight_dtype if weight_dtype != torch.float32 else None
+    options = compile_options(device, graphs)
+    checkpointing = config.gradient_checkpointing
     done = precompile.fill_cache(
-        bare, jobs, adapter, weight_dtype, autocast, compile_options(device, graphs)
+        bare, jobs, adapter, weight_dtype, autocast, options, checkpointing
     )
     if not done["workers"]:
         return f"{len(jobs)} graphs already in the compile cache"

@@ -167,9 +167,14 @@ def fill_cache(
     weight_dtype: torch.dtype,
     autocast_dtype: torch.dtype | None,
     compile_options: dict,
+    gradient_checkpointing: bool = False,
     workers: int | None = None,
 ) -> dict[str, float | int]:
     """Compile the jobs' graphs into the on-disk compile cache with worker processes.
+
+    gradient_checkpointing: the training UNet has it on (a region that checkpoints the blocks
+    inside it, as SD 1.x's Transformer2DModel does, compiles to another graph); the workers
+    switch it on in theirs.
 
     Returns what happened: workers started, failed, seconds, and the first failure's last line
     as "error". Never raises for a worker's failure: the trainer compiles what is missing.
@@ -182,6 +187,7 @@ def fill_cache(
         "weight_dtype": str(weight_dtype).removeprefix("torch."),
         "autocast_dtype": str(autocast_dtype).removeprefix("torch.") if autocast_dtype else None,
         "channels_last": channels_last,
+        "gradient_checkpointing": gradient_checkpointing,
         "device": str(device),
         "compile": compile_options,
         "sdp_order": [int(b) for b in torch._C._get_sdp_priority_order()],
@@ -242,6 +248,8 @@ def main(spec_path: str) -> None:
         unet = UNet2DConditionModel.from_config(spec["unet_config"])
     unet.requires_grad_(False)
     unet.to(dtype=getattr(torch, spec["weight_dtype"]))
+    if spec["gradient_checkpointing"]:
+        unet.enable_gradient_checkpointing()
     a = spec["adapter"]
     add_trainable(
         unet,

@@ -9,6 +9,10 @@
   nearly all the work) is compiled with torch.compile, not the whole UNet. Blocks of one shape
   share one compiled graph, so compiling costs about 20 graphs per bucket instead of one huge
   graph, and `--compile auto` compiles only when the run is long enough to pay it back.
+  SD 1.x/2.x compile each Transformer2DModel (one attention block with its projections); SDXL's
+  hold 2 or 10 attention blocks each, and one 10-block graph took most of the first step's three
+  minutes alone, in one process: there each attention block (BasicTransformerBlock) is a region,
+  so 70 blocks share 2 small graphs that the compile workers build side by side.
 - CUDA graphs: compiled blocks replay as CUDA graphs (torch.compile's "reduce-overhead"). On an
   H100 at batch 8 the compiled step needs 62 ms of GPU kernels but took 119 ms without graphs:
   the GPU waited on Python launching kernels. With graphs it takes 66 ms.
@@ -29,10 +33,14 @@ logger = logging.getLogger(__name__)
 
 # the blocks compiled one by one ("regions"); each shape among them compiles once
 REGIONS = ("Transformer2DModel", "ResnetBlock2D")
+# the regions of a UNet whose Transformer2DModels hold several attention blocks (SDXL)
+DEEP_REGIONS = ("BasicTransformerBlock", "ResnetBlock2D")
 # torch.compile backend; "eager" only traces (the CPU smoke benchmark uses it to check the regions)
 COMPILE_BACKEND = "inductor"
 # dynamic=False: one fully specialised graph per block shape (shapes are few, kernels are best)
 COMPILE_DYNAMIC = False
+# CUDA graphs with gradient checkpointing (see cuda_graphs_allowed); measured in benchmarks/sdxl.py
+CUDA_GRAPHS_CHECKPOINTED = True
 # distinct block shapes of one bucket in SD 1.x (4 transformer + 14 resnet), with room to spare
 GRAPHS_PER_BUCKET = 24
 
@@ -73,6 +81,24 @@ def speed_up(
     return done
 
 
+def regions_of(unet: nn.Module) -> tuple[str, ...]:
+    """The class names of `unet`'s compiled regions: REGIONS, or DEEP_REGIONS for SDXL-like
+    UNets (a Transformer2DModel with more than one attention block)."""
+    deep = any(
+        len(getattr(m, "transformer_blocks", ())) > 1
+        for m in unet.modules()
+        if type(m).__name__ == "Transformer2DModel"
+    )
+    return DEEP_REGIONS if deep else REGIONS
+
+
+def cuda_graphs_allowed(grad_accum: int, gradient_checkpointing: bool) -> bool:
+    """May compiled regions replay as CUDA graphs? Not when gradients accumulate over micro-batches
+    (the graphs reuse their output memory every step), nor, unless CUDA_GRAPHS_CHECKPOINTED, when
+    gradient checkpointing runs each region's forward a second time inside the backward pass."""
+    return grad_accum == 1 and (CUDA_GRAPHS_CHECKPOINTED or not gradient_checkpointing)
+
+
 def compile_options(device: torch.device, cuda_graphs: bool) -> dict:
     """The keyword arguments of `module.compile` for each region."""
     graphs = cuda_graphs and device.type == "cuda" and COMPILE_BACKEND == "inductor"
@@ -88,13 +114,14 @@ def compile_regions(unet: nn.Module, device: torch.device, buckets: int, cuda_gr
     dynamo.recompile_limit = max(dynamo.recompile_limit, limit)
     dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * limit)
     options = compile_options(device, cuda_graphs)
+    regions = regions_of(unet)
     count = 0
     for module in unet.modules():
-        if type(module).__name__ in REGIONS:
+        if type(module).__name__ in regions:
             module.compile(**options)
             count += 1
     graphs = ", CUDA graphs" if options["mode"] == "reduce-overhead" else ""
-    return f"{count} blocks ({', '.join(REGIONS)}){graphs}"
+    return f"{count} blocks ({', '.join(regions)}){graphs}"
 
 
 def attention_shapes(unet: nn.Module, batch: int = 8) -> list[tuple[tuple[int, ...], int]]:
