@@ -10,9 +10,11 @@ load and cast, caching, compiling, the steps, writing the adapter):
 
 - eager:        `sdlora train ... --compile off`
 - cold:         `sdlora train ... --compile on` with an empty compile cache (a fresh machine)
+- auto:         `sdlora train ...` as it is by default (`--compile auto`: the first steps run
+                while the workers compile), on an empty compile cache
 - warm:         the same again, the compile cache now holding its graphs (a second run)
 - serial:       `cold` with SDLORA_COMPILE_WORKERS=0 (compiling in the training process alone)
-- checkpointed: `cold` with `--gradient-checkpointing` (the small-GPU setting)
+- checkpointed: `auto` with `--gradient-checkpointing` (the small-GPU setting)
 - reference:    the diffusers LoRA example's loop (`reference.py`) as a command: load the folder,
                 set up, run the steps (VAE every step, ready-made batches)
 
@@ -41,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-RUNS = ("eager", "cold", "warm", "serial", "checkpointed", "reference")
+RUNS = ("eager", "cold", "auto", "warm", "serial", "checkpointed", "reference")
 FAMILIES = {"sd15": 512, "sdxl": 1024}  # family: image side
 DONE = re.compile(
     r"done: (\d+) steps in ([\d.]+) s \((?:first step ([\d.]+) s, then )?([\d.e+-]+) steps/s, "
@@ -189,7 +191,9 @@ def measure(
                     cmd += [str(steps), str(batch), "--family", family]
                     cmd += ["--smoke"] if smoke else []
                 else:
-                    compile = "off" if run == "eager" else "on"
+                    compile = {"eager": "off", "auto": "auto", "checkpointed": "auto"}.get(
+                        run, "on"
+                    )
                     cache = root / f"{'cold' if run == 'warm' else run}-cache-{batch}"
                     if run != "warm":  # every other run starts on an empty compile cache
                         shutil.rmtree(cache, ignore_errors=True)
@@ -202,6 +206,7 @@ def measure(
                         checkpointing=run == "checkpointed",
                     )  # fmt: skip
                 wall, log, gpu = timed(cmd, env, root)
+                (root / f"{run}-{batch}.log").write_text(log, encoding="utf-8")  # for a look later
                 rows.append(row(run, batch, steps, wall, log, gpu))
                 print(json.dumps(rows[-1]), flush=True)
     return {"info": info, "rows": rows}

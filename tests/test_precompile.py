@@ -1,18 +1,27 @@
 """Compiling in worker processes (train/precompile.py): what is recorded, and a worker's run.
 
 On the CPU the workers use the "eager" backend (it only traces), so this checks the workers
-rebuild every region and run it with the recorded inputs; that the graphs they compile are the
-training process's own (cache hits) is measured on the GPU (benchmarks/first_run.py).
+rebuild every region and run it with the recorded inputs, and that `--compile auto` switches
+from uncompiled steps to compiled regions when they are done; that the graphs they compile are
+the training process's own (cache hits) is measured on the GPU (benchmarks/first_run.py).
 """
 
 from __future__ import annotations
 
+import logging
+import re
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 import torch
-from sdlora.train import precompile
+from PIL import Image
+from sdlora.train import TrainConfig, precompile, speed, train
+from sdlora.train import models as models_module
 from sdlora.train.speed import DEEP_REGIONS, REGIONS, regions_of
 
 from sdlora.base import load_base
+from sdlora.formats import load_adapter
 from sdlora.inject import UNET_TARGETS, add_trainable, target_names
 
 
@@ -95,3 +104,53 @@ def test_workers_get_the_largest_jobs_first_and_even_loads():
     loads = sorted(sum(j["cost"] for j in share) for share in shares)
     assert loads == [7, 7, 9]  # 9 | 5+1+1 | 4+3: largest first, each to the least loaded
     assert precompile.share_out(jobs[:2], 5) == [[jobs[1]], [jobs[0]]]  # no empty workers
+
+
+def test_stopped_workers_leave_no_process_nor_folder_nor_done_marker(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    unet, adapter = _unet_with_adapter()
+    inputs = [(torch.randn(2, 4, 8, 8), torch.randint(0, 1000, (2,)), torch.randn(2, 77, 32))]
+    jobs = precompile.record_calls(unet, lambda *a: unet(*a).sample, inputs, REGIONS)
+    options = dict(dynamic=False, backend="eager", mode=None)
+    workers = precompile.start_workers(unet, jobs, adapter, torch.float32, None, options, workers=2)
+    folder = Path(workers.tmp.name)
+    workers.stop()  # the run ended first
+    assert all(proc.returncode is not None for proc in workers.procs)
+    assert not folder.exists() and not workers.marker.exists()
+
+
+def test_auto_trains_uncompiled_until_the_workers_are_done_then_switches(
+    tmp_path, monkeypatch, caplog
+):
+    """--compile auto on a GPU: the first steps run while the workers compile; the regions are
+    compiled once they are done. Here on the CPU with the tracing-only backend: the switch
+    happens and the adapter is the one an uncompiled run writes."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        Image.new("RGB", (64, 64), (40 * i, 200 - 30 * i, 90)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a picture {i}", encoding="utf-8")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(speed, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(models_module, "will_compile", lambda *args: True)
+    monkeypatch.setattr(models_module, "use_compile_workers", lambda *args: True)
+    # the first poll waits for the workers: the switch then follows step 1 on any machine
+    monkeypatch.setattr(
+        precompile.Workers, "ready", lambda self: all(p.wait() >= 0 for p in self.procs)
+    )
+    config = TrainConfig(
+        data_dir=str(data), base="tiny", output=str(tmp_path / "auto"), resolution=64,
+        batch_size=2, steps=3, lr=1e-2, save_every=0, tensorboard=False, workers=0, seed=3,
+        compile="auto",
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="sdlora"):
+        compiled = load_adapter(train(config))
+    assert "the first steps run uncompiled" in caplog.text
+    assert re.search(
+        r"compiled from step 2 on: compile workers \d+ graphs in 1 processes", caplog.text
+    )
+    off = replace(config, output=str(tmp_path / "off"), compile="off")
+    eager = load_adapter(train(off))
+    for key, module in eager.modules.items():
+        torch.testing.assert_close(compiled.modules[key].up, module.up, rtol=0, atol=1e-6)
+        torch.testing.assert_close(compiled.modules[key].down, module.down, rtol=0, atol=1e-6)

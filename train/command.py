@@ -237,9 +237,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--compile",
         choices=COMPILE_MODES,
-        help="torch.compile the UNet's repeated blocks; auto: on a GPU when the run is long "
-        f"enough to pay back the compile time, about {COMPILE_MIN_STEPS} steps per bucket "
-        "(default: auto)",
+        help="torch.compile the UNet's repeated blocks; on: before the first step; auto: on a "
+        f"GPU for runs of {COMPILE_MIN_STEPS}+ steps per bucket, in the background while the "
+        "first steps run uncompiled (default: auto)",
     )
     g.add_argument(
         "--min-snr-gamma",

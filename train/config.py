@@ -131,8 +131,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # gradient clipping; 0 turns it off
     mixed_precision: str = "auto"  # auto: bf16 on GPUs that have it, else fp16; no on CPU
     gradient_checkpointing: bool = False  # less memory, about 30% slower
-    # torch.compile the UNet's repeated blocks: auto compiles on CUDA for runs long enough to pay
-    # back the compile time (see speed.py); off on the CPU unless "on"
+    # torch.compile the UNet's repeated blocks: "on" before the first step; "auto" on CUDA for runs
+    # long enough to pay back the compile time (see speed.py), compiled by worker processes while
+    # the first steps run uncompiled (precompile.py); off on the CPU unless "on"
     compile: str = "auto"
     min_snr_gamma: float | None = None  # min-SNR-γ loss weighting (Hang et al. 2023); 5 is usual
     noise_offset: float = 0.0  # per-channel noise offset; 0.05-0.1 helps very dark/bright images

@@ -168,6 +168,12 @@ def train(
             micro_losses = []
             models.lr_scheduler.step()
             progress.update(1)
+            if models.compiling is not None and models.compiling.ready():
+                # --compile auto: the workers are done; the next step runs compiled
+                done = models.compiling.switch()
+                models.compiling = None
+                if main:
+                    logger.info("speed: compiled from step %d on: %s", step + 1, done)
             if on_step is not None:
                 on_step(step)
 
@@ -199,6 +205,8 @@ def train(
                     progress.set_description("training")
                 accelerator.wait_for_everyone()
     except BaseException as err:
+        if models.compiling is not None:
+            models.compiling.stop()
         progress.close()  # the error message then starts on a line of its own
         if writer is not None:
             writer.close()
@@ -206,6 +214,8 @@ def train(
             logger.warning("stopped at step %d. %s", step, resume_hint(output))
         raise
     progress.close()
+    if models.compiling is not None:  # the run ended before the workers: they stop here
+        models.compiling.stop()
 
     # --- finishing: the adapter file, written once, by the main process
     path = config.adapter_path

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,7 @@ class Models:
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     weight_dtype: torch.dtype  # of the frozen UNet and text-encoder weights
     words: NewWords | None = None  # new words trained with the adapter (pivotal tuning)
+    compiling: Compiling | None = None  # compile workers still at work (--compile auto)
 
 
 def load_models(
@@ -136,13 +138,28 @@ def load_models(
     unet, optimizer = prepared[0], prepared[-1]
     text_encoders = {name: getattr(pipe, name) for name in text_encoder_names(pipe)}
     text_encoders.update(zip(trained_encoders, prepared[1:-1], strict=True))
+    compiling_later = None
     if compiling:
         graphs = cuda_graphs_allowed(config.grad_accum, config.gradient_checkpointing)
+
+        def compile_now() -> str:
+            return compile_regions(pipe.unet, device, len(plan.by_bucket), graphs)
+
+        workers = None
         if use_compile_workers(config, device):
-            fast["compile workers"] = fill_compile_cache(
+            workers, graph_count = start_compile_workers(
                 config, pipe, unet, plan, lora_args, weight_dtype, accelerator, graphs
             )
-        fast["compile"] = compile_regions(pipe.unet, device, len(plan.by_bucket), graphs)
+        if workers is not None and workers.procs and config.compile == "auto":
+            compiling_later = Compiling(workers, graph_count, compile_now)
+            fast["compile"] = (
+                f"{graph_count} graphs in {len(workers.procs)} processes, in the background: "
+                "the first steps run uncompiled"
+            )
+        else:
+            if workers is not None:
+                fast["compile workers"] = workers_summary(workers.wait(), graph_count)
+            fast["compile"] = compile_now()
     if main and fast:
         logger.info("speed: %s", ", ".join(f"{k} {v}" for k, v in fast.items()))
     return Models(
@@ -157,7 +174,29 @@ def load_models(
         lr_scheduler,
         weight_dtype,
         words,
+        compiling_later,
     )
+
+
+@dataclass
+class Compiling:
+    """Compile workers at work while the first steps run uncompiled (`--compile auto`): once
+    they are `ready`, `switch` compiles the UNet's regions, which then find every graph in the
+    compile cache, and says how it went."""
+
+    workers: precompile.Workers
+    graphs: int  # distinct graphs the workers compile
+    compile: Callable[[], str]  # compiles the regions (at their next call)
+
+    def ready(self) -> bool:
+        return self.workers.ready()
+
+    def switch(self) -> str:
+        done = self.workers.wait()
+        return f"compile workers {workers_summary(done, self.graphs)}, {self.compile()}"
+
+    def stop(self) -> None:
+        self.workers.stop()
 
 
 def text_encoder_names(pipe) -> list[str]:
@@ -185,10 +224,10 @@ def batch_shapes(plan: BatchPlan) -> list[tuple[int, int, int]]:
     return sorted(shapes)
 
 
-def fill_compile_cache(
+def start_compile_workers(
     config, pipe, unet, plan, lora_args, weight_dtype, accelerator, graphs
-) -> str:
-    """Compile the UNet's regions for every batch shape in worker processes; say how it went."""
+) -> tuple[precompile.Workers, int]:
+    """Worker processes compiling the UNet's regions for every batch shape; (them, graph count)."""
     device = accelerator.device
     bare = accelerator.unwrap_model(unet)
     channels_last = bare.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
@@ -228,13 +267,18 @@ def fill_compile_cache(
     autocast = weight_dtype if weight_dtype != torch.float32 else None
     options = compile_options(device, graphs)
     checkpointing = config.gradient_checkpointing
-    done = precompile.fill_cache(
+    workers = precompile.start_workers(
         bare, jobs, adapter, weight_dtype, autocast, options, checkpointing
     )
+    return workers, len(jobs)
+
+
+def workers_summary(done: dict, graphs: int) -> str:
+    """What the compile workers did, in a few words."""
     if not done["workers"]:
-        return f"{len(jobs)} graphs already in the compile cache"
+        return f"{graphs} graphs already in the compile cache"
     failed = f", {done['failed']} failed ({done['error']})" if done["failed"] else ""
-    return f"{len(jobs)} graphs in {done['workers']} processes, {done['seconds']:.0f} s{failed}"
+    return f"{graphs} graphs in {done['workers']} processes, {done['seconds']:.0f} s{failed}"
 
 
 def check_sides(pipe, plan: BatchPlan) -> None:

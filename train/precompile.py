@@ -10,11 +10,13 @@ step:
    what each region receives (shapes, strides, dtypes, requires_grad, keyword values). No
    backward, so no gradient reaches the adapter; the training RNG is untouched.
 2. Regions that would compile to the same graph (same class, same parameter shapes, same inputs)
-   are grouped; `fill_cache` shares the groups among worker processes (`python -m
+   are grouped; `start_workers` shares the groups among worker processes (`python -m
    sdlora.train.precompile SPEC.json`). Each worker builds the UNet on the meta device, injects
    the same adapter, materialises only its blocks on the GPU, compiles them and runs each forward
    and backward once on random inputs: that compiles and stores the graphs.
-3. The training process then compiles its regions as usual and finds every graph in the cache.
+3. The training process then compiles its regions as usual and finds every graph in the cache:
+   before its first step (`--compile on`), or, with `--compile auto`, while its first steps run
+   uncompiled, as soon as every worker is done (`Workers.ready`).
 
 Values never matter to a compiled graph, only shapes and types, so random weights and inputs give
 the very graphs the real run needs. A worker that fails costs nothing but time: the training
@@ -160,7 +162,62 @@ def done_marker(spec: dict) -> Path:
     return Path(cache_dir()) / "sdlora-precompiled" / digest
 
 
-def fill_cache(
+class Workers:
+    """Worker processes filling the compile cache (see `start_workers`); poll with `ready`,
+    collect with `wait`, or end early with `stop`."""
+
+    def __init__(self, procs: list, logs: list[Path], tmp, marker: Path, started: float):
+        self.procs, self.logs, self.tmp, self.marker = procs, logs, tmp, marker
+        self.started = started
+
+    def ready(self) -> bool:
+        """Every worker has exited (or overrun WORKER_TIMEOUT_S, and `wait` stops it)."""
+        late = time.perf_counter() - self.started > WORKER_TIMEOUT_S
+        return late or all(proc.poll() is not None for proc in self.procs)
+
+    def wait(self) -> dict[str, float | int]:
+        """Wait for every worker; return what happened: workers started, failed, seconds, and
+        the first failure's last line as "error". Never raises for a worker's failure: the
+        trainer compiles whatever is missing."""
+        failed, why = 0, ""
+        for proc, log in zip(self.procs, self.logs, strict=True):
+            left = WORKER_TIMEOUT_S - (time.perf_counter() - self.started)
+            try:
+                proc.wait(timeout=max(left, 0.1))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.returncode != 0:
+                failed += 1
+                last = (
+                    log.read_text(errors="replace").strip().splitlines()[-1:]
+                    if log.exists()
+                    else []
+                )
+                why = why or (last[0] if last else f"exit code {proc.returncode}")
+        self._clean()
+        if self.procs and not failed:
+            self.marker.parent.mkdir(parents=True, exist_ok=True)
+            self.marker.touch()
+        seconds = time.perf_counter() - self.started if self.procs else 0.0
+        done = {"workers": len(self.procs), "failed": failed, "seconds": seconds}
+        return done | ({"error": why} if why else {})
+
+    def stop(self) -> None:
+        """End the workers now (the run ended first); what they compiled stays in the cache."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self._clean()
+
+    def _clean(self) -> None:
+        if self.tmp is not None:
+            self.tmp.cleanup()
+            self.tmp = None
+
+
+def start_workers(
     unet: nn.Module,
     jobs: list[dict],
     adapter: Adapter,
@@ -169,15 +226,12 @@ def fill_cache(
     compile_options: dict,
     gradient_checkpointing: bool = False,
     workers: int | None = None,
-) -> dict[str, float | int]:
-    """Compile the jobs' graphs into the on-disk compile cache with worker processes.
+) -> Workers:
+    """Start worker processes that compile the jobs' graphs into the on-disk compile cache.
 
     gradient_checkpointing: the training UNet has it on (a region that checkpoints the blocks
     inside it, as SD 1.x's Transformer2DModel does, compiles to another graph); the workers
-    switch it on in theirs.
-
-    Returns what happened: workers started, failed, seconds, and the first failure's last line
-    as "error". Never raises for a worker's failure: the trainer compiles what is missing.
+    switch it on in theirs. When a previous run compiled these very graphs, none starts.
     """
     device = next(unet.parameters()).device
     channels_last = unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
@@ -193,39 +247,30 @@ def fill_cache(
         "sdp_order": [int(b) for b in torch._C._get_sdp_priority_order()],
     }
     marker = done_marker({**spec, "jobs": jobs})
+    started = time.perf_counter()
     if marker.exists():
-        return {"workers": 0, "failed": 0, "seconds": 0.0}
+        return Workers([], [], None, marker, started)
     shares = share_out(jobs, workers or default_workers(len(jobs)))
-    count = len(shares)
     env = dict(os.environ)
     # the workers share the CPU: each gets its part of Inductor's kernel-compiling threads
-    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, (os.cpu_count() or 2) // count)))
-    started = time.perf_counter()
-    failed, why = 0, ""
-    with tempfile.TemporaryDirectory(prefix="sdlora-precompile-") as tmp:
-        procs = []
-        for i, share in enumerate(shares):
-            path = Path(tmp) / f"job-{i}.json"
-            path.write_text(json.dumps({**spec, "jobs": share}))
-            cmd = [sys.executable, "-m", "sdlora.train.precompile", str(path)]
-            procs.append(
-                subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            )
-        for proc in procs:
-            try:
-                _, err = proc.communicate(timeout=WORKER_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                _, err = proc.communicate()
-            if proc.returncode != 0:
-                failed += 1
-                last = (err or b"").decode(errors="replace").strip().splitlines()[-1:]
-                why = why or (last[0] if last else f"exit code {proc.returncode}")
-    if not failed:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
-    done = {"workers": count, "failed": failed, "seconds": time.perf_counter() - started}
-    return done | ({"error": why} if why else {})
+    threads = max(1, (os.cpu_count() or 2) // len(shares))
+    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(threads))
+    tmp = tempfile.TemporaryDirectory(prefix="sdlora-precompile-")
+    procs, logs = [], []
+    for i, share in enumerate(shares):
+        path = Path(tmp.name) / f"job-{i}.json"
+        path.write_text(json.dumps({**spec, "jobs": share}))
+        log = Path(tmp.name) / f"job-{i}.log"  # a file, not a pipe: nobody reads it meanwhile
+        cmd = [sys.executable, "-m", "sdlora.train.precompile", str(path)]
+        with log.open("wb") as err:
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err))
+        logs.append(log)
+    return Workers(procs, logs, tmp, marker, started)
+
+
+def fill_cache(*args, **kwargs) -> dict[str, float | int]:
+    """`start_workers(...)`, then wait for them: what `Workers.wait` returns."""
+    return start_workers(*args, **kwargs).wait()
 
 
 def default_workers(jobs: int) -> int:
@@ -234,7 +279,7 @@ def default_workers(jobs: int) -> int:
 
 
 def main(spec_path: str) -> None:
-    """A worker: compile and run once each job of the spec file (see `fill_cache`)."""
+    """A worker: compile and run once each job of the spec file (see `start_workers`)."""
     from diffusers import UNet2DConditionModel
 
     from sdlora.inject import add_trainable
