@@ -193,6 +193,8 @@ class Compiling:
 
     def switch(self) -> str:
         done = self.workers.wait()
+        if torch.cuda.is_available():  # what the uncompiled steps held goes back to the GPU: the
+            torch.cuda.empty_cache()  # CUDA graphs' memory pools come on top of that cache
         return f"compile workers {workers_summary(done, self.graphs)}, {self.compile()}"
 
     def stop(self) -> None:
