@@ -86,6 +86,10 @@ def load_models(
         torch.nn.Module.to(pipe.unet, dtype=weight_dtype)
         for component in text_encoder_names(pipe):
             getattr(pipe, component).to(dtype=weight_dtype)
+        if accelerator.device.type == "cuda":
+            # the fp32 copies freed by the cast (13 GiB for SDXL) would stay reserved in PyTorch's
+            # cache while the compile workers need GPU memory of their own
+            torch.cuda.empty_cache()
     check_sides(pipe, plan)
     too_long = long_captions(pipe.tokenizer, plan.items, config.trigger)
     if too_long and main:

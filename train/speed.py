@@ -39,8 +39,10 @@ DEEP_REGIONS = ("BasicTransformerBlock", "ResnetBlock2D")
 COMPILE_BACKEND = "inductor"
 # dynamic=False: one fully specialised graph per block shape (shapes are few, kernels are best)
 COMPILE_DYNAMIC = False
-# CUDA graphs with gradient checkpointing (see cuda_graphs_allowed); measured in benchmarks/sdxl.py
-CUDA_GRAPHS_CHECKPOINTED = True
+# CUDA graphs with gradient checkpointing (see cuda_graphs_allowed): off, since recording them
+# failed on an H200 (torch 2.11, SDXL, batch 1): checkpointing's recomputation frees an input
+# during recording that replay keeps ("graph recording observed an input tensor deallocate")
+CUDA_GRAPHS_CHECKPOINTED = False
 # distinct block shapes of one bucket in SD 1.x (4 transformer + 14 resnet), with room to spare
 GRAPHS_PER_BUCKET = 24
 
