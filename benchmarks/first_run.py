@@ -23,7 +23,8 @@ rate after it, the wall time of 1,000 steps projected from these, and on CUDA tw
 trainer's own (PyTorch's allocated memory) and the whole GPU's (what `nvidia-smi` reports as
 used, sampled every 0.1 s, above what was used before the command: compile workers, CUDA
 contexts and the caching allocator's reserve included). `--keep DIR` builds the folders there
-once and reuses them. `--smoke` does the same on the CPU with the tiny base in seconds (tests).
+once and reuses them; each command's output goes to DIR/RUN-BATCH.log as it runs. `--smoke`
+does the same on the CPU with the tiny base in seconds (tests).
 """
 
 from __future__ import annotations
@@ -128,10 +129,11 @@ def train_command(
     ] + (["--gradient-checkpointing"] if checkpointing else [])
 
 
-def timed(cmd: list[str], env: dict, cwd: Path) -> tuple[float, str, float | None]:
+def timed(cmd: list[str], env: dict, cwd: Path, log: Path) -> tuple[float, str, float | None]:
     """(wall seconds, output, GiB the whole GPU used above its use before) of a command; raises
     with its last lines when it fails. The GPU figure is None without nvidia-smi.
 
+    The output goes to `log` as it comes, so a command stopped from outside still leaves it.
     It runs in `cwd`, away from a source checkout: `-m sdlora.cli` then finds the installed
     package (with sdlora.train), as a user's shell would."""
     before = gpu_used_mib()
@@ -141,16 +143,18 @@ def timed(cmd: list[str], env: dict, cwd: Path) -> tuple[float, str, float | Non
         sampler = subprocess.Popen(query + ["-lms", "100"], stdout=subprocess.PIPE, text=True)
     started = time.perf_counter()
     try:
-        run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cwd)
+        with log.open("w", encoding="utf-8") as out:
+            run = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
     finally:
         wall = time.perf_counter() - started
         if sampler is not None:
             sampler.terminate()
             samples = [int(v) for v in sampler.communicate()[0].split() if v.isdigit()]
+    output = log.read_text(encoding="utf-8", errors="replace")
     if run.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} failed: {run.stderr[-2000:]}")
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed: {output[-2000:]}")
     peak = (max(samples, default=before) - before) / 1024 if sampler is not None else None
-    return wall, run.stderr + run.stdout, peak
+    return wall, output, peak
 
 
 def gpu_used_mib() -> int | None:
@@ -205,8 +209,7 @@ def measure(
                         model, data, out, steps, batch, compile, smoke, nonlinearity, family,
                         checkpointing=run == "checkpointed",
                     )  # fmt: skip
-                wall, log, gpu = timed(cmd, env, root)
-                (root / f"{run}-{batch}.log").write_text(log, encoding="utf-8")  # for a look later
+                wall, log, gpu = timed(cmd, env, root, root / f"{run}-{batch}.log")
                 rows.append(row(run, batch, steps, wall, log, gpu))
                 print(json.dumps(rows[-1]), flush=True)
     return {"info": info, "rows": rows}
