@@ -64,7 +64,9 @@ def profile(run: str, batch: int, warm: int, active: int, device) -> list[tuple[
 
             with tempfile.TemporaryDirectory() as tmp:
                 data = training.write_images(Path(tmp) / "data", batch * 2, 512)
-                config = training.bench_config(False, data, str(Path(tmp) / "out"), batch, steps, run)
+                config = training.bench_config(
+                    False, data, str(Path(tmp) / "out"), batch, steps, run
+                )
                 train(config, pipe=build_pipeline(False, device), on_step=lambda s: prof.step())
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for event in prof.key_averages():

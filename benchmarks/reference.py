@@ -74,13 +74,21 @@ class ReferenceLoop:
                 noisy_latents, timesteps, encoder_hidden_states, return_dict=False
             )[0]
             loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-            avg_loss = accelerator.gather(loss.repeat(self.batch_size)).mean()
-            self.train_loss += avg_loss.item()
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(self.lora_layers, 1.0)
-            self.optimizer.step()
-            self.optimizer.zero_grad()
+            self.train_loss += optimize(self, loss)
+
+
+def optimize(loop, loss: torch.Tensor) -> float:
+    """The examples' loop-body tail on `loop` (a ReferenceLoop*): the loss averaged over
+    processes, read on the host (as the examples log it), backward, clipping at 1.0, the
+    optimizer step; returns the averaged loss."""
+    accelerator = loop.accelerator
+    avg_loss = accelerator.gather(loss.repeat(loop.batch_size)).mean().item()  # waits, as theirs
+    accelerator.backward(loss)
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(loop.lora_layers, 1.0)
+    loop.optimizer.step()
+    loop.optimizer.zero_grad()
+    return avg_loss
 
 
 def peft_unet(
@@ -192,10 +200,4 @@ class ReferenceLoopXL:
                 return_dict=False,
             )[0]
             loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
-            avg_loss = accelerator.gather(loss.repeat(self.batch_size)).mean()
-            self.train_loss += avg_loss.item()
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(self.lora_layers, 1.0)
-            self.optimizer.step()
-            self.optimizer.zero_grad()
+            self.train_loss += optimize(self, loss)

@@ -42,17 +42,16 @@ if __package__ in (None, ""):  # run as a script: the repository root on the pat
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sdlora.train import TrainConfig, speed
-from sdlora.train.loop import train
 
 from benchmarks.reference import ReferenceLoopXL
+from benchmarks.sd15 import VAE_CONFIG as SD15_VAE_CONFIG
 from benchmarks.sd15 import device_info
 from benchmarks.training import (
     RUN_STEPS,
     Timing,
-    peak_gib,
     reset_memory,
-    sync,
     time_loop,
+    time_train,
     write_images,
 )
 from sdlora.base import load_base
@@ -79,20 +78,8 @@ UNET_CONFIG = dict(
     flip_sin_to_cos=True,
     freq_shift=0,
 )
-# its vae/config.json
-VAE_CONFIG = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    act_fn="silu",
-    latent_channels=4,
-    norm_num_groups=32,
-    sample_size=1024,
-    scaling_factor=0.13025,
-)
+# its vae/config.json: SD 1.5's VAE at another size and latent scale
+VAE_CONFIG = SD15_VAE_CONFIG | dict(sample_size=1024, scaling_factor=0.13025)
 # text_encoder (CLIP ViT-L/14) and text_encoder_2 (OpenCLIP ViT-bigG/14) config.json
 TEXT_CONFIGS = (
     dict(
@@ -159,17 +146,8 @@ def parameter_counts(pipe) -> dict[str, float]:
 def time_ours(
     smoke: bool, device: torch.device, data: Path, batch: int, steps: int, **settings
 ) -> Timing:
-    """sdlora's `train()` for `steps` steps; syncs only at step 1, the warm-up end and the last."""
-    warm = max(2, steps // 3)
+    """sdlora's `train()` for `steps` steps, timed as `benchmarks.training.time_train` times it."""
     pipe = build_pipeline(smoke, device)
-    reset_memory(device)
-    marks: dict[int, float] = {}
-
-    def on_step(step: int) -> None:
-        if step in (1, warm, steps):
-            sync(device)
-            marks[step] = time.perf_counter()
-
     with tempfile.TemporaryDirectory() as out:
         config = TrainConfig(
             data_dir=str(data),
@@ -182,19 +160,7 @@ def time_ours(
             tensorboard=False,
             **({"compile": "on"} | settings),
         )
-        start = time.perf_counter()
-        train(config, pipe=pipe, on_step=on_step)
-        end = time.perf_counter()
-    timing = Timing(
-        first_step_s=marks[1] - start,
-        step_s=(marks[steps] - marks[warm]) / (steps - warm),
-        finish_s=end - marks[steps],
-        peak_gib=peak_gib(device),
-        batch=batch,
-    )
-    del pipe
-    torch._dynamo.reset()
-    return timing
+        return time_train(pipe, config, device)
 
 
 def time_reference(smoke: bool, device: torch.device, batch: int, steps: int) -> Timing:

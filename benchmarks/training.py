@@ -105,9 +105,16 @@ def bench_config(
 def time_ours(
     smoke: bool, device: torch.device, data: Path, batch: int, steps: int, compile: str
 ) -> Timing:
-    """sdlora's `train()` for `steps` steps; syncs only at steps 1, the warm-up end and the last."""
-    warm = max(2, steps // 3)
+    """sdlora's `train()` for `steps` steps on the SD 1.5-shaped model (see `time_train`)."""
     pipe = build_pipeline(smoke, device, torch.float32)
+    with tempfile.TemporaryDirectory() as out:
+        return time_train(pipe, bench_config(smoke, data, out, batch, steps, compile), device)
+
+
+def time_train(pipe, config: TrainConfig, device: torch.device) -> Timing:
+    """`train(config)` on `pipe` (dropped afterwards); syncs only at step 1, the warm-up end
+    (a third of the steps, at least 2) and the last."""
+    steps, warm = config.steps, max(2, config.steps // 3)
     reset_memory(device)
     marks: dict[int, float] = {}
 
@@ -116,17 +123,15 @@ def time_ours(
             sync(device)
             marks[step] = time.perf_counter()
 
-    with tempfile.TemporaryDirectory() as out:
-        config = bench_config(smoke, data, out, batch, steps, compile)
-        start = time.perf_counter()
-        train(config, pipe=pipe, on_step=on_step)
-        end = time.perf_counter()
+    start = time.perf_counter()
+    train(config, pipe=pipe, on_step=on_step)
+    end = time.perf_counter()
     timing = Timing(
         first_step_s=marks[1] - start,
         step_s=(marks[steps] - marks[warm]) / (steps - warm),
         finish_s=end - marks[steps],
         peak_gib=peak_gib(device),
-        batch=batch,
+        batch=config.batch_size,
     )
     del pipe
     torch._dynamo.reset()  # the next run compiles from scratch, as a new process would

@@ -12,16 +12,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_smoke_benchmark_prints_every_row(tmp_path):
-    out = tmp_path / "table.json"
+def smoke_run(args: list[str]) -> subprocess.CompletedProcess:
+    """`python ARGS` in the repository root; it must succeed (its stderr tail otherwise)."""
     run = subprocess.run(
-        [sys.executable, "benchmarks/run.py", "--smoke", "--batches", "8,1", "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600
     )
     assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def test_smoke_benchmark_prints_every_row(tmp_path):
+    out = tmp_path / "table.json"
+    run = smoke_run(["benchmarks/run.py", "--smoke", "--batches", "8,1", "--json", str(out)])
     assert "| section | measurement |" in run.stdout
     result = json.loads(out.read_text(encoding="utf-8"))
     assert {"device", "torch", "diffusers", "date"} <= set(result["info"])
@@ -45,15 +47,10 @@ def test_smoke_benchmark_prints_every_row(tmp_path):
 
 def test_first_run_benchmark_times_whole_commands(tmp_path):
     out = tmp_path / "first.json"
-    run = subprocess.run(
-        [sys.executable, "benchmarks/first_run.py", "--smoke", "--steps", "2", "--batches", "1"]
-        + ["--runs", "eager,reference", "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    smoke_run(
+        ["benchmarks/first_run.py", "--smoke", "--steps", "2", "--batches", "1"]
+        + ["--runs", "eager,reference", "--json", str(out)]
     )
-    assert run.returncode == 0, run.stderr[-3000:]
     rows = {r["run"]: r for r in json.loads(out.read_text(encoding="utf-8"))["rows"]}
     assert set(rows) == {"eager", "reference"}
     for r in rows.values():
@@ -63,14 +60,7 @@ def test_first_run_benchmark_times_whole_commands(tmp_path):
 
 def test_quality_benchmark_measures_every_cell(tmp_path):
     out = tmp_path / "quality.json"
-    run = subprocess.run(
-        [sys.executable, "benchmarks/quality.py", "--smoke", "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = smoke_run(["benchmarks/quality.py", "--smoke", "--json", str(out)])
     assert "| data | σ | rank |" in run.stdout
     result = json.loads(out.read_text(encoding="utf-8"))
     assert {"device", "torch", "command", "seeds", "steps"} <= set(result["info"])
@@ -84,15 +74,10 @@ def test_quality_benchmark_measures_every_cell(tmp_path):
 
 def test_unfused_benchmark_times_every_configuration(tmp_path):
     out = tmp_path / "unfused.json"
-    run = subprocess.run(
-        [sys.executable, "benchmarks/unfused.py", "--smoke", "--threads", "1"]
-        + ["--steps", "3", "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run = smoke_run(
+        ["benchmarks/unfused.py", "--smoke", "--threads", "1"]
+        + ["--steps", "3", "--json", str(out)]
     )
-    assert run.returncode == 0, run.stderr[-3000:]
     assert "| configuration | step (ms) |" in run.stdout
     result = json.loads(out.read_text(encoding="utf-8"))
     assert {"device", "torch", "base", "method", "command"} <= set(result["info"])
@@ -112,15 +97,9 @@ def test_unfused_benchmark_times_every_configuration(tmp_path):
 
 def test_sdxl_benchmark_smoke_measures_every_run(tmp_path):
     out = tmp_path / "sdxl.json"
-    run = subprocess.run(
-        [sys.executable, "benchmarks/sdxl.py", "--smoke", "--steps", "3", "--batches", "1"]
-        + ["--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    smoke_run(
+        ["benchmarks/sdxl.py", "--smoke", "--steps", "3", "--batches", "1"] + ["--json", str(out)]
     )
-    assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text(encoding="utf-8"))
     assert set(result["runs"]) == {"ours 1", "reference 1", "ours 1 checkpointed"}
     rows = {r["name"]: r for r in result["rows"]}

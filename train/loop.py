@@ -205,17 +205,16 @@ def train(
                     progress.set_description("training")
                 accelerator.wait_for_everyone()
     except BaseException as err:
-        if models.compiling is not None:
-            models.compiling.stop()
         progress.close()  # the error message then starts on a line of its own
         if writer is not None:
             writer.close()
         if main and isinstance(err, KeyboardInterrupt):
             logger.warning("stopped at step %d. %s", step, resume_hint(output))
         raise
+    finally:
+        if models.compiling is not None:  # the run ended before the workers: they stop here
+            models.compiling.stop()
     progress.close()
-    if models.compiling is not None:  # the run ended before the workers: they stop here
-        models.compiling.stop()
 
     # --- finishing: the adapter file, written once, by the main process
     path = config.adapter_path

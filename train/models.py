@@ -260,16 +260,8 @@ def start_compile_workers(
             return bare(noisy, timesteps, **kwargs).sample
 
     jobs = precompile.record_calls(bare, call_unet, inputs, regions_of(bare))
-    adapter = precompile.Adapter(
-        targets=tuple(target_names(config.targets, UNET_TARGETS)),
-        rank=lora_args["rank"],
-        alpha=lora_args["alpha"],
-        nonlinearity=lora_args["nonlinearity"],
-        dropout=lora_args["dropout"],
-        name=lora_args["name"],
-        conv_rank=lora_args["conv_rank"],
-        conv_alpha=lora_args["conv_alpha"],
-    )
+    shape_args = {k: v for k, v in lora_args.items() if k != "generator"}  # values don't matter
+    adapter = precompile.Adapter(tuple(target_names(config.targets, UNET_TARGETS)), **shape_args)
     autocast = weight_dtype if weight_dtype != torch.float32 else None
     options = compile_options(device, graphs)
     checkpointing = config.gradient_checkpointing

@@ -295,19 +295,8 @@ def main(spec_path: str) -> None:
     unet.to(dtype=getattr(torch, spec["weight_dtype"]))
     if spec["gradient_checkpointing"]:
         unet.enable_gradient_checkpointing()
-    a = spec["adapter"]
-    add_trainable(
-        unet,
-        "unet",
-        tuple(a["targets"]),
-        rank=a["rank"],
-        alpha=a["alpha"],
-        nonlinearity=a["nonlinearity"],
-        dropout=a["dropout"],
-        name=a["name"],
-        conv_rank=a["conv_rank"],
-        conv_alpha=a["conv_alpha"],
-    )
+    adapter = dict(spec["adapter"])
+    add_trainable(unet, "unet", tuple(adapter.pop("targets")), **adapter)
     unet.train()
     dynamo = torch._dynamo.config
     dynamo.recompile_limit = max(dynamo.recompile_limit, 4 * len(spec["jobs"]))
