@@ -40,8 +40,14 @@ def test_recorded_calls_cover_every_region_once_and_leave_no_gradient():
         (torch.randn(b, 4, s, s), torch.randint(0, 1000, (b,)), torch.randn(b, 77, 32))
         for b, s in shapes
     ]
-    jobs = precompile.record_calls(unet, lambda *a: unet(*a).sample, inputs, REGIONS)
+    kept = []  # what autograd would keep for a backward pass: nothing, the pass never runs one
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()), lambda t: t):
+        jobs = precompile.record_calls(unet, lambda *a: unet(*a).sample, inputs, REGIONS)
+    assert kept == []
     names = precompile.region_names(unet, REGIONS)
+    # autograd ran: past the first adapter layer the regions' inputs need gradients
+    hidden = [job["args"][0] for job in jobs]
+    assert any(h["requires_grad"] for h in hidden) and not all(h["requires_grad"] for h in hidden)
     covered = [name for job in jobs for name in job["regions"]]
     # each region once per input shape; regions with the same parameters and inputs share a job
     assert sorted(covered) == sorted(names * len(shapes))
@@ -154,3 +160,64 @@ def test_auto_trains_uncompiled_until_the_workers_are_done_then_switches(
     for key, module in eager.modules.items():
         torch.testing.assert_close(compiled.modules[key].up, module.up, rtol=0, atol=1e-6)
         torch.testing.assert_close(compiled.modules[key].down, module.down, rtol=0, atol=1e-6)
+
+
+def _saved_bytes(block, x, context) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(bytes the forward pass keeps for the backward, output, input gradient)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    x = x.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = block(x, encoder_hidden_states=context)
+    out.square().sum().backward()
+    return sum(saved), out.detach(), x.grad
+
+
+def test_activation_budget_recomputes_inside_the_compiled_block(monkeypatch):
+    """A lower budget keeps fewer bytes for the backward pass, same output and gradients.
+
+    The block goes through AOTAutograd with the partitioner Inductor uses (min-cut), without
+    Inductor's code generation, so this runs in seconds on the CPU."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    def nop(graph, example_inputs):
+        return make_boxed_func(graph)
+
+    backend = aot_autograd(
+        fw_compiler=nop, bw_compiler=nop, partition_fn=min_cut_rematerialization_partition
+    )
+    unet = load_base("tiny").unet
+    block = next(m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock")
+    add_trainable(block, "unet", ("to_q", "to_k", "to_v", "to_out.0"), rank=4, name="training")
+    x, context = torch.randn(2, 64, 32), torch.randn(2, 77, 32)
+    results = {}
+    for budget in (1.0, 0.0):
+        torch._dynamo.reset()
+        speed.set_activation_budget(budget)
+        compiled = torch.compile(block, backend=backend, dynamic=False)
+        results[budget] = _saved_bytes(compiled, x, context)
+    speed.set_activation_budget(1.0)
+    torch._dynamo.reset()
+    (kept, out, grad), (kept_low, out_low, grad_low) = results[1.0], results[0.0]
+    assert kept_low < 0.8 * kept
+    torch.testing.assert_close(out_low, out, rtol=0, atol=1e-6)
+    torch.testing.assert_close(grad_low, grad, rtol=0, atol=1e-6)
+
+
+def test_workers_compile_again_for_another_activation_budget(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    unet, adapter = _unet_with_adapter()
+    inputs = [(torch.randn(1, 4, 8, 8), torch.randint(0, 1000, (1,)), torch.randn(1, 77, 32))]
+    jobs = precompile.record_calls(unet, lambda *a: unet(*a).sample, inputs, REGIONS)
+    options = dict(dynamic=False, backend="eager", mode=None)
+    fill = precompile.fill_cache
+    for budget in (1.0, 0.5):  # another budget partitions each block into other graphs
+        done = fill(unet, jobs, adapter, torch.float32, None, options, workers=1,
+                    activation_budget=budget)  # fmt: skip
+        assert done["workers"] == 1 and done["failed"] == 0
+    assert len(list((tmp_path / "sdlora-precompiled").iterdir())) == 2

@@ -242,6 +242,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "first steps run uncompiled (default: auto)",
     )
     g.add_argument(
+        "--activation-budget",
+        type=float,
+        metavar="FRACTION",
+        help="compiled blocks keep this fraction of their activations for the backward pass and "
+        "recompute the rest: less memory, slower steps; unlike --gradient-checkpointing the "
+        f"blocks still replay as CUDA graphs (default: {D.activation_budget:g}, keep all)",
+    )
+    g.add_argument(
         "--min-snr-gamma",
         type=float,
         metavar="GAMMA",

@@ -71,7 +71,16 @@ RESUME_MUST_MATCH = (
     "init_token",
 )
 # Fields about this run rather than about the adapter, left out of the adapter's metadata.
-RUN_ONLY = ("output", "resume", "overwrite", "workers", "tensorboard", "compile", "log_every")
+RUN_ONLY = (
+    "output",
+    "resume",
+    "overwrite",
+    "workers",
+    "tensorboard",
+    "compile",
+    "activation_budget",
+    "log_every",
+)
 PATH_FIELDS = ("data_dir", "output", "validation_data", "reg_data")
 
 
@@ -135,6 +144,9 @@ class TrainConfig:
     # long enough to pay back the compile time (see speed.py), compiled by worker processes while
     # the first steps run uncompiled (precompile.py); off on the CPU unless "on"
     compile: str = "auto"
+    # compiled blocks keep this fraction of their activations for the backward pass and recompute
+    # the rest (PyTorch's activation memory budget): 1 keeps all; lower saves memory for speed
+    activation_budget: float = 1.0
     min_snr_gamma: float | None = None  # min-SNR-γ loss weighting (Hang et al. 2023); 5 is usual
     noise_offset: float = 0.0  # per-channel noise offset; 0.05-0.1 helps very dark/bright images
     prediction_type: str | None = None  # None: the base's scheduler config says
@@ -276,6 +288,10 @@ class TrainConfig:
         need(
             self.compile in COMPILE_MODES,
             f"--compile must be one of: {', '.join(COMPILE_MODES)} (got {self.compile!r})",
+        )
+        need(
+            0 <= self.activation_budget <= 1,
+            f"--activation-budget must be from 0 to 1 (got {self.activation_budget})",
         )
         need(self.log_every >= 1, f"--log-every must be at least 1 (got {self.log_every})")
         need(

@@ -9,6 +9,7 @@ accelerate handles device, mixed precision, gradient accumulation and multi-proc
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -151,6 +152,11 @@ def train(
         save_adapter(trained_adapter(models, metadata() | extra), path, overwrite=True)
 
     # --- the loop: micro-batches until the last optimizer step
+    # Set-up's objects (models, modules, libraries: about half a million) leave the garbage
+    # collector's rounds: compiling and recording CUDA graphs make many short-lived objects, and
+    # each full collection would walk them all again
+    gc.collect()
+    gc.freeze()
     first_step, started = step, time.perf_counter()
     pace = Pace(images_per_step, first_step, started)
     for model in models.trained:
@@ -212,6 +218,7 @@ def train(
             logger.warning("stopped at step %d. %s", step, resume_hint(output))
         raise
     finally:
+        gc.unfreeze()
         if models.compiling is not None:  # the run ended before the workers: they stop here
             models.compiling.stop()
     progress.close()

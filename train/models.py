@@ -75,21 +75,21 @@ def load_models(
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32
     )
-    if pipe is None:
-        pipe = load_base(config.base, device=accelerator.device, config=config.base_config)
-    else:
-        pipe.to(accelerator.device)
+    loaded_here = pipe is None
+    if loaded_here:
+        pipe = load_base(config.base, config=config.base_config)  # on the CPU, in fp32
     if config.reg_generate:  # the base itself, before any cast or adapter
+        pipe.to(accelerator.device)
         generate_missing(pipe, config, accelerator)
     if weight_dtype != torch.float32:
-        # nn.Module.to: diffusers' own .to(dtype) warns about fp32 modules even when there are none
-        torch.nn.Module.to(pipe.unet, dtype=weight_dtype)
-        for component in text_encoder_names(pipe):
-            getattr(pipe, component).to(dtype=weight_dtype)
-        if accelerator.device.type == "cuda":
-            # the fp32 copies freed by the cast (13 GiB for SDXL) would stay reserved in PyTorch's
-            # cache while the compile workers need GPU memory of their own
-            torch.cuda.empty_cache()
+        # cast where the weights are: a base just loaded is still on the CPU, so only the
+        # bf16/fp16 copies reach the GPU (SDXL's fp32 UNet and text encoders are 13 GiB)
+        cast_frozen(pipe, weight_dtype)
+    pipe.to(accelerator.device)
+    if accelerator.device.type == "cuda" and not loaded_here:
+        # the fp32 copies freed by a cast on the GPU would stay reserved in PyTorch's cache
+        # while the compile workers need GPU memory of their own
+        torch.cuda.empty_cache()
     check_sides(pipe, plan)
     too_long = long_captions(pipe.tokenizer, plan.items, config.trigger)
     if too_long and main:
@@ -130,6 +130,13 @@ def load_models(
     device = accelerator.device
     compiling = will_compile(config.compile, device, total_steps, len(plan.by_bucket))
     fast = speed_up(pipe.unet, device, compile=False, buckets=len(plan.by_bucket))
+    if config.activation_budget < 1 and not compiling and main:
+        logger.warning(
+            "--activation-budget applies to compiled blocks and this run is not compiled "
+            "(--compile %s): every activation is kept; --gradient-checkpointing saves memory "
+            "without compiling",
+            config.compile,
+        )
 
     optimizer = make_optimizer(config, injected, accelerator.device, words)
     lr_scheduler = get_scheduler(
@@ -147,7 +154,9 @@ def load_models(
         graphs = cuda_graphs_allowed(config.grad_accum, config.gradient_checkpointing)
 
         def compile_now() -> str:
-            return compile_regions(pipe.unet, device, len(plan.by_bucket), graphs)
+            return compile_regions(
+                pipe.unet, device, len(plan.by_bucket), graphs, config.activation_budget
+            )
 
         workers = None
         if use_compile_workers(config, device):
@@ -203,6 +212,14 @@ class Compiling:
 
     def stop(self) -> None:
         self.workers.stop()
+
+
+def cast_frozen(pipe, dtype: torch.dtype) -> None:
+    """The UNet and text encoders to `dtype` (the VAE stays fp32: it encodes the latents)."""
+    # nn.Module.to: diffusers' own .to(dtype) warns about fp32 modules even when there are none
+    torch.nn.Module.to(pipe.unet, dtype=dtype)
+    for component in text_encoder_names(pipe):
+        getattr(pipe, component).to(dtype=dtype)
 
 
 def text_encoder_names(pipe) -> list[str]:
@@ -266,7 +283,14 @@ def start_compile_workers(
     options = compile_options(device, graphs)
     checkpointing = config.gradient_checkpointing
     workers = precompile.start_workers(
-        bare, jobs, adapter, weight_dtype, autocast, options, checkpointing
+        bare,
+        jobs,
+        adapter,
+        weight_dtype,
+        autocast,
+        options,
+        checkpointing,
+        activation_budget=config.activation_budget,
     )
     return workers, len(jobs)
 
