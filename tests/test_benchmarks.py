@@ -101,13 +101,40 @@ def test_sdxl_benchmark_smoke_measures_every_run(tmp_path):
         ["benchmarks/sdxl.py", "--smoke", "--steps", "3", "--batches", "1"] + ["--json", str(out)]
     )
     result = json.loads(out.read_text(encoding="utf-8"))
-    assert set(result["runs"]) == {"ours 1", "reference 1", "ours 1 checkpointed"}
+    assert set(result["runs"]) == {"ours 1", "reference 1"}
     rows = {r["name"]: r for r in result["rows"]}
     for name in (
         "reference img/s, batch 1",
         "sdlora img/s, batch 1 (compiled)",
-        "sdlora img/s, 24 GiB setting (batch 1, checkpointing)",
+        "sdlora img/s, 24 GiB setting (batch 1, compiled)",
         "sdlora peak memory, 24 GiB setting",
     ):
         assert rows[name]["value"] > 0, rows[name]
     assert all(r["met"] is None for r in result["rows"])  # no target judged on the CPU
+
+
+def test_step_memory_smoke_runs_every_kind_of_run(tmp_path):
+    out = tmp_path / "memory.json"
+    runs = ["eager", "compiled", "compiled-plain", "budget=0.5"]
+    smoke_run(["benchmarks/step_memory.py", "--smoke", *runs, "--json", str(out)])
+    rows = json.loads(out.read_text(encoding="utf-8"))["rows"]
+    assert [r["run"] for r in rows] == runs
+    for r in rows:
+        assert len(r["peaks_gib"]) == 3 and r["images_per_s"] > 0, r  # a peak slot per step
+
+
+def test_step_memory_finds_what_is_live_at_the_highest_point():
+    from benchmarks.step_memory import live_at_peak
+
+    def frames(name):
+        return [{"filename": f"/x/site-packages/diffusers/{name}.py", "line": 1, "name": name}]
+
+    gib = 2**30
+    events = [  # a: 1 GiB, b: 2 GiB, a freed, c: 0.5 GiB: the highest point is a + b = 3 GiB
+        {"action": "alloc", "addr": 1, "size": gib, "frames": frames("a")},
+        {"action": "alloc", "addr": 2, "size": 2 * gib, "frames": frames("b")},
+        {"action": "free_requested", "addr": 1, "size": gib},
+        {"action": "alloc", "addr": 3, "size": gib // 2, "frames": frames("c")},
+    ]
+    found = live_at_peak({"device_traces": [events]})
+    assert found == [(2.0, "diffusers/b.py:1 b"), (1.0, "diffusers/a.py:1 a")]

@@ -214,7 +214,10 @@ def bad_adapters(tmp_path_factory):
         {f"{key}.lora_down.weight": torch.ones(2, 48), f"{key}.lora_up.weight": torch.ones(32, 2)},
         folder / "wide.safetensors",
     )
-    deep = {f"{key}.lora_down.weight": torch.ones(40, 32), f"{key}.lora_up.weight": torch.ones(32, 40)}
+    deep = {
+        f"{key}.lora_down.weight": torch.ones(40, 32),
+        f"{key}.lora_up.weight": torch.ones(32, 40),
+    }
     save_file(deep, folder / "deep.safetensors")
     nonlinear, _ = make_adapter_file(
         lambda: load_base("tiny"), folder / "curvy.safetensors", nonlinearity="tanh"

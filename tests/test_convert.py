@@ -37,7 +37,9 @@ def test_kohya_locon_to_diffusers(tmp_path, inputs, with_base):
     convert_adapter(load_adapter(src), "diffusers", out, models=models)
     with safe_open(str(out), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
-    assert "unet.down_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj.lora_A.weight" in keys
+    assert (
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj.lora_A.weight" in keys
+    )
     assert json.loads(meta["lora_adapter_metadata"])["unet.r"] in (2, 3, 4)
     expected = ours(src)
     close(run_unet(theirs(out), inputs), run_unet(expected, inputs))
@@ -57,16 +59,23 @@ def test_peft_and_lycoris_to_kohya(tmp_path, inputs):
     close(run_unet(ours(out), inputs), run_unet(live, inputs))
     lyco, _ = loha_lokr_file(tmp_path)
     convert_adapter(load_adapter(lyco), "kohya", tmp_path / "lk.safetensors")
-    close(run_unet(ours(tmp_path / "lk.safetensors", 0.5), inputs), run_unet(ours(lyco, 0.5), inputs))
+    close(
+        run_unet(ours(tmp_path / "lk.safetensors", 0.5), inputs), run_unet(ours(lyco, 0.5), inputs)
+    )
 
 
 def test_refusals(tmp_path):
-    n, _ = make_adapter_file(lambda: load_base("tiny"), tmp_path / "n.safetensors", nonlinearity="tanh")
+    n, _ = make_adapter_file(
+        lambda: load_base("tiny"), tmp_path / "n.safetensors", nonlinearity="tanh"
+    )
     with pytest.raises(SdloraError, match="n.safetensors: has nonlinearity 'tanh'"):
         convert_adapter(load_adapter(n), "kohya", tmp_path / "o.safetensors")
     with pytest.raises(SdloraError, match="cannot tell the module path .* pass --base"):
         path_by_name("unet", "down_blocks_0_mystery_layer")
-    assert path_by_name("unet", "up_blocks_1_resnets_0_conv_shortcut") == "up_blocks.1.resnets.0.conv_shortcut"
+    assert (
+        path_by_name("unet", "up_blocks_1_resnets_0_conv_shortcut")
+        == "up_blocks.1.resnets.0.conv_shortcut"
+    )
     assert path_by_name("text_encoder", "text_model_encoder_layers_11_self_attn_out_proj") == (
         "text_model.encoder.layers.11.self_attn.out_proj"
     )
@@ -79,10 +88,24 @@ def test_refusals(tmp_path):
 def test_cli(tmp_path, capsys):
     src, _ = kohya_file(tmp_path)
     out = tmp_path / "d.safetensors"
-    assert main(["convert", str(src), "--to", "diffusers", "--out", str(out), "--base", "tiny"]) == 0
+    assert (
+        main(["convert", str(src), "--to", "diffusers", "--out", str(out), "--base", "tiny"]) == 0
+    )
     assert out.exists()
     (tmp_path / "a.ckpt").write_bytes(b"\x80\x04")
-    assert main(["convert", str(tmp_path / "a.ckpt"), "--to", "kohya", "--out", str(tmp_path / "b.safetensors")]) == 2
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "a.ckpt"),
+                "--to",
+                "kohya",
+                "--out",
+                str(tmp_path / "b.safetensors"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "a.ckpt: pickle files are never loaded" in err and err.count("\n") == 1
 
@@ -94,8 +117,10 @@ def test_base_with_other_shapes_is_refused(tmp_path, capsys):
 
     key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     src = tmp_path / "wide.safetensors"
-    save_file({f"{key}.lora_down.weight": torch.ones(2, 48), f"{key}.lora_up.weight": torch.ones(32, 2)},
-              src)
+    save_file(
+        {f"{key}.lora_down.weight": torch.ones(2, 48), f"{key}.lora_up.weight": torch.ones(32, 2)},
+        src,
+    )
     pipe = load_base("tiny")
     models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
     for to in ("kohya", "diffusers"):

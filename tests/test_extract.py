@@ -15,7 +15,9 @@ from sdlora.formats import load_adapter
 @pytest.fixture
 def tuned(tmp_path):
     """A tiny base with a rank-4 adapter (alpha 8) merged in, exported as a diffusers folder."""
-    path, live = make_adapter_file(lambda: load_base("tiny"), tmp_path / "a.safetensors", alpha=8.0, seed=5)
+    path, live = make_adapter_file(
+        lambda: load_base("tiny"), tmp_path / "a.safetensors", alpha=8.0, seed=5
+    )
     pipe = load_base("tiny")
     Mixer(pipe).add(path, strength=0.9)
     folder = export_diffusers(pipe, tmp_path / "tuned", "fp32")
@@ -38,9 +40,29 @@ def test_extract_recovers_the_lora(tuned, inputs, tmp_path):
 def test_cli(tuned, tmp_path, capsys):
     folder, _, _ = tuned
     out = tmp_path / "x.safetensors"
-    assert main(["extract", "--base", "tiny", "--tuned", str(folder), "--rank", "4", "--out", str(out)]) == 0
+    assert (
+        main(
+            ["extract", "--base", "tiny", "--tuned", str(folder), "--rank", "4", "--out", str(out)]
+        )
+        == 0
+    )
     assert "rank 4: overall relative error" in capsys.readouterr().out
     assert load_adapter(out).metadata["sdlora_extract_rank"] == "4"
-    assert main(["extract", "--base", "tiny", "--tuned", "tiny", "--rank", "4", "--out", str(tmp_path / "y.safetensors")]) == 2
+    assert (
+        main(
+            [
+                "extract",
+                "--base",
+                "tiny",
+                "--tuned",
+                "tiny",
+                "--rank",
+                "4",
+                "--out",
+                str(tmp_path / "y.safetensors"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "nothing to extract" in err and err.count("\n") == 1

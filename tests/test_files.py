@@ -97,9 +97,7 @@ def test_unknown_nonlinearity_in_file(tiny, tmp_path):
 
 def test_adapter_for_another_base_is_refused(tiny, tmp_path):
     path, _ = make_adapter_file(lambda: tiny, tmp_path / "a.safetensors")
-    tensors = {
-        k.replace("lora_unet_", "lora_unet_extra_"): v for k, v in load_file(path).items()
-    }
+    tensors = {k.replace("lora_unet_", "lora_unet_extra_"): v for k, v in load_file(path).items()}
     save_file(
         {k: v for k, v in tensors.items() if "lora_unet" in k}, tmp_path / "other.safetensors"
     )
@@ -176,7 +174,10 @@ def test_negative_alpha_folds_into_up(tiny, inputs, tmp_path, nonlinearity):
     from sdlora.base import load_base
 
     path, trained = make_adapter_file(
-        lambda: load_base("tiny"), tmp_path / "neg.safetensors", alpha=-6.0, nonlinearity=nonlinearity
+        lambda: load_base("tiny"),
+        tmp_path / "neg.safetensors",
+        alpha=-6.0,
+        nonlinearity=nonlinearity,
     )
     assert load_adapter(path).metadata["sdlora_scale_folded_into"] == "up"
     Mixer(tiny).add(path)

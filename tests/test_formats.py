@@ -30,16 +30,35 @@ def close(a, b):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def peft_file(tmp_path, seed=0, rank=4, alpha=8, v_alpha=2.0, te_rank=2, te_alpha=3, name="pytorch_lora_weights.safetensors"):
+def peft_file(
+    tmp_path,
+    seed=0,
+    rank=4,
+    alpha=8,
+    v_alpha=2.0,
+    te_rank=2,
+    te_alpha=3,
+    name="pytorch_lora_weights.safetensors",
+):
     """A diffusers-format file written by diffusers + PEFT themselves; returns (file, live pipe)."""
     pipe = load_base("tiny")
     torch.manual_seed(seed)
     pipe.unet.add_adapter(
-        LoraConfig(r=rank, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1"],
-                   alpha_pattern={"to_v": v_alpha}, init_lora_weights=False)
+        LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1"],
+            alpha_pattern={"to_v": v_alpha},
+            init_lora_weights=False,
+        )
     )
     pipe.text_encoder.add_adapter(
-        LoraConfig(r=te_rank, lora_alpha=te_alpha, target_modules=["q_proj", "v_proj", "out_proj"], init_lora_weights=False)
+        LoraConfig(
+            r=te_rank,
+            lora_alpha=te_alpha,
+            target_modules=["q_proj", "v_proj", "out_proj"],
+            init_lora_weights=False,
+        )
     )
     for model in (pipe.unet, pipe.text_encoder):
         for pname, p in model.named_parameters():
@@ -125,12 +144,24 @@ def kohya_file(tmp_path, name="k.safetensors", te_prefix="lora_te_text_model_", 
     modules = {
         ("unet", ATTN, "lora_unet_" + ATTN.replace(".", "_")): (rnd(4, 32), rnd(32, 4), 2.0),
         ("unet", FF, "lora_unet_" + FF.replace(".", "_")): (rnd(3, 64), rnd(512, 3), ff_alpha),
-        ("unet", CONV, "lora_unet_" + CONV.replace(".", "_")): (rnd(4, 32, 3, 3), rnd(32, 4, 1, 1), 1.0),
-        ("unet", SHORTCUT, "lora_unet_" + SHORTCUT.replace(".", "_")): (rnd(2, 32, 1, 1), rnd(64, 2, 1, 1), 8.0),
+        ("unet", CONV, "lora_unet_" + CONV.replace(".", "_")): (
+            rnd(4, 32, 3, 3),
+            rnd(32, 4, 1, 1),
+            1.0,
+        ),
+        ("unet", SHORTCUT, "lora_unet_" + SHORTCUT.replace(".", "_")): (
+            rnd(2, 32, 1, 1),
+            rnd(64, 2, 1, 1),
+            8.0,
+        ),
         ("text_encoder", TE_Q, te_prefix + TE_Q.replace(".", "_")): (rnd(2, 32), rnd(32, 2), 6.0),
         # diffusers only recognises kohya text-encoder keys when an out_proj is among them, and
         # (transformers 5) applies only one text-encoder alpha: same alpha, different rank here
-        ("text_encoder", TE_OUT, te_prefix + TE_OUT.replace(".", "_")): (rnd(3, 32), rnd(32, 3), 6.0),
+        ("text_encoder", TE_OUT, te_prefix + TE_OUT.replace(".", "_")): (
+            rnd(3, 32),
+            rnd(32, 3),
+            6.0,
+        ),
     }
     tensors, deltas = {}, {}
     for (comp, path, key), (down, up, alpha) in modules.items():
@@ -179,25 +210,63 @@ def loha_lokr_file(tmp_path):
 
     t, deltas = {}, {}
     k = "lora_unet_" + ATTN.replace(".", "_")
-    t.update({f"{k}.hada_w1_a": rnd(32, 2), f"{k}.hada_w1_b": rnd(2, 32), f"{k}.hada_w2_a": rnd(32, 2),
-              f"{k}.hada_w2_b": rnd(2, 32), f"{k}.alpha": torch.tensor(1.0)})
-    deltas[("unet", ATTN)] = (t[f"{k}.hada_w1_a"] @ t[f"{k}.hada_w1_b"]) * (t[f"{k}.hada_w2_a"] @ t[f"{k}.hada_w2_b"]) * 0.5
+    t.update(
+        {
+            f"{k}.hada_w1_a": rnd(32, 2),
+            f"{k}.hada_w1_b": rnd(2, 32),
+            f"{k}.hada_w2_a": rnd(32, 2),
+            f"{k}.hada_w2_b": rnd(2, 32),
+            f"{k}.alpha": torch.tensor(1.0),
+        }
+    )
+    deltas[("unet", ATTN)] = (
+        (t[f"{k}.hada_w1_a"] @ t[f"{k}.hada_w1_b"])
+        * (t[f"{k}.hada_w2_a"] @ t[f"{k}.hada_w2_b"])
+        * 0.5
+    )
     k = "lora_unet_" + CONV.replace(".", "_")
-    t.update({f"{k}.hada_w1_a": rnd(32, 3), f"{k}.hada_w1_b": rnd(3, 32 * 9), f"{k}.hada_w2_a": rnd(32, 3),
-              f"{k}.hada_w2_b": rnd(3, 32 * 9)})
-    deltas[("unet", CONV)] = (t[f"{k}.hada_w1_a"] @ t[f"{k}.hada_w1_b"]) * (t[f"{k}.hada_w2_a"] @ t[f"{k}.hada_w2_b"])
+    t.update(
+        {
+            f"{k}.hada_w1_a": rnd(32, 3),
+            f"{k}.hada_w1_b": rnd(3, 32 * 9),
+            f"{k}.hada_w2_a": rnd(32, 3),
+            f"{k}.hada_w2_b": rnd(3, 32 * 9),
+        }
+    )
+    deltas[("unet", CONV)] = (t[f"{k}.hada_w1_a"] @ t[f"{k}.hada_w1_b"]) * (
+        t[f"{k}.hada_w2_a"] @ t[f"{k}.hada_w2_b"]
+    )
     k = "lora_unet_" + CROSS_K.replace(".", "_")
-    t.update({f"{k}.lokr_w1": rnd(4, 4), f"{k}.lokr_w2_a": rnd(16, 2), f"{k}.lokr_w2_b": rnd(2, 8),
-              f"{k}.alpha": torch.tensor(4.0)})
-    deltas[("unet", CROSS_K)] = torch.kron(t[f"{k}.lokr_w1"], t[f"{k}.lokr_w2_a"] @ t[f"{k}.lokr_w2_b"]) * 2.0
+    t.update(
+        {
+            f"{k}.lokr_w1": rnd(4, 4),
+            f"{k}.lokr_w2_a": rnd(16, 2),
+            f"{k}.lokr_w2_b": rnd(2, 8),
+            f"{k}.alpha": torch.tensor(4.0),
+        }
+    )
+    deltas[("unet", CROSS_K)] = (
+        torch.kron(t[f"{k}.lokr_w1"], t[f"{k}.lokr_w2_a"] @ t[f"{k}.lokr_w2_b"]) * 2.0
+    )
     k = "lora_unet_" + SHORTCUT.replace(".", "_")
     t.update({f"{k}.lokr_w1": rnd(8, 4), f"{k}.lokr_w2": rnd(8, 8, 1, 1)})
     deltas[("unet", SHORTCUT)] = torch.kron(t[f"{k}.lokr_w1"][:, :, None, None], t[f"{k}.lokr_w2"])
     k = "lora_unet_" + "down_blocks.1.resnets.0.conv2".replace(".", "_")  # (64, 64, 3, 3), Tucker
-    t.update({f"{k}.lokr_w1": rnd(4, 4), f"{k}.lokr_w2_a": rnd(2, 16), f"{k}.lokr_w2_b": rnd(2, 16),
-              f"{k}.lokr_t2": rnd(2, 2, 3, 3), f"{k}.alpha": torch.tensor(1.0)})
-    w2 = torch.einsum("ijkl,jr,ip->prkl", t[f"{k}.lokr_t2"], t[f"{k}.lokr_w2_b"], t[f"{k}.lokr_w2_a"])
-    deltas[("unet", "down_blocks.1.resnets.0.conv2")] = torch.kron(t[f"{k}.lokr_w1"][:, :, None, None], w2.contiguous()) * 0.5
+    t.update(
+        {
+            f"{k}.lokr_w1": rnd(4, 4),
+            f"{k}.lokr_w2_a": rnd(2, 16),
+            f"{k}.lokr_w2_b": rnd(2, 16),
+            f"{k}.lokr_t2": rnd(2, 2, 3, 3),
+            f"{k}.alpha": torch.tensor(1.0),
+        }
+    )
+    w2 = torch.einsum(
+        "ijkl,jr,ip->prkl", t[f"{k}.lokr_t2"], t[f"{k}.lokr_w2_b"], t[f"{k}.lokr_w2_a"]
+    )
+    deltas[("unet", "down_blocks.1.resnets.0.conv2")] = (
+        torch.kron(t[f"{k}.lokr_w1"][:, :, None, None], w2.contiguous()) * 0.5
+    )
     save_file(t, tmp_path / "lyco.safetensors")
     return tmp_path / "lyco.safetensors", deltas
 
@@ -232,7 +301,12 @@ def test_exact_factors_reproduce_delta(shape):
 
 @pytest.mark.parametrize(
     "part,message",
-    [("dora_scale", "DoRA"), ("w_norm", "norm-layer"), ("oft_blocks", "OFT"), ("weird_thing", "unknown module part")],
+    [
+        ("dora_scale", "DoRA"),
+        ("w_norm", "norm-layer"),
+        ("oft_blocks", "OFT"),
+        ("weird_thing", "unknown module part"),
+    ],
 )
 def test_unsupported_module_types_refused(tmp_path, part, message):
     path, _ = kohya_file(tmp_path)
@@ -270,9 +344,16 @@ def test_bad_files(tmp_path):
     with pytest.raises(SdloraError, match="pickle"):
         load_adapter(tmp_path / "a.pt")
     key = "lora_unet_" + ATTN.replace(".", "_")
-    save_file({f"{key}.lora_down.weight": torch.ones(40, 32), f"{key}.lora_up.weight": torch.ones(32, 40)},
-              tmp_path / "big.safetensors")
-    with pytest.raises(SdloraError, match="big.safetensors: .*rank 40 is larger than the module's dims"):
+    save_file(
+        {
+            f"{key}.lora_down.weight": torch.ones(40, 32),
+            f"{key}.lora_up.weight": torch.ones(32, 40),
+        },
+        tmp_path / "big.safetensors",
+    )
+    with pytest.raises(
+        SdloraError, match="big.safetensors: .*rank 40 is larger than the module's dims"
+    ):
         load_adapter(tmp_path / "big.safetensors")
 
 
@@ -284,9 +365,13 @@ def test_unmatched_keys_warned_and_inspected(tmp_path, caplog):
     save_file(tensors, tmp_path / "extra.safetensors")
     with caplog.at_level(logging.WARNING):
         Mixer(load_base("tiny")).add(tmp_path / "extra.safetensors")
-    assert "1 of 7 keys match no module" in caplog.text and "lora_unet_no_such_module" in caplog.text
+    assert (
+        "1 of 7 keys match no module" in caplog.text and "lora_unet_no_such_module" in caplog.text
+    )
     info = inspect_file(tmp_path / "extra.safetensors", load_base("tiny"))
-    assert info["coverage"]["matched"] == 6 and info["coverage"]["unmatched_examples"] == ["lora_unet_no_such_module"]
+    assert info["coverage"]["matched"] == 6 and info["coverage"]["unmatched_examples"] == [
+        "lora_unet_no_such_module"
+    ]
 
 
 def test_inspect_reports_format_architecture_groups(tmp_path):
@@ -294,7 +379,9 @@ def test_inspect_reports_format_architecture_groups(tmp_path):
     info = inspect_file(path)
     assert info["format"] == "diffusers-peft"
     assert info["architecture"] == "SD 1.x (tiny, sdlora built-in)"
-    assert info["groups"]["unet to_v"]["alphas"] == [2.0] and info["groups"]["unet to_v"]["scales"] == [0.5]
+    assert info["groups"]["unet to_v"]["alphas"] == [2.0] and info["groups"]["unet to_v"][
+        "scales"
+    ] == [0.5]
     assert info["groups"]["text_encoder q_proj"]["scales"] == [1.5]
     json.dumps(info)
     ours, _ = make_adapter_file(lambda: load_base("tiny"), tmp_path / "ours.safetensors")

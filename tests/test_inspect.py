@@ -28,7 +28,9 @@ def test_text_and_json_report_alpha_and_effective_scale(tmp_path, capsys):
         if name.endswith(".lora_down.weight"):
             module = name.removesuffix(".lora_down.weight")
             rank = down.shape[0]
-            alpha = float(tensors[f"{module}.alpha"]) if f"{module}.alpha" in tensors else float(rank)
+            alpha = (
+                float(tensors[f"{module}.alpha"]) if f"{module}.alpha" in tensors else float(rank)
+            )
             expected[module] = (rank, alpha, alpha / rank)
     assert main(["inspect", str(path), "--json", "--base", "tiny"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -42,7 +44,11 @@ def test_text_and_json_report_alpha_and_effective_scale(tmp_path, capsys):
     )
     assert info["modules"] == {"unet": 4, "text_encoder": 2}
     assert info["coverage"] == {
-        "matched": 6, "unmatched": 0, "unmatched_examples": [], "mismatched": 0, "mismatched_examples": []
+        "matched": 6,
+        "unmatched": 0,
+        "unmatched_examples": [],
+        "mismatched": 0,
+        "mismatched_examples": [],
     }
     assert main(["inspect", str(path), "--base", "tiny"]) == 0
     text = capsys.readouterr().out

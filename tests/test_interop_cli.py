@@ -22,22 +22,36 @@ def files(tmp_path_factory):
     (folder / "adapter.pt").write_bytes(b"\x80\x04K\x01.")
     (folder / "cut.safetensors").write_bytes(good.read_bytes()[:5000])
     deep = dict(down=torch.ones(40, 32), up=torch.ones(32, 40))
-    save_file({f"{KQ}.lora_down.weight": deep["down"], f"{KQ}.lora_up.weight": deep["up"]},
-              folder / "kohya_deep.safetensors")
-    save_file({f"unet.{Q}.lora_A.weight": deep["down"], f"unet.{Q}.lora_B.weight": deep["up"]},
-              folder / "peft_deep.safetensors")
-    save_file({f"{KQ}.hada_w1_a": torch.ones(32, 40), f"{KQ}.hada_w1_b": torch.ones(40, 32),
-               f"{KQ}.hada_w2_a": torch.ones(32, 40), f"{KQ}.hada_w2_b": torch.ones(40, 32)},
-              folder / "loha_deep.safetensors")
-    return folder, good, {
-        "unknown.safetensors": "unknown adapter format",
-        "full.safetensors": "full model checkpoint, not an adapter",
-        "adapter.pt": "pickle files are never loaded",
-        "cut.safetensors": "not a readable safetensors file",
-        "kohya_deep.safetensors": "rank 40 is larger than the module's dims (32×32)",
-        "peft_deep.safetensors": "rank 40 is larger than the module's dims (32×32)",
-        "loha_deep.safetensors": "rank 40 is larger than the module's dims (32×32)",
-    }
+    save_file(
+        {f"{KQ}.lora_down.weight": deep["down"], f"{KQ}.lora_up.weight": deep["up"]},
+        folder / "kohya_deep.safetensors",
+    )
+    save_file(
+        {f"unet.{Q}.lora_A.weight": deep["down"], f"unet.{Q}.lora_B.weight": deep["up"]},
+        folder / "peft_deep.safetensors",
+    )
+    save_file(
+        {
+            f"{KQ}.hada_w1_a": torch.ones(32, 40),
+            f"{KQ}.hada_w1_b": torch.ones(40, 32),
+            f"{KQ}.hada_w2_a": torch.ones(32, 40),
+            f"{KQ}.hada_w2_b": torch.ones(40, 32),
+        },
+        folder / "loha_deep.safetensors",
+    )
+    return (
+        folder,
+        good,
+        {
+            "unknown.safetensors": "unknown adapter format",
+            "full.safetensors": "full model checkpoint, not an adapter",
+            "adapter.pt": "pickle files are never loaded",
+            "cut.safetensors": "not a readable safetensors file",
+            "kohya_deep.safetensors": "rank 40 is larger than the module's dims (32×32)",
+            "peft_deep.safetensors": "rank 40 is larger than the module's dims (32×32)",
+            "loha_deep.safetensors": "rank 40 is larger than the module's dims (32×32)",
+        },
+    )
 
 
 def one_line(capsys, names: str, reason: str) -> None:
@@ -47,7 +61,9 @@ def one_line(capsys, names: str, reason: str) -> None:
     assert names in err and reason in err and "Traceback" not in err, err
 
 
-@pytest.mark.parametrize("command", ["inspect", "inspect-base", "convert-kohya", "convert-diffusers", "merge"])
+@pytest.mark.parametrize(
+    "command", ["inspect", "inspect-base", "convert-kohya", "convert-diffusers", "merge"]
+)
 def test_bad_files(files, tmp_path, capsys, command):
     folder, good, reasons = files
     out = tmp_path / "out.safetensors"
@@ -69,13 +85,19 @@ def test_merge_of_adapters_for_different_bases(files, tmp_path, capsys):
     """By architecture (an SD 1.5-wide cross-attention) and by a module's shape (48 wide here)."""
     _, good, _ = files
     k = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
-    save_file({f"{k}.lora_down.weight": torch.ones(2, 768), f"{k}.lora_up.weight": torch.ones(320, 2)},
-              tmp_path / "sd15.safetensors")
-    save_file({f"{KQ}.lora_down.weight": torch.ones(2, 48), f"{KQ}.lora_up.weight": torch.ones(32, 2)},
-              tmp_path / "wide.safetensors")
+    save_file(
+        {f"{k}.lora_down.weight": torch.ones(2, 768), f"{k}.lora_up.weight": torch.ones(320, 2)},
+        tmp_path / "sd15.safetensors",
+    )
+    save_file(
+        {f"{KQ}.lora_down.weight": torch.ones(2, 48), f"{KQ}.lora_up.weight": torch.ones(32, 2)},
+        tmp_path / "wide.safetensors",
+    )
     out = tmp_path / "m.safetensors"
     assert main(["merge", str(good), str(tmp_path / "sd15.safetensors"), "--out", str(out)]) == 2
-    one_line(capsys, "sd15.safetensors (SD 1.x)", "adapters made for different bases cannot be merged")
+    one_line(
+        capsys, "sd15.safetensors (SD 1.x)", "adapters made for different bases cannot be merged"
+    )
     assert main(["merge", str(good), str(tmp_path / "wide.safetensors"), "--out", str(out)]) == 2
     one_line(capsys, "wide.safetensors: ", "is 32×48 but good.safetensors has it 32×32")
     assert not out.exists()
@@ -89,7 +111,12 @@ def test_extract_from_bad_checkpoints(tmp_path, capsys):
     one_line(capsys, "tuned.ckpt: ", "not a readable checkpoint")
     good, _ = make_adapter_file(lambda: load_base("tiny"), tmp_path / "lora.safetensors")
     assert main([*argv, str(good)]) == 2  # an adapter is not a model
-    one_line(capsys, "lora.safetensors: ", "not a Stable Diffusion 1.x/2.x/XL single-file checkpoint")
-    assert main(["extract", "--base", "tiny", "--tuned", "tiny", "--rank", "0", "--out", str(out)]) == 2
+    one_line(
+        capsys, "lora.safetensors: ", "not a Stable Diffusion 1.x/2.x/XL single-file checkpoint"
+    )
+    assert (
+        main(["extract", "--base", "tiny", "--tuned", "tiny", "--rank", "0", "--out", str(out)])
+        == 2
+    )
     one_line(capsys, "--rank", "must be at least 1 (got 0)")
     assert not out.exists()

@@ -18,8 +18,12 @@ from sdlora.merge import compress, merge_adapters
 @pytest.fixture
 def files(tmp_path):
     """Two sdlora adapters (rank 4, alpha 8; rank 2 UNet only) and a kohya LoCon with alpha ≠ rank."""
-    a, _ = make_adapter_file(lambda: load_base("tiny"), tmp_path / "a.safetensors", alpha=8.0, seed=1)
-    b, _ = make_adapter_file(lambda: load_base("tiny"), tmp_path / "b.safetensors", rank=2, seed=2, text_encoder=False)
+    a, _ = make_adapter_file(
+        lambda: load_base("tiny"), tmp_path / "a.safetensors", alpha=8.0, seed=1
+    )
+    b, _ = make_adapter_file(
+        lambda: load_base("tiny"), tmp_path / "b.safetensors", rank=2, seed=2, text_encoder=False
+    )
     k, _ = kohya_file(tmp_path)
     return [a, b, k]
 
@@ -34,7 +38,9 @@ def live_blend(files, strengths):
 
 def test_exact_merge_equals_live_blend(files, inputs, tmp_path):
     strengths = (0.7, -0.4, 1.3)
-    merged, report = merge_adapters([(load_adapter(f), s) for f, s in zip(files, strengths, strict=True)])
+    merged, report = merge_adapters(
+        [(load_adapter(f), s) for f, s in zip(files, strengths, strict=True)]
+    )
     assert report.overall == 0.0
     save_adapter(merged, tmp_path / "m.safetensors")
     ours = load_base("tiny")
@@ -47,11 +53,15 @@ def test_exact_merge_equals_live_blend(files, inputs, tmp_path):
 
 
 def test_svd_error_shrinks_and_vanishes_at_full_rank(files, inputs, tmp_path):
-    merged, _ = merge_adapters([(load_adapter(f), s) for f, s in zip(files, (1.0, 0.5, 0.8), strict=True)])
+    merged, _ = merge_adapters(
+        [(load_adapter(f), s) for f, s in zip(files, (1.0, 0.5, 0.8), strict=True)]
+    )
     errors = [compress(merged, r)[1].overall for r in (1, 2, 4, 6, 10)]
     assert all(e1 > e2 for e1, e2 in zip(errors, errors[1:-1], strict=False)), errors
     assert errors[0] > 0.05 and errors[-1] < 1e-6
-    full, report = merge_adapters([(load_adapter(f), s) for f, s in zip(files, (1.0, 0.5, 0.8), strict=True)], rank=10)
+    full, report = merge_adapters(
+        [(load_adapter(f), s) for f, s in zip(files, (1.0, 0.5, 0.8), strict=True)], rank=10
+    )
     assert set(report.errors) == set(full.modules) and max(report.errors.values()) < 1e-6
     save_adapter(full, tmp_path / "full.safetensors")
     ours = load_base("tiny")
@@ -62,14 +72,25 @@ def test_svd_error_shrinks_and_vanishes_at_full_rank(files, inputs, tmp_path):
 
 
 def test_refusals(files, tmp_path):
-    n, _ = make_adapter_file(lambda: load_base("tiny"), tmp_path / "n.safetensors", nonlinearity="gelu")
+    n, _ = make_adapter_file(
+        lambda: load_base("tiny"), tmp_path / "n.safetensors", nonlinearity="gelu"
+    )
     with pytest.raises(SdloraError, match="n.safetensors: has nonlinearity 'gelu'"):
         merge_adapters([(load_adapter(files[0]), 1.0), (load_adapter(n), 1.0)])
     key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
-    save_file({f"{key}.lora_down.weight": torch.ones(2, 768), f"{key}.lora_up.weight": torch.ones(320, 2)},
-              tmp_path / "sd15.safetensors")
-    with pytest.raises(SdloraError, match=r"different bases cannot be merged: .*sd15.safetensors \(SD 1.x\)"):
-        merge_adapters([(load_adapter(files[0]), 1.0), (load_adapter(tmp_path / "sd15.safetensors"), 1.0)])
+    save_file(
+        {
+            f"{key}.lora_down.weight": torch.ones(2, 768),
+            f"{key}.lora_up.weight": torch.ones(320, 2),
+        },
+        tmp_path / "sd15.safetensors",
+    )
+    with pytest.raises(
+        SdloraError, match=r"different bases cannot be merged: .*sd15.safetensors \(SD 1.x\)"
+    ):
+        merge_adapters(
+            [(load_adapter(files[0]), 1.0), (load_adapter(tmp_path / "sd15.safetensors"), 1.0)]
+        )
 
 
 def test_cli(files, tmp_path, capsys):
@@ -81,7 +102,18 @@ def test_cli(files, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("sdlora: ") and "already exists" in err and err.count("\n") == 1
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 4)
-    assert main(["merge", str(files[0]), str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert (
+        main(
+            [
+                "merge",
+                str(files[0]),
+                str(tmp_path / "bad.safetensors"),
+                "--out",
+                str(tmp_path / "x.safetensors"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "bad.safetensors: not a readable safetensors" in err and "Traceback" not in err
     assert not (tmp_path / "x.safetensors").exists()
@@ -116,7 +148,9 @@ def test_ui_mix_merge_above_layer_rank_stays_loadable(files, inputs, tmp_path):
     from sdlora.ui.merge import merge_exact as merge_mix
 
     a = load_adapter(files[0])
-    items = [(f"in{i}", a, s) for i, s in enumerate((0.3, -0.2, 0.5, 0.1, 0.4, -0.6, 0.2, 0.7, 0.9))]
+    items = [
+        (f"in{i}", a, s) for i, s in enumerate((0.3, -0.2, 0.5, 0.1, 0.4, -0.6, 0.2, 0.7, 0.9))
+    ]
     live = load_base("tiny")
     mixer = Mixer(live)
     merged = merge_mix(items, mixer.models)

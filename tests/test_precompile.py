@@ -221,3 +221,13 @@ def test_workers_compile_again_for_another_activation_budget(tmp_path, monkeypat
                     activation_budget=budget)  # fmt: skip
         assert done["workers"] == 1 and done["failed"] == 0
     assert len(list((tmp_path / "sdlora-precompiled").iterdir())) == 2
+
+
+def test_auto_compiles_sdxl_from_fewer_steps_than_sd1():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert speed.will_compile("auto", cuda, 300, 1, "sdxl")  # paid back from ~200 steps
+    assert not speed.will_compile("auto", cuda, 300, 1, "sd1")  # from 600
+    assert not speed.will_compile("auto", cuda, 300, 2, "sdxl")  # per bucket
+    assert speed.will_compile("auto", cuda, 600, 1, "sd2")
+    assert not speed.will_compile("auto", cpu, 10_000, 1, "sdxl")
+    assert speed.will_compile("on", cpu, 1, 1) and not speed.will_compile("off", cuda, 10_000, 1)

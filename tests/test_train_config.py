@@ -77,6 +77,8 @@ def test_bad_toml_names_the_file_and_the_key(tmp_path, text, message):
         (dict(resume="latest", overwrite=True), "pick one"),
         (dict(lr_scheduler="warmup"), "--lr-scheduler must be one of"),
         (dict(output=""), "no output folder"),
+        (dict(activation_budget=1.5), "--activation-budget must be from 0 to 1"),
+        (dict(activation_budget=float("nan")), "--activation-budget must be from 0 to 1"),
     ],
 )
 def test_settings_that_cannot_work_are_refused(kw, message):

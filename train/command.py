@@ -13,6 +13,7 @@ import sys
 
 from sdlora.train.config import (
     COMPILE_MIN_STEPS,
+    COMPILE_MIN_STEPS_BY_FAMILY,
     COMPILE_MODES,
     FIELD_NAMES,
     LR_SCHEDULERS,
@@ -238,7 +239,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--compile",
         choices=COMPILE_MODES,
         help="torch.compile the UNet's repeated blocks; on: before the first step; auto: on a "
-        f"GPU for runs of {COMPILE_MIN_STEPS}+ steps per bucket, in the background while the "
+        f"GPU for runs of {COMPILE_MIN_STEPS}+ steps per bucket (SDXL: "
+        f"{COMPILE_MIN_STEPS_BY_FAMILY['sdxl']}+), in the background while the "
         "first steps run uncompiled (default: auto)",
     )
     g.add_argument(

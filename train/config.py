@@ -35,6 +35,11 @@ COMPILE_MODES = ("auto", "on", "off")
 # step instead of 210 at batch 8 and 56 instead of 156 at batch 1, so it pays after 450-650 steps
 # (benchmarks/first_run.py, README Performance).
 COMPILE_MIN_STEPS = 600
+# ... and per family where its measurements differ. SDXL at 1024 px, batch 1, on an H200: the
+# uncompiled step waits on the host (0.53 s, 1.9 img/s) and the compiled one takes 0.11 s, so the
+# ~80 s that compiling adds (workers 44 s, first step 9.6 s, recording CUDA graphs 26 s) are paid
+# back after about 200 steps (whole commands: 300 uncompiled steps 160.9 s; 200 compiled 132.7 s)
+COMPILE_MIN_STEPS_BY_FAMILY = {"sdxl": 200}
 CROPS = ("center", "random")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 # Sides of every training image are multiples of this: the SD VAE's factor 8 times 8, so the

@@ -128,7 +128,8 @@ def load_models(
         for te in trained[1:]:  # transformers 5 renamed gradient_checkpointing_enable
             getattr(te, "activation_checkpointing_enable", te.gradient_checkpointing_enable)()
     device = accelerator.device
-    compiling = will_compile(config.compile, device, total_steps, len(plan.by_bucket))
+    family = family_of_pipeline(pipe).name
+    compiling = will_compile(config.compile, device, total_steps, len(plan.by_bucket), family)
     fast = speed_up(pipe.unet, device, compile=False, buckets=len(plan.by_bucket))
     if config.activation_budget < 1 and not compiling and main:
         logger.warning(

@@ -29,7 +29,7 @@ import logging
 import time
 
 import torch
-from sdlora.train.config import COMPILE_MIN_STEPS, COMPILE_MODES
+from sdlora.train.config import COMPILE_MIN_STEPS, COMPILE_MIN_STEPS_BY_FAMILY, COMPILE_MODES
 from torch import nn
 
 from sdlora.errors import SdloraError
@@ -52,12 +52,16 @@ CUDA_GRAPHS_CHECKPOINTED = False
 GRAPHS_PER_BUCKET = 24
 
 
-def will_compile(mode: str, device: torch.device, steps: int, buckets: int) -> bool:
-    """Whether to compile: `on`, `off`, or `auto` (CUDA, and enough steps per bucket to pay)."""
+def will_compile(
+    mode: str, device: torch.device, steps: int, buckets: int, family: str | None = None
+) -> bool:
+    """Whether to compile: `on`, `off`, or `auto` (CUDA, and enough steps per bucket to pay for
+    it: COMPILE_MIN_STEPS, or the base's family's own number)."""
     if mode not in COMPILE_MODES:
         raise SdloraError(f"--compile must be one of: {', '.join(COMPILE_MODES)} (got {mode!r})")
     if mode == "auto":
-        return device.type == "cuda" and steps >= COMPILE_MIN_STEPS * buckets
+        least = COMPILE_MIN_STEPS_BY_FAMILY.get(family, COMPILE_MIN_STEPS)
+        return device.type == "cuda" and steps >= least * buckets
     return mode == "on"
 
 
