@@ -108,6 +108,8 @@ def test_help_lists_every_option(capsys):
         "--lr-scheduler",
         "--warmup-steps",
         "--mixed-precision",
+        "--compile",
+        "--activation-budget",
         "--seed",
         "--save-every",
         "--keep-last",
