@@ -1,6 +1,7 @@
 """Where a training run's GPU memory goes, step by step: `python benchmarks/step_memory.py`.
 
-`python benchmarks/step_memory.py [--batch 4] [--steps 16] [--live] [--json FILE] [RUN ...]`
+`python benchmarks/step_memory.py [--batch 4] [--steps 16] [--live] [--profile-step N]
+[--json FILE] [RUN ...]`
 `python benchmarks/step_memory.py --smoke`   # the same code on the CPU with tiny-xl (tests)
 
 Trains the SDXL-shaped model of `sdxl.py` (random weights, 1024 px, rank 4, bf16) in one process
@@ -16,14 +17,20 @@ step, so step 1 holds set-up too: the cast, the compile workers' recording pass,
 steady step time (steps 6 to the last). `--live` also records the allocations of steps 2-4
 (`torch.cuda.memory` history) and prints what was allocated at their highest point, grouped by
 the code that allocated it: the tool that found the compile workers' recording pass holding a
-whole training step's activations. A tool for finding memory, not a table for the README.
+whole training step's activations. `--profile-step N` runs step N under Python's profiler
+and prints where its host time went (the functions with the most cumulative time): for the
+step that records the CUDA graphs (step 2 with `--compile on`), the longest pause of a compiled
+run. A tool for finding memory and pauses, not a table for the README.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import cProfile
+import io
 import json
+import pstats
 import sys
 import tempfile
 import time
@@ -82,7 +89,18 @@ def live_at_peak(snapshot: dict, top: int = 12) -> list[tuple[float, str]]:
     return [(round(size / GIB, 3), name) for name, size in groups.most_common(top)]
 
 
-def measure(run: str, batch: int, steps: int, smoke: bool, live: bool) -> dict:
+def top_functions(profile: cProfile.Profile, count: int = 25) -> list[str]:
+    """The `count` functions with the most cumulative time, as pstats prints them."""
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).sort_stats("cumulative").print_stats(count)
+    lines = out.getvalue().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("ncalls"))
+    return [line for line in lines[start:] if line.strip()]
+
+
+def measure(
+    run: str, batch: int, steps: int, smoke: bool, live: bool, profile_step: int | None = None
+) -> dict:
     import torch
     from sdlora.train import TrainConfig, speed, train
     from sdlora.train import models as train_models
@@ -101,8 +119,15 @@ def measure(run: str, batch: int, steps: int, smoke: bool, live: bool) -> dict:
     peaks: list[float | None] = []
     marks: dict[int, float] = {}
     found: list[tuple[float, str]] = []
+    profile = cProfile.Profile()
+    profiled: list[str] = []
 
     def on_step(step: int) -> None:
+        if step == profile_step:
+            if cuda:
+                torch.cuda.synchronize()  # the step's own GPU work inside its profile
+            profile.disable()
+            profiled.extend(top_functions(profile))
         peaks.append(round(torch.cuda.max_memory_allocated() / GIB, 2) if cuda else None)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -113,6 +138,8 @@ def measure(run: str, batch: int, steps: int, smoke: bool, live: bool) -> dict:
                 torch.cuda.memory._record_memory_history(enabled=None)
             torch.cuda.synchronize()
         marks[step] = time.perf_counter()
+        if profile_step is not None and step == profile_step - 1:
+            profile.enable()
 
     try:
         pipe = build_pipeline(smoke, device)
@@ -133,7 +160,8 @@ def measure(run: str, batch: int, steps: int, smoke: bool, live: bool) -> dict:
     step_ms = (marks[steps] - marks[steady]) / max(steps - steady, 1) * 1000
     return dict(run=run, batch=batch, step_ms=round(step_ms, 1),
                 images_per_s=round(batch * 1000 / step_ms, 2), peaks_gib=peaks,
-                live_at_peak=found)  # fmt: skip
+                step_s=[round(marks[k] - marks[k - 1], 2) for k in range(2, steps + 1)],
+                live_at_peak=found, profile=profiled)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--live", action="store_true", help="what is allocated at the peak")
+    parser.add_argument("--profile-step", type=int, metavar="N", help="profile step N (≥ 2)")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -149,16 +178,20 @@ def main(argv: list[str] | None = None) -> int:
         settings_of(run)  # every name checked before the first model loads
     if args.smoke:
         args.batch, args.steps = 1, 3
+    if args.profile_step is not None and not 2 <= args.profile_step <= args.steps:
+        parser.error(f"--profile-step must be from 2 to --steps ({args.steps})")
     from benchmarks.sd15 import device_info
 
     result = {"info": device_info() | {"mode": "smoke" if args.smoke else "SDXL, 1024 px"}}
     result["rows"] = []
     for run in args.runs:
-        row = measure(run, args.batch, args.steps, args.smoke, args.live)
+        row = measure(run, args.batch, args.steps, args.smoke, args.live, args.profile_step)
         result["rows"].append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "live_at_peak"}), flush=True)
+        brief = {k: v for k, v in row.items() if k not in ("live_at_peak", "profile")}
+        print(json.dumps(brief), flush=True)
         for gib, name in row["live_at_peak"]:
             print(f"  {gib:8.3f} GiB  {name}")
+        print("\n".join(row["profile"]), flush=True)
         if args.json:
             args.json.write_text(json.dumps(result, indent=1))
     return 0

@@ -116,11 +116,16 @@ def test_sdxl_benchmark_smoke_measures_every_run(tmp_path):
 def test_step_memory_smoke_runs_every_kind_of_run(tmp_path):
     out = tmp_path / "memory.json"
     runs = ["eager", "compiled", "compiled-plain", "budget=0.5"]
-    smoke_run(["benchmarks/step_memory.py", "--smoke", *runs, "--json", str(out)])
+    args = ["--smoke", *runs, "--profile-step", "2", "--json", str(out)]
+    smoke_run(["benchmarks/step_memory.py", *args])
     rows = json.loads(out.read_text(encoding="utf-8"))["rows"]
     assert [r["run"] for r in rows] == runs
     for r in rows:
         assert len(r["peaks_gib"]) == 3 and r["images_per_s"] > 0, r  # a peak slot per step
+        assert len(r["step_s"]) == 2 and all(s > 0 for s in r["step_s"]), r
+        # step 2's profile: the header, then the training step's own functions
+        assert r["profile"][0].lstrip().startswith("ncalls"), r["profile"][:2]
+        assert any("step.py" in line for line in r["profile"]), r["profile"]
 
 
 def test_step_memory_finds_what_is_live_at_the_highest_point():
