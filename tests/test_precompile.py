@@ -161,6 +161,17 @@ def test_auto_trains_uncompiled_until_the_workers_are_done_then_switches(
         torch.testing.assert_close(compiled.modules[key].up, module.up, rtol=0, atol=1e-6)
         torch.testing.assert_close(compiled.modules[key].down, module.down, rtol=0, atol=1e-6)
 
+    # a 24 GiB GPU: the workers compile before the first step instead (no room beside steps)
+    monkeypatch.setattr(models_module, "gpu_memory_gib", lambda device: 24.0)
+    caplog.clear()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache-2"))  # workers run again
+    small = replace(config, output=str(tmp_path / "small"))
+    with caplog.at_level(logging.INFO, logger="sdlora"):
+        train(small)
+    assert "the first steps run uncompiled" not in caplog.text
+    assert re.search(r"speed: .*compile workers \d+ graphs in 1 processes", caplog.text)
+    assert "compiled from step" not in caplog.text
+
 
 def _saved_bytes(block, x, context) -> tuple[int, torch.Tensor, torch.Tensor]:
     """(bytes the forward pass keeps for the backward, output, input gradient)."""
@@ -210,17 +221,20 @@ def test_activation_budget_recomputes_inside_the_compiled_block(monkeypatch):
 
 
 def test_workers_compile_again_for_another_activation_budget(tmp_path, monkeypatch):
+    """The budget is part of what the done-marker names: another budget partitions each block
+    into other graphs, so a run with it finds no marker and its workers compile."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     unet, adapter = _unet_with_adapter()
     inputs = [(torch.randn(1, 4, 8, 8), torch.randint(0, 1000, (1,)), torch.randn(1, 77, 32))]
     jobs = precompile.record_calls(unet, lambda *a: unet(*a).sample, inputs, REGIONS)
     options = dict(dynamic=False, backend="eager", mode=None)
-    fill = precompile.fill_cache
-    for budget in (1.0, 0.5):  # another budget partitions each block into other graphs
-        done = fill(unet, jobs, adapter, torch.float32, None, options, workers=1,
-                    activation_budget=budget)  # fmt: skip
-        assert done["workers"] == 1 and done["failed"] == 0
-    assert len(list((tmp_path / "sdlora-precompiled").iterdir())) == 2
+    markers = []
+    for budget in (1.0, 0.5, 1.0):
+        workers = precompile.start_workers(unet, jobs, adapter, torch.float32, None, options,
+                                           workers=1, activation_budget=budget)  # fmt: skip
+        markers.append(workers.marker)
+        workers.stop()
+    assert markers[0] != markers[1] and markers[0] == markers[2]
 
 
 def test_auto_compiles_sdxl_from_fewer_steps_than_sd1():

@@ -75,8 +75,7 @@ def load_models(
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32
     )
-    loaded_here = pipe is None
-    if loaded_here:
+    if pipe is None:
         pipe = load_base(config.base, config=config.base_config)  # on the CPU, in fp32
     if config.reg_generate:  # the base itself, before any cast or adapter
         pipe.to(accelerator.device)
@@ -86,9 +85,9 @@ def load_models(
         # bf16/fp16 copies reach the GPU (SDXL's fp32 UNet and text encoders are 13 GiB)
         cast_frozen(pipe, weight_dtype)
     pipe.to(accelerator.device)
-    if accelerator.device.type == "cuda" and not loaded_here:
-        # the fp32 copies freed by a cast on the GPU would stay reserved in PyTorch's cache
-        # while the compile workers need GPU memory of their own
+    if accelerator.device.type == "cuda":
+        # fp32 copies freed by a cast on the GPU (a pipeline handed in there, or --reg-generate)
+        # would stay reserved in PyTorch's cache while the compile workers need memory of their own
         torch.cuda.empty_cache()
     check_sides(pipe, plan)
     too_long = long_captions(pipe.tokenizer, plan.items, config.trigger)
@@ -164,7 +163,8 @@ def load_models(
             workers, graph_count = start_compile_workers(
                 config, pipe, unet, plan, lora_args, weight_dtype, accelerator, graphs
             )
-        if workers is not None and workers.procs and config.compile == "auto":
+        background = config.compile == "auto" and room_for_background(device)
+        if workers is not None and workers.procs and background:
             compiling_later = Compiling(workers, graph_count, compile_now)
             fast["compile"] = (
                 f"{graph_count} graphs in {len(workers.procs)} processes, in the background: "
@@ -226,6 +226,27 @@ def cast_frozen(pipe, dtype: torch.dtype) -> None:
 def text_encoder_names(pipe) -> list[str]:
     """The pipeline attributes of the base's text encoders, as its family lists them."""
     return [te.component for te in family_of_pipeline(pipe).text_encoders]
+
+
+# --compile auto runs the compile workers beside uncompiled steps only on GPUs with at least this
+# much memory; on smaller ones they compile before the first step, as --compile on does. SDXL at
+# batch 1 on an H200 (whole commands): the workers took ~11 GiB beside the loaded model (16.6 GiB
+# peak of the whole GPU with them) and uncompiled steps 12.8 GiB, so side by side they would
+# not fit a 24 GiB card (an estimate from those two figures, not measured together)
+BACKGROUND_COMPILE_MIN_GIB = 32
+
+
+def gpu_memory_gib(device: torch.device) -> float | None:
+    """The GPU's total memory in GiB; None for a device that is not a GPU."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory / 2**30
+
+
+def room_for_background(device: torch.device) -> bool:
+    """May the compile workers run beside training steps (see BACKGROUND_COMPILE_MIN_GIB)?"""
+    total = gpu_memory_gib(device)
+    return total is None or total >= BACKGROUND_COMPILE_MIN_GIB
 
 
 def use_compile_workers(config: TrainConfig, device: torch.device) -> bool:
