@@ -29,6 +29,7 @@ import logging
 import time
 
 import torch
+from sdlora.train import graph_lookup
 from sdlora.train.config import COMPILE_MIN_STEPS, COMPILE_MIN_STEPS_BY_FAMILY, COMPILE_MODES
 from torch import nn
 
@@ -140,6 +141,8 @@ def compile_regions(
     dynamo.recompile_limit = max(dynamo.recompile_limit, limit)
     dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * limit)
     options = compile_options(device, cuda_graphs)
+    if options["mode"] == "reduce-overhead":
+        graph_lookup.install()  # recording 171 graphs (SDXL) would pause for half a minute
     regions = regions_of(unet)
     count = 0
     for module in unet.modules():
