@@ -134,11 +134,26 @@ def record_calls(
         params = [
             (n, list(p.shape), str(p.dtype), p.requires_grad) for n, p in module.named_parameters()
         ]
-        key = json.dumps([type(module).__name__, params, call], sort_keys=True)
+        key = json.dumps([type(module).__name__, params, settings(module), call], sort_keys=True)
         # compile time grows with the graph: its module count is the worker's load estimate
         cost = sum(1 for _ in module.modules())
         jobs.setdefault(key, {"regions": [], "cost": cost, **call})["regions"].append(name)
     return list(jobs.values())
+
+
+def settings(module: nn.Module) -> dict[str, bool | int | float | str]:
+    """The plain Python values a region's code reads from itself and its submodules.
+
+    Compiled code is specialised on them (a guard such as `self.output_scale_factor == 1.0`):
+    two regions alike in class, parameters and inputs but set differently (SDXL's mid-block
+    resnets keep the config's integer scale 1, the others a float 1.0) are two graphs, and a
+    worker must compile both or the training process compiles the second itself."""
+    found = {}
+    for prefix, sub in module.named_modules():
+        for name, value in vars(sub).items():
+            if not name.startswith("_") and isinstance(value, bool | int | float | str):
+                found[f"{prefix}.{name}" if prefix else name] = value
+    return found
 
 
 def _drop(_tensor) -> None:
