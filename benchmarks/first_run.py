@@ -22,7 +22,9 @@ Each row gives the wall time, the first step as the trainer reports it (start-up
 rate after it, the wall time of 1,000 steps projected from these, and on CUDA two peaks: the
 trainer's own (PyTorch's allocated memory) and the whole GPU's (what `nvidia-smi` reports as
 used, sampled every 0.1 s, above what was used before the command: compile workers, CUDA
-contexts and the caching allocator's reserve included). `--keep DIR` builds the folders there
+contexts and the caching allocator's reserve included). An `auto` run that switched also
+gives, from its progress bar (1 s resolution), the uncompiled steps and their seconds, the first
+compiled step (loading the graphs) and the next (recording the CUDA graphs). `--keep DIR` builds the folders there
 once and reuses them; each command's output goes to DIR/RUN-BATCH.log as it runs. `--smoke`
 does the same on the CPU with the tiny base in seconds (tests).
 """
@@ -53,6 +55,9 @@ DONE = re.compile(
 IMAGES = 64
 PROJECTED_STEPS = 1000  # the wall-time column projects each run to this many steps
 PEAK = re.compile(r"peak memory ([\d.]+) GiB \(GPU\)")
+# the training progress bar: "training: ... | STEP/TOTAL [ELAPSED<" with ELAPSED as [h:]mm:ss
+BAR = re.compile(r"training:.*?\| *(\d+)/\d+ \[(?:(\d+):)?(\d+):(\d+)<")
+SWITCH = re.compile(r"speed: compiled from step (\d+) on")
 
 
 def build_folders(root: Path, smoke: bool, family: str = "sd15") -> tuple[Path, Path]:
@@ -237,6 +242,33 @@ def row(run: str, batch: int, steps: int, wall: float, log: str, gpu: float | No
         gpu_gib=round(gpu, 2) if gpu is not None else None,
         speed=speed.group(1).strip() if speed else "",
         setup=setup.group(1).strip() if setup else "",
+    ) | switch_times(log)
+
+
+def step_clock(log: str) -> dict[int, int]:
+    """{step: seconds into the loop when the progress bar first showed it done} (1 s steps)."""
+    clock: dict[int, int] = {}
+    for part in re.split(r"[\r\n]", log):
+        if (bar := BAR.search(part)) is not None:
+            hours, minutes, seconds = (int(g or 0) for g in bar.groups()[1:])
+            clock.setdefault(int(bar.group(1)), 3600 * hours + 60 * minutes + seconds)
+    return clock
+
+
+def switch_times(log: str) -> dict:
+    """`--compile auto`'s switch as the progress bar timed it: the uncompiled steps and their
+    seconds, the first compiled step (it loads the graphs) and the next (it records the CUDA
+    graphs). Empty for a run that did not switch."""
+    switch = SWITCH.search(log)
+    clock = step_clock(log)
+    first = int(switch.group(1)) if switch else None
+    if first is None or not {first - 1, first, first + 1} <= clock.keys():
+        return {}
+    return dict(
+        uncompiled_steps=first - 1,
+        uncompiled_s=clock[first - 1],
+        switch_step_s=clock[first] - clock[first - 1],
+        recording_step_s=clock[first + 1] - clock[first],
     )
 
 

@@ -58,6 +58,24 @@ def test_first_run_benchmark_times_whole_commands(tmp_path):
         assert r["wall_s"] > r["first_step_s"] >= 0 and r["images_per_s"] > 0, r
 
 
+def test_first_run_reads_the_switch_from_the_progress_bar():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.first_run import step_clock, switch_times
+
+    def bar(step, elapsed):
+        return f"\rtraining:  {step}%|#  | {step}/300 [{elapsed}<00:10,  1.5step/s, img_s=6.2]"
+
+    log = "set-up took 3 s\n" + bar(0, "00:00") + bar(1, "00:04") + bar(1, "00:04")
+    log += "".join(bar(k, f"00:{4 + k:02d}") for k in range(2, 60))
+    log += "\nspeed: compiled from step 60 on: compile workers 16 graphs\n"
+    log += bar(60, "01:20") + bar(61, "01:29") + bar(62, "01:29") + bar(230, "1:00:01")
+    assert switch_times(log) == dict(
+        uncompiled_steps=59, uncompiled_s=63, switch_step_s=17, recording_step_s=9
+    )
+    assert switch_times(log.replace("speed: compiled from step 60", "speed: layout")) == {}
+    assert step_clock(log)[230] == 3601  # h:mm:ss once past an hour
+
+
 def test_quality_benchmark_measures_every_cell(tmp_path):
     out = tmp_path / "quality.json"
     run = smoke_run(["benchmarks/quality.py", "--smoke", "--json", str(out)])
