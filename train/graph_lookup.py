@@ -76,10 +76,13 @@ def install() -> bool:
         return False
     node = getattr(trees, "CUDAGraphNode", None)
     wrapper = getattr(trees, "StorageWeakRefWrapper", None)
-    wanted = ("_is_cuda_graph_recorded_tensor", "_is_alias_of_live_recorded_tensor")
-    if node is None or wrapper is None or not hasattr(trees, "maybe_deref"):
-        return False
-    if not all(hasattr(node, name) for name in wanted) or not hasattr(wrapper, "data_ptr"):
+    needed = [
+        (node, "_is_cuda_graph_recorded_tensor"),
+        (node, "_is_alias_of_live_recorded_tensor"),
+        (wrapper, "data_ptr"),
+        (trees, "maybe_deref"),
+    ]
+    if not all(hasattr(owner, name) for owner, name in needed):
         logger.debug("cudagraph trees without the expected lookups: left as they are")
         return False
     node._is_cuda_graph_recorded_tensor = is_recorded

@@ -145,7 +145,7 @@ def settings(module: nn.Module) -> dict[str, bool | int | float | str]:
     """The plain Python values a region's code reads from itself and its submodules.
 
     Compiled code is specialised on them (a guard such as `self.output_scale_factor == 1.0`):
-    two regions alike in class, parameters and inputs but set differently (SDXL's mid-block
+    two regions alike in class, parameters and inputs but set differently (SD's mid-block
     resnets keep the config's integer scale 1, the others a float 1.0) are two graphs, and a
     worker must compile both or the training process compiles the second itself."""
     found = {}
