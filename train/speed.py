@@ -141,7 +141,8 @@ def compile_regions(
     dynamo.recompile_limit = max(dynamo.recompile_limit, limit)
     dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * limit)
     options = compile_options(device, cuda_graphs)
-    if options["mode"] == "reduce-overhead":
+    replayed = options["mode"] == "reduce-overhead"
+    if replayed:
         graph_lookup.install()  # recording 171 graphs (SDXL) would pause for half a minute
     regions = regions_of(unet)
     count = 0
@@ -149,7 +150,7 @@ def compile_regions(
         if type(module).__name__ in regions:
             module.compile(**options)
             count += 1
-    graphs = ", CUDA graphs" if options["mode"] == "reduce-overhead" else ""
+    graphs = ", CUDA graphs" if replayed else ""
     budget = f", activation budget {activation_budget:g}" if activation_budget < 1 else ""
     return f"{count} blocks ({', '.join(regions)}){graphs}{budget}"
 
