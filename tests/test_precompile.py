@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import re
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -107,7 +109,7 @@ def test_one_job_for_each_graph_the_training_process_compiles(monkeypatch, base)
     [("tiny", False, 32), ("tiny", True, 32), ("tiny-xl", True, 80)],
 )
 def test_a_worker_rebuilds_and_runs_every_recorded_region(
-    tmp_path, monkeypatch, base, checkpointing, context
+    tmp_path, monkeypatch, caplog, base, checkpointing, context
 ):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # PyTorch's compile cache
     unet, adapter = _unet_with_adapter(base)
@@ -130,12 +132,30 @@ def test_a_worker_rebuilds_and_runs_every_recorded_region(
     )
     options = dict(dynamic=False, backend="eager", mode=None)
     fill = precompile.fill_cache
-    done = fill(unet, jobs, adapter, torch.float32, None, options, checkpointing, workers=1)
+    with caplog.at_level(logging.DEBUG, logger="sdlora.train.precompile"):
+        done = fill(unet, jobs, adapter, torch.float32, None, options, checkpointing, workers=1)
     assert done == {"workers": 1, "failed": 0, "seconds": done["seconds"]}
+    # the worker's log, in the debug log: when it was ready, and when each job was compiled
+    assert re.search(r"\d+\.\d s  ready to compile", caplog.text)
+    for job in jobs:
+        alike = len(job["regions"]) - 1
+        assert f" s  compiled {job['regions'][0]} (and {alike} alike)" in caplog.text
     # the same graphs again (a second run): the cache has them, no worker starts
     again = fill(unet, jobs, adapter, torch.float32, None, options, checkpointing, workers=1)
     assert again == {"workers": 0, "failed": 0, "seconds": 0.0}
     assert len(list((tmp_path / "sdlora-precompiled").iterdir())) == 1
+
+
+def test_a_worker_starts_without_diffusers_pipelines_nor_transformers():
+    """The worker's module (and the package it is in) imports what a job needs, no more: it
+    starts in every worker while the training process waits for their graphs."""
+    code = "import sys, sdlora.train.precompile; print(sorted(set(sys.modules) & {LOADED}))"
+    loaded = {"diffusers", "diffusers.pipelines", "transformers", "accelerate"}
+    found = subprocess.run(
+        [sys.executable, "-c", code.replace("{LOADED}", repr(loaded))],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert found.stdout.strip() == "[]"
 
 
 def test_workers_get_the_largest_jobs_first_and_even_loads():

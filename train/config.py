@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from sdlora.base import BUILTIN
 from sdlora.embeddings import parse_token_spec
 from sdlora.errors import SdloraError
 from sdlora.layer import NONLINEARITIES
@@ -461,6 +460,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     for key in PATH_FIELDS:
         if isinstance(values.get(key), str) and values[key]:
             values[key] = os.path.normpath(folder / values[key])  # no "dir/../" in messages
+    from sdlora.base import BUILTIN  # here: diffusers' pipelines are slow to import
+
     for key in ("base", "base_config", "resume"):
         value = values.get(key)
         if (

@@ -204,21 +204,20 @@ class Workers:
         the first failure's last line as "error". Never raises for a worker's failure: the
         trainer compiles whatever is missing."""
         failed, why = 0, ""
-        for proc, log in zip(self.procs, self.logs, strict=True):
+        for i, (proc, log) in enumerate(zip(self.procs, self.logs, strict=True)):
             left = WORKER_TIMEOUT_S - (time.perf_counter() - self.started)
             try:
                 proc.wait(timeout=max(left, 0.1))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+            logger.debug(
+                "compile worker %d (exit code %s):\n%s", i, proc.returncode, "\n".join(lines)
+            )
             if proc.returncode != 0:
                 failed += 1
-                last = (
-                    log.read_text(errors="replace").strip().splitlines()[-1:]
-                    if log.exists()
-                    else []
-                )
-                why = why or (last[0] if last else f"exit code {proc.returncode}")
+                why = why or (lines[-1] if lines else f"exit code {proc.returncode}")
         self._clean()
         if self.procs and not failed:
             self.marker.parent.mkdir(parents=True, exist_ok=True)
@@ -286,7 +285,7 @@ def start_workers(
     procs, logs = [], []
     for i, share in enumerate(shares):
         path = Path(tmp.name) / f"job-{i}.json"
-        path.write_text(json.dumps({**spec, "jobs": share}))
+        path.write_text(json.dumps({**spec, "jobs": share, "started": time.time()}))
         log = Path(tmp.name) / f"job-{i}.log"  # a file, not a pipe: nobody reads it meanwhile
         cmd = [sys.executable, "-m", "sdlora.train.precompile", str(path)]
         with log.open("wb") as err:
@@ -313,6 +312,7 @@ def main(spec_path: str) -> None:
     from sdlora.inject import add_trainable
 
     spec = json.loads(Path(spec_path).read_text())
+    started = spec.get("started", time.time())  # when the training process started this one
     set_activation_budget(spec["activation_budget"])
     device = torch.device(spec["device"])
     if device.type == "cuda":
@@ -330,6 +330,7 @@ def main(spec_path: str) -> None:
     dynamo = torch._dynamo.config
     dynamo.recompile_limit = max(dynamo.recompile_limit, 4 * len(spec["jobs"]))
     autocast = spec["autocast_dtype"]
+    _progress(started, "ready to compile (Python, imports, CUDA, the UNet on the meta device)")
     for job in spec["jobs"]:
         block = unet.get_submodule(job["regions"][0])
         block.to_empty(device=device)
@@ -345,6 +346,13 @@ def main(spec_path: str) -> None:
         out = next(t for t in _tensors(out))
         if out.requires_grad:
             out.float().sum().backward()
+        _progress(started, f"compiled {job['regions'][0]} (and {len(job['regions']) - 1} alike)")
+
+
+def _progress(started: float, what: str) -> None:
+    """A line of the worker's log (the trainer's debug log shows it): seconds since the
+    training process started this worker, and what is done."""
+    print(f"{time.time() - started:7.1f} s  {what}", file=sys.stderr, flush=True)
 
 
 def _tensors(value):
