@@ -203,9 +203,12 @@ def test_auto_trains_uncompiled_until_the_workers_are_done_then_switches(
         batch_size=2, steps=3, lr=1e-2, save_every=0, tensorboard=False, workers=0, seed=3,
         compile="auto",
     )  # fmt: skip
+    inductor = torch._inductor.config
+    monkeypatch.setattr(inductor, "compile_threads", 4)  # as on a 4-core machine; restored after
     with caplog.at_level(logging.INFO, logger="sdlora"):
         compiled = load_adapter(train(config))
     assert "the first steps run uncompiled" in caplog.text
+    assert inductor.compile_threads == 1  # the worker compiled it all: no kernel compiling
     assert re.search(
         r"compiled from step 2 on: compile workers \d+ graphs in 1 processes", caplog.text
     )
@@ -272,6 +275,25 @@ def test_activation_budget_recomputes_inside_the_compiled_block(monkeypatch):
     assert kept_low < 0.8 * kept
     torch.testing.assert_close(out_low, out, rtol=0, atol=1e-6)
     torch.testing.assert_close(grad_low, grad, rtol=0, atol=1e-6)
+
+
+def test_blocks_start_no_kernel_compiling_processes_when_the_workers_compiled_them(
+    monkeypatch,
+):
+    """With every graph in the cache the blocks only load them: Inductor's kernel-compiling
+    processes are not started. Without the workers the usual number compiles."""
+    unet, _ = _unet_with_adapter()
+    inductor = torch._inductor.config
+    monkeypatch.setattr(inductor, "compile_threads", inductor.compile_threads)  # restored after
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "3")  # what PyTorch would choose
+    cpu = torch.device("cpu")
+    try:
+        speed.compile_regions(unet, cpu, 1, cuda_graphs=False, cached=True)
+        assert inductor.compile_threads == 1
+        speed.compile_regions(unet, cpu, 1, cuda_graphs=False)
+        assert inductor.compile_threads == 3
+    finally:
+        torch._dynamo.reset()
 
 
 def test_workers_compile_again_for_another_activation_budget(tmp_path, monkeypatch):

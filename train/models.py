@@ -153,9 +153,9 @@ def load_models(
     if compiling:
         graphs = cuda_graphs_allowed(config.grad_accum, config.gradient_checkpointing)
 
-        def compile_now() -> str:
+        def compile_now(cached: bool) -> str:
             return compile_regions(
-                pipe.unet, device, len(plan.by_bucket), graphs, config.activation_budget
+                pipe.unet, device, len(plan.by_bucket), graphs, config.activation_budget, cached
             )
 
         workers = None
@@ -171,9 +171,10 @@ def load_models(
                 "the first steps run uncompiled"
             )
         else:
-            if workers is not None:
-                fast["compile workers"] = workers_summary(workers.wait(), graph_count)
-            fast["compile"] = compile_now()
+            done = workers.wait() if workers is not None else None
+            if done is not None:
+                fast["compile workers"] = workers_summary(done, graph_count)
+            fast["compile"] = compile_now(cached=done is not None and not done["failed"])
     if main and fast:
         logger.info("speed: %s", ", ".join(f"{k} {v}" for k, v in fast.items()))
     return Models(
@@ -200,7 +201,7 @@ class Compiling:
 
     workers: precompile.Workers
     graphs: int  # distinct graphs the workers compile
-    compile: Callable[[], str]  # compiles the regions (at their next call)
+    compile: Callable[[bool], str]  # compiles the regions (at their next call); cached?
 
     def ready(self) -> bool:
         return self.workers.ready()
@@ -209,7 +210,8 @@ class Compiling:
         done = self.workers.wait()
         if torch.cuda.is_available():  # what the uncompiled steps held goes back to the GPU: the
             torch.cuda.empty_cache()  # CUDA graphs' memory pools come on top of that cache
-        return f"compile workers {workers_summary(done, self.graphs)}, {self.compile()}"
+        compiled = self.compile(not done["failed"])  # all in the cache: nothing to compile
+        return f"compile workers {workers_summary(done, self.graphs)}, {compiled}"
 
     def stop(self) -> None:
         self.workers.stop()

@@ -131,10 +131,18 @@ def compile_regions(
     buckets: int,
     cuda_graphs: bool,
     activation_budget: float = 1.0,
+    cached: bool = False,
 ) -> str:
     """torch.compile each repeated block of `unet` in place (it compiles at its first call),
-    keeping `activation_budget` of each block's activations for the backward pass."""
+    keeping `activation_budget` of each block's activations for the backward pass.
+
+    cached: the compile workers left every graph in the on-disk cache (precompile.py), so the
+    blocks only load them. Inductor's kernel-compiling processes (one per CPU core, up to 32,
+    each importing PyTorch) would then have nothing to do but take the CPU from the step that
+    loads the graphs; they are not started."""
     set_activation_budget(activation_budget)
+    inductor = torch._inductor.config
+    inductor.compile_threads = 1 if cached else inductor.decide_compile_threads()
     limit = GRAPHS_PER_BUCKET * buckets
     dynamo = torch._dynamo.config
     # each block shape (per bucket) is one more compiled graph of the same code
