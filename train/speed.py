@@ -140,8 +140,9 @@ def compile_regions(
     blocks only load them. Inductor's kernel-compiling processes (one per CPU core, up to 32,
     each importing PyTorch) would then have nothing to do but take the CPU from the step that
     loads the graphs; they are not started."""
+    from torch._inductor import config as inductor
+
     set_activation_budget(activation_budget)
-    inductor = torch._inductor.config
     inductor.compile_threads = 1 if cached else inductor.decide_compile_threads()
     limit = GRAPHS_PER_BUCKET * buckets
     dynamo = torch._dynamo.config
