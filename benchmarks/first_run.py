@@ -134,9 +134,10 @@ def train_command(
     ] + (["--gradient-checkpointing"] if checkpointing else [])
 
 
-def timed(cmd: list[str], env: dict, cwd: Path, log: Path) -> tuple[float, str, float | None]:
-    """(wall seconds, output, GiB the whole GPU used above its use before) of a command; raises
-    with its last lines when it fails. The GPU figure is None without nvidia-smi.
+def timed(cmd: list[str], env: dict, cwd: Path, log: Path) -> tuple[float, str, float | None, dict]:
+    """(wall seconds, output, GiB the whole GPU used above its use before, MARKS seen) of a
+    command; raises with its last lines when it fails. The GPU figure is None without
+    nvidia-smi. MARKS seen: {name: seconds into the command when its line came out}.
 
     The output goes to `log` as it comes, so a command stopped from outside still leaves it.
     It runs in `cwd`, away from a source checkout: `-m sdlora.cli` then finds the installed
@@ -147,9 +148,23 @@ def timed(cmd: list[str], env: dict, cwd: Path, log: Path) -> tuple[float, str, 
         query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
         sampler = subprocess.Popen(query + ["-lms", "100"], stdout=subprocess.PIPE, text=True)
     started = time.perf_counter()
+    seen: dict[str, float] = {}
     try:
-        with log.open("w", encoding="utf-8") as out:
-            run = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+        with (
+            log.open("wb") as out,
+            subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd
+            ) as run,
+        ):
+            tail = b""  # enough of the output to find a mark cut across two reads
+            while chunk := run.stdout.read1(1 << 16):
+                now = time.perf_counter() - started
+                out.write(chunk)
+                out.flush()
+                tail = (tail + chunk)[-4096:]
+                for name, mark in MARKS.items():
+                    if name not in seen and mark in tail:
+                        seen[name] = now
     finally:
         wall = time.perf_counter() - started
         if sampler is not None:
@@ -159,7 +174,12 @@ def timed(cmd: list[str], env: dict, cwd: Path, log: Path) -> tuple[float, str, 
     if run.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} failed: {output[-2000:]}")
     peak = (max(samples, default=before) - before) / 1024 if sampler is not None else None
-    return wall, output, peak
+    return wall, output, peak, seen
+
+
+# lines whose time of coming out `timed` notes: set-up's report (it comes when set-up ends) and
+# the final report (the adapter is written by then: what follows is the process's end)
+MARKS = {"setup": b"set-up took ", "done": b"done: "}
 
 
 def gpu_used_mib() -> int | None:
@@ -214,8 +234,8 @@ def measure(
                         model, data, out, steps, batch, compile, smoke, nonlinearity, family,
                         checkpointing=run == "checkpointed",
                     )  # fmt: skip
-                wall, log, gpu = timed(cmd, env, root, root / f"{run}-{batch}.log")
-                rows.append(row(run, batch, steps, wall, log, gpu))
+                wall, log, gpu, seen = timed(cmd, env, root, root / f"{run}-{batch}.log")
+                rows.append(row(run, batch, steps, wall, log, gpu) | ends(wall, log, seen))
                 print(json.dumps(rows[-1]), flush=True)
     return {"info": info, "rows": rows}
 
@@ -243,6 +263,19 @@ def row(run: str, batch: int, steps: int, wall: float, log: str, gpu: float | No
         speed=speed.group(1).strip() if speed else "",
         setup=setup.group(1).strip() if setup else "",
     ) | switch_times(log)
+
+
+def ends(wall: float, log: str, seen: dict[str, float]) -> dict:
+    """The command's two ends, from when MARKS came out: `start_s` from the command's start to
+    the start of set-up (Python, imports, CUDA) and `exit_s` from the final report to the
+    process's end (its tear-down). Those it can tell."""
+    found = {}
+    setup = re.search(r"set-up took ([\d.]+) s", log)
+    if setup and "setup" in seen:
+        found["start_s"] = round(seen["setup"] - float(setup.group(1)), 1)
+    if "done" in seen:
+        found["exit_s"] = round(wall - seen["done"], 1)
+    return found
 
 
 def step_clock(log: str) -> dict[int, int]:

@@ -56,6 +56,18 @@ def test_first_run_benchmark_times_whole_commands(tmp_path):
     for r in rows.values():
         # the whole command takes longer than its first step, which is timed apart
         assert r["wall_s"] > r["first_step_s"] >= 0 and r["images_per_s"] > 0, r
+        assert 0 <= r["exit_s"] < r["wall_s"], r  # from the final report to the end
+    assert 0 < rows["eager"]["start_s"] < rows["eager"]["wall_s"]  # imports, before set-up
+    assert "start_s" not in rows["reference"]  # it reports no set-up
+
+
+def test_first_run_tells_the_start_and_the_end_of_a_command_from_its_lines():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.first_run import ends
+
+    log = "set-up took 12.5 s: data 0.1 s, models 8.0 s, caches 4.4 s\n...\ndone: 9 steps\n"
+    assert ends(100.0, log, {"setup": 30.0, "done": 95.5}) == {"start_s": 17.5, "exit_s": 4.5}
+    assert ends(100.0, log, {}) == {}
 
 
 def test_first_run_reads_the_switch_from_the_progress_bar():
