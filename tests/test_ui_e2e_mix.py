@@ -63,6 +63,9 @@ def open_page(browser, url: str):
 def expect():
     from playwright.sync_api import expect
 
+    # as long as the pages' own waits: an interrupt lands after the current step, which on a
+    # busy 2-core machine took over Playwright's 5 s default once (8 images at a time)
+    expect.set_options(timeout=TIMEOUT_MS)
     return expect
 
 
