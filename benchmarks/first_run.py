@@ -24,7 +24,9 @@ trainer's own (PyTorch's allocated memory) and the whole GPU's (what `nvidia-smi
 used, sampled every 0.1 s, above what was used before the command: compile workers, CUDA
 contexts and the caching allocator's reserve included). An `auto` run that switched also
 gives, from its progress bar (1 s resolution), the uncompiled steps and their seconds, the first
-compiled step (loading the graphs) and the next (recording the CUDA graphs). `--keep DIR` builds
+compiled step (loading the graphs) and the next (recording the CUDA graphs). Every run gives
+its two ends too, from when its lines came out: the start before set-up (`start_s`) and the end
+after the final report (`exit_s`). `--keep DIR` builds
 the folders there once and reuses them; each command's output goes to DIR/RUN-BATCH.log as it
 runs. `--smoke` does the same on the CPU with the tiny base in seconds (tests).
 """
