@@ -166,6 +166,57 @@ def test_workers_get_the_largest_jobs_first_and_even_loads():
     assert precompile.share_out(jobs[:2], 5) == [[jobs[1]], [jobs[0]]]  # no empty workers
 
 
+def _two_jobs():
+    unet, adapter = _unet_with_adapter()
+    inputs = [(torch.randn(1, 4, 8, 8), torch.randint(0, 1000, (1,)), torch.randn(1, 77, 32))]
+    jobs = precompile.record_calls(unet, lambda *a: unet(*a).sample, inputs, REGIONS)
+    return unet, adapter, jobs[:2]
+
+
+OPTIONS = dict(dynamic=False, backend="eager", mode=None)
+
+
+def test_workers_fork_from_a_server_started_earlier_and_report_each_failure(
+    tmp_path, monkeypatch, caplog
+):
+    """The fork server imports while the base loads; each job file becomes a forked worker.
+    A worker that fails is reported with its error's last line; the others still compile."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    server = precompile.start_server()
+    unet, adapter, jobs = _two_jobs()
+    jobs[1] = {**jobs[1], "regions": ["no_such_block"]}
+    with caplog.at_level(logging.DEBUG, logger="sdlora.train.precompile"):
+        workers = precompile.start_workers(
+            unet, jobs, adapter, torch.float32, None, OPTIONS, workers=2, server=server
+        )
+        assert workers.forked and workers.count == 2 and server.proc is None  # taken
+        done = workers.wait()
+    assert done["workers"] == 2 and done["failed"] == 1
+    assert "no_such_block" in done["error"]
+    assert f"compiled {jobs[0]['regions'][0]} (and" in caplog.text  # the other one's work
+    assert not workers.marker.exists()  # not every graph is in the cache
+
+
+def test_a_server_nobody_needs_ends_and_leaves_no_folder():
+    server = precompile.start_server()
+    proc, folder = server.proc, Path(server.tmp.name)
+    server.close()
+    assert proc.returncode is not None and not folder.exists()
+    server.close()  # twice: nothing more to do
+
+
+def test_without_fork_each_worker_is_a_python_process_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(precompile, "can_fork", lambda: False)  # as on Windows
+    unet, adapter, jobs = _two_jobs()
+    workers = precompile.start_workers(unet, jobs, adapter, torch.float32, None, OPTIONS,
+                                       workers=2)  # fmt: skip
+    assert not workers.forked and len(workers.procs) == 2
+    done = workers.wait()
+    assert done == {"workers": 2, "failed": 0, "seconds": done["seconds"]}
+    assert workers.marker.exists()
+
+
 def test_stopped_workers_leave_no_process_nor_folder_nor_done_marker(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     unet, adapter = _unet_with_adapter()

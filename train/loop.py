@@ -32,7 +32,7 @@ from sdlora.train.finish import (
     save_words,
     trained_adapter,
 )
-from sdlora.train.models import Models, load_models, restore
+from sdlora.train.models import Models, load_models, restore, start_compile_server
 from sdlora.train.prior import PriorImages
 from sdlora.train.progress import LossLog, Pace, open_tensorboard
 from sdlora.train.setup import (
@@ -76,7 +76,12 @@ def train(
     output = Path(config.output)
     data = prepare_data(config, accelerator)
     data_done = time.perf_counter()
-    models = load_models(config, accelerator, data.plan, data.total_steps, pipe)
+    server = start_compile_server(config)  # the compile workers' imports, while the base loads
+    try:
+        models = load_models(config, accelerator, data.plan, data.total_steps, pipe, server)
+    finally:
+        if server is not None:
+            server.close()  # unless the workers took it
     models_done = time.perf_counter()
     step = 0
     if data.resume_from is not None:

@@ -69,8 +69,11 @@ def load_models(
     plan: BatchPlan,
     total_steps: int,
     pipe: DiffusionPipeline | None = None,
+    server: precompile.Server | None = None,
 ) -> Models:
-    """Load the base (or take `pipe`), inject the adapter, build optimizer and schedule."""
+    """Load the base (or take `pipe`), inject the adapter, build optimizer and schedule.
+
+    server: the compile workers' fork server, started earlier (`start_compile_server`)."""
     main = accelerator.is_main_process
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32
@@ -161,13 +164,13 @@ def load_models(
         workers = None
         if use_compile_workers(config, device):
             workers, graph_count = start_compile_workers(
-                config, pipe, unet, plan, lora_args, weight_dtype, accelerator, graphs
+                config, pipe, unet, plan, lora_args, weight_dtype, accelerator, graphs, server
             )
         background = config.compile == "auto" and room_for_background(device)
-        if workers is not None and workers.procs and background:
+        if workers is not None and workers.count and background:
             compiling_later = Compiling(workers, graph_count, compile_now)
             fast["compile"] = (
-                f"{graph_count} graphs in {len(workers.procs)} processes, in the background: "
+                f"{graph_count} graphs in {workers.count} processes, in the background: "
                 "the first steps run uncompiled"
             )
         else:
@@ -261,6 +264,17 @@ def use_compile_workers(config: TrainConfig, device: torch.device) -> bool:
     return wanted and device.type == "cuda"
 
 
+def start_compile_server(config: TrainConfig) -> precompile.Server | None:
+    """The compile workers' fork server (precompile.start_server), started before anything
+    loads when this run may compile on a GPU, so that it imports while the base loads; None
+    otherwise. Whoever starts it closes it (`Server.close`): the workers may have taken it."""
+    cuda = torch.device("cuda")
+    may = config.compile != "off" and torch.cuda.is_available()
+    if may and use_compile_workers(config, cuda) and precompile.can_fork():
+        return precompile.start_server()
+    return None
+
+
 def batch_shapes(plan: BatchPlan) -> list[tuple[int, int, int]]:
     """(batch, width, height) of every micro-batch the plan can hand out."""
     shapes = set()
@@ -272,9 +286,10 @@ def batch_shapes(plan: BatchPlan) -> list[tuple[int, int, int]]:
 
 
 def start_compile_workers(
-    config, pipe, unet, plan, lora_args, weight_dtype, accelerator, graphs
+    config, pipe, unet, plan, lora_args, weight_dtype, accelerator, graphs, server=None
 ) -> tuple[precompile.Workers, int]:
-    """Worker processes compiling the UNet's regions for every batch shape; (them, graph count)."""
+    """Worker processes (forked from `server`, if any) compiling the UNet's regions for every
+    batch shape; (them, graph count)."""
     device = accelerator.device
     bare = accelerator.unwrap_model(unet)
     channels_last = bare.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
@@ -315,6 +330,7 @@ def start_compile_workers(
         options,
         checkpointing,
         activation_budget=config.activation_budget,
+        server=server,
     )
     return workers, len(jobs)
 

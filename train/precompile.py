@@ -25,14 +25,18 @@ process compiles whatever is missing itself.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import importlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,11 +192,20 @@ def done_marker(spec: dict) -> Path:
 
 class Workers:
     """Worker processes filling the compile cache (see `start_workers`); poll with `ready`,
-    collect with `wait`, or end early with `stop`."""
+    collect with `wait`, or end early with `stop`.
 
-    def __init__(self, procs: list, logs: list[Path], tmp, marker: Path, started: float):
+    procs: the workers; or, when `forked`, the one fork server whose children they are (it
+    exits once they all have, and writes each one's exit code beside its log)."""
+
+    def __init__(
+        self, procs: list, logs: list[Path], tmp, marker: Path, started: float, forked=False
+    ):
         self.procs, self.logs, self.tmp, self.marker = procs, logs, tmp, marker
-        self.started = started
+        self.started, self.forked = started, forked
+
+    @property
+    def count(self) -> int:
+        return len(self.logs)
 
     def ready(self) -> bool:
         """Every worker has exited (or overrun WORKER_TIMEOUT_S, and `wait` stops it)."""
@@ -203,41 +216,111 @@ class Workers:
         """Wait for every worker; return what happened: workers started, failed, seconds, and
         the first failure's last line as "error". Never raises for a worker's failure: the
         trainer compiles whatever is missing."""
-        failed, why = 0, ""
-        for i, (proc, log) in enumerate(zip(self.procs, self.logs, strict=True)):
+        for proc in self.procs:
             left = WORKER_TIMEOUT_S - (time.perf_counter() - self.started)
             try:
                 proc.wait(timeout=max(left, 0.1))
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                self._kill(proc)
+        failed, why = 0, ""
+        for i, log in enumerate(self.logs):
+            code = self._exit_code(i)
             lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
-            logger.debug(
-                "compile worker %d (exit code %s):\n%s", i, proc.returncode, "\n".join(lines)
-            )
-            if proc.returncode != 0:
+            logger.debug("compile worker %d (exit code %s):\n%s", i, code, "\n".join(lines))
+            if code != 0:
                 failed += 1
-                why = why or (lines[-1] if lines else f"exit code {proc.returncode}")
+                why = why or (lines[-1] if lines else self._no_log_why(code))
         self._clean()
-        if self.procs and not failed:
+        if self.count and not failed:
             self.marker.parent.mkdir(parents=True, exist_ok=True)
             self.marker.touch()
-        seconds = time.perf_counter() - self.started if self.procs else 0.0
-        done = {"workers": len(self.procs), "failed": failed, "seconds": seconds}
+        seconds = time.perf_counter() - self.started if self.count else 0.0
+        done = {"workers": self.count, "failed": failed, "seconds": seconds}
         return done | ({"error": why} if why else {})
 
     def stop(self) -> None:
         """End the workers now (the run ended first); what they compiled stays in the cache."""
         for proc in self.procs:
             if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+                self._kill(proc)
         self._clean()
+
+    def _kill(self, proc) -> None:
+        if self.forked:  # the server leads a process group of its own: it and its workers
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+        proc.wait()
+
+    def _exit_code(self, i: int) -> int | None:
+        if not self.forked:
+            return self.procs[i].returncode
+        written = Path(f"{self.logs[i]}.exit")
+        return int(written.read_text()) if written.exists() else None
+
+    def _no_log_why(self, code: int | None) -> str:
+        if code is not None:
+            return f"exit code {code}"
+        server_log = Path(self.tmp.name) / SERVER_LOG if self.tmp is not None else None
+        lines = server_log.read_text(errors="replace").strip().splitlines() if server_log else []
+        return lines[-1] if lines else "stopped before it started"
 
     def _clean(self) -> None:
         if self.tmp is not None:
             self.tmp.cleanup()
             self.tmp = None
+
+
+# What the fork server imports once (see `start_server`): each worker forked from it starts
+# with them. None of them starts CUDA, which a forked process could not start again.
+SERVER_IMPORTS = (
+    "sdlora.train.speed",
+    "sdlora.inject",
+    "diffusers.models.unets.unet_2d_condition",
+    "torch._inductor.compile_fx",
+)
+SERVER_LOG = "server.log"
+
+
+class Server:
+    """The compile workers' fork server (see `start_server`), until `start_workers` takes it;
+    `close` ends it if nobody did."""
+
+    def __init__(self, proc: subprocess.Popen, tmp: tempfile.TemporaryDirectory):
+        self.proc, self.tmp = proc, tmp
+
+    def take(self) -> tuple[subprocess.Popen, tempfile.TemporaryDirectory]:
+        taken = self.proc, self.tmp
+        self.proc = self.tmp = None
+        return taken
+
+    def close(self) -> None:
+        if self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            self.tmp.cleanup()
+            self.proc = self.tmp = None
+
+
+def can_fork() -> bool:
+    return hasattr(os, "fork") and hasattr(os, "killpg")
+
+
+def start_server() -> Server:
+    """Start a Python process that imports PyTorch, diffusers' UNet and the compiler now (while
+    the training process loads the base) and later forks each worker, ready at once. A new
+    Python process per worker spends about 7 s importing them, 15-19 s when eight start
+    together on a 16-core GPU machine. POSIX only (see `can_fork`)."""
+    tmp = tempfile.TemporaryDirectory(prefix="sdlora-precompile-")
+    with (Path(tmp.name) / SERVER_LOG).open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sdlora.train.precompile"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,  # its own process group: `Workers.stop` ends it with them
+        )
+    return Server(proc, tmp)
 
 
 def start_workers(
@@ -250,13 +333,15 @@ def start_workers(
     gradient_checkpointing: bool = False,
     workers: int | None = None,
     activation_budget: float = 1.0,
+    server: Server | None = None,
 ) -> Workers:
     """Start worker processes that compile the jobs' graphs into the on-disk compile cache.
 
     gradient_checkpointing: the training UNet has it on (a region that checkpoints the blocks
     inside it, as SD 1.x's Transformer2DModel does, compiles to another graph); the workers
     switch it on in theirs. activation_budget: the training process's (speed.compile_regions).
-    When a previous run compiled these very graphs, none starts.
+    When a previous run compiled these very graphs, none starts. Where processes fork, the
+    workers are forks of `server` (started earlier, see `start_server`; else now).
     """
     device = next(unet.parameters()).device
     channels_last = unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
@@ -275,23 +360,39 @@ def start_workers(
     marker = done_marker({**spec, "jobs": jobs})
     started = time.perf_counter()
     if marker.exists():
+        if server is not None:
+            server.close()
         return Workers([], [], None, marker, started)
     shares = share_out(jobs, workers or default_workers(len(jobs)))
     env = dict(os.environ)
     # the workers share the CPU: each gets its part of Inductor's kernel-compiling threads
     threads = max(1, (os.cpu_count() or 2) // len(shares))
     env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(threads))
-    tmp = tempfile.TemporaryDirectory(prefix="sdlora-precompile-")
+    forked = can_fork()
+    if forked:
+        proc, tmp = (server or start_server()).take()
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="sdlora-precompile-")
     procs, logs = [], []
     for i, share in enumerate(shares):
         path = Path(tmp.name) / f"job-{i}.json"
-        path.write_text(json.dumps({**spec, "jobs": share, "started": time.time()}))
+        path.write_text(json.dumps({**spec, "jobs": share, "started": time.time(), "env": env}))
         log = Path(tmp.name) / f"job-{i}.log"  # a file, not a pipe: nobody reads it meanwhile
-        cmd = [sys.executable, "-m", "sdlora.train.precompile", str(path)]
-        with log.open("wb") as err:
-            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err))
         logs.append(log)
-    return Workers(procs, logs, tmp, marker, started)
+        if not forked:
+            cmd = [sys.executable, "-m", "sdlora.train.precompile", str(path)]
+            with log.open("wb") as err:
+                procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err))
+    if forked:
+        try:  # one line per worker, then the end of input: the server forks them
+            proc.stdin.write(
+                "".join(f"{log.with_suffix('.json')}\t{log}\n" for log in logs).encode()
+            )
+            proc.stdin.close()
+        except OSError:  # it died importing: `wait` reports its log's last line
+            pass
+        procs = [proc]
+    return Workers(procs, logs, tmp, marker, started, forked)
 
 
 def fill_cache(*args, **kwargs) -> dict[str, float | int]:
@@ -313,6 +414,9 @@ def main(spec_path: str) -> None:
 
     spec = json.loads(Path(spec_path).read_text())
     started = spec.get("started", time.time())  # when the training process started this one
+    os.environ.clear()  # the training process's, as it was when the jobs were handed out
+    os.environ.update(spec["env"])
+    torch._inductor.config.compile_threads = int(os.environ["TORCHINDUCTOR_COMPILE_THREADS"])
     set_activation_budget(spec["activation_budget"])
     device = torch.device(spec["device"])
     if device.type == "cuda":
@@ -365,5 +469,44 @@ def _tensors(value):
         yield from _tensors(value.to_tuple())
 
 
+def serve() -> None:
+    """The fork server (see `start_server`): import SERVER_IMPORTS; read lines "SPEC<tab>LOG"
+    until the training process closes standard input; fork a worker for each (`main`, its error
+    output to LOG); wait for them all and write each one's exit code to LOG.exit."""
+    for name in SERVER_IMPORTS:
+        importlib.import_module(name)
+    lines = sys.stdin.read().splitlines()
+    children = {}
+    for line in lines:
+        spec_path, log_path = line.split("\t")
+        children[_fork(spec_path, log_path)] = log_path
+    for pid, log_path in children.items():
+        _, status = os.waitpid(pid, 0)
+        Path(f"{log_path}.exit").write_text(str(os.waitstatus_to_exitcode(status)))
+
+
+def _fork(spec_path: str, log_path: str) -> int:
+    """A forked worker running `main(spec_path)`; its pid (in the server)."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(log, 2)
+        os.close(log)
+        main(spec_path)
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:  # never back into the server's loop: end here, as a process of its own would
+        atexit._run_exitfuncs()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if len(sys.argv) > 1:
+        main(sys.argv[1])  # a worker of its own (no fork server, see `can_fork`)
+    else:
+        serve()
