@@ -21,6 +21,7 @@ from sdlora.train.config import (
     TrainConfig,
     load_config,
 )
+from sdlora.train.precompile import start_server_for
 
 from sdlora.errors import SdloraError
 
@@ -415,10 +416,17 @@ def setup_logging() -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run `sdlora train` from parsed arguments; return the exit code."""
-    from sdlora.train.loop import train  # heavy imports only once a run starts
+    config = config_from_args(args)
+    # the compile workers' fork server starts first: its imports overlap this process's own
+    server = start_server_for(config.compile)
+    try:
+        from sdlora.train.loop import train  # heavy imports only once a run starts
 
-    setup_logging()
-    train(config_from_args(args))
+        setup_logging()
+        train(config, compile_server=server)
+    finally:
+        if server is not None:
+            server.close()
     return 0
 
 

@@ -32,7 +32,8 @@ from sdlora.train.finish import (
     save_words,
     trained_adapter,
 )
-from sdlora.train.models import Models, load_models, restore, start_compile_server
+from sdlora.train.models import Models, load_models, restore
+from sdlora.train.precompile import Server, start_server_for
 from sdlora.train.prior import PriorImages
 from sdlora.train.progress import LossLog, Pace, open_tensorboard
 from sdlora.train.setup import (
@@ -59,12 +60,15 @@ def train(
     config: TrainConfig,
     pipe: DiffusionPipeline | None = None,
     on_step: Callable[[int], None] | None = None,
+    compile_server: Server | None = None,
 ) -> Path:
     """Train a LoRA on `config.data_dir`; return the path of the adapter file written.
 
     `pipe`: an already loaded base to train on instead of loading `config.base` (it is changed
     in place: the adapter is injected and the weights cast). `on_step(step)` is called after
-    every optimizer step, without waiting for the GPU.
+    every optimizer step, without waiting for the GPU. `compile_server`: the compile workers'
+    fork server, started by the caller before its heavy imports (precompile.start_server_for);
+    else this starts one if the run may need it. Either way it is closed by the end of set-up.
     """
     # --- set-up: every user mistake in data and output folder is found before a model loads
     config.check()
@@ -76,12 +80,13 @@ def train(
     output = Path(config.output)
     data = prepare_data(config, accelerator)
     data_done = time.perf_counter()
-    server = start_compile_server(config)  # the compile workers' imports, while the base loads
+    if compile_server is None:  # the compile workers' imports, while the base loads
+        compile_server = start_server_for(config.compile)
     try:
-        models = load_models(config, accelerator, data.plan, data.total_steps, pipe, server)
+        models = load_models(config, accelerator, data.plan, data.total_steps, pipe, compile_server)
     finally:
-        if server is not None:
-            server.close()  # unless the workers took it
+        if compile_server is not None:
+            compile_server.close()  # unless the workers took it
     models_done = time.perf_counter()
     step = 0
     if data.resume_from is not None:

@@ -8,8 +8,8 @@ stay fp32; the VAE stays fp32 (SD VAEs overflow in fp16; in bf16 runs it encodes
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +63,23 @@ class Models:
     compiling: Compiling | None = None  # compile workers still at work (--compile auto)
 
 
+SERVER_CORES = 2  # CPU threads the fork server's imports may keep busy (one, and a spare)
+
+
+@contextmanager
+def fewer_threads(spare: int):
+    """PyTorch's CPU work in the block on `spare` fewer threads. Another busy process of ours
+    costs a many-threaded load or cast far more than its cores' share: every parallel part waits
+    for its slowest thread (SDXL's load and cast took 19 s instead of 8 beside the fork server's
+    imports on a 16-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - spare))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def load_models(
     config: TrainConfig,
     accelerator: Accelerator,
@@ -78,16 +95,18 @@ def load_models(
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32
     )
-    if pipe is None:
-        pipe = load_base(config.base, config=config.base_config)  # on the CPU, in fp32
-    if config.reg_generate:  # the base itself, before any cast or adapter
+    # the fork server may still be importing: leave it a core (see fewer_threads)
+    with fewer_threads(SERVER_CORES if server is not None else 0):
+        if pipe is None:
+            pipe = load_base(config.base, config=config.base_config)  # on the CPU, in fp32
+        if config.reg_generate:  # the base itself, before any cast or adapter
+            pipe.to(accelerator.device)
+            generate_missing(pipe, config, accelerator)
+        if weight_dtype != torch.float32:
+            # cast where the weights are: a base just loaded is still on the CPU, so only the
+            # bf16/fp16 copies reach the GPU (SDXL's fp32 UNet and text encoders are 13 GiB)
+            cast_frozen(pipe, weight_dtype)
         pipe.to(accelerator.device)
-        generate_missing(pipe, config, accelerator)
-    if weight_dtype != torch.float32:
-        # cast where the weights are: a base just loaded is still on the CPU, so only the
-        # bf16/fp16 copies reach the GPU (SDXL's fp32 UNet and text encoders are 13 GiB)
-        cast_frozen(pipe, weight_dtype)
-    pipe.to(accelerator.device)
     if accelerator.device.type == "cuda":
         # fp32 copies freed by a cast on the GPU (a pipeline handed in there, or --reg-generate)
         # would stay reserved in PyTorch's cache while the compile workers need memory of their own
@@ -260,19 +279,7 @@ def use_compile_workers(config: TrainConfig, device: torch.device) -> bool:
     On CUDA, unless SDLORA_COMPILE_WORKERS=0. With gradient checkpointing the workers switch it
     on in their UNet too, so the regions they compile are the training process's own.
     """
-    wanted = os.environ.get("SDLORA_COMPILE_WORKERS", "") != "0"
-    return wanted and device.type == "cuda"
-
-
-def start_compile_server(config: TrainConfig) -> precompile.Server | None:
-    """The compile workers' fork server (precompile.start_server), started before anything
-    loads when this run may compile on a GPU, so that it imports while the base loads; None
-    otherwise. Whoever starts it closes it (`Server.close`): the workers may have taken it."""
-    cuda = torch.device("cuda")
-    may = config.compile != "off" and torch.cuda.is_available()
-    if may and use_compile_workers(config, cuda) and precompile.can_fork():
-        return precompile.start_server()
-    return None
+    return precompile.workers_wanted() and device.type == "cuda"
 
 
 def batch_shapes(plan: BatchPlan) -> list[tuple[int, int, int]]:
