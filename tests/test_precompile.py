@@ -372,3 +372,69 @@ def test_auto_compiles_sdxl_from_fewer_steps_than_sd1():
     assert speed.will_compile("auto", cuda, 600, 1, "sd2")
     assert not speed.will_compile("auto", cpu, 10_000, 1, "sdxl")
     assert speed.will_compile("on", cpu, 1, 1) and not speed.will_compile("off", cuda, 10_000, 1)
+
+
+def test_the_fork_server_asks_nvml_not_the_cuda_runtime_whether_there_is_a_gpu():
+    """Asking the CUDA runtime (diffusers' import does) would leave forked workers unable to
+    start CUDA: the server runs with PyTorch's NVML-based check."""
+    server = precompile.start_server()
+    try:
+        environ = Path(f"/proc/{server.proc.pid}/environ").read_bytes().split(b"\0")
+        assert b"PYTORCH_NVML_BASED_CUDA_CHECK=1" in environ
+    finally:
+        server.close()
+
+
+def test_a_fork_server_starts_only_where_a_run_may_compile_on_a_gpu(monkeypatch):
+    assert precompile.start_server_for("auto") is None  # this machine has no GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert precompile.start_server_for("off") is None
+    monkeypatch.setenv("SDLORA_COMPILE_WORKERS", "0")
+    assert precompile.start_server_for("on") is None
+    monkeypatch.delenv("SDLORA_COMPILE_WORKERS")
+    monkeypatch.setattr(precompile, "can_fork", lambda: False)  # as on Windows
+    assert precompile.start_server_for("auto") is None
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    server = precompile.start_server_for("auto")
+    assert isinstance(server, precompile.Server)
+    server.close()
+    assert server.proc is None
+
+
+def test_the_command_closes_the_fork_server_it_started_when_the_run_fails(
+    tmp_path, monkeypatch, capsys
+):
+    """`sdlora train` starts the server before its heavy imports; a run that stops at a user
+    mistake ends it too."""
+    from sdlora.train import command
+
+    class Server:
+        closed = 0
+
+        def close(self):
+            Server.closed += 1
+
+    asked = []
+    monkeypatch.setattr(command, "start_server_for", lambda mode: asked.append(mode) or Server())
+    out = str(tmp_path / "out")
+    code = command.main(["train", str(tmp_path / "no_such_folder"), "-o", out, "--compile", "on"])
+    assert code == 2 and "no_such_folder" in capsys.readouterr().err
+    assert asked == ["on"] and Server.closed == 1
+
+
+def test_the_base_loads_on_fewer_threads_beside_the_fork_server():
+    """A many-threaded load waits for its slowest thread: beside the server's imports it runs
+    on two fewer, and gets them all back after (an error included)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(6)
+        with models_module.fewer_threads(models_module.SERVER_CORES):
+            assert torch.get_num_threads() == 4
+        assert torch.get_num_threads() == 6
+        with pytest.raises(RuntimeError), models_module.fewer_threads(9):
+            assert torch.get_num_threads() == 1  # never none
+            raise RuntimeError
+        assert torch.get_num_threads() == 6
+    finally:
+        torch.set_num_threads(threads)

@@ -10,10 +10,12 @@ step:
    what each region receives (shapes, strides, dtypes, requires_grad, keyword values). No
    backward, so no gradient reaches the adapter; the training RNG is untouched.
 2. Regions that would compile to the same graph (same class, same parameter shapes, same inputs)
-   are grouped; `start_workers` shares the groups among worker processes (`python -m
-   sdlora.train.precompile SPEC.json`). Each worker builds the UNet on the meta device, injects
-   the same adapter, materialises only its blocks on the GPU, compiles them and runs each forward
-   and backward once on random inputs: that compiles and stores the graphs.
+   are grouped; `start_workers` shares the groups among worker processes: forks of a server
+   that imported PyTorch, diffusers and the compiler early (`start_server`), or, where processes
+   do not fork, `python -m sdlora.train.precompile SPEC.json`. Each worker builds the UNet on
+   the meta device, injects the same adapter, materialises only its blocks on the GPU, compiles
+   them and runs each forward and backward once on random inputs: that compiles and stores the
+   graphs.
 3. The training process then compiles its regions as usual and finds every graph in the cache:
    before its first step (`--compile on`), or, with `--compile auto`, while its first steps run
    uncompiled, as soon as every worker is done (`Workers.ready`).
