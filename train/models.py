@@ -90,7 +90,7 @@ def load_models(
 ) -> Models:
     """Load the base (or take `pipe`), inject the adapter, build optimizer and schedule.
 
-    server: the compile workers' fork server, started earlier (`start_compile_server`)."""
+    server: the compile workers' fork server, started earlier (precompile.start_server_for)."""
     main = accelerator.is_main_process
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32

@@ -274,7 +274,8 @@ class Workers:
 
 
 # What the fork server imports once (see `start_server`): each worker forked from it starts
-# with them. None of them starts CUDA, which a forked process could not start again.
+# with them. None starts CUDA, and the server asks NVML, not the CUDA runtime, whether there is
+# a GPU: either would leave its forks unable to start CUDA.
 SERVER_IMPORTS = (
     "sdlora.train.speed",
     "sdlora.inject",
