@@ -9,6 +9,7 @@ the training process's own (cache hits) is measured on the GPU (benchmarks/first
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -438,3 +439,36 @@ def test_the_base_loads_on_fewer_threads_beside_the_fork_server():
         assert torch.get_num_threads() == 6
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_worker_forked_where_cuda_cannot_start_runs_as_a_new_process(tmp_path, monkeypatch):
+    """Should the server's imports ever start CUDA, its forks could not: each then replaces
+    itself with a Python of its own (the spec's environment) and compiles there."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(precompile, "can_fork", lambda: False)
+    started = []  # the spec files a worker process would have been started with
+
+    class NotStarted:
+        returncode = 0
+
+        def poll(self):
+            return 0
+
+    def popen(cmd, **kwargs):
+        started.append(cmd[-1])
+        return NotStarted()
+
+    monkeypatch.setattr(precompile.subprocess, "Popen", popen)
+    unet, adapter, jobs = _two_jobs()
+    workers = precompile.start_workers(
+        unet, jobs[:1], adapter, torch.float32, None, OPTIONS, workers=1
+    )
+    monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: True)  # the fork inherits it
+    monkeypatch.setattr(sys, "stderr", sys.__stderr__)  # file 2, as in the server (not pytest's)
+    spec, log = started[0], workers.logs[0]
+    _, status = os.waitpid(precompile._fork(spec, str(log)), 0)
+    text = log.read_text()
+    workers.stop()
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert "forked after CUDA started: running as a new process" in text
+    assert f"compiled {jobs[0]['regions'][0]} (and" in text
