@@ -68,7 +68,9 @@ def train(
     in place: the adapter is injected and the weights cast). `on_step(step)` is called after
     every optimizer step, without waiting for the GPU. `compile_server`: the compile workers'
     fork server, started by the caller before its heavy imports (precompile.start_server_for);
-    else this starts one if the run may need it. Either way it is closed by the end of set-up.
+    else this starts one if the run may need it. Either way it is closed once the models are
+    loaded (the workers may have taken it); a caller that passed one closes it too, for a run
+    that fails before that.
     """
     # --- set-up: every user mistake in data and output folder is found before a model loads
     config.check()
