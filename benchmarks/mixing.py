@@ -4,7 +4,7 @@
   adapters of rank 16 on the UNet and text-encoder attention (diffusers' `set_adapters` on the
   same 4 files beside it, where peft is installed);
 - generation: time per denoising step (guidance on, so batch 2) for the bare base, 4 fused linear
-  adapters and 1 nonlinear (unfused) adapter, through `sdlora.generate`;
+  adapters and 1 nonlinear (unfused) adapter, through `sdlora.bases.generate`;
 - export: the 4-adapter blend as one merged single-file checkpoint in fp16.
 
 `measure(smoke, device, dtype)` returns rows for benchmarks/run.py's table.
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from sdlora.blend import Mixer
-from sdlora.export import export_single_file
-from sdlora.files import save_adapter
-from sdlora.generate import GenerateSettings, generate
-from sdlora.inject import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_trainable, collect_adapter
+from sdlora.bases.generate import GenerateSettings, generate
+from sdlora.io.files import save_adapter
+from sdlora.lora.blend import Mixer
+from sdlora.lora.inject import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_trainable, collect_adapter
+from sdlora.tools.export import export_single_file
 
 from .sd15 import build_pipeline
 
@@ -66,7 +66,7 @@ def make_adapter_files(pipe, folder: Path, nonlinearity: str = "identity", count
 
 
 def _unwrap(pipe) -> None:
-    from sdlora.inject import unwrap_all
+    from sdlora.lora.inject import unwrap_all
 
     for model in (pipe.unet, pipe.text_encoder):
         unwrap_all(model)

@@ -8,7 +8,7 @@ each adapter after training on one fixed yardstick:
 - held-out loss: `sdlora.train.validate.Validation.loss` (denoising loss at fixed timesteps
   100..900 and fixed noise) on held-out images, with validation seed 0 for every cell;
 - style distance: `toyworld.style_distance` (4 bins per channel, as tests/test_style.py) between
-  pictures drawn with `sdlora.generate` (guidance 2, 20 steps) for trigger prompts and the
+  pictures drawn with `sdlora.bases.generate` (guidance 2, 20 steps) for trigger prompts and the
   held-out pictures through the base's autoencoder (the best an adapter can reach); lower is better;
 - base change: mean absolute pixel difference (0-255) from the plain base for prompts without the
   trigger word, same seeds; lower means the base is better preserved;
@@ -52,17 +52,17 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 from diffusers import DDPMScheduler  # noqa: E402
+
+from benchmarks.sd15 import device_info  # noqa: E402
+from sdlora.bases import toyworld  # noqa: E402
+from sdlora.bases.base import load_base  # noqa: E402
+from sdlora.bases.generate import GenerateSettings, generate  # noqa: E402
+from sdlora.lora.blend import Mixer  # noqa: E402
+from sdlora.lora.layer import NONLINEARITIES  # noqa: E402
 from sdlora.train import TrainConfig, train  # noqa: E402
 from sdlora.train.condition import Conditioning  # noqa: E402
 from sdlora.train.data import discover  # noqa: E402
 from sdlora.train.validate import Validation, split_items  # noqa: E402
-
-from benchmarks.sd15 import device_info  # noqa: E402
-from sdlora import toyworld  # noqa: E402
-from sdlora.base import load_base  # noqa: E402
-from sdlora.blend import Mixer  # noqa: E402
-from sdlora.generate import GenerateSettings, generate  # noqa: E402
-from sdlora.layer import NONLINEARITIES  # noqa: E402
 
 DRAW_SEEDS = (100, 101)
 BINS = 4  # as tests/test_style.py
@@ -143,7 +143,7 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
 
 
 def draw(pipe, prompts: tuple[str, ...]) -> torch.Tensor:
-    """Each prompt at each of DRAW_SEEDS through sdlora.generate (guidance 2, 20 steps)."""
+    """Each prompt at each of DRAW_SEEDS through sdlora.bases.generate (guidance 2, 20 steps)."""
     images = []
     for prompt in prompts:
         settings = GenerateSettings(

@@ -17,8 +17,8 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from sdlora.base import load_base
-from sdlora.tiny import SCHEDULER_CONFIG, make_tokenizer
+from sdlora.bases.base import load_base
+from sdlora.bases.tiny import SCHEDULER_CONFIG, make_tokenizer
 
 # runwayml/stable-diffusion-v1-5 unet/config.json
 UNET_CONFIG = dict(

@@ -41,8 +41,6 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 if __package__ in (None, ""):  # run as a script: the repository root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sdlora.train import TrainConfig, speed
-
 from benchmarks.reference import ReferenceLoopXL
 from benchmarks.sd15 import VAE_CONFIG as SD15_VAE_CONFIG
 from benchmarks.sd15 import device_info
@@ -54,8 +52,9 @@ from benchmarks.training import (
     time_train,
     write_images,
 )
-from sdlora.base import load_base
-from sdlora.tiny import make_tokenizer, xl_pipeline
+from sdlora.bases.base import load_base
+from sdlora.bases.tiny import make_tokenizer, xl_pipeline
+from sdlora.train import TrainConfig, speed
 
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
 UNET_CONFIG = dict(

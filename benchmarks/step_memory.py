@@ -102,11 +102,11 @@ def measure(
     run: str, batch: int, steps: int, smoke: bool, live: bool, profile_step: int | None = None
 ) -> dict:
     import torch
-    from sdlora.train import TrainConfig, speed, train
-    from sdlora.train import models as train_models
 
     from benchmarks.sdxl import RESOLUTION, build_pipeline
     from benchmarks.training import write_images
+    from sdlora.train import TrainConfig, speed, train
+    from sdlora.train import models as train_models
 
     device = torch.device("cpu" if smoke else "cuda")
     cuda = device.type == "cuda"

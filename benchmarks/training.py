@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from sdlora.train import TrainConfig, speed
-from sdlora.train.config import COMPILE_MIN_STEPS
-from sdlora.train.loop import train
 
 from benchmarks.reference import ReferenceLoop
 from benchmarks.sd15 import build_pipeline
+from sdlora.train import TrainConfig, speed
+from sdlora.train.config import COMPILE_MIN_STEPS
+from sdlora.train.loop import train
 
 FLOP_PER_IMAGE = 1.81e12  # SD 1.5 UNet LoRA training step at 512 px, per image (forward+backward)
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak, spec sheet

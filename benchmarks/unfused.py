@@ -60,7 +60,7 @@ def step_time(pipe, steps: int, size: int | None, device) -> tuple[float, float,
     machine both show what a step costs when other processes take turns on the cores (the median
     wall time counts their turns too)."""
     from benchmarks.mixing import _sync
-    from sdlora.generate import GenerateSettings, generate
+    from sdlora.bases.generate import GenerateSettings, generate
 
     marks: list[tuple[float, float]] = []
 
@@ -144,8 +144,8 @@ def measure(smoke: bool, rounds: int, steps: int, threads: int | None = None) ->
 
     from benchmarks.mixing import make_adapter_files
     from benchmarks.sd15 import build_pipeline, device_info
-    from sdlora.base import load_base
-    from sdlora.blend import Mixer
+    from sdlora.bases.base import load_base
+    from sdlora.lora.blend import Mixer
 
     device = torch.device("cpu" if smoke or not torch.cuda.is_available() else "cuda")
     if threads:

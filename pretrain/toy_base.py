@@ -39,9 +39,9 @@ from diffusers import (
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from sdlora import toyworld
-from sdlora.tiny import SCHEDULER_CONFIG, make_tokenizer
-from sdlora.tokenizer_files import write_tokenizer_files
+from sdlora.bases import toyworld
+from sdlora.bases.tiny import SCHEDULER_CONFIG, make_tokenizer
+from sdlora.bases.tokenizer_files import write_tokenizer_files
 
 UNET_CONFIG = dict(
     sample_size=8,  # latent side; 64 px pictures

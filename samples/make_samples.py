@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from sdlora import toyworld
+from sdlora.bases import toyworld
 
 TRIGGER = "sks"
 SEED = 1234

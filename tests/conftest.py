@@ -26,7 +26,7 @@ def one_thread():
 @pytest.fixture
 def tiny():
     """A fresh tiny pipeline per test (builds in well under a second), fp32 on CPU."""
-    from sdlora.base import load_base
+    from sdlora.bases.base import load_base
 
     return load_base("tiny")
 
@@ -34,7 +34,7 @@ def tiny():
 @pytest.fixture(scope="session")
 def inputs():
     """Fixed UNet and text-encoder inputs for the tiny base."""
-    from sdlora.tiny import make_tokenizer
+    from sdlora.bases.tiny import make_tokenizer
 
     g = torch.Generator().manual_seed(1234)
     ids = make_tokenizer()(
@@ -75,8 +75,13 @@ def make_adapter_file(
 
     Returns (path, pipe with the live trained adapter).
     """
-    from sdlora.files import save_adapter
-    from sdlora.inject import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_trainable, collect_adapter
+    from sdlora.io.files import save_adapter
+    from sdlora.lora.inject import (
+        TEXT_ENCODER_TARGETS,
+        UNET_TARGETS,
+        add_trainable,
+        collect_adapter,
+    )
 
     pipe = pipe_factory()
     g = torch.Generator().manual_seed(seed)

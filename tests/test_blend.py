@@ -4,10 +4,10 @@ import pytest
 import torch
 from conftest import make_adapter_file, run_text, run_unet
 
-from sdlora.base import load_base
-from sdlora.blend import Mixer
+from sdlora.bases.base import load_base
 from sdlora.errors import SdloraError
-from sdlora.layer import LoRALayer
+from sdlora.lora.blend import Mixer
+from sdlora.lora.layer import LoRALayer
 
 
 @pytest.fixture
@@ -137,10 +137,10 @@ def test_mixed_coverage_fused_matches_per_layer_merge(tiny, inputs, tmp_path):
 
 
 def test_non_finite_fuse_is_refused_and_nothing_written(tiny, two_files, monkeypatch):
-    import sdlora.adapter
+    import sdlora.lora.adapter
 
     # lift the strength bound to reach the weights' own non-finite guard
-    monkeypatch.setattr(sdlora.adapter, "MAX_STRENGTH", float("inf"))
+    monkeypatch.setattr(sdlora.lora.adapter, "MAX_STRENGTH", float("inf"))
     mixer = Mixer(tiny)
     mixer.add(two_files[0], strength=0.5)
     before = weights(tiny)
@@ -153,8 +153,8 @@ def test_non_finite_fuse_is_refused_and_nothing_written(tiny, two_files, monkeyp
 
 def test_strength_changes_read_no_file_and_keep_modules(tiny, inputs, two_files, monkeypatch):
     """Strength, enable and fuse switches touch weights only: no file read, no module rebuilt."""
-    import sdlora.files
-    import sdlora.formats
+    import sdlora.io.files
+    import sdlora.io.formats
 
     mixer = Mixer(tiny)
     mixer.add(two_files[0], strength=0.5)
@@ -163,9 +163,9 @@ def test_strength_changes_read_no_file_and_keep_modules(tiny, inputs, two_files,
     def no_reading(*args, **kwargs):
         raise AssertionError("a strength change read an adapter file")
 
-    for module in (sdlora.files, sdlora.formats):
+    for module in (sdlora.io.files, sdlora.io.formats):
         monkeypatch.setattr(module, "read_safetensors", no_reading)
-    monkeypatch.setattr("sdlora.blend.load_adapter", no_reading)
+    monkeypatch.setattr("sdlora.lora.blend.load_adapter", no_reading)
     models = (tiny.unet, tiny.text_encoder)
     modules = [(p, id(m)) for model in models for p, m in model.named_modules()]
     factors = [

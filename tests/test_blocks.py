@@ -1,4 +1,4 @@
-"""Per-block strengths (sdlora/blocks.py, Mixer blocks=): LoRA Block Weight's blocks, exact."""
+"""Per-block strengths (sdlora/lora/blocks.py, Mixer blocks=): LoRA Block Weight's blocks, exact."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import torch
 from conftest import make_adapter_file, run_unet
 from diffusers import UNet2DConditionModel
 
-from sdlora.base import load_base
-from sdlora.blend import Mixer
-from sdlora.blocks import BLOCKS17, block_of, parse_blocks, scale_blocks
+from sdlora.bases.base import load_base
 from sdlora.errors import SdloraError
-from sdlora.formats import load_adapter
+from sdlora.io.formats import load_adapter
+from sdlora.lora.blend import Mixer
+from sdlora.lora.blocks import BLOCKS17, block_of, parse_blocks, scale_blocks
 
 
 def test_modules_map_to_the_ldm_blocks():
@@ -128,7 +128,7 @@ def test_the_command_line_takes_block_strengths_after_an_at(adapter_path, tmp_pa
     from PIL import Image
 
     from sdlora.cli import main
-    from sdlora.lora_spec import parse_lora_spec
+    from sdlora.io.lora_spec import parse_lora_spec
 
     spec = parse_lora_spec("a/b.safetensors:0.8@mine@IN=0,MID=1,OUT=0.5")
     assert (spec.path, spec.strength, spec.name, spec.blocks) == (

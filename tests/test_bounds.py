@@ -2,15 +2,15 @@
 
 import pytest
 from conftest import make_adapter_file
-from sdlora.train.config import TrainConfig
 
-from sdlora.adapter import MAX_STRENGTH
-from sdlora.base import load_base
-from sdlora.blend import Mixer
+from sdlora.bases.base import load_base
 from sdlora.cli import main
 from sdlora.errors import SdloraError
-from sdlora.formats import load_adapter
-from sdlora.merge import merge_adapters
+from sdlora.io.formats import load_adapter
+from sdlora.lora.adapter import MAX_STRENGTH
+from sdlora.lora.blend import Mixer
+from sdlora.tools.merge import merge_adapters
+from sdlora.train.config import TrainConfig
 
 
 @pytest.fixture
@@ -113,6 +113,7 @@ def test_train_command_refuses_a_name_with_folders(tmp_path, capsys):
 
 def test_absurd_repeat_count_in_a_folder_name_is_refused(tmp_path, capsys):
     from PIL import Image
+
     from sdlora.train.data import discover
 
     folder = tmp_path / "data" / "99999999999999999999_style"
@@ -131,6 +132,7 @@ def test_absurd_repeat_count_in_a_folder_name_is_refused(tmp_path, capsys):
 
 def test_repeat_error_names_the_folder_that_asks_not_a_subfolder(tmp_path):
     from PIL import Image
+
     from sdlora.train.data import discover
 
     folder = tmp_path / "data" / "20000_style" / "close-ups"

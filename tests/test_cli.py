@@ -9,7 +9,7 @@ import torch
 from conftest import make_adapter_file, run_unet
 from PIL import Image
 
-from sdlora.base import load_base
+from sdlora.bases.base import load_base
 from sdlora.cli import build_parser, main, parse_lora
 
 

@@ -7,12 +7,12 @@ from conftest import make_adapter_file, run_text, run_unet
 from safetensors import safe_open
 from test_formats import close, kohya_file, loha_lokr_file, peft_file
 
-from sdlora.base import load_base
-from sdlora.blend import Mixer
+from sdlora.bases.base import load_base
 from sdlora.cli import main
-from sdlora.convert import convert_adapter, path_by_name
 from sdlora.errors import SdloraError
-from sdlora.formats import load_adapter
+from sdlora.io.convert import convert_adapter, path_by_name
+from sdlora.io.formats import load_adapter
+from sdlora.lora.blend import Mixer
 
 
 def ours(path, strength=1.0):

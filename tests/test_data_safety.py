@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sdlora.train.config import TrainConfig
 
-from sdlora.base import load_base
+from sdlora.bases.base import load_base
+from sdlora.bases.generate import GenerateSettings, generate
 from sdlora.cli import main
 from sdlora.errors import SdloraError
-from sdlora.generate import GenerateSettings, generate
+from sdlora.train.config import TrainConfig
 
 
 def one_line_error(capsys, args: list[str], message: str) -> None:
@@ -37,12 +37,12 @@ GENERATE = ["generate", "--base", "tiny", "--device", "cpu", "--prompt", "x", "-
 def test_generate_refuses_absurd_sizes_before_loading(
     tmp_path, capsys, monkeypatch, extra, message
 ):
-    import sdlora.base
+    import sdlora.bases.base
 
     def refuse(*args, **kwargs):
         raise AssertionError("the base was loaded before the numbers were checked")
 
-    monkeypatch.setattr(sdlora.base, "load_base", refuse)
+    monkeypatch.setattr(sdlora.bases.base, "load_base", refuse)
     out = tmp_path / "o.png"
     one_line_error(capsys, [*GENERATE, "--out", str(out), *extra], message)
     assert not out.exists()
@@ -78,16 +78,16 @@ def test_a_blank_or_broken_image_is_an_error_not_a_file(
     ):
         generate(pipe, GenerateSettings(prompt="x", steps=1, seed=5))
     # the CLI says it in one line and writes nothing
-    import sdlora.base
+    import sdlora.bases.base
 
-    real = sdlora.base.load_base
+    real = sdlora.bases.base.load_base
 
     def broken(*args, **kwargs):
         loaded = real(*args, **kwargs)
         _break_decoder(loaded, how)
         return loaded
 
-    monkeypatch.setattr(sdlora.base, "load_base", broken)
+    monkeypatch.setattr(sdlora.bases.base, "load_base", broken)
     out = tmp_path / "o.png"
     one_line_error(capsys, [*GENERATE, "--seed", "5", "--out", str(out)], "came out")
     assert not out.exists()
@@ -123,21 +123,21 @@ def test_ordinary_images_pass_the_blank_check(tmp_path):
     ],
 )
 def test_lora_spec_parses_name_after_the_last_at(spec, expected):
-    from sdlora.lora_spec import LoraSpec, parse_lora, parse_lora_spec
+    from sdlora.io.lora_spec import LoraSpec, parse_lora, parse_lora_spec
 
     assert parse_lora_spec(spec) == LoraSpec(*expected)
     assert parse_lora(spec) == expected[:2]
 
 
 def test_empty_name_after_at_is_an_error():
-    from sdlora.lora_spec import parse_lora_spec
+    from sdlora.io.lora_spec import parse_lora_spec
 
     with pytest.raises(SdloraError, match=r"--lora a.safetensors:0.5@: give a name after '@'"):
         parse_lora_spec("a.safetensors:0.5@")
 
 
 def test_adapter_names_are_made_unique_by_folder():
-    from sdlora.lora_spec import adapter_names, parse_lora_spec
+    from sdlora.io.lora_spec import adapter_names, parse_lora_spec
 
     def names(*specs):
         return adapter_names([parse_lora_spec(s) for s in specs])

@@ -3,8 +3,8 @@
 import torch
 from conftest import make_adapter_file, run_text, run_unet
 
-from sdlora.base import load_base
-from sdlora.blend import Mixer
+from sdlora.bases.base import load_base
+from sdlora.lora.blend import Mixer
 
 
 def test_load_lora_weights_agrees(tmp_path, inputs):

@@ -1,4 +1,4 @@
-"""Distillation of a nonlinear adapter into a linear LoRA (sdlora.distill, sdlora.activations)."""
+"""Distillation of a nonlinear adapter into a linear LoRA (sdlora.tools.distill, sdlora.lora.activations)."""
 
 import json
 
@@ -6,15 +6,20 @@ import pytest
 import torch
 from conftest import make_adapter_file, run_text, run_unet
 
-from sdlora.activations import LayerStats, Probe, collect
-from sdlora.adapter import Adapter, ModuleFactors
-from sdlora.base import load_base
-from sdlora.blend import Mixer
+from sdlora.bases.base import load_base
 from sdlora.cli import main
-from sdlora.distill import adapted_layers, distill_adapter, fit_reduced_rank, prompts_from_metadata
-from sdlora.files import save_adapter
-from sdlora.formats import load_adapter
-from sdlora.inject import add_trainable, collect_adapter
+from sdlora.io.files import save_adapter
+from sdlora.io.formats import load_adapter
+from sdlora.lora.activations import LayerStats, Probe, collect
+from sdlora.lora.adapter import Adapter, ModuleFactors
+from sdlora.lora.blend import Mixer
+from sdlora.lora.inject import add_trainable, collect_adapter
+from sdlora.tools.distill import (
+    adapted_layers,
+    distill_adapter,
+    fit_reduced_rank,
+    prompts_from_metadata,
+)
 
 PROMPTS = ["a red circle on the left", "a blue star"]
 

@@ -1,4 +1,4 @@
-"""New words in adapters (sdlora/embeddings.py): file forms, Mixer, export, diffusers' loaders."""
+"""New words in adapters (sdlora/lora/embeddings.py): file forms, Mixer, export, diffusers' loaders."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import torch
 from conftest import make_adapter_file
 from safetensors.torch import load_file
 
-from sdlora.base import load_base
-from sdlora.blend import Mixer
-from sdlora.embeddings import (
+from sdlora.bases.base import load_base
+from sdlora.errors import SdloraError
+from sdlora.io.files import save_adapter
+from sdlora.io.formats import load_adapter
+from sdlora.lora.blend import Mixer
+from sdlora.lora.embeddings import (
     attached,
     expand_prompt,
     file_tensors,
@@ -18,9 +21,6 @@ from sdlora.embeddings import (
     save_embedding_files,
     split_bundle,
 )
-from sdlora.errors import SdloraError
-from sdlora.files import save_adapter
-from sdlora.formats import load_adapter
 
 PROMPT = "a ohwx circle"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -65,7 +65,7 @@ def test_bundle_keys_are_a1111s_and_read_back_exactly(worded):
     }
     again = load_adapter(path)
     assert again.modules.keys() == adapter.modules.keys()
-    from sdlora.inspect import format_text, inspect_file
+    from sdlora.tools.inspect import format_text, inspect_file
 
     info = inspect_file(path)
     assert info["words"] == {"ohwx": {"text_encoder": 2}, "zq": {"text_encoder": 1}}
@@ -133,7 +133,7 @@ def test_diffusers_reads_the_lora_and_the_word_as_we_do(worded, tmp_path):
 def test_export_writes_the_words_beside_the_base_vocabulary(worded, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from sdlora.export import export_diffusers, export_single_file
+    from sdlora.tools.export import export_diffusers, export_single_file
 
     path, _ = worded
     pipe = load_base("tiny")
@@ -197,8 +197,8 @@ def test_token_specs_and_prompt_spelling():
 
 
 def test_convert_and_merge_keep_the_words(worded, tmp_path):
-    from sdlora.convert import convert_adapter
-    from sdlora.merge import merge_adapters
+    from sdlora.io.convert import convert_adapter
+    from sdlora.tools.merge import merge_adapters
 
     path, adapter = worded
     kohya = convert_adapter(load_adapter(path), "kohya", tmp_path / "k.safetensors")
@@ -219,7 +219,7 @@ def test_convert_and_merge_keep_the_words(worded, tmp_path):
 
 
 def test_random_start_vectors_sit_at_the_embeddings_scale():
-    from sdlora.embeddings import initial_vectors
+    from sdlora.lora.embeddings import initial_vectors
 
     pipe = load_base("toy")
     weight = pipe.text_encoder.get_input_embeddings().weight

@@ -6,10 +6,10 @@ from conftest import make_adapter_file, run_text, run_unet
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from sdlora.base import load_base
-from sdlora.blend import Mixer
+from sdlora.bases.base import load_base
 from sdlora.errors import SdloraError
-from sdlora.export import export_diffusers, export_single_file
+from sdlora.lora.blend import Mixer
+from sdlora.tools.export import export_diffusers, export_single_file
 
 
 @pytest.fixture

@@ -4,12 +4,12 @@ import pytest
 from conftest import make_adapter_file, run_text, run_unet
 from test_formats import close
 
-from sdlora.base import load_base
-from sdlora.blend import Mixer
+from sdlora.bases.base import load_base
 from sdlora.cli import main
-from sdlora.export import export_diffusers
-from sdlora.extract import extract_adapter
-from sdlora.formats import load_adapter
+from sdlora.io.formats import load_adapter
+from sdlora.lora.blend import Mixer
+from sdlora.tools.export import export_diffusers
+from sdlora.tools.extract import extract_adapter
 
 
 @pytest.fixture

@@ -16,21 +16,21 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from sdlora.base import load_base
-from sdlora.blend import Mixer
+from sdlora.bases.base import load_base
+from sdlora.bases.families import SD1, SD2, family_of_pipeline, family_of_unet_config, width_label
+from sdlora.bases.recommend import guidance_and_steps, recommended, training_start
 from sdlora.cli import main
 from sdlora.errors import SdloraError
-from sdlora.export import export_single_file
-from sdlora.families import SD1, SD2, family_of_pipeline, family_of_unet_config, width_label
-from sdlora.formats import load_adapter
-from sdlora.inspect import inspect_file
-from sdlora.layer import LoRALayer
-from sdlora.recommend import guidance_and_steps, recommended, training_start
-from sdlora.single_file import (
+from sdlora.io.formats import load_adapter
+from sdlora.io.single_file import (
     load_single_file,
     save_pipeline_single_file,
     to_single_file_state_dict,
 )
+from sdlora.lora.blend import Mixer
+from sdlora.lora.layer import LoRALayer
+from sdlora.tools.export import export_single_file
+from sdlora.tools.inspect import inspect_file
 
 
 def tiny_v2():
@@ -88,8 +88,9 @@ def test_training_on_tiny_v2_targets_velocity_and_diffusers_reads_it(
     tmp_path, monkeypatch, inputs_v2
 ):
     """A few v-prediction steps on tiny-v2 -> kohya file -> diffusers' load_lora_weights = ours."""
-    from sdlora.train import train
     from test_train import settings
+
+    from sdlora.train import train
 
     velocity = DDPMScheduler.get_velocity
     calls = []

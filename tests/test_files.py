@@ -7,17 +7,17 @@ import torch
 from conftest import make_adapter_file, run_text, run_unet
 from safetensors.torch import load_file, save_file
 
-from sdlora.blend import Mixer
 from sdlora.errors import SdloraError
-from sdlora.files import read_safetensors
-from sdlora.formats import load_adapter
-from sdlora.layer import NONLINEARITIES
+from sdlora.io.files import read_safetensors
+from sdlora.io.formats import load_adapter
+from sdlora.lora.blend import Mixer
+from sdlora.lora.layer import NONLINEARITIES
 
 
 @pytest.mark.parametrize("nonlinearity", list(NONLINEARITIES))
 def test_save_load_exact_every_nonlinearity(tiny, inputs, tmp_path, nonlinearity):
     """Strength 1.0 of the saved file reproduces the live trained module (alpha 8, rank 4)."""
-    from sdlora.base import load_base
+    from sdlora.bases.base import load_base
 
     path, trained = make_adapter_file(
         lambda: load_base("tiny"), tmp_path / "a.safetensors", alpha=8.0, nonlinearity=nonlinearity
@@ -101,14 +101,14 @@ def test_adapter_for_another_base_is_refused(tiny, tmp_path):
     save_file(
         {k: v for k, v in tensors.items() if "lora_unet" in k}, tmp_path / "other.safetensors"
     )
-    from sdlora.base import load_base
+    from sdlora.bases.base import load_base
 
     with pytest.raises(SdloraError, match="other.safetensors: .* do not exist in this base"):
         Mixer(load_base("tiny")).add(tmp_path / "other.safetensors")
 
 
 def test_shape_mismatch_is_refused(tmp_path):
-    from sdlora.base import load_base
+    from sdlora.bases.base import load_base
 
     key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     save_file(
@@ -132,8 +132,8 @@ def test_shape_mismatch_is_refused(tmp_path):
 
 
 def test_trigger_words_roundtrip(tiny, tmp_path):
-    from sdlora.files import save_adapter
-    from sdlora.inject import add_trainable, collect_adapter
+    from sdlora.io.files import save_adapter
+    from sdlora.lora.inject import add_trainable, collect_adapter
 
     injected = add_trainable(tiny.unet, "unet", ["to_q"], rank=2)
     meta = {"sdlora_trigger_words": json.dumps(["sks", "toy style"])}
@@ -171,7 +171,7 @@ def test_rank_above_dims_in_our_file_is_refused(tmp_path):
 @pytest.mark.parametrize("nonlinearity", ["relu", "leaky_relu"])
 def test_negative_alpha_folds_into_up(tiny, inputs, tmp_path, nonlinearity):
     """relu(s·x) ≠ s·relu(x) for s < 0: the scale must go into B, and the file stays exact."""
-    from sdlora.base import load_base
+    from sdlora.bases.base import load_base
 
     path, trained = make_adapter_file(
         lambda: load_base("tiny"),

@@ -11,11 +11,11 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from sdlora.base import load_base
-from sdlora.blend import Mixer
+from sdlora.bases.base import load_base
 from sdlora.errors import SdloraError
-from sdlora.formats import exact_factors, load_adapter
-from sdlora.inspect import inspect_file
+from sdlora.io.formats import exact_factors, load_adapter
+from sdlora.lora.blend import Mixer
+from sdlora.tools.inspect import inspect_file
 
 ATTN = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 CROSS_K = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"  # (64, 32)

@@ -22,13 +22,13 @@ import safetensors.torch
 from conftest import make_adapter_file
 from PIL import Image, ImageDraw
 from safetensors import SafetensorError
+
+from sdlora.bases.base import load_base
+from sdlora.cli import main
+from sdlora.io import files
+from sdlora.io.formats import load_adapter
 from sdlora.train import checkpoint
 from sdlora.train import models as models_module
-
-from sdlora import files
-from sdlora.base import load_base
-from sdlora.cli import main
-from sdlora.formats import load_adapter
 
 GENERATE = ["generate", "--base", "tiny", "--prompt", "x", "--steps", "1", "--device", "cpu"]
 EXPORT = {
@@ -289,7 +289,7 @@ def test_any_other_io_failure_is_one_line_too(tmp_path, monkeypatch, capsys):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "somewhere"))
 
-    monkeypatch.setattr("sdlora.generate.generate", full)
+    monkeypatch.setattr("sdlora.bases.generate.generate", full)
     line = one_line_error([*GENERATE, "--out", str(tmp_path / "a.png")], capsys)
     assert line == f"sdlora: {tmp_path / 'somewhere'}: no space left on the device"
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sdlora.train.sample import sample_grid
 
-from sdlora import toyworld
-from sdlora.base import load_base
+from sdlora.bases import toyworld
+from sdlora.bases.base import load_base
+from sdlora.bases.generate import GenerateSettings, generate
+from sdlora.bases.recommend import Recommended, recommended
 from sdlora.cli import main
-from sdlora.generate import GenerateSettings, generate
-from sdlora.recommend import Recommended, recommended
+from sdlora.train.sample import sample_grid
 
 COLOR_PROMPTS = ["a red circle", "a blue square", "a green star", "a yellow heart"]
 

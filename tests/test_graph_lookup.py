@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+
 from sdlora.train import graph_lookup
 
 trees = pytest.importorskip("torch._inductor.cudagraph_trees")

@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import run_text, run_unet
 
-from sdlora.base import is_hub_id, load_base
+from sdlora.bases.base import is_hub_id, load_base
+from sdlora.bases.recommend import recommended
 from sdlora.errors import SdloraError
-from sdlora.recommend import recommended
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -75,7 +75,7 @@ def test_local_folder_shaped_like_an_id_is_a_folder(tmp_path, monkeypatch):
 
 
 def test_single_file_described_by_a_cached_hub_id(hub_cache, tmp_path, inputs):
-    from sdlora.single_file import save_pipeline_single_file
+    from sdlora.io.single_file import save_pipeline_single_file
 
     want = load_base("tiny-v2")
     path = save_pipeline_single_file(want, tmp_path / "v2.safetensors", dtype="fp32")

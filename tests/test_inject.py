@@ -5,8 +5,8 @@ import torch
 from conftest import run_text, run_unet
 
 from sdlora.errors import SdloraError
-from sdlora.inject import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_trainable, find_targets
-from sdlora.layer import LoRALayer
+from sdlora.lora.inject import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_trainable, find_targets
+from sdlora.lora.layer import LoRALayer
 
 
 def test_init_changes_nothing(tiny, inputs):

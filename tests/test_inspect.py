@@ -8,11 +8,11 @@ from conftest import make_adapter_file
 from safetensors.torch import load_file, save_file
 from test_formats import kohya_file
 
-from sdlora.base import load_base
+from sdlora.bases.base import load_base
 from sdlora.cli import main
 from sdlora.errors import SdloraError
-from sdlora.files import read_safetensors
-from sdlora.inspect import inspect_file
+from sdlora.io.files import read_safetensors
+from sdlora.tools.inspect import inspect_file
 
 
 def field(text: str, name: str) -> str:
@@ -99,7 +99,7 @@ def test_coverage_counts_other_shapes_apart(tmp_path, capsys):
 
 def test_a_file_with_too_many_tensors_is_refused_from_its_header(tmp_path, monkeypatch):
     """Reading 100,000 tiny tensors took minutes; the header's count is enough to refuse."""
-    from sdlora import files
+    from sdlora.io import files
 
     path = tmp_path / "many.safetensors"
     count = files.MAX_TENSORS + 1

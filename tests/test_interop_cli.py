@@ -5,7 +5,7 @@ import torch
 from conftest import make_adapter_file
 from safetensors.torch import save_file
 
-from sdlora.base import load_base
+from sdlora.bases.base import load_base
 from sdlora.cli import main
 
 Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"  # 32×32 in the tiny base

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from sdlora.errors import SdloraError
-from sdlora.layer import NONLINEARITIES, LoRALayer, LoRAWeights
+from sdlora.lora.layer import NONLINEARITIES, LoRALayer, LoRAWeights
 
 
 def layer_with(base, nonlinearity="identity", scale=1.0, rank=3, seed=0):

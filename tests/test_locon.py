@@ -6,14 +6,14 @@ import pytest
 import torch
 from conftest import run_unet
 from safetensors.torch import load_file
-from sdlora.train import train
 from test_train import settings, shapes  # noqa: F401 (a fixture)
 
-from sdlora.base import load_base
-from sdlora.blend import Mixer
+from sdlora.bases.base import load_base
 from sdlora.errors import SdloraError
-from sdlora.files import save_adapter
-from sdlora.formats import load_adapter
+from sdlora.io.files import save_adapter
+from sdlora.io.formats import load_adapter
+from sdlora.lora.blend import Mixer
+from sdlora.train import train
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,13 @@ from conftest import make_adapter_file, run_text, run_unet
 from safetensors.torch import save_file
 from test_formats import close, kohya_file
 
-from sdlora.base import load_base
-from sdlora.blend import Mixer
+from sdlora.bases.base import load_base
 from sdlora.cli import main
 from sdlora.errors import SdloraError
-from sdlora.files import save_adapter
-from sdlora.formats import load_adapter
-from sdlora.merge import compress, merge_adapters
+from sdlora.io.files import save_adapter
+from sdlora.io.formats import load_adapter
+from sdlora.lora.blend import Mixer
+from sdlora.tools.merge import compress, merge_adapters
 
 
 @pytest.fixture

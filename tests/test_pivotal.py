@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from sdlora.train import train
-from sdlora.train.checkpoint import load as load_checkpoint
-from sdlora.train.command import main as train_main
 from test_embeddings import draw
 from test_train import cli_args, settings, shapes  # noqa: F401 (a fixture)
 
-from sdlora.base import load_base
-from sdlora.blend import Mixer
-from sdlora.embeddings import TokenEmbedding
+from sdlora.bases.base import load_base
 from sdlora.errors import SdloraError
+from sdlora.lora.blend import Mixer
+from sdlora.lora.embeddings import TokenEmbedding
+from sdlora.train import train
+from sdlora.train.checkpoint import load as load_checkpoint
+from sdlora.train.command import main as train_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+
+from sdlora.bases.base import load_base
+from sdlora.io.formats import load_adapter
+from sdlora.lora.inject import UNET_TARGETS, add_trainable, target_names
 from sdlora.train import TrainConfig, precompile, speed, train
 from sdlora.train import models as models_module
 from sdlora.train.speed import DEEP_REGIONS, REGIONS, regions_of
-
-from sdlora.base import load_base
-from sdlora.formats import load_adapter
-from sdlora.inject import UNET_TARGETS, add_trainable, target_names
 
 
 def _unet_with_adapter(base="tiny"):

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sdlora.train import train
-from sdlora.train.prior import PriorImages
 from test_train import settings, shapes  # noqa: F401 (a fixture)
 
 from sdlora.errors import SdloraError
+from sdlora.train import train
+from sdlora.train.prior import PriorImages
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,11 +82,10 @@ def test_a_step_loss_is_instance_plus_weight_times_prior(shapes, class_images, t
 
 
 def test_reg_generate_fills_the_folder_once_with_the_bases_images(shapes, tmp_path, caplog):  # noqa: F811
+    from sdlora.bases.base import load_base
+    from sdlora.bases.generate import GenerateSettings, generate
     from sdlora.train.data import derived_seed
     from sdlora.train.prior import GENERATED
-
-    from sdlora.base import load_base
-    from sdlora.generate import GenerateSettings, generate
 
     caplog.set_level(logging.INFO, logger="sdlora.train")
     reg = tmp_path / "reg"

@@ -10,13 +10,13 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from safetensors import safe_open
 
-from sdlora.base import load_base
-from sdlora.blend import Mixer
+from sdlora.bases.base import load_base
+from sdlora.bases.families import SDXL, family_of_pipeline, width_label
+from sdlora.bases.recommend import recommended
 from sdlora.cli import main
 from sdlora.errors import SdloraError
-from sdlora.families import SDXL, family_of_pipeline, width_label
-from sdlora.recommend import recommended
-from sdlora.single_file import load_single_file, save_pipeline_single_file
+from sdlora.io.single_file import load_single_file, save_pipeline_single_file
+from sdlora.lora.blend import Mixer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -154,8 +154,13 @@ def test_cached_hub_id_loads_offline_as_sdxl(tmp_path, monkeypatch, xl_inputs):
 
 def make_xl_adapter(path, **kwargs):
     """A random rank-4 adapter on tiny-xl's UNet and both text encoders, saved at `path`."""
-    from sdlora.files import save_adapter
-    from sdlora.inject import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_trainable, collect_adapter
+    from sdlora.io.files import save_adapter
+    from sdlora.lora.inject import (
+        TEXT_ENCODER_TARGETS,
+        UNET_TARGETS,
+        add_trainable,
+        collect_adapter,
+    )
 
     pipe = tiny_xl()
     g = torch.Generator().manual_seed(kwargs.get("seed", 0))
@@ -187,8 +192,8 @@ def test_mixer_on_tiny_xl_equals_the_trained_adapter(tmp_path, xl_inputs):
 
 def test_ui_mix_merge_on_tiny_xl_writes_kohya_names_and_equals_the_blend(tmp_path, xl_inputs):
     """The web UI's "save the mix as one LoRA" keeps SDXL's SGM names, and the file is exact."""
-    from sdlora.files import save_adapter
-    from sdlora.formats import load_adapter
+    from sdlora.io.files import save_adapter
+    from sdlora.io.formats import load_adapter
     from sdlora.ui.merge import merge_exact
 
     a, _ = make_xl_adapter(tmp_path / "a.safetensors", seed=1)
@@ -294,9 +299,9 @@ def hand_written_file(path):
 
 
 def test_hand_written_kohya_sdxl_file_loads_here_and_in_diffusers_alike(tmp_path, xl_inputs):
-    from sdlora.adapter import resolve
-    from sdlora.formats import load_adapter
-    from sdlora.pipelines import adaptable_models
+    from sdlora.bases.pipelines import adaptable_models
+    from sdlora.io.formats import load_adapter
+    from sdlora.lora.adapter import resolve
 
     path = hand_written_file(tmp_path / "hand.safetensors")
     ours, theirs = tiny_xl(), tiny_xl()
@@ -315,7 +320,7 @@ def test_diffusers_peft_sdxl_file_reads_back_with_the_same_outputs(tmp_path, xl_
     """A file in diffusers' own SDXL layout (`save_lora_weights` of all three models)."""
     from peft.utils import get_peft_model_state_dict
 
-    from sdlora.formats import load_adapter
+    from sdlora.io.formats import load_adapter
 
     path = hand_written_file(tmp_path / "hand.safetensors")
     theirs = tiny_xl()
@@ -412,7 +417,7 @@ def live_blend(tmp_path_factory):
 def test_single_file_export_is_sgm_layout_and_diffusers_loads_the_blend(
     live_blend, xl_folder, tmp_path, xl_inputs
 ):
-    from sdlora.export import export_single_file, merged_components
+    from sdlora.tools.export import export_single_file, merged_components
 
     live, _ = live_blend
     out = export_single_file(live, tmp_path / "merged.safetensors", dtype="fp32")
@@ -446,7 +451,7 @@ def test_single_file_export_is_sgm_layout_and_diffusers_loads_the_blend(
 
 
 def test_diffusers_folder_export_equals_the_live_blend(live_blend, tmp_path, xl_inputs):
-    from sdlora.export import export_diffusers
+    from sdlora.tools.export import export_diffusers
 
     live, _ = live_blend
     out = export_diffusers(live, tmp_path / "merged", dtype="fp32")
@@ -456,7 +461,7 @@ def test_diffusers_folder_export_equals_the_live_blend(live_blend, tmp_path, xl_
 
 
 def test_inspect_names_the_family_and_covers_both_text_encoders(live_blend):
-    from sdlora.inspect import format_text, inspect_file
+    from sdlora.tools.inspect import format_text, inspect_file
 
     _, path = live_blend
     info = inspect_file(path, base=tiny_xl())
@@ -470,9 +475,9 @@ def test_inspect_names_the_family_and_covers_both_text_encoders(live_blend):
 
 
 def test_convert_both_ways_keeps_the_outputs(live_blend, tmp_path, xl_inputs):
-    from sdlora.convert import convert_adapter
-    from sdlora.formats import load_adapter
-    from sdlora.pipelines import adaptable_models
+    from sdlora.bases.pipelines import adaptable_models
+    from sdlora.io.convert import convert_adapter
+    from sdlora.io.formats import load_adapter
 
     _, path = live_blend
     models = adaptable_models(tiny_xl())
@@ -494,9 +499,9 @@ def test_convert_both_ways_keeps_the_outputs(live_blend, tmp_path, xl_inputs):
 
 
 def test_merge_of_sdxl_adapters_equals_their_blend(tmp_path, xl_inputs):
-    from sdlora.files import save_adapter
-    from sdlora.formats import load_adapter
-    from sdlora.merge import merge_adapters
+    from sdlora.io.files import save_adapter
+    from sdlora.io.formats import load_adapter
+    from sdlora.tools.merge import merge_adapters
 
     a, _ = make_xl_adapter(tmp_path / "a.safetensors", seed=4)
     b, _ = make_xl_adapter(tmp_path / "b.safetensors", seed=5)
@@ -513,8 +518,8 @@ def test_merge_of_sdxl_adapters_equals_their_blend(tmp_path, xl_inputs):
 
 
 def test_extract_from_an_sdxl_blend_recovers_it(live_blend, tmp_path, xl_inputs):
-    from sdlora.export import export_diffusers
-    from sdlora.extract import extract_adapter
+    from sdlora.tools.export import export_diffusers
+    from sdlora.tools.extract import extract_adapter
 
     live, _ = live_blend
     tuned = load_base(str(export_diffusers(live, tmp_path / "tuned", dtype="fp32")))
@@ -528,7 +533,7 @@ def test_extract_from_an_sdxl_blend_recovers_it(live_blend, tmp_path, xl_inputs)
 
 
 def test_sdxl_blocks_by_either_name_and_lbw_vectors(tmp_path, xl_inputs):
-    from sdlora.blocks import block_of, parse_blocks
+    from sdlora.lora.blocks import block_of, parse_blocks
 
     for kohya, component, path in HAND_WRITTEN:
         suffix = kohya.split("_", 2)[2] if component == "unet" else ""
@@ -557,7 +562,7 @@ def test_sdxl_shapes_give_the_well_known_names():
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from sdlora.single_file import to_single_file_state_dict
+    from sdlora.io.single_file import to_single_file_state_dict
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(  # stable-diffusion-xl-base-1.0's unet/config.json

@@ -12,14 +12,14 @@ from diffusers.loaders.single_file_utils import (
 from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from sdlora.bases.tiny import UNET_CONFIG, build_tiny_pipeline
 from sdlora.errors import SdloraError
-from sdlora.single_file import (
+from sdlora.io.single_file import (
     load_single_file,
     save_pipeline_single_file,
     save_single_file,
     to_single_file_state_dict,
 )
-from sdlora.tiny import UNET_CONFIG, build_tiny_pipeline
 
 
 @pytest.fixture(scope="session")

@@ -20,12 +20,12 @@ import pytest
 import torch
 from conftest import draw_toy
 from PIL import Image
-from sdlora.train import load_config, train
 
-from sdlora import toyworld
-from sdlora.base import load_base
-from sdlora.blend import Mixer
-from sdlora.formats import load_adapter
+from sdlora.bases import toyworld
+from sdlora.bases.base import load_base
+from sdlora.io.formats import load_adapter
+from sdlora.lora.blend import Mixer
+from sdlora.train import load_config, train
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "samples" / "style.toml"

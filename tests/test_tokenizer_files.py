@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sdlora.tiny import make_tokenizer
-from sdlora.tokenizer_files import WORDS, vocab_and_merges, write_tokenizer_files
+from sdlora.bases.tiny import make_tokenizer
+from sdlora.bases.tokenizer_files import WORDS, vocab_and_merges, write_tokenizer_files
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ import torch
 from conftest import draw_toy
 from PIL import Image
 
-from sdlora import toyworld
-from sdlora.base import load_base
+from sdlora.bases import toyworld
+from sdlora.bases.base import load_base
+from sdlora.bases.tokenizer_files import WORDS
 from sdlora.errors import SdloraError
-from sdlora.tokenizer_files import WORDS
 
 ROOT = Path(__file__).resolve().parent.parent
 

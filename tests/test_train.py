@@ -22,14 +22,14 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image, ImageDraw
+
+from sdlora.bases.base import load_base
+from sdlora.errors import SdloraError
+from sdlora.io.formats import load_adapter
+from sdlora.lora.layer import LoRALayer
 from sdlora.train import TrainConfig, train
 from sdlora.train import models as models_module
 from sdlora.train import setup as train_setup
-
-from sdlora.base import load_base
-from sdlora.errors import SdloraError
-from sdlora.formats import load_adapter
-from sdlora.layer import LoRALayer
 
 ROOT = Path(__file__).resolve().parents[1]
 COLORS = {

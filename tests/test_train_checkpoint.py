@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sdlora.train import checkpoint
 
-from sdlora.adapter import Adapter, ModuleFactors
 from sdlora.errors import SdloraError
-from sdlora.formats import load_adapter
+from sdlora.io.formats import load_adapter
+from sdlora.lora.adapter import Adapter, ModuleFactors
+from sdlora.train import checkpoint
 
 
 def adapter(value: float) -> Adapter:

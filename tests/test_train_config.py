@@ -6,10 +6,10 @@ import argparse
 from pathlib import Path
 
 import pytest
-from sdlora.train.command import config_from_args, register
-from sdlora.train.config import TrainConfig, load_config
 
 from sdlora.errors import SdloraError
+from sdlora.train.command import config_from_args, register
+from sdlora.train.config import TrainConfig, load_config
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 

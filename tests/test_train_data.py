@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from sdlora.errors import SdloraError
 from sdlora.train.config import TrainConfig
 from sdlora.train.data import (
     BatchPlan,
@@ -25,8 +27,6 @@ from sdlora.train.data import (
     to_bucket,
     with_trigger,
 )
-
-from sdlora.errors import SdloraError
 
 
 def save_png(path, color=(200, 30, 30), size=(64, 64)):

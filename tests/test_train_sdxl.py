@@ -14,13 +14,13 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image, ImageDraw
 from safetensors import safe_open
+
+from sdlora.bases.base import load_base
+from sdlora.io.formats import load_adapter
 from sdlora.train import TrainConfig
 from sdlora.train.data import to_bucket_cropped
 from sdlora.train.loop import train
 from sdlora.train.setup import base_resolution
-
-from sdlora.base import load_base
-from sdlora.formats import load_adapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

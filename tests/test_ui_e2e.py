@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sdlora.base import load_base
+from sdlora.bases.base import load_base
 
 ARTIFACTS = Path(__file__).parents[1] / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -257,6 +257,7 @@ def test_gpu_jobs_wait_in_the_queue(server, monkeypatch):
     """While one visitor's generation runs, another's waits in the queue, not beside it."""
     from gradio_client import Client
     from gradio_client.utils import Status
+
     from sdlora.ui import handlers
 
     running, release = threading.Event(), threading.Event()

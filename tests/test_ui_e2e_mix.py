@@ -14,7 +14,7 @@ from conftest import make_adapter_file
 from PIL import Image
 from test_ui_e2e import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, free_port, pick
 
-from sdlora.base import load_base
+from sdlora.bases.base import load_base
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH")
 TIMEOUT_MS = 30_000

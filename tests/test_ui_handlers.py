@@ -14,15 +14,15 @@ import torch
 from conftest import make_adapter_file, run_text, run_unet
 from PIL import Image
 from safetensors import safe_open
+
+from sdlora.bases.base import load_base
+from sdlora.errors import SdloraError
+from sdlora.lora.blend import Mixer
 from sdlora.ui import exporting as ex
 from sdlora.ui import handlers as h
 from sdlora.ui import paths
 from sdlora.ui.engine import Engine
 from sdlora.ui.state import Session
-
-from sdlora.base import load_base
-from sdlora.blend import Mixer
-from sdlora.errors import SdloraError
 
 STEPS = 2  # denoising steps: enough to show a difference, cheap on CPU
 
@@ -297,7 +297,7 @@ def test_strengths_outside_0_1_are_refused_alike_in_mix_and_compare():
 
 
 def test_lora_tags_in_the_prompt_join_the_mix(ctx):
-    from sdlora.prompt_tags import split_lora_tags
+    from sdlora.lora.prompt_tags import split_lora_tags
 
     clean, strengths, blocks = split_lora_tags(
         "a cat <lora:style:0.7>, sitting <LORA:sub/detail> <lora:x.safetensors:1:lbw=IN=0>"
@@ -320,8 +320,8 @@ def test_lora_tags_in_the_prompt_join_the_mix(ctx):
 
 
 def test_parameters_text_reads_back_what_png_info_wrote():
-    from sdlora.generate import GenerateSettings, png_info
-    from sdlora.prompt_tags import parse_parameters
+    from sdlora.bases.generate import GenerateSettings, png_info
+    from sdlora.lora.prompt_tags import parse_parameters
 
     s = GenerateSettings(
         "a cat, red",
@@ -524,7 +524,7 @@ def test_export_distills_nonlinear_adapters_to_plain_loras(ctx, folders):
     distilled = folders["adapters"] / "bent.distilled-r2.safetensors"
     assert out.is_file() and distilled.is_file()
     assert notes and "relative error" in notes[0]
-    from sdlora.formats import load_adapter
+    from sdlora.io.formats import load_adapter
 
     assert load_adapter(distilled).is_linear and load_adapter(out).is_linear
     assert set(load_adapter(distilled).ranks()) == {2}

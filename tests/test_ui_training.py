@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from sdlora.errors import SdloraError
 from sdlora.train.checkpoint import checkpoints
 from sdlora.ui import handlers as h
 from sdlora.ui import train_setup, train_view
@@ -19,8 +21,6 @@ from sdlora.ui.engine import Engine
 from sdlora.ui.jobs import Busy, Jobs
 from sdlora.ui.train_setup import Form
 from sdlora.ui.training import TrainJob
-
-from sdlora.errors import SdloraError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOY = dict(lr=1e-3, resolution=64, batch_size=4, rank=2)  # the toy base's starting values

@@ -7,10 +7,10 @@ from conftest import make_adapter_file, run_unet
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sdlora.base import load_base
-from sdlora.blend import Mixer
-from sdlora.layer import NONLINEARITIES, LoRALayer, LoRAWeights, make_nonlinearity
-from sdlora.unfused import IN_PLACE, OUT_OF_PLACE
+from sdlora.bases.base import load_base
+from sdlora.lora.blend import Mixer
+from sdlora.lora.layer import NONLINEARITIES, LoRALayer, LoRAWeights, make_nonlinearity
+from sdlora.lora.unfused import IN_PLACE, OUT_OF_PLACE
 
 # (name, nonlinearity, rank, scale, strength): two relu adapters apart in the file order, so the
 # stack has to reorder them to keep one relu run

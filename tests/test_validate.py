@@ -6,13 +6,13 @@ import logging
 import re
 
 import pytest
-from sdlora.train import train
-from sdlora.train.data import discover
-from sdlora.train.validate import recorded_best, split_items
 from test_train import settings, shapes  # noqa: F401 (a fixture)
 
 from sdlora.errors import SdloraError
-from sdlora.files import read_safetensors
+from sdlora.io.files import read_safetensors
+from sdlora.train import train
+from sdlora.train.data import discover
+from sdlora.train.validate import recorded_best, split_items
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

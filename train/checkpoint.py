@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from sdlora.adapter import Adapter
 from sdlora.errors import SdloraError
-from sdlora.files import save_adapter
-from sdlora.writing import FULL, clean_stale, reported, set_public_mode, write_error
+from sdlora.io.files import save_adapter
+from sdlora.io.writing import FULL, clean_stale, reported, set_public_mode, write_error
+from sdlora.lora.adapter import Adapter
 
 FOLDER = "checkpoints"
 NAME = re.compile(r"^step-(\d+)$")

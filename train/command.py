@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+from sdlora.errors import SdloraError
 from sdlora.train.config import (
     COMPILE_MIN_STEPS,
     COMPILE_MIN_STEPS_BY_FAMILY,
@@ -22,8 +23,6 @@ from sdlora.train.config import (
     load_config,
 )
 from sdlora.train.precompile import start_server_for
-
-from sdlora.errors import SdloraError
 
 DESCRIPTION = """\
 Fine-tune a LoRA adapter on a folder of images and write OUTPUT/NAME.safetensors.
@@ -446,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sdlora: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a failed read or write no one turned into words: still one line
-        from sdlora.writing import explain
+        from sdlora.io.writing import explain
 
         print(f"sdlora: {explain(err)}", file=sys.stderr)
         return 2

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sdlora.embeddings import expand_prompt
-from sdlora.families import family_of_pipeline
+from sdlora.bases.families import family_of_pipeline
+from sdlora.lora.embeddings import expand_prompt
 
 
 @dataclass(frozen=True)

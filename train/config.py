@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from sdlora.embeddings import parse_token_spec
 from sdlora.errors import SdloraError
-from sdlora.layer import NONLINEARITIES
+from sdlora.lora.embeddings import parse_token_spec
+from sdlora.lora.layer import NONLINEARITIES
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 LR_SCHEDULERS = (
@@ -96,7 +96,9 @@ class TrainConfig:
     data_dir: str = ""  # folder of images, searched recursively
     output: str = ""  # folder for the adapter, checkpoints/, samples/ and logs/
     name: str | None = None  # adapter file name; None: the data folder's name
-    base: str = "toy"  # built-in (sdlora.base.BUILTIN), a diffusers folder, a single file, a Hub id
+    base: str = (
+        "toy"  # built-in (sdlora.bases.base.BUILTIN), a diffusers folder, a single file, a Hub id
+    )
     base_config: str | None = None  # diffusers folder describing a single-file base
 
     # --- the adapter ---
@@ -460,7 +462,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     for key in PATH_FIELDS:
         if isinstance(values.get(key), str) and values[key]:
             values[key] = os.path.normpath(folder / values[key])  # no "dir/../" in messages
-    from sdlora.base import BUILTIN  # here: diffusers' pipelines are slow to import
+    from sdlora.bases.base import BUILTIN  # here: diffusers' pipelines are slow to import
 
     for key in ("base", "base_config", "resume"):
         value = values.get(key)

@@ -20,9 +20,9 @@ from pathlib import Path, PurePath, PureWindowsPath
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from sdlora.train.config import SIDE_MULTIPLE, TrainConfig
 
 from sdlora.errors import SdloraError
+from sdlora.train.config import SIDE_MULTIPLE, TrainConfig
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 MAX_REPEATS = 10_000  # kohya users write 1-100; far beyond this an epoch never ends

@@ -10,9 +10,10 @@ when they fit in `GPU_CACHE_BYTES` (then a step copies nothing from the host), e
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
+
 from sdlora.train.condition import Conditioning, Text
 from sdlora.train.data import BatchPlan, ImageItem, MicroBatches, derived_seed, with_trigger
-from tqdm.auto import tqdm
 
 GPU_CACHE_BYTES = 2 * 2**30  # caches up to this size stay on the GPU
 

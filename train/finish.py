@@ -8,18 +8,18 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+
+from sdlora.bases.families import Family
+from sdlora.errors import SdloraError
+from sdlora.lora.adapter import Adapter
+from sdlora.lora.embeddings import save_embedding_files
+from sdlora.lora.inject import collect_adapter
 from sdlora.train import checkpoint
 from sdlora.train.checkpoint import resume_hint
 from sdlora.train.config import TrainConfig
 from sdlora.train.data import BatchPlan
 from sdlora.train.models import Models
 from sdlora.train.sample import sample_grid
-
-from sdlora.adapter import Adapter
-from sdlora.embeddings import save_embedding_files
-from sdlora.errors import SdloraError
-from sdlora.families import Family
-from sdlora.inject import collect_adapter
 
 EMBEDDINGS = "embeddings"  # OUTPUT/embeddings/<token>.safetensors: the new words on their own
 

@@ -19,6 +19,13 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from diffusers import DDPMScheduler, DiffusionPipeline
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from sdlora.bases.families import family_of_pipeline
+from sdlora.errors import SdloraError
+from sdlora.io.files import save_adapter
+from sdlora.io.writing import WriteError
 from sdlora.train.checkpoint import resume_hint
 from sdlora.train.condition import Conditioning
 from sdlora.train.config import TrainConfig
@@ -45,13 +52,6 @@ from sdlora.train.setup import (
 )
 from sdlora.train.step import TrainStep
 from sdlora.train.validate import Validation, Validator
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-
-from sdlora.errors import SdloraError
-from sdlora.families import family_of_pipeline
-from sdlora.files import save_adapter
-from sdlora.writing import WriteError
 
 logger = logging.getLogger(__name__)
 

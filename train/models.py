@@ -17,6 +17,12 @@ import torch
 from accelerate import Accelerator
 from diffusers import DiffusionPipeline
 from diffusers.optimization import get_scheduler
+
+from sdlora.bases.base import load_base
+from sdlora.bases.families import family_of_pipeline
+from sdlora.errors import SdloraError
+from sdlora.lora.inject import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_trainable, target_names
+from sdlora.lora.layer import LoRAWeights
 from sdlora.train import checkpoint, precompile
 from sdlora.train.condition import Conditioning
 from sdlora.train.config import RESUME_MUST_MATCH, TrainConfig
@@ -32,12 +38,6 @@ from sdlora.train.speed import (
     speed_up,
     will_compile,
 )
-
-from sdlora.base import load_base
-from sdlora.errors import SdloraError
-from sdlora.families import family_of_pipeline
-from sdlora.inject import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_trainable, target_names
-from sdlora.layer import LoRAWeights
 
 logger = logging.getLogger(__name__)
 

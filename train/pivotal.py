@@ -3,7 +3,7 @@
 Each `--new-token TOKEN[:N]` adds a word of N vectors to the text encoder's vocabulary, started
 from `--init-token`'s embedding or, without one, from random normal vectors at the base rows'
 per-dimension mean and spread. Only those vectors train: they are a Parameter of their own inside
-`sdlora.embeddings.TokenEmbedding`, and the base's embedding matrix is not in the optimizer, so
+`sdlora.lora.embeddings.TokenEmbedding`, and the base's embedding matrix is not in the optimizer, so
 every other row stays bit-identical. They learn at `--embedding-lr`, without weight decay (decay
 would pull them towards zero, off the scale of the words around them), and alone for the first
 `--embedding-only-steps` optimizer steps (the LoRA's gradients are dropped there).
@@ -18,10 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from sdlora.train.config import TrainConfig
-from sdlora.train.data import derived_seed
 
-from sdlora.embeddings import (
+from sdlora.errors import SdloraError
+from sdlora.lora.embeddings import (
     TokenEmbedding,
     attach,
     check_new_token,
@@ -29,7 +28,8 @@ from sdlora.embeddings import (
     parse_token_spec,
     single_token_id,
 )
-from sdlora.errors import SdloraError
+from sdlora.train.config import TrainConfig
+from sdlora.train.data import derived_seed
 
 COMPONENT = "text_encoder"  # SD 1.x / 2.x: one text encoder
 

@@ -278,7 +278,7 @@ class Workers:
 # a GPU: either would leave its forks unable to start CUDA.
 SERVER_IMPORTS = (
     "sdlora.train.speed",
-    "sdlora.inject",
+    "sdlora.lora.inject",
     "diffusers.models.unets.unet_2d_condition",
     "torch._inductor.compile_fx",
     "torch._inductor.lowering",
@@ -438,9 +438,9 @@ def default_workers(jobs: int) -> int:
 def main(spec_path: str) -> None:
     """A worker: compile and run once each job of the spec file (see `start_workers`)."""
     from diffusers import UNet2DConditionModel
-    from sdlora.train.speed import set_activation_budget
 
-    from sdlora.inject import add_trainable
+    from sdlora.lora.inject import add_trainable
+    from sdlora.train.speed import set_activation_budget
 
     spec = json.loads(Path(spec_path).read_text())
     started = spec.get("started", time.time())  # when the training process started this one

@@ -25,6 +25,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+
+from sdlora.bases.generate import SCHEDULERS, GenerateSettings, generate, save_png
+from sdlora.errors import SdloraError
 from sdlora.train.config import TrainConfig
 from sdlora.train.data import (
     REPEATS_FOLDER,
@@ -36,9 +39,6 @@ from sdlora.train.data import (
     size_ids,
     to_bucket_cropped,
 )
-
-from sdlora.errors import SdloraError
-from sdlora.generate import SCHEDULERS, GenerateSettings, generate, save_png
 
 GENERATED = "sdlora-generated"  # the subfolder of --reg-data holding class images the base drew
 logger = logging.getLogger(__name__)

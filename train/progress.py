@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from sdlora.train.checkpoint import resume_hint
-from sdlora.train.config import TrainConfig
 
 from sdlora.errors import SdloraError
+from sdlora.train.checkpoint import resume_hint
+from sdlora.train.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from sdlora.recommend import recommended
+from sdlora.bases.recommend import recommended
 
 
 def sample_grid(
@@ -20,7 +20,7 @@ def sample_grid(
 ) -> Image.Image:
     """Generate one image per prompt (seed, seed+1, ...) and tile them, `columns` per row.
 
-    Steps and guidance left at None are the base's recommendation (`sdlora.recommend`).
+    Steps and guidance left at None are the base's recommendation (`sdlora.bases.recommend`).
     """
     rec = recommended(pipe)
     steps = rec.steps if steps is None else steps

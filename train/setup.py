@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+
+from sdlora.bases.base import BUILTIN, is_hub_id
+from sdlora.errors import SdloraError
 from sdlora.train import checkpoint
 from sdlora.train.config import DEFAULT_STEPS, TrainConfig
 from sdlora.train.data import ENLARGE_WARNING, BatchPlan, ImageItem, discover, enlarged_items
 from sdlora.train.validate import split_items
-
-from sdlora.base import BUILTIN, is_hub_id
-from sdlora.errors import SdloraError
 
 logger = logging.getLogger(__name__)
 
@@ -180,8 +180,8 @@ def base_resolution(config: TrainConfig, pipe=None) -> int:
     file says its family in its keys (SDXL 1024, SD 1.x 512, SD 2.x from --base-config's UNet,
     else 768). Anything else: 512, the SD default.
     """
-    from sdlora.families import SD2, SDXL, family_of_single_file
-    from sdlora.recommend import native_size, training_start
+    from sdlora.bases.families import SD2, SDXL, family_of_single_file
+    from sdlora.bases.recommend import native_size, training_start
 
     if pipe is not None:
         return native_size(pipe)

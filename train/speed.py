@@ -29,11 +29,11 @@ import logging
 import time
 
 import torch
-from sdlora.train import graph_lookup
-from sdlora.train.config import COMPILE_MIN_STEPS, COMPILE_MIN_STEPS_BY_FAMILY, COMPILE_MODES
 from torch import nn
 
 from sdlora.errors import SdloraError
+from sdlora.train import graph_lookup
+from sdlora.train.config import COMPILE_MIN_STEPS, COMPILE_MIN_STEPS_BY_FAMILY, COMPILE_MODES
 
 logger = logging.getLogger(__name__)
 

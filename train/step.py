@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers.training_utils import compute_snr
+
+from sdlora.errors import SdloraError
+from sdlora.lora.embeddings import TokenEmbedding
 from sdlora.train.condition import Conditioning
 from sdlora.train.config import TrainConfig
 from sdlora.train.data import derived_seed
 from sdlora.train.encode import LatentCache, TextCache, encode_pixels
 from sdlora.train.prior import PriorImages
-
-from sdlora.embeddings import TokenEmbedding
-from sdlora.errors import SdloraError
 
 
 class TrainStep:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from sdlora.errors import SdloraError
 from sdlora.train.condition import Conditioning
 from sdlora.train.config import TrainConfig
 from sdlora.train.data import (
@@ -25,8 +27,6 @@ from sdlora.train.data import (
     with_trigger,
 )
 from sdlora.train.encode import encode_pixels
-
-from sdlora.errors import SdloraError
 
 # spread over the schedule: low-noise detail, the middle, and composition-level noise
 TIMESTEPS = (100, 300, 500, 700, 900)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import gradio as gr
+
 from sdlora.ui import exporting as ex
 from sdlora.ui import handlers as h
 from sdlora.ui.paths import relative

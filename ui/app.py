@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import gradio as gr
+
 from sdlora.ui import handlers as h
 from sdlora.ui import history as history_store
 from sdlora.ui import mix_history, tab_compare, tab_export, tab_inspect, tab_mix, tab_train

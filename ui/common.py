@@ -28,9 +28,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import gradio as gr
-from sdlora.ui.state import MAX_ADAPTERS, Session
 
 from sdlora.errors import SdloraError
+from sdlora.ui.state import MAX_ADAPTERS, Session
 
 logger = logging.getLogger(__name__)
 GPU = "gpu"  # concurrency group of every job that runs the models: one at a time

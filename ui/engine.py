@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
-from sdlora.base import load_base
-from sdlora.blend import Mixer
+from sdlora.bases.base import load_base
+from sdlora.lora.blend import Mixer
 
 MAX_LOADED = 16  # adapters kept attached; beyond this, ones outside the current mix are dropped
 

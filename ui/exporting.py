@@ -1,7 +1,7 @@
 """Exporting a visitor's mix (the Export tab and `/export`): into outputs/exports/ as a diffusers
 folder, one checkpoint file or one merged LoRA, with a size estimate before writing, progress
 measured in bytes written, one zip of a diffusers folder, and nonlinear adapters distilled to
-plain LoRAs (`sdlora.distill`) so that a mix holding them can be exported. No Gradio here."""
+plain LoRAs (`sdlora.tools.distill`) so that a mix holding them can be exported. No Gradio here."""
 
 from __future__ import annotations
 
@@ -12,18 +12,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from sdlora.errors import SdloraError
+from sdlora.io.files import save_adapter
+from sdlora.io.formats import load_adapter
+from sdlora.io.writing import written_file
+from sdlora.lora.blocks import parse_blocks, scale_blocks
+from sdlora.tools.distill import distill_adapter
+from sdlora.tools.export import export_diffusers, export_single_file, parse_dtype
 from sdlora.ui import handlers as h
 from sdlora.ui import paths
 from sdlora.ui.engine import Engine
 from sdlora.ui.merge import merge_exact
-
-from sdlora.blocks import parse_blocks, scale_blocks
-from sdlora.distill import distill_adapter
-from sdlora.errors import SdloraError
-from sdlora.export import export_diffusers, export_single_file, parse_dtype
-from sdlora.files import save_adapter
-from sdlora.formats import load_adapter
-from sdlora.writing import written_file
 
 Progress = Callable[[float, str], None]
 DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}

@@ -16,19 +16,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdlora.bases.base import BUILTIN
+from sdlora.bases.generate import SCHEDULERS, GenerateSettings, generate, save_png
+from sdlora.bases.grid import labelled_grid
+from sdlora.errors import SdloraError
+from sdlora.io.formats import load_adapter
+from sdlora.io.writing import written_file
+from sdlora.lora.blocks import parse_blocks
+from sdlora.lora.prompt_tags import split_lora_tags
+from sdlora.tools.inspect import format_text, inspect_file
 from sdlora.ui import paths
 from sdlora.ui.engine import Engine
 from sdlora.ui.state import Session
-
-from sdlora.base import BUILTIN
-from sdlora.blocks import parse_blocks
-from sdlora.errors import SdloraError
-from sdlora.formats import load_adapter
-from sdlora.generate import SCHEDULERS, GenerateSettings, generate, save_png
-from sdlora.grid import labelled_grid
-from sdlora.inspect import format_text, inspect_file
-from sdlora.prompt_tags import split_lora_tags
-from sdlora.writing import written_file
 
 Progress = Callable[[float, str], None]
 MAX_UPLOAD_BYTES = 2 * 1024**3  # 2 GiB: larger than any SD 1.x LoRA
@@ -179,7 +178,7 @@ def check_ui_strength(value: float, what: str) -> float:
 
 
 def set_blocks(session: Session, index: int, spec: str) -> str:
-    """Set per-block strengths of the mix's adapter `index` (sdlora/blocks.py); return the spec."""
+    """Set per-block strengths of the mix's adapter `index` (sdlora/lora/blocks.py); return the spec."""
     spec = (spec or "").strip()
     blocks = parse_blocks(spec)  # raises on a bad spec, naming it
     for key, value in blocks.items():

@@ -1,6 +1,6 @@
 """Earlier images and saved mixes: what the Mix tab's History and "Saved mixes" read and write.
 
-Every image the UI saves carries its recipe (`sdlora.generate.png_info`): the full settings as
+Every image the UI saves carries its recipe (`sdlora.bases.generate.png_info`): the full settings as
 JSON in the `sdlora` text chunk and A1111's `parameters` text. Restoring reads the JSON, or the
 `parameters` text for an image that has only that, so an image can be drawn again exactly.
 Saved mixes are small JSON files in `mixes/` of the outputs folder. No Gradio here.
@@ -12,11 +12,11 @@ import json
 from pathlib import Path
 
 from PIL import Image
-from sdlora.ui import paths
 
 from sdlora.errors import SdloraError
-from sdlora.prompt_tags import parse_parameters
-from sdlora.writing import written_file
+from sdlora.io.writing import written_file
+from sdlora.lora.prompt_tags import parse_parameters
+from sdlora.ui import paths
 
 MAX_SHOWN = 60  # newest images listed in the History gallery
 RECIPE_FIELDS = (

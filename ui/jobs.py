@@ -14,9 +14,8 @@ import threading
 import uuid
 from collections.abc import Callable
 
-from sdlora.ui.training import TrainJob
-
 from sdlora.errors import SdloraError
+from sdlora.ui.training import TrainJob
 
 KEEP_FINISHED = 8  # finished runs kept for pages that still show them
 

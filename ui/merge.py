@@ -13,9 +13,9 @@ import json
 import torch
 from torch import nn
 
-from sdlora.adapter import Adapter, ModuleFactors, module_keys, resolve
 from sdlora.errors import SdloraError
-from sdlora.merge import cap_rank
+from sdlora.lora.adapter import Adapter, ModuleFactors, module_keys, resolve
+from sdlora.tools.merge import cap_rank
 
 
 def merge_exact(

@@ -11,13 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import gradio as gr
+
+from sdlora.errors import SdloraError
 from sdlora.ui import handlers as h
 from sdlora.ui import history
 from sdlora.ui.common import FREE, on, status_line
 from sdlora.ui.state import Session
 from sdlora.ui.tab_mix import MixTab, history_items, render
-
-from sdlora.errors import SdloraError
 
 STORAGE_KEY = "sdlora-mixer"
 SETTINGS = ("prompt", "negative", "steps", "guidance", "seed", "width", "height", "scheduler")

@@ -21,7 +21,7 @@ class MixItem:
     strength: float = 1.0  # 0 = base, 1 = as trained
     enabled: bool = True
     blocks: str = (
-        ""  # per-block strengths (sdlora/blocks.py), e.g. "IN=0,MID=1,OUT=0.5"; "" = all 1
+        ""  # per-block strengths (sdlora/lora/blocks.py), e.g. "IN=0,MID=1,OUT=0.5"; "" = all 1
     )
 
 

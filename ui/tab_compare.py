@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import gradio as gr
+
 from sdlora.ui import handlers as h
 from sdlora.ui.common import FREE, JOB, on, queued, reporter, status_line, sync_mix, waiting
 from sdlora.ui.state import Session

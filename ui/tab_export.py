@@ -4,7 +4,7 @@ or as one merged LoRA, into `exports/` of the outputs folder.
 Before writing it shows what will be written (mix, format, estimated size), and an empty mix
 (a full copy of the base, gigabytes on a real model) is written only after a second press.
 A diffusers folder is offered as one zip. Nonlinear adapters can be distilled to plain LoRAs
-of a chosen rank (`sdlora.distill`) so that the mix can be exported at all.
+of a chosen rank (`sdlora.tools.distill`) so that the mix can be exported at all.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import gradio as gr
+
+from sdlora.errors import SdloraError
 from sdlora.ui import exporting as ex
 from sdlora.ui import handlers as h
 from sdlora.ui.common import FREE, JOB, failed, on, queued, reporter, status_line, sync_mix
 from sdlora.ui.state import Session
 from sdlora.ui.tab_mix import MixTab
-
-from sdlora.errors import SdloraError
 
 
 @dataclass

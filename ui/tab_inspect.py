@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import gradio as gr
-from sdlora.ui import handlers as h
-from sdlora.ui.common import JOB, on, status_line
 
 from sdlora.errors import SdloraError
+from sdlora.ui import handlers as h
+from sdlora.ui.common import JOB, on, status_line
 
 
 @dataclass

@@ -18,15 +18,15 @@ from urllib.parse import quote
 
 import gradio as gr
 from PIL import Image
+
+from sdlora.bases.generate import SCHEDULERS
+from sdlora.bases.recommend import guidance_and_steps
+from sdlora.errors import SdloraError
+from sdlora.lora.blocks import parse_blocks
 from sdlora.ui import handlers as h
 from sdlora.ui.common import FREE, JOB, failed, on, queued, reporter, status_line, sync_mix, waiting
 from sdlora.ui.state import MAX_ADAPTERS, Session
 from sdlora.ui.strength import Strength
-
-from sdlora.blocks import parse_blocks
-from sdlora.errors import SdloraError
-from sdlora.generate import SCHEDULERS
-from sdlora.recommend import guidance_and_steps
 
 NO_SECOND = "(none)"  # the Compare tab's "no Y adapter" choice
 RESULT_WIDTH = 480  # px the result column gives images at 1280 px wide (integer zoom inside it)

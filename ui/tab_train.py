@@ -5,7 +5,7 @@ watches the run with a timer, and a reloaded page or another browser finds the r
 can watch and stop it. Runs take no place in the generation queue, so visitors keep
 generating while one trains. The finished adapter is copied into the adapters folder, where the
 Mix and Inspect tabs find it. Settings start at the base's values
-(`sdlora.recommend.training_start`). Mistakes are written into the tab's status line, in the
+(`sdlora.bases.recommend.training_start`). Mistakes are written into the tab's status line, in the
 form's words, and leave the other components alone.
 """
 
@@ -18,16 +18,16 @@ from collections.abc import Callable
 from dataclasses import astuple, dataclass, replace
 
 import gradio as gr
+
+from sdlora.bases.recommend import training_start
+from sdlora.errors import SdloraError
+from sdlora.lora.layer import NONLINEARITIES
 from sdlora.ui import handlers as h
 from sdlora.ui import train_setup, train_view
 from sdlora.ui.common import FREE
 from sdlora.ui.jobs import JOBS, Busy
 from sdlora.ui.train_setup import Form
 from sdlora.ui.training import TrainJob
-
-from sdlora.errors import SdloraError
-from sdlora.layer import NONLINEARITIES
-from sdlora.recommend import training_start
 
 logger = logging.getLogger(__name__)
 MIN_AXIS = 20  # the loss plot's x axis spans at least 0..20: whole-step ticks from the start

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+
+from sdlora.errors import SdloraError
 from sdlora.train import load_config
 from sdlora.train.checkpoint import checkpoints
 from sdlora.train.config import TrainConfig
 from sdlora.train.data import ENLARGE_WARNING, BatchPlan, discover, enlarged_items
 from sdlora.ui import paths
 from sdlora.ui.handlers import Context
-
-from sdlora.errors import SdloraError
 
 PREVIEW_IMAGES = 24  # thumbnails shown of a dataset (the count says how many there are)
 THUMB_SIDE = 96  # thumbnail side in pixels: small ones are enlarged by a whole factor

@@ -11,6 +11,7 @@ from urllib.parse import quote
 
 import pandas as pd
 from PIL import Image
+
 from sdlora.train.checkpoint import checkpoints
 from sdlora.ui.training import Status
 

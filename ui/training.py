@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdlora.errors import SdloraError
-from sdlora.writing import written_file
+from sdlora.io.writing import written_file
 
 STEP_RECORD = re.compile(r"step (\d+): loss (\S+), lr (\S+)")  # the trainer's per-step debug line
 STOP_GRACE_S = 10.0  # after SIGTERM, how long the child may take before it is killed

@@ -1,0 +1,332 @@
+"""The `sdlora` command: generate, export, inspect (and train, ui, convert, merge, extract).
+
+Each handler turns argparse values into plain arguments for library calls. User mistakes are
+`SdloraError`s, printed as one line (`sdlora: ...`) with exit code 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from sdlora.errors import SdloraError
+from sdlora.io.lora_spec import adapter_names, parse_lora, parse_lora_spec  # noqa: F401 (parse_lora: re-exported)
+
+DEFAULT_BASE = "toy"
+BASE_HELP = (
+    "base model: 'toy' (built in, pretrained on the toy world, 64 px), 'tiny' / 'tiny-v2' / "
+    "'tiny-xl' (built in, random weights, SD 1.x / SD 2.x / SDXL shaped, for tests), a diffusers "
+    "model folder, a single .safetensors checkpoint in the original SD or SDXL layout, or a "
+    "Hugging Face Hub id such as stabilityai/stable-diffusion-xl-base-1.0 (cached; "
+    "HF_HUB_OFFLINE=1 reads the cache only) "
+    "(default: %(default)s)"
+)
+
+
+def add_base_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", default=DEFAULT_BASE, help=BASE_HELP)
+    p.add_argument(
+        "--config",
+        metavar="DIR",
+        help="diffusers model folder (or Hub id) with the configs and tokenizer for a single-file "
+        "--base; its scheduler config says the prediction type (SD 2.x 768 px: v_prediction)",
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:STRENGTH][@NAME][@BLOCKS]",
+        help="adapter to blend in, repeatable; STRENGTH defaults to 1.0 (0 = base, 1 = as "
+        "trained); NAME (default: the file name without .safetensors) is how PNG metadata and "
+        "--sweep labels call it. Two files of one name (a/style, b/style) are told apart by "
+        "their folders. BLOCKS: per-block strengths, e.g. IN=0,MID=1,OUT=0.5 or a LoRA Block "
+        "Weight vector of 17/26 (SDXL: 12/20) numbers; kept in the PNG's parameters as :lbw=",
+    )
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
+    )
+
+
+def load_mix(args: argparse.Namespace, dtype=None):
+    """Load the base and blend every --lora; return (pipe, mixer, {name: per-block strengths})."""
+    import torch
+
+    from sdlora.bases.base import load_base
+    from sdlora.lora.blend import Mixer
+
+    specs = [parse_lora_spec(spec) for spec in args.lora]
+    names, notes = adapter_names(specs)
+    for note in notes:
+        print(f"sdlora: {note}", file=sys.stderr)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_base(args.base, device=device, dtype=dtype, config=args.config)
+    mixer = Mixer(pipe)
+    for spec, name in zip(specs, names, strict=True):
+        mixer.add(spec.path, name=name, strength=spec.strength, blocks=spec.blocks)
+    blocks = {name: spec.blocks for spec, name in zip(specs, names, strict=True) if spec.blocks}
+    return pipe, mixer, blocks
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from sdlora.bases.generate import GenerateSettings, check_numbers, generate, save_png
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise SdloraError(f"--out {out}: give a .png file name")
+    if out.exists() and not args.overwrite:
+        raise SdloraError(f"{out} already exists; choose another --out or pass --overwrite")
+    if out.is_dir():
+        raise SdloraError(f"--out {out} is a folder; give a .png file name")
+    dtype = (
+        torch.float16
+        if (args.device or "").startswith("cuda")
+        or (args.device is None and torch.cuda.is_available())
+        else None
+    )
+    sweep = parse_sweep(args.sweep, args.lora) if args.sweep else None
+    settings = GenerateSettings(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        width=args.width,
+        height=args.height,
+        scheduler=args.scheduler,
+        num_images=args.num_images,
+    )
+    check_numbers(settings)  # before the base loads
+    pipe, mixer, blocks = load_mix(args, dtype=dtype)
+    settings.adapters, settings.blocks = mixer.strengths(), blocks
+    if sweep:
+        print(sweep_grid(pipe, mixer, settings, sweep, out))
+        return 0
+    images = generate(pipe, settings)
+    for i, image in enumerate(images):
+        path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        save_png(image, path, settings, i)
+        print(path)
+    return 0
+
+
+def parse_sweep(text: str, loras: list[str]) -> list[float]:
+    """'0,0.5,1' -> [0.0, 0.5, 1.0]; a sweep needs a --lora to vary."""
+    if not loras:
+        raise SdloraError("--sweep varies the strength of the last --lora; give one with --lora")
+    try:
+        strengths = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SdloraError(
+            f"--sweep {text!r}: give strengths separated by commas, e.g. 0,0.5,1"
+        ) from None
+    if not strengths or not all(math.isfinite(s) for s in strengths):
+        raise SdloraError(f"--sweep {text!r}: give finite strengths separated by commas")
+    return strengths
+
+
+def sweep_grid(pipe, mixer, settings, strengths: list[float], out: Path) -> Path:
+    """The same seeds at each strength of the last adapter: one labelled grid PNG."""
+    from sdlora.bases.generate import generate, save_png
+    from sdlora.bases.grid import labelled_grid
+
+    name = list(mixer.entries)[-1]
+    columns = []
+    for strength in strengths:
+        mixer.set_strength(name, strength)
+        columns.append(generate(pipe, settings))
+    settings.adapters = mixer.strengths()
+    settings.sweep = {name: strengths}
+    rows = [[column[i] for column in columns] for i in range(settings.num_images)]
+    labels = [f"{s:g}" for s in strengths]
+    seeds = [f"seed {settings.seed + i}" for i in range(settings.num_images)]
+    grid = labelled_grid(rows, labels, seeds if len(rows) > 1 else [""], f"{name} strength")
+    return save_png(grid, out, settings)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from sdlora.lora.embeddings import attached
+    from sdlora.tools.export import (
+        check_out,
+        embeddings_folder,
+        export_diffusers,
+        export_single_file,
+        parse_dtype,
+    )
+
+    parse_dtype(args.dtype)
+    check_out(args.out, folder=args.format == "diffusers", overwrite=args.overwrite)
+    args.device = args.device or "cpu"
+    pipe, _, _ = load_mix(args)
+    if args.format == "diffusers":
+        out = export_diffusers(pipe, args.out, args.dtype, overwrite=args.overwrite)
+    else:
+        out = export_single_file(pipe, args.out, args.dtype, overwrite=args.overwrite)
+    print(out)
+    words = attached(pipe)
+    if words:
+        folder = embeddings_folder(out, folder=args.format == "diffusers")
+        print(
+            f"new words {', '.join(words)} cannot live in a checkpoint's vocabulary: their "
+            f"embeddings are in {folder}/ (copy them to A1111's embeddings/ or ComfyUI's "
+            "models/embeddings/; diffusers: pipe.load_textual_inversion(FILE))"
+        )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from sdlora.tools.inspect import format_text, inspect_file
+
+    base = None
+    if args.base:
+        from sdlora.bases.base import load_base
+
+        base = load_base(args.base, config=args.config)
+    info = inspect_file(args.file, base)
+    print(json.dumps(info, indent=2) if args.json else format_text(info))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdlora",
+        description="Train Stable Diffusion LoRA adapters, blend them with exact strengths, "
+        "and export merged checkpoints.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "generate",
+        help="draw images from a base with adapters blended in",
+        description="Draw images from a base with adapters blended in. The PNG "
+        "keeps prompt, seed, sampler and adapter strengths in its metadata.",
+    )
+    add_base_args(p)
+    p.add_argument("--prompt", required=True, help="what to draw")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="denoising steps (default: the base's recommended value, 20 for toy, 25 for SD)",
+    )
+    p.add_argument(
+        "--guidance",
+        type=float,
+        help="classifier-free guidance scale (default: the base's recommended value, "
+        "2 for toy, 7.5 for SD)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="random seed; image i uses seed+i (default: %(default)s)",
+    )
+    p.add_argument(
+        "--width",
+        type=int,
+        help="image width in px, at most 4096 (default: the base's native size)",
+    )
+    p.add_argument(
+        "--height",
+        type=int,
+        help="image height in px, at most 4096 (default: the base's native size)",
+    )
+    p.add_argument(
+        "--scheduler",
+        default="pndm",
+        help="pndm, ddim, euler, euler_a or dpm++ (default: %(default)s)",
+    )
+    p.add_argument(
+        "--num-images",
+        type=int,
+        default=1,
+        help="images to draw, at most 64; more than one adds -0, -1 ... to the name",
+    )
+    p.add_argument(
+        "--sweep",
+        metavar="S1,S2,...",
+        help="draw the same image at each of these strengths of the last --lora and save them "
+        "side by side, labelled, as one grid (e.g. 0,0.5,1)",
+    )
+    p.add_argument("--out", required=True, metavar="FILE.png", help="where to save the image")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "export",
+        help="write base + adapters as one merged checkpoint",
+        description="Merge base + Σ strength·ΔW of the given linear adapters and write "
+        "it as a diffusers folder or a single .safetensors in the original SD layout "
+        "(loads in AUTOMATIC1111, ComfyUI and diffusers' from_single_file). With no "
+        "--lora the base itself is exported.",
+    )
+    add_base_args(p)
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="PATH",
+        help="folder (diffusers) or .safetensors file (single-file)",
+    )
+    p.add_argument(
+        "--format",
+        choices=("diffusers", "single-file"),
+        default="diffusers",
+        help="(default: %(default)s)",
+    )
+    p.add_argument("--dtype", default="fp16", help="fp32, fp16 or bf16 (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "inspect",
+        help="show what an adapter file holds",
+        description="Show an adapter's format, rank, alpha, effective scale, "
+        "nonlinearity, modules per component, trigger words and metadata.",
+    )
+    p.add_argument("file", help="adapter .safetensors file")
+    p.add_argument("--base", help="also check which keys this base has modules for")
+    p.add_argument("--config", metavar="DIR", help="configs for a single-file --base")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_inspect)
+
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _extra_commands():
+    """`register(subparsers)` of the command modules that live outside this file."""
+    from sdlora.cli.distill import register as distill
+    from sdlora.cli.interop import register as interop
+    from sdlora.train.command import register as train
+    from sdlora.ui.command import register as ui
+
+    return [train, ui, interop, distill]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `sdlora` command."""
+    # Only a Hub-id --base reaches the network (HF_HUB_OFFLINE=1 keeps it to the cache);
+    # every other load is local-only.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SdloraError as err:
+        print(f"sdlora: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a failed read or write no one turned into words: still one line
+        from sdlora.io.writing import explain
+
+        print(f"sdlora: {explain(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sdlora: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,180 @@
+"""Adapter files: safetensors in the key layout A1111, ComfyUI, kohya and diffusers read.
+
+Linear adapters:    `<flat>.lora_down.weight`, `<flat>.lora_up.weight`, `<flat>.alpha`
+Nonlinear adapters: `nonlinear_<flat>.down.weight`, `.up.weight`, `.alpha` — names no other tool
+applies as a plain LoRA (which would silently draw wrong images).
+
+Saved adapters carry their training scale folded into the factors, so alpha = rank in the file
+and strength 1.0 always means "as trained" (see `fold_scale`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from sdlora.bases.families import SD1
+from sdlora.errors import SdloraError
+from sdlora.io.writing import written_file
+from sdlora.lora.adapter import Adapter, ModuleFactors, adapter_family, file_key, memory_key
+from sdlora.lora.embeddings import bundle_tensors
+from sdlora.lora.layer import POSITIVELY_HOMOGENEOUS, check_nonlinearity
+
+FORMAT_VERSION = "1"
+NONLINEAR_PREFIX = "nonlinear_"
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+# An SDXL LoCon/LoKr adapter on every layer of both text encoders and the UNet holds about
+# 20,000 tensors; a file with many more is no adapter, and reading it would take minutes.
+MAX_TENSORS = 50_000
+
+
+def fold_scale(factors: ModuleFactors, nonlinearity: str) -> tuple[ModuleFactors, str]:
+    """Move scale = alpha/rank into the factors; return (factors with alpha = rank, where).
+
+    s·B·σ(A·x) = B·σ((s·A)·x) when σ is positively homogeneous and s > 0 (identity, relu,
+    leaky_relu): fold into down (A), as cloneofsimo/lora settled. Otherwise fold into up (B),
+    which is exact for every σ.
+    """
+    s = factors.scale
+    if nonlinearity == "identity" or (nonlinearity in POSITIVELY_HOMOGENEOUS and s > 0):
+        folded = ModuleFactors(down=factors.down * s, up=factors.up, alpha=float(factors.rank))
+        return folded, "down"
+    folded = ModuleFactors(down=factors.down, up=factors.up * s, alpha=float(factors.rank))
+    return folded, "up"
+
+
+def check_rank(rank: int, out_features: int, in_features: int) -> None:
+    """Refuse a rank above min(out, in): such a file is damaged or made by a broken tool."""
+    if rank > min(out_features, in_features):
+        raise SdloraError(
+            f"rank {rank} is larger than the module's dims ({out_features}×{in_features})"
+        )
+
+
+def adapter_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """The file's tensors for `adapter` (whose factors are already folded), under the names its
+    family's files use (SDXL: lora_te1_ for the first text encoder)."""
+    tensors: dict[str, torch.Tensor] = {}
+    family = adapter_family(adapter) or SD1
+    for key, factors in adapter.modules.items():
+        key = file_key(key, family)
+        if adapter.is_linear:
+            names = (f"{key}.lora_down.weight", f"{key}.lora_up.weight", f"{key}.alpha")
+        else:
+            base = NONLINEAR_PREFIX + key
+            names = (f"{base}.down.weight", f"{base}.up.weight", f"{base}.alpha")
+        alpha = factors.alpha if factors.alpha is not None else float(factors.rank)
+        tensors[names[0]] = factors.down.detach().contiguous()
+        tensors[names[1]] = factors.up.detach().contiguous()
+        tensors[names[2]] = torch.tensor(alpha, dtype=torch.float32)
+    return tensors | bundle_tensors(adapter.embeddings)
+
+
+def atomic_save_file(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
+) -> None:
+    """Write a safetensors file whole or not at all (see `sdlora.io.writing.written_file`)."""
+    with written_file(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+
+
+def save_adapter(adapter: Adapter, path: str | Path, overwrite: bool = False) -> Path:
+    """Save `adapter` (factors already folded, see `fold_scale`) as safetensors at `path`."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise SdloraError(f"{path}: adapter files are saved as .safetensors; change the name")
+    if path.exists() and not overwrite:
+        raise SdloraError(f"{path} already exists; choose another name or allow overwriting")
+    for key, factors in adapter.modules.items():
+        if not (torch.isfinite(factors.down).all() and torch.isfinite(factors.up).all()):
+            raise SdloraError(f"{path}: module {key} has NaN/Inf weights; nothing was written")
+    for token, per_component in adapter.embeddings.items():
+        if not all(torch.isfinite(v).all() for v in per_component.values()):
+            raise SdloraError(
+                f"{path}: embedding {token!r} has NaN/Inf values; nothing was written"
+            )
+    ranks = adapter.ranks()
+    family = adapter_family(adapter) or SD1
+    metadata = {
+        "sdlora_format_version": FORMAT_VERSION,
+        "sdlora_nonlinearity": adapter.nonlinearity,
+        "ss_network_module": "networks.lora" if adapter.is_linear else "sdlora.nonlinear",
+        "ss_network_dim": str(max(ranks)) if ranks else "0",
+        "ss_network_alpha": str(max(ranks)) if ranks else "0",  # = rank: the scale is folded
+        "ss_base_model_version": family.base_model_version,
+        "ss_output_name": path.stem,
+        **adapter.metadata,
+    }
+    atomic_save_file(adapter_tensors(adapter), path, {k: str(v) for k, v in metadata.items()})
+    return path
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read tensors and header metadata; refuse pickles, missing and corrupt files clearly."""
+    path = Path(path)
+    if not path.exists():
+        raise SdloraError(f"{path}: no such file")
+    if path.is_dir():
+        raise SdloraError(f"{path} is a folder; give the .safetensors file inside it")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise SdloraError(
+            f"{path}: pickle files are never loaded (they can run code); use a .safetensors file"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:  # the header only
+            count, metadata = len(f.keys()), f.metadata() or {}
+        if count > MAX_TENSORS:
+            raise SdloraError(
+                f"{path} holds {count:,} tensors; an adapter has at most {MAX_TENSORS:,} "
+                "(is this the right file?)"
+            )
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise SdloraError(f"{path}: not a readable safetensors file ({err})") from None
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+def parse_flat_lora(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str
+) -> Adapter:
+    """Build an Adapter from the flat kohya/A1111 layout or sdlora's nonlinear layout."""
+    nonlinear = any(k.startswith(NONLINEAR_PREFIX) for k in tensors)
+    down_part, up_part = (
+        (".down.weight", ".up.weight") if nonlinear else (".lora_down.weight", ".lora_up.weight")
+    )
+    modules: dict[str, ModuleFactors] = {}
+    for name, down in tensors.items():
+        if not name.endswith(down_part):
+            continue
+        base = name[: -len(down_part)]
+        up = tensors.get(base + up_part)
+        if up is None:
+            raise SdloraError(f"{source}: {base} has a down weight but no up weight")
+        alpha = tensors.get(base + ".alpha")
+        key = memory_key(base[len(NONLINEAR_PREFIX) :] if nonlinear else base)
+        if down.shape[0] != up.shape[1]:
+            raise SdloraError(
+                f"{source}: {key} has down rank {down.shape[0]} but up rank {up.shape[1]}"
+            )
+        if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+            raise SdloraError(f"{source}: {key} has NaN/Inf weights; the file is damaged")
+        try:
+            check_rank(down.shape[0], up.shape[0], down[0].numel())
+        except SdloraError as err:
+            raise SdloraError(f"{source}: {key}: {err}") from None
+        modules[key] = ModuleFactors(
+            down=down, up=up, alpha=None if alpha is None else float(alpha.float().item())
+        )
+    if not modules:
+        raise SdloraError(f"{source}: no LoRA weights found (not a LoRA adapter file?)")
+    nonlinearity = metadata.get("sdlora_nonlinearity", "missing" if nonlinear else "identity")
+    try:
+        check_nonlinearity(nonlinearity)
+    except SdloraError as err:
+        raise SdloraError(f"{source}: {err}") from None
+    if nonlinear == (nonlinearity == "identity"):
+        raise SdloraError(f"{source}: key layout and nonlinearity {nonlinearity!r} disagree")
+    return Adapter(modules=modules, nonlinearity=nonlinearity, metadata=metadata, source=source)

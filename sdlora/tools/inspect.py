@@ -1,0 +1,214 @@
+"""What an adapter file holds: format, ranks, alpha and scale, nonlinearity, modules, metadata."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from sdlora.bases.families import family_of_adapter_keys, width_label
+from sdlora.bases.pipelines import adaptable_models
+from sdlora.io.formats import load_adapter
+from sdlora.lora.adapter import Adapter, component_of, fits, module_paths, weight_of, widths
+
+logger = logging.getLogger(__name__)
+
+# Module names shown as groups (longest match wins), as flat-name suffixes.
+LEAVES = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out_0",
+    "ff_net_0_proj",
+    "ff_net_2",
+    "proj_in",
+    "proj_out",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "time_emb_proj",
+    "conv",
+    "conv_in",
+    "conv_out",
+    "linear_1",
+    "linear_2",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "out_proj",
+    "fc1",
+    "fc2",
+)
+
+# Metadata keys shown as their own fields rather than in the metadata dump.
+SHOWN = ("sdlora_nonlinearity", "sdlora_trigger_words", "sdlora_training")
+
+
+def _component(key: str) -> str:
+    """Flat key -> 'unet' | 'text_encoder' | 'text_encoder_2' | the other prefix."""
+    return component_of(key) or "_".join(key.split("_")[:2])
+
+
+def guess_architecture(adapter: Adapter) -> str:
+    """The base family the adapter was made for (`sdlora.bases.families`): by its cross-attention
+    width, else by SDXL's names (`family_of_adapter_keys`), else by its text encoder's width,
+    else by its metadata."""
+    found = widths(adapter)
+    if "unet" in found:
+        return width_label(found["unet"])
+    named = family_of_adapter_keys(adapter.modules, adapter.metadata)
+    if named is not None:
+        return named.label
+    if "text_encoder" in found:
+        return width_label(found["text_encoder"])
+    meta = adapter.metadata
+    return meta.get("sdlora_base_model") or meta.get("ss_base_model_version") or "unknown"
+
+
+def module_groups(adapter: Adapter) -> dict[str, dict]:
+    """Per '<component> <module name>' group: count, ranks, alphas and effective scales."""
+    groups: dict[str, dict] = {}
+    for key, m in adapter.modules.items():
+        leaf = max((x for x in LEAVES if key.endswith("_" + x)), key=len, default="other")
+        g = groups.setdefault(
+            f"{_component(key)} {leaf}",
+            {"modules": 0, "ranks": set(), "alphas": set(), "scales": set()},
+        )
+        g["modules"] += 1
+        g["ranks"].add(m.rank)
+        g["alphas"].add(m.alpha if m.alpha is not None else float(m.rank))
+        g["scales"].add(round(m.scale, 6))
+    return {
+        name: {k: sorted(v) if isinstance(v, set) else v for k, v in g.items()}
+        for name, g in sorted(groups.items())
+    }
+
+
+def coverage(adapter: Adapter, base) -> dict:
+    """Which adapter keys the base pipeline has a module of the right shape for (never raises).
+
+    `unmatched`: keys naming no module of the base; `mismatched`: keys naming a module whose
+    weight has another shape (the adapter was made for another base). Only the rest is matched.
+    """
+    from sdlora.lora.adapter import _suffix
+
+    models = adaptable_models(base)
+    lookups = {c: module_paths(m, c) for c, m in models.items()}
+    unmatched, mismatched = [], []
+    for key, factors in adapter.modules.items():
+        comp = _component(key)
+        path = lookups[comp].get(_suffix(comp, key)) if comp in lookups else None
+        if path is None:
+            unmatched.append(key)
+        elif not fits(factors, weight_of(models[comp], path).shape):
+            mismatched.append(key)
+    if unmatched:
+        logger.warning(
+            "%s: %d of %d keys match no module in this base (e.g. %s)",
+            adapter.source,
+            len(unmatched),
+            len(adapter.modules),
+            ", ".join(unmatched[:3]),
+        )
+    return {
+        "matched": len(adapter.modules) - len(unmatched) - len(mismatched),
+        "unmatched": len(unmatched),
+        "unmatched_examples": unmatched[:5],
+        "mismatched": len(mismatched),
+        "mismatched_examples": mismatched[:5],
+    }
+
+
+def describe(adapter: Adapter) -> dict:
+    """A JSON-ready summary of an adapter."""
+    alphas = sorted(
+        {m.alpha if m.alpha is not None else float(m.rank) for m in adapter.modules.values()}
+    )
+    scales = sorted({round(m.scale, 6) for m in adapter.modules.values()})
+    training = adapter.metadata.get("sdlora_training")
+    try:
+        training = json.loads(training) if training else None
+    except json.JSONDecodeError:
+        pass
+    return {
+        "file": adapter.source,
+        "format": adapter.metadata.get("sdlora_detected_format")
+        or ("sdlora" if "sdlora_format_version" in adapter.metadata else "kohya")
+        + (" (nonlinear)" if not adapter.is_linear else ""),
+        "nonlinearity": adapter.nonlinearity,
+        "ranks": adapter.ranks(),
+        "alphas": alphas,
+        "scales": scales,
+        "modules": adapter.components(),
+        "architecture": guess_architecture(adapter),
+        "groups": module_groups(adapter),
+        "base_model": adapter.metadata.get("sdlora_base_model"),
+        "trigger_words": adapter.trigger_words(),
+        # new words it brings (pivotal tuning): token -> {text encoder: vectors}
+        "words": {t: {c: len(v) for c, v in per.items()} for t, per in adapter.embeddings.items()},
+        "training": training,
+        "metadata": {k: v for k, v in adapter.metadata.items() if k not in SHOWN},
+    }
+
+
+def inspect_file(path: str | Path, base=None) -> dict:
+    """Describe the adapter at `path`; with a loaded base pipeline, also its coverage."""
+    adapter = load_adapter(path)
+    info = describe(adapter)
+    if base is not None:
+        info["coverage"] = coverage(adapter, base)
+    return info
+
+
+def format_text(info: dict) -> str:
+    """Human-readable lines for `sdlora inspect`."""
+    lines = [
+        f"file:          {info['file']}",
+        f"format:        {info['format']}",
+        f"nonlinearity:  {info['nonlinearity']}",
+        f"rank:          {', '.join(map(str, info['ranks']))}",
+        f"alpha:         {', '.join(f'{a:g}' for a in info['alphas'])}",
+        f"scale:         {', '.join(f'{s:g}' for s in info['scales'])}  (alpha / rank; applied at strength 1.0)",
+        "modules:       " + ", ".join(f"{c} {n}" for c, n in info["modules"].items()),
+        f"architecture:  {info['architecture']}",
+        *(
+            [
+                "note:          LoHa/LoKr modules are held as their exact ΔW, so their rank reads min(out, in)"
+            ]
+            if info["format"].startswith("lycoris")
+            else []
+        ),
+        "groups:        (modules, rank, alpha -> scale)",
+    ]
+    for name, g in info["groups"].items():
+        ranks, alphas = "/".join(map(str, g["ranks"])), "/".join(f"{a:g}" for a in g["alphas"])
+        scales = "/".join(f"{x:g}" for x in g["scales"])
+        lines.append(f"  {name:<28} {g['modules']:>4}  r {ranks}  alpha {alphas} -> {scales}")
+    if info.get("base_model"):
+        lines.append(f"base model:    {info['base_model']}")
+    if info.get("trigger_words"):
+        lines.append(f"trigger words: {', '.join(info['trigger_words'])}")
+    if info.get("words"):
+        lines.append(
+            "new words:     "
+            + ", ".join(
+                f"{t} ({n} vector{'s' if n != 1 else ''})"
+                for t, n in ((t, max(c.values())) for t, c in info["words"].items())
+            )
+        )
+    if "coverage" in info:
+        cov = info["coverage"]
+        lines.append(
+            f"coverage:      {cov['matched']} matched, {cov['unmatched']} unmatched, "
+            f"{cov['mismatched']} of another shape"
+        )
+        if cov["unmatched_examples"]:
+            lines.append(f"  unmatched e.g. {', '.join(cov['unmatched_examples'])}")
+        if cov["mismatched_examples"]:
+            lines.append(f"  other shape e.g. {', '.join(cov['mismatched_examples'])}")
+    if info.get("training"):
+        lines.append(f"training:      {json.dumps(info['training'])}")
+    if info["metadata"]:
+        lines.append("metadata:")
+        lines += [f"  {k}: {v}" for k, v in sorted(info["metadata"].items())]
+    return "\n".join(lines)
