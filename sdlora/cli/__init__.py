@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from sdlora.errors import SdloraError
+from sdlora.errors import SdloraError, flag
 from sdlora.io.lora_spec import adapter_names, parse_lora, parse_lora_spec  # noqa: F401 (parse_lora: re-exported)
 
 DEFAULT_BASE = "toy"
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except SdloraError as err:
-        print(f"sdlora: {err}", file=sys.stderr)
+        print(f"sdlora: {err.worded(flag)}", file=sys.stderr)
         return 2
     except OSError as err:  # a failed read or write no one turned into words: still one line
         from sdlora.io.writing import explain
