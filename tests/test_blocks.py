@@ -173,3 +173,75 @@ def test_merge_honours_block_strengths(adapter_path, tmp_path):
         torch.testing.assert_close(
             delta(a.modules[key]), delta(b.modules[key]), rtol=1e-6, atol=1e-7, msg=key
         )
+
+
+# ---------------------------------------------------------------- checked against the family
+
+
+@pytest.fixture(scope="module")
+def xl_adapter_path(tmp_path_factory):
+    path, _ = make_adapter_file(
+        lambda: load_base("tiny-xl"),
+        tmp_path_factory.mktemp("blocks-xl") / "xl.safetensors",
+        text_encoder=False,
+    )
+    return path
+
+
+def test_a_vector_of_the_other_familys_length_is_refused(adapter_path, xl_adapter_path):
+    """17 zeros on SDXL left OUT00..OUT02 on; 12 zeros on SD 1.x left IN01, IN02, OUT06..OUT11."""
+    sd, xl = Mixer(load_base("tiny")), Mixer(load_base("tiny-xl"))
+    with pytest.raises(
+        SdloraError,
+        match=r"^a: block strengths: a vector for an SD 1\.x adapter has 17 values \(BASE, IN01, "
+        r"IN02, IN04, IN05, IN07, IN08, M00, OUT03\.\.OUT11\) or 26 \(BASE, IN00\.\.IN11, M00, "
+        r"OUT00\.\.OUT11\) in LoRA Block Weight's order, not 12$",
+    ):
+        sd.add(adapter_path, blocks=[0] * 12)
+    with pytest.raises(SdloraError, match=r"an SDXL adapter has 12 values .* or 20 .*, not 17$"):
+        xl.add(xl_adapter_path, blocks=",".join(["0"] * 17))
+    with pytest.raises(SdloraError, match=r"an SDXL adapter has no block 'OUT10'; use IN, MID, "):
+        xl.add(xl_adapter_path, blocks="OUT10=0")
+    assert not sd.entries and not xl.entries  # refused before anything was attached
+    # set_blocks (the web UI's block panel and <lora:...:lbw=...> tags come this way) too
+    from sdlora.lora.prompt_tags import split_lora_tags
+
+    _, _, tags = split_lora_tags("a cat <lora:xl:1:lbw=" + ",".join(["0"] * 17) + ">")
+    xl.add(xl_adapter_path, blocks="IN=0.5")
+    with pytest.raises(SdloraError, match=r"^xl: block strengths: a vector for an SDXL adapter"):
+        xl.set_blocks("xl", tags["xl"])
+    assert xl.entries["xl"].block_strengths == {"IN": 0.5}  # the old ones stay
+    # merging checks against the adapter file's own family
+    with pytest.raises(SdloraError, match=r"xl\.safetensors: block strengths: .* not 26$"):
+        scale_blocks(load_adapter(xl_adapter_path), [0] * 26)
+
+
+def test_each_familys_own_vectors_turn_every_module_off(xl_adapter_path, adapter_path, inputs):
+    """The attention-block vector (17 for SD, 12 for SDXL) at 0 gives the base exactly."""
+    for base, path, length in [("tiny", adapter_path, 17), ("tiny-xl", xl_adapter_path, 12)]:
+        pipe = load_base(base)
+        mixer = Mixer(pipe)
+        mixer.add(path, blocks=[0] * length)
+        entry = mixer.entries[Path(path).stem]
+        assert all(entry.layer_strength(i) == 0 for i in range(len(entry.layers)))
+        assert _weights(pipe).keys() == _weights(load_base(base)).keys()
+        fresh = _weights(load_base(base))
+        assert all(torch.equal(v, fresh[k]) for k, v in _weights(pipe).items()), base
+
+
+def test_the_command_line_refuses_a_vector_of_the_wrong_length(adapter_path, tmp_path, capsys):
+    """A vector of another length was read as the adapter's NAME before; now it is checked."""
+    from sdlora.cli import main
+
+    twelve = ",".join(["0"] * 12)
+    out = tmp_path / "o.png"
+    common = ["generate", "--base", "tiny", "--prompt", "x", "--steps", "1", "--out", str(out)]
+    for args in (
+        [*common, "--lora", f"{adapter_path}:0.5@{twelve}"],
+        ["merge", f"{adapter_path}@{twelve}", "--out", str(tmp_path / "m.safetensors")],
+    ):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "an SD 1.x adapter has 17 values" in err and "not 12" in err, err
+        assert err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists() and not (tmp_path / "m.safetensors").exists()

@@ -60,14 +60,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from sdlora.io.files import save_adapter
     from sdlora.io.formats import load_adapter
     from sdlora.io.lora_spec import parse_lora_spec
-    from sdlora.lora.blocks import parse_blocks, scale_blocks
+    from sdlora.lora.blocks import scale_blocks
     from sdlora.tools.merge import merge_adapters
 
     out = _check_out(args.out, args.overwrite)
     items = []
     for spec in args.files:
         parsed = parse_lora_spec(spec)
-        adapter = scale_blocks(load_adapter(parsed.path), parse_blocks(parsed.blocks))
+        adapter = scale_blocks(load_adapter(parsed.path), parsed.blocks)  # checked for its family
         items.append((adapter, parsed.strength))
     merged, report = merge_adapters(items, rank=args.rank)
     save_adapter(merged, out, overwrite=args.overwrite)

@@ -1,8 +1,10 @@
 """`FILE[:STRENGTH][@NAME][@BLOCKS]`: how every command names an adapter, strength, name, blocks.
 
 BLOCKS are per-block strengths (sdlora/lora/blocks.py): `IN=0,MID=1,OUT=0.5` (names with `=`), or a
-vector of 17 or 26 numbers in LoRA Block Weight's order. They are split off first, from the last
-'@', when the text there holds '=' or is such a vector.
+vector of numbers in LoRA Block Weight's order (17 or 26 for SD 1.x/2.x, 12 or 20 for SDXL). They
+are split off first, from the last '@', when the text there holds '=' or is a list of two or more
+numbers; the mixer then checks them against the adapter's family, so a vector of another length
+is an error, never a name.
 
 Parsing keeps file names that hold ':' or '@' whole: STRENGTH is split off only when the text
 after the last ':' is a number (so `C:\\loras\\a.safetensors` stays a path), and NAME only after
@@ -19,7 +21,7 @@ from pathlib import Path
 from sdlora.errors import SdloraError
 
 FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # '@x.safetensors' is a file
-VECTOR = re.compile(r"^\s*[-+.\deE]+(\s*,\s*[-+.\deE]+){16}((\s*,\s*[-+.\deE]+){9})?\s*$")
+VECTOR = re.compile(r"^\s*[-+.\deE]+(\s*,\s*[-+.\deE]+)+\s*,?\s*$")  # two or more numbers
 
 
 @dataclass

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
+from sdlora.bases.families import family_of_pipeline
 from sdlora.errors import SdloraError
 from sdlora.io.formats import load_adapter
 from sdlora.lora.adapter import Adapter, check_strength, resolve
@@ -76,7 +77,8 @@ class Mixer:
     ) -> str:
         """Attach an adapter (object or file path) under `name`; return the name used.
 
-        `blocks`: per-block strengths (sdlora/lora/blocks.py), e.g. "IN=0,MID=1,OUT=0.5"."""
+        `blocks`: per-block strengths (sdlora/lora/blocks.py), e.g. "IN=0,MID=1,OUT=0.5",
+        checked against the base's family (a vector of its lengths, its block names)."""
         if not isinstance(adapter, Adapter):
             adapter = load_adapter(adapter)
         check_strength(str(name or adapter.source), strength)
@@ -104,7 +106,7 @@ class Mixer:
                 ", ".join(unmatched[:3]),
             )
         fuse = fuse and adapter.is_linear
-        block_strengths = parse_blocks(blocks)
+        block_strengths = self._blocks(name, blocks)
         layers: list[LoRALayer] = []
         layer_blocks: list[str] = []
         try:
@@ -152,6 +154,13 @@ class Mixer:
             self._sync_words()
             raise
         return name
+
+    def _blocks(self, name: str, blocks: str | dict | list | None) -> dict[str, float]:
+        """Per-block strengths parsed for this base's family; errors name the adapter."""
+        try:
+            return parse_blocks(blocks, family_of_pipeline(self.pipe))
+        except SdloraError as err:
+            raise SdloraError(f"{name}: {err}") from None
 
     def _get(self, name: str) -> Entry:
         if name not in self.entries:
@@ -225,7 +234,7 @@ class Mixer:
     def set_blocks(self, name: str, blocks: str | dict | list | None) -> None:
         """Set one adapter's per-block strengths (sdlora/lora/blocks.py); None or {}: all blocks 1."""
         entry = self._get(name)
-        parsed = parse_blocks(blocks)
+        parsed = self._blocks(name, blocks)
         if parsed != entry.block_strengths:
             previous, entry.block_strengths = entry.block_strengths, parsed
             try:

@@ -18,16 +18,22 @@ A spec is a dict or text of `NAME=value` pairs where NAME is a block (`IN04`), a
 1.x/2.x (the blocks an attention-only LoRA has; all), 12 or 20 for SDXL (the same). A module's
 multiplier is its block's value, else its group's, else 1; the module then runs at strength ×
 multiplier, exactly as whole strengths do.
+
+Where the adapter's family is known (the mixer's base, a merged file's own widths), a spec is
+checked against that family's layout: a vector of the other family's length, or a block the
+family does not have, would leave modules at full strength without a word (17 zeros on an SDXL
+adapter keep its OUT00..OUT02 on), so it is refused, naming the lengths and blocks that fit.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
+from sdlora.bases.families import Family
 from sdlora.errors import SdloraError
-from sdlora.lora.adapter import MAX_STRENGTH, Adapter, ModuleFactors
+from sdlora.lora.adapter import MAX_STRENGTH, Adapter, ModuleFactors, adapter_family
 
 BLOCKS26 = ("BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12)))
 BLOCKS17 = (
@@ -44,11 +50,25 @@ BLOCKS17 = (
 BLOCKS20_XL = ("BASE", *(f"IN{i:02d}" for i in range(9)), "M00", *(f"OUT{i:02d}" for i in range(9)))
 BLOCKS12_XL = ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", *(f"OUT{i:02d}" for i in range(6)))
 VECTORS = {17: BLOCKS17, 26: BLOCKS26, 12: BLOCKS12_XL, 20: BLOCKS20_XL}  # by length
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """The blocks of one family's UNet (and BASE), and its vectors by length."""
+
+    blocks: tuple[str, ...]  # every block name a spec may give
+    vectors: dict[int, tuple[str, ...]]  # length -> the blocks of a vector of that length
+
+
+SD_LAYOUT = BlockLayout(BLOCKS26, {17: BLOCKS17, 26: BLOCKS26})
+XL_LAYOUT = BlockLayout(BLOCKS20_XL, {12: BLOCKS12_XL, 20: BLOCKS20_XL})
+LAYOUTS = {"sd1": SD_LAYOUT, "sd2": SD_LAYOUT, "sdxl": XL_LAYOUT}  # by Family.name
 GROUPS = {"BASE": "BASE", "TE": "BASE", "IN": "IN", "MID": "M00", "M00": "M00", "OUT": "OUT"}
 _DOWN = re.compile(r"^down_blocks[._](\d+)[._](attentions|resnets|downsamplers)[._](\d+)")
 _UP = re.compile(r"^up_blocks[._](\d+)[._](attentions|resnets|upsamplers)[._](\d+)")
 # the original (LDM/SGM) layout's names, as SDXL adapters spell UNet modules
 _ORIGINAL = re.compile(r"^(input_blocks|output_blocks)[._](\d+)[._]")
+_NUMBERED = re.compile(r"^([A-Z]+)(\d+)$")  # IN04: group and number
 
 
 def block_of(component: str, path: str) -> str:
@@ -78,10 +98,17 @@ def block_of(component: str, path: str) -> str:
     return "BASE"
 
 
-def parse_blocks(spec: str | dict | list | tuple | None) -> dict[str, float]:
-    """{block or group name: multiplier} from a spec (see the module docstring); {} for None."""
+def parse_blocks(
+    spec: str | dict | list | tuple | None, family: Family | None = None
+) -> dict[str, float]:
+    """{block or group name: multiplier} from a spec (see the module docstring); {} for None.
+
+    With the adapter's `family`, a vector must have one of that family's lengths and a block
+    name must be one of its blocks; without, any known vector and any SD block name passes.
+    """
     if spec is None or spec == "" or spec == {}:
         return {}
+    layout = LAYOUTS.get(family.name) if family is not None else None
     if isinstance(spec, str):
         parts = [p.strip() for p in spec.split(",") if p.strip()]
         if parts and all("=" not in p for p in parts):
@@ -95,21 +122,31 @@ def parse_blocks(spec: str | dict | list | tuple | None) -> dict[str, float]:
                 pairs[name.strip()] = value.strip()
             spec = pairs
     if isinstance(spec, list | tuple):
-        names = VECTORS.get(len(spec))
-        if names is None:
+        vectors = layout.vectors if layout is not None else VECTORS
+        names = vectors.get(len(spec))
+        if names is None and layout is None:
             raise SdloraError(
                 f"block strengths: a vector has 17 or 26 values (SD 1.x/2.x), 12 or 20 (SDXL) "
                 f"in LoRA Block Weight's order, not {len(spec)}"
             )
+        if names is None:
+            short, full = sorted(vectors)
+            raise SdloraError(
+                f"block strengths: a vector for an {family.label} adapter has {short} values "
+                f"({spans(vectors[short])}) or {full} ({spans(vectors[full])}) in LoRA Block "
+                f"Weight's order, not {len(spec)}"
+            )
         spec = dict(zip(names, spec, strict=True))
+    known = layout.blocks if layout is not None else BLOCKS26
     blocks = {}
     for name, value in spec.items():
         key = str(name).strip().upper()
         key = GROUPS.get(key, key)
-        if key not in BLOCKS26 and key not in ("IN", "OUT"):
+        if key not in known and key not in ("IN", "OUT"):
+            where = f"an {family.label} adapter has no block" if layout else "unknown block"
             raise SdloraError(
-                f"block strengths: unknown block {name!r}; use IN, MID, OUT, BASE or one of "
-                "IN00..IN11, M00, OUT00..OUT11"
+                f"block strengths: {where} {name!r}; use IN, MID, OUT, BASE or one of "
+                f"{spans(known[1:])}"
             )
         try:
             number = float(value)
@@ -124,6 +161,23 @@ def parse_blocks(spec: str | dict | list | tuple | None) -> dict[str, float]:
     return blocks
 
 
+def spans(names: tuple[str, ...]) -> str:
+    """Block names for a message, runs of three or more shortened: "BASE, IN01, IN02, IN04..IN08"."""
+    runs: list[list[str]] = []
+    for name in names:
+        if runs and _follows(runs[-1][-1], name):
+            runs[-1].append(name)
+        else:
+            runs.append([name])
+    return ", ".join(f"{r[0]}..{r[-1]}" if len(r) >= 3 else ", ".join(r) for r in runs)
+
+
+def _follows(before: str, name: str) -> bool:
+    """IN05 follows IN04."""
+    a, b = _NUMBERED.match(before), _NUMBERED.match(name)
+    return bool(a and b and a[1] == b[1] and int(a[2]) + 1 == int(b[2]))
+
+
 def multiplier(blocks: dict[str, float], block: str) -> float:
     """The multiplier of `block` under `blocks`: its own value, else its group's, else 1."""
     if block in blocks:
@@ -132,10 +186,16 @@ def multiplier(blocks: dict[str, float], block: str) -> float:
     return blocks.get(group, 1.0) if group else 1.0
 
 
-def scale_blocks(adapter: Adapter, blocks: dict[str, float]) -> Adapter:
-    """A copy of `adapter` whose modules carry their block's multiplier (in `up`), for merging."""
+def scale_blocks(adapter: Adapter, blocks: str | dict | list | tuple | None) -> Adapter:
+    """A copy of `adapter` whose modules carry their block's multiplier (in `up`), for merging.
+
+    `blocks`: a spec or `parse_blocks`' result, checked against the adapter's own family."""
     from sdlora.lora.adapter import PREFIXES, component_of
 
+    try:
+        blocks = parse_blocks(blocks, adapter_family(adapter))
+    except SdloraError as err:
+        raise SdloraError(f"{adapter.source}: {err}") from None
     if not blocks:
         return adapter
     modules = {}
