@@ -4,7 +4,7 @@ A checkpoint is built in a hidden temporary folder beside the others and renamed
 when complete, so every `step-*` folder is whole. It holds:
   adapter.safetensors   the adapter so far, a normal adapter file (`sdlora generate --lora`)
   trainer_state.pt      raw LoRA factors, optimizer, LR scheduler and loss-scaler state, step
-  checkpoint.json       the step and the settings of the run
+  checkpoint.json       the step, the settings of the run and its adapter's file name
 Random draws in training are derived from (seed, micro-step, process), so the step restores the
 random state and the batch order as well.
 """
@@ -45,6 +45,11 @@ def checkpoints(output: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)))
 
 
+def folder_of(output: Path, step: int) -> Path:
+    """Where checkpoint `step` lives."""
+    return output / FOLDER / f"step-{step:06d}"
+
+
 def latest(output: Path) -> Path | None:
     found = checkpoints(output)
     return found[-1] if found else None
@@ -59,15 +64,24 @@ def _fsync(path: Path) -> None:
 
 
 def save(
-    output: Path, step: int, state: dict, adapter: Adapter, settings: dict, keep_last: int
+    output: Path,
+    step: int,
+    state: dict,
+    adapter: Adapter,
+    settings: dict,
+    keep_last: int,
+    adapter_name: str | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep_last`.
+
+    `adapter_name` (the final adapter's file stem) is recorded, so that a resumed run knows
+    which files in the folder are its own (setup.check_output).
 
     A write that fails (a full disk, a folder made read-only) leaves no trace and the earlier
     checkpoints whole, and raises an error naming the last one to --resume from.
     """
     folder = output / FOLDER
-    final = folder / f"step-{step:06d}"
+    final = folder_of(output, step)
     tmp = trash = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -77,7 +91,10 @@ def save(
         buffer = io.BytesIO()
         torch.save(state, buffer)
         (tmp / STATE).write_bytes(buffer.getbuffer())
-        (tmp / INFO).write_text(json.dumps({"step": step, "settings": settings}, indent=1))
+        info = {"step": step, "settings": settings}
+        if adapter_name is not None:
+            info["adapter_name"] = adapter_name
+        (tmp / INFO).write_text(json.dumps(info, indent=1))
         for name in (ADAPTER, STATE, INFO):
             _fsync(tmp / name)
         set_public_mode(tmp, folder=True)

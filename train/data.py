@@ -107,8 +107,9 @@ class Found:
     skipped_links: list[tuple[Path, str]]  # folder links not followed, and why
 
 
-def find_image_files(data_dir: Path, exclude: Path | None = None) -> Found:
-    """Image and metadata files under `data_dir`; hidden files/folders and `exclude` skipped.
+def find_image_files(data_dir: Path, exclude: tuple[Path, ...] = ()) -> Found:
+    """Image and metadata files under `data_dir`; hidden files/folders and the real folders
+    `exclude` (resolved paths) skipped.
 
     Links to folders are followed, and each real folder is read once: a link to a folder that is
     read anyway (under its own name, through an earlier link, or one holding the link: a loop)
@@ -118,7 +119,8 @@ def find_image_files(data_dir: Path, exclude: Path | None = None) -> Found:
     def wanted(path: str) -> bool:
         if os.path.basename(path).startswith("."):
             return False
-        return exclude is None or not Path(os.path.realpath(path)).is_relative_to(exclude)
+        real = Path(os.path.realpath(path))
+        return not any(real.is_relative_to(folder) for folder in exclude)
 
     home: dict[str, str] = {}  # real folder -> the path it is read under
     for root, dirs, _ in os.walk(data_dir):  # does not enter links
@@ -366,8 +368,9 @@ def discover(
     data_dir = Path(config.data_dir)
     if not data_dir.is_dir():
         raise SdloraError(f"{data_dir}: no such folder; give the folder of training images")
-    output = Path(config.output).resolve() if config.output else None
-    found = find_image_files(data_dir, exclude=output)
+    exclude = [Path(config.output).resolve()] if config.output else []
+    exclude += [Path(os.path.realpath(f)) for f in set_apart(config)]
+    found = find_image_files(data_dir, exclude=tuple(exclude))
     files = found.images
     if not files:
         raise SdloraError(
@@ -398,6 +401,20 @@ def discover(
             f"(e.g. {skipped[0][0].name}: {skipped[0][1]})"
         )
     return items, skipped, data_warnings(found, metadata)
+
+
+def set_apart(config: TrainConfig) -> list[str]:
+    """--reg-data and --validation-data folders inside DATA_DIR: their images are class images
+    or held-out images, so the training images leave them out (an image trained on both ways
+    would teach the class the subject, or validate on what was trained)."""
+    data_dir = os.path.realpath(config.data_dir)
+    return [
+        folder
+        for folder in (config.reg_data, config.validation_data)
+        if folder
+        and os.path.realpath(folder) != data_dir
+        and Path(os.path.realpath(folder)).is_relative_to(data_dir)
+    ]
 
 
 def data_warnings(found: Found, metadata: dict[Path, tuple[str, str]]) -> list[str]:

@@ -11,8 +11,9 @@ from accelerate import Accelerator
 
 from sdlora.bases.families import Family
 from sdlora.errors import SdloraError
+from sdlora.io.writing import written_file
 from sdlora.lora.adapter import Adapter
-from sdlora.lora.embeddings import save_embedding_files
+from sdlora.lora.embeddings import embedding_file_names, parse_token_spec, save_embedding_files
 from sdlora.lora.inject import collect_adapter
 from sdlora.train import checkpoint
 from sdlora.train.checkpoint import resume_hint
@@ -22,6 +23,43 @@ from sdlora.train.models import Models
 from sdlora.train.sample import sample_grid
 
 EMBEDDINGS = "embeddings"  # OUTPUT/embeddings/<token>.safetensors: the new words on their own
+SAMPLES = "samples"  # OUTPUT/samples/step-NNNNNN.png: sample grids
+LOGS = "logs"  # OUTPUT/logs/: TensorBoard event files
+
+
+def planned_outputs(config: TrainConfig, total_steps: int, start: int = 0) -> list[Path]:
+    """Every path a run from step `start` to `total_steps` writes in --output, in the order
+    a refusal names them: the adapter, the best adapter (--keep-best), each new word's
+    embedding file, the sample grids, the checkpoint folders, the TensorBoard folder.
+
+    Pure: it reads no file. Two new words that would share an embedding file are refused here.
+    """
+    output = Path(config.output)
+    paths = [config.adapter_path]
+    if config.keep_best:
+        paths.append(config.best_path)
+    words = [parse_token_spec(spec)[0] for spec in config.new_tokens]
+    names = embedding_file_names(words, what="--new-token")
+    paths += [output / EMBEDDINGS / name for name in names.values()]
+    paths += [sample_path(output, s) for s in every_steps(config.sample_every, total_steps, start)]
+    saves = every_steps(config.save_every, total_steps, start)
+    paths += [checkpoint.folder_of(output, s) for s in saves]
+    if config.tensorboard:
+        paths.append(output / LOGS)
+    return paths
+
+
+def every_steps(every: int, total_steps: int, start: int = 0) -> list[int]:
+    """The steps after `start` that the loop saves or samples at: each `every`-th and the last
+    (none when `every` is 0)."""
+    if not every or total_steps <= start:
+        return []
+    steps = list(range((start // every + 1) * every, total_steps + 1, every))
+    return steps if steps and steps[-1] == total_steps else [*steps, total_steps]
+
+
+def sample_path(output: Path, step: int) -> Path:
+    return output / SAMPLES / f"step-{step:06d}.png"
 
 
 def trained_adapter(models: Models, meta: dict[str, str]) -> Adapter:
@@ -36,6 +74,7 @@ def save_words(output: Path, models: Models) -> list[Path]:
     """The new words as separate embedding files in OUTPUT/embeddings/ (none: nothing)."""
     if models.words is None:
         return []
+    # --output was checked before the run (setup.check_output): these files are the run's own
     return save_embedding_files(models.words.embeddings(), output / EMBEDDINGS, overwrite=True)
 
 
@@ -73,7 +112,9 @@ def save_checkpoint(
         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
     }
     adapter = trained_adapter(models, meta)
-    checkpoint.save(output, step, state, adapter, config.settings(), config.keep_last)
+    checkpoint.save(
+        output, step, state, adapter, config.settings(), config.keep_last, config.adapter_name
+    )
 
 
 def save_samples(
@@ -101,9 +142,8 @@ def save_samples(
         )
     for model in models.trained:
         model.train()
-    folder = output / "samples"
-    folder.mkdir(parents=True, exist_ok=True)
-    grid.save(folder / f"step-{step:06d}.png")
+    with written_file(sample_path(output, step)) as tmp:  # whole or not at all
+        grid.save(tmp, format="PNG")
     if writer is not None:
         import numpy as np
 

@@ -20,6 +20,7 @@ settings and written whole or not at all, so a second run finds them and draws n
 from __future__ import annotations
 
 import logging
+import os
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,6 +43,22 @@ from sdlora.train.data import (
 
 GENERATED = "sdlora-generated"  # the subfolder of --reg-data holding class images the base drew
 logger = logging.getLogger(__name__)
+
+
+def check_reg_folder(config: TrainConfig) -> None:
+    """Refuse a --reg-data folder that is DATA_DIR or holds it: its training images would be
+    drawn as class images too. (One inside DATA_DIR is left out of the training images:
+    data.set_apart.)"""
+    if not config.reg_data or not config.data_dir:
+        return
+    reg = os.path.realpath(config.reg_data)
+    if Path(os.path.realpath(config.data_dir)).is_relative_to(reg):
+        raise SdloraError(
+            f"{config.reg_data} holds the training images of {config.data_dir}, which would "
+            "train as class images too; give the class images a folder of their own (one "
+            "inside DATA_DIR is fine: its images then train only as class images)",
+            setting="reg_data",
+        )
 
 
 class PriorImages:

@@ -6,6 +6,7 @@ seconds, not a model load.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -19,7 +20,16 @@ from sdlora.bases.base import BUILTIN, is_hub_id
 from sdlora.errors import SdloraError
 from sdlora.train import checkpoint
 from sdlora.train.config import DEFAULT_STEPS, TrainConfig
-from sdlora.train.data import ENLARGE_WARNING, BatchPlan, ImageItem, discover, enlarged_items
+from sdlora.train.data import (
+    ENLARGE_WARNING,
+    BatchPlan,
+    ImageItem,
+    discover,
+    enlarged_items,
+    set_apart,
+)
+from sdlora.train.finish import LOGS, planned_outputs
+from sdlora.train.prior import check_reg_folder
 from sdlora.train.validate import split_items
 
 logger = logging.getLogger(__name__)
@@ -73,7 +83,10 @@ def prepare_data(config: TrainConfig, accelerator: Accelerator) -> DataRun:
     """
     main = accelerator.is_main_process
     output = Path(config.output)
+    check_reg_folder(config)
     items, skipped, data_warnings = discover(config)
+    for folder in set_apart(config) if main else ():
+        logger.info("%s is inside %s: its images are not training images", folder, config.data_dir)
     if skipped and main:
         logger.warning(
             "skipped %d unreadable image file(s) of %d: %s",
@@ -92,7 +105,9 @@ def prepare_data(config: TrainConfig, accelerator: Accelerator) -> DataRun:
         items, config.batch_size, config.seed, accelerator.num_processes, accelerator.process_index
     )
     plan.check()
-    resume_from = check_output(config)
+    total_steps = count_steps(config, plan)
+    check_embedding_only_steps(config, total_steps)
+    resume_from = check_output(config, plan, total_steps)
     enlarged = enlarged_items(items)
     if enlarged and main:
         first = enlarged[0]
@@ -107,7 +122,6 @@ def prepare_data(config: TrainConfig, accelerator: Accelerator) -> DataRun:
             *first.size,
             *first.bucket,
         )
-    total_steps = count_steps(config, plan)
     if main:
         logger.info(
             "%d images (%d per epoch with repeats) in %d bucket(s); %d steps of %d image(s) x %d "
@@ -136,35 +150,106 @@ def count_steps(config: TrainConfig, plan: BatchPlan) -> int:
     return DEFAULT_STEPS
 
 
-def check_output(config: TrainConfig) -> Path | None:
-    """Apply the output-folder rules; return the checkpoint to resume from, if any."""
+def check_embedding_only_steps(config: TrainConfig, total_steps: int) -> None:
+    """--embedding-only-steps must leave the LoRA a step, also when --epochs sets the count."""
+    if config.embedding_only_steps and config.embedding_only_steps >= total_steps:
+        source = f" (from --epochs {config.epochs})" if config.steps is None else ""
+        raise SdloraError(
+            f"{config.embedding_only_steps} leaves no step of the {total_steps}{source} for the "
+            "LoRA; give fewer",
+            setting="embedding_only_steps",
+        )
+
+
+def check_output(config: TrainConfig, plan: BatchPlan, total_steps: int) -> Path | None:
+    """Apply the output-folder rules; return the checkpoint to resume from, if any.
+
+    A fresh run refuses a folder holding any file it would write (`finish.planned_outputs`)
+    or any checkpoint (its pruning would delete them), unless --overwrite; --resume may
+    replace only the files of the run it continues (`resumed_run`).
+    """
     output = Path(config.output)
     if output.exists() and not output.is_dir():
         raise SdloraError(f"--output {output} is a file; give a folder")
-    adapter = config.adapter_path
     found = checkpoint.checkpoints(output)
     if config.resume is None:
-        if (adapter.exists() or found) and not config.overwrite:
-            what = adapter.name if adapter.exists() else f"{len(found)} checkpoint(s)"
-            raise SdloraError(
-                f"{output} already holds {what}; pass --resume to continue that run, "
-                "--overwrite to start over, or choose another --output"
-            )
-        return None
+        planned = planned_outputs(config, total_steps)  # refuses clashing word files first
+        if config.overwrite:
+            return None
+        taken = first_taken(planned)
+        if found and (taken is None or taken.parent == output / checkpoint.FOLDER):
+            what = f"{len(found)} checkpoint(s)"
+        elif taken is not None:
+            what = taken.relative_to(output).as_posix()
+        else:
+            return None
+        raise SdloraError(
+            f"{output} already holds {what}; pass --resume to continue that run, "
+            "--overwrite to start over, or choose another --output",
+            setting="output",
+        )
     if config.resume == "latest":
         if not found:
             raise SdloraError(
                 f"--resume: no checkpoint in {output / checkpoint.FOLDER}; run without --resume "
                 "to start fresh"
             )
-        return found[-1]
-    path = Path(config.resume)
-    if not (path / checkpoint.INFO).is_file():
+        path = found[-1]
+    else:
+        path = Path(config.resume)
+        if not (path / checkpoint.INFO).is_file():
+            raise SdloraError(
+                f"--resume {path}: not a checkpoint folder; give one of "
+                f"{output / checkpoint.FOLDER}/step-* or just --resume for the latest"
+            )
+    step, previous = resumed_run(config, path)
+    own = set(planned_outputs(previous, count_steps(previous, plan)))
+    # TensorBoard only adds event files: a resumed run's logs go beside the earlier ones
+    mine = [p for p in planned_outputs(config, total_steps, start=step) if p != output / LOGS]
+    taken = first_taken([p for p in mine if p not in own])
+    if taken is not None:
         raise SdloraError(
-            f"--resume {path}: not a checkpoint folder; give one of "
-            f"{output / checkpoint.FOLDER}/step-* or just --resume for the latest"
+            f"{output} already holds {taken.relative_to(output).as_posix()}, which the run "
+            f"being resumed did not write, and --resume replaces only that run's files: move "
+            "it away, or resume with that run's own --name, --keep-best and --sample-every",
+            setting="output",
         )
     return path
+
+
+# the settings that decide which files a run writes, as a checkpoint records them
+OUTPUT_SETTINGS = ("keep_best", "new_tokens", "sample_every", "save_every", "steps", "epochs")
+
+
+def resumed_run(config: TrainConfig, path: Path) -> tuple[int, TrainConfig]:
+    """(step, the settings that decided its files) of the run checkpoint `path` belongs to.
+
+    A checkpoint without its adapter's name (written before sdlora recorded it) counts as
+    this run's name."""
+    try:
+        info = json.loads((path / checkpoint.INFO).read_text(encoding="utf-8"))
+        settings = info.get("settings", {})
+        step = int(info.get("step", 0))
+        name = info.get("adapter_name") or config.adapter_name
+        saved = {k: settings[k] for k in OUTPUT_SETTINGS if k in settings}
+        return step, replace(config, name=str(name), **saved)
+    except (OSError, ValueError, TypeError, AttributeError):
+        raise SdloraError(f"--resume {path}: {checkpoint.INFO} cannot be read") from None
+
+
+def first_taken(paths: list[Path]) -> Path | None:
+    """The first of `paths` that exists (a folder: that holds something); a parent folder that
+    does not exist is asked once, so a long list of sample grids costs nothing in a new run."""
+    missing: set[Path] = set()
+    for path in paths:
+        if path.parent in missing:
+            continue
+        if not path.parent.is_dir():
+            missing.add(path.parent)
+            continue
+        if os.path.lexists(path) and not (path.is_dir() and not any(path.iterdir())):
+            return path
+    return None
 
 
 def default_workers() -> int:

@@ -101,21 +101,48 @@ def file_name(token: str) -> str:
     return re.sub(r"[^\w\-]", "_", token).strip("_") or "token"
 
 
+def embedding_file_names(tokens, what: str = "the new words") -> dict[str, str]:
+    """token -> `<file_name(token)>.safetensors`, each name once.
+
+    Two tokens that would share a file (`x/y` and `x_y`, two emoji words -> token.safetensors,
+    or names that differ only in case, one file on Windows and macOS) are refused, naming both:
+    A1111 and ComfyUI call an embedding by its file name, so a suffix that told them apart
+    would change the word a prompt must use; the user picks words that keep apart instead.
+    """
+    names: dict[str, str] = {}
+    taken: dict[str, str] = {}  # casefolded file name -> its token
+    for token in tokens:
+        name = f"{file_name(token)}.safetensors"
+        other = taken.setdefault(name.casefold(), token)
+        if other != token:
+            raise SdloraError(
+                f"{what} {other!r} and {token!r} would both be saved as {name} (file names keep "
+                "letters, digits, '-' and '_', whatever their case); rename one of them"
+            )
+        names[token] = name
+    return names
+
+
 def save_embedding_files(
     embeddings: Embeddings, folder: Path, overwrite: bool = False
 ) -> list[Path]:
-    """One `<token>.safetensors` per token in `folder` (made if missing); return the paths."""
+    """One `<token>.safetensors` per token in `folder` (made if missing); return the paths.
+
+    Every name is checked before anything is written (`embedding_file_names`, and existing
+    files unless `overwrite`), so a refusal leaves the folder as it was."""
     from safetensors.torch import save_file
 
+    paths = [folder / name for name in embedding_file_names(embeddings).values()]
+    if not overwrite:
+        for path in paths:
+            if path.exists():
+                raise SdloraError(
+                    f"{path} already exists; choose another place or allow overwriting"
+                )
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for token, per_component in embeddings.items():
-        path = folder / f"{file_name(token)}.safetensors"
-        if path.exists() and not overwrite:
-            raise SdloraError(f"{path} already exists; choose another place or allow overwriting")
+    for path, (token, per_component) in zip(paths, embeddings.items(), strict=True):
         with written_file(path) as tmp:
             save_file(file_tensors(token, per_component), tmp, metadata={"sdlora_token": token})
-        paths.append(path)
     return paths
 
 
