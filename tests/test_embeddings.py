@@ -234,3 +234,18 @@ def test_random_start_vectors_sit_at_the_embeddings_scale():
     assert torch.equal(circle[0], circle[1]) and torch.equal(
         circle[0], weight[pipe.tokenizer("circle", add_special_tokens=False).input_ids[0]]
     )
+
+
+def test_words_that_share_a_file_name_are_refused_before_any_file(tmp_path):
+    from sdlora.lora.embeddings import embedding_file_names, save_embedding_files
+
+    vectors = {"text_encoder": torch.ones(1, 32)}
+    folder = tmp_path / "embeddings"
+    with pytest.raises(SdloraError, match=r"'x/y' and 'x_y' would both be saved as x_y\."):
+        save_embedding_files({"ohwx": vectors, "x/y": vectors, "x_y": vectors}, folder)
+    assert not folder.exists()  # not even the first word's file
+    assert embedding_file_names(["ohwx", "x-y", "é"]) == {
+        "ohwx": "ohwx.safetensors",
+        "x-y": "x-y.safetensors",
+        "é": "é.safetensors",
+    }

@@ -148,3 +148,26 @@ def test_words_on_sdxl_are_refused_before_any_step(shapes, tmp_path):  # noqa: F
         train(config)
     assert "\n" not in str(err.value)
     assert not config.adapter_path.exists()
+
+
+def test_embedding_only_steps_that_cover_every_epoch_step_are_refused(shapes, tmp_path, capsys):  # noqa: F811
+    """With --epochs the step count is known only from the data: 2 steps for 4 images in
+    batches of 2; 2 word-only steps would write an all-zero LoRA without a word."""
+    config = word_settings(shapes, tmp_path / "o", steps=None, epochs=1, embedding_only_steps=2)
+    with pytest.raises(
+        SdloraError,
+        match=r"^embedding_only_steps 2 leaves no step of the 2 \(from --epochs 1\) for the LoRA; give fewer$",
+    ) as err:
+        train(config)
+    assert err.value.setting == "embedding_only_steps"
+    assert not (tmp_path / "o").exists()  # refused before the folder was made
+    from sdlora.cli import main
+
+    args = ["train", str(shapes), "-o", str(tmp_path / "o"), "--base", "tiny"]
+    args += ["--resolution", "64", "--batch-size", "2", "--epochs", "1", "--no-tensorboard"]
+    assert main([*args, "--new-token", "ohwx", "--embedding-only-steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        "sdlora: --embedding-only-steps 2 leaves no step of the 2 (from --epochs 1) for the "
+        "LoRA; give fewer"
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -121,3 +122,51 @@ def test_reg_generate_fills_the_folder_once_with_the_bases_images(shapes, tmp_pa
     assert not list(reg.rglob(".*"))  # no temporary files left behind
     with pytest.raises(SdloraError, match="--reg-generate draws class images"):
         train(settings(shapes, tmp_path / "c", reg_data=str(reg), reg_generate=3))
+
+
+def test_a_reg_folder_inside_the_data_is_not_trained_as_instance_images(
+    shapes,  # noqa: F811
+    class_images,
+    tmp_path,
+):
+    """It used to be walked with DATA_DIR, so its class images trained as the subject too."""
+    import shutil
+
+    from sdlora.train.data import discover
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    shutil.copytree(class_images, data / "reg")
+    shutil.copytree(class_images, data / "held")
+    config = settings(data, tmp_path / "o", reg_data=str(data / "reg"))
+    shapes_only = ["0.png", "1.png", "2.png", "3.png"]
+    items, _, _ = discover(config)
+    held = [f"img_{i}.png" for i in range(3)]  # held/ is trained, reg/ is not
+    assert sorted(item.path.name for item in items) == shapes_only + held
+    items, _, _ = discover(replace(config, validation_data=str(data / "held")))
+    assert sorted(item.path.name for item in items) == shapes_only
+    assert len(PriorImages.find(config).images) == 3  # the class images are all there
+
+
+def test_a_reg_folder_that_holds_the_data_is_refused_before_loading(
+    shapes,  # noqa: F811
+    class_images,
+    tmp_path,
+    monkeypatch,
+):
+    import shutil
+
+    from sdlora.train import models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the base was loaded before the folders were checked")
+
+    monkeypatch.setattr(models, "load_base", refuse)
+    reg = tmp_path / "reg"
+    shutil.copytree(class_images, reg)
+    shutil.copytree(shapes, reg / "me")
+    for data in (reg / "me", reg):
+        with pytest.raises(SdloraError, match=r"holds the training images of .*; give the") as err:
+            train(settings(data, tmp_path / "o", reg_data=str(reg)))
+        assert err.value.setting == "reg_data" and "\n" not in str(err.value)
+    assert not (tmp_path / "o").exists()
