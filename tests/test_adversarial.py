@@ -19,7 +19,6 @@ from safetensors import safe_open
 from sdlora.bases.base import load_base
 from sdlora.cli import main
 from sdlora.train.config import TrainConfig
-from sdlora.train.finish import planned_outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,6 +129,8 @@ def test_two_words_of_one_file_name_are_refused(data, tmp_path, capsys, words):
 def test_a_run_writes_only_its_planned_files_and_a_rerun_keeps_them(data, tmp_path, capsys):
     """The plan is the whole truth: a real run writes nothing outside it; the same command
     again is refused with every byte kept; --resume continues it, replacing its own files."""
+    from sdlora.train.finish import planned_outputs
+
     out = tmp_path / "out"
     extra = ["--new-token", "ohwx", "--keep-best", "--validation-split", "0.34"]
     extra += ["--sample-every", "1", "--sample-steps", "1", "--save-every", "1"]

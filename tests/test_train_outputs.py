@@ -13,15 +13,18 @@ from test_train import ModelLoaded, no_model, settings, shapes  # noqa: F401 (fi
 
 from sdlora.errors import SdloraError
 from sdlora.train import train
-from sdlora.train.finish import every_steps, planned_outputs
 
 
 def named(config, total_steps: int, start: int = 0) -> list[str]:
+    from sdlora.train.finish import planned_outputs
+
     out = Path(config.output)
     return [p.relative_to(out).as_posix() for p in planned_outputs(config, total_steps, start)]
 
 
 def test_the_plan_lists_every_file_a_run_writes(tmp_path):
+    from sdlora.train.finish import every_steps
+
     config = settings(
         tmp_path / "data",
         tmp_path / "out",
