@@ -167,3 +167,16 @@ def test_checkpoints_without_a_recorded_name_resume_as_before(shapes, tmp_path, 
     (out / "style.safetensors").write_bytes(b"x")
     with pytest.raises(ModelLoaded):
         train(settings(shapes, out, name="style", steps=6, resume="latest"))
+
+
+def test_overwrite_never_swaps_a_folder_for_a_file(shapes, tmp_path, no_model):  # noqa: F811
+    """A folder where a sample grid goes used to fail only when the first grid was written."""
+    out = tmp_path / "out"
+    (out / "samples" / "step-000002.png").mkdir(parents=True)
+    config = settings(shapes, out, steps=2, sample_every=2, overwrite=True)
+    with pytest.raises(SdloraError, match=r"samples/step-000002\.png is a folder, where this run"):
+        train(config)
+    (out / "samples" / "step-000002.png").rmdir()
+    (out / "logs").write_text("not a folder")
+    with pytest.raises(SdloraError, match=r": logs is a file, where this run writes a folder"):
+        train(replace(config, tensorboard=True))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -175,6 +176,7 @@ def check_output(config: TrainConfig, plan: BatchPlan, total_steps: int) -> Path
     if config.resume is None:
         planned = planned_outputs(config, total_steps)  # refuses clashing word files first
         if config.overwrite:
+            check_kinds(output, planned)
             return None
         taken = first_taken(planned)
         if found and (taken is None or taken.parent == output / checkpoint.FOLDER):
@@ -203,6 +205,7 @@ def check_output(config: TrainConfig, plan: BatchPlan, total_steps: int) -> Path
                 f"{output / checkpoint.FOLDER}/step-* or just --resume for the latest"
             )
     step, previous = resumed_run(config, path)
+    check_kinds(output, planned_outputs(config, total_steps, start=step))
     own = set(planned_outputs(previous, count_steps(previous, plan)))
     # TensorBoard only adds event files: a resumed run's logs go beside the earlier ones
     mine = [p for p in planned_outputs(config, total_steps, start=step) if p != output / LOGS]
@@ -237,19 +240,39 @@ def resumed_run(config: TrainConfig, path: Path) -> tuple[int, TrainConfig]:
         raise SdloraError(f"--resume {path}: {checkpoint.INFO} cannot be read") from None
 
 
+def check_kinds(output: Path, planned: list[Path]) -> None:
+    """Refuse, before the run, a folder where the run writes a file or a file where it makes a
+    folder (checkpoints, logs): replacing files never swaps one for the other."""
+    for path in existing(planned):
+        folder = path == output / LOGS or path.parent == output / checkpoint.FOLDER
+        if path.is_dir() != folder:
+            kind, wanted = ("a folder", "a file") if path.is_dir() else ("a file", "a folder")
+            raise SdloraError(
+                f"{output}: {path.relative_to(output).as_posix()} is {kind}, where this run "
+                f"writes {wanted}; move it away",
+                setting="output",
+            )
+
+
 def first_taken(paths: list[Path]) -> Path | None:
-    """The first of `paths` that exists (a folder: that holds something); a parent folder that
-    does not exist is asked once, so a long list of sample grids costs nothing in a new run."""
+    """The first of `paths` that exists (a folder: that holds something)."""
+    for path in existing(paths):
+        if not (path.is_dir() and not any(path.iterdir())):
+            return path
+    return None
+
+
+def existing(paths: list[Path]) -> Iterator[Path]:
+    """Those of `paths` that exist (links too), in order; a parent folder that does not exist
+    is asked once, so a long list of sample grids costs nothing in a new run."""
     missing: set[Path] = set()
     for path in paths:
         if path.parent in missing:
             continue
         if not path.parent.is_dir():
             missing.add(path.parent)
-            continue
-        if os.path.lexists(path) and not (path.is_dir() and not any(path.iterdir())):
-            return path
-    return None
+        elif os.path.lexists(path):
+            yield path
 
 
 def default_workers() -> int:
