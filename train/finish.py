@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,26 +31,106 @@ SAMPLES = "samples"  # OUTPUT/samples/step-NNNNNN.png: sample grids
 LOGS = "logs"  # OUTPUT/logs/: TensorBoard event files
 
 
-def planned_outputs(config: TrainConfig, total_steps: int, start: int = 0) -> list[Path]:
-    """Every path a run from step `start` to `total_steps` writes in --output, in the order
-    a refusal names them: the adapter, the best adapter (--keep-best), each new word's
-    embedding file, the sample grids, the checkpoint folders, the TensorBoard folder.
+@dataclass(frozen=True)
+class StepFiles:
+    """`folder/step-NNNNNN<suffix>` for each step after `start` that is a multiple of `every`,
+    and for the last step `total` (none when `every` is 0): what the loop saves or samples.
+
+    Asked by step, not listed: a run of a million steps that samples every step plans a million
+    grids, and a check of the folder should cost what the folder holds, not that."""
+
+    folder: Path
+    suffix: str  # ".png" for sample grids, "" for checkpoint folders
+    every: int
+    total: int
+    start: int = 0
+
+    def path(self, step: int) -> Path:
+        return self.folder / f"step-{step:06d}{self.suffix}"
+
+    def planned(self, step: int) -> bool:
+        """Is `step` one this series writes?"""
+        return (
+            bool(self.every)
+            and self.start < step <= self.total
+            and (step % self.every == 0 or step == self.total)
+        )
+
+    def __iter__(self) -> Iterator[Path]:
+        return (self.path(step) for step in every_steps(self.every, self.total, self.start))
+
+    def __contains__(self, path: Path) -> bool:
+        match = STEP_NAME.match(path.name)
+        step = int(match[1]) if match else -1
+        return path.parent == self.folder and self.planned(step) and path == self.path(step)
+
+    def existing(self) -> list[Path]:
+        """The planned paths that exist, by step (one listing of the folder)."""
+        try:
+            names = os.listdir(self.folder) if self.every else []
+        except OSError:  # no folder yet (or not a folder: check_kinds names it)
+            return []
+        found = [self.folder / name for name in names]
+        return sorted((p for p in found if p in self), key=lambda p: p.name)
+
+
+STEP_NAME = re.compile(r"^step-(\d{6,})")
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """Every path a run writes in --output, in the order a refusal names them (`__iter__`):
+    files (the adapter, the best adapter, each new word's embedding), the sample grids, the
+    checkpoint folders, then folders it adds files to (TensorBoard's logs)."""
+
+    files: list[Path]
+    samples: StepFiles
+    checkpoints: StepFiles
+    folders: list[Path]
+
+    def __iter__(self) -> Iterator[Path]:
+        yield from self.files
+        yield from self.samples
+        yield from self.checkpoints
+        yield from self.folders
+
+    def __contains__(self, path: Path) -> bool:
+        return (
+            path in self.files
+            or path in self.samples
+            or path in self.checkpoints
+            or path in self.folders
+        )
+
+    def existing(self) -> Iterator[tuple[Path, bool]]:
+        """(path, whether the run makes it a folder) for each planned path that exists (links
+        included), in the order of `__iter__`."""
+        for path in self.files:
+            if os.path.lexists(path):
+                yield path, False
+        yield from ((path, False) for path in self.samples.existing())
+        yield from ((path, True) for path in self.checkpoints.existing())
+        for path in self.folders:
+            if os.path.lexists(path):
+                yield path, True
+
+
+def planned_outputs(config: TrainConfig, total_steps: int, start: int = 0) -> OutputPlan:
+    """What a run from step `start` to `total_steps` writes in --output (see OutputPlan).
 
     Pure: it reads no file. Two new words that would share an embedding file are refused here.
     """
     output = Path(config.output)
-    paths = [config.adapter_path]
+    files = [config.adapter_path]
     if config.keep_best:
-        paths.append(config.best_path)
+        files.append(config.best_path)
     words = [parse_token_spec(spec)[0] for spec in config.new_tokens]
     names = embedding_file_names(words, what="--new-token")
-    paths += [output / EMBEDDINGS / name for name in names.values()]
-    paths += [sample_path(output, s) for s in every_steps(config.sample_every, total_steps, start)]
-    saves = every_steps(config.save_every, total_steps, start)
-    paths += [checkpoint.folder_of(output, s) for s in saves]
-    if config.tensorboard:
-        paths.append(output / LOGS)
-    return paths
+    files += [output / EMBEDDINGS / name for name in names.values()]
+    samples = StepFiles(output / SAMPLES, ".png", config.sample_every, total_steps, start)
+    folder = output / checkpoint.FOLDER
+    checkpoints = StepFiles(folder, "", config.save_every, total_steps, start)
+    return OutputPlan(files, samples, checkpoints, [output / LOGS] if config.tensorboard else [])
 
 
 def every_steps(every: int, total_steps: int, start: int = 0) -> list[int]:
@@ -59,7 +143,7 @@ def every_steps(every: int, total_steps: int, start: int = 0) -> list[int]:
 
 
 def sample_path(output: Path, step: int) -> Path:
-    return output / SAMPLES / f"step-{step:06d}.png"
+    return StepFiles(output / SAMPLES, ".png", 1, step).path(step)
 
 
 def trained_adapter(models: Models, meta: dict[str, str]) -> Adapter:

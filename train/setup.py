@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from sdlora.train.data import (
     enlarged_items,
     set_apart,
 )
-from sdlora.train.finish import LOGS, planned_outputs
+from sdlora.train.finish import OutputPlan, planned_outputs
 from sdlora.train.prior import check_reg_folder
 from sdlora.train.validate import split_items
 
@@ -205,11 +204,11 @@ def check_output(config: TrainConfig, plan: BatchPlan, total_steps: int) -> Path
                 f"{output / checkpoint.FOLDER}/step-* or just --resume for the latest"
             )
     step, previous = resumed_run(config, path)
-    check_kinds(output, planned_outputs(config, total_steps, start=step))
-    own = set(planned_outputs(previous, count_steps(previous, plan)))
+    mine = planned_outputs(config, total_steps, start=step)
+    check_kinds(output, mine)
     # TensorBoard only adds event files: a resumed run's logs go beside the earlier ones
-    mine = [p for p in planned_outputs(config, total_steps, start=step) if p != output / LOGS]
-    taken = first_taken([p for p in mine if p not in own])
+    mine = replace(mine, folders=[])
+    taken = first_taken(mine, own=planned_outputs(previous, count_steps(previous, plan)))
     if taken is not None:
         raise SdloraError(
             f"{output} already holds {taken.relative_to(output).as_posix()}, which the run "
@@ -240,11 +239,10 @@ def resumed_run(config: TrainConfig, path: Path) -> tuple[int, TrainConfig]:
         raise SdloraError(f"--resume {path}: {checkpoint.INFO} cannot be read") from None
 
 
-def check_kinds(output: Path, planned: list[Path]) -> None:
+def check_kinds(output: Path, plan: OutputPlan) -> None:
     """Refuse, before the run, a folder where the run writes a file or a file where it makes a
     folder (checkpoints, logs): replacing files never swaps one for the other."""
-    for path in existing(planned):
-        folder = path == output / LOGS or path.parent == output / checkpoint.FOLDER
+    for path, folder in plan.existing():
         if path.is_dir() != folder:
             kind, wanted = ("a folder", "a file") if path.is_dir() else ("a file", "a folder")
             raise SdloraError(
@@ -254,25 +252,15 @@ def check_kinds(output: Path, planned: list[Path]) -> None:
             )
 
 
-def first_taken(paths: list[Path]) -> Path | None:
-    """The first of `paths` that exists (a folder: that holds something)."""
-    for path in existing(paths):
+def first_taken(plan: OutputPlan, own: OutputPlan | None = None) -> Path | None:
+    """The first path of `plan` that exists (a folder: that holds something) and is not one
+    of `own` (the files of the run being resumed)."""
+    for path, _ in plan.existing():
+        if own is not None and path in own:
+            continue
         if not (path.is_dir() and not any(path.iterdir())):
             return path
     return None
-
-
-def existing(paths: list[Path]) -> Iterator[Path]:
-    """Those of `paths` that exist (links too), in order; a parent folder that does not exist
-    is asked once, so a long list of sample grids costs nothing in a new run."""
-    missing: set[Path] = set()
-    for path in paths:
-        if path.parent in missing:
-            continue
-        if not path.parent.is_dir():
-            missing.add(path.parent)
-        elif os.path.lexists(path):
-            yield path
 
 
 def default_workers() -> int:
