@@ -58,6 +58,27 @@ def test_the_plan_lists_every_file_a_run_writes(tmp_path):
     assert every_steps(3, 10, start=6) == [9, 10] and every_steps(3, 6, start=6) == []
 
 
+def test_the_plan_knows_its_steps_without_listing_them(tmp_path):
+    """A million-step run that samples every step: asking and checking cost what the folder
+    holds (the grids are asked by step number, never listed one by one)."""
+    from sdlora.train.finish import planned_outputs
+    from sdlora.train.setup import first_taken
+
+    out = tmp_path / "out"
+    config = settings(tmp_path / "data", out, steps=10**6, sample_every=1, save_every=500)
+    plan = planned_outputs(config, 10**6)
+    samples = out / "samples"
+    assert samples / "step-999999.png" in plan and samples / "step-1000000.png" in plan
+    assert out / "checkpoints" / "step-000500" in plan
+    for stranger in ("step-1000001.png", "step-0000002.png", "step-000002.jpg", "step-000000.png"):
+        assert samples / stranger not in plan
+    assert out / "checkpoints" / "step-000501" not in plan
+    samples.mkdir(parents=True)
+    for name in ("step-700000.png", "step-000007.png", "notes.txt", "step-0000003.png"):
+        (samples / name).write_bytes(b"x")
+    assert first_taken(plan) == samples / "step-000007.png"  # the first by step
+
+
 @pytest.mark.parametrize(
     "words, message",
     [
