@@ -74,8 +74,10 @@ def test_the_plan_knows_its_steps_without_listing_them(tmp_path):
         assert samples / stranger not in plan
     assert out / "checkpoints" / "step-000501" not in plan
     samples.mkdir(parents=True)
-    for name in ("step-700000.png", "step-000007.png", "notes.txt", "step-0000003.png"):
+    for name in ("step-1000000.png", "step-700000.png", "notes.txt", "step-0000003.png"):
         (samples / name).write_bytes(b"x")
+    assert [p.name for p in plan.samples.existing()] == ["step-700000.png", "step-1000000.png"]
+    (samples / "step-000007.png").write_bytes(b"x")
     assert first_taken(plan) == samples / "step-000007.png"  # the first by step
 
 

@@ -45,9 +45,14 @@ def checkpoints(output: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)))
 
 
+def step_name(step: int) -> str:
+    """step-000500: how checkpoint folders (and sample grids) are named by their step."""
+    return f"step-{step:06d}"
+
+
 def folder_of(output: Path, step: int) -> Path:
     """Where checkpoint `step` lives."""
-    return output / FOLDER / f"step-{step:06d}"
+    return output / FOLDER / step_name(step)
 
 
 def latest(output: Path) -> Path | None:

@@ -29,6 +29,7 @@ from sdlora.train.sample import sample_grid
 EMBEDDINGS = "embeddings"  # OUTPUT/embeddings/<token>.safetensors: the new words on their own
 SAMPLES = "samples"  # OUTPUT/samples/step-NNNNNN.png: sample grids
 LOGS = "logs"  # OUTPUT/logs/: TensorBoard event files
+STEP_NAME = re.compile(r"^step-(\d{6,})")  # checkpoint.step_name's step number
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class StepFiles:
     start: int = 0
 
     def path(self, step: int) -> Path:
-        return self.folder / f"step-{step:06d}{self.suffix}"
+        return self.folder / f"{checkpoint.step_name(step)}{self.suffix}"
 
     def planned(self, step: int) -> bool:
         """Is `step` one this series writes?"""
@@ -70,11 +71,8 @@ class StepFiles:
             names = os.listdir(self.folder) if self.every else []
         except OSError:  # no folder yet (or not a folder: check_kinds names it)
             return []
-        found = [self.folder / name for name in names]
-        return sorted((p for p in found if p in self), key=lambda p: p.name)
-
-
-STEP_NAME = re.compile(r"^step-(\d{6,})")
+        found = [p for p in (self.folder / name for name in names) if p in self]
+        return sorted(found, key=lambda p: int(STEP_NAME.match(p.name)[1]))
 
 
 @dataclass(frozen=True)
