@@ -203,3 +203,15 @@ def test_overwrite_never_swaps_a_folder_for_a_file(shapes, tmp_path, no_model): 
     (out / "logs").write_text("not a folder")
     with pytest.raises(SdloraError, match=r": logs is a file, where this run writes a folder"):
         train(replace(config, tensorboard=True))
+
+
+def test_a_file_where_a_folder_of_the_run_goes_is_refused(shapes, tmp_path, no_model):  # noqa: F811
+    """embeddings/ or samples/ as a file used to fail only when the run came to write there."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "samples").write_text("a file")
+    for overwrite in (False, True):
+        with pytest.raises(SdloraError, match=r": samples is a file, where this run writes a fo"):
+            train(settings(shapes, out, steps=2, sample_every=1, overwrite=overwrite))
+    with pytest.raises(ModelLoaded):  # no samples planned: samples/ is not in the way
+        train(settings(shapes, out, steps=2))

@@ -100,6 +100,11 @@ class OutputPlan:
             or path in self.folders
         )
 
+    def parents(self) -> list[Path]:
+        """The folders the planned files and folders go in (embeddings/, samples/...)."""
+        series = [s.folder for s in (self.samples, self.checkpoints) if s.every]
+        return list(dict.fromkeys([*(p.parent for p in self.files), *series]))
+
     def existing(self) -> Iterator[tuple[Path, bool]]:
         """(path, whether the run makes it a folder) for each planned path that exists (links
         included), in the order of `__iter__`."""

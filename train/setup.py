@@ -174,8 +174,8 @@ def check_output(config: TrainConfig, plan: BatchPlan, total_steps: int) -> Path
     found = checkpoint.checkpoints(output)
     if config.resume is None:
         planned = planned_outputs(config, total_steps)  # refuses clashing word files first
+        check_kinds(output, planned)
         if config.overwrite:
-            check_kinds(output, planned)
             return None
         taken = first_taken(planned)
         if found and (taken is None or taken.parent == output / checkpoint.FOLDER):
@@ -241,8 +241,10 @@ def resumed_run(config: TrainConfig, path: Path) -> tuple[int, TrainConfig]:
 
 def check_kinds(output: Path, plan: OutputPlan) -> None:
     """Refuse, before the run, a folder where the run writes a file or a file where it makes a
-    folder (checkpoints, logs): replacing files never swaps one for the other."""
-    for path, folder in plan.existing():
+    folder (checkpoints, logs, the folders files go in): replacing files never swaps one for
+    the other, and a run never stops at its end for want of a folder."""
+    parents = [(p, True) for p in plan.parents() if p != output and os.path.lexists(p)]
+    for path, folder in [*parents, *plan.existing()]:
         if path.is_dir() != folder:
             kind, wanted = ("a folder", "a file") if path.is_dir() else ("a file", "a folder")
             raise SdloraError(
