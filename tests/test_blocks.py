@@ -233,7 +233,12 @@ def test_the_command_line_refuses_a_vector_of_the_wrong_length(adapter_path, tmp
     """A vector of another length was read as the adapter's NAME before; now it is checked."""
     from sdlora.cli import main
 
+    from sdlora.io.lora_spec import parse_lora_spec
+
     twelve = ",".join(["0"] * 12)
+    spec = parse_lora_spec(f"x.safetensors:0.5@{twelve}")  # SDXL's attention vector
+    assert (spec.name, spec.blocks) == (None, twelve)
+    assert parse_lora_spec("x.safetensors@1,0.5,").blocks == "1,0.5,"  # checked by the mixer
     out = tmp_path / "o.png"
     common = ["generate", "--base", "tiny", "--prompt", "x", "--steps", "1", "--out", str(out)]
     for args in (
