@@ -232,7 +232,6 @@ def test_each_familys_own_vectors_turn_every_module_off(xl_adapter_path, adapter
 def test_the_command_line_refuses_a_vector_of_the_wrong_length(adapter_path, tmp_path, capsys):
     """A vector of another length was read as the adapter's NAME before; now it is checked."""
     from sdlora.cli import main
-
     from sdlora.io.lora_spec import parse_lora_spec
 
     twelve = ",".join(["0"] * 12)
