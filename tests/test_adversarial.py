@@ -162,6 +162,7 @@ def test_a_run_writes_only_its_planned_files_and_a_rerun_keeps_them(data, tmp_pa
     assert (out / "other.safetensors").read_bytes() == b"another run"
     assert main([*args, "--resume"]) == 0  # its own files: allowed
     capsys.readouterr()
+    assert (out / "other.safetensors").read_bytes() == b"another run"
 
 
 # ---------------------------------------------------------------- silent wrong results
