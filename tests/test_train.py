@@ -308,7 +308,8 @@ def test_broken_and_odd_images_train_on_the_good_ones(tmp_path, caplog):
     assert f"{len(good)} images" in caplog.text
 
 
-def test_nan_loss_stops_with_a_clear_message(shapes, tmp_path):
+def test_nan_loss_stops_with_a_clear_message(shapes, tmp_path, monkeypatch):
+    unbounded_lr(monkeypatch)  # a rate far past --lr's bound makes the loss blow up
     out = tmp_path / "out"
     with pytest.raises(SdloraError, match=r"loss became .* at step (\d+); training stopped") as err:
         train(settings(shapes, out, lr=1e20, steps=4, save_every=1))
@@ -324,8 +325,17 @@ def test_nan_loss_stops_with_a_clear_message(shapes, tmp_path):
     )
 
 
-def test_weights_that_stop_being_finite_are_never_checkpointed(shapes, tmp_path):
+def unbounded_lr(monkeypatch):
+    from dataclasses import replace
+
+    from sdlora.train.config import OPTIONS
+
+    monkeypatch.setitem(OPTIONS, "lr", replace(OPTIONS["lr"], max=None))
+
+
+def test_weights_that_stop_being_finite_are_never_checkpointed(shapes, tmp_path, monkeypatch):
     """An infinite learning rate: step 1's loss is finite, the update after it is not."""
+    unbounded_lr(monkeypatch)
     out = tmp_path / "out"
     with pytest.raises(SdloraError, match=r"stopped being finite at step 1; .* not saved"):
         train(settings(shapes, out, lr=float("inf"), steps=3, save_every=1))

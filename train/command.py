@@ -16,6 +16,7 @@ from typing import Any
 from sdlora.errors import SdloraError, flag
 from sdlora.train.config import (
     FIELD_NAMES,
+    FIELDS,
     FILES,
     TrainConfig,
     from_text,
@@ -140,12 +141,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """TrainConfig from the TOML file named by --config (if any) and the flags given."""
     given = {k: v for k, v in vars(args).items() if k in FIELD_NAMES}  # not func, command...
     for name, value in given.items():
-        if isinstance(value, str) and kind_of(_FIELD[name])[0] in ("int", "float"):
+        if isinstance(value, str) and kind_of(FIELDS[name])[0] in ("int", "float"):
             given[name] = from_text(name, value)
     return load_config(getattr(args, "config", None), **given)
-
-
-_FIELD = {f.name: f for f in fields(TrainConfig)}
 
 
 def setup_logging() -> None:

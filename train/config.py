@@ -755,14 +755,14 @@ def option_of(f: Field) -> Option:
     return f.metadata["option"]
 
 
-_FIELDS = {f.name: f for f in fields(TrainConfig)}
-OPTIONS: dict[str, Option] = {name: option_of(f) for name, f in _FIELDS.items()}
+FIELDS = {f.name: f for f in fields(TrainConfig)}
+OPTIONS: dict[str, Option] = {name: option_of(f) for name, f in FIELDS.items()}
 FIELD_NAMES = set(OPTIONS)
 # Fields that decide what a checkpoint means: a resumed run must use the same values.
 RESUME_MUST_MATCH = tuple(name for name, o in OPTIONS.items() if o.resume == MATCH)
 # Fields about this run rather than about the adapter, left out of the adapter's metadata.
 RUN_ONLY = tuple(name for name, o in OPTIONS.items() if o.resume == RUN)
-PATH_FIELDS = ("data_dir", "output", "validation_data", "reg_data")
+PATHFIELDS = ("data_dir", "output", "validation_data", "reg_data")
 # other names a TOML key or keyword may use: a list's singular flag (sample_prompt = "...")
 ALIASES = {o.flag.replace("-", "_"): name for name, o in OPTIONS.items() if o.flag}
 
@@ -776,7 +776,7 @@ def kind_of(f: Field) -> tuple[str, bool]:
 
 def check_value(f: Field, value: Any) -> None:
     """Raise SdloraError(setting=f.name) when `value` breaks f's declaration."""
-    spec, (kind, optional) = option_of(f), kind_of(f)
+    spec, (kind, optional) = OPTIONS[f.name], kind_of(f)
 
     def refuse(message: str) -> None:
         raise SdloraError(message, setting=f.name)
@@ -839,7 +839,7 @@ def check_name(name: str) -> None:
 
 def from_text(name: str, text: str) -> Any:
     """A number option's value from command-line text; SdloraError when it is not one."""
-    kind, _ = kind_of(_FIELDS[name])
+    kind, _ = kind_of(FIELDS[name])
     try:
         if kind == "int":
             return int(text)
@@ -861,7 +861,7 @@ def _normalise(values: dict[str, Any], source: str) -> dict[str, Any]:
             close = difflib.get_close_matches(name, FIELD_NAMES, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise SdloraError(f"{source}: unknown setting {key!r}{hint}")
-        if kind_of(_FIELDS[name])[0] == "list[str]" and isinstance(value, str):
+        if kind_of(FIELDS[name])[0] == "list[str]" and isinstance(value, str):
             value = [value]
         out[name] = value
     return out
@@ -897,7 +897,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raw = raw["train"]
     values = _normalise(raw, str(path))
     folder = path.resolve().parent
-    for key in PATH_FIELDS:
+    for key in PATHFIELDS:
         if isinstance(values.get(key), str) and values[key]:
             values[key] = os.path.normpath(folder / values[key])  # no "dir/../" in messages
     from sdlora.bases.base import BUILTIN  # here: diffusers' pipelines are slow to import
