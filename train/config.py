@@ -370,6 +370,14 @@ class TrainConfig:
     warmup_steps: int = option(
         0, "LR warm-up steps", group=OPTIMISATION, min=0, max=MAX_STEPS, metavar="N"
     )
+    lr_warmup_ratio: float = option(  # warm-up as a share of the run: 0.05 warms for 5% of it
+        0.0,
+        "LR warm-up as a fraction of the optimizer steps, instead of --warmup-steps",
+        group=OPTIMISATION,
+        min=0,
+        max=1,
+        metavar="F",
+    )
     optimizer: str = option(  # adamw (fused on CUDA) or adamw8bit (needs bitsandbytes)
         "adamw",
         "adamw (fused on CUDA) or adamw8bit (needs bitsandbytes)",
@@ -663,6 +671,11 @@ class TrainConfig:
             "conv_alpha",
             "is used only with {conv_rank} (without it k×k convolutions take {rank} and "
             "{alpha}); give {conv_rank} too, or leave {conv_alpha} out",
+        )
+        need(
+            not (self.warmup_steps and self.lr_warmup_ratio),
+            "lr_warmup_ratio",
+            "and {warmup_steps} cannot both be given: give one",
         )
         need(
             self.steps is None or self.epochs is None,
