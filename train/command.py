@@ -110,6 +110,8 @@ def argument(f: Field) -> dict[str, Any]:
         kw["metavar"] = spec.metavar
     elif spec.choices:
         kw["metavar"] = "{" + ",".join(spec.choices) + "}"
+    elif kind == "int":
+        kw["metavar"] = "N"
     if spec.positional:
         kw["nargs"] = "?"
     elif kind == "bool":

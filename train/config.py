@@ -282,7 +282,7 @@ class TrainConfig:
     # (SD 1.x 512, SD 2.x 768 or 512, SDXL 1024, built-in bases 64; see setup.base_resolution)
     resolution: int | None = option(
         None,
-        "about RESOLUTION² pixels per image",
+        "about N² pixels per image",
         group=IMAGES,
         default_text="the base's own size: SD 1.x 512, SD 2.x 768 or 512, SDXL 1024, "
         "built-in bases 64",
