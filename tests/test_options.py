@@ -172,3 +172,21 @@ def test_sample_configs_write_to_folders_of_their_own():
         output = load_config(toml).output
         assert output not in outputs, f"{toml.name} and {outputs[output]} both write {output}"
         outputs[output] = toml.name
+
+
+def test_the_train_modules_own_command_words_errors_with_flags(tmp_path, capsys):
+    from sdlora.train.command import main as train_main
+
+    assert train_main([str(tmp_path / "d"), "-o", str(tmp_path / "o"), "--rank", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "sdlora: --rank must be from 1 to 1024 (got 0)"
+
+
+def test_a_failed_ui_run_reports_the_setting_for_the_page_to_word(tmp_path):
+    """The child process sends an error's setting apart from its message."""
+    from sdlora.ui.training import TrainJob
+
+    settings = dict(data_dir=str(tmp_path), output=str(tmp_path / "o"), steps=2, rank=0)
+    s = TrainJob(settings, tmp_path / "o").wait(timeout=240)
+    assert not s.running and s.failure().setting == "rank", s
+    ctx = h.Context("toy", tmp_path / "a", tmp_path / "d", tmp_path / "o")
+    assert train_setup.ui_words(s.failure(), ctx) == "Rank must be from 1 to 1024 (got 0)"

@@ -213,6 +213,7 @@ class TrainConfig:
         "UNet modules: attn, attn-ff, all, locon (all + ResNet convolutions and the "
         "down/up-samplers), or comma-separated module names",
         group=ADAPTER,
+        metavar="NAMES",
         nonempty=True,
         resume=MATCH,
     )
@@ -247,6 +248,7 @@ class TrainConfig:
         "attn",
         "text-encoder modules: attn, attn-ff, all, or names",
         group=ADAPTER,
+        metavar="NAMES",
         nonempty=True,
         resume=MATCH,
     )

@@ -304,7 +304,7 @@ def wire(
             note = f"**Not started:** {err}."
             return (watch, note, *unchanged[:3], gr.Button(visible=True), *unchanged[4:])
         except SdloraError as err:
-            return said(f"**Not started:** {err}", watch)
+            return said(f"**Not started:** {train_setup.ui_words(err, ctx)}", watch)
         return show(job_id, Watch(), ctx)
 
     def on_tick(watch: Watch) -> tuple:
@@ -342,7 +342,8 @@ def wire(
         try:
             found = train_setup.preview(ctx, dataset, int(resolution or 0) or 512)
         except SdloraError as err:
-            return f"**Cannot train on this folder:** {err}", gr.Gallery(value=[], visible=False)
+            said = train_setup.ui_words(err, ctx)
+            return f"**Cannot train on this folder:** {said}", gr.Gallery(value=[], visible=False)
         return found.summary(), gr.Gallery(value=found.thumbnails, visible=True)
 
     def on_pick_base(base: str) -> tuple:
