@@ -98,30 +98,20 @@ class Option:
     label: str | None = None  # the web UI's label, for settings its Train form shows
 
     def bounds(self) -> str:
-        """The allowed range in words ("from 1 to 1000000"), or "" for no bounds."""
-        low = (
-            f"from {_number(self.min)}"
-            if self.min is not None
-            else ("positive" if self.above == 0 else f"above {_number(self.above)}")
-            if self.above is not None
-            else ""
-        )
+        """The allowed range in words ("from 1 to 1000000", "positive, at most 1"), or ""."""
+        if self.min is not None:
+            low = f"from {_number(self.min)}"
+        elif self.above is not None:
+            low = "positive" if self.above == 0 else f"above {_number(self.above)}"
+        else:
+            low = ""
         if self.max is not None:
-            high = (
-                f"to {_number(self.max)}"
-                if self.min is not None
-                else f"at most {_number(self.max)}"
-            )
+            high = f"{'to' if self.min is not None else 'at most'} {_number(self.max)}"
         elif self.below is not None:
-            high = (
-                f"to below {_number(self.below)}"
-                if self.min is not None
-                else f"below {_number(self.below)}"
-            )
+            high = f"{'to below' if self.min is not None else 'below'} {_number(self.below)}"
         else:
             high = ""
-        joint = " " if self.min is not None else ", "
-        text = joint.join(part for part in (low, high) if part)
+        text = (" " if self.min is not None else ", ").join(p for p in (low, high) if p)
         return f"a multiple of {self.multiple} {text}" if self.multiple else text
 
 
@@ -777,7 +767,7 @@ FIELD_NAMES = set(OPTIONS)
 RESUME_MUST_MATCH = tuple(name for name, o in OPTIONS.items() if o.resume == MATCH)
 # Fields about this run rather than about the adapter, left out of the adapter's metadata.
 RUN_ONLY = tuple(name for name, o in OPTIONS.items() if o.resume == RUN)
-PATHFIELDS = ("data_dir", "output", "validation_data", "reg_data")
+PATH_FIELDS = ("data_dir", "output", "validation_data", "reg_data")
 # other names a TOML key or keyword may use: a list's singular flag (sample_prompt = "...")
 ALIASES = {o.flag.replace("-", "_"): name for name, o in OPTIONS.items() if o.flag}
 
@@ -912,7 +902,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raw = raw["train"]
     values = _normalise(raw, str(path))
     folder = path.resolve().parent
-    for key in PATHFIELDS:
+    for key in PATH_FIELDS:
         if isinstance(values.get(key), str) and values[key]:
             values[key] = os.path.normpath(folder / values[key])  # no "dir/../" in messages
     from sdlora.bases.base import BUILTIN  # here: diffusers' pipelines are slow to import
