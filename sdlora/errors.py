@@ -74,6 +74,11 @@ def _is_setting(text: str) -> bool:
     )
 
 
+# settings whose flag is not their name with dashes, e.g. a list's singular flag
+# (new_tokens -> --new-token); the commands that declare such settings fill it in
+FLAGS: dict[str, str] = {}
+
+
 def flag(setting: str) -> str:
     """A setting's command-line flag: batch_size -> --batch-size."""
-    return "--" + setting.replace("_", "-")
+    return FLAGS.get(setting) or "--" + setting.replace("_", "-")

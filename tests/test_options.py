@@ -92,7 +92,7 @@ def test_a_number_past_its_bound_is_refused_the_same_everywhere(name, tmp_path, 
         (["--sample-guidance", "1e30"], "--sample-guidance must be from 0 to 100"),
         (["--sample-guidance", "nan"], "--sample-guidance must be from 0 to 100 (got nan)"),
         (["--rank", "2.5"], "--rank must be a whole number from 1 to 1024 (got '2.5')"),
-        (["--lr", "fast"], "--lr must be a number positive, at most 1 (got 'fast')"),
+        (["--lr", "fast"], "--lr must be a number, positive, at most 1 (got 'fast')"),
         (["--crop", "middle"], "--crop must be one of: center, random (got 'middle')"),
         (["--base", ""], "--base must not be empty"),
         (

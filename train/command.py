@@ -98,7 +98,7 @@ def names(f: Field) -> list[str]:
     spec = option_of(f)
     if spec.positional:
         return [f.name]
-    return [flag(spec.flag or f.name), *([spec.short] if spec.short else [])]
+    return [flag(f.name), *([spec.short] if spec.short else [])]
 
 
 def argument(f: Field) -> dict[str, Any]:
@@ -124,7 +124,7 @@ def argument(f: Field) -> dict[str, Any]:
 
 
 def help_text(f: Field) -> str:
-    """The declaration's help, then its bounds and default: "LoRA rank (1 to 1024; default: 8)"."""
+    """The declaration's help, its bounds and default: "LoRA rank (from 1 to 1024; default: 8)"."""
     spec, (kind, _) = option_of(f), kind_of(f)
     if spec.default_text is not None:
         default = spec.default_text

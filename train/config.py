@@ -16,7 +16,7 @@ from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from sdlora.errors import SdloraError
+from sdlora.errors import FLAGS, SdloraError
 from sdlora.lora.embeddings import parse_token_spec
 from sdlora.lora.layer import NONLINEARITIES
 
@@ -683,7 +683,7 @@ class TrainConfig:
         need(
             len(set(tokens)) == len(tokens),
             "new_tokens",
-            f"gives a word twice ({', '.join(tokens)})",
+            f"has a word given twice ({', '.join(tokens)})",
         )
         need(
             self.init_token is None or bool(self.new_tokens),
@@ -770,6 +770,7 @@ RUN_ONLY = tuple(name for name, o in OPTIONS.items() if o.resume == RUN)
 PATH_FIELDS = ("data_dir", "output", "validation_data", "reg_data")
 # other names a TOML key or keyword may use: a list's singular flag (sample_prompt = "...")
 ALIASES = {o.flag.replace("-", "_"): name for name, o in OPTIONS.items() if o.flag}
+FLAGS.update({name: "--" + o.flag for name, o in OPTIONS.items() if o.flag})  # errors name them
 
 
 def kind_of(f: Field) -> tuple[str, bool]:
@@ -852,8 +853,10 @@ def from_text(name: str, text: str) -> Any:
             return float(text)
     except ValueError:
         bounds = OPTIONS[name].bounds()
-        what = "a whole number" if kind == "int" else "a number"
-        raise SdloraError(f"must be {what} {bounds} (got {text!r})", setting=name) from None
+        what = ("a whole number" if kind == "int" else "a number") + (
+            " " if bounds.startswith("from") else ", "
+        )
+        raise SdloraError(f"must be {what}{bounds} (got {text!r})", setting=name) from None
     return text
 
 
