@@ -49,7 +49,7 @@ def test_generate_refuses_absurd_sizes_before_loading(
 
 
 def test_train_refuses_an_absurd_resolution_at_once():
-    with pytest.raises(SdloraError, match=r"--resolution must be a multiple of 64 from 64 to 2048"):
+    with pytest.raises(SdloraError, match=r"resolution must be a multiple of 64 from 64 to 2048"):
         TrainConfig(data_dir="x", output="y", resolution=6400000).check()
     TrainConfig(data_dir="x", output="y", resolution=2048).check()
 

@@ -62,5 +62,5 @@ def test_diffusers_reads_a_locon_file_as_we_do_and_it_round_trips(locon_file, tm
 
 
 def test_conv_rank_is_checked(shapes, tmp_path):  # noqa: F811
-    with pytest.raises(SdloraError, match="--conv-rank must be at least 1"):
+    with pytest.raises(SdloraError, match="conv_rank must be from 1 to"):
         settings(shapes, tmp_path / "o", targets="locon", conv_rank=0).check()

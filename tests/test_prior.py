@@ -120,7 +120,7 @@ def test_reg_generate_fills_the_folder_once_with_the_bases_images(shapes, tmp_pa
     assert "drawing" not in caplog.text  # cached: nothing drawn the second time
     assert [p.stat().st_mtime_ns for p in sorted((reg / GENERATED).iterdir())] == stamps
     assert not list(reg.rglob(".*"))  # no temporary files left behind
-    with pytest.raises(SdloraError, match="--reg-generate draws class images"):
+    with pytest.raises(SdloraError, match="reg_generate draws class images"):
         train(settings(shapes, tmp_path / "c", reg_data=str(reg), reg_generate=3))
 
 

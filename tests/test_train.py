@@ -308,7 +308,8 @@ def test_broken_and_odd_images_train_on_the_good_ones(tmp_path, caplog):
     assert f"{len(good)} images" in caplog.text
 
 
-def test_nan_loss_stops_with_a_clear_message(shapes, tmp_path):
+def test_nan_loss_stops_with_a_clear_message(shapes, tmp_path, monkeypatch):
+    unbounded_lr(monkeypatch)  # a rate far past --lr's bound makes the loss blow up
     out = tmp_path / "out"
     with pytest.raises(SdloraError, match=r"loss became .* at step (\d+); training stopped") as err:
         train(settings(shapes, out, lr=1e20, steps=4, save_every=1))
@@ -324,8 +325,17 @@ def test_nan_loss_stops_with_a_clear_message(shapes, tmp_path):
     )
 
 
-def test_weights_that_stop_being_finite_are_never_checkpointed(shapes, tmp_path):
+def unbounded_lr(monkeypatch):
+    from dataclasses import replace
+
+    from sdlora.train.config import OPTIONS
+
+    monkeypatch.setitem(OPTIONS, "lr", replace(OPTIONS["lr"], max=None))
+
+
+def test_weights_that_stop_being_finite_are_never_checkpointed(shapes, tmp_path, monkeypatch):
     """An infinite learning rate: step 1's loss is finite, the update after it is not."""
+    unbounded_lr(monkeypatch)
     out = tmp_path / "out"
     with pytest.raises(SdloraError, match=r"stopped being finite at step 1; .* not saved"):
         train(settings(shapes, out, lr=float("inf"), steps=3, save_every=1))
@@ -415,7 +425,7 @@ def test_bad_data_and_sizes_are_refused_before_the_model_loads(shapes, tmp_path,
         train(settings(empty, tmp_path / "out"))
     with pytest.raises(SdloraError, match=r"--batch-size 5 is larger than the 4"):
         train(settings(shapes, tmp_path / "out", batch_size=5))
-    with pytest.raises(SdloraError, match=r"--resolution must be a multiple of 64"):
+    with pytest.raises(SdloraError, match=r"resolution must be a multiple of 64"):
         train(settings(shapes, tmp_path / "out", resolution=96))
     assert not (tmp_path / "out").exists()
 
@@ -444,6 +454,14 @@ def test_cli_reports_errors_in_one_line(shapes, tmp_path, capsys, no_model):
         "empty: no images found": [str(tmp_path / "empty"), "-o", str(tmp_path / "out")],
         "already holds": [str(shapes), "-o", str(tmp_path / "done")],
         "--resolution must be a multiple of 64": [str(shapes), "-o", "x", "--resolution", "100"],
+        # a value that is not a number: one line too (it used to be argparse's usage and error)
+        "--resolution must be a whole number, a multiple of 64 from 64 to 2048 (got 'abc')": [
+            str(shapes),
+            "-o",
+            "x",
+            "--resolution",
+            "abc",
+        ],
         "no output folder given": [str(shapes)],
     }
     for message, argv in mistakes.items():
@@ -451,13 +469,13 @@ def test_cli_reports_errors_in_one_line(shapes, tmp_path, capsys, no_model):
         err = capsys.readouterr().err
         assert err.startswith("sdlora: ") and message in err
         assert err.count("\n") == 1, err
-    # a value argparse cannot read: the short usage line and the error, not every option
+    # a flag argparse cannot read: the short usage line and the error, not every option
     with pytest.raises(SystemExit) as exit_:
-        main([str(shapes), "-o", "x", "--resolution", "abc"])
+        main([str(shapes), "-o", "x", "--resolution"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("usage: sdlora train DATA_DIR --output DIR [options]")
-    assert err[1:] == ["sdlora train: error: argument --resolution: invalid int value: 'abc'"]
+    assert err[1:] == ["sdlora train: error: argument --resolution: expected one argument"]
 
 
 def test_epochs_count_whole_passes_over_the_data():

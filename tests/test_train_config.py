@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import pytest
 
 from sdlora.errors import SdloraError
+from sdlora.errors import flag as flag_of
 from sdlora.train.command import config_from_args, register
 from sdlora.train.config import TrainConfig, load_config
 
@@ -71,9 +73,9 @@ def test_bad_toml_names_the_file_and_the_key(tmp_path, text, message):
     "kw, message",
     [
         (dict(resolution=100), "--resolution must be a multiple of 64"),
-        (dict(batch_size=0), "--batch-size must be at least 1"),
+        (dict(batch_size=0), "--batch-size must be from 1 to"),
         (dict(steps=10, epochs=2), "not both"),
-        (dict(nonlinearity="swish"), "unknown; choose one of"),
+        (dict(nonlinearity="swish"), "--nonlinearity must be one of: identity, relu"),
         (dict(resume="latest", overwrite=True), "pick one"),
         (dict(lr_scheduler="warmup"), "--lr-scheduler must be one of"),
         (dict(output=""), "no output folder"),
@@ -83,8 +85,9 @@ def test_bad_toml_names_the_file_and_the_key(tmp_path, text, message):
 )
 def test_settings_that_cannot_work_are_refused(kw, message):
     values = dict(data_dir="d", output="o") | kw
-    with pytest.raises(SdloraError, match=message):
+    with pytest.raises(SdloraError) as err:
         TrainConfig(**values).check()
+    assert re.search(message, err.value.worded(flag_of)), err.value.worded(flag_of)
 
 
 def test_help_lists_every_option(capsys):
@@ -139,3 +142,47 @@ def test_the_pivotal_sample_config_parses_and_checks():
     assert Path(config.reg_data) == SAMPLES.parent / "runs" / "style-pivotal-class"
     assert Path(config.data_dir) == SAMPLES / "style" and config.validation_split == 0.17
     assert not config.caches_text  # the word changes the text encoder's output every step
+
+
+def test_lr_warmup_ratio_is_a_share_of_the_steps(tmp_path, caplog):
+    """--lr-warmup-ratio 0.5 of 4 steps warms up as --warmup-steps 2 does; not with it."""
+    import logging
+
+    from sdlora.train.loop import train
+
+    args = parse(["d", "-o", "o", "--lr-warmup-ratio", "0.5"])
+    assert config_from_args(args).lr_warmup_ratio == 0.5
+    with pytest.raises(SdloraError) as err:
+        TrainConfig(data_dir="d", output="o", lr_warmup_ratio=0.5, warmup_steps=2).check()
+    assert err.value.worded(flag_of) == (
+        "--lr-warmup-ratio and --warmup-steps cannot both be given: give one"
+    )
+    with pytest.raises(SdloraError, match="must be from 0 to 1"):
+        TrainConfig(data_dir="d", output="o", lr_warmup_ratio=1.5).check()
+
+    def lrs(name: str, **warmup) -> list[float]:
+        caplog.clear()
+        config = TrainConfig(
+            data_dir=str(SAMPLES / "style"),
+            output=str(tmp_path / name),
+            base="tiny",
+            resolution=64,
+            batch_size=4,
+            steps=4,
+            lr=1e-3,
+            lr_scheduler="constant_with_warmup",
+            save_every=0,
+            log_every=1,
+            tensorboard=False,
+            workers=0,
+            **warmup,
+        )
+        with caplog.at_level(logging.DEBUG, logger="sdlora"):
+            train(config)
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+        return [float(line.rsplit("lr ", 1)[1]) for line in lines]
+
+    ratio = lrs("ratio", lr_warmup_ratio=0.5)
+    assert len(ratio) == 4 and ratio == lrs("steps", warmup_steps=2)
+    assert ratio[0] < ratio[-1] == pytest.approx(1e-3)  # it warmed up
+    assert lrs("none") == pytest.approx([1e-3] * 4)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdlora.errors import SdloraError
+from sdlora.errors import SdloraError, flag
 from sdlora.train.checkpoint import checkpoints
 from sdlora.ui import handlers as h
 from sdlora.ui import train_setup, train_view
@@ -81,7 +81,7 @@ def gone(pid: int) -> bool:
         ("style", Form(name="../x"), "adapter name"),
         ("style", Form(lr=0, **{k: v for k, v in TOY.items() if k != "lr"}), "Learning rate must"),
         ("style", Form(resolution=65), "Resolution must be a multiple of 64"),
-        ("style", Form(steps=0, resolution=64), "Steps must be at least 1"),
+        ("style", Form(steps=0, resolution=64), "Steps must be from 1 to 1000000"),
         ("style", Form(batch_size=13, resolution=64), "Batch size 13 is larger than the 12"),
         ("style", Form(resume=True, overwrite=True), "pick one"),
         ("style", Form(name="never", resume=True), "no checkpoint to continue from"),
@@ -97,17 +97,24 @@ def test_form_mistakes_are_refused_at_once_in_the_forms_words(ctx, dataset, form
 
 
 def test_ui_words_use_the_forms_labels_and_short_folder_names(ctx):
-    said = train_setup.ui_words(
+    err = SdloraError(  # the trainer's words: settings as placeholders (sdlora.errors.fill)
         f"loss became [nan] at step 7; training stopped. The last checkpoint is "
-        f"{ctx.outputs}/train/x/checkpoints/step-000005; run the same command with --resume "
-        "to continue. Try a lower --lr, or --mixed-precision no",
-        ctx,
+        f"{ctx.outputs}/train/x/checkpoints/step-000005; {{+resume}} to continue. "
+        "Try a lower {lr}, or {mixed_precision} no"
     )
-    assert said == (
+    assert train_setup.ui_words(err, ctx) == (
         "loss became [nan] at step 7; training stopped. The last checkpoint is "
-        "outputs/train/x/checkpoints/step-000005; tick Resume and press Start to go on. "
-        "Try a lower learning rate, or mixed precision no"
+        "outputs/train/x/checkpoints/step-000005; tick Resume and press Start to continue. "
+        "Try a lower Learning rate, or mixed precision no"
     )
+    assert err.worded(flag).endswith(  # the command line says the same with its flags
+        "step-000005; run the same command with --resume to continue. "
+        "Try a lower --lr, or --mixed-precision no"
+    )
+    # an error about one setting is named by the form's label for it, the CLI's flag for it
+    err = SdloraError("must be from 1 to 1024 (got 0)", setting="rank")
+    assert train_setup.ui_words(err, ctx) == "Rank must be from 1 to 1024 (got 0)"
+    assert err.worded(flag) == "--rank must be from 1 to 1024 (got 0)"
 
 
 def test_preview_shows_every_image_with_its_caption(ctx):

@@ -65,9 +65,9 @@ def test_validation_loss_is_deterministic_and_the_best_adapter_is_kept(
 
 
 def test_validation_settings_are_checked(shapes, tmp_path):  # noqa: F811
-    with pytest.raises(SdloraError, match="--keep-best needs validation images"):
+    with pytest.raises(SdloraError, match="keep_best needs validation images"):
         settings(shapes, tmp_path / "o", keep_best=True).check()
     with pytest.raises(SdloraError, match="not both"):
         settings(shapes, tmp_path / "o", validation_split=0.2, validation_data=str(shapes)).check()
-    with pytest.raises(SdloraError, match=r"--validation-split must be in \[0, 1\)"):
+    with pytest.raises(SdloraError, match=r"validation_split must be from 0 to below 1"):
         settings(shapes, tmp_path / "o", validation_split=1.5).check()

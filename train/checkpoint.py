@@ -137,10 +137,7 @@ def _resume_advice(output: Path, code: int | None) -> str:
     last = latest(output)
     if last is None:
         return f"No checkpoint was saved before this one; {advice}, then run the command again."
-    return (
-        f"The last checkpoint, {last}, is intact: {advice}, then run the same command with "
-        "--resume to continue."
-    )
+    return f"The last checkpoint, {last}, is intact: {advice}, then {{+resume}} to continue."
 
 
 def prepare(output: Path, adapter: Path, overwrite: bool) -> None:
@@ -198,8 +195,9 @@ def load(path: Path) -> tuple[dict, dict]:
 
 
 def resume_hint(output: Path) -> str:
-    """Where a stopped run can continue from, as a sentence for the user."""
+    """Where a stopped run can continue from, as a sentence for the user; it names settings
+    as placeholders (`sdlora.errors.fill`), so each front end words them its own way."""
     last = latest(output)
     if last is None:
-        return "No checkpoint was saved yet (see --save-every)."
-    return f"The last checkpoint is {last}; run the same command with --resume to continue."
+        return "No checkpoint was saved yet (see {save_every})."
+    return f"The last checkpoint is {last}; {{+resume}} to continue."

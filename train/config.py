@@ -1,19 +1,22 @@
-"""Training settings: one dataclass, loadable from a TOML file with overrides on top.
+"""Training settings: one dataclass whose fields each declare one option, once.
 
-Every field is also a `sdlora train` flag (`rank` is `--rank`, `sample_prompts` is
-`--sample-prompt`) and a TOML key (`rank = 8`; hyphens and underscores both work).
+A field's `option(...)` holds everything the front ends need: its help text, bounds, choices,
+--help group, command-line specifics, resume rule and web-UI label (peft's `LoraConfig` keeps
+help in `field(metadata=...)` the same way). From it come the `sdlora train` flags and --help
+(train/command.py), the TOML keys (`rank = 8`; hyphens and underscores both work), the
+per-field checks in `TrainConfig.check`, `RESUME_MUST_MATCH`/`RUN_ONLY` and the Train form's
+labels and limits (ui/). Adding an option is one field here plus the code that uses it.
 """
 
 from __future__ import annotations
 
 import difflib
-import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from sdlora.errors import SdloraError
+from sdlora.errors import FLAGS, SdloraError
 from sdlora.lora.embeddings import parse_token_spec
 from sdlora.lora.layer import NONLINEARITIES
 
@@ -48,44 +51,82 @@ SIDE_MULTIPLE = 64
 MAX_RESOLUTION = 2048
 DEFAULT_STEPS = 1000  # when neither steps nor epochs is given
 
-# Fields that decide what a checkpoint means: a resumed run must use the same values.
-RESUME_MUST_MATCH = (
-    "base",
-    "rank",
-    "alpha",
-    "nonlinearity",
-    "dropout",
-    "targets",
-    "conv_rank",
-    "conv_alpha",
-    "train_text_encoder",
-    "text_encoder_targets",
-    "optimizer",
-    "seed",
-    "batch_size",
-    "grad_accum",
-    "resolution",
-    "buckets",
-    "validation_split",
-    "reg_data",
-    "prior_loss_weight",
-    "class_prompt",
-    "reg_generate",
-    "new_tokens",
-    "init_token",
-)
-# Fields about this run rather than about the adapter, left out of the adapter's metadata.
-RUN_ONLY = (
-    "output",
-    "resume",
-    "overwrite",
-    "workers",
-    "tensorboard",
-    "compile",
-    "activation_budget",
-    "log_every",
-)
-PATH_FIELDS = ("data_dir", "output", "validation_data", "reg_data")
+# Upper bounds: what a real run could need, and no more (a typo such as 1e9 is refused at once
+# instead of running until it is killed).
+MAX_STEPS = 1_000_000  # long SDXL fine-tunes take tens of thousands
+MAX_RANK = 1024  # ranks past 256 are rare; a module's own size is checked when it is built
+MAX_BATCH = 256  # images per process per micro-batch
+MAX_LR = 1.0  # AdamW learning rates are 1e-6..1e-2; 1 is already far past divergence
+MAX_NAME_BYTES = 200  # adapter name: NAME-best.safetensors must stay within 255-byte file names
+
+# --help groups, in the order --help shows them
+FILES = "data and output"
+ADAPTER = "adapter"
+LENGTH = "length and batches"
+IMAGES = "images and captions"
+OPTIMISATION = "optimisation"
+PRIOR = "regularization (prior-preservation) images"
+PIVOTAL = "pivotal tuning (new words trained with the LoRA)"
+VALIDATION = "validation"
+OUTPUTS = "checkpoints, samples, logs"
+
+MATCH = "match"  # a resumed run must use the checkpoint's value: it decides what the weights mean
+RUN = "run"  # about this run, not the adapter: left out of the adapter's metadata
+
+
+@dataclass(frozen=True)
+class Option:
+    """What a front end needs to know about one setting (a TrainConfig field's metadata)."""
+
+    help: str  # --help text, also the web UI's tooltip
+    group: str  # --help group
+    default_text: str | None = None  # how --help states the default when the value alone won't
+    min: float | None = None  # inclusive bounds of a number
+    max: float | None = None
+    above: float | None = None  # exclusive lower bound (a rate that must be positive)
+    below: float | None = None  # exclusive upper bound (a probability that cannot be 1)
+    multiple: int | None = None  # a number must be a multiple of this
+    choices: tuple[str, ...] | None = None
+    nonempty: bool = False  # text that must not be empty when given
+    # command line
+    flag: str | None = None  # the flag's name when it is not the field's (--sample-prompt)
+    short: str | None = None  # e.g. "-o"
+    metavar: str | None = None
+    const: str | None = None  # the flag's value may be left out: it is then this (--resume)
+    positional: bool = False  # an optional positional argument (DATA_DIR)
+    resume: str | None = None  # MATCH, RUN or None
+    label: str | None = None  # the web UI's label, for settings its Train form shows
+
+    def bounds(self) -> str:
+        """The allowed range in words ("from 1 to 1000000", "positive, at most 1"), or ""."""
+        if self.min is not None:
+            low = f"from {_number(self.min)}"
+        elif self.above is not None:
+            low = "positive" if self.above == 0 else f"above {_number(self.above)}"
+        else:
+            low = ""
+        if self.max is not None:
+            high = f"{'to' if self.min is not None else 'at most'} {_number(self.max)}"
+        elif self.below is not None:
+            high = f"{'to below' if self.min is not None else 'below'} {_number(self.below)}"
+        else:
+            high = ""
+        text = (" " if self.min is not None else ", ").join(p for p in (low, high) if p)
+        return f"a multiple of {self.multiple} {text}" if self.multiple else text
+
+
+def _number(x: float) -> str:
+    if isinstance(x, int) and x > 2**32 and (x + 1).bit_count() == 1:
+        return f"2**{(x + 1).bit_length() - 1} - 1"  # 2**64 - 1
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def option(default: Any = MISSING, help: str = "", *, group: str, factory: Any = None, **spec: Any):
+    """A TrainConfig field declared with its `Option` (see there for `spec`)."""
+    metadata = {"option": Option(help=help, group=group, **spec)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -93,280 +134,587 @@ class TrainConfig:
     """Everything `train()` needs. Defaults give a sensible SD 1.x LoRA run."""
 
     # --- what to train on, where results go ---
-    data_dir: str = ""  # folder of images, searched recursively
-    output: str = ""  # folder for the adapter, checkpoints/, samples/ and logs/
-    name: str | None = None  # adapter file name; None: the data folder's name
-    base: str = (
-        "toy"  # built-in (sdlora.bases.base.BUILTIN), a diffusers folder, a single file, a Hub id
+    data_dir: str = option(  # folder of images, searched recursively
+        "",
+        "folder of training images",
+        group=FILES,
+        positional=True,
+        metavar="DATA_DIR",
+        label="Dataset folder",
     )
-    base_config: str | None = None  # diffusers folder describing a single-file base
+    output: str = option(  # folder for the adapter, checkpoints/, samples/ and logs/
+        "",
+        "folder for the adapter and checkpoints",
+        group=FILES,
+        short="-o",
+        metavar="DIR",
+        resume=RUN,
+    )
+    name: str | None = option(  # adapter file name; None: the data folder's name
+        None,
+        "adapter file name",
+        group=FILES,
+        default_text="the data folder's name",
+        label="Adapter name",
+    )
+    base: str = option(  # built-in (sdlora.bases.base.BUILTIN), a folder, a single file, a Hub id
+        "toy",
+        "base model: toy (built in, pretrained, 64 px), tiny / tiny-v2 (built in, random weights, "
+        "SD 1.x / SD 2.x shaped, for tests), a diffusers model folder, a single original-layout "
+        ".safetensors file, or a Hub id such as stabilityai/stable-diffusion-2-1",
+        group=FILES,
+        nonempty=True,
+        resume=MATCH,
+    )
+    base_config: str | None = option(  # diffusers folder describing a single-file base
+        None,
+        "diffusers folder describing a single-file base",
+        group=FILES,
+        metavar="DIR",
+        nonempty=True,
+    )
 
     # --- the adapter ---
-    rank: int = 8
-    alpha: float | None = None  # None means alpha = rank, i.e. scale 1
-    nonlinearity: str = "identity"  # σ between down and up; identity is a plain LoRA
-    dropout: float = 0.0  # dropout on the adapter's input while training
-    targets: str = "attn"  # UNet preset (attn, attn-ff, all, locon) or comma-separated names
-    conv_rank: int | None = None  # rank of k×k convolutions (LoCon); None: --rank
-    conv_alpha: float | None = None  # None means alpha = conv rank
-    train_text_encoder: bool = False  # also train a LoRA on the text encoder
-    text_encoder_targets: str = "attn"  # text-encoder preset or module names
+    rank: int = option(
+        8, "LoRA rank", group=ADAPTER, min=1, max=MAX_RANK, resume=MATCH, label="Rank"
+    )
+    alpha: float | None = option(  # None means alpha = rank, i.e. scale 1
+        None,
+        "LoRA alpha; scale = alpha / rank",
+        group=ADAPTER,
+        default_text="rank",
+        above=0,
+        max=MAX_RANK * 16,
+        resume=MATCH,
+    )
+    nonlinearity: str = option(  # σ between down and up; identity is a plain LoRA
+        "identity",
+        "σ between down and up",
+        group=ADAPTER,
+        choices=NONLINEARITIES,
+        resume=MATCH,
+        label="Nonlinearity",
+    )
+    dropout: float = option(  # dropout on the adapter's input while training
+        0.0, "dropout on the adapter input", group=ADAPTER, min=0, below=1, resume=MATCH
+    )
+    targets: str = option(  # UNet preset (attn, attn-ff, all, locon) or comma-separated names
+        "attn",
+        "UNet modules: attn, attn-ff, all, locon (all + ResNet convolutions and the "
+        "down/up-samplers), or comma-separated module names",
+        group=ADAPTER,
+        metavar="NAMES",
+        nonempty=True,
+        resume=MATCH,
+    )
+    conv_rank: int | None = option(  # rank of k×k convolutions (LoCon); None: --rank
+        None,
+        "rank of k×k convolutions (LoCon: a k×k down, a 1×1 up)",
+        group=ADAPTER,
+        default_text="--rank",
+        min=1,
+        max=MAX_RANK,
+        metavar="R",
+        resume=MATCH,
+    )
+    conv_alpha: float | None = option(  # None means alpha = conv rank
+        None,
+        "alpha of k×k convolutions; needs --conv-rank",
+        group=ADAPTER,
+        default_text="the conv rank, i.e. scale 1",
+        above=0,
+        max=MAX_RANK * 16,
+        metavar="A",
+        resume=MATCH,
+    )
+    train_text_encoder: bool = option(  # also train a LoRA on the text encoder
+        False,
+        "also train a LoRA on the text encoder (SDXL: on both)",
+        group=ADAPTER,
+        resume=MATCH,
+        label="Also train the text encoder",
+    )
+    text_encoder_targets: str = option(  # text-encoder preset or module names
+        "attn",
+        "text-encoder modules: attn, attn-ff, all, or names",
+        group=ADAPTER,
+        metavar="NAMES",
+        nonempty=True,
+        resume=MATCH,
+    )
 
     # --- how long ---
-    steps: int | None = None  # optimizer steps; None: from epochs, or 1000 if neither is given
-    epochs: int | None = None  # passes over the data (with repeats); give steps or epochs
-    batch_size: int = 1  # images per process per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
+    steps: int | None = option(  # optimizer steps; None: from epochs, or 1000 if neither given
+        None,
+        "optimizer steps",
+        group=LENGTH,
+        default_text=f"{DEFAULT_STEPS} unless --epochs",
+        min=1,
+        max=MAX_STEPS,
+        label="Steps",
+    )
+    epochs: int | None = option(  # passes over the data (with repeats); give steps or epochs
+        None, "passes over the data, repeats included", group=LENGTH, min=1, max=100_000
+    )
+    batch_size: int = option(  # images per process per micro-batch
+        1,
+        "images per process per micro-batch",
+        group=LENGTH,
+        min=1,
+        max=MAX_BATCH,
+        resume=MATCH,
+        label="Batch size",
+    )
+    grad_accum: int = option(  # micro-batches per optimizer step
+        1, "micro-batches per optimizer step", group=LENGTH, min=1, max=MAX_BATCH, resume=MATCH
+    )
 
     # --- data ---
     # about resolution² pixels per image, a multiple of 64; None: the size the base was made for
     # (SD 1.x 512, SD 2.x 768 or 512, SDXL 1024, built-in bases 64; see setup.base_resolution)
-    resolution: int | None = None
-    buckets: bool = True  # aspect-ratio buckets, so nothing is squashed; False: square crops
-    crop: str = "center"  # center or random crop into the bucket
-    flip: bool = False  # random horizontal flip (turns latent caching off)
-    caption: str | None = None  # caption for images with no .txt or metadata.jsonl entry
-    trigger: str | None = None  # word put in front of every caption
-    caption_dropout: float = 0.0  # probability of training an image with an empty caption
-    shuffle_tags: bool = False  # shuffle comma-separated tags (turns text caching off)
-    keep_tags: int = 1  # with shuffle_tags: the first N tags stay in place
-    cache: bool = True  # cache VAE latents / text embeddings when nothing random needs re-encoding
-    workers: int | None = (
-        None  # image loaders when latents are not cached; None: half the cores, ≤ 8
+    resolution: int | None = option(
+        None,
+        "about N² pixels per image",
+        group=IMAGES,
+        default_text="the base's own size: SD 1.x 512, SD 2.x 768 or 512, SDXL 1024, "
+        "built-in bases 64",
+        min=SIDE_MULTIPLE,
+        max=MAX_RESOLUTION,
+        multiple=SIDE_MULTIPLE,
+        resume=MATCH,
+        label="Resolution",
+    )
+    buckets: bool = option(  # aspect-ratio buckets, so nothing is squashed; False: square crops
+        True, "aspect-ratio buckets so nothing is squashed", group=IMAGES, resume=MATCH
+    )
+    crop: str = option("center", "crop into the bucket", group=IMAGES, choices=CROPS)
+    flip: bool = option(  # random horizontal flip (turns latent caching off)
+        False, "random horizontal flips", group=IMAGES
+    )
+    caption: str | None = option(  # caption for images with no .txt or metadata.jsonl entry
+        None, "caption for images without a .txt or metadata.jsonl entry", group=IMAGES
+    )
+    trigger: str | None = option(  # word put in front of every caption
+        None,
+        "word put in front of every caption",
+        group=IMAGES,
+        metavar="WORD",
+        label="Trigger word",
+    )
+    caption_dropout: float = option(  # probability of training an image with an empty caption
+        0.0,
+        "train with an empty caption with probability P",
+        group=IMAGES,
+        min=0,
+        below=1,
+        metavar="P",
+    )
+    shuffle_tags: bool = option(  # shuffle comma-separated tags (turns text caching off)
+        False, "shuffle comma-separated tags", group=IMAGES
+    )
+    keep_tags: int = option(  # with shuffle_tags: the first N tags stay in place
+        1,
+        "with --shuffle-tags, keep the first N in place",
+        group=IMAGES,
+        min=0,
+        max=1000,
+        metavar="N",
+    )
+    cache: bool = option(  # cache VAE latents / text embeddings when nothing random re-encodes
+        True, "cache latents and text embeddings when possible", group=IMAGES
+    )
+    workers: int | None = option(  # image loaders when latents are not cached
+        None,
+        "image-loading processes when latents are not cached",
+        group=IMAGES,
+        default_text="half the CPU cores, at most 8",
+        min=0,
+        max=64,
+        resume=RUN,
     )
 
     # --- optimisation ---
-    lr: float = 1e-4  # UNet LoRA learning rate
-    text_encoder_lr: float | None = None  # None: same as lr (SDXL: both text encoders)
-    text_encoder_2_lr: float | None = None  # SDXL's second (OpenCLIP-bigG); None: text_encoder_lr
-    lr_scheduler: str = "constant"  # one of LR_SCHEDULERS
-    warmup_steps: int = 0
-    optimizer: str = "adamw"  # adamw (fused on CUDA) or adamw8bit (needs bitsandbytes)
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0  # gradient clipping; 0 turns it off
-    mixed_precision: str = "auto"  # auto: bf16 on GPUs that have it, else fp16; no on CPU
-    gradient_checkpointing: bool = False  # less memory, about 30% slower
+    lr: float = option(  # UNet LoRA learning rate
+        1e-4, "learning rate", group=OPTIMISATION, above=0, max=MAX_LR, label="Learning rate"
+    )
+    text_encoder_lr: float | None = option(  # None: same as lr (SDXL: both text encoders)
+        None,
+        "text-encoder learning rate, SDXL: of both encoders",
+        group=OPTIMISATION,
+        default_text="--lr",
+        min=0,
+        max=MAX_LR,
+    )
+    text_encoder_2_lr: float | None = option(  # SDXL's second (OpenCLIP-bigG)
+        None,
+        "SDXL: learning rate of the second text encoder, OpenCLIP-bigG",
+        group=OPTIMISATION,
+        default_text="--text-encoder-lr",
+        min=0,
+        max=MAX_LR,
+    )
+    lr_scheduler: str = option(  # one of LR_SCHEDULERS
+        "constant",
+        "how the learning rate changes over the run",
+        group=OPTIMISATION,
+        choices=LR_SCHEDULERS,
+    )
+    warmup_steps: int = option(
+        0, "LR warm-up steps", group=OPTIMISATION, min=0, max=MAX_STEPS, metavar="N"
+    )
+    lr_warmup_ratio: float = option(  # warm-up as a share of the run: 0.05 warms for 5% of it
+        0.0,
+        "LR warm-up as a fraction of the optimizer steps, instead of --warmup-steps",
+        group=OPTIMISATION,
+        min=0,
+        max=1,
+        metavar="F",
+    )
+    optimizer: str = option(  # adamw (fused on CUDA) or adamw8bit (needs bitsandbytes)
+        "adamw",
+        "adamw (fused on CUDA) or adamw8bit (needs bitsandbytes)",
+        group=OPTIMISATION,
+        choices=OPTIMIZERS,
+        resume=MATCH,
+    )
+    weight_decay: float = option(
+        1e-2, "AdamW's weight decay of the LoRA", group=OPTIMISATION, min=0, max=1
+    )
+    max_grad_norm: float = option(  # gradient clipping; 0 turns it off
+        1.0, "gradient clipping, 0 off", group=OPTIMISATION, min=0, max=1000
+    )
+    mixed_precision: str = option(  # auto: bf16 on GPUs that have it, else fp16; no on CPU
+        "auto",
+        "auto: bf16 (or fp16) on a GPU, no on the CPU",
+        group=OPTIMISATION,
+        choices=MIXED_PRECISION,
+    )
+    gradient_checkpointing: bool = option(  # less memory, about 30% slower
+        False, "less memory, slower steps", group=OPTIMISATION
+    )
     # torch.compile the UNet's repeated blocks: "on" before the first step; "auto" on CUDA for runs
     # long enough to pay back the compile time (see speed.py), compiled by worker processes while
     # the first steps run uncompiled (precompile.py); off on the CPU unless "on"
-    compile: str = "auto"
+    compile: str = option(
+        "auto",
+        "torch.compile the UNet's repeated blocks; on: before the first step; auto: on a GPU "
+        f"for runs of {COMPILE_MIN_STEPS}+ steps per bucket (SDXL: "
+        f"{COMPILE_MIN_STEPS_BY_FAMILY['sdxl']}+), in the background while the first steps "
+        "run uncompiled",
+        group=OPTIMISATION,
+        choices=COMPILE_MODES,
+        resume=RUN,
+    )
     # compiled blocks keep this fraction of their activations for the backward pass and recompute
     # the rest (PyTorch's activation memory budget): 1 keeps all; lower saves memory for speed
-    activation_budget: float = 1.0
-    min_snr_gamma: float | None = None  # min-SNR-γ loss weighting (Hang et al. 2023); 5 is usual
-    noise_offset: float = 0.0  # per-channel noise offset; 0.05-0.1 helps very dark/bright images
-    prediction_type: str | None = None  # None: the base's scheduler config says
-    seed: int = 0  # same seed, same data, same settings: same adapter
+    activation_budget: float = option(
+        1.0,
+        "compiled blocks keep this fraction of their activations for the backward pass and "
+        "recompute the rest: less memory, slower steps; unlike --gradient-checkpointing the "
+        "blocks still replay as CUDA graphs",
+        group=OPTIMISATION,
+        default_text="1, keep all",
+        min=0,
+        max=1,
+        metavar="FRACTION",
+        resume=RUN,
+    )
+    min_snr_gamma: float | None = option(  # min-SNR-γ loss weighting (Hang et al. 2023)
+        None,
+        "min-SNR loss weighting, 5 is usual",
+        group=OPTIMISATION,
+        default_text="off",
+        above=0,
+        max=100,
+        metavar="GAMMA",
+    )
+    noise_offset: float = option(  # per-channel noise offset; 0.05-0.1 helps very dark/bright
+        0.0, "per-channel noise offset", group=OPTIMISATION, min=0, max=1
+    )
+    prediction_type: str | None = option(  # None: the base's scheduler config says
+        None,
+        "training target",
+        group=OPTIMISATION,
+        choices=PREDICTION_TYPES,
+        default_text="from the base's scheduler",
+    )
+    seed: int = option(  # same seed, same data, same settings: same adapter
+        0,
+        "same seed and settings, same adapter",
+        group=OPTIMISATION,
+        min=0,
+        max=2**64 - 1,
+        resume=MATCH,
+        label="Seed",
+    )
 
     # --- regularization (prior-preservation) images: class images beside each batch (prior.py) ---
-    reg_data: str | None = None  # folder of class images (kohya: N_class subfolders)
-    prior_loss_weight: float = 1.0  # weight of the class images' loss (DreamBooth's λ)
-    class_prompt: str | None = None  # caption of class images with none of their own
+    reg_data: str | None = option(  # folder of class images (kohya: N_class subfolders)
+        None,
+        "class images trained beside every batch (kohya: N_class subfolders; DreamBooth's "
+        "prior preservation); captions as for DATA_DIR, else --class-prompt, else the N_class "
+        "folder's name",
+        group=PRIOR,
+        metavar="DIR",
+        nonempty=True,
+        resume=MATCH,
+    )
+    prior_loss_weight: float = option(  # weight of the class images' loss (DreamBooth's λ)
+        1.0,
+        "loss = instance + W x class images",
+        group=PRIOR,
+        min=0,
+        max=100,
+        metavar="W",
+        resume=MATCH,
+    )
+    class_prompt: str | None = option(  # caption of class images with none of their own
+        None,
+        "caption of class images that have none",
+        group=PRIOR,
+        metavar="TEXT",
+        resume=MATCH,
+    )
     # fill --reg-data up to N class images drawn by the base from --class-prompt before training
     # (seeded, the base's recommended settings), kept in reg_data/sdlora-generated/; 0: never
-    reg_generate: int = 0
+    reg_generate: int = option(
+        0,
+        "before training, fill --reg-data up to N class images drawn by the base from "
+        "--class-prompt (seeded, the base's recommended settings), kept in "
+        "REG_DATA/sdlora-generated/ so a second run draws nothing",
+        group=PRIOR,
+        default_text="0, never",
+        min=0,
+        max=10_000,
+        metavar="N",
+        resume=MATCH,
+    )
 
     # --- pivotal tuning: new words (textual inversion) trained with the LoRA (train/pivotal.py) ---
-    new_tokens: list[str] = field(default_factory=list)  # TOKEN or TOKEN:N (N vectors), e.g. ohwx
+    new_tokens: list[str] = option(  # TOKEN or TOKEN:N (N vectors), e.g. ohwx
+        help="a new word with N vectors (default 1) the text encoder learns beside the LoRA, "
+        "e.g. ohwx or ohwx:2; repeat for more. Saved in the adapter (A1111's bundle_emb form) "
+        "and as OUTPUT/embeddings/WORD.safetensors (diffusers' load_textual_inversion); put it "
+        "in the captions, e.g. with --trigger",
+        group=PIVOTAL,
+        factory=list,
+        flag="new-token",
+        metavar="WORD[:N]",
+        resume=MATCH,
+    )
     # the new words start as this word's embedding; None: random normal at the embeddings' scale
-    init_token: str | None = None
-    embedding_lr: float | None = None  # learning rate of the new words; None: --lr
-    embedding_only_steps: int = 0  # the first N optimizer steps train only the new words
+    init_token: str | None = option(
+        None,
+        "start the new words from this word's embedding (one token of the base, e.g. the "
+        "class: person, dog)",
+        group=PIVOTAL,
+        default_text="random normal at the embeddings' mean and spread",
+        metavar="WORD",
+        nonempty=True,
+        resume=MATCH,
+    )
+    embedding_lr: float | None = option(  # learning rate of the new words; None: --lr
+        None,
+        "learning rate of the new words, without weight decay",
+        group=PIVOTAL,
+        default_text="--lr",
+        above=0,
+        max=MAX_LR,
+        metavar="LR",
+    )
+    embedding_only_steps: int = option(  # the first N optimizer steps train only the new words
+        0,
+        "the first N steps train only the new words, then the LoRA joins",
+        group=PIVOTAL,
+        min=0,
+        max=MAX_STEPS,
+        metavar="N",
+    )
 
     # --- validation: loss on held-out images at fixed timesteps and noise (train/validate.py) ---
-    validation_split: float = 0.0  # fraction of the images held out (chosen by the seed)
-    validation_data: str | None = None  # or a folder of held-out images
-    validate_every: int = 100  # steps between validation losses (and one at the end)
-    keep_best: bool = False  # keep the lowest-validation-loss adapter as NAME-best.safetensors
+    validation_split: float = option(  # fraction of the images held out (chosen by the seed)
+        0.0,
+        "hold out this fraction of the images (chosen by --seed) for a validation loss",
+        group=VALIDATION,
+        default_text="0, none",
+        min=0,
+        below=1,
+        metavar="F",
+        resume=MATCH,
+    )
+    validation_data: str | None = option(  # or a folder of held-out images
+        None,
+        "a folder of held-out images (captions as for DATA_DIR) for a validation loss",
+        group=VALIDATION,
+        metavar="DIR",
+        nonempty=True,
+    )
+    validate_every: int = option(  # steps between validation losses (and one at the end)
+        100,
+        "validation loss (fixed timesteps and noise) every N steps and at the end",
+        group=VALIDATION,
+        min=1,
+        max=MAX_STEPS,
+        metavar="N",
+    )
+    keep_best: bool = option(  # keep the lowest-validation-loss adapter as NAME-best.safetensors
+        False,
+        "keep the adapter of the lowest validation loss as OUTPUT/NAME-best.safetensors",
+        group=VALIDATION,
+    )
 
     # --- checkpoints, samples, logs ---
-    save_every: int = 500  # checkpoint every N steps; 0: only the final adapter
-    keep_last: int = 3  # checkpoints kept under output/checkpoints/
-    sample_every: int = 0  # sample images every N steps (and at the end); 0: never
-    sample_prompts: list[str] = field(default_factory=list)  # empty: the first caption
-    sample_steps: int | None = None  # denoising steps per sample; None: the base's recommendation
-    sample_guidance: float | None = None  # guidance for samples; None: the base's recommendation
-    tensorboard: bool = True  # TensorBoard logs under output/logs/ (needs tensorboard)
-    log_every: int = 10  # read losses from the GPU every N steps (each read waits for the GPU)
-    resume: str | None = None  # "latest" or a checkpoint folder; None: start fresh
-    overwrite: bool = False  # replace an existing adapter and delete old checkpoints
+    save_every: int = option(  # checkpoint every N steps; 0: only the final adapter
+        500,
+        "checkpoint every N steps, 0 never",
+        group=OUTPUTS,
+        min=0,
+        max=MAX_STEPS,
+        metavar="N",
+    )
+    keep_last: int = option(  # checkpoints kept under output/checkpoints/
+        3, "checkpoints kept", group=OUTPUTS, min=1, max=1000, metavar="K"
+    )
+    sample_every: int = option(  # sample images every N steps (and at the end); 0: never
+        0,
+        "sample images every N steps and at the end, 0 never",
+        group=OUTPUTS,
+        min=0,
+        max=MAX_STEPS,
+        metavar="N",
+        label="Sample every",
+    )
+    sample_prompts: list[str] = option(  # empty: the first caption
+        help="prompt for the samples; repeat for more",
+        group=OUTPUTS,
+        factory=list,
+        default_text="a training caption",
+        flag="sample-prompt",
+        metavar="TEXT",
+        label="Sample prompt",
+    )
+    sample_steps: int | None = option(  # denoising steps per sample; None: the base's advice
+        None,
+        "denoising steps per sample",
+        group=OUTPUTS,
+        default_text="the base's recommended value, 20 for toy, 25 for SD",
+        min=1,
+        max=1000,
+    )
+    sample_guidance: float | None = option(  # guidance for samples; None: the base's advice
+        None,
+        "guidance scale for the samples",
+        group=OUTPUTS,
+        default_text="the base's recommended value, 2 for toy, 7.5 for SD",
+        min=0,
+        max=100,
+    )
+    tensorboard: bool = option(  # TensorBoard logs under output/logs/ (needs tensorboard)
+        True, "TensorBoard logs in OUTPUT/logs", group=OUTPUTS, resume=RUN
+    )
+    log_every: int = option(  # read losses every N steps (each read waits for the GPU)
+        10,
+        "read and log losses every N steps; each read waits for the GPU",
+        group=OUTPUTS,
+        min=1,
+        max=MAX_STEPS,
+        metavar="N",
+        resume=RUN,
+    )
+    resume: str | None = option(  # "latest" or a checkpoint folder; None: start fresh
+        None,
+        "continue from the latest checkpoint in OUTPUT (or the one given)",
+        group=FILES,
+        const="latest",
+        metavar="CHECKPOINT",
+        nonempty=True,
+        resume=RUN,
+        label="Resume",
+    )
+    overwrite: bool = option(  # replace an existing adapter and delete old checkpoints
+        False,
+        "start over where OUTPUT already holds an adapter or checkpoints",
+        group=FILES,
+        resume=RUN,
+        label="Overwrite",
+    )
 
     def check(self) -> TrainConfig:
-        """Raise SdloraError for settings that cannot work; return self."""
+        """Raise SdloraError for settings that cannot work; return self.
 
-        def need(ok: bool, message: str) -> None:
+        Each field is checked against its declaration first (type, bounds, choices); the rules
+        below relate several fields, or say what a declaration cannot."""
+        for f in fields(self):
+            check_value(f, getattr(self, f.name))
+
+        def need(ok: bool, setting: str, message: str) -> None:
             if not ok:
-                raise SdloraError(message)
+                raise SdloraError(message, setting=setting)
 
-        need(bool(self.data_dir), "no data folder given; pass DATA_DIR (or data_dir in the config)")
-        need(bool(self.output), "no output folder given; pass --output DIR")
+        if not self.data_dir:  # DATA_DIR has no flag to name: the message says it
+            raise SdloraError("no data folder given; pass DATA_DIR (or data_dir in the config)")
+        if not self.output:
+            raise SdloraError("no output folder given; pass {output} DIR")
+        if self.name is not None:
+            check_name(self.name)
+        check_name(self.adapter_name)  # also a data folder's name taken as the adapter's
         need(
-            self.name is None
-            or (
-                self.name not in ("", ".", "..")
-                and "/" not in self.name
-                and "\\" not in self.name
-                and "\0" not in self.name
-            ),
-            f"--name {self.name!r} must be a plain file name (no folders); "
-            "the adapter is written inside --output",
-        )
-        need(self.rank >= 1, f"--rank must be at least 1 (got {self.rank})")
-        need(self.alpha is None or self.alpha > 0, f"--alpha must be positive (got {self.alpha})")
-        need(
-            self.conv_rank is None or self.conv_rank >= 1,
-            f"--conv-rank must be at least 1 (got {self.conv_rank})",
+            self.conv_alpha is None or self.conv_rank is not None,
+            "conv_alpha",
+            "is used only with {conv_rank} (without it k×k convolutions take {rank} and "
+            "{alpha}); give {conv_rank} too, or leave {conv_alpha} out",
         )
         need(
-            self.conv_alpha is None or self.conv_alpha > 0,
-            f"--conv-alpha must be positive (got {self.conv_alpha})",
+            not (self.warmup_steps and self.lr_warmup_ratio),
+            "lr_warmup_ratio",
+            "and {warmup_steps} cannot both be given: give one",
         )
-        need(
-            self.nonlinearity in NONLINEARITIES,
-            f"--nonlinearity {self.nonlinearity!r} is unknown; choose one of: "
-            + ", ".join(NONLINEARITIES),
-        )
-        need(0 <= self.dropout < 1, f"--dropout must be in [0, 1) (got {self.dropout})")
         need(
             self.steps is None or self.epochs is None,
-            "give --steps or --epochs, not both",
+            "steps",
+            "and {epochs} cannot both be given: give {steps} or {epochs}, not both",
         )
         need(
-            self.steps is None or self.steps >= 1, f"--steps must be at least 1 (got {self.steps})"
-        )
-        need(
-            self.epochs is None or self.epochs >= 1,
-            f"--epochs must be at least 1 (got {self.epochs})",
-        )
-        need(self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})")
-        need(self.grad_accum >= 1, f"--grad-accum must be at least 1 (got {self.grad_accum})")
-        need(
-            self.resolution is None
-            or SIDE_MULTIPLE <= self.resolution <= MAX_RESOLUTION
-            and self.resolution % SIDE_MULTIPLE == 0,
-            f"--resolution must be a multiple of {SIDE_MULTIPLE} from {SIDE_MULTIPLE} to "
-            f"{MAX_RESOLUTION} (e.g. 512); got {self.resolution}",
-        )
-        need(self.crop in CROPS, f"--crop must be one of: {', '.join(CROPS)}")
-        need(
-            0 <= self.caption_dropout < 1,
-            f"--caption-dropout must be in [0, 1) (got {self.caption_dropout})",
-        )
-        need(self.keep_tags >= 0, f"--keep-tags must be 0 or more (got {self.keep_tags})")
-        need(
-            self.workers is None or self.workers >= 0,
-            f"--workers must be 0 or more (got {self.workers})",
-        )
-        need(self.lr > 0, f"--lr must be positive (got {self.lr})")
-        need(
-            self.text_encoder_lr is None or self.text_encoder_lr >= 0,
-            f"--text-encoder-lr must be 0 or more (got {self.text_encoder_lr})",
-        )
-        need(
-            self.text_encoder_2_lr is None or self.text_encoder_2_lr >= 0,
-            f"--text-encoder-2-lr must be 0 or more (got {self.text_encoder_2_lr})",
-        )
-        need(
-            self.lr_scheduler in LR_SCHEDULERS,
-            f"--lr-scheduler must be one of: {', '.join(LR_SCHEDULERS)}",
-        )
-        need(
-            math.isfinite(self.weight_decay) and self.weight_decay >= 0,
-            f"--weight-decay must be a finite number, 0 or more (got {self.weight_decay})",
-        )
-        need(0 <= self.seed <= 2**64 - 1, f"--seed must be from 0 to 2**64 - 1 (got {self.seed})")
-        need(self.warmup_steps >= 0, "--warmup-steps must be 0 or more")
-        need(self.optimizer in OPTIMIZERS, f"--optimizer must be one of: {', '.join(OPTIMIZERS)}")
-        need(self.max_grad_norm >= 0, "--max-grad-norm must be 0 or more")
-        need(
-            self.mixed_precision in MIXED_PRECISION,
-            f"--mixed-precision must be one of: {', '.join(MIXED_PRECISION)}",
-        )
-        need(
-            self.min_snr_gamma is None or self.min_snr_gamma > 0,
-            "--min-snr-gamma must be positive",
-        )
-        need(self.noise_offset >= 0, "--noise-offset must be 0 or more")
-        need(
-            self.prediction_type is None or self.prediction_type in PREDICTION_TYPES,
-            f"--prediction-type must be one of: {', '.join(PREDICTION_TYPES)}",
-        )
-        need(
-            self.compile in COMPILE_MODES,
-            f"--compile must be one of: {', '.join(COMPILE_MODES)} (got {self.compile!r})",
-        )
-        need(
-            0 <= self.activation_budget <= 1,
-            f"--activation-budget must be from 0 to 1 (got {self.activation_budget})",
-        )
-        need(self.log_every >= 1, f"--log-every must be at least 1 (got {self.log_every})")
-        need(
-            math.isfinite(self.prior_loss_weight) and self.prior_loss_weight >= 0,
-            f"--prior-loss-weight must be a finite number, 0 or more (got {self.prior_loss_weight})",
-        )
-        need(self.reg_generate >= 0, f"--reg-generate must be 0 or more (got {self.reg_generate})")
-        need(
-            not self.reg_generate or (self.reg_data and self.class_prompt),
-            "--reg-generate draws class images into --reg-data from --class-prompt; give both",
+            not self.reg_generate or bool(self.reg_data and self.class_prompt),
+            "reg_generate",
+            "draws class images into {reg_data} from {class_prompt}; give both",
         )
         tokens = [parse_token_spec(spec)[0] for spec in self.new_tokens]  # each spec checked
         need(
             len(set(tokens)) == len(tokens),
-            f"--new-token: a word is given twice ({', '.join(tokens)})",
+            "new_tokens",
+            f"has a word given twice ({', '.join(tokens)})",
         )
         need(
             self.init_token is None or bool(self.new_tokens),
-            "--init-token starts new words; give them with --new-token",
-        )
-        need(
-            self.embedding_lr is None
-            or (math.isfinite(self.embedding_lr) and self.embedding_lr > 0),
-            f"--embedding-lr must be a positive number (got {self.embedding_lr})",
-        )
-        need(
-            self.embedding_only_steps >= 0,
-            f"--embedding-only-steps must be 0 or more (got {self.embedding_only_steps})",
+            "init_token",
+            "starts new words; give them with {new_tokens}",
         )
         need(
             not self.embedding_only_steps or bool(self.new_tokens),
-            "--embedding-only-steps trains new words first; give them with --new-token",
+            "embedding_only_steps",
+            "trains new words first; give them with {new_tokens}",
         )
         need(
             self.steps is None or self.embedding_only_steps < self.steps,
-            f"--embedding-only-steps {self.embedding_only_steps} leaves no step of the "
-            f"{self.steps} for the LoRA; give fewer",
-        )
-        need(
-            0 <= self.validation_split < 1,
-            f"--validation-split must be in [0, 1) (got {self.validation_split})",
+            "embedding_only_steps",
+            f"{self.embedding_only_steps} leaves no step of the {self.steps} for the LoRA; "
+            "give fewer",
         )
         need(
             not (self.validation_split and self.validation_data),
-            "give --validation-split or --validation-data, not both",
-        )
-        need(
-            self.validate_every >= 1,
-            f"--validate-every must be at least 1 (got {self.validate_every})",
+            "validation_split",
+            "and {validation_data} cannot both be given; give one",
         )
         need(
             not self.keep_best or self.has_validation,
-            "--keep-best needs validation images: add --validation-split F or "
-            "--validation-data DIR",
-        )
-        need(self.save_every >= 0, "--save-every must be 0 or more")
-        need(self.keep_last >= 1, "--keep-last must be at least 1")
-        need(self.sample_every >= 0, "--sample-every must be 0 or more")
-        need(
-            self.sample_steps is None or self.sample_steps >= 1,
-            "--sample-steps must be at least 1",
-        )
-        need(
-            self.sample_guidance is None or math.isfinite(self.sample_guidance),
-            "--sample-guidance must be a finite number",
+            "keep_best",
+            "needs validation images: add {validation_split} F or {validation_data} DIR",
         )
         need(
             not (self.resume and self.overwrite),
-            "--resume continues old checkpoints and --overwrite deletes them; pick one",
+            "resume",
+            "continues old checkpoints and {overwrite} deletes them; pick one",
         )
         return self
 
@@ -408,22 +756,120 @@ class TrainConfig:
         return {k: v for k, v in asdict(self).items() if k not in RUN_ONLY}
 
 
-FIELD_NAMES = {f.name for f in fields(TrainConfig)}
+def option_of(f: Field) -> Option:
+    return f.metadata["option"]
+
+
+FIELDS = {f.name: f for f in fields(TrainConfig)}
+OPTIONS: dict[str, Option] = {name: option_of(f) for name, f in FIELDS.items()}
+FIELD_NAMES = set(OPTIONS)
+# Fields that decide what a checkpoint means: a resumed run must use the same values.
+RESUME_MUST_MATCH = tuple(name for name, o in OPTIONS.items() if o.resume == MATCH)
+# Fields about this run rather than about the adapter, left out of the adapter's metadata.
+RUN_ONLY = tuple(name for name, o in OPTIONS.items() if o.resume == RUN)
+PATH_FIELDS = ("data_dir", "output", "validation_data", "reg_data")
+# other names a TOML key or keyword may use: a list's singular flag (sample_prompt = "...")
+ALIASES = {o.flag.replace("-", "_"): name for name, o in OPTIONS.items() if o.flag}
+FLAGS.update({name: "--" + o.flag for name, o in OPTIONS.items() if o.flag})  # errors name them
+
+
+def kind_of(f: Field) -> tuple[str, bool]:
+    """A field's value type ("int", "float", "str", "bool", "list[str]") and whether None is
+    allowed."""
+    kind = str(f.type)
+    return kind.removesuffix(" | None"), kind.endswith(" | None")
+
+
+def check_value(f: Field, value: Any) -> None:
+    """Raise SdloraError(setting=f.name) when `value` breaks f's declaration."""
+    spec, (kind, optional) = OPTIONS[f.name], kind_of(f)
+
+    def refuse(message: str) -> None:
+        raise SdloraError(message, setting=f.name)
+
+    if value is None:
+        if not optional:
+            refuse("must be given")
+        return
+    if isinstance(value, bool) != (kind == "bool"):
+        refuse(f"must be {_KIND_WORDS[kind]} (got {value!r})")
+    if kind == "int" and not isinstance(value, int):
+        refuse(f"must be a whole number (got {value!r})")
+    if kind == "float" and not isinstance(value, int | float):
+        refuse(f"must be a number (got {value!r})")
+    if kind == "str" and not isinstance(value, str):
+        refuse(f"must be text (got {value!r})")
+    if kind == "list[str]" and not (
+        isinstance(value, list) and all(isinstance(v, str) for v in value)
+    ):
+        refuse(f"must be a list of text (got {value!r})")
+    if kind in ("int", "float"):
+        ok = (
+            (spec.min is None or value >= spec.min)
+            and (spec.max is None or value <= spec.max)
+            and (spec.above is None or value > spec.above)
+            and (spec.below is None or value < spec.below)
+            and (spec.multiple is None or value % spec.multiple == 0)
+        )
+        if not ok:  # NaN fails every comparison, infinity the upper bound
+            refuse(f"must be {spec.bounds()} (got {value!r})")
+    if spec.choices is not None and value not in spec.choices:
+        refuse(f"must be one of: {', '.join(spec.choices)} (got {value!r})")
+    if spec.nonempty and isinstance(value, str) and not value.strip():
+        refuse("must not be empty")
+
+
+_KIND_WORDS = {
+    "int": "a whole number",
+    "float": "a number",
+    "str": "text",
+    "bool": "true or false",
+    "list[str]": "a list of text",
+}
+
+
+def check_name(name: str) -> None:
+    """An adapter name must make plain file names: OUTPUT/NAME.safetensors, NAME-best..."""
+
+    def refuse(message: str) -> None:
+        raise SdloraError(f"{name[:60]!r}{'...' if len(name) > 60 else ''} {message}", "name")
+
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        refuse("must be a plain file name (no folders); the adapter is written inside {output}")
+    if not name.isprintable():
+        refuse("must be printable characters (no newlines, tabs or control characters)")
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        refuse(f"is {size} bytes long; give at most {MAX_NAME_BYTES} (file names have a limit)")
+
+
+def from_text(name: str, text: str) -> Any:
+    """A number option's value from command-line text; SdloraError when it is not one."""
+    kind, _ = kind_of(FIELDS[name])
+    try:
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+    except ValueError:
+        bounds = OPTIONS[name].bounds()
+        what = ("a whole number" if kind == "int" else "a number") + (
+            " " if bounds.startswith("from") else ", "
+        )
+        raise SdloraError(f"must be {what}{bounds} (got {text!r})", setting=name) from None
+    return text
 
 
 def _normalise(values: dict[str, Any], source: str) -> dict[str, Any]:
     out = {}
     for key, value in values.items():
         name = key.replace("-", "_")
-        if name == "sample_prompt":
-            name = "sample_prompts"
-        if name == "new_token":
-            name = "new_tokens"
+        name = ALIASES.get(name, name)
         if name not in FIELD_NAMES:
             close = difflib.get_close_matches(name, FIELD_NAMES, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise SdloraError(f"{source}: unknown setting {key!r}{hint}")
-        if name in ("sample_prompts", "new_tokens") and isinstance(value, str):
+        if kind_of(FIELDS[name])[0] == "list[str]" and isinstance(value, str):
             value = [value]
         out[name] = value
     return out

@@ -465,7 +465,7 @@ class BatchPlan:
         """Raise when the batch size or process count cannot work with this data."""
         if self.batch_size > self.images_per_epoch:
             raise SdloraError(
-                f"--batch-size {self.batch_size} is larger than the {self.images_per_epoch} "
+                f"{{batch_size}} {self.batch_size} is larger than the {self.images_per_epoch} "
                 "training images (with repeats); lower it"
             )
         if self.per_process < 1:

@@ -187,8 +187,8 @@ def save_checkpoint(
     if not all(torch.isfinite(t).all() for t in tensors):
         raise SdloraError(
             f"the adapter's weights stopped being finite at step {step}; training stopped and "
-            f"this step was not saved. {resume_hint(output)} Try a lower --lr, or "
-            "--mixed-precision no"
+            f"this step was not saved. {resume_hint(output)} Try a lower {{lr}}, or "
+            "{mixed_precision} no"
         )
     state = {
         "step": step,

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from sdlora.bases.families import family_of_pipeline
-from sdlora.errors import SdloraError
+from sdlora.errors import SdloraError, fill, flag
 from sdlora.io.files import save_adapter
 from sdlora.io.writing import WriteError
 from sdlora.train.checkpoint import resume_hint
@@ -227,7 +227,7 @@ def train(
         if writer is not None:
             writer.close()
         if main and isinstance(err, KeyboardInterrupt):
-            logger.warning("stopped at step %d. %s", step, resume_hint(output))
+            logger.warning("stopped at step %d. %s", step, fill(resume_hint(output), flag))
         raise
     finally:
         gc.unfreeze()

@@ -164,7 +164,7 @@ def load_models(
     lr_scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer,
-        num_warmup_steps=config.warmup_steps,
+        num_warmup_steps=config.warmup_steps or round(config.lr_warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
     prepared = accelerator.prepare(*trained, optimizer)

@@ -53,7 +53,7 @@ class LossLog:
             raise SdloraError(
                 f"loss became {per_process[:, bad].tolist()} at step {self.steps[bad]}; "
                 f"training stopped. {resume_hint(self.output)} "
-                "Try a lower --lr, or --mixed-precision no"
+                "Try a lower {lr}, or {mixed_precision} no"
             )
         losses = per_process.mean(dim=0).tolist()
         for step, loss, lrs in zip(self.steps, losses, self.lrs, strict=True):

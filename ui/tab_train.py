@@ -21,7 +21,7 @@ import gradio as gr
 
 from sdlora.bases.recommend import training_start
 from sdlora.errors import SdloraError
-from sdlora.lora.layer import NONLINEARITIES
+from sdlora.train.config import FIELDS, OPTIONS, kind_of
 from sdlora.ui import handlers as h
 from sdlora.ui import train_setup, train_view
 from sdlora.ui.common import FREE
@@ -54,12 +54,12 @@ class TrainTab:
     preview: gr.Gallery
     name: gr.Textbox
     trigger: gr.Textbox
-    rank: gr.Slider
+    rank: gr.Number
     nonlinearity: gr.Dropdown
     steps: gr.Number
     lr: gr.Number
     resolution: gr.Number
-    batch_size: gr.Slider
+    batch_size: gr.Number
     seed: gr.Number
     train_te: gr.Checkbox
     sample_every: gr.Number
@@ -94,6 +94,26 @@ class TrainTab:
         ]
 
 
+def control(setting: str, value=None, **kw) -> gr.components.Component:
+    """The form's control for a trainer setting, labelled as its declaration says
+    (train/config.py), a number's help and bounds written under it. The trainer's own check is
+    the one judge of a value (a refusal is worded in the status line)."""
+    spec = OPTIONS[setting]
+    kind, _ = kind_of(FIELDS[setting])
+    kw = {"label": spec.label, **kw}
+    if kind == "bool":
+        return gr.Checkbox(value, **kw)
+    if spec.choices is not None:
+        return gr.Dropdown(list(spec.choices), value=value, **kw)
+    if kind in ("int", "float"):
+        info = f"{spec.help} ({spec.bounds()})"
+        kw.setdefault("info", info[:1].upper() + info[1:])
+        return gr.Number(value, precision=0 if kind == "int" else None, **kw)
+    if spec.default_text is not None:
+        kw.setdefault("placeholder", spec.default_text)
+    return gr.Textbox(value or "", **kw)
+
+
 def layout(ctx: h.Context, base: str) -> TrainTab:
     start = training_start(base)
     gr.Markdown(
@@ -107,8 +127,8 @@ def layout(ctx: h.Context, base: str) -> TrainTab:
             h.list_datasets(ctx), value=None, label="Dataset folder", scale=3, elem_id="dataset"
         )
         refresh_data = gr.Button("Refresh", size="sm", scale=1, min_width=80)
-        name = gr.Textbox(label="Adapter name (default: the folder's name)", elem_id="train-name")
-        trigger = gr.Textbox(label="Trigger word (optional)")
+        name = control("name", elem_id="train-name")
+        trigger = control("trigger", placeholder="optional")
     preview_text = gr.Markdown(elem_id="dataset-info")
     preview = gr.Gallery(
         label="Dataset",
@@ -120,29 +140,20 @@ def layout(ctx: h.Context, base: str) -> TrainTab:
         elem_id="dataset-preview",
     )
     with gr.Row():
-        rank = gr.Slider(1, 128, value=8, step=1, label="Rank")
-        nonlinearity = gr.Dropdown(list(NONLINEARITIES), value="identity", label="Nonlinearity")
-        steps = gr.Number(200, precision=0, label="Steps", elem_id="train-steps")
-        lr = gr.Number(start.lr, label="Learning rate", elem_id="train-lr")
+        rank = control("rank", Form.rank)
+        nonlinearity = control("nonlinearity", Form.nonlinearity)
+        steps = control("steps", Form.steps, elem_id="train-steps")
+        lr = control("lr", start.lr, elem_id="train-lr")
     with gr.Row():
-        resolution = gr.Number(
-            start.resolution, precision=0, step=64, label="Resolution", elem_id="resolution"
-        )
-        batch_size = gr.Slider(
-            1, 16, value=start.batch_size, step=1, label="Batch size", elem_id="batch-size"
-        )
-        seed = gr.Number(0, precision=0, label="Seed")
-        train_te = gr.Checkbox(False, label="Also train the text encoder")
+        resolution = control("resolution", start.resolution, step=64, elem_id="resolution")
+        batch_size = control("batch_size", start.batch_size, elem_id="batch-size")
+        seed = control("seed", Form.seed)
+        train_te = control("train_text_encoder", Form.train_text_encoder)
     with gr.Row():
-        sample_every = gr.Number(
-            Form.sample_every,
-            precision=0,
-            label="Sample every N steps (0 = never)",
-            elem_id="sample-every",
-        )
-        sample_prompt = gr.Textbox(label="Sample prompt (default: a training caption)")
-        resume = gr.Checkbox(False, label="Resume the last run of this name")
-        overwrite = gr.Checkbox(False, label="Overwrite")
+        sample_every = control("sample_every", Form.sample_every, elem_id="sample-every")
+        sample_prompt = control("sample_prompts")
+        resume = control("resume", False, info="continue the last run of this name")
+        overwrite = control("overwrite", False)
     with gr.Row():
         start_btn = gr.Button("Start training", variant="primary", elem_id="train-start")
         stop_btn = gr.Button("Stop", variant="stop", elem_id="train-stop")
@@ -200,7 +211,7 @@ def show(job_id: str | None, watch: Watch, ctx: h.Context) -> tuple:
         watch = Watch(job_id)
     s = job.status()
     if s.error:
-        s = replace(s, error=train_setup.ui_words(s.error, ctx))
+        s = replace(s, error=train_setup.ui_words(s.failure(), ctx))
     out_status = train_view.status_text(
         s,
         job.settings["name"],
@@ -293,7 +304,7 @@ def wire(
             note = f"**Not started:** {err}."
             return (watch, note, *unchanged[:3], gr.Button(visible=True), *unchanged[4:])
         except SdloraError as err:
-            return said(f"**Not started:** {err}", watch)
+            return said(f"**Not started:** {train_setup.ui_words(err, ctx)}", watch)
         return show(job_id, Watch(), ctx)
 
     def on_tick(watch: Watch) -> tuple:
@@ -331,7 +342,8 @@ def wire(
         try:
             found = train_setup.preview(ctx, dataset, int(resolution or 0) or 512)
         except SdloraError as err:
-            return f"**Cannot train on this folder:** {err}", gr.Gallery(value=[], visible=False)
+            said = train_setup.ui_words(err, ctx)
+            return f"**Cannot train on this folder:** {said}", gr.Gallery(value=[], visible=False)
         return found.summary(), gr.Gallery(value=found.thumbnails, visible=True)
 
     def on_pick_base(base: str) -> tuple:
@@ -339,7 +351,7 @@ def wire(
         start = training_start(base)
         return (
             gr.Number(value=start.resolution),
-            gr.Slider(value=start.batch_size),
+            gr.Number(value=start.batch_size),
             gr.Number(value=start.lr),
         )
 

@@ -2,22 +2,23 @@
 
 Everything a visitor can get wrong is found here, in well under a second, with the trainer's own
 checks (`TrainConfig.check`, `discover`, `BatchPlan.check`, the output-folder rules): a run that
-starts has data to train on. The trainer speaks to command-line users (`--lr must be
-positive`); `ui_words` says the same with the form's labels and without the server's paths.
+starts has data to train on. The trainer's errors name the setting they are about
+(`SdloraError.setting`) and mention others as placeholders (`sdlora.errors.fill`); `ui_words`
+words them with the form's labels (the declarations' `label`) and without the server's paths.
 """
 
 from __future__ import annotations
 
-import re
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from sdlora.errors import SdloraError
+from sdlora.errors import SdloraError, fill
 from sdlora.train import load_config
 from sdlora.train.checkpoint import checkpoints
-from sdlora.train.config import TrainConfig
+from sdlora.train.config import OPTIONS, TrainConfig
 from sdlora.train.data import ENLARGE_WARNING, BatchPlan, discover, enlarged_items
 from sdlora.ui import paths
 from sdlora.ui.handlers import Context
@@ -25,31 +26,20 @@ from sdlora.ui.handlers import Context
 PREVIEW_IMAGES = 24  # thumbnails shown of a dataset (the count says how many there are)
 THUMB_SIDE = 96  # thumbnail side in pixels: small ones are enlarged by a whole factor
 
-# the trainer's flags -> the Train form's labels
-LABELS = {
-    "lr": "Learning rate",
-    "steps": "Steps",
-    "rank": "Rank",
-    "resolution": "Resolution",
-    "batch-size": "Batch size",
-    "seed": "Seed",
-    "sample-every": "Sample every",
-    "sample-prompt": "Sample prompt",
-    "nonlinearity": "Nonlinearity",
-    "name": "Adapter name",
-    "trigger": "Trigger word",
-    "resume": "Resume",
-    "overwrite": "Overwrite",
-}
-# whole phrases of the trainer's advice -> what to do in the form
-PHRASES = [
-    (r"run the same command with --resume to continue", "tick Resume and press Start to go on"),
-    (r"\(see --save-every\)", ""),
-    (r"pass --resume to continue that run", "tick Resume to continue that run"),
-    (r"--overwrite to start over", "Overwrite to start over"),
-    (r"choose another --output", "choose another adapter name"),
-    (r"Try a lower --lr", "Try a lower learning rate"),
-]
+# the Train form's labels, from the settings' declarations (train/config.py)
+LABELS = {name: spec.label for name, spec in OPTIONS.items() if spec.label}
+
+
+def label_of(setting: str) -> str:
+    """What the page calls a setting: its control's label, else its name in words."""
+    if setting == "output":  # the form's adapter name picks outputs/train/<name>
+        setting = "name"
+    return LABELS.get(setting, setting.replace("_", " "))
+
+
+def again(setting: str) -> str:
+    """How to run again with a switch on, in the form's words ("tick Resume and press Start")."""
+    return f"tick {label_of(setting)} and press Start"
 
 
 @dataclass
@@ -67,27 +57,23 @@ class DatasetPreview:
         return "\n\n".join([text, *self.notes])
 
 
-def ui_words(message: str, ctx: Context) -> str:
-    """A trainer message as the page should say it: form labels for flags, short folder names."""
-    for pattern, replacement in PHRASES:
-        message = re.sub(pattern, replacement, message)
-
-    def label(match: re.Match) -> str:
-        flag = match[1]
-        return LABELS.get(flag, flag.replace("-", " "))
-
-    message = re.sub(r"--([a-z][a-z-]*)", label, message)
-    datasets = Path(ctx.datasets).resolve()
-    message = re.sub(  # "<datasets>/cats: no images" -> "dataset 'cats': no images"
-        rf"{re.escape(str(datasets))}/([^:/]+):", lambda m: f"dataset {m[1]!r}:", message
-    )
+def ui_words(said: SdloraError | str, ctx: Context, data: Path | None = None) -> str:
+    """A trainer error or warning as the page should say it: the form's labels for settings,
+    `dataset 'cats'` for the dataset folder `data`, short names for the server's folders."""
+    if isinstance(said, SdloraError):
+        message = said.worded(label_of, again)
+    else:
+        message = fill(said, label_of, again)
+    if data is not None:
+        message = message.replace(f"{data}:", f"dataset {data.name!r}:")
     for folder, name in [
         (ctx.datasets, "datasets"),
         (ctx.outputs, "outputs"),
         (ctx.adapters, "adapters"),
     ]:
         message = message.replace(f"{Path(folder).resolve()}/", f"{name}/")
-    return re.sub(r"  +", " ", message).strip()
+        message = message.replace(f"{folder}/", f"{name}/")
+    return message.strip()
 
 
 def dataset_folder(datasets: Path, dataset: str) -> Path:
@@ -107,8 +93,8 @@ def preview(ctx: Context, dataset: str, resolution: int) -> DatasetPreview:
     try:
         items, skipped, warnings = discover(config)
     except SdloraError as err:
-        raise SdloraError(ui_words(str(err), ctx)) from None
-    notes = [ui_words(w, ctx) for w in warnings]
+        raise SdloraError(ui_words(err, ctx, data)) from None
+    notes = [ui_words(w, ctx, data) for w in warnings]
     if skipped:
         first, reason = skipped[0]
         notes.insert(
@@ -177,16 +163,12 @@ def checked_run(ctx: Context, base: str, dataset: str, form: Form) -> Run:
     name = paths.clean_name(form.name or data.name, "adapter name")
     name = name.removesuffix(paths.ADAPTER_SUFFIX)
     output = paths.inside(ctx.outputs, f"train/{name}", "adapter name")
-    for value, label in [
-        (form.steps, "Steps"),
-        (form.rank, "Rank"),
-        (form.batch_size, "Batch size"),
-        (form.resolution, "Resolution"),
-    ]:
-        if value is None or int(value) != value:
-            raise SdloraError(f"{label}: give a whole number")
+    for setting in ("steps", "rank", "batch_size", "resolution"):
+        value = getattr(form, setting)
+        if value is None or not math.isfinite(value) or int(value) != value:
+            raise SdloraError(f"{label_of(setting)}: give a whole number")
     if form.lr is None:
-        raise SdloraError("Learning rate: give a number such as 1e-4")
+        raise SdloraError(f"{label_of('lr')}: give a number such as 1e-4")
     if form.resume and form.overwrite:
         raise SdloraError("tick Resume or Overwrite, not both: pick one")
     if form.resume and not checkpoints(output):
@@ -233,7 +215,7 @@ def checked_run(ctx: Context, base: str, dataset: str, form: Form) -> Run:
         items, _, _ = discover(config)
         BatchPlan(items, config.batch_size, config.seed, 1, 0).check()
     except SdloraError as err:
-        raise SdloraError(ui_words(str(err), ctx)) from None
+        raise SdloraError(ui_words(err, ctx, data)) from None
     return Run(settings, name, output, len(items))
 
 

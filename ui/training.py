@@ -6,7 +6,8 @@ web server down with it. The child is this module run as `python -m sdlora.ui.tr
 in a process group of its own so that Stop reaches everything it started. It writes
 `{"at": step}` as each optimizer step ends, `{"step", "loss", "lr"}` when the trainer reads the
 losses (every step's, a few steps late), `{"message", "level"}` for notes and warnings, then
-`{"done": adapter path}` or `{"error": message}`.
+`{"done": adapter path}` or `{"error": message, "setting": name}` (an `SdloraError`'s parts, so
+the page can word it with its own labels).
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ class Status:
     stopped: bool = False  # stopped by a visitor
     running: bool = True
     ended: float | None = None  # when the child process ended
+    error_setting: str | None = None  # the setting `error` is about (SdloraError.setting)
+
+    def failure(self) -> SdloraError | None:
+        """The run's error as the trainer raised it, for the page to word; None if none."""
+        return None if self.error is None else SdloraError(self.error, self.error_setting)
 
     def steps_per_s(self) -> float | None:
         """Recent speed: steps over the last SPEED_WINDOW steps; None before two steps."""
@@ -115,7 +121,7 @@ class TrainJob:
                 try:
                     s.adapter = _install(s.adapter, self.install_to)
                 except SdloraError as err:
-                    s.error, s.adapter = str(err), None
+                    s.error, s.error_setting, s.adapter = err.message, err.setting, None
             if code != 0 and s.error is None and not s.stopped:
                 self._stderr.seek(0)
                 tail = self._stderr.read().strip().splitlines()[-3:]
@@ -139,6 +145,7 @@ class TrainJob:
                     s.warnings.append(str(event["message"]))
             elif "error" in event:
                 s.error = str(event["error"])
+                s.error_setting = event.get("setting")
             elif "done" in event:
                 s.adapter = Path(event["done"])
 
@@ -161,6 +168,7 @@ class TrainJob:
                 s.stopped,
                 s.running,
                 s.ended,
+                s.error_setting,
             )
 
     def samples(self) -> list[Path]:
@@ -245,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = train(load_config(None, **json.loads(argv[0])), on_step=on_step)
     except SdloraError as err:
-        _emit({"error": str(err)})
+        _emit({"error": err.message, "setting": err.setting})
         return 2
     _emit({"done": str(Path(path).resolve())})
     return 0
