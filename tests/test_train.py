@@ -393,7 +393,8 @@ def test_output_folder_rules(shapes, tmp_path, no_model):
     out.mkdir()
     config.adapter_path.write_bytes(b"x")
     with pytest.raises(
-        SdloraError, match=r"already holds .*\.safetensors; pass --resume .* --overwrite"
+        SdloraError,
+        match=r"already holds .*\.safetensors; run the same command with --resume .* --overwrite",
     ):
         train(config)
     config.adapter_path.unlink()
@@ -408,9 +409,9 @@ def test_output_folder_rules(shapes, tmp_path, no_model):
     with pytest.raises(ModelLoaded):  # --overwrite too, and deletes the old checkpoints
         train(TrainConfig(**(vars(config) | {"overwrite": True})))
     assert not (out / "checkpoints").exists()
-    with pytest.raises(SdloraError, match=r"--resume: no checkpoint"):
+    with pytest.raises(SdloraError, match=r"resume found no checkpoint"):
         train(TrainConfig(**(vars(config) | {"resume": "latest"})))
-    with pytest.raises(SdloraError, match=r"--resume .*elsewhere: not a checkpoint folder"):
+    with pytest.raises(SdloraError, match=r"resume .*elsewhere: not a checkpoint folder"):
         train(TrainConfig(**(vars(config) | {"resume": str(tmp_path / "elsewhere")})))
 
     (tmp_path / "file").write_text("")

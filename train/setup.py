@@ -153,7 +153,7 @@ def count_steps(config: TrainConfig, plan: BatchPlan) -> int:
 def check_embedding_only_steps(config: TrainConfig, total_steps: int) -> None:
     """--embedding-only-steps must leave the LoRA a step, also when --epochs sets the count."""
     if config.embedding_only_steps and config.embedding_only_steps >= total_steps:
-        source = f" (from --epochs {config.epochs})" if config.steps is None else ""
+        source = f" (from {{epochs}} {config.epochs})" if config.steps is None else ""
         raise SdloraError(
             f"{config.embedding_only_steps} leaves no step of the {total_steps}{source} for the "
             "LoRA; give fewer",
@@ -170,7 +170,7 @@ def check_output(config: TrainConfig, plan: BatchPlan, total_steps: int) -> Path
     """
     output = Path(config.output)
     if output.exists() and not output.is_dir():
-        raise SdloraError(f"--output {output} is a file; give a folder")
+        raise SdloraError(f"{output} is a file; give a folder", setting="output")
     found = checkpoint.checkpoints(output)
     if config.resume is None:
         planned = planned_outputs(config, total_steps)  # refuses clashing word files first
@@ -185,23 +185,25 @@ def check_output(config: TrainConfig, plan: BatchPlan, total_steps: int) -> Path
         else:
             return None
         raise SdloraError(
-            f"{output} already holds {what}; pass --resume to continue that run, "
-            "--overwrite to start over, or choose another --output",
+            f"{output} already holds {what}; {{+resume}} to continue that run, add "
+            "{overwrite} to start over, or choose another {output}",
             setting="output",
         )
     if config.resume == "latest":
         if not found:
             raise SdloraError(
-                f"--resume: no checkpoint in {output / checkpoint.FOLDER}; run without --resume "
-                "to start fresh"
+                f"found no checkpoint in {output / checkpoint.FOLDER}; run without {{resume}} "
+                "to start fresh",
+                setting="resume",
             )
         path = found[-1]
     else:
         path = Path(config.resume)
         if not (path / checkpoint.INFO).is_file():
             raise SdloraError(
-                f"--resume {path}: not a checkpoint folder; give one of "
-                f"{output / checkpoint.FOLDER}/step-* or just --resume for the latest"
+                f"{path}: not a checkpoint folder; give one of "
+                f"{output / checkpoint.FOLDER}/step-* or just {{resume}} for the latest",
+                setting="resume",
             )
     step, previous = resumed_run(config, path)
     mine = planned_outputs(config, total_steps, start=step)
@@ -213,7 +215,7 @@ def check_output(config: TrainConfig, plan: BatchPlan, total_steps: int) -> Path
         raise SdloraError(
             f"{output} already holds {taken.relative_to(output).as_posix()}, which the run "
             f"being resumed did not write, and --resume replaces only that run's files: move "
-            "it away, or resume with that run's own --name, --keep-best and --sample-every",
+            "it away, or resume with that run's own {name}, {keep_best} and {sample_every}",
             setting="output",
         )
     return path
@@ -236,7 +238,7 @@ def resumed_run(config: TrainConfig, path: Path) -> tuple[int, TrainConfig]:
         saved = {k: settings[k] for k in OUTPUT_SETTINGS if k in settings}
         return step, replace(config, name=str(name), **saved)
     except (OSError, ValueError, TypeError, AttributeError):
-        raise SdloraError(f"--resume {path}: {checkpoint.INFO} cannot be read") from None
+        raise SdloraError(f"{path}: {checkpoint.INFO} cannot be read", setting="resume") from None
 
 
 def check_kinds(output: Path, plan: OutputPlan) -> None:
