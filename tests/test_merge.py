@@ -12,7 +12,7 @@ from sdlora.errors import SdloraError
 from sdlora.io.files import save_adapter
 from sdlora.io.formats import load_adapter
 from sdlora.lora.blend import Mixer
-from sdlora.tools.merge import compress, merge_adapters
+from sdlora.tools.merge import compress, merge_adapters, merge_exact
 
 
 @pytest.fixture
@@ -144,16 +144,15 @@ def test_exact_merge_above_layer_rank_stays_loadable(files, inputs, tmp_path):
 
 
 def test_ui_mix_merge_above_layer_rank_stays_loadable(files, inputs, tmp_path):
-    """The web UI's "save the mix as one LoRA" caps concatenated ranks the same way, exactly."""
-    from sdlora.ui.merge import merge_exact as merge_mix
-
+    """The web UI's "save the mix as one LoRA" (the library's merge keyed by the base) caps
+    concatenated ranks the same way, exactly."""
     a = load_adapter(files[0])
     items = [
         (f"in{i}", a, s) for i, s in enumerate((0.3, -0.2, 0.5, 0.1, 0.4, -0.6, 0.2, 0.7, 0.9))
     ]
     live = load_base("tiny")
     mixer = Mixer(live)
-    merged = merge_mix(items, mixer.models)
+    merged = merge_exact([(adapter, s) for _, adapter, s in items], mixer.models)
     for key, m in merged.modules.items():
         assert m.rank <= min(m.up.shape[0], m.down[0].numel()), key
     save_adapter(merged, tmp_path / "mix.safetensors")

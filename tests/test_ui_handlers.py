@@ -181,7 +181,7 @@ def test_generated_png_carries_its_recipe(ctx):
     [
         (dict(prompt=""), "prompt"),
         (dict(prompt="x", scheduler="magic"), "scheduler"),
-        (dict(prompt="x", num_images=99), "number of images"),
+        (dict(prompt="x", num_images=99), "num_images must be from 1 to 64"),
         (dict(prompt="x", width=99999), "width"),
         (dict(prompt="x", steps=0), "steps"),
     ],
@@ -468,18 +468,24 @@ def test_export_asks_before_writing_the_base_alone_and_speaks_ui_words(ctx):
     assert "--" not in str(err.value)
 
 
-def test_messages_in_ui_words():
-    import tempfile
+def test_messages_in_ui_words(ctx, tmp_path):
+    """Errors about a setting name it by its label, not a flag; an upload's message names the
+    file, not where the server keeps it; messages are text, never markup."""
+    from sdlora.ui.common import failed, message
 
-    from sdlora.ui.common import failed, in_ui_words
-
-    tmp = f"{tempfile.gettempdir()}/gradio/0a1b2c3d/"
-    assert in_ui_words(f"{tmp}x.safetensors: not a LoRA") == "x.safetensors: not a LoRA"
-    assert in_ui_words("x exists; choose another --out or pass --overwrite") == (
-        "x exists; choose another out or tick Overwrite"
-    )
-    assert in_ui_words("--guidance must be from 0 to 100") == "guidance must be from 0 to 100"
+    err = SdloraError("must be from 0 to 100", setting="guidance")
+    assert message(err) == "Guidance must be from 0 to 100" and "--" not in failed(err)
     assert "&lt;b&gt;" in failed("<b>")  # messages are text, never markup
+    assert "<b>x</b>" in failed("**x** and a lone **")
+    held = ctx.cache / "0a1b2c3d" / "x.safetensors"  # where Gradio keeps an upload
+    held.parent.mkdir(parents=True)
+    held.write_bytes(b"not a safetensors file")
+    with pytest.raises(SdloraError) as refused:
+        h.upload_adapter(ctx, held)
+    assert str(refused.value).startswith("x.safetensors: ") and str(ctx.cache) not in str(
+        refused.value
+    )
+    assert not held.exists()  # a refused upload does not stay in the cache
 
 
 def test_a_file_for_another_base_says_which(ctx, folders):

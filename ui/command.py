@@ -65,7 +65,10 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Build the app from parsed arguments and serve it until interrupted."""
-    from sdlora.ui.app import build_app, launch  # gradio and torch only once the UI starts
+    from pathlib import Path
+
+    from sdlora.ui.app import build_app, keep_temporary_files_in, launch  # gradio, torch now
+    from sdlora.ui.handlers import CACHE
 
     app = build_app(
         base=args.base,
@@ -75,5 +78,6 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         max_upload_mb=args.max_upload_mb,
     )
+    keep_temporary_files_in(Path(args.outputs).resolve() / CACHE / "tmp")
     launch(app, host=args.host, port=args.port, share=args.share, max_upload_mb=args.max_upload_mb)
     return 0

@@ -57,6 +57,15 @@ class Setting:
     choices: tuple[str, ...] = ()
     hint: str = ""  # said after a refusal: what values usually work
 
+    @property
+    def kind(self) -> str:
+        """ "text", "choice", "whole" (an int) or "number" (a float): what a form asks for."""
+        if self.choices:
+            return "choice"
+        if self.minimum is None:
+            return "text"
+        return "whole" if isinstance(self.minimum, int) else "number"
+
     def check(self, value) -> None:
         """Raise `SdloraError(..., setting=name)` if `value` is outside the bounds (None passes:
         it stands for the base's recommendation where the field allows it)."""
@@ -68,7 +77,7 @@ class Setting:
             )
         if self.minimum is None:
             return
-        whole = isinstance(self.minimum, int)
+        whole = self.kind == "whole"
         if not (math.isfinite(value) and self.minimum <= value <= self.maximum):
             top = self.maximum_text or f"{self.maximum:g}"
             span = (
