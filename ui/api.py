@@ -63,7 +63,7 @@ def add_api(ctx: h.Context, guard: Callable[[Callable], Callable], gpu: str) -> 
         files = h.run_generate(ctx, base, adapters, h.make_settings(**values))
         return [gr.FileData(path=str(f), orig_name=f.name) for f in files]
 
-    generate.__signature__ = GENERATE
+    generate.__signature__ = GENERATE.replace(return_annotation=list[gr.FileData])
     generate.__annotations__ = {p.name: p.annotation for p in GENERATE.parameters.values()}
     generate.__annotations__["return"] = list[gr.FileData]
     generate.__doc__ = GENERATE_DOC
@@ -91,7 +91,8 @@ def add_api(ctx: h.Context, guard: Callable[[Callable], Callable], gpu: str) -> 
         return h.upload_adapter(ctx, upload)
 
     # a file input needs a component: hidden ones carry the upload and the name returned
-    upload_in = gr.File(visible=False, file_types=[".safetensors"], type="filepath")
+    # no file_types: Gradio would refuse other files before the handler, which deletes them
+    upload_in = gr.File(visible=False, type="filepath")
     name_out = gr.Textbox(visible=False)
     upload_in.upload(
         guard(upload_adapter),

@@ -28,7 +28,7 @@ from sdlora.ui.common import CSS, FREE, GPU, guard, on
 from sdlora.ui.engine import Engine
 from sdlora.ui.state import Session
 
-CACHE_LIMITS = (600, 3600)  # delete_cache: every 10 minutes, uploads older than an hour go
+CACHE_LIMITS = (600, h.CACHE_MAX_AGE)  # delete_cache: every 10 minutes, old uploads go
 
 
 def build_app(

@@ -32,6 +32,7 @@ from sdlora.ui.state import Session
 Progress = Callable[[float, str], None]
 MAX_UPLOAD_BYTES = 2 * 1024**3  # 2 GiB: larger than any SD 1.x LoRA
 CACHE = ".cache"  # under the outputs folder: uploads and temporary files, emptied at start
+CACHE_MAX_AGE = 3600  # seconds an upload may stay in the cache while the app runs
 MAX_CELLS = SETTINGS["num_images"].maximum  # images in one compare grid, as in one generate call
 # The form's own values below the library's bounds: width/height 0 is the base's native size,
 # seed -1 a fresh random seed. Every other bound is the library's (`SETTINGS`).
@@ -64,6 +65,21 @@ class Context:
     def cache(self) -> Path:
         """The UI's own temporary files (Gradio's uploads): a hidden folder of the outputs."""
         return self.outputs / CACHE
+
+
+def prune_cache(ctx: Context, max_age: float = CACHE_MAX_AGE) -> None:
+    """Delete what in the cache is older than `max_age` seconds, and folders left empty (Gradio
+    ages out the uploads it tracks; this catches the rest, such as its upload residue)."""
+    now = time.time()
+    for path in sorted(ctx.cache.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        try:
+            if path.is_dir() and not path.is_symlink():
+                if not any(path.iterdir()):
+                    path.rmdir()
+            elif now - path.lstat().st_mtime > max_age:
+                path.unlink()
+        except OSError:  # gone meanwhile, or in use: the next pass or the next start takes it
+            continue
 
 
 def clean_cache(ctx: Context) -> Path:
@@ -226,6 +242,7 @@ def upload_adapter(ctx: Context, upload: str | Path, overwrite: bool = False) ->
     finally:
         if upload.is_relative_to(ctx.cache):
             upload.unlink(missing_ok=True)
+            prune_cache(ctx)
 
 
 def _take_upload(ctx: Context, upload: Path, overwrite: bool) -> str:

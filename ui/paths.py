@@ -7,13 +7,15 @@ Names come from the browser or the API, so they are treated as hostile: no absol
 from __future__ import annotations
 
 import re
+import string
 from pathlib import Path, PurePosixPath
 
 from sdlora.errors import SdloraError
 
 ADAPTER_SUFFIX = ".safetensors"
-# A name the UI writes: letters, digits, '.', '_', '-', ' ' and '+', not starting with '.' or ' '.
-SAFE_NAME = re.compile(r"[A-Za-z0-9_+\-][A-Za-z0-9._+\- ]{0,127}")
+# A name the UI writes: letters, digits, '.', '_', '-', ' ' and '+', not starting with '.' or ' '
+# nor ending with '.', at most 128 characters.
+SAFE_CHARS = frozenset(string.ascii_letters + string.digits + "._+- ")
 MAX_PART = 255  # bytes in one file or folder name (Linux, macOS and Windows file systems)
 MAX_PATH = 1024  # characters in a name with its folders: deeper is not a folder anyone keeps
 SHOWN_CHARS = 80  # characters of a name quoted in a message
@@ -59,7 +61,12 @@ def shown(name: str) -> str:
 def clean_name(name: str, what: str = "name") -> str:
     """A single file name the UI may create (no folders, no hidden files); else an error."""
     name = (name or "").strip()
-    if not SAFE_NAME.fullmatch(name) or name.endswith("."):
+    if not (
+        0 < len(name) <= 128
+        and set(name) <= SAFE_CHARS
+        and name[0] not in ". "
+        and not name.endswith(".")
+    ):
         raise SdloraError(
             f"{what} {shown(name)}: use letters, digits, '-', '_', '.' and spaces only "
             "(no folders, at most 128 characters)"
