@@ -130,3 +130,12 @@ def test_generate_refuses_steps_past_the_bound_before_loading_anything(tmp_path,
     with pytest.raises(SdloraError) as refused:
         check_numbers(GenerateSettings(prompt="x", steps=10**9))
     assert refused.value.worded(flag).startswith("--steps must be from 1 to 1000")
+
+
+def test_a_typed_value_out_of_range_reaches_the_handler(controls):
+    """Gradio would refuse it with a toast over the page; the library's refusal shows beside
+    the Generate button instead (`common.on`)."""
+    for name in NUMBERS:
+        control = controls[name]
+        beyond = control.maximum + 1
+        assert control.preprocess(beyond) == pytest.approx(beyond), name

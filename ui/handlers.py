@@ -189,9 +189,7 @@ def add_from_prompt(ctx: Context, session: Session, prompt: str) -> tuple[str, l
     """
     clean, strengths, blocks = split_lora_tags(prompt)
     for name, strength in strengths.items():
-        paths.adapter_file(
-            ctx.adapters, name
-        )  # a name that cannot be a file in the folder: refused
+        paths.adapter_file(ctx.adapters, name)  # refuses a name no file can have, in one line
         check_ui_strength(strength, f"<lora:{name}:{strength:g}>")
         if name in blocks:
             parse_blocks(blocks[name])

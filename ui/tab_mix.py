@@ -25,6 +25,7 @@ from sdlora.errors import SdloraError
 from sdlora.lora.blocks import parse_blocks
 from sdlora.ui import handlers as h
 from sdlora.ui.common import FREE, JOB, failed, on, queued, reporter, status_line, sync_mix, waiting
+from sdlora.ui.controls import SettingNumber, SettingSlider
 from sdlora.ui.state import MAX_ADAPTERS, Session
 from sdlora.ui.strength import Strength
 
@@ -143,14 +144,14 @@ def layout(ctx: h.Context, base: str, result_column: Callable[[], None]) -> MixT
             slots = [slot_row(i) for i in range(MAX_ADAPTERS)]
             with gr.Accordion("Settings", open=True, elem_id="settings"):
                 with gr.Row():
-                    steps = gr.Slider(
+                    steps = SettingSlider(
                         *h.form_bounds("steps"),
                         value=steps_start,
                         step=1,
                         label=h.form_label("steps"),
                         elem_id="steps",
                     )
-                    guidance = gr.Slider(
+                    guidance = SettingSlider(
                         *h.form_bounds("guidance"),
                         value=guidance_start,
                         step=0.5,
@@ -171,7 +172,7 @@ def layout(ctx: h.Context, base: str, result_column: Callable[[], None]) -> MixT
                 with gr.Row():
                     width = number("width", 0, min_width=90, elem_id="width")
                     height = number("height", 0, min_width=90, elem_id="height")
-                    num_images = gr.Slider(
+                    num_images = SettingSlider(
                         *h.form_bounds("num_images"),
                         value=1,
                         step=1,
@@ -210,10 +211,10 @@ def layout(ctx: h.Context, base: str, result_column: Callable[[], None]) -> MixT
     )
 
 
-def number(name: str, value: int, **kwargs) -> gr.Number:
+def number(name: str, value: int, **kwargs) -> SettingNumber:
     """A whole-number box for generation setting `name`, with the library's label and bounds."""
     low, high = h.form_bounds(name)
-    return gr.Number(
+    return SettingNumber(
         value, precision=0, minimum=low, maximum=high, label=h.form_label(name), **kwargs
     )
 
