@@ -9,8 +9,12 @@ Open the mixer web UI: load adapters from the adapters folder (or upload them), 
 strength sliders, generate, compare strengths on a grid, export merged checkpoints or one merged
 LoRA, train new adapters on a dataset folder, and inspect adapter files.
 
-The UI only reads and writes inside the folders given here. It listens on 127.0.0.1 (this
-machine only) unless --host says otherwise, and makes no public link unless --share is given.
+The UI only reads and writes inside the folders given here: uploads and temporary files go to
+the hidden .cache folder of --outputs, emptied at start (uploads are deleted once handled, and
+whatever is left there after an hour goes). The models' own caches stay where their libraries
+keep them (Hugging Face downloads of a Hub-id base, torch's compile cache). It listens on
+127.0.0.1 (this machine only) unless --host says otherwise, and makes no public link unless
+--share is given.
 Jobs that run the model go one at a time through a queue; each visitor has their own mix.
 """
 
