@@ -120,9 +120,11 @@ def merge_exact(
     if not items:
         raise SdloraError("give at least one adapter to merge")
     check_mergeable([a for a, _ in items])
+    # the key each module of the base has in its family's own layout (SGM block names for SDXL)
+    keys = {c: module_keys(model, c) for c, model in (models or {}).items()}
     parts: dict[str, list[ModuleFactors]] = {}
     for adapter, strength in items:
-        for key, m in _modules(adapter, models).items():
+        for key, m in _modules(adapter, models, keys).items():
             down = m.down.float() * (strength * m.scale)  # (r, in[, kh, kw])
             parts.setdefault(key, []).append(ModuleFactors(down=down, up=m.up.float()))
     modules = {}
@@ -156,13 +158,14 @@ def merge_exact(
     return Adapter(modules=modules, metadata=meta, source="merged", embeddings=words)
 
 
-def _modules(adapter: Adapter, models: dict[str, nn.Module] | None) -> dict[str, ModuleFactors]:
-    """The adapter's modules by key: as in its file, or (with `models`) as the base's family
-    names them, fitted to the base's weight shapes."""
+def _modules(
+    adapter: Adapter, models: dict[str, nn.Module] | None, keys: dict[str, dict[str, str]]
+) -> dict[str, ModuleFactors]:
+    """The adapter's modules by key: as in its file, or (with `models`) by `keys`, the base
+    family's names, fitted to the base's weight shapes."""
     if models is None:
         return adapter.modules
     resolved, _ = resolve(adapter, models)
-    keys = {component: module_keys(model, component) for component, model in models.items()}
     return {keys[component][path]: factors for (component, path), factors in resolved.items()}
 
 
