@@ -56,6 +56,7 @@ class Setting:
     unit: str = ""  # "pixels"
     choices: tuple[str, ...] = ()
     hint: str = ""  # said after a refusal: what values usually work
+    optional: bool = False  # None allowed: it stands for the base's recommendation
 
     @property
     def kind(self) -> str:
@@ -67,10 +68,12 @@ class Setting:
         return "whole" if isinstance(self.minimum, int) else "number"
 
     def check(self, value) -> None:
-        """Raise `SdloraError(..., setting=name)` if `value` is outside the bounds (None passes:
-        it stands for the base's recommendation where the field allows it)."""
+        """Raise `SdloraError(..., setting=name)` if `value` is outside the bounds (None passes
+        where it stands for the base's recommendation)."""
         if value is None:
-            return
+            if self.optional:
+                return
+            raise SdloraError("must be given", setting=self.name)
         if self.choices and value not in self.choices:
             raise SdloraError(
                 f"{value!r} is not one of: {', '.join(self.choices)}", setting=self.name
@@ -112,6 +115,7 @@ class GenerateSettings:
     steps: int | None = _setting(
         None,
         label="Steps",
+        optional=True,
         help="denoising steps (default: the base's recommended value, 20 for toy, 25 for SD)",
         minimum=1,
         maximum=MAX_STEPS,
@@ -121,6 +125,7 @@ class GenerateSettings:
     guidance: float | None = _setting(
         None,
         label="Guidance",
+        optional=True,
         help="classifier-free guidance scale (default: the base's recommended value, "
         "2 for toy, 7.5 for SD)",
         minimum=0.0,
@@ -138,6 +143,7 @@ class GenerateSettings:
     width: int | None = _setting(  # None: the base's native size
         None,
         label="Width",
+        optional=True,
         help=f"image width in px, at most {MAX_SIDE} (default: the base's native size)",
         minimum=MIN_SIDE,
         maximum=MAX_SIDE,
@@ -146,6 +152,7 @@ class GenerateSettings:
     height: int | None = _setting(
         None,
         label="Height",
+        optional=True,
         help=f"image height in px, at most {MAX_SIDE} (default: the base's native size)",
         minimum=MIN_SIDE,
         maximum=MAX_SIDE,
