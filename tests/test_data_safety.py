@@ -74,7 +74,7 @@ def test_a_blank_or_broken_image_is_an_error_not_a_file(
     pipe = load_base("tiny")
     _break_decoder(pipe, how)
     with pytest.raises(
-        SdloraError, match=message + r".*check --guidance and the adapter strengths"
+        SdloraError, match=message + r".*check the guidance and the adapter strengths"
     ):
         generate(pipe, GenerateSettings(prompt="x", steps=1, seed=5))
     # the CLI says it in one line and writes nothing

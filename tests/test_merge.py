@@ -11,8 +11,9 @@ from sdlora.cli import main
 from sdlora.errors import SdloraError
 from sdlora.io.files import save_adapter
 from sdlora.io.formats import load_adapter
+from sdlora.lora.adapter import Adapter, ModuleFactors
 from sdlora.lora.blend import Mixer
-from sdlora.tools.merge import compress, merge_adapters
+from sdlora.tools.merge import compress, merge_adapters, merge_exact
 
 
 @pytest.fixture
@@ -144,16 +145,15 @@ def test_exact_merge_above_layer_rank_stays_loadable(files, inputs, tmp_path):
 
 
 def test_ui_mix_merge_above_layer_rank_stays_loadable(files, inputs, tmp_path):
-    """The web UI's "save the mix as one LoRA" caps concatenated ranks the same way, exactly."""
-    from sdlora.ui.merge import merge_exact as merge_mix
-
+    """The web UI's "save the mix as one LoRA" (the library's merge keyed by the base) caps
+    concatenated ranks the same way, exactly."""
     a = load_adapter(files[0])
     items = [
         (f"in{i}", a, s) for i, s in enumerate((0.3, -0.2, 0.5, 0.1, 0.4, -0.6, 0.2, 0.7, 0.9))
     ]
     live = load_base("tiny")
     mixer = Mixer(live)
-    merged = merge_mix(items, mixer.models)
+    merged = merge_exact([(adapter, s) for _, adapter, s in items], mixer.models)
     for key, m in merged.modules.items():
         assert m.rank <= min(m.up.shape[0], m.down[0].numel()), key
     save_adapter(merged, tmp_path / "mix.safetensors")
@@ -163,3 +163,51 @@ def test_ui_mix_merge_above_layer_rank_stays_loadable(files, inputs, tmp_path):
         mixer.add(adapter, name=name, strength=s)
     close(run_unet(ours, inputs), run_unet(live, inputs))
     close(run_text(ours, inputs), run_text(live, inputs))
+
+
+def test_merge_refuses_adapters_of_different_families_before_writing(files, tmp_path, capsys):
+    """Issue 29: an SD 1.x and an SDXL adapter made one file that both bases refuse. Refused in
+    one line naming both files and families, however the family shows: the cross-attention
+    width, the new words' encoders and width, or kohya's metadata."""
+    xl, _ = make_adapter_file(lambda: load_base("tiny-xl"), tmp_path / "xl.safetensors")
+    with pytest.raises(SdloraError) as refused:
+        merge_adapters([(load_adapter(files[0]), 1.0), (load_adapter(xl), 0.5)])
+    text = str(refused.value)
+    assert f"{files[0].name} is an SD 1.x adapter and {xl.name} an SDXL one" in text, text
+    assert "different model families cannot be merged" in text and "\n" not in text
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", str(files[0]), str(xl), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sdlora: ") and err.count("\n") == 1 and "SDXL" in err
+    assert not out.exists() and not list(tmp_path.glob(".m.safetensors*"))
+
+    attn1 = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    factors = ModuleFactors(down=torch.randn(2, 32), up=torch.randn(32, 2))
+    worded = Adapter(  # nothing but its word (32 wide: tiny's text encoder) says SD 1.x
+        {attn1: factors},
+        source="worded.safetensors",
+        embeddings={"ohwx": {"text_encoder": torch.zeros(1, 32)}},
+    )
+    versioned = Adapter(  # only kohya's metadata says SD 1.x
+        {attn1: factors}, metadata={"ss_base_model_version": "sd_v1"}, source="v1.safetensors"
+    )
+    for sd1 in (worded, versioned):
+        with pytest.raises(SdloraError, match=rf"{sd1.source} is an SD 1.x adapter and .*SDXL"):
+            merge_adapters([(sd1, 1.0), (load_adapter(xl), 1.0)])
+
+
+def test_adapters_of_one_family_merge_however_their_family_shows(files, inputs, tmp_path):
+    """A file whose base shows only in its metadata merges with one whose widths show it."""
+    attn1 = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    named = Adapter(
+        {attn1: ModuleFactors(down=torch.randn(2, 32), up=torch.randn(32, 2))},
+        metadata={"sdlora_base_model": "tiny"},
+        source="named.safetensors",
+    )
+    save_adapter(named, tmp_path / "named.safetensors")
+    merged, _ = merge_adapters([(load_adapter(files[0]), 0.6), (named, 0.5)])
+    save_adapter(merged, tmp_path / "m.safetensors")
+    ours = load_base("tiny")
+    Mixer(ours).add(tmp_path / "m.safetensors")
+    live = live_blend([files[0], tmp_path / "named.safetensors"], (0.6, 0.5))
+    close(run_unet(ours, inputs), run_unet(live, inputs))

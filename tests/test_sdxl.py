@@ -194,7 +194,7 @@ def test_ui_mix_merge_on_tiny_xl_writes_kohya_names_and_equals_the_blend(tmp_pat
     """The web UI's "save the mix as one LoRA" keeps SDXL's SGM names, and the file is exact."""
     from sdlora.io.files import save_adapter
     from sdlora.io.formats import load_adapter
-    from sdlora.ui.merge import merge_exact
+    from sdlora.tools.merge import merge_exact
 
     a, _ = make_xl_adapter(tmp_path / "a.safetensors", seed=1)
     b, _ = make_xl_adapter(tmp_path / "b.safetensors", seed=2)
@@ -202,7 +202,7 @@ def test_ui_mix_merge_on_tiny_xl_writes_kohya_names_and_equals_the_blend(tmp_pat
     mixer = Mixer(live)
     mixer.add(a, strength=0.7)
     mixer.add(b, strength=0.4)
-    items = [("a", load_adapter(a), 0.7), ("b", load_adapter(b), 0.4)]
+    items = [(load_adapter(a), 0.7), (load_adapter(b), 0.4)]
     merged = merge_exact(items, mixer.models)
     assert set(merged.modules) == set(load_adapter(a).modules)
     assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in merged.modules

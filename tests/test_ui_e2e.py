@@ -223,9 +223,19 @@ def test_api_refuses_path_escapes_and_foreign_uploads(server, tmp_path):
         (fake, "safetensors"),
         (pickle, ".safetensors"),
     ]:
-        with pytest.raises(AppError, match=message):
+        with pytest.raises(AppError, match=message) as refused:
             client.predict(handle_file(str(upload)), api_name="/upload_adapter")
+        said = str(refused.value)  # no path: not where the server keeps the upload
+        assert "/" not in said, said
     assert adapter_files() == before  # nothing was added
+    # uploads went to the UI's own cache under its outputs, and refused ones are gone from it
+    # (Gradio leaves an empty temporary file per upload: aged out, and emptied at start)
+    cache = server["outputs"] / ".cache"
+    kept = [p for p in cache.rglob("*") if p.is_file() and p.stat().st_size]
+    assert cache.is_dir() and not kept, kept
+    with pytest.raises(AppError, match="too long") as refused:  # issue 29: was a raw OSError
+        client.predict("x", {"a" * 10_000: 0.5}, steps=1, api_name="/generate")
+    assert len(str(refused.value)) < 400
     assert not list(server["outputs"].rglob("*evil*")) and not list(server["root"].rglob("leak*"))
 
     # nothing outside the outputs folder is served as a file

@@ -181,7 +181,7 @@ def test_generated_png_carries_its_recipe(ctx):
     [
         (dict(prompt=""), "prompt"),
         (dict(prompt="x", scheduler="magic"), "scheduler"),
-        (dict(prompt="x", num_images=99), "number of images"),
+        (dict(prompt="x", num_images=99), "num_images must be from 1 to 64"),
         (dict(prompt="x", width=99999), "width"),
         (dict(prompt="x", steps=0), "steps"),
     ],
@@ -468,18 +468,24 @@ def test_export_asks_before_writing_the_base_alone_and_speaks_ui_words(ctx):
     assert "--" not in str(err.value)
 
 
-def test_messages_in_ui_words():
-    import tempfile
+def test_messages_in_ui_words(ctx, tmp_path):
+    """Errors about a setting name it by its label, not a flag; an upload's message names the
+    file, not where the server keeps it; messages are text, never markup."""
+    from sdlora.ui.common import failed, message
 
-    from sdlora.ui.common import failed, in_ui_words
-
-    tmp = f"{tempfile.gettempdir()}/gradio/0a1b2c3d/"
-    assert in_ui_words(f"{tmp}x.safetensors: not a LoRA") == "x.safetensors: not a LoRA"
-    assert in_ui_words("x exists; choose another --out or pass --overwrite") == (
-        "x exists; choose another out or tick Overwrite"
-    )
-    assert in_ui_words("--guidance must be from 0 to 100") == "guidance must be from 0 to 100"
+    err = SdloraError("must be from 0 to 100", setting="guidance")
+    assert message(err) == "Guidance must be from 0 to 100" and "--" not in failed(err)
     assert "&lt;b&gt;" in failed("<b>")  # messages are text, never markup
+    assert "<b>x</b>" in failed("**x** and a lone **")
+    held = ctx.cache / "0a1b2c3d" / "x.safetensors"  # where Gradio keeps an upload
+    held.parent.mkdir(parents=True)
+    held.write_bytes(b"not a safetensors file")
+    with pytest.raises(SdloraError) as refused:
+        h.upload_adapter(ctx, held)
+    assert str(refused.value).startswith("x.safetensors: ") and str(ctx.cache) not in str(
+        refused.value
+    )
+    assert not held.exists()  # a refused upload does not stay in the cache
 
 
 def test_a_file_for_another_base_says_which(ctx, folders):
@@ -532,3 +538,118 @@ def test_export_distills_nonlinear_adapters_to_plain_loras(ctx, folders):
         "bent.distilled-r2": 0.5,
         "style": 0.3,
     }
+
+
+def test_merged_lora_export_keeps_conv_shapes_and_new_words(ctx, folders, inputs):
+    """The UI's "one merged LoRA" is the library's merge: LoCon conv factors (kernel-shaped in
+    one file, flattened in another) and a pivotal-tuning word come through, and the file
+    equals the live blend."""
+    from dataclasses import replace
+
+    from sdlora.io.files import save_adapter
+    from sdlora.io.formats import load_adapter
+    from sdlora.lora.adapter import ModuleFactors
+
+    made = [folders["adapters"] / f"{n}.safetensors" for n in ("conv", "flatword")]
+    path, _ = make_adapter_file(
+        lambda: load_base("tiny"), made[0], targets="locon", text_encoder=False, seed=4
+    )
+    conv = load_adapter(path)
+    kernels = [k for k, m in conv.modules.items() if m.down.dim() == 4 and m.down.shape[2] == 3]
+    assert kernels  # 3×3 convolutions
+    word = torch.randn(2, 32, generator=torch.Generator().manual_seed(5)) * 0.2
+    flat = replace(
+        conv,
+        modules={  # the same modules as (r, in·kh·kw) and (out, r) matrices, as some tools save
+            k: ModuleFactors(m.down.flatten(1) * 0.5, m.up.flatten(1), m.alpha)
+            for k, m in conv.modules.items()
+        },
+        embeddings={"ohwx": {"text_encoder": word}},
+    )
+    save_adapter(flat, made[1])
+    mix = {"conv": 0.7, "flatword": 0.4, "style": 0.5}
+    try:
+        out = ex.run_export(ctx, "tiny", mix, "lora", name="conv-words")
+        merged = load_adapter(out)
+        assert merged.embeddings.keys() == {"ohwx"}
+        assert torch.equal(merged.embeddings["ohwx"]["text_encoder"], word)
+        for key in kernels:
+            assert merged.modules[key].down.shape[2:] == (3, 3) and merged.modules[key].rank == 8
+        live = load_base("tiny")
+        mixer = Mixer(live)
+        for name, strength in mix.items():
+            mixer.add(folders["adapters"] / f"{name}.safetensors", strength=strength)
+        ours = load_base("tiny")
+        Mixer(ours).add(out)
+        assert (run_unet(live, inputs) - run_unet(load_base("tiny"), inputs)).abs().max() > 1e-3
+        torch.testing.assert_close(
+            run_unet(ours, inputs), run_unet(live, inputs), atol=1e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(
+            run_text(ours, inputs), run_text(live, inputs), atol=1e-5, rtol=1e-5
+        )
+    finally:
+        for path in made:
+            path.unlink()
+
+
+def test_a_very_long_adapter_name_is_one_short_line(ctx):
+    """Issue 29: a 10,000-character `<lora:…>` name gave a raw OSError (file name too long)."""
+    long = "a" * 10_000
+    for attempt in (
+        lambda: h.add_from_prompt(ctx, Session("tiny"), f"x <lora:{long}:0.5>"),
+        lambda: h.mix_files(ctx, {long: 1.0}),
+        lambda: h.mix_files(ctx, {"a/" * 3000 + "b": 1.0}),
+        lambda: h.adapter_info(ctx, long),
+    ):
+        with pytest.raises(SdloraError) as refused:
+            attempt()
+        text = str(refused.value)
+        assert "too long" in text and " characters): " in text  # the name cut short
+        assert "\n" not in text and len(text) < 300, text
+
+
+def test_gradio_cache_is_the_uis_own_folder_emptied_at_start(tmp_path):
+    """Issue 29: uploads stayed in the system's temp folder with no limit; now they go to a
+    hidden folder of the outputs, emptied when the app starts and aged out while it runs."""
+    from sdlora.ui.app import CACHE_LIMITS, build_app
+
+    outputs = tmp_path / "outputs"
+    stale = outputs / ".cache" / "0a1b" / "old.safetensors"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"left by an earlier run")
+    before = os.environ.get("GRADIO_TEMP_DIR")
+    try:
+        app = build_app("tiny", tmp_path / "adapters", tmp_path / "datasets", outputs, device="cpu")
+        cache = outputs.resolve() / ".cache"
+        assert os.environ["GRADIO_TEMP_DIR"] == str(cache) == app.GRADIO_CACHE
+        assert app.delete_cache == CACHE_LIMITS and cache.is_dir() and not any(cache.iterdir())
+        uploads = [b for b in app.blocks.values() if isinstance(getattr(b, "GRADIO_CACHE", 0), str)]
+        assert uploads and all(b.GRADIO_CACHE == str(cache) for b in uploads)
+    finally:
+        if before is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = before
+
+
+def test_the_ui_process_keeps_its_temporary_files_in_its_outputs(tmp_path):
+    """`sdlora ui` sends this process's and its training runs' temporary files into the outputs
+    folder (the README: it writes only inside its three folders); torch's compile cache stays."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "outputs" / ".cache" / "tmp"
+    code = (
+        "import os, tempfile; from pathlib import Path; "
+        "from sdlora.ui.app import keep_temporary_files_in as k; "
+        f"k(Path({str(folder)!r})); "
+        "print(tempfile.gettempdir()); print(os.environ['TMPDIR']); "
+        "print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR")}
+    lines = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    ).stdout.split()
+    assert lines[:2] == [str(folder), str(folder)] and folder.is_dir()
+    assert not lines[2].startswith(str(tmp_path))

@@ -8,40 +8,65 @@ path = client.predict({"style": 0.8}, "single-file", api_name="/export")
 
 from __future__ import annotations
 
+import inspect
+import typing
 from collections.abc import Callable
 
 import gradio as gr
 
+from sdlora.bases.generate import SETTINGS, GenerateSettings
 from sdlora.ui import exporting as ex
 from sdlora.ui import handlers as h
 from sdlora.ui.paths import relative
+
+
+def _generate_signature() -> inspect.Signature:
+    """`/generate`'s parameters: the prompt, the adapters {name: strength}, then every other
+    generation setting of the library's list (`SETTINGS`) with its default, then the base."""
+    types = typing.get_type_hints(GenerateSettings)
+    fields = GenerateSettings.__dataclass_fields__
+
+    def parameter(name: str, annotation, default=inspect.Parameter.empty) -> inspect.Parameter:
+        return inspect.Parameter(
+            name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=annotation
+        )
+
+    first, *rest = SETTINGS
+    return inspect.Signature(
+        [
+            parameter(first, types[first]),
+            parameter("adapters", dict[str, float] | None, None),
+            *[parameter(name, types[name], fields[name].default) for name in rest],
+            parameter("base", str, ""),
+        ]
+    )
+
+
+GENERATE = _generate_signature()
+GENERATE_DOC = (
+    "Draw images with adapters {name: strength} from the adapters folder; returns PNGs that carry "
+    "prompt, seed, adapters and strengths in their metadata. Steps and guidance default to the "
+    "base's recommended values (toy: 20 and 2; SD: 25 and 7.5); width and height to its native "
+    "size. Settings: " + "; ".join(f"{s.name}: {s.help}" for s in SETTINGS.values())
+)
 
 
 def add_api(ctx: h.Context, guard: Callable[[Callable], Callable], gpu: str) -> None:
     """Register `/generate`, `/export`, `/inspect` and `/upload_adapter` on the Blocks being
     built. Unlike the page's buttons, these raise errors, so `gradio_client` receives them."""
 
-    def generate(
-        prompt: str,
-        adapters: dict[str, float] | None = None,
-        negative_prompt: str = "",
-        steps: int | None = None,
-        guidance: float | None = None,
-        seed: int = 0,
-        width: int = 0,
-        height: int = 0,
-        scheduler: str = "pndm",
-        num_images: int = 1,
-        base: str = "",
-    ) -> list[gr.FileData]:
-        """Draw images with adapters {name: strength} from the adapters folder; returns PNGs
-        that carry prompt, seed, adapters and strengths in their metadata. Steps and guidance
-        default to the base's recommended values (toy: 20 and 2; SD: 25 and 7.5)."""
-        settings = h.make_settings(
-            prompt, negative_prompt, steps, guidance, seed, width, height, scheduler, num_images
-        )
-        files = h.run_generate(ctx, base, adapters, settings)
+    def generate(*args, **kwargs) -> list[gr.FileData]:
+        form = GENERATE.bind(*args, **kwargs)
+        form.apply_defaults()
+        values = dict(form.arguments)
+        adapters, base = values.pop("adapters"), values.pop("base")
+        files = h.run_generate(ctx, base, adapters, h.make_settings(**values))
         return [gr.FileData(path=str(f), orig_name=f.name) for f in files]
+
+    generate.__signature__ = GENERATE.replace(return_annotation=list[gr.FileData])
+    generate.__annotations__ = {p.name: p.annotation for p in GENERATE.parameters.values()}
+    generate.__annotations__["return"] = list[gr.FileData]
+    generate.__doc__ = GENERATE_DOC
 
     def export(
         adapters: dict[str, float] | None = None,
@@ -66,7 +91,8 @@ def add_api(ctx: h.Context, guard: Callable[[Callable], Callable], gpu: str) -> 
         return h.upload_adapter(ctx, upload)
 
     # a file input needs a component: hidden ones carry the upload and the name returned
-    upload_in = gr.File(visible=False, file_types=[".safetensors"], type="filepath")
+    # no file_types: Gradio would refuse other files before the handler, which deletes them
+    upload_in = gr.File(visible=False, type="filepath")
     name_out = gr.Textbox(visible=False)
     upload_in.upload(
         guard(upload_adapter),

@@ -14,6 +14,8 @@ API endpoints for `gradio_client` (see README): `/generate`, `/export`, `/inspec
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import gradio as gr
@@ -25,6 +27,8 @@ from sdlora.ui.api import add_api
 from sdlora.ui.common import CSS, FREE, GPU, guard, on
 from sdlora.ui.engine import Engine
 from sdlora.ui.state import Session
+
+CACHE_LIMITS = (600, h.CACHE_MAX_AGE)  # delete_cache: every 10 minutes, old uploads go
 
 
 def build_app(
@@ -44,10 +48,13 @@ def build_app(
         engine=Engine(device),
         max_upload_bytes=max_upload_mb * 2**20,
     )
+    # Gradio keeps uploads in the UI's own cache folder, emptied now and aged out while serving;
+    # it reads the variable as each component and the server are made, so before any of them.
+    os.environ["GRADIO_TEMP_DIR"] = str(h.clean_cache(ctx))
     # Results are served straight from the outputs folder (no copies into Gradio's cache).
     gr.set_static_paths([ctx.outputs])
 
-    with gr.Blocks(title="sdlora mixer", analytics_enabled=False) as app:
+    with gr.Blocks(title="sdlora mixer", analytics_enabled=False, delete_cache=CACHE_LIMITS) as app:
         session = gr.State(Session(base=base))
         stored = gr.BrowserState({}, storage_key=mix_history.STORAGE_KEY)
         gr.Markdown(
@@ -111,6 +118,18 @@ def build_app(
     return app
 
 
+def keep_temporary_files_in(folder: Path) -> None:
+    """Send this process's temporary files (and its children's: training runs) into `folder`,
+    so the UI writes nothing outside its folders. torch's compile cache stays where it was: it
+    outlives the app, and emptying it would make every training run compile again."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TMPDIR"] = str(folder)
+    tempfile.tempdir = str(folder)
+
+
 def launch(
     app: gr.Blocks,
     host: str = "127.0.0.1",
@@ -120,6 +139,7 @@ def launch(
     block: bool = True,
 ) -> None:
     """Serve the app: local only unless `host` says otherwise, a share link only if asked."""
+    os.environ["GRADIO_TEMP_DIR"] = app.GRADIO_CACHE  # this app's cache, if others were built since
     app.launch(
         css=CSS,
         server_name=host,

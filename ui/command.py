@@ -9,8 +9,12 @@ Open the mixer web UI: load adapters from the adapters folder (or upload them), 
 strength sliders, generate, compare strengths on a grid, export merged checkpoints or one merged
 LoRA, train new adapters on a dataset folder, and inspect adapter files.
 
-The UI only reads and writes inside the folders given here. It listens on 127.0.0.1 (this
-machine only) unless --host says otherwise, and makes no public link unless --share is given.
+The UI only reads and writes inside the folders given here: uploads and temporary files go to
+the hidden .cache folder of --outputs, emptied at start (uploads are deleted once handled, and
+whatever is left there after an hour goes). The models' own caches stay where their libraries
+keep them (Hugging Face downloads of a Hub-id base, torch's compile cache). It listens on
+127.0.0.1 (this machine only) unless --host says otherwise, and makes no public link unless
+--share is given.
 Jobs that run the model go one at a time through a queue; each visitor has their own mix.
 """
 
@@ -65,7 +69,10 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Build the app from parsed arguments and serve it until interrupted."""
-    from sdlora.ui.app import build_app, launch  # gradio and torch only once the UI starts
+    from pathlib import Path
+
+    from sdlora.ui.app import build_app, keep_temporary_files_in, launch  # gradio, torch now
+    from sdlora.ui.handlers import CACHE
 
     app = build_app(
         base=args.base,
@@ -75,5 +82,6 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         max_upload_mb=args.max_upload_mb,
     )
+    keep_temporary_files_in(Path(args.outputs).resolve() / CACHE / "tmp")
     launch(app, host=args.host, port=args.port, share=args.share, max_upload_mb=args.max_upload_mb)
     return 0

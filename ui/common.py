@@ -12,8 +12,9 @@ until that button (or another on the same line) is pressed again. Wire a button 
 The handler returns one value per output, then the status text (`done(...)`; a plain string is
 shown as a confirmation too); generators yield the same. When it raises, the status line shows
 the reason (`failed`) and every other output is left as it was (`gr.skip()`), so a mistake never
-puts Gradio's error overlay on components elsewhere on the page. `guard` is for API endpoints,
-where `gradio_client` should receive the error itself.
+puts Gradio's error overlay on components elsewhere on the page. An error about one setting
+(`SdloraError(..., setting="width")`) names it by the label of its control. `guard` is for API
+endpoints, where `gradio_client` should receive the error itself.
 """
 
 from __future__ import annotations
@@ -22,13 +23,11 @@ import functools
 import html
 import inspect
 import logging
-import re
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 
 import gradio as gr
 
+from sdlora.bases.generate import label_of
 from sdlora.errors import SdloraError
 from sdlora.ui.state import MAX_ADAPTERS, Session
 
@@ -58,8 +57,12 @@ def status_line(elem_id: str) -> gr.HTML:
 def _inline(text: str) -> str:
     """Escape `text`, then render its **bold** and `code` spans (all the markup messages use)."""
     text = html.escape(text)
-    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+    for mark, tag in (("**", "b"), ("`", "code")):
+        parts = text.split(mark)
+        if len(parts) % 2 == 0:  # an unpaired mark stays as it is
+            parts[-2:] = [parts[-2] + mark + parts[-1]]
+        text = "".join(f"<{tag}>{part}</{tag}>" if i % 2 else part for i, part in enumerate(parts))
+    return text
 
 
 def done(text: str) -> str:
@@ -82,26 +85,22 @@ def queued(engine) -> str:
     )
 
 
-def failed(text: str) -> str:
-    """An error for a status line, in the UI's words (see `in_ui_words`)."""
-    return f'<span class="sd-error">⚠ {_inline(in_ui_words(text))}</span>'
+def failed(error: str | Exception, labels: Callable[[str], str] = label_of) -> str:
+    """An error for a status line; an `SdloraError` names its setting by its label in the UI."""
+    return f'<span class="sd-error">⚠ {_inline(message(error, labels))}</span>'
 
 
-_FLAG = re.compile(r"(?<![\w/-])--([a-z][a-z0-9-]*)")
-_GRADIO_TMP = re.compile(re.escape(str(Path(tempfile.gettempdir()) / "gradio")) + r"/[^/\s]+/")
-
-
-def in_ui_words(text: str) -> str:
-    """A library message made fit for the page: no command-line flags, no upload temp paths."""
-    text = _GRADIO_TMP.sub("", text)
-    text = re.sub(r"\bpass --overwrite\b", "tick Overwrite", text)
-    return _FLAG.sub(lambda m: m.group(1).replace("-", " "), text)
-
-
-def _message(err: Exception, where: str) -> str:
-    if isinstance(err, SdloraError | gr.Error):
-        return str(err.message if isinstance(err, gr.Error) else err)
-    logger.exception("unexpected error in %s", where)
+def message(err: str | Exception, labels: Callable[[str], str] = label_of, where: str = "") -> str:
+    """What the page says about `err`: a user mistake in its own words, with the setting it is
+    about named by `labels` (the generation settings' labels by default); anything unexpected
+    is logged with its traceback and named by its type."""
+    if isinstance(err, str):
+        return err
+    if isinstance(err, SdloraError):
+        return err.worded(labels)
+    if isinstance(err, gr.Error):
+        return str(err.message)
+    logger.exception("unexpected error in %s", where or "a handler")
     return f"{type(err).__name__}: {err}"
 
 
@@ -111,9 +110,11 @@ def on(
     inputs: list | gr.components.Component | None,
     outputs: list,
     status: gr.HTML,
+    labels: Callable[[str], str] = label_of,
     **kwargs,
 ):
-    """Wire `fn` to `trigger` (e.g. `button.click`) with its messages going to `status`.
+    """Wire `fn` to `trigger` (e.g. `button.click`) with its messages going to `status`; an
+    error about one setting names it by `labels(setting)`.
 
     Returns the event, for `.then(...)` or an Interrupt button's `cancels=`. Progress and queue
     position show on `status` only, so no other component is covered while the job runs.
@@ -121,7 +122,7 @@ def on(
     n = len(outputs)
 
     def fail(err: Exception) -> tuple:
-        return (*[gr.skip()] * n, failed(_message(err, fn.__name__)))
+        return (*[gr.skip()] * n, failed(message(err, labels, fn.__name__)))
 
     def shaped(result):
         result = result if isinstance(result, tuple | list) and n else (result,)
@@ -154,12 +155,13 @@ def on(
 
 
 def guard(fn: Callable) -> Callable:
-    """For API endpoints: SdloraError (and anything unexpected) as gr.Error, not a traceback."""
+    """For API endpoints: SdloraError (and anything unexpected) as gr.Error, not a traceback.
+    An error about one setting names it as the API does: by its parameter name."""
 
     def translate(err: Exception) -> gr.Error:
         if isinstance(err, gr.Error):
             return err
-        return gr.Error(_message(err, fn.__name__), print_exception=False)
+        return gr.Error(message(err, str, fn.__name__), print_exception=False)
 
     if inspect.isgeneratorfunction(fn):
 

@@ -5,24 +5,28 @@ plain LoRAs (`sdlora.tools.distill`) so that a mix holding them can be exported.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from sdlora.errors import SdloraError
 from sdlora.io.files import save_adapter
 from sdlora.io.formats import load_adapter
 from sdlora.io.writing import written_file
+from sdlora.lora.adapter import Adapter
+from sdlora.lora.blend import Mixer
 from sdlora.lora.blocks import parse_blocks, scale_blocks
 from sdlora.tools.distill import distill_adapter
 from sdlora.tools.export import export_diffusers, export_single_file, parse_dtype
+from sdlora.tools.merge import merge_exact
 from sdlora.ui import handlers as h
 from sdlora.ui import paths
 from sdlora.ui.engine import Engine
-from sdlora.ui.merge import merge_exact
 
 Progress = Callable[[float, str], None]
 DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
@@ -255,12 +259,23 @@ def run_export(
             return export_diffusers(pipe, out, dtype, overwrite=overwrite)
         if fmt == "single-file":
             return export_single_file(pipe, out, dtype, overwrite=overwrite)
-        merged = merge_exact(
-            [
-                (n, scale_blocks(mixer.entries[n].adapter, parse_blocks(blocks.get(n))), s)
-                for n, (_, s) in mix.items()
-                if s != 0.0
-            ],
-            mixer.models,
+        return save_adapter(merge_mix(mixer, mix, blocks), out, overwrite=overwrite)
+
+
+def merge_mix(mixer: Mixer, mix: dict[str, tuple[Path, float]], blocks: dict[str, str]) -> Adapter:
+    """The mix (its adapters at their strengths and per-block strengths) as one exact LoRA, by
+    the library's `merge_exact` keyed as the loaded base's family names its modules. Adapters at
+    strength 0 are left out; messages name adapters as the mix does."""
+    items = [
+        (
+            replace(scale_blocks(mixer.entries[n].adapter, parse_blocks(blocks.get(n))), source=n),
+            s,
         )
-        return save_adapter(merged, out, overwrite=overwrite)
+        for n, (_, s) in mix.items()
+        if s != 0.0
+    ]
+    if not items:
+        raise SdloraError("the mix is empty; enable at least one adapter to merge")
+    merged = merge_exact(items, mixer.models)
+    merged.metadata["sdlora_merged_from"] = json.dumps({a.source: s for a, s in items})
+    return merged

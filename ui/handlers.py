@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdlora.bases.base import BUILTIN
-from sdlora.bases.generate import SCHEDULERS, GenerateSettings, generate, save_png
+from sdlora.bases.generate import SETTINGS, GenerateSettings, check_numbers, generate, save_png
 from sdlora.bases.grid import labelled_grid
 from sdlora.errors import SdloraError
 from sdlora.io.formats import load_adapter
@@ -31,8 +31,12 @@ from sdlora.ui.state import Session
 
 Progress = Callable[[float, str], None]
 MAX_UPLOAD_BYTES = 2 * 1024**3  # 2 GiB: larger than any SD 1.x LoRA
-MAX_SIDE = 2048  # pixels
-MAX_IMAGES = 16  # per generate call, and cells per compare grid
+CACHE = ".cache"  # under the outputs folder: uploads and temporary files, emptied at start
+CACHE_MAX_AGE = 3600  # seconds an upload may stay in the cache while the app runs
+MAX_CELLS = SETTINGS["num_images"].maximum  # images in one compare grid, as in one generate call
+# The form's own values below the library's bounds: width/height 0 is the base's native size,
+# seed -1 a fresh random seed. Every other bound is the library's (`SETTINGS`).
+FORM_FLOOR = {"width": (0, "0 = native"), "height": (0, "0 = native"), "seed": (-1, "-1 = random")}
 
 
 def _quiet(fraction: float, text: str) -> None:
@@ -56,6 +60,33 @@ class Context:
         self.outputs = Path(self.outputs).resolve()
         self.adapters.mkdir(parents=True, exist_ok=True)
         self.outputs.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def cache(self) -> Path:
+        """The UI's own temporary files (Gradio's uploads): a hidden folder of the outputs."""
+        return self.outputs / CACHE
+
+
+def prune_cache(ctx: Context, max_age: float = CACHE_MAX_AGE) -> None:
+    """Delete what in the cache is older than `max_age` seconds, and folders left empty (Gradio
+    ages out the uploads it tracks; this catches the rest, such as its upload residue)."""
+    now = time.time()
+    for path in sorted(ctx.cache.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        try:
+            if path.is_dir() and not path.is_symlink():
+                if not any(path.iterdir()):
+                    path.rmdir()
+            elif now - path.lstat().st_mtime > max_age:
+                path.unlink()
+        except OSError:  # gone meanwhile, or in use: the next pass or the next start takes it
+            continue
+
+
+def clean_cache(ctx: Context) -> Path:
+    """Empty the cache folder (nothing in it outlives the app that wrote it); return it."""
+    shutil.rmtree(ctx.cache, ignore_errors=True)
+    ctx.cache.mkdir(parents=True)
+    return ctx.cache
 
 
 # ---------------------------------------------------------------- bases and adapters
@@ -158,6 +189,7 @@ def add_from_prompt(ctx: Context, session: Session, prompt: str) -> tuple[str, l
     """
     clean, strengths, blocks = split_lora_tags(prompt)
     for name, strength in strengths.items():
+        paths.adapter_file(ctx.adapters, name)  # refuses a name no file can have, in one line
         check_ui_strength(strength, f"<lora:{name}:{strength:g}>")
         if name in blocks:
             parse_blocks(blocks[name])
@@ -199,8 +231,19 @@ def upload_adapter(ctx: Context, upload: str | Path, overwrite: bool = False) ->
     """Copy an uploaded `.safetensors` adapter into the adapters folder; return its name.
 
     The file is parsed with safetensors only (never unpickled) and must be a LoRA we can read.
+    Messages name the upload by its file name, never by where the server keeps it; the upload's
+    copy in the UI's cache is deleted once handled, taken or refused.
     """
     upload = Path(upload)
+    try:
+        return _take_upload(ctx, upload, overwrite)
+    finally:
+        if upload.is_relative_to(ctx.cache):
+            upload.unlink(missing_ok=True)
+            prune_cache(ctx)
+
+
+def _take_upload(ctx: Context, upload: Path, overwrite: bool) -> str:
     name = paths.clean_name(upload.name, "upload")
     if not name.lower().endswith(paths.ADAPTER_SUFFIX):
         raise SdloraError(f"{name}: only .safetensors adapter files can be uploaded")
@@ -210,7 +253,10 @@ def upload_adapter(ctx: Context, upload: str | Path, overwrite: bool = False) ->
             f"{name}: {size / 2**20:.0f} MiB is over the upload limit of "
             f"{ctx.max_upload_bytes / 2**20:.0f} MiB"
         )
-    load_adapter(upload)  # safetensors parse + LoRA layout check; raises SdloraError
+    try:
+        load_adapter(upload)  # safetensors parse + LoRA layout check; raises SdloraError
+    except SdloraError as err:  # the library names the file by the path it was given
+        raise SdloraError(err.message.replace(str(upload), name), err.setting) from None
     dest = paths.inside(ctx.adapters, name[: -len(paths.ADAPTER_SUFFIX)] + paths.ADAPTER_SUFFIX)
     if dest.exists() and not overwrite:
         raise SdloraError(f"{dest.name} is already in the adapters folder; rename the file first")
@@ -237,52 +283,55 @@ def mix_files(ctx: Context, strengths: dict[str, float] | None) -> dict[str, tup
 # ---------------------------------------------------------------- generate and compare
 
 
-def make_settings(
-    prompt: str,
-    negative_prompt: str = "",
-    steps: int | None = None,
-    guidance: float | None = None,
-    seed: int = 0,
-    width: int = 0,
-    height: int = 0,
-    scheduler: str = "pndm",
-    num_images: int = 1,
-) -> GenerateSettings:
-    """GenerateSettings from form values, checked. 0 width/height is the base's native size;
-    None steps/guidance the base's recommended values; seed -1 a fresh random seed."""
-    if not (prompt or "").strip():
+def form_bounds(name: str) -> tuple[float | None, float | None]:
+    """(lowest, highest) value a form control offers for generation setting `name`: the
+    library's bounds, reaching down to the form's 0 (native size) or -1 (random seed)."""
+    setting = SETTINGS[name]
+    return FORM_FLOOR.get(name, (setting.minimum,))[0], setting.maximum
+
+
+def form_label(name: str) -> str:
+    """The label of a generation setting's control: the library's, with what 0 or -1 means."""
+    label = SETTINGS[name].label
+    return f"{label} ({FORM_FLOOR[name][1]})" if name in FORM_FLOOR else label
+
+
+def make_settings(*values, **named) -> GenerateSettings:
+    """GenerateSettings from form values given in `SETTINGS` order (prompt, negative prompt,
+    steps, guidance, seed, width, height, scheduler, images) or by name, checked against the
+    library's bounds. 0 (or None) width/height is the base's native size; None steps/guidance
+    the base's recommended values; seed -1 (or None) a fresh random seed."""
+    form = dict(zip(SETTINGS, values, strict=False)) | named
+    if len(values) > len(SETTINGS) or not set(form) <= set(SETTINGS):
+        raise TypeError(f"make_settings takes the generation settings {', '.join(SETTINGS)}")
+    if not str(form.get("prompt") or "").strip():
         raise SdloraError("write a prompt first")
-    if scheduler not in SCHEDULERS:
-        raise SdloraError(
-            f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}"
-        )
-    for label, value in (("width", width), ("height", height)):
-        if not 0 <= int(value or 0) <= MAX_SIDE:
-            raise SdloraError(f"{label} must be between 0 (native) and {MAX_SIDE}")
-    if not 1 <= int(num_images) <= MAX_IMAGES:
-        raise SdloraError(f"number of images must be 1 to {MAX_IMAGES}")
-    if steps is not None and not 1 <= int(steps) <= 500:
-        raise SdloraError("steps must be 1 to 500")
-    if guidance is not None and not (
-        math.isfinite(float(guidance)) and 0 <= float(guidance) <= 100
-    ):
-        raise SdloraError("guidance must be from 0 to 100")
-    seed = int(seed if seed is not None else -1)
-    if seed == -1:
-        seed = random_seed()
-    if not 0 <= seed < 2**63:
-        raise SdloraError("seed must be -1 (random) or from 0 to 2**63 - 1")
-    return GenerateSettings(
-        prompt=prompt,
-        negative_prompt=negative_prompt or "",
-        steps=None if steps is None else int(steps),
-        guidance=None if guidance is None else float(guidance),
-        seed=int(seed),
-        width=int(width) or None,
-        height=int(height) or None,
-        scheduler=scheduler,
-        num_images=int(num_images),
-    )
+    settings = GenerateSettings(**{name: _form_value(name, value) for name, value in form.items()})
+    check_numbers(settings)
+    return settings
+
+
+def _form_value(name: str, value):
+    """One form value as GenerateSettings takes it: text as text, numbers as int or float (a
+    non-number refused, naming the setting), the form's 0 and -1 as what they stand for."""
+    setting = SETTINGS[name]
+    if setting.kind in ("text", "choice"):
+        return "" if value is None else str(value)
+    if name == "seed" and value in (None, FORM_FLOOR["seed"][0]):
+        return random_seed()
+    if value is None:
+        return GenerateSettings.__dataclass_fields__[name].default
+    try:
+        number = value if isinstance(value, int) else float(value)
+    except (TypeError, ValueError):
+        raise SdloraError(f"must be a number (got {value!r})", setting=name) from None
+    if setting.kind == "whole" and not isinstance(number, int):
+        if not number.is_integer():
+            raise SdloraError(f"must be a whole number (got {number:g})", setting=name)
+        number = int(number)
+    if name in FORM_FLOOR and number == FORM_FLOOR[name][0]:
+        return None
+    return number
 
 
 def random_seed() -> int:
@@ -375,8 +424,8 @@ def run_compare(
     y_values = y_values if y_name else [None]
     if y_name == x_name:
         raise SdloraError("pick two different adapters for an X/Y grid")
-    if len(x_values) * len(y_values) > MAX_IMAGES:
-        raise SdloraError(f"at most {MAX_IMAGES} cells in one grid")
+    if len(x_values) * len(y_values) > MAX_CELLS:
+        raise SdloraError(f"at most {MAX_CELLS} cells in one grid")
     settings.num_images = 1
     base_mix = dict(strengths or {})
     rows = []

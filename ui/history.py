@@ -13,24 +13,15 @@ from pathlib import Path
 
 from PIL import Image
 
+from sdlora.bases.generate import SETTINGS
 from sdlora.errors import SdloraError
 from sdlora.io.writing import written_file
 from sdlora.lora.prompt_tags import parse_parameters
 from sdlora.ui import paths
 
 MAX_SHOWN = 60  # newest images listed in the History gallery
-RECIPE_FIELDS = (
-    "prompt",
-    "negative_prompt",
-    "steps",
-    "guidance",
-    "seed",
-    "width",
-    "height",
-    "scheduler",
-    "adapters",
-    "blocks",
-)
+# what an image's record restores: its generation settings (one image each) and its mix
+RECIPE_FIELDS = (*(n for n in SETTINGS if n != "num_images"), "adapters", "blocks")
 
 
 def list_images(outputs: Path, most: int = MAX_SHOWN) -> list[Path]:

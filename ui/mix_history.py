@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from sdlora.bases.generate import SETTINGS
 from sdlora.errors import SdloraError
 from sdlora.ui import handlers as h
 from sdlora.ui import history
@@ -20,7 +21,7 @@ from sdlora.ui.state import Session
 from sdlora.ui.tab_mix import MixTab, history_items, render
 
 STORAGE_KEY = "sdlora-mixer"
-SETTINGS = ("prompt", "negative", "steps", "guidance", "seed", "width", "height", "scheduler")
+OLD_KEYS = {"negative": "negative_prompt"}  # page records kept before the keys were the settings'
 
 
 @dataclass
@@ -70,7 +71,8 @@ def page_record(session: Session, *settings) -> dict:
 
 
 def _settings_updates(values: dict) -> list:
-    """Updates for the Mix tab's settings from a {field: value} dict (absent: unchanged)."""
+    """Updates for the Mix tab's settings from a {setting: value} dict (absent: unchanged)."""
+    values = {OLD_KEYS.get(k, k): v for k, v in values.items()}
     return [gr.skip() if k not in values else values[k] for k in SETTINGS]
 
 
@@ -126,16 +128,13 @@ def wire(
         session.set_mix(
             [{"name": n, "strength": s, "blocks": blocks.get(n, "")} for n, s in adapters.items()]
         )
+        # an image's own settings; the number of images stays as the form has it
         values = {
-            "prompt": recipe.get("prompt", ""),
-            "negative": recipe.get("negative_prompt", ""),
-            "steps": recipe.get("steps"),
-            "guidance": recipe.get("guidance"),
-            "seed": recipe.get("seed"),
-            "width": recipe.get("width") or 0,
-            "height": recipe.get("height") or 0,
-            "scheduler": recipe.get("scheduler"),
+            k: recipe.get(k, "" if s.kind == "text" else None)
+            for k, s in SETTINGS.items()
+            if k != "num_images"
         }
+        values |= {"width": values["width"] or 0, "height": values["height"] or 0}
         values = {k: v for k, v in values.items() if v is not None}
         note = f"Restored {name}: seed {values.get('seed', '?')}, {history.caption(recipe)}; press Generate to draw it again."
         return [session, *render(ctx, session), *_settings_updates(values), note]

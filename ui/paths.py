@@ -7,13 +7,18 @@ Names come from the browser or the API, so they are treated as hostile: no absol
 from __future__ import annotations
 
 import re
+import string
 from pathlib import Path, PurePosixPath
 
 from sdlora.errors import SdloraError
 
 ADAPTER_SUFFIX = ".safetensors"
-# A name the UI writes: letters, digits, '.', '_', '-', ' ' and '+', not starting with '.' or ' '.
-SAFE_NAME = re.compile(r"[A-Za-z0-9_+\-][A-Za-z0-9._+\- ]{0,127}")
+# A name the UI writes: letters, digits, '.', '_', '-', ' ' and '+', not starting with '.' or ' '
+# nor ending with '.', at most 128 characters.
+SAFE_CHARS = frozenset(string.ascii_letters + string.digits + "._+- ")
+MAX_PART = 255  # bytes in one file or folder name (Linux, macOS and Windows file systems)
+MAX_PATH = 1024  # characters in a name with its folders: deeper is not a folder anyone keeps
+SHOWN_CHARS = 80  # characters of a name quoted in a message
 
 
 def inside(root: str | Path, name: str, what: str = "path") -> Path:
@@ -21,27 +26,49 @@ def inside(root: str | Path, name: str, what: str = "path") -> Path:
     if not isinstance(name, str) or not name.strip():
         raise SdloraError(f"{what}: no name given")
     if "\x00" in name or "\\" in name:
-        raise SdloraError(f"{what} {name!r}: use plain names with '/' between folders")
+        raise SdloraError(f"{what} {shown(name)}: use plain names with '/' between folders")
+    if len(name) > MAX_PATH or any(len(part.encode()) > MAX_PART for part in name.split("/")):
+        raise SdloraError(
+            f"{what} {shown(name)}: too long; a name has at most {MAX_PART} bytes between "
+            f"slashes and {MAX_PATH} characters in all"
+        )
     rel = PurePosixPath(name)
     if rel.is_absolute() or name.startswith("~") or re.match(r"^[A-Za-z]:", name):
         raise SdloraError(
-            f"{what} {name!r}: absolute paths are not allowed; give a name inside the folder"
+            f"{what} {shown(name)}: absolute paths are not allowed; give a name inside the folder"
         )
     if any(part in ("..", ".") for part in name.split("/")):
-        raise SdloraError(f"{what} {name!r}: '..' and '.' are not allowed in names")
+        raise SdloraError(f"{what} {shown(name)}: '..' and '.' are not allowed in names")
     base = Path(root).resolve()
-    path = (base / rel).resolve()
+    try:
+        path = (base / rel).resolve()
+    except OSError as err:  # a link loop, a name the file system refuses
+        raise SdloraError(f"{what} {shown(name)}: cannot be looked up ({err.strerror})") from None
     if not path.is_relative_to(base) or path == base:
-        raise SdloraError(f"{what} {name!r}: leads outside its folder; nothing was read or written")
+        raise SdloraError(
+            f"{what} {shown(name)}: leads outside its folder; nothing was read or written"
+        )
     return path
+
+
+def shown(name: str) -> str:
+    """`name` quoted for a message, cut short (saying how long it was) when it is long."""
+    if len(name) <= SHOWN_CHARS:
+        return repr(name)
+    return f"{name[: SHOWN_CHARS - 20]!r}… ({len(name)} characters)"
 
 
 def clean_name(name: str, what: str = "name") -> str:
     """A single file name the UI may create (no folders, no hidden files); else an error."""
     name = (name or "").strip()
-    if not SAFE_NAME.fullmatch(name) or name.endswith("."):
+    if not (
+        0 < len(name) <= 128
+        and set(name) <= SAFE_CHARS
+        and name[0] not in ". "
+        and not name.endswith(".")
+    ):
         raise SdloraError(
-            f"{what} {name!r}: use letters, digits, '-', '_', '.' and spaces only "
+            f"{what} {shown(name)}: use letters, digits, '-', '_', '.' and spaces only "
             "(no folders, at most 128 characters)"
         )
     return name
@@ -53,7 +80,9 @@ def adapter_file(root: str | Path, name: str) -> Path:
         name += ADAPTER_SUFFIX
     path = inside(root, name, "adapter")
     if not path.is_file():
-        raise SdloraError(f"adapter {name!r}: no such file in the adapters folder; press refresh")
+        raise SdloraError(
+            f"adapter {shown(name)}: no such file in the adapters folder; press refresh"
+        )
     return path
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from sdlora.bases.generate import SETTINGS
 from sdlora.ui import handlers as h
 from sdlora.ui.common import FREE, JOB, on, queued, reporter, status_line, sync_mix, waiting
 from sdlora.ui.state import Session
@@ -52,14 +53,6 @@ def wire(ctx: h.Context, tab: CompareTab, session: gr.State, mix: MixTab) -> Non
     def on_compare(
         session: Session,
         base: str,
-        prompt: str,
-        negative: str,
-        steps: int,
-        guidance: float,
-        seed: int,
-        width: int,
-        height: int,
-        scheduler: str,
         x_name: str,
         x_text: str,
         y_name: str,
@@ -67,10 +60,10 @@ def wire(ctx: h.Context, tab: CompareTab, session: gr.State, mix: MixTab) -> Non
         progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio injects it)
         *values,
     ) -> tuple:
-        session = sync_mix(session, base, values)
-        settings = h.make_settings(
-            prompt, negative, steps, guidance, seed, width, height, scheduler
-        )
+        """`values`: the Mix tab's generation settings (`SETTINGS` order), then its mix."""
+        form, mix_values = values[: len(SETTINGS)], values[len(SETTINGS) :]
+        session = sync_mix(session, base, mix_values)
+        settings = h.make_settings(*form)
         y_name = "" if y_name in (None, NO_SECOND) else y_name
         x_values = h.parse_strengths(x_text, "X strengths")
         y_values = h.parse_strengths(y_text, "Y strengths") if y_name else None
@@ -112,11 +105,11 @@ def wire(ctx: h.Context, tab: CompareTab, session: gr.State, mix: MixTab) -> Non
         [
             session,
             mix.base_dd,
-            *mix.settings,
             tab.x_dd,
             tab.x_vals,
             tab.y_dd,
             tab.y_vals,
+            *mix.settings,
             *mix.mix_values,
         ],
         [tab.grid],

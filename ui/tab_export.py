@@ -135,7 +135,7 @@ def wire(ctx: h.Context, tab: ExportTab, session: gr.State, mix: MixTab, tab_ite
                 notes=notes,
             )
         except ex.BaseAlone as err:
-            return [gr.skip(), gr.skip(), gr.Row(visible=True), failed(str(err))]
+            return [gr.skip(), gr.skip(), gr.Row(visible=True), failed(err)]
         files = [ex.zip_folder(out, reporter(progress))] if out.is_dir() else [out]
         mix_text = (
             ", ".join(f"{n} {s:g}" for n, s in session.strengths().items()) or "the base alone"

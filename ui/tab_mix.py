@@ -19,12 +19,13 @@ from urllib.parse import quote
 import gradio as gr
 from PIL import Image
 
-from sdlora.bases.generate import SCHEDULERS
+from sdlora.bases.generate import SETTINGS
 from sdlora.bases.recommend import guidance_and_steps
 from sdlora.errors import SdloraError
 from sdlora.lora.blocks import parse_blocks
 from sdlora.ui import handlers as h
 from sdlora.ui.common import FREE, JOB, failed, on, queued, reporter, status_line, sync_mix, waiting
+from sdlora.ui.controls import SettingNumber, SettingSlider
 from sdlora.ui.state import MAX_ADAPTERS, Session
 from sdlora.ui.strength import Strength
 
@@ -64,7 +65,7 @@ class MixTab:
     add_status: gr.HTML
     slots: list[Slot]
     prompt: gr.Textbox
-    negative: gr.Textbox
+    negative_prompt: gr.Textbox
     steps: gr.Slider
     guidance: gr.Slider
     seed: gr.Number
@@ -94,17 +95,9 @@ class MixTab:
 
     @property
     def settings(self) -> list:
-        """The generation settings, in `handlers.make_settings` order (without num_images)."""
-        return [
-            self.prompt,
-            self.negative,
-            self.steps,
-            self.guidance,
-            self.seed,
-            self.width,
-            self.height,
-            self.scheduler,
-        ]
+        """The generation settings' controls, in the library's order (`SETTINGS`): what
+        `handlers.make_settings` takes. Each control is the attribute named as its setting."""
+        return [getattr(self, name) for name in SETTINGS]
 
 
 def layout(ctx: h.Context, base: str, result_column: Callable[[], None]) -> MixTab:
@@ -114,13 +107,13 @@ def layout(ctx: h.Context, base: str, result_column: Callable[[], None]) -> MixT
     with gr.Row(equal_height=False):
         with gr.Column(scale=5, min_width=520):
             prompt = gr.Textbox(
-                label="Prompt",
+                label=h.form_label("prompt"),
                 lines=2,
                 elem_id="prompt",
                 placeholder="a red circle <lora:style:0.8>  (a <lora:name:strength> tag adds "
                 "that adapter to the mix)",
             )
-            negative = gr.Textbox(label="Negative prompt", elem_id="negative")
+            negative = gr.Textbox(label=h.form_label("negative_prompt"), elem_id="negative")
             with gr.Row(equal_height=True):
                 generate_btn = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
                 interrupt_btn = gr.Button(
@@ -151,23 +144,40 @@ def layout(ctx: h.Context, base: str, result_column: Callable[[], None]) -> MixT
             slots = [slot_row(i) for i in range(MAX_ADAPTERS)]
             with gr.Accordion("Settings", open=True, elem_id="settings"):
                 with gr.Row():
-                    steps = gr.Slider(
-                        1, 150, value=steps_start, step=1, label="Steps", elem_id="steps"
+                    steps = SettingSlider(
+                        *h.form_bounds("steps"),
+                        value=steps_start,
+                        step=1,
+                        label=h.form_label("steps"),
+                        elem_id="steps",
                     )
-                    guidance = gr.Slider(
-                        0, 20, value=guidance_start, step=0.5, label="Guidance", elem_id="guidance"
+                    guidance = SettingSlider(
+                        *h.form_bounds("guidance"),
+                        value=guidance_start,
+                        step=0.5,
+                        label=h.form_label("guidance"),
+                        elem_id="guidance",
                     )
                 with gr.Row(equal_height=True):
-                    seed = gr.Number(-1, precision=0, label="Seed (-1 = random)", elem_id="seed")
+                    seed = number("seed", -1, elem_id="seed")
                     reuse_btn = gr.Button(
                         "Reuse last seed", size="sm", elem_id="reuse-seed", min_width=90
                     )
-                    scheduler = gr.Dropdown(list(SCHEDULERS), value="pndm", label="Scheduler")
+                    scheduler = gr.Dropdown(
+                        list(SETTINGS["scheduler"].choices),
+                        value="pndm",
+                        label=h.form_label("scheduler"),
+                        elem_id="scheduler",
+                    )
                 with gr.Row():
-                    width = gr.Number(0, precision=0, label="Width (0 = native)", min_width=90)
-                    height = gr.Number(0, precision=0, label="Height (0 = native)", min_width=90)
-                    num_images = gr.Slider(
-                        1, 8, value=1, step=1, label="Images", elem_id="num-images"
+                    width = number("width", 0, min_width=90, elem_id="width")
+                    height = number("height", 0, min_width=90, elem_id="height")
+                    num_images = SettingSlider(
+                        *h.form_bounds("num_images"),
+                        value=1,
+                        step=1,
+                        label=h.form_label("num_images"),
+                        elem_id="num-images",
                     )
         with gr.Column(scale=4, min_width=400, elem_id="result-column"):
             result = gr.HTML(
@@ -198,6 +208,14 @@ def layout(ctx: h.Context, base: str, result_column: Callable[[], None]) -> MixT
         interrupt_btn,
         status,
         result,
+    )
+
+
+def number(name: str, value: int, **kwargs) -> SettingNumber:
+    """A whole-number box for generation setting `name`, with the library's label and bounds."""
+    low, high = h.form_bounds(name)
+    return SettingNumber(
+        value, precision=0, minimum=low, maximum=high, label=h.form_label(name), **kwargs
     )
 
 
@@ -357,7 +375,7 @@ def wire(
             back = [item.strength for item in session.mix]
             back += [gr.skip()] * (MAX_ADAPTERS - len(back))
             session.putting_back = True
-            return [session, *back, failed(str(err))]
+            return [session, *back, failed(err)]
         # the change that putting a slider back causes keeps the refusal on screen
         note = gr.skip() if session.putting_back else ""
         session.putting_back = False
@@ -394,23 +412,15 @@ def wire(
     def on_generate(
         session: Session,
         base: str,
-        prompt: str,
-        negative: str,
-        steps: int,
-        guidance: float,
-        seed: int,
-        width: int,
-        height: int,
-        scheduler: str,
-        num_images: int,
         progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio injects it)
         *values,
     ) -> list:
-        session = sync_mix(session, base, values)
-        prompt, tagged = h.add_from_prompt(ctx, session, prompt)
-        settings = h.make_settings(
-            prompt, negative, steps, guidance, seed, width, height, scheduler, num_images
-        )
+        """`values`: the generation settings (`SETTINGS` order), then the mix's on boxes and
+        strengths."""
+        form, mix = values[: len(SETTINGS)], values[len(SETTINGS) :]
+        session = sync_mix(session, base, mix)
+        prompt, tagged = h.add_from_prompt(ctx, session, form[0])
+        settings = h.make_settings(prompt, *form[1:])
         started = time.perf_counter()
         files = h.run_generate(
             ctx,
@@ -506,7 +516,7 @@ def wire(
     generating = on(
         tab.generate_btn.click(before_job, session, tab.status, **FREE).then,
         on_generate,
-        [session, tab.base_dd, *tab.settings, tab.num_images, *tab.mix_values],
+        [session, tab.base_dd, *tab.settings, *tab.mix_values],
         [session, tab.prompt, *mix_outputs, tab.result, history],
         tab.status,
         **JOB,

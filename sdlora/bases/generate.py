@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -34,25 +34,160 @@ SCHEDULERS = {
 }
 
 
+MAX_STEPS = 1000  # denoising steps; samplers converge by 50-150, and 1000 is DDPM's whole schedule
+MAX_GUIDANCE = 100.0  # beyond this the latents overflow to a black or garbage image
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes unsigned 64-bit seeds
+MAX_SIDE = 4096  # pixels; SD draws 512-1024, and 4096² already needs tens of GB of attention
+MIN_SIDE = 8  # pixels: one latent pixel of SD's VAE (sides must be multiples of the VAE's factor)
+MAX_IMAGES = 64  # per call: all are denoised as one batch, so memory grows with the count
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One generation setting as users meet it: its label, help and bounds. Declared once, on
+    `GenerateSettings`' field; the command line, the web UI and its HTTP API all read it here."""
+
+    name: str  # the GenerateSettings field
+    label: str  # what the web UI calls it
+    help: str  # one line for --help and the API's docs
+    minimum: float | None = None  # None: no bound (text, or a choice)
+    maximum: float | None = None
+    maximum_text: str = ""  # how messages write the maximum when the number is unwieldy
+    unit: str = ""  # "pixels"
+    choices: tuple[str, ...] = ()
+    hint: str = ""  # said after a refusal: what values usually work
+    optional: bool = False  # None allowed: it stands for the base's recommendation
+
+    @property
+    def kind(self) -> str:
+        """ "text", "choice", "whole" (an int) or "number" (a float): what a form asks for."""
+        if self.choices:
+            return "choice"
+        if self.minimum is None:
+            return "text"
+        return "whole" if isinstance(self.minimum, int) else "number"
+
+    def check(self, value) -> None:
+        """Raise `SdloraError(..., setting=name)` if `value` is outside the bounds (None passes
+        where it stands for the base's recommendation)."""
+        if value is None:
+            if self.optional:
+                return
+            raise SdloraError("must be given", setting=self.name)
+        if self.choices and value not in self.choices:
+            raise SdloraError(
+                f"{value!r} is not one of: {', '.join(self.choices)}", setting=self.name
+            )
+        if self.minimum is None:
+            return
+        whole = self.kind == "whole"
+        if not (math.isfinite(value) and self.minimum <= value <= self.maximum):
+            top = self.maximum_text or f"{self.maximum:g}"
+            span = (
+                f"from {self.minimum} to {top}"
+                if whole
+                else f"a number from {self.minimum:g} to {top}"
+            )
+            raise SdloraError(
+                f"must be {span}{' ' + self.unit if self.unit else ''} "
+                f"(got {value if whole else format(value, 'g')})"
+                + (f"; {self.hint}" if self.hint else ""),
+                setting=self.name,
+            )
+
+
+def _setting(default=MISSING, default_factory=MISSING, **declared) -> Field:
+    """A GenerateSettings field that carries its `Setting` declaration (label, help, bounds)."""
+    return field(default=default, default_factory=default_factory, metadata={"setting": declared})
+
+
 @dataclass
 class GenerateSettings:
     """What makes an image reproducible: prompt, seed, sampler, size and the adapter mix.
 
     None for steps, guidance, width or height means the base's recommendation (`recommended`).
+    Each user-facing field declares its label, help and bounds (`SETTINGS`, `check_numbers`).
     """
 
-    prompt: str
-    negative_prompt: str = ""
-    steps: int | None = None  # None: the base's recommendation (20 for toy, 25 for SD)
-    guidance: float | None = None  # None: the base's recommendation (2 for toy, 7.5 for SD)
-    seed: int = 0
-    width: int | None = None  # None: the base's native size
-    height: int | None = None
-    scheduler: str = "pndm"
-    num_images: int = 1
+    prompt: str = _setting(label="Prompt", help="what to draw")
+    negative_prompt: str = _setting("", label="Negative prompt", help="what to steer away from")
+    # None: the base's recommendation (20 for toy, 25 for SD)
+    steps: int | None = _setting(
+        None,
+        label="Steps",
+        optional=True,
+        help="denoising steps (default: the base's recommended value, 20 for toy, 25 for SD)",
+        minimum=1,
+        maximum=MAX_STEPS,
+        hint="20-50 is usual",
+    )
+    # None: the base's recommendation (2 for toy, 7.5 for SD)
+    guidance: float | None = _setting(
+        None,
+        label="Guidance",
+        optional=True,
+        help="classifier-free guidance scale (default: the base's recommended value, "
+        "2 for toy, 7.5 for SD)",
+        minimum=0.0,
+        maximum=MAX_GUIDANCE,
+        hint="SD models use 5-9, the toy base 2",
+    )
+    seed: int = _setting(
+        0,
+        label="Seed",
+        help="random seed; image i uses seed+i",
+        minimum=0,
+        maximum=MAX_SEED,
+        maximum_text="2**64 - 1",
+    )
+    width: int | None = _setting(  # None: the base's native size
+        None,
+        label="Width",
+        optional=True,
+        help=f"image width in px, at most {MAX_SIDE} (default: the base's native size)",
+        minimum=MIN_SIDE,
+        maximum=MAX_SIDE,
+        unit="pixels",
+    )
+    height: int | None = _setting(
+        None,
+        label="Height",
+        optional=True,
+        help=f"image height in px, at most {MAX_SIDE} (default: the base's native size)",
+        minimum=MIN_SIDE,
+        maximum=MAX_SIDE,
+        unit="pixels",
+    )
+    scheduler: str = _setting(
+        "pndm",
+        label="Scheduler",
+        help="the sampler: pndm, ddim, euler, euler_a or dpm++",
+        choices=tuple(SCHEDULERS),
+    )
+    num_images: int = _setting(
+        1,
+        label="Images",
+        help=f"images to draw, at most {MAX_IMAGES}; image i uses seed+i",
+        minimum=1,
+        maximum=MAX_IMAGES,
+        hint="for more, run again with another seed",
+    )
     adapters: dict[str, float] = field(default_factory=dict)  # name -> strength, for the record
     blocks: dict[str, str] = field(default_factory=dict)  # name -> per-block strengths (blocks.py)
     sweep: dict[str, list[float]] = field(default_factory=dict)  # grid columns: name -> strengths
+
+
+# The generation settings users set, in the order forms show them: name -> declaration.
+SETTINGS: dict[str, Setting] = {
+    f.name: Setting(name=f.name, **f.metadata["setting"])
+    for f in fields(GenerateSettings)
+    if "setting" in f.metadata
+}
+
+
+def label_of(name: str) -> str:
+    """A generation setting's label ("Width"); other names as they are, underscores as spaces."""
+    return SETTINGS[name].label if name in SETTINGS else name.replace("_", " ")
 
 
 def fill_recommended(pipe: StableDiffusionPipeline, s: GenerateSettings) -> GenerateSettings:
@@ -65,36 +200,16 @@ def fill_recommended(pipe: StableDiffusionPipeline, s: GenerateSettings) -> Gene
     return s
 
 
-MAX_GUIDANCE = 100.0  # beyond this the latents overflow to a black or garbage image
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes unsigned 64-bit seeds
-MAX_SIDE = 4096  # pixels; SD draws 512-1024, and 4096² already needs tens of GB of attention
-MAX_IMAGES = 64  # per call: all are denoised as one batch, so memory grows with the count
-
-
 def check_numbers(s: GenerateSettings) -> None:
-    """Raise a one-line error for numbers that cannot work on any base (checked before loading)."""
-    for name, value in (("width", s.width), ("height", s.height)):
-        if value is not None and not 1 <= value <= MAX_SIDE:
-            raise SdloraError(f"--{name} must be from 8 to {MAX_SIDE} pixels (got {value})")
-    if s.steps is not None and s.steps < 1:
-        raise SdloraError(f"--steps must be at least 1 (got {s.steps})")
-    if s.guidance is not None and not (
-        math.isfinite(s.guidance) and 0 <= s.guidance <= MAX_GUIDANCE
-    ):
+    """Raise a one-line error for settings that cannot work on any base (checked before loading):
+    each against its declared bounds, then the seeds of all images against the seed's range."""
+    for setting in SETTINGS.values():
+        setting.check(getattr(s, setting.name))
+    if s.seed + s.num_images - 1 > MAX_SEED:
         raise SdloraError(
-            f"--guidance must be a number from 0 to {MAX_GUIDANCE:g} (got {s.guidance:g}); "
-            "SD models use 5-9, the toy base 2"
-        )
-    if not 1 <= s.num_images <= MAX_IMAGES:
-        raise SdloraError(
-            f"--num-images must be from 1 to {MAX_IMAGES} (got {s.num_images}); "
-            "for more, run again with another --seed"
-        )
-    if not 0 <= s.seed <= MAX_SEED - s.num_images + 1:
-        raise SdloraError(f"--seed must be from 0 to 2**64 - (number of images) (got {s.seed})")
-    if s.scheduler not in SCHEDULERS:
-        raise SdloraError(
-            f"unknown scheduler {s.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}"
+            f"must be at most 2**64 - {s.num_images} with {s.num_images} images, since image i "
+            f"uses seed+i (got {s.seed})",
+            setting="seed",
         )
 
 
@@ -104,7 +219,7 @@ def check_settings(pipe: StableDiffusionPipeline, s: GenerateSettings) -> None:
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     for name, value in (("width", s.width), ("height", s.height)):
         if value is not None and value % factor:
-            raise SdloraError(f"--{name} {value} must be a positive multiple of {factor}")
+            raise SdloraError(f"{value} must be a positive multiple of {factor}", setting=name)
 
 
 def generate(
@@ -158,13 +273,13 @@ def to_image(pixels: np.ndarray, seed: int) -> Image.Image:
     if not np.isfinite(pixels).all():
         raise SdloraError(
             f"the image for seed {seed} came out broken (NaN or infinite values: the model "
-            "overflowed); check --guidance and the adapter strengths"
+            "overflowed); check the guidance and the adapter strengths"
         )
     quantized = (pixels * 255).round().astype(np.uint8)  # as diffusers' numpy_to_pil
     if quantized.min() == quantized.max():
         raise SdloraError(
             f"the image for seed {seed} came out blank (all pixels {quantized.flat[0]}); "
-            "check --guidance and the adapter strengths"
+            "check the guidance and the adapter strengths"
         )
     return Image.fromarray(quantized)
 

@@ -11,14 +11,25 @@ factors via QR so ΔW is never formed: B = Qb·Rb, Aᵀ = Qa·Ra, svd(Rb·Raᵀ)
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
+from sdlora.bases.families import FAMILIES, SDXL, Family, family_of_width, width_label
 from sdlora.errors import SdloraError
-from sdlora.lora.adapter import Adapter, ModuleFactors, check_strength, fit_factors
-from sdlora.tools.inspect import guess_architecture
+from sdlora.lora.adapter import (
+    Adapter,
+    ModuleFactors,
+    adapter_family,
+    check_strength,
+    fit_factors,
+    module_keys,
+    resolve,
+    widths,
+)
 
 
 @dataclass
@@ -30,18 +41,56 @@ class MergeReport:
     overall: float = 0.0
 
 
+def family_of(adapter: Adapter) -> Family | None:
+    """The model family an adapter was made for, from whatever in it shows one: its
+    cross-attention width or SDXL names (`adapter_family`), its text encoder's width, its new
+    words' encoders and width, or its metadata (kohya's base model version, a built-in base's
+    name); None when nothing does."""
+    found = adapter_family(adapter)
+    if found is not None:
+        return found
+    text = widths(adapter).get("text_encoder")
+    if text is not None and family_of_width(text) is not None:
+        return family_of_width(text)
+    for per_encoder in adapter.embeddings.values():
+        if "text_encoder_2" in per_encoder:
+            return SDXL
+        if "text_encoder" in per_encoder:
+            found = family_of_width(per_encoder["text_encoder"].shape[-1])
+            if found is not None:
+                return found
+    version = adapter.metadata.get("ss_base_model_version", "")
+    base = adapter.metadata.get("sdlora_base_model", "")
+    for family in FAMILIES:
+        if (version and version.startswith(family.base_model_version)) or (
+            base in family.small_bases.values()
+        ):
+            return family
+    return None
+
+
 def check_mergeable(adapters: list[Adapter]) -> None:
-    """Refuse nonlinear adapters and adapters made for different bases, naming the file."""
+    """Refuse nonlinear adapters, adapters of different model families (an SD 1.x and an SDXL
+    adapter: the merged file would fit neither base) and adapters made for bases of different
+    widths, naming the files; all before anything is merged or written."""
     for adapter in adapters:
         if not adapter.is_linear:
             raise SdloraError(
                 f"{adapter.source}: has nonlinearity {adapter.nonlinearity!r}; "
                 "only linear adapters can be merged"
             )
-    archs = {a.source: guess_architecture(a) for a in adapters}
-    known = {arch for arch in archs.values() if not arch.startswith("unknown")}
-    if len(known) > 1:
-        listed = ", ".join(f"{src} ({arch})" for src, arch in archs.items())
+    families = [(a.source, f) for a in adapters if (f := family_of(a)) is not None]
+    for source, family in families[1:]:
+        if family is not families[0][1]:
+            first, first_family = families[0]
+            raise SdloraError(
+                f"{first} is an {first_family.label} adapter and {source} an {family.label} one; "
+                "adapters of different model families cannot be merged (the file would fit "
+                "neither base)"
+            )
+    unet = {a.source: w["unet"] for a in adapters if "unet" in (w := widths(a))}
+    if len(set(unet.values())) > 1:
+        listed = ", ".join(f"{src} ({width_label(width)})" for src, width in unet.items())
         raise SdloraError(f"adapters made for different bases cannot be merged: {listed}")
     seen: dict[str, tuple[str, tuple]] = {}
     for adapter in adapters:
@@ -56,19 +105,33 @@ def check_mergeable(adapters: list[Adapter]) -> None:
             seen.setdefault(key, (adapter.source, dims))
 
 
-def merge_exact(items: list[tuple[Adapter, float]]) -> Adapter:
+def merge_exact(
+    items: list[tuple[Adapter, float]], models: dict[str, nn.Module] | None = None
+) -> Adapter:
     """One adapter equal to Σ strength·ΔW of `items` (ranks concatenated, scales folded into A),
-    carrying the new words of every adapter with a strength other than 0."""
+    carrying the new words and trigger words of every adapter with a strength other than 0.
+
+    Modules are keyed as the files name them; with `models` (a loaded base's components, as the
+    web UI has them), as that base's family names them (kohya's SGM block names for SDXL), so two
+    spellings of one module become one key, and only the modules the base has are kept (those
+    the live blend applies). Flattened and kernel-shaped factors of one conv module are fitted to
+    one shape (`fit_factors`).
+    """
+    if not items:
+        raise SdloraError("give at least one adapter to merge")
     check_mergeable([a for a, _ in items])
+    # the key each module of the base has in its family's own layout (SGM block names for SDXL)
+    keys = {c: module_keys(model, c) for c, model in (models or {}).items()}
     parts: dict[str, list[ModuleFactors]] = {}
     for adapter, strength in items:
-        for key, m in adapter.modules.items():
-            down = m.down.float() * (strength * m.scale)
+        for key, m in _modules(adapter, models, keys).items():
+            down = m.down.float() * (strength * m.scale)  # (r, in[, kh, kw])
             parts.setdefault(key, []).append(ModuleFactors(down=down, up=m.up.float()))
     modules = {}
     for key, factors in parts.items():
         shape = max((f.down.shape for f in factors), key=len)  # a conv kernel shape wins
         fitted = [fit_factors(f, (f.up.shape[0], *shape[1:])) for f in factors]
+        # a summed rank above the layer's dims is re-factored to them by SVD, losing nothing
         modules[key] = cap_rank(
             ModuleFactors(
                 down=torch.cat([f.down for f in fitted], dim=0),
@@ -89,7 +152,21 @@ def merge_exact(items: list[tuple[Adapter, float]]) -> Adapter:
         for k, v in first.metadata.items()
         if k in ("sdlora_base_model", "ss_base_model_version")
     }
+    triggers = [w for adapter, strength in items if strength for w in adapter.trigger_words()]
+    if triggers:
+        meta["sdlora_trigger_words"] = json.dumps(list(dict.fromkeys(triggers)))
     return Adapter(modules=modules, metadata=meta, source="merged", embeddings=words)
+
+
+def _modules(
+    adapter: Adapter, models: dict[str, nn.Module] | None, keys: dict[str, dict[str, str]]
+) -> dict[str, ModuleFactors]:
+    """The adapter's modules by key: as in its file, or (with `models`) by `keys`, the base
+    family's names, fitted to the base's weight shapes."""
+    if models is None:
+        return adapter.modules
+    resolved, _ = resolve(adapter, models)
+    return {keys[component][path]: factors for (component, path), factors in resolved.items()}
 
 
 def compress_module(factors: ModuleFactors, rank: int) -> tuple[ModuleFactors, float, float]:
@@ -128,7 +205,7 @@ def cap_rank(factors: ModuleFactors) -> ModuleFactors:
 def compress(adapter: Adapter, rank: int) -> tuple[Adapter, MergeReport]:
     """Every module reduced to at most `rank` by SVD, with the relative error per module."""
     if rank < 1:
-        raise SdloraError(f"--rank must be at least 1 (got {rank})")
+        raise SdloraError(f"must be at least 1 (got {rank})", setting="rank")
     check_mergeable([adapter])
     report = MergeReport(rank=rank)
     modules, total_err, total_norm = {}, 0.0, 0.0
