@@ -105,15 +105,14 @@ def measure(
 
     from benchmarks.sdxl import RESOLUTION, build_pipeline
     from benchmarks.training import write_images
-    from sdlora.train import TrainConfig, speed, train
-    from sdlora.train import models as train_models
+    from sdlora.train import TrainConfig, compile_plan, speed, train
 
     device = torch.device("cpu" if smoke else "cuda")
     cuda = device.type == "cuda"
     fields, graphs = settings_of(run)
-    allowed = train_models.cuda_graphs_allowed
+    allowed = compile_plan.cuda_graphs_allowed
     if not graphs:
-        train_models.cuda_graphs_allowed = lambda *args: False
+        compile_plan.cuda_graphs_allowed = lambda *args: False
     if smoke:
         speed.COMPILE_BACKEND = "eager"  # dynamo traces the regions, no code generation
     peaks: list[float | None] = []
@@ -154,7 +153,7 @@ def measure(
             train(config, pipe=pipe, on_step=on_step)
         del pipe
     finally:
-        train_models.cuda_graphs_allowed = allowed
+        compile_plan.cuda_graphs_allowed = allowed
         torch._dynamo.reset()
     steady = min(6, steps - 1)
     step_ms = (marks[steps] - marks[steady]) / max(steps - steady, 1) * 1000

@@ -1,4 +1,5 @@
-"""Compiling in worker processes (train/precompile.py): what is recorded, and a worker's run.
+"""Compiling in worker processes (train/precompile.py, compile_worker.py): what is recorded
+(compile_plan.py), and a worker's run.
 
 On the CPU the workers use the "eager" backend (it only traces), so this checks the workers
 rebuild every region and run it with the recorded inputs, and that `--compile auto` switches
@@ -13,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,8 +25,7 @@ from PIL import Image
 from sdlora.bases.base import load_base
 from sdlora.io.formats import load_adapter
 from sdlora.lora.inject import UNET_TARGETS, add_trainable, target_names
-from sdlora.train import TrainConfig, precompile, speed, train
-from sdlora.train import models as models_module
+from sdlora.train import TrainConfig, compile_plan, compiling, precompile, speed, train
 from sdlora.train.speed import DEEP_REGIONS, REGIONS, regions_of
 
 
@@ -32,7 +33,14 @@ def _unet_with_adapter(base="tiny"):
     unet = load_base(base).unet
     targets = target_names("attn", UNET_TARGETS)
     add_trainable(unet, "unet", targets, rank=4, nonlinearity="relu", name="training")
-    adapter = precompile.Adapter(tuple(targets), 4, None, "relu", 0.0, "training")
+    adapter = compile_plan.AdapterSettings(
+        targets=tuple(targets),
+        rank=4,
+        alpha=None,
+        nonlinearity="relu",
+        dropout=0.0,
+        name="training",
+    )
     return unet.train(), adapter
 
 
@@ -45,9 +53,9 @@ def test_recorded_calls_cover_every_region_once_and_leave_no_gradient():
     ]
     kept = []  # what autograd would keep for a backward pass: nothing, the pass never runs one
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()), lambda t: t):
-        jobs = precompile.record_calls(unet, lambda *a: unet(*a).sample, inputs, REGIONS)
+        jobs = compile_plan.record_calls(unet, lambda *a: unet(*a).sample, inputs, REGIONS)
     assert kept == []
-    names = precompile.region_names(unet, REGIONS)
+    names = compile_plan.region_names(unet, REGIONS)
     # autograd ran: past the first adapter layer the regions' inputs need gradients
     hidden = [job["args"][0] for job in jobs]
     assert any(h["requires_grad"] for h in hidden) and not all(h["requires_grad"] for h in hidden)
@@ -65,7 +73,7 @@ def test_sdxl_compiles_attention_blocks_not_ten_block_transformers():
     assert regions_of(load_base("tiny-v2").unet) == REGIONS
     unet = load_base("tiny-xl").unet  # its last level holds 2 attention blocks per transformer
     assert regions_of(unet) == DEEP_REGIONS
-    blocks = precompile.region_names(unet, DEEP_REGIONS)
+    blocks = compile_plan.region_names(unet, DEEP_REGIONS)
     assert sum(".transformer_blocks." in name for name in blocks) == sum(
         len(m.transformer_blocks) for m in unet.modules() if hasattr(m, "transformer_blocks")
     )
@@ -88,7 +96,7 @@ def test_one_job_for_each_graph_the_training_process_compiles(monkeypatch, base)
     def call(*args):
         return unet(*args, **kwargs).sample
 
-    jobs = precompile.record_calls(unet, call, inputs, regions_of(unet))
+    jobs = compile_plan.record_calls(unet, call, inputs, regions_of(unet))
     graphs = []
 
     def counting(gm, example_inputs):
@@ -127,14 +135,14 @@ def test_a_worker_rebuilds_and_runs_every_recorded_region(
         return unet(*args, **kwargs).sample
 
     inputs = [(x, torch.randint(0, 1000, (2,)), torch.randn(2, 77, context))]
-    jobs = precompile.record_calls(unet, call, inputs, regions)
+    jobs = compile_plan.record_calls(unet, call, inputs, regions)
     assert sorted(n for job in jobs for n in job["regions"]) == sorted(
-        precompile.region_names(unet, regions)
+        compile_plan.region_names(unet, regions)
     )
-    options = dict(dynamic=False, backend="eager", mode=None)
+    spec = _spec(adapter)  # an fp32 run, tracing-only backend
     fill = precompile.fill_cache
     with caplog.at_level(logging.DEBUG, logger="sdlora.train.precompile"):
-        done = fill(unet, jobs, adapter, torch.float32, None, options, checkpointing, workers=1)
+        done = fill(unet, jobs, workers=1, gradient_checkpointing=checkpointing, **spec)
     assert done == {"workers": 1, "failed": 0, "seconds": done["seconds"]}
     # the worker's log, in the debug log: when it was ready, and when each job was compiled
     assert re.search(r"\d+\.\d s  ready to compile", caplog.text)
@@ -142,7 +150,7 @@ def test_a_worker_rebuilds_and_runs_every_recorded_region(
         alike = len(job["regions"]) - 1
         assert f" s  compiled {job['regions'][0]} (and {alike} alike)" in caplog.text
     # the same graphs again (a second run): the cache has them, no worker starts
-    again = fill(unet, jobs, adapter, torch.float32, None, options, checkpointing, workers=1)
+    again = fill(unet, jobs, workers=1, gradient_checkpointing=checkpointing, **spec)
     assert again == {"workers": 0, "failed": 0, "seconds": 0.0}
     assert len(list((tmp_path / "sdlora-precompiled").iterdir())) == 1
 
@@ -150,7 +158,10 @@ def test_a_worker_rebuilds_and_runs_every_recorded_region(
 def test_a_worker_starts_without_diffusers_pipelines_nor_transformers():
     """The worker's module (and the package it is in) imports what a job needs, no more: it
     starts in every worker while the training process waits for their graphs."""
-    code = "import sys, sdlora.train.precompile; print(sorted(set(sys.modules) & {LOADED}))"
+    code = (
+        "import sys, sdlora.train.precompile, sdlora.train.compile_worker; "
+        "print(sorted(set(sys.modules) & {LOADED}))"
+    )
     loaded = {"diffusers", "diffusers.pipelines", "transformers", "accelerate"}
     found = subprocess.run(
         [sys.executable, "-c", code.replace("{LOADED}", repr(loaded))],
@@ -161,20 +172,27 @@ def test_a_worker_starts_without_diffusers_pipelines_nor_transformers():
 
 def test_workers_get_the_largest_jobs_first_and_even_loads():
     jobs = [{"cost": c, "name": n} for n, c in zip("abcdef", [1, 9, 3, 5, 1, 4], strict=True)]
-    shares = precompile.share_out(jobs, 3)
+    shares = compile_plan.share_out(jobs, 3)
     loads = sorted(sum(j["cost"] for j in share) for share in shares)
     assert loads == [7, 7, 9]  # 9 | 5+1+1 | 4+3: largest first, each to the least loaded
-    assert precompile.share_out(jobs[:2], 5) == [[jobs[1]], [jobs[0]]]  # no empty workers
+    assert compile_plan.share_out(jobs[:2], 5) == [[jobs[1]], [jobs[0]]]  # no empty workers
 
 
 def _two_jobs():
     unet, adapter = _unet_with_adapter()
     inputs = [(torch.randn(1, 4, 8, 8), torch.randint(0, 1000, (1,)), torch.randn(1, 77, 32))]
-    jobs = precompile.record_calls(unet, lambda *a: unet(*a).sample, inputs, REGIONS)
+    jobs = compile_plan.record_calls(unet, lambda *a: unet(*a).sample, inputs, REGIONS)
     return unet, adapter, jobs[:2]
 
 
 OPTIONS = dict(dynamic=False, backend="eager", mode=None)
+
+
+def _spec(adapter) -> dict:
+    """What start_workers needs besides the UNet and jobs: an fp32 run, tracing-only backend."""
+    return dict(
+        adapter=adapter, weight_dtype=torch.float32, autocast_dtype=None, compile_options=OPTIONS
+    )
 
 
 def test_workers_fork_from_a_server_started_earlier_and_report_each_failure(
@@ -187,9 +205,7 @@ def test_workers_fork_from_a_server_started_earlier_and_report_each_failure(
     unet, adapter, jobs = _two_jobs()
     jobs[1] = {**jobs[1], "regions": ["no_such_block"]}
     with caplog.at_level(logging.DEBUG, logger="sdlora.train.precompile"):
-        workers = precompile.start_workers(
-            unet, jobs, adapter, torch.float32, None, OPTIONS, workers=2, server=server
-        )
+        workers = precompile.start_workers(unet, jobs, **_spec(adapter), workers=2, server=server)
         assert workers.forked and workers.count == 2 and server.proc is None  # taken
         done = workers.wait()
     assert done["workers"] == 2 and done["failed"] == 1
@@ -210,8 +226,7 @@ def test_without_fork_each_worker_is_a_python_process_of_its_own(tmp_path, monke
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(precompile, "can_fork", lambda: False)  # as on Windows
     unet, adapter, jobs = _two_jobs()
-    workers = precompile.start_workers(unet, jobs, adapter, torch.float32, None, OPTIONS,
-                                       workers=2)  # fmt: skip
+    workers = precompile.start_workers(unet, jobs, **_spec(adapter), workers=2)
     assert not workers.forked and len(workers.procs) == 2
     done = workers.wait()
     assert done == {"workers": 2, "failed": 0, "seconds": done["seconds"]}
@@ -222,9 +237,8 @@ def test_stopped_workers_leave_no_process_nor_folder_nor_done_marker(tmp_path, m
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     unet, adapter = _unet_with_adapter()
     inputs = [(torch.randn(2, 4, 8, 8), torch.randint(0, 1000, (2,)), torch.randn(2, 77, 32))]
-    jobs = precompile.record_calls(unet, lambda *a: unet(*a).sample, inputs, REGIONS)
-    options = dict(dynamic=False, backend="eager", mode=None)
-    workers = precompile.start_workers(unet, jobs, adapter, torch.float32, None, options, workers=2)
+    jobs = compile_plan.record_calls(unet, lambda *a: unet(*a).sample, inputs, REGIONS)
+    workers = precompile.start_workers(unet, jobs, **_spec(adapter), workers=2)
     folder = Path(workers.tmp.name)
     workers.stop()  # the run ended first
     assert all(proc.returncode is not None for proc in workers.procs)
@@ -244,8 +258,8 @@ def test_auto_trains_uncompiled_until_the_workers_are_done_then_switches(
         (data / f"{i}.txt").write_text(f"a picture {i}", encoding="utf-8")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(speed, "COMPILE_BACKEND", "eager")
-    monkeypatch.setattr(models_module, "will_compile", lambda *args: True)
-    monkeypatch.setattr(models_module, "use_compile_workers", lambda *args: True)
+    monkeypatch.setattr(compile_plan, "will_compile", lambda *args, **kwargs: True)
+    monkeypatch.setattr(compile_plan, "use_compile_workers", lambda *args: True)
     # the first poll waits for the workers: the switch then follows step 1 on any machine
     monkeypatch.setattr(
         precompile.Workers, "ready", lambda self: all(p.wait() >= 0 for p in self.procs)
@@ -271,7 +285,7 @@ def test_auto_trains_uncompiled_until_the_workers_are_done_then_switches(
         torch.testing.assert_close(compiled.modules[key].down, module.down, rtol=0, atol=1e-6)
 
     # a 24 GiB GPU: the workers compile before the first step instead (no room beside steps)
-    monkeypatch.setattr(models_module, "gpu_memory_gib", lambda device: 24.0)
+    monkeypatch.setattr(compiling, "gpu_memory_gib", lambda device: 24.0)
     caplog.clear()
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache-2"))  # workers run again
     small = replace(config, output=str(tmp_path / "small"))
@@ -354,12 +368,12 @@ def test_workers_compile_again_for_another_activation_budget(tmp_path, monkeypat
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     unet, adapter = _unet_with_adapter()
     inputs = [(torch.randn(1, 4, 8, 8), torch.randint(0, 1000, (1,)), torch.randn(1, 77, 32))]
-    jobs = precompile.record_calls(unet, lambda *a: unet(*a).sample, inputs, REGIONS)
-    options = dict(dynamic=False, backend="eager", mode=None)
+    jobs = compile_plan.record_calls(unet, lambda *a: unet(*a).sample, inputs, REGIONS)
     markers = []
     for budget in (1.0, 0.5, 1.0):
-        workers = precompile.start_workers(unet, jobs, adapter, torch.float32, None, options,
-                                           workers=1, activation_budget=budget)  # fmt: skip
+        workers = precompile.start_workers(
+            unet, jobs, **_spec(adapter), workers=1, activation_budget=budget
+        )
         markers.append(workers.marker)
         workers.stop()
     assert markers[0] != markers[1] and markers[0] == markers[2]
@@ -367,12 +381,13 @@ def test_workers_compile_again_for_another_activation_budget(tmp_path, monkeypat
 
 def test_auto_compiles_sdxl_from_fewer_steps_than_sd1():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert speed.will_compile("auto", cuda, 300, 1, "sdxl")  # paid back from ~200 steps
-    assert not speed.will_compile("auto", cuda, 300, 1, "sd1")  # from 600
-    assert not speed.will_compile("auto", cuda, 300, 2, "sdxl")  # per bucket
-    assert speed.will_compile("auto", cuda, 600, 1, "sd2")
-    assert not speed.will_compile("auto", cpu, 10_000, 1, "sdxl")
-    assert speed.will_compile("on", cpu, 1, 1) and not speed.will_compile("off", cuda, 10_000, 1)
+    will_compile = compile_plan.will_compile
+    assert will_compile("auto", cuda, 300, 1, family="sdxl")  # paid back from ~200 steps
+    assert not will_compile("auto", cuda, 300, 1, family="sd1")  # from 600
+    assert not will_compile("auto", cuda, 300, 2, family="sdxl")  # per bucket
+    assert will_compile("auto", cuda, 600, 1, family="sd2")
+    assert not will_compile("auto", cpu, 10_000, 1, family="sdxl")
+    assert will_compile("on", cpu, 1, 1) and not will_compile("off", cuda, 10_000, 1)
 
 
 def test_the_fork_server_asks_nvml_not_the_cuda_runtime_whether_there_is_a_gpu():
@@ -380,7 +395,12 @@ def test_the_fork_server_asks_nvml_not_the_cuda_runtime_whether_there_is_a_gpu()
     start CUDA: the server runs with PyTorch's NVML-based check."""
     server = precompile.start_server()
     try:
-        environ = Path(f"/proc/{server.proc.pid}/environ").read_bytes().split(b"\0")
+        proc = Path(f"/proc/{server.proc.pid}")
+        for _ in range(200):  # until the new Python runs (a fork not yet past exec reads empty)
+            if b"sdlora.train.precompile" in (proc / "cmdline").read_bytes():
+                break
+            time.sleep(0.05)
+        environ = (proc / "environ").read_bytes().split(b"\0")
         assert b"PYTORCH_NVML_BASED_CUDA_CHECK=1" in environ
     finally:
         server.close()
@@ -430,10 +450,10 @@ def test_the_base_loads_on_fewer_threads_beside_the_fork_server():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(6)
-        with models_module.fewer_threads(models_module.SERVER_CORES):
+        with compiling.fewer_threads(compiling.SERVER_CORES):
             assert torch.get_num_threads() == 4
         assert torch.get_num_threads() == 6
-        with pytest.raises(RuntimeError), models_module.fewer_threads(9):
+        with pytest.raises(RuntimeError), compiling.fewer_threads(9):
             assert torch.get_num_threads() == 1  # never none
             raise RuntimeError
         assert torch.get_num_threads() == 6
@@ -460,9 +480,7 @@ def test_a_worker_forked_where_cuda_cannot_start_runs_as_a_new_process(tmp_path,
 
     monkeypatch.setattr(precompile.subprocess, "Popen", popen)
     unet, adapter, jobs = _two_jobs()
-    workers = precompile.start_workers(
-        unet, jobs[:1], adapter, torch.float32, None, OPTIONS, workers=1
-    )
+    workers = precompile.start_workers(unet, jobs[:1], **_spec(adapter), workers=1)
     monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: True)  # the fork inherits it
     monkeypatch.setattr(sys, "stderr", sys.__stderr__)  # file 2, as in the server (not pytest's)
     spec, log = started[0], workers.logs[0]

@@ -124,6 +124,7 @@ class Conditioning:
         self,
         text: Text,
         dtype: torch.dtype,
+        *,
         sizes: torch.Tensor | None = None,
         crops: torch.Tensor | None = None,
         target: tuple[int, int] | None = None,

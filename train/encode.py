@@ -48,7 +48,9 @@ def encode_pixels(vae, pixels: torch.Tensor, generator: torch.Generator | None) 
 class LatentCache:
     """Item index -> (4, h, w) fp32 latent, for every training image."""
 
-    def __init__(self, vae, dataset: MicroBatches, seed: int, show_progress: bool, chunk: int = 8):
+    def __init__(
+        self, vae, dataset: MicroBatches, seed: int, *, show_progress: bool, chunk: int = 8
+    ):
         self.latents: dict[int, torch.Tensor] = {}
         plan: BatchPlan = dataset.plan
         factor = 2 ** (len(vae.config.block_out_channels) - 1)

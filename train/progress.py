@@ -23,7 +23,7 @@ class LossLog:
     """
 
     def __init__(
-        self, accelerator: Accelerator, output: Path, writer, progress, lr_names: list[str]
+        self, accelerator: Accelerator, *, output: Path, writer, progress, lr_names: list[str]
     ):
         self.accelerator, self.output, self.writer, self.progress = (
             accelerator,

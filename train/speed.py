@@ -8,7 +8,8 @@
 - regional compilation: every transformer block and resnet block (the repeated blocks that hold
   nearly all the work) is compiled with torch.compile, not the whole UNet. Blocks of one shape
   share one compiled graph, so compiling costs about 20 graphs per bucket instead of one huge
-  graph, and `--compile auto` compiles only when the run is long enough to pay it back.
+  graph, and `--compile auto` compiles only when the run is long enough to pay it back
+  (compile_plan.py decides; compiling.py is the door the trainer goes through).
   SD 1.x/2.x compile each Transformer2DModel (one attention block with its projections); SDXL's
   hold 2 or 10 attention blocks each, and one 10-block graph took most of the first step's three
   minutes alone, in one process: there each attention block (BasicTransformerBlock) is a region,
@@ -31,9 +32,7 @@ import time
 import torch
 from torch import nn
 
-from sdlora.errors import SdloraError
 from sdlora.train import graph_lookup
-from sdlora.train.config import COMPILE_MIN_STEPS, COMPILE_MIN_STEPS_BY_FAMILY, COMPILE_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -45,30 +44,14 @@ DEEP_REGIONS = ("BasicTransformerBlock", "ResnetBlock2D")
 COMPILE_BACKEND = "inductor"
 # dynamic=False: one fully specialised graph per block shape (shapes are few, kernels are best)
 COMPILE_DYNAMIC = False
-# CUDA graphs with gradient checkpointing (see cuda_graphs_allowed): off, since recording them
-# failed on an H200 (torch 2.11, SDXL, batch 1): checkpointing's recomputation frees an input
-# during recording that replay keeps ("graph recording observed an input tensor deallocate")
-CUDA_GRAPHS_CHECKPOINTED = False
 # distinct block shapes of one bucket in SD 1.x (4 transformer + 14 resnet), with room to spare
 GRAPHS_PER_BUCKET = 24
-
-
-def will_compile(
-    mode: str, device: torch.device, steps: int, buckets: int, family: str | None = None
-) -> bool:
-    """Whether to compile: `on`, `off`, or `auto` (CUDA, and enough steps per bucket to pay for
-    it: COMPILE_MIN_STEPS, or the base's family's own number)."""
-    if mode not in COMPILE_MODES:
-        raise SdloraError(f"--compile must be one of: {', '.join(COMPILE_MODES)} (got {mode!r})")
-    if mode == "auto":
-        least = COMPILE_MIN_STEPS_BY_FAMILY.get(family, COMPILE_MIN_STEPS)
-        return device.type == "cuda" and steps >= least * buckets
-    return mode == "on"
 
 
 def speed_up(
     unet: nn.Module,
     device: torch.device,
+    *,
     compile: bool,
     buckets: int,
     channels_last: bool | None = None,
@@ -89,7 +72,7 @@ def speed_up(
     if device.type == "cuda":
         done["attention"] = pick_attention_kernel(unet, device)
     if compile:
-        done["compile"] = compile_regions(unet, device, buckets, cuda_graphs)
+        done["compile"] = compile_regions(unet, device, buckets, cuda_graphs=cuda_graphs)
     return done
 
 
@@ -102,13 +85,6 @@ def regions_of(unet: nn.Module) -> tuple[str, ...]:
         if type(m).__name__ == "Transformer2DModel"
     )
     return DEEP_REGIONS if deep else REGIONS
-
-
-def cuda_graphs_allowed(grad_accum: int, gradient_checkpointing: bool) -> bool:
-    """May compiled regions replay as CUDA graphs? Not when gradients accumulate over micro-batches
-    (the graphs reuse their output memory every step), nor, unless CUDA_GRAPHS_CHECKPOINTED, when
-    gradient checkpointing runs each region's forward a second time inside the backward pass."""
-    return grad_accum == 1 and (CUDA_GRAPHS_CHECKPOINTED or not gradient_checkpointing)
 
 
 def compile_options(device: torch.device, cuda_graphs: bool) -> dict:
@@ -129,6 +105,7 @@ def compile_regions(
     unet: nn.Module,
     device: torch.device,
     buckets: int,
+    *,
     cuda_graphs: bool,
     activation_budget: float = 1.0,
     cached: bool = False,

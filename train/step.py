@@ -1,4 +1,4 @@
-"""One training step, written out in order: `TrainStep(...)(batch, k) -> loss`.
+"""One training step, written out in order: `TrainStep(config=..., ...)(batch, k) -> loss`.
 
 The loop in `loop.py` and the benchmarks in `benchmarks/` both call it, so what is measured is
 what trains. Nothing here waits for the GPU: the loss comes back as a device tensor, and the loop
@@ -32,6 +32,7 @@ class TrainStep:
 
     def __init__(
         self,
+        *,
         config: TrainConfig,
         accelerator: Accelerator,
         pipe,
@@ -120,7 +121,9 @@ class TrainStep:
             else:
                 with torch.set_grad_enabled(config.text_learns), accelerator.autocast():
                     text = self.conditioning.encode(captions, device)
-            condition = self.conditioning.unet_kwargs(text, self.weight_dtype, sizes, crops, bucket)
+            condition = self.conditioning.unet_kwargs(
+                text, self.weight_dtype, sizes=sizes, crops=crops, target=bucket
+            )
             # 6. predict
             noisy = noisy.to(self.weight_dtype, memory_format=self.memory_format)
             pred = self.unet(noisy, timesteps, **condition).sample

@@ -99,7 +99,9 @@ class Validation:
                 sizes = torch.tensor([self.sizes[index]] * repeat)
                 crops = torch.tensor([self.crops[index]] * repeat)
                 target = (latent.shape[1] * self.scale, latent.shape[2] * self.scale)
-                condition = conditioning.unet_kwargs(text, weight_dtype, sizes, crops, target)
+                condition = conditioning.unet_kwargs(
+                    text, weight_dtype, sizes=sizes, crops=crops, target=target
+                )
                 x0 = latent[None].expand(len(TIMESTEPS), -1, -1, -1)
                 timesteps = torch.tensor(TIMESTEPS, device=device)
                 generator = torch.Generator(device).manual_seed(
