@@ -34,21 +34,23 @@ def blocks(language: str) -> list[str]:
     return [body for lang, body in FENCE.findall(README.read_text()) if lang == language]
 
 
-def shell_commands() -> list[list[str]]:
-    """Each command of the README's ```sh blocks as argv: continuation lines joined, comments
-    dropped, `a && b` split in two."""
-    commands = []
+def shell_lines() -> list[list[list[str]]]:
+    """Each command line of the README's ```sh blocks as its commands' argv (`a && b` gives two),
+    continuation lines joined and comments dropped."""
+    lines = []
     for body in blocks("sh"):
         for line in body.replace("\\\n", " ").splitlines():
-            words = shlex.split(line, comments=True)
+            words, commands = shlex.split(line, comments=True), []
             while words:
                 cut = words.index("&&") if "&&" in words else len(words)
                 commands.append(words[:cut])
                 words = words[cut + 1 :]
-    return commands
+            if commands:
+                lines.append(commands)
+    return lines
 
 
-COMMANDS = shell_commands()
+LINES = shell_lines()
 
 
 def skip_reason(argv: list[str], folder: Path) -> str | None:
@@ -84,24 +86,28 @@ def inside(folder, monkeypatch) -> Path:
 
 def test_readme_has_commands():
     """The walk finds the README's examples (a changed fence would otherwise skip them all)."""
-    run = [argv for argv in COMMANDS if argv[0] == "sdlora" and argv[1] != "ui"]
-    assert len(run) >= 15, [shlex.join(argv) for argv in COMMANDS]
-    assert ["pip", "install", "torch==2.13.0", "-e", ".[test]"] in COMMANDS
+    commands = [argv for line in LINES for argv in line]
+    run = [argv for argv in commands if argv[0] == "sdlora" and argv[1] != "ui"]
+    assert len(run) >= 15, [shlex.join(argv) for argv in commands]
+    assert ["pip", "install", "torch==2.13.0", "-e", ".[test]"] in commands
 
 
 @pytest.mark.parametrize(
-    "argv", COMMANDS, ids=[f"{i:02d}-{' '.join(a[:2])}" for i, a in enumerate(COMMANDS)]
+    "line", LINES, ids=[f"{i:02d}-{' '.join(line[0][:2])}" for i, line in enumerate(LINES)]
 )
-def test_command(argv: list[str], inside: Path):
-    """The command, as the README writes it, exits 0."""
-    reason = skip_reason(argv, inside)
-    if reason:
-        pytest.skip(reason)
-    try:
-        code = main(argv[1:])
-    except SystemExit as exit:  # argparse refusing the command line
-        code = exit.code
-    assert code == 0, f"`{shlex.join(argv)}` exited {code}"
+def test_command_line(line: list[list[str]], inside: Path):
+    """The line's commands, as the README writes them, each exit 0. A line is skipped whole
+    when one of its commands must be (`pip install ... && python -m pytest`: the suite itself)."""
+    for argv in line:
+        reason = skip_reason(argv, inside)
+        if reason:
+            pytest.skip(reason)
+    for argv in line:
+        try:
+            code = main(argv[1:])
+        except SystemExit as exit:  # argparse refusing the command line
+            code = exit.code
+        assert code == 0, f"`{shlex.join(argv)}` exited {code}"
 
 
 def test_python_api(inside: Path):
