@@ -81,6 +81,8 @@ def folder(tmp_path_factory) -> Path:
 def inside(folder, monkeypatch) -> Path:
     monkeypatch.chdir(folder)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing run here may reach the network
+    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):  # what `main` sets, undone after
+        monkeypatch.setenv(name, "error")
     return folder
 
 
