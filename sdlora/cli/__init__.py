@@ -75,14 +75,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from sdlora.bases.generate import GenerateSettings, check_numbers, generate, save_png
+    from sdlora.io.files import check_output
 
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise SdloraError(f"--out {out}: give a .png file name")
-    if out.exists() and not args.overwrite:
-        raise SdloraError(f"{out} already exists; choose another --out or pass --overwrite")
-    if out.is_dir():
-        raise SdloraError(f"--out {out} is a folder; give a .png file name")
     dtype = (
         torch.float16
         if (args.device or "").startswith("cuda")
@@ -102,17 +96,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
         num_images=args.num_images,
     )
     check_numbers(settings)  # before the base loads
+    out = Path(args.out)
+    for path in png_paths(out, 1 if sweep else settings.num_images):
+        check_output(path, args.overwrite, suffix=".png")
     pipe, mixer, blocks = load_mix(args, dtype=dtype)
     settings.adapters, settings.blocks = mixer.strengths(), blocks
     if sweep:
         print(sweep_grid(pipe, mixer, settings, sweep, out))
         return 0
     images = generate(pipe, settings)
-    for i, image in enumerate(images):
-        path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+    for i, (image, path) in enumerate(zip(images, png_paths(out, len(images)), strict=True)):
         save_png(image, path, settings, i)
         print(path)
     return 0
+
+
+def png_paths(out: Path, count: int) -> list[Path]:
+    """The files `generate` writes: `out` for one image, `NAME-0.png`, `NAME-1.png` ... for more."""
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(max(count, 0))]
 
 
 def parse_sweep(text: str, loras: list[str]) -> list[float]:
@@ -160,7 +163,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
 
     parse_dtype(args.dtype)
-    check_out(args.out, folder=args.format == "diffusers", overwrite=args.overwrite)
+    check_out(
+        args.out, folder=args.format == "diffusers", overwrite=args.overwrite, make_parents=False
+    )
     args.device = args.device or "cpu"
     pipe, _, _ = load_mix(args)
     if args.format == "diffusers":

@@ -27,15 +27,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
     import torch
 
     from sdlora.bases.base import load_base
-    from sdlora.io.files import save_adapter
+    from sdlora.io.files import check_output, save_adapter
     from sdlora.io.formats import load_adapter
     from sdlora.tools.distill import check_request, distill_adapter
 
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise SdloraError(f"--out {out}: adapter files are saved as .safetensors; change the name")
-    if out.exists() and not args.overwrite:
-        raise SdloraError(f"{out} already exists; choose another --out or pass --overwrite")
+    out = check_output(args.out, args.overwrite, suffix=".safetensors")
     prompts = read_prompts(args.prompts_file) if args.prompts_file else args.prompts
     adapter = load_adapter(args.file)
     check_request(adapter, args.rank, args.samples, args.seed)  # before the base loads

@@ -41,7 +41,7 @@ from sdlora.bases.families import (
 )
 from sdlora.bases.pipelines import load_options, pipeline_class
 from sdlora.errors import SdloraError
-from sdlora.io.files import atomic_save_file
+from sdlora.io.files import atomic_save_file, check_output
 from sdlora.io.ldm_names import convert, unet_rules, vae_rules
 
 UNET_PREFIX = "model.diffusion_model."
@@ -255,11 +255,7 @@ def save_single_file(
 ) -> Path:
     """Write one original-layout .safetensors checkpoint atomically; refuse to overwrite.
     An SDXL UNet's file needs `text_encoder_2_sd` too."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise SdloraError(f"{path}: single-file checkpoints are saved as .safetensors")
-    if path.exists() and not overwrite:
-        raise SdloraError(f"{path} already exists; choose another name or pass --overwrite")
+    path = check_output(path, overwrite, setting=None, suffix=".safetensors", make_parents=True)
     target = _parse_dtype(dtype)
     _check_keys(unet_sd, UNet2DConditionModel, unet_config, "unet")
     _check_keys(vae_sd, AutoencoderKL, vae_config, "vae")
