@@ -107,7 +107,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--samples",
         type=int,
         default=4,
-        help="noise draws per prompt, at timesteps spread over the schedule (default: %(default)s)",
+        # the bound is sdlora.tools.distill.MAX_SAMPLES (importing it would load diffusers for
+        # every command's --help; tests/test_refusals.py keeps the two equal)
+        help="noise draws per prompt, at timesteps spread over the schedule, 1 to 256 "
+        "(each prompt's draws run as one UNet batch) (default: %(default)s)",
     )
     p.add_argument(
         "--seed", type=int, default=0, help="seeds the noise and timesteps (default: %(default)s)"

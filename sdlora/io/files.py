@@ -11,6 +11,8 @@ and strength 1.0 always means "as trained" (see `fold_scale`).
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import stat
 import tempfile
 from pathlib import Path
@@ -32,6 +34,24 @@ PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 # An SDXL LoCon/LoKr adapter on every layer of both text encoders and the UNet holds about
 # 20,000 tensors; a file with many more is no adapter, and reading it would take minutes.
 MAX_TENSORS = 50_000
+
+
+def load_failure(err: BaseException) -> str:
+    """Why reading a weights file failed, in one line. A pickle that `torch.load(weights_only=
+    True)` refused is told as such, naming what it asked for; PyTorch's advice to retry with
+    `weights_only=False` (which would run the file's code) is never passed on."""
+    text = str(err)
+    if isinstance(err, pickle.UnpicklingError) or "weights_only" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:
+            what = f"a pickle that asks for {found.group(1)}, not only tensors"
+        else:
+            what = "not a pickle of plain tensors"
+        return f"{what}: refused unread, nothing in it ran; use a .safetensors copy"
+    if isinstance(err, EOFError):
+        return "it ends too early (cut short?)"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def special_file(path: str | Path) -> str | None:

@@ -41,7 +41,7 @@ from sdlora.bases.families import (
 )
 from sdlora.bases.pipelines import load_options, pipeline_class
 from sdlora.errors import SdloraError
-from sdlora.io.files import atomic_save_file, check_output
+from sdlora.io.files import atomic_save_file, check_output, load_failure
 from sdlora.io.ldm_names import convert, unet_rules, vae_rules
 
 UNET_PREFIX = "model.diffusion_model."
@@ -327,8 +327,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         OSError,
         ValueError,
     ) as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise SdloraError(f"{path}: not a readable checkpoint ({first})") from None
+        raise SdloraError(f"{path}: not a readable checkpoint ({load_failure(err)})") from None
     while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]  # Lightning checkpoints nest the weights
     if not isinstance(data, dict):

@@ -1,0 +1,193 @@
+"""Issue 29's tracebacks and small cases, each now one line: a pickle in a diffusers-folder base
+(refused, never run, never "retry with weights_only=False"), deeply nested JSON in an adapter's
+metadata, `distill --samples` past its bound, devices and pipes given as input files,
+`<lora:…>` tags in the CLI's prompts, and a built-in base's single-file export loaded back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_adapter_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from sdlora.bases.base import load_base
+from sdlora.cli import main
+from sdlora.errors import SdloraError
+from sdlora.io.metadata import MAX_CHARS, MAX_DEPTH, parse_json
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def one_line(capsys, argv: list[str]) -> str:
+    """Run `sdlora ARGV` expecting exit 2 and one `sdlora: …` line (after any progress bars)."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and "weights_only" not in err, err
+    last = err.rstrip("\n").splitlines()[-1]
+    assert last.startswith("sdlora: "), err
+    return last
+
+
+class Payload:
+    """Unpickling this makes the folder `marker`: proof that a pickle's code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+# ---------------------------------------------------------------- pickles
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    """The tiny base as a diffusers folder (safetensors weights)."""
+    from sdlora.tools.export import export_diffusers
+
+    folder = tmp_path_factory.mktemp("bases") / "tiny"
+    export_diffusers(load_base("tiny"), folder, dtype="fp32")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "part, weights",
+    [
+        ("text_encoder", "pytorch_model.bin"),  # transformers: UnpicklingError came through
+        ("unet", "diffusion_pytorch_model.bin"),  # diffusers: retold as an OSError
+    ],
+)
+def test_pickle_in_a_folder_base_is_one_line_and_never_runs(
+    tiny_folder, tmp_path, capsys, part, weights
+):
+    import shutil
+
+    folder = tmp_path / "base"
+    shutil.copytree(tiny_folder, folder)
+    for old in (folder / part).glob("*.safetensors"):
+        old.unlink()
+    marker = tmp_path / "ran"
+    torch.save({"weights": Payload(marker)}, folder / part / weights)
+    line = one_line(
+        capsys,
+        ["generate", "--base", str(folder), "--prompt", "x", "--out", str(tmp_path / "a.png")],
+    )
+    assert line == (
+        f"sdlora: {folder}: cannot load this model folder ({part}/{weights}: a pickle that asks "
+        "for posix.mkdir, not only tensors: refused unread, nothing in it ran; use a "
+        ".safetensors copy)"
+    )
+    assert not marker.exists()
+
+
+def test_pickle_refusals_never_pass_on_pytorchs_advice(tmp_path, capsys):
+    """A .ckpt base holding code, and one that is no pickle at all: no `weights_only=False`."""
+    marker = tmp_path / "ran"
+    code = tmp_path / "code.ckpt"
+    torch.save({"state_dict": {"x": Payload(marker)}}, code)
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"garbage, not a pickle")
+    argv = ["extract", "--base", "tiny", "--rank", "2", "--out", str(tmp_path / "x.safetensors")]
+    line = one_line(capsys, [*argv, "--tuned", str(code)])
+    assert line == (
+        f"sdlora: {code}: not a readable checkpoint (a pickle that asks for posix.mkdir, not "
+        "only tensors: refused unread, nothing in it ran; use a .safetensors copy)"
+    )
+    line = one_line(capsys, [*argv, "--tuned", str(garbage)])
+    assert line == (
+        f"sdlora: {garbage}: not a readable checkpoint (not a pickle of plain tensors: refused "
+        "unread, nothing in it ran; use a .safetensors copy)"
+    )
+    assert not marker.exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "code.ckpt",
+        "garbage.ckpt",
+    ]
+
+
+# ---------------------------------------------------------------- metadata JSON
+
+
+def test_metadata_json_is_read_within_bounds():
+    deep = "[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1)
+    with pytest.raises(SdloraError, match=f"^f: its x metadata nests more than {MAX_DEPTH} "):
+        parse_json(deep, "f: its x metadata")
+    ok = "[" * MAX_DEPTH + "]" * MAX_DEPTH
+    assert parse_json(ok, "x") == parse_json(ok, "x") and json.dumps(parse_json(ok, "x"))
+    # brackets inside strings (escaped quotes too) are text, not nesting
+    text = json.dumps({"caption": "[[[[" * 50, "q": 'say "]]]" {{{{'})
+    assert parse_json(text, "x")["caption"] == "[[[[" * 50
+    with pytest.raises(SdloraError, match="characters long"):
+        parse_json('"' + "a" * MAX_CHARS + '"', "x")
+    with pytest.raises(SdloraError, match="^x is not JSON$"):
+        parse_json("{not json", "x")
+
+
+@pytest.fixture(scope="module")
+def deep_files(tmp_path_factory) -> dict[str, Path]:
+    """A tanh adapter whose metadata field KEY is 100,000 levels of nested arrays, per KEY."""
+    folder = tmp_path_factory.mktemp("deep")
+    source, _ = make_adapter_file(
+        lambda: load_base("tiny"), folder / "tanh.safetensors", nonlinearity="tanh"
+    )
+    tensors = load_file(source)
+    with safe_open(source, "pt") as f:
+        metadata = f.metadata()
+    deep = "[" * 100_000 + "]" * 100_000
+    files = {}
+    for key in ("sdlora_training", "sdlora_trigger_words", "ss_tag_frequency"):
+        files[key] = folder / f"{key}.safetensors"
+        save_file(tensors, str(files[key]), metadata=dict(metadata, **{key: deep}))
+    return files
+
+
+@pytest.mark.parametrize("key", ["sdlora_training", "sdlora_trigger_words", "ss_tag_frequency"])
+def test_deeply_nested_metadata_in_inspect_and_distill(deep_files, tmp_path, capsys, key):
+    path = deep_files[key]
+    for extra in ([], ["--json"]):
+        assert main(["inspect", str(path), *extra]) == 0
+        assert "Traceback" not in capsys.readouterr().err
+    out = tmp_path / "d.safetensors"
+    line = one_line(
+        capsys, ["distill", str(path), "--base", "tiny", "--rank", "2", "--out", str(out)]
+    )
+    assert line.startswith(f"sdlora: {path.name}: records no training prompts")
+    assert not out.exists()
+
+
+def test_deeply_nested_peft_metadata_is_one_line(tmp_path, capsys):
+    path = tmp_path / "peft.safetensors"
+    deep = "{" + '"a":[' * 50_000 + "]" * 50_000 + "}"
+    save_file(
+        {"unet.x.lora_A.weight": torch.zeros(2, 4), "unet.x.lora_B.weight": torch.zeros(4, 2)},
+        str(path),
+        metadata={"lora_adapter_metadata": deep},
+    )
+    line = one_line(capsys, ["inspect", str(path)])
+    assert line == (
+        f"sdlora: {path.name}: its lora_adapter_metadata header nests more than {MAX_DEPTH} levels "
+        "deep; the file is damaged or not an adapter"
+    )
+
+
+# ---------------------------------------------------------------- distill --samples
+
+
+def test_distill_samples_has_an_upper_bound_stated_in_help(deep_files, tmp_path, capsys):
+    from sdlora.tools.distill import MAX_SAMPLES
+
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    assert f"1 to {MAX_SAMPLES}" in " ".join(capsys.readouterr().out.split())
+    out = tmp_path / "d.safetensors"
+    argv = ["distill", str(deep_files["sdlora_training"]), "--base", "tiny", "--rank", "2"]
+    line = one_line(capsys, [*argv, "--out", str(out), "--samples", "1000000000"])
+    assert line == f"sdlora: --samples must be at most {MAX_SAMPLES} (got 1000000000)"
+    assert not out.exists()
