@@ -191,3 +191,87 @@ def test_distill_samples_has_an_upper_bound_stated_in_help(deep_files, tmp_path,
     line = one_line(capsys, [*argv, "--out", str(out), "--samples", "1000000000"])
     assert line == f"sdlora: --samples must be at most {MAX_SAMPLES} (got 1000000000)"
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- devices and pipes
+
+
+@pytest.fixture
+def fifo(tmp_path):
+    """A named pipe. A writer opens and closes it over and over, so that code which opens it to
+    read gets an empty file at once instead of waiting forever (the old code then failed
+    instead of hanging)."""
+    import threading
+
+    path = tmp_path / "pipe.safetensors"
+    os.mkfifo(path)
+    stop = threading.Event()
+
+    def writer():
+        while not stop.is_set():
+            with open(path, "wb"):
+                pass
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    yield path
+    stop.set()
+    os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))  # frees a writer waiting for a reader
+    thread.join(5)
+
+
+def test_devices_and_pipes_are_named_as_what_they_are(fifo, tmp_path, capsys):
+    out = str(tmp_path / "out.safetensors")
+    for path, what in ((Path("/dev/null"), "a character device"), (fifo, "a named pipe (FIFO)")):
+        adapter = f"sdlora: {path} is {what}, not a file; give a file"
+        base = f"sdlora: base '{path}' is {what}; give a model folder or file"
+        cases = [
+            (["inspect", str(path)], adapter),
+            (
+                [
+                    "generate",
+                    "--lora",
+                    str(path),
+                    "--prompt",
+                    "x",
+                    "--out",
+                    str(tmp_path / "a.png"),
+                ],
+                adapter,
+            ),
+            (["convert", str(path), "--to", "kohya", "--out", out], adapter),
+            (["merge", str(path), str(path), "--out", out], adapter),
+            (["distill", str(path), "--base", "tiny", "--rank", "2", "--out", out], adapter),
+            (
+                [
+                    "generate",
+                    "--base",
+                    str(path),
+                    "--prompt",
+                    "x",
+                    "--out",
+                    str(tmp_path / "a.png"),
+                ],
+                base,
+            ),
+            (
+                ["extract", "--base", "tiny", "--tuned", str(path), "--rank", "2", "--out", out],
+                base,
+            ),
+        ]
+        for argv, wanted in cases:
+            assert one_line(capsys, argv) == wanted, argv
+        with pytest.raises(SdloraError) as err:
+            from sdlora.cli.distill import read_prompts
+
+            read_prompts(str(path))
+        assert err.value.setting == "prompts_file"
+        assert err.value.message == f"{path} is {what}, not a file; give a file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe.safetensors"]
+
+
+def test_an_empty_base_is_named(tmp_path, capsys):
+    line = one_line(
+        capsys, ["generate", "--base", "", "--prompt", "x", "--out", str(tmp_path / "a.png")]
+    )
+    assert line.startswith("sdlora: --base is empty; give one of toy, tiny")

@@ -25,7 +25,7 @@ from sdlora.bases.families import SDXL
 from sdlora.bases.pipelines import load_options, pipeline_class
 from sdlora.bases.recommend import ATTRIBUTE, recommend_builtin
 from sdlora.errors import SdloraError
-from sdlora.io.files import PICKLE_SUFFIXES, load_failure
+from sdlora.io.files import PICKLE_SUFFIXES, load_failure, special_file
 
 BUILTIN = ("toy", "tiny", "tiny-v2", "tiny-xl")
 TINY_FAMILIES = {"tiny": "sd1", "tiny-v2": "sd2", "tiny-xl": "sdxl"}  # random-weight bases
@@ -222,6 +222,12 @@ def load_base(
     describe a single file; its scheduler config gives the prediction type (`sdlora.bases.families`).
     A built-in base carries its recommended generation settings (see `sdlora.bases.recommend`).
     """
+    if not str(spec).strip():
+        raise SdloraError(
+            f"is empty; give one of {', '.join(BUILTIN)}, a diffusers model folder, a single "
+            ".safetensors checkpoint, or a Hub id (owner/name)",
+            setting="base",
+        )
     if spec == "toy":
         pipe = _load_toy()
     elif spec in TINY_FAMILIES:
@@ -232,6 +238,9 @@ def load_base(
         pipe = _load_hub(spec)
     else:
         path = Path(spec)
+        special = special_file(path)
+        if special:
+            raise SdloraError(f"base {spec!r} is {special}; give a model folder or file")
         if not path.exists():
             raise SdloraError(
                 f"base {spec!r}: no such file or folder; use one of {', '.join(BUILTIN)}, "

@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from sdlora.errors import SdloraError
 
 
 def read_prompts(path: str) -> list[str]:
     """One prompt per line of a UTF-8 text file; blank lines are skipped."""
-    file = Path(path)
-    if not file.is_file():
-        raise SdloraError(f"--prompts-file {file}: no such file")
+    from sdlora.io.files import check_input
+
+    file = check_input(path, setting="prompts_file")
+    if file.is_dir():
+        raise SdloraError(f"{file} is a folder; give a text file", setting="prompts_file")
     try:
         lines = file.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
-        raise SdloraError(f"--prompts-file {file}: not UTF-8 text; save it as UTF-8") from None
+        raise SdloraError(f"{file}: not UTF-8 text; save it as UTF-8", "prompts_file") from None
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
-        raise SdloraError(f"--prompts-file {file}: holds no prompts (one per line)")
+        raise SdloraError(f"{file}: holds no prompts (one per line)", setting="prompts_file")
     return prompts
 
 

@@ -72,6 +72,19 @@ def special_file(path: str | Path) -> str | None:
     return None
 
 
+def check_input(path: str | Path, setting: str | None = None) -> Path:
+    """The check of a file a command is about to read: refuse in one line one that does not
+    exist, and a device, pipe or socket given where a file goes (/dev/null reads as empty, a
+    pipe waits forever for a writer), naming what it is. Folders are the caller's to judge."""
+    path = Path(path)
+    special = special_file(path)
+    if special:
+        raise SdloraError(f"{path} is {special}, not a file; give a file", setting=setting)
+    if not path.exists():
+        raise SdloraError(f"{path}: no such file", setting=setting)
+    return path
+
+
 def check_output(
     path: str | Path,
     overwrite: bool = False,
@@ -200,9 +213,7 @@ def save_adapter(adapter: Adapter, path: str | Path, overwrite: bool = False) ->
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read tensors and header metadata; refuse pickles, missing and corrupt files clearly."""
-    path = Path(path)
-    if not path.exists():
-        raise SdloraError(f"{path}: no such file")
+    path = check_input(path)
     if path.is_dir():
         raise SdloraError(f"{path} is a folder; give the .safetensors file inside it")
     if path.suffix.lower() in PICKLE_SUFFIXES:

@@ -41,7 +41,7 @@ from sdlora.bases.families import (
 )
 from sdlora.bases.pipelines import load_options, pipeline_class
 from sdlora.errors import SdloraError
-from sdlora.io.files import atomic_save_file, check_output, load_failure
+from sdlora.io.files import atomic_save_file, check_input, check_output, load_failure
 from sdlora.io.ldm_names import convert, unet_rules, vae_rules
 
 UNET_PREFIX = "model.diffusion_model."
@@ -309,8 +309,8 @@ def save_pipeline_single_file(
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors or .ckpt file; pickles only through weights_only loading."""
-    if not path.is_file():
-        raise SdloraError(f"{path}: no such file")
+    if check_input(path).is_dir():
+        raise SdloraError(f"{path} is a folder; give the checkpoint file, or the folder as a base")
     try:
         if path.suffix.lower() == ".ckpt":
             with warnings.catch_warnings():  # torch warns about odd pickles before it refuses them
