@@ -275,3 +275,26 @@ def test_an_empty_base_is_named(tmp_path, capsys):
         capsys, ["generate", "--base", "", "--prompt", "x", "--out", str(tmp_path / "a.png")]
     )
     assert line.startswith("sdlora: --base is empty; give one of toy, tiny")
+
+
+# ---------------------------------------------------------------- a built-in base's single file
+
+
+def test_toy_single_file_export_loads_back_without_config(tmp_path, capsys):
+    """README: `sdlora export --base BASE --out PATH --format single-file`, and a single file
+    needs `--config` "unless it is a built-in base exported". The toy's weights are fp16 in the
+    package, so the fp16 file holds them exactly."""
+    from sdlora.bases.recommend import recommended
+
+    out = tmp_path / "toy.safetensors"
+    assert main(["export", "--base", "toy", "--out", str(out), "--format", "single-file"]) == 0
+    png = tmp_path / "a.png"
+    argv = ["generate", "--base", str(out), "--prompt", "a red circle", "--steps", "2"]
+    assert main([*argv, "--out", str(png), "--device", "cpu"]) == 0, capsys.readouterr().err
+    loaded, toy = load_base(str(out)), load_base("toy")
+    for part in ("unet", "vae", "text_encoder"):
+        theirs = getattr(toy, part).state_dict()
+        for key, value in getattr(loaded, part).state_dict().items():
+            assert torch.equal(value, theirs[key]), (part, key)
+    assert recommended(loaded).size == 64
+    assert loaded.tokenizer("a red circle").input_ids == toy.tokenizer("a red circle").input_ids
