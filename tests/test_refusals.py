@@ -298,3 +298,44 @@ def test_toy_single_file_export_loads_back_without_config(tmp_path, capsys):
             assert torch.equal(value, theirs[key]), (part, key)
     assert recommended(loaded).size == 64
     assert loaded.tokenizer("a red circle").input_ids == toy.tokenizer("a red circle").input_ids
+
+
+# ---------------------------------------------------------------- <lora:…> tags in the CLI
+
+
+def test_lora_tags_in_the_cli_prompt_join_the_mix(tmp_path, monkeypatch, capsys):
+    """A tag never reaches the text encoder: `a cat <lora:ink:0.5>` draws what `a cat` with
+    --lora ink:0.5 draws, whether the tag adds the file or sets a --lora's strength."""
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    make_adapter_file(lambda: load_base("tiny"), tmp_path / "ink.safetensors", seed=3)
+    argv = ["generate", "--base", "tiny", "--steps", "2", "--device", "cpu"]
+
+    def draw(name: str, *more: str) -> np.ndarray:
+        assert main([*argv, *more, "--out", name]) == 0, capsys.readouterr().err
+        image = Image.open(tmp_path / name)
+        return np.asarray(image, dtype=np.int16), json.loads(image.text["sdlora"])
+
+    plain, record = draw("plain.png", "--prompt", "a cat", "--lora", "ink.safetensors:0.5")
+    added, added_record = draw("added.png", "--prompt", "a cat <lora:ink:0.5>")
+    moved, _ = draw("moved.png", "--prompt", "a cat <lora:ink:0.5>", "--lora", "ink.safetensors")
+    base, _ = draw("base.png", "--prompt", "a cat")
+    assert np.array_equal(added, plain) and np.array_equal(moved, plain)
+    assert np.abs(plain - base).max() > 0  # the adapter changes the image: the test can fail
+    assert added_record["prompt"] == record["prompt"] == "a cat"
+    assert added_record["adapters"] == record["adapters"] == {"ink": 0.5}
+    line = one_line(capsys, [*argv, "--prompt", "a cat <lora:nope:0.5>", "--out", "x.png"])
+    assert line == (
+        "sdlora: --prompt has <lora:nope:0.5>, but no --lora is named 'nope' and there is no "
+        "file nope.safetensors; add --lora FILE@nope or remove the tag"
+    )
+    line = one_line(
+        capsys, [*argv, "--prompt", "a cat", "--negative-prompt", "<lora:ink>", "--out", "x.png"]
+    )
+    assert line == (
+        "sdlora: --negative-prompt holds a <lora:…> tag; adapters join the mix in --prompt or "
+        "with --lora"
+    )
+    assert not (tmp_path / "x.png").exists()
