@@ -339,3 +339,20 @@ def test_lora_tags_in_the_cli_prompt_join_the_mix(tmp_path, monkeypatch, capsys)
         "with --lora"
     )
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_checkpoint_holding_code_is_refused_without_pytorchs_advice(tmp_path):
+    from sdlora.train import checkpoint
+
+    folder = tmp_path / "step-1"
+    folder.mkdir()
+    (folder / checkpoint.INFO).write_text("{}")
+    marker = tmp_path / "ran"
+    torch.save({"optimizer": Payload(marker)}, folder / checkpoint.STATE)
+    with pytest.raises(SdloraError) as err:
+        checkpoint.load(folder)
+    assert str(err.value) == (
+        f"{folder}: checkpoint cannot be read (a pickle that asks for posix.mkdir, not only "
+        "tensors: refused unread, nothing in it ran; resume from another checkpoint)"
+    )
+    assert not marker.exists()

@@ -36,7 +36,7 @@ PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 MAX_TENSORS = 50_000
 
 
-def load_failure(err: BaseException) -> str:
+def load_failure(err: BaseException, advice: str = "use a .safetensors copy") -> str:
     """Why reading a weights file failed, in one line. A pickle that `torch.load(weights_only=
     True)` refused is told as such, naming what it asked for; PyTorch's advice to retry with
     `weights_only=False` (which would run the file's code) is never passed on."""
@@ -47,7 +47,7 @@ def load_failure(err: BaseException) -> str:
             what = f"a pickle that asks for {found.group(1)}, not only tensors"
         else:
             what = "not a pickle of plain tensors"
-        return f"{what}: refused unread, nothing in it ran; use a .safetensors copy"
+        return f"{what}: refused unread, nothing in it ran; {advice}"
     if isinstance(err, EOFError):
         return "it ends too early (cut short?)"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
