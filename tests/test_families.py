@@ -63,6 +63,40 @@ def test_family_table():
     assert family_of_pipeline(tiny_v2()) is SD2
 
 
+def test_native_size_and_vae_factor_live_in_the_table(tmp_path, monkeypatch):
+    """The image side of a base known only by its family is the table's; a base with configs
+    says its own through the one function beside the table."""
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    from sdlora.bases import families
+    from sdlora.bases.families import SDXL, config_native_size, vae_factor
+    from sdlora.train.config import TrainConfig
+    from sdlora.train.setup import base_resolution
+
+    assert [(f.native_size, f.vae_factor) for f in (SD1, SD2, SDXL)] == [
+        (512, 8),
+        (768, 8),
+        (1024, 8),
+    ]
+    sd15_vae = {"block_out_channels": [128, 256, 512, 512]}
+    assert vae_factor(sd15_vae) == 8 and vae_factor({"block_out_channels": [8, 8]}) == 2
+    assert config_native_size({"sample_size": 96}, sd15_vae) == 768
+    for name in ("toy", "tiny", "tiny-v2", "tiny-xl"):
+        pipe = load_base(name)
+        assert recommended(pipe).size == pipe.unet.config.sample_size * vae_factor(pipe.vae.config)
+    # a single file says only its family: the row's size, and a changed row changes the answer
+    files = {}
+    for family in (SD1, SD2, SDXL):
+        files[family.name] = tmp_path / f"{family.name}.safetensors"
+        save_file({family.text_key: torch.zeros(1)}, str(files[family.name]))
+        assert base_resolution(TrainConfig(base=str(files[family.name]))) == family.native_size
+    small = replace(SDXL, sample_size=40)
+    monkeypatch.setattr(families, "FAMILIES", (SD1, SD2, small))
+    assert base_resolution(TrainConfig(base=str(files["sdxl"]))) == 320
+
+
 def test_tiny_v2_is_sd21_shaped():
     pipe = tiny_v2()
     unet, text = pipe.unet, pipe.text_encoder

@@ -1,6 +1,8 @@
 """Adapter files: key layout, metadata, folding, save -> load exact, bad files."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,3 +190,24 @@ def test_negative_alpha_folds_into_up(tiny, inputs, tmp_path, nonlinearity):
     torch.testing.assert_close(
         run_text(tiny, inputs), run_text(trained, inputs), atol=1e-5, rtol=1e-5
     )
+
+
+def test_one_output_check_for_every_writer(tmp_path):
+    """`check_output`: the library's writers make missing folders, the commands refuse them; a
+    device or pipe is never a place to write; the probe of the folder leaves nothing behind."""
+    from sdlora.io.files import check_output
+
+    deep = tmp_path / "a" / "b.safetensors"
+    assert check_output(deep, suffix=".safetensors", make_parents=True) == deep
+    with pytest.raises(SdloraError, match="does not exist; create it first") as err:
+        check_output(deep, suffix=".safetensors")
+    assert err.value.setting == "out"
+    with pytest.raises(SdloraError, match=r"^/dev/null is a character device") as err:
+        check_output("/dev/null", overwrite=True, setting=None)
+    assert err.value.setting is None
+    with pytest.raises(SdloraError, match="is a character device"):
+        check_output(Path("/dev/null"), overwrite=True, folder=True)
+    with pytest.raises(SdloraError, match="needs a file name") as err:
+        check_output("", setting="output")
+    assert str(err.value) == "output needs a file name"
+    assert os.listdir(tmp_path) == []

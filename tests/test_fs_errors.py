@@ -422,3 +422,94 @@ def test_a_training_run_cleans_stale_temporaries_before_the_model_loads(
     with pytest.raises(Loaded):
         main(train_args(images, out))
     assert os.listdir(out) == ["notes.tmp"]
+
+
+# ---------------------------------------------------------------- one output check (issue 28)
+
+# every command that writes a file, with an --out of its kind (".png", ".safetensors", a folder)
+WRITERS = {
+    "generate": (["generate", "--prompt", "x", "--device", "cpu"], ".png"),
+    "export": (EXPORT["single-file"], ".safetensors"),
+    "export-diffusers": (EXPORT["diffusers"], ""),
+    "convert": (["convert", "a.safetensors", "--to", "kohya"], ".safetensors"),
+    "merge": (["merge", "a.safetensors", "b.safetensors"], ".safetensors"),
+    "extract": (["extract", "--base", "tiny", "--tuned", "tiny", "--rank", "2"], ".safetensors"),
+    "distill": (["distill", "a.safetensors", "--base", "tiny", "--rank", "2"], ".safetensors"),
+}
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Loading a base or an adapter fails the test: the output check comes before any work."""
+
+    import sdlora.lora.blend
+    import sdlora.tools.inspect  # noqa: F401 (modules that bind the real functions at import)
+
+    def work(*args, **kwargs):
+        raise AssertionError("work started before the output was checked")
+
+    monkeypatch.setattr("sdlora.bases.base.load_base", work)
+    monkeypatch.setattr("sdlora.io.formats.load_adapter", work)
+
+
+@pytest.mark.parametrize("command", WRITERS)
+def test_every_command_checks_its_output_one_way(command, tmp_path, capsys, no_work):
+    args, suffix = WRITERS[command]
+    run = lambda out, *more: one_line_error([*args, "--out", str(out), *more], capsys)  # noqa: E731
+    missing = tmp_path / "nowhere" / f"x{suffix}"
+    assert run(missing) == (
+        f"sdlora: --out {missing}: the folder {missing.parent} does not exist; create it first"
+    )
+    taken = tmp_path / f"taken{suffix}"
+    taken.mkdir() if not suffix else taken.write_bytes(b"mine")
+    assert run(taken) == (
+        f"sdlora: --out {taken} already exists; choose another name or pass --overwrite"
+    )
+    if suffix:
+        folder = tmp_path / f"folder{suffix}"
+        folder.mkdir()
+        assert run(folder, "--overwrite") == f"sdlora: --out {folder} is a folder; give a file name"
+        wrong = tmp_path / "x.txt"
+        assert run(wrong) == f"sdlora: --out {wrong} must end in {suffix}; change the name"
+    else:
+        plain = tmp_path / "plain"
+        plain.write_bytes(b"mine")
+        assert run(plain, "--overwrite") == (
+            f"sdlora: --out {plain} is a file, not a folder; choose another name or move the "
+            "file away"
+        )
+    fifo = tmp_path / f"pipe{suffix}"
+    os.mkfifo(fifo)
+    assert (
+        run(fifo, "--overwrite")
+        == f"sdlora: --out {fifo} is a named pipe (FIFO); choose another name"
+    )
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["taken" + suffix, "pipe" + suffix, f"folder{suffix}" if suffix else "plain"]
+    )
+    assert taken.is_dir() or taken.read_bytes() == b"mine"
+
+
+@pytest.mark.parametrize("command", WRITERS)
+def test_every_command_refuses_an_unwritable_output_before_work(
+    command, read_only, capsys, no_work
+):
+    args, suffix = WRITERS[command]
+    out = read_only / f"x{suffix}"
+    line = one_line_error([*args, "--out", str(out)], capsys)
+    assert line.startswith(f"sdlora: cannot write {out}: permission denied; choose a folder")
+    assert os.listdir(read_only) == []
+
+
+def test_generate_checks_every_image_it_will_write(tmp_path, capsys, no_work):
+    """--num-images 3 writes a-0.png, a-1.png, a-2.png: an existing a-1.png is not replaced."""
+    (tmp_path / "a-1.png").write_bytes(b"mine")
+    out = tmp_path / "a.png"
+    line = one_line_error(
+        ["generate", "--prompt", "x", "--num-images", "3", "--out", str(out)], capsys
+    )
+    assert line == (
+        f"sdlora: --out {tmp_path / 'a-1.png'} already exists; choose another name or pass "
+        "--overwrite"
+    )
+    assert os.listdir(tmp_path) == ["a-1.png"]

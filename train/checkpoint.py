@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from sdlora.errors import SdloraError
-from sdlora.io.files import save_adapter
+from sdlora.io.files import load_failure, save_adapter
 from sdlora.io.writing import FULL, clean_stale, reported, set_public_mode, write_error
 from sdlora.lora.adapter import Adapter
 
@@ -189,7 +189,7 @@ def load(path: Path) -> tuple[dict, dict]:
         info = json.loads((path / INFO).read_text())
         state = torch.load(path / STATE, map_location="cpu", weights_only=True)
     except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = load_failure(err, "resume from another checkpoint")
         raise SdloraError(f"{path}: checkpoint cannot be read ({reason})") from None
     return info, state
 

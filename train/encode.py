@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from sdlora.bases.families import vae_factor
 from sdlora.train.condition import Conditioning, Text
 from sdlora.train.data import BatchPlan, ImageItem, MicroBatches, derived_seed, with_trigger
 
@@ -53,7 +54,7 @@ class LatentCache:
     ):
         self.latents: dict[int, torch.Tensor] = {}
         plan: BatchPlan = dataset.plan
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        factor = vae_factor(vae.config)
         channels = vae.config.latent_channels
         nbytes = sum(
             4 * channels * (w // factor) * (h // factor) for w, h in (i.bucket for i in plan.items)

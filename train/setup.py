@@ -280,7 +280,7 @@ def base_resolution(config: TrainConfig, pipe=None) -> int:
     file says its family in its keys (SDXL 1024, SD 1.x 512, SD 2.x from --base-config's UNet,
     else 768). Anything else: 512, the SD default.
     """
-    from sdlora.bases.families import SD2, SDXL, family_of_single_file
+    from sdlora.bases.families import SD1, SD2, family_of_single_file
     from sdlora.bases.recommend import native_size, training_start
 
     if pipe is not None:
@@ -291,13 +291,9 @@ def base_resolution(config: TrainConfig, pipe=None) -> int:
     if path.is_dir():
         return folder_resolution(path) or SD_RESOLUTION
     if path.is_file():
-        family = single_file_family(path, family_of_single_file)
-        if family is SDXL:
-            return 1024
-        if family is SD2:
-            described = config_folder(config.base_config)
-            return (folder_resolution(described) if described else None) or 768
-        return SD_RESOLUTION
+        family = single_file_family(path, family_of_single_file) or SD1
+        described = config_folder(config.base_config) if family is SD2 else None
+        return (folder_resolution(described) if described else None) or family.native_size
     if is_hub_id(config.base):
         return folder_resolution(hub_configs(config.base)) or SD_RESOLUTION
     return SD_RESOLUTION
@@ -310,10 +306,12 @@ def folder_resolution(folder: Path | None) -> int | None:
     """UNet sample size × VAE scale factor from a diffusers folder's configs, if both read."""
     import json
 
+    from sdlora.bases.families import config_native_size
+
     try:
         unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
         vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
-        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+        return config_native_size(unet, vae)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sdlora.bases.families import vae_factor
 from sdlora.errors import SdloraError
 from sdlora.train.condition import Conditioning
 from sdlora.train.config import TrainConfig
@@ -75,7 +76,7 @@ class Validation:
                 )
                 latents.append(encode_pixels(vae, pixels[None], generator)[0])
         captions = [with_trigger(item.caption, config.trigger) for item in items]
-        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        scale = vae_factor(vae.config)
         return cls(latents, captions, config.seed, [size_ids(i) for i in items], crops, scale)
 
     def loss(

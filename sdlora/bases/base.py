@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from sdlora.bases.families import SDXL
 from sdlora.bases.pipelines import load_options, pipeline_class
 from sdlora.bases.recommend import ATTRIBUTE, recommend_builtin
 from sdlora.errors import SdloraError
+from sdlora.io.files import PICKLE_SUFFIXES, load_failure, special_file
 
 BUILTIN = ("toy", "tiny", "tiny-v2", "tiny-xl")
 TINY_FAMILIES = {"tiny": "sd1", "tiny-v2": "sd2", "tiny-xl": "sdxl"}  # random-weight bases
@@ -92,6 +94,23 @@ def _load_toy() -> StableDiffusionPipeline:
     )
 
 
+def _why(folder: Path, err: BaseException) -> str:
+    """Why a model folder did not load, in one line; a refused pickle is named by its file."""
+    chain = [err]  # diffusers retells a refused pickle as an OSError: look behind it
+    while (cause := chain[-1].__cause__ or chain[-1].__context__) and cause not in chain:
+        chain.append(cause)
+    err = next((e for e in chain if isinstance(e, pickle.UnpicklingError)), err)
+    reason = load_failure(err)
+    if isinstance(err, pickle.UnpicklingError):
+        pickles = sorted(
+            p for p in folder.glob("*/*") if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file()
+        )
+        if pickles:
+            names = ", ".join(str(p.relative_to(folder)) for p in pickles)
+            return f"{names}: {reason}"
+    return reason
+
+
 def is_hub_id(spec: str) -> bool:
     """True for `owner/name` specs that are not a local path (those are read from the Hub)."""
     return bool(HUB_ID.fullmatch(spec)) and not Path(spec).exists() and ".." not in spec
@@ -135,14 +154,22 @@ def _load_hub(repo_id: str) -> DiffusionPipeline:
             f"base {repo_id!r}: no such model on the Hugging Face Hub, or it needs a login "
             "(`huggingface-cli login`)"
         ) from None
-    except (LocalEntryNotFoundError, OSError, ValueError, KeyError) as err:
+    except (
+        LocalEntryNotFoundError,
+        OSError,
+        ValueError,
+        KeyError,
+        EOFError,
+        pickle.UnpicklingError,
+    ) as err:
         if offline and not _in_cache(repo_id):
             raise SdloraError(
                 f"base {repo_id!r} is not in the Hugging Face cache and HF_HUB_OFFLINE=1; run "
                 f"once online or `huggingface-cli download {repo_id}`"
             ) from None
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise SdloraError(f"base {repo_id!r}: cannot load this Hub model ({first})") from None
+        raise SdloraError(
+            f"base {repo_id!r}: cannot load this Hub model ({load_failure(err)})"
+        ) from None
 
 
 # what a single file needs from a Hub model: its configs, tokenizer and scheduler, not weights
@@ -195,6 +222,12 @@ def load_base(
     describe a single file; its scheduler config gives the prediction type (`sdlora.bases.families`).
     A built-in base carries its recommended generation settings (see `sdlora.bases.recommend`).
     """
+    if not str(spec).strip():
+        raise SdloraError(
+            f"is empty; give one of {', '.join(BUILTIN)}, a diffusers model folder, a single "
+            ".safetensors checkpoint, or a Hub id (owner/name)",
+            setting="base",
+        )
     if spec == "toy":
         pipe = _load_toy()
     elif spec in TINY_FAMILIES:
@@ -205,6 +238,9 @@ def load_base(
         pipe = _load_hub(spec)
     else:
         path = Path(spec)
+        special = special_file(path)
+        if special:
+            raise SdloraError(f"base {spec!r} is {special}; give a model folder or file")
         if not path.exists():
             raise SdloraError(
                 f"base {spec!r}: no such file or folder; use one of {', '.join(BUILTIN)}, "
@@ -218,8 +254,10 @@ def load_base(
                 index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
                 cls = _class_of_index(index, str(path))
                 pipe = cls.from_pretrained(path, local_files_only=True, **load_options(cls))
-            except (OSError, ValueError, KeyError) as err:
-                raise SdloraError(f"{path}: cannot load this model folder ({err})") from None
+            except (OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as err:
+                raise SdloraError(
+                    f"{path}: cannot load this model folder ({_why(path, err)})"
+                ) from None
         elif path.suffix.lower() in SINGLE_FILE_SUFFIXES:
             from sdlora.io.single_file import load_single_file
 

@@ -57,10 +57,21 @@ class Family:
     # SD 1.x/2.x) or "original" (the LDM/SGM names, input_blocks_4_1_..., SDXL).
     adapter_unet_names: str
     base_model_version: str  # kohya's `ss_base_model_version` metadata for this family
-    # Recommended generation settings at the family's native size (the UNet's sample size × 8).
+    # The image side its real bases were made for is the UNet's `sample_size` (latent pixels)
+    # times the VAE's downscale factor (2 per VAE level: 8 for SD's four): `native_size`. A
+    # loaded base or a diffusers folder says its own (`config_native_size`); these are for a
+    # base known only by its family (a single file without --config).
+    sample_size: int
+    vae_factor: int
+    # Recommended generation settings at the family's native size.
     guidance: float
     steps: int
     builtin: str  # the built-in small base of this family, for tests and trying things out
+
+    @property
+    def native_size(self) -> int:
+        """Image side in px its real bases were made for: SD 1.x 512, SD 2.x 768, SDXL 1024."""
+        return self.sample_size * self.vae_factor
 
 
 SD1 = Family(
@@ -77,6 +88,8 @@ SD1 = Family(
     single_file_layout="ldm_sd_v1",
     adapter_unet_names="diffusers",
     base_model_version="sd_v1",
+    sample_size=64,  # 512 px
+    vae_factor=8,
     guidance=7.5,
     steps=25,
     builtin="tiny",
@@ -96,6 +109,8 @@ SD2 = Family(
     single_file_layout="ldm_sd_v2",
     adapter_unet_names="diffusers",
     base_model_version="sd_v2",
+    sample_size=96,  # 768 px: SD 2.0-v / 2.1 (2.0-base / 2.1-base are 64, 512 px)
+    vae_factor=8,
     guidance=7.5,
     steps=25,
     builtin="tiny-v2",
@@ -127,6 +142,8 @@ SDXL = Family(
     single_file_layout="sgm_sdxl",
     adapter_unet_names="original",
     base_model_version="sdxl_base_v1-0",
+    sample_size=128,  # 1024 px
+    vae_factor=8,
     guidance=5.0,  # diffusers' StableDiffusionXLPipeline default
     steps=30,
     builtin="tiny-xl",
@@ -134,6 +151,18 @@ SDXL = Family(
 
 FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL)
 BY_NAME = {f.name: f for f in FAMILIES}
+
+
+def vae_factor(vae_config: Mapping[str, Any]) -> int:
+    """Pixels per latent pixel of a VAE, from its config (a diffusers `vae.config` or the
+    parsed `vae/config.json`): each level but the last halves the side, so SD's four make 8."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def config_native_size(unet_config: Mapping[str, Any], vae_config: Mapping[str, Any]) -> int:
+    """Image side in px a base was made for, from its UNet and VAE configs: the UNet's sample
+    size (latent pixels) times the VAE factor (SD 1.5 512, SD 2.1 768, SDXL 1024)."""
+    return int(unet_config["sample_size"]) * vae_factor(vae_config)
 
 
 def family_of_width(width: int) -> Family | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sdlora.bases.families import SD1, SD2, SDXL, family_of_pipeline
+from sdlora.bases.families import SD1, SD2, SDXL, config_native_size, family_of_pipeline
 
 SD_GUIDANCE = SD1.guidance  # the Stable Diffusion 1.x/2.x default classifier-free guidance
 SD_STEPS = SD1.steps  # the Stable Diffusion default number of denoising steps
@@ -49,8 +49,7 @@ SD_TRAINING = TrainingStart(512, 1, 1e-4)
 
 def native_size(pipe) -> int:
     """Image side the base was made for: UNet sample size times the VAE scale factor."""
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    return int(pipe.unet.config.sample_size) * factor
+    return config_native_size(pipe.unet.config, pipe.vae.config)
 
 
 def recommend_builtin(name: str, pipe) -> Recommended:

@@ -11,10 +11,17 @@ import json
 import math
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from sdlora.errors import SdloraError, flag
-from sdlora.io.lora_spec import adapter_names, parse_lora, parse_lora_spec  # noqa: F401 (parse_lora: re-exported)
+from sdlora.io.lora_spec import (  # noqa: F401 (parse_lora: re-exported)
+    LoraSpec,
+    adapter_names,
+    parse_lora,
+    parse_lora_spec,
+)
+from sdlora.lora.prompt_tags import LORA_TAG, split_lora_tags
 
 DEFAULT_BASE = "toy"
 BASE_HELP = (
@@ -51,14 +58,16 @@ def add_base_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def load_mix(args: argparse.Namespace, dtype=None):
-    """Load the base and blend every --lora; return (pipe, mixer, {name: per-block strengths})."""
+def load_mix(args: argparse.Namespace, dtype=None, specs: list[LoraSpec] | None = None):
+    """Load the base and blend every --lora (or `specs`, the --lora values with a prompt's tags
+    applied); return (pipe, mixer, {name: per-block strengths})."""
     import torch
 
     from sdlora.bases.base import load_base
     from sdlora.lora.blend import Mixer
 
-    specs = [parse_lora_spec(spec) for spec in args.lora]
+    if specs is None:
+        specs = [parse_lora_spec(spec) for spec in args.lora]
     names, notes = adapter_names(specs)
     for note in notes:
         print(f"sdlora: {note}", file=sys.stderr)
@@ -75,23 +84,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from sdlora.bases.generate import GenerateSettings, check_numbers, generate, save_png
+    from sdlora.io.files import check_output
 
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise SdloraError(f"--out {out}: give a .png file name")
-    if out.exists() and not args.overwrite:
-        raise SdloraError(f"{out} already exists; choose another --out or pass --overwrite")
-    if out.is_dir():
-        raise SdloraError(f"--out {out} is a folder; give a .png file name")
     dtype = (
         torch.float16
         if (args.device or "").startswith("cuda")
         or (args.device is None and torch.cuda.is_available())
         else None
     )
-    sweep = parse_sweep(args.sweep, args.lora) if args.sweep else None
+    prompt, specs = prompt_tags(args.prompt, [parse_lora_spec(spec) for spec in args.lora])
+    if LORA_TAG.search(args.negative_prompt or ""):
+        raise SdloraError(
+            "holds a <lora:…> tag; adapters join the mix in --prompt or with --lora",
+            setting="negative_prompt",
+        )
+    sweep = parse_sweep(args.sweep, [s.path for s in specs]) if args.sweep else None
     settings = GenerateSettings(
-        prompt=args.prompt,
+        prompt=prompt,
         negative_prompt=args.negative_prompt,
         steps=args.steps,
         guidance=args.guidance,
@@ -102,17 +111,54 @@ def cmd_generate(args: argparse.Namespace) -> int:
         num_images=args.num_images,
     )
     check_numbers(settings)  # before the base loads
-    pipe, mixer, blocks = load_mix(args, dtype=dtype)
+    out = Path(args.out)
+    for path in png_paths(out, 1 if sweep else settings.num_images):
+        check_output(path, args.overwrite, suffix=".png")
+    pipe, mixer, blocks = load_mix(args, dtype=dtype, specs=specs)
     settings.adapters, settings.blocks = mixer.strengths(), blocks
     if sweep:
         print(sweep_grid(pipe, mixer, settings, sweep, out))
         return 0
     images = generate(pipe, settings)
-    for i, image in enumerate(images):
-        path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+    for i, (image, path) in enumerate(zip(images, png_paths(out, len(images)), strict=True)):
         save_png(image, path, settings, i)
         print(path)
     return 0
+
+
+def prompt_tags(prompt: str, specs: list[LoraSpec]) -> tuple[str, list[LoraSpec]]:
+    """`<lora:NAME[:STRENGTH][:lbw=BLOCKS]>` tags in --prompt, read as A1111 and the web UI read
+    them: taken out of the prompt (the text encoder never sees them); a tag naming a --lora
+    adapter sets its strength (and blocks), a tag naming an adapter file (NAME.safetensors or
+    NAME) adds it to the mix; any other tag is refused. Returns (prompt, specs)."""
+    clean, strengths, blocks = split_lora_tags(prompt)
+    if not strengths:
+        return prompt, specs
+    specs = list(specs)
+    names, _ = adapter_names(specs)
+    for name, strength in strengths.items():
+        if name in names:
+            at = names.index(name)
+            specs[at] = replace(
+                specs[at], strength=strength, blocks=blocks.get(name, specs[at].blocks)
+            )
+            continue
+        file = next((f for f in (Path(name + ".safetensors"), Path(name)) if f.is_file()), None)
+        if file is None:
+            raise SdloraError(
+                f"has <lora:{name}:{strength:g}>, but no --lora is named {name!r} and there is "
+                f"no file {name}.safetensors; add --lora FILE@{name} or remove the tag",
+                setting="prompt",
+            )
+        specs.append(LoraSpec(str(file), strength, None, blocks.get(name)))
+    return clean, specs
+
+
+def png_paths(out: Path, count: int) -> list[Path]:
+    """The files `generate` writes: `out` for one image, `NAME-0.png`, `NAME-1.png` ... for more."""
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(max(count, 0))]
 
 
 def parse_sweep(text: str, loras: list[str]) -> list[float]:
@@ -160,7 +206,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
 
     parse_dtype(args.dtype)
-    check_out(args.out, folder=args.format == "diffusers", overwrite=args.overwrite)
+    check_out(
+        args.out, folder=args.format == "diffusers", overwrite=args.overwrite, make_parents=False
+    )
     args.device = args.device or "cpu"
     pipe, _, _ = load_mix(args)
     if args.format == "diffusers":
@@ -207,7 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
         "keeps prompt, seed, sampler and adapter strengths in its metadata.",
     )
     add_base_args(p)
-    p.add_argument("--prompt", required=True, help="what to draw")
+    p.add_argument(
+        "--prompt",
+        required=True,
+        help="what to draw; a <lora:NAME:STRENGTH> tag in it (A1111's) is taken out and sets "
+        "the strength of the --lora named NAME, or adds the file NAME.safetensors",
+    )
     p.add_argument("--negative-prompt", default="", help="what to steer away from")
     p.add_argument(
         "--steps",

@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from sdlora.errors import SdloraError
 
 
 def read_prompts(path: str) -> list[str]:
     """One prompt per line of a UTF-8 text file; blank lines are skipped."""
-    file = Path(path)
-    if not file.is_file():
-        raise SdloraError(f"--prompts-file {file}: no such file")
+    from sdlora.io.files import check_input
+
+    file = check_input(path, setting="prompts_file")
+    if file.is_dir():
+        raise SdloraError(f"{file} is a folder; give a text file", setting="prompts_file")
     try:
         lines = file.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
-        raise SdloraError(f"--prompts-file {file}: not UTF-8 text; save it as UTF-8") from None
+        raise SdloraError(f"{file}: not UTF-8 text; save it as UTF-8", "prompts_file") from None
     prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
-        raise SdloraError(f"--prompts-file {file}: holds no prompts (one per line)")
+        raise SdloraError(f"{file}: holds no prompts (one per line)", setting="prompts_file")
     return prompts
 
 
@@ -27,15 +28,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
     import torch
 
     from sdlora.bases.base import load_base
-    from sdlora.io.files import save_adapter
+    from sdlora.io.files import check_output, save_adapter
     from sdlora.io.formats import load_adapter
     from sdlora.tools.distill import check_request, distill_adapter
 
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise SdloraError(f"--out {out}: adapter files are saved as .safetensors; change the name")
-    if out.exists() and not args.overwrite:
-        raise SdloraError(f"{out} already exists; choose another --out or pass --overwrite")
+    out = check_output(args.out, args.overwrite, suffix=".safetensors")
     prompts = read_prompts(args.prompts_file) if args.prompts_file else args.prompts
     adapter = load_adapter(args.file)
     check_request(adapter, args.rank, args.samples, args.seed)  # before the base loads
@@ -111,7 +108,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--samples",
         type=int,
         default=4,
-        help="noise draws per prompt, at timesteps spread over the schedule (default: %(default)s)",
+        # the bound is sdlora.tools.distill.MAX_SAMPLES (importing it would load diffusers for
+        # every command's --help; tests/test_refusals.py keeps the two equal)
+        help="noise draws per prompt, at timesteps spread over the schedule, 1 to 256 "
+        "(each prompt's draws run as one UNet batch) (default: %(default)s)",
     )
     p.add_argument(
         "--seed", type=int, default=0, help="seeds the noise and timesteps (default: %(default)s)"

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sdlora.errors import SdloraError
-
 BASE_HELP = (
     "'tiny' / 'tiny-v2' / 'tiny-xl' (built in), a diffusers model folder, a single .safetensors SD "
     "checkpoint, or a Hub id (owner/name)"
@@ -20,10 +18,9 @@ def _load_base(spec: str, config: str | None, device: str | None = None):
 
 
 def _check_out(out: str, overwrite: bool) -> Path:
-    path = Path(out)
-    if path.exists() and not overwrite:
-        raise SdloraError(f"{path} already exists; choose another --out or pass --overwrite")
-    return path
+    from sdlora.io.files import check_output
+
+    return check_output(out, overwrite, suffix=".safetensors")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -81,8 +78,6 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from sdlora.tools.extract import extract_adapter
 
     out = _check_out(args.out, args.overwrite)
-    if out.suffix != ".safetensors":
-        raise SdloraError(f"{out}: adapter files are saved as .safetensors; change the name")
     base = _load_base(args.base, args.config, args.device)
     tuned = _load_base(args.tuned, args.tuned_config or args.config, args.device)
     adapter, report = extract_adapter(

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from sdlora.errors import SdloraError
-from sdlora.io.files import atomic_save_file, fold_scale, save_adapter
+from sdlora.io.files import atomic_save_file, check_output, fold_scale, save_adapter
 from sdlora.io.formats import FORMAT_KEY
 from sdlora.lora.adapter import (
     Adapter,
@@ -230,10 +230,7 @@ def convert_adapter(
         raise SdloraError(
             f"unknown target format {to!r}; choose one of: {', '.join(TARGET_FORMATS)}"
         )
-    if out.suffix != ".safetensors":
-        raise SdloraError(f"{out}: adapter files are written as .safetensors; change the name")
-    if out.exists() and not overwrite:
-        raise SdloraError(f"{out} already exists; choose another --out or pass --overwrite")
+    out = check_output(out, overwrite, setting=None, suffix=".safetensors", make_parents=True)
     adapter = folded(adapter)
     if to == "kohya":
         if models is not None:  # refuse keys the base lacks; name the rest as its family does

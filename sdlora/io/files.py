@@ -10,6 +10,11 @@ and strength 1.0 always means "as trained" (see `fold_scale`).
 
 from __future__ import annotations
 
+import os
+import pickle
+import re
+import stat
+import tempfile
 from pathlib import Path
 
 import torch
@@ -18,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from sdlora.bases.families import SD1
 from sdlora.errors import SdloraError
-from sdlora.io.writing import written_file
+from sdlora.io.writing import TEMP_SUFFIX, reported, written_file
 from sdlora.lora.adapter import Adapter, ModuleFactors, adapter_family, file_key, memory_key
 from sdlora.lora.embeddings import bundle_tensors
 from sdlora.lora.layer import POSITIVELY_HOMOGENEOUS, check_nonlinearity
@@ -29,6 +34,104 @@ PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 # An SDXL LoCon/LoKr adapter on every layer of both text encoders and the UNet holds about
 # 20,000 tensors; a file with many more is no adapter, and reading it would take minutes.
 MAX_TENSORS = 50_000
+
+
+def load_failure(err: BaseException, advice: str = "use a .safetensors copy") -> str:
+    """Why reading a weights file failed, in one line. A pickle that `torch.load(weights_only=
+    True)` refused is told as such, naming what it asked for; PyTorch's advice to retry with
+    `weights_only=False` (which would run the file's code) is never passed on."""
+    text = str(err)
+    if isinstance(err, pickle.UnpicklingError) or "weights_only" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:
+            what = f"a pickle that asks for {found.group(1)}, not only tensors"
+        else:
+            what = "not a pickle of plain tensors"
+        return f"{what}: refused unread, nothing in it ran; {advice}"
+    if isinstance(err, EOFError):
+        return "it ends too early (cut short?)"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def special_file(path: str | Path) -> str | None:
+    """What `path` is when it exists but is neither a regular file nor a folder, in words ("a
+    character device" for /dev/null, "a named pipe (FIFO)"); None for anything else."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    for test, words in (
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return words
+    return None
+
+
+def check_input(path: str | Path, setting: str | None = None) -> Path:
+    """The check of a file a command is about to read: refuse in one line one that does not
+    exist, and a device, pipe or socket given where a file goes (/dev/null reads as empty, a
+    pipe waits forever for a writer), naming what it is. Folders are the caller's to judge."""
+    path = Path(path)
+    special = special_file(path)
+    if special:
+        raise SdloraError(f"{path} is {special}, not a file; give a file", setting=setting)
+    if not path.exists():
+        raise SdloraError(f"{path}: no such file", setting=setting)
+    return path
+
+
+def check_output(
+    path: str | Path,
+    overwrite: bool = False,
+    *,
+    setting: str | None = "out",
+    suffix: str | None = None,
+    folder: bool = False,
+    make_parents: bool = False,
+) -> Path:
+    """The one check of a path a command is about to write, before any work: refuse in one
+    line, about `setting` (the command's `--out`, say), a name without `suffix`, a folder where
+    a file is meant (or a file where a folder is: `folder=True`), one that exists unless
+    `overwrite`, a missing parent folder (unless `make_parents`: then the writer makes it), a
+    file where a folder on the way should be, and a place the user may not write to (a
+    temporary file is made there and removed: as root, on a read-only disk, under an ACL, this
+    is what answers truly). Returns `path` as a Path."""
+    path = Path(path)
+    if str(path) in ("", "."):
+        raise SdloraError("needs a file name", setting=setting)
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise SdloraError(f"{path} must end in {suffix}; change the name", setting=setting)
+    if path.is_dir() and not folder:
+        raise SdloraError(f"{path} is a folder; give a file name", setting=setting)
+    special = special_file(path)
+    if special:
+        raise SdloraError(f"{path} is {special}; choose another name", setting=setting)
+    if path.exists() and folder and not path.is_dir():
+        raise SdloraError(
+            f"{path} is a file, not a folder; choose another name or move the file away",
+            setting=setting,
+        )
+    if path.exists() and not overwrite:
+        raise SdloraError(
+            f"{path} already exists; choose another name or pass --overwrite", setting=setting
+        )
+    ancestor = next(p for p in (*path.parents, Path(".")) if p.exists())
+    if not ancestor.is_dir():
+        raise SdloraError(f"{ancestor} is a file, not a folder; choose another place", setting)
+    if ancestor != path.parent and not make_parents:
+        raise SdloraError(
+            f"{path}: the folder {path.parent} does not exist; create it first", setting=setting
+        )
+    with reported(path):  # "cannot write PATH: permission denied; choose a folder you may ..."
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=ancestor)
+        os.close(fd)
+        os.unlink(probe)
+    return path
 
 
 def fold_scale(factors: ModuleFactors, nonlinearity: str) -> tuple[ModuleFactors, str]:
@@ -83,11 +186,7 @@ def atomic_save_file(
 
 def save_adapter(adapter: Adapter, path: str | Path, overwrite: bool = False) -> Path:
     """Save `adapter` (factors already folded, see `fold_scale`) as safetensors at `path`."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise SdloraError(f"{path}: adapter files are saved as .safetensors; change the name")
-    if path.exists() and not overwrite:
-        raise SdloraError(f"{path} already exists; choose another name or allow overwriting")
+    path = check_output(path, overwrite, setting=None, suffix=".safetensors", make_parents=True)
     for key, factors in adapter.modules.items():
         if not (torch.isfinite(factors.down).all() and torch.isfinite(factors.up).all()):
             raise SdloraError(f"{path}: module {key} has NaN/Inf weights; nothing was written")
@@ -114,9 +213,7 @@ def save_adapter(adapter: Adapter, path: str | Path, overwrite: bool = False) ->
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read tensors and header metadata; refuse pickles, missing and corrupt files clearly."""
-    path = Path(path)
-    if not path.exists():
-        raise SdloraError(f"{path}: no such file")
+    path = check_input(path)
     if path.is_dir():
         raise SdloraError(f"{path} is a folder; give the .safetensors file inside it")
     if path.suffix.lower() in PICKLE_SUFFIXES:

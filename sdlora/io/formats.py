@@ -19,7 +19,6 @@ norm/OFT/GLoRA modules are not weight deltas at all: such files are refused, nev
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import defaultdict
@@ -29,6 +28,7 @@ import torch
 
 from sdlora.errors import SdloraError
 from sdlora.io.files import NONLINEAR_PREFIX, check_rank, parse_flat_lora, read_safetensors
+from sdlora.io.metadata import parse_json
 from sdlora.lora.adapter import Adapter, ModuleFactors, flat_name, memory_key
 from sdlora.lora.embeddings import split_bundle
 
@@ -397,10 +397,9 @@ def _peft_configs(metadata: dict[str, str], source: str) -> dict[str, dict]:
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return {}
-    try:
-        flat = json.loads(raw)
-    except json.JSONDecodeError:
-        raise SdloraError(f"{source}: its lora_adapter_metadata header is not JSON") from None
+    flat = parse_json(raw, f"{source}: its lora_adapter_metadata header")
+    if not isinstance(flat, dict):
+        raise SdloraError(f"{source}: its lora_adapter_metadata header is not a JSON object")
     configs: dict[str, dict] = defaultdict(dict)
     for key, value in flat.items():
         component, dot, field_name = key.partition(".")

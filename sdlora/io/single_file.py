@@ -41,7 +41,7 @@ from sdlora.bases.families import (
 )
 from sdlora.bases.pipelines import load_options, pipeline_class
 from sdlora.errors import SdloraError
-from sdlora.io.files import atomic_save_file
+from sdlora.io.files import atomic_save_file, check_input, check_output, load_failure
 from sdlora.io.ldm_names import convert, unet_rules, vae_rules
 
 UNET_PREFIX = "model.diffusion_model."
@@ -255,11 +255,7 @@ def save_single_file(
 ) -> Path:
     """Write one original-layout .safetensors checkpoint atomically; refuse to overwrite.
     An SDXL UNet's file needs `text_encoder_2_sd` too."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise SdloraError(f"{path}: single-file checkpoints are saved as .safetensors")
-    if path.exists() and not overwrite:
-        raise SdloraError(f"{path} already exists; choose another name or pass --overwrite")
+    path = check_output(path, overwrite, setting=None, suffix=".safetensors", make_parents=True)
     target = _parse_dtype(dtype)
     _check_keys(unet_sd, UNet2DConditionModel, unet_config, "unet")
     _check_keys(vae_sd, AutoencoderKL, vae_config, "vae")
@@ -313,8 +309,8 @@ def save_pipeline_single_file(
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors or .ckpt file; pickles only through weights_only loading."""
-    if not path.is_file():
-        raise SdloraError(f"{path}: no such file")
+    if check_input(path).is_dir():
+        raise SdloraError(f"{path} is a folder; give the checkpoint file, or the folder as a base")
     try:
         if path.suffix.lower() == ".ckpt":
             with warnings.catch_warnings():  # torch warns about odd pickles before it refuses them
@@ -331,8 +327,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         OSError,
         ValueError,
     ) as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise SdloraError(f"{path}: not a readable checkpoint ({first})") from None
+        raise SdloraError(f"{path}: not a readable checkpoint ({load_failure(err)})") from None
     while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]  # Lightning checkpoints nest the weights
     if not isinstance(data, dict):
@@ -428,11 +423,23 @@ def _mismatches(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.
     ]
 
 
-def _write_tiny_configs(folder: Path, family: Family) -> None:
-    """Write the family's built-in tiny base's configs, tokenizers and scheduler (no weights)."""
+def _write_builtin_configs(folder: Path, name: str) -> None:
+    """Write built-in base `name`'s configs, tokenizers and scheduler (no weights): the packaged
+    `toy` folder's files, or those of a `tiny` base built from its configs."""
+    import shutil
+
+    from sdlora.bases.base import TINY_FAMILIES, TOY_FOLDER
+
+    if name == "toy":
+        for file in TOY_FOLDER.rglob("*"):
+            if file.is_file() and file.suffix != ".safetensors":
+                target = folder / file.relative_to(TOY_FOLDER)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(file, target)
+        return
     from sdlora.bases.tiny import build_tiny_pipeline
 
-    pipe = build_tiny_pipeline(family=family.name)
+    pipe = build_tiny_pipeline(family=TINY_FAMILIES[name])
     pipe.save_config(folder)  # model_index.json
     for name, part in pipe.components.items():
         if isinstance(part, transformers.PreTrainedModel):
@@ -441,6 +448,17 @@ def _write_tiny_configs(folder: Path, family: Family) -> None:
             part.save_config(folder / name)
         elif part is not None:  # tokenizers
             part.save_pretrained(folder / name)
+
+
+def _builtin_configs(scratch: Path, state: Mapping[str, torch.Tensor], family: Family):
+    """The configs folder (under `scratch`) of the family's built-in base whose shapes the
+    file's weights have, or None when it is none of them."""
+    for name in family.small_bases.values():
+        folder = scratch / name
+        _write_builtin_configs(folder, name)
+        if not _mismatches(state, _expected_shapes(folder)):
+            return folder
+    return None
 
 
 def _build(state: dict[str, torch.Tensor], folder: Path, dtype: torch.dtype) -> DiffusionPipeline:
@@ -477,20 +495,21 @@ def load_single_file(
     """Load an original-layout SD 1.x/2.x/XL .safetensors/.ckpt offline; `config` is a diffusers
     folder whose configs, tokenizers and scheduler (so its prediction type) describe the file.
 
-    Without `config` only the built-in tiny bases are recognised (by their tensor shapes).
+    Without `config` the family's built-in bases are recognised by their tensor shapes (an
+    exported `toy` or `tiny` loads back as it is).
     """
     path = Path(path)
     state = _read_state_dict(path)
     family = _file_family(state)
     with tempfile.TemporaryDirectory(prefix="sdlora-config-") as scratch:
         if config is None:
-            folder = Path(scratch)
-            _write_tiny_configs(folder, family)
-            if _mismatches(state, _expected_shapes(folder)):
+            folder = _builtin_configs(Path(scratch), state, family)
+            if folder is None:
+                builtins = " or ".join(family.small_bases.values())
                 kind = (
                     f"a full {family.label} checkpoint"
                     if _is_full_size(state, family)
-                    else f"not the {family.builtin} base"
+                    else f"not a built-in base ({builtins})"
                 )
                 raise SdloraError(
                     f"{path}: {kind}; pass a diffusers model folder with its configs and "

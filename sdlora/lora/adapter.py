@@ -13,7 +13,6 @@ and PEFT files use. SDXL files spell the first text encoder `lora_te1_`: it is r
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 
@@ -30,6 +29,7 @@ from sdlora.bases.families import (
 )
 from sdlora.errors import SdloraError
 from sdlora.io.ldm_names import original_module_paths
+from sdlora.io.metadata import parse_json
 
 # component attribute on the pipeline -> flat-name prefix
 PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
@@ -84,8 +84,8 @@ class Adapter:
     def trigger_words(self) -> list[str]:
         raw = self.metadata.get("sdlora_trigger_words", "")
         try:
-            words = json.loads(raw) if raw else []
-        except json.JSONDecodeError:
+            words = parse_json(raw, "sdlora_trigger_words") if raw else []
+        except SdloraError:
             words = [w.strip() for w in raw.split(",") if w.strip()]
         return [str(w) for w in words] if isinstance(words, list) else []
 

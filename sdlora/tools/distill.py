@@ -28,11 +28,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline
 
 from sdlora.errors import SdloraError
+from sdlora.io.metadata import parse_json
 from sdlora.lora.activations import LayerStats, Probe, collect, noise_predictions
 from sdlora.lora.adapter import Adapter, ModuleFactors, flat_name
 from sdlora.lora.blend import Mixer
@@ -91,12 +93,16 @@ def prompts_from_metadata(metadata: dict[str, str]) -> list[str]:
     """Training prompts the file records: sample prompts, default caption and trigger words
     (`sdlora_training`), or kohya's tag frequencies (`ss_tag_frequency`, most frequent first)."""
     prompts: list[str] = []
-    try:
-        training = json.loads(metadata.get("sdlora_training") or "{}")
-        words = json.loads(metadata.get("sdlora_trigger_words") or "[]")
-        tags = json.loads(metadata.get("ss_tag_frequency") or "{}")
-    except json.JSONDecodeError:
-        training, words, tags = {}, [], {}
+
+    def read(key: str, empty: Any) -> Any:  # damaged or crafted metadata gives no prompts
+        try:
+            return parse_json(metadata.get(key) or json.dumps(empty), key)
+        except SdloraError:
+            return empty
+
+    training = read("sdlora_training", {})
+    words = read("sdlora_trigger_words", [])
+    tags = read("ss_tag_frequency", {})
     if isinstance(training, dict):
         trigger = training.get("trigger") or ""
         prompts += [str(p) for p in training.get("sample_prompts") or []]
@@ -154,19 +160,28 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm()) / norm if norm > 0 else 0.0
 
 
+# Noise draws per prompt. Each prompt's draws run through the UNet as one batch, at timesteps
+# stratified over the schedule's 1000: 256 already sample every fourth, and a batch of 256
+# SDXL latents is as much as one large GPU holds.
+MAX_SAMPLES = 256
+
+
 def check_request(adapter: Adapter, rank: int, samples: int = 4, seed: int = 0) -> None:
-    """Refuse a linear adapter (nothing to distill), rank < 1, samples < 1 or a bad seed."""
+    """Refuse a linear adapter (nothing to distill), rank < 1, samples outside 1 to
+    MAX_SAMPLES or a bad seed."""
     if adapter.is_linear:
         raise SdloraError(
             f"{adapter.source}: is already a linear adapter; to change its rank use "
             "`sdlora merge FILE --rank R --out OUT`"
         )
     if rank < 1:
-        raise SdloraError(f"--rank must be at least 1 (got {rank})")
+        raise SdloraError(f"must be at least 1 (got {rank})", setting="rank")
     if samples < 1:
-        raise SdloraError(f"--samples must be at least 1 (got {samples})")
+        raise SdloraError(f"must be at least 1 (got {samples})", setting="samples")
+    if samples > MAX_SAMPLES:
+        raise SdloraError(f"must be at most {MAX_SAMPLES} (got {samples})", setting="samples")
     if not 0 <= seed < 2**64 - 1:  # the held-out check uses seed + 1
-        raise SdloraError(f"--seed must be from 0 to 2**64 - 2 (got {seed})")
+        raise SdloraError(f"must be from 0 to 2**64 - 2 (got {seed})", setting="seed")
 
 
 def distill_adapter(

@@ -21,6 +21,7 @@ from diffusers import DiffusionPipeline
 from sdlora.bases.families import family_of_pipeline
 from sdlora.bases.pipelines import assemble
 from sdlora.errors import SdloraError
+from sdlora.io.files import check_output
 from sdlora.io.writing import written_folder
 from sdlora.lora.embeddings import (
     TOKENIZERS,
@@ -111,26 +112,19 @@ def _plain_copy(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch
 MODEL_INDEX = "model_index.json"  # every diffusers model folder has one
 
 
-def check_out(out: str | Path, folder: bool, overwrite: bool) -> Path:
-    """Refuse an --out that cannot take the export, before any work: one that exists (unless
-    `overwrite`), a file where a folder goes or the reverse, and a folder holding anything but a
-    diffusers model (--overwrite would delete it)."""
-    out = Path(out)
-    if not out.exists():
-        return out
-    if not overwrite:
-        raise SdloraError(f"{out} already exists; choose another --out or pass --overwrite")
-    if folder and not out.is_dir():
-        raise SdloraError(
-            f"{out} is a file and a diffusers export is a folder; choose another --out or move "
-            "the file away"
-        )
-    if not folder and out.is_dir():
-        raise SdloraError(
-            f"{out} is a folder and a single-file export is a file; choose another --out or "
-            "move the folder away"
-        )
-    if folder and not (out / MODEL_INDEX).is_file():
+def check_out(out: str | Path, folder: bool, overwrite: bool, make_parents: bool = True) -> Path:
+    """Refuse an --out that cannot take the export, before any work (`check_output`: a wrong
+    name, one that exists unless `overwrite`, a file where a folder goes or the reverse, a place
+    that cannot be written), and a folder holding anything but a diffusers model (--overwrite
+    would delete it). `make_parents=False` refuses a missing parent folder too (the CLI)."""
+    out = check_output(
+        out,
+        overwrite,
+        suffix=None if folder else ".safetensors",
+        folder=folder,
+        make_parents=make_parents,
+    )
+    if folder and out.is_dir() and not (out / MODEL_INDEX).is_file():
         stray = sorted(out.iterdir())
         if stray:
             raise SdloraError(
@@ -182,10 +176,7 @@ def export_single_file(
     """Write the current blend as one .safetensors in the original SD (A1111/ComfyUI) layout."""
     from sdlora.io.single_file import save_single_file
 
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise SdloraError(f"{out}: a single-file checkpoint must end in .safetensors")
-    check_out(out, folder=False, overwrite=overwrite)
+    out = check_out(out, folder=False, overwrite=overwrite)
     words = attached(pipe)
     beside = embeddings_folder(out, folder=False)
     if words and beside.is_file():

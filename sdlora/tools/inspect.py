@@ -8,7 +8,9 @@ from pathlib import Path
 
 from sdlora.bases.families import family_of_adapter_keys, width_label
 from sdlora.bases.pipelines import adaptable_models
+from sdlora.errors import SdloraError
 from sdlora.io.formats import load_adapter
+from sdlora.io.metadata import parse_json
 from sdlora.lora.adapter import Adapter, component_of, fits, module_paths, weight_of, widths
 
 logger = logging.getLogger(__name__)
@@ -127,9 +129,10 @@ def describe(adapter: Adapter) -> dict:
     scales = sorted({round(m.scale, 6) for m in adapter.modules.values()})
     training = adapter.metadata.get("sdlora_training")
     try:
-        training = json.loads(training) if training else None
-    except json.JSONDecodeError:
-        pass
+        where = f"{adapter.source}: its sdlora_training metadata"
+        training = parse_json(training, where) if training else None
+    except SdloraError:
+        pass  # shown as the text it is
     return {
         "file": adapter.source,
         "format": adapter.metadata.get("sdlora_detected_format")
