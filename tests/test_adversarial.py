@@ -154,7 +154,11 @@ def test_a_run_writes_only_its_planned_files_and_a_rerun_keeps_them(data, tmp_pa
     assert all(p.exists() for p in planned), [p for p in planned if not p.exists()]
     outside = [f for f in written if not any((out / f).is_relative_to(p) for p in planned)]
     assert outside == []
-    refused(capsys, args, f"--output {out} already holds data.safetensors; run the same command with --resume")
+    refused(
+        capsys,
+        args,
+        f"--output {out} already holds data.safetensors; run the same command with --resume",
+    )
     assert snapshot(out) == written
     # another run's adapter in the folder: a resume under that name may not replace it
     (out / "other.safetensors").write_bytes(b"another run")

@@ -132,7 +132,9 @@ def test_a_fresh_run_refuses_every_file_it_would_replace(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"keep me")
     shown = existing.removesuffix("/events.out.tfevents.1.old")
-    with pytest.raises(SdloraError, match=rf"already holds {shown}; run the same command with --resume") as err:
+    with pytest.raises(
+        SdloraError, match=rf"already holds {shown}; run the same command with --resume"
+    ) as err:
         train(config)
     assert err.value.setting == "output" and str(err.value).startswith(f"output {out} already")
     assert path.read_bytes() == b"keep me"

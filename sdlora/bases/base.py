@@ -208,6 +208,17 @@ def _in_cache(repo_id: str) -> bool:
     return (folder / ("models--" + repo_id.replace("/", "--")) / "snapshots").is_dir()
 
 
+def _one_dtype(pipe: DiffusionPipeline) -> DiffusionPipeline:
+    """Every model of `pipe` in the UNet's dtype. diffusers loads a folder's UNet and VAE in
+    float32 whatever they were saved in, while transformers keeps a text encoder's saved dtype,
+    so an fp16 export would load with fp16 prompt embeddings beside a float32 UNet."""
+    dtype = pipe.unet.dtype
+    for model in pipe.components.values():
+        if isinstance(model, torch.nn.Module) and model.dtype != dtype:
+            model.to(dtype=dtype)
+    return pipe
+
+
 def load_base(
     spec: str = "tiny",
     device: str | torch.device | None = None,
@@ -268,7 +279,7 @@ def load_base(
             raise SdloraError(
                 f"{path}: unknown base file type; give a .safetensors checkpoint or a model folder"
             )
-    pipe = _quiet(pipe)
+    pipe = _one_dtype(_quiet(pipe))
     if spec in BUILTIN:
         setattr(pipe, ATTRIBUTE, recommend_builtin(spec, pipe))
     if dtype is not None or device is not None:

@@ -20,6 +20,7 @@ from diffusers import (
 )
 from PIL import Image, PngImagePlugin
 
+from sdlora.bases.families import vae_factor
 from sdlora.bases.recommend import native_size, recommended
 from sdlora.errors import SdloraError
 from sdlora.io.writing import written_file
@@ -216,7 +217,7 @@ def check_numbers(s: GenerateSettings) -> None:
 def check_settings(pipe: StableDiffusionPipeline, s: GenerateSettings) -> None:
     """Raise a one-line error for settings that cannot work on this base."""
     check_numbers(s)
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    factor = vae_factor(pipe.vae.config)
     for name, value in (("width", s.width), ("height", s.height)):
         if value is not None and value % factor:
             raise SdloraError(f"{value} must be a positive multiple of {factor}", setting=name)
@@ -296,7 +297,7 @@ def _step_callback(on_step: Callable[[int, int], None]) -> Callable:
 
 def _latents(pipe, settings, generators, size) -> torch.Tensor:
     """Initial noise drawn on the CPU, so a seed gives the same image on every device."""
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    factor = vae_factor(pipe.vae.config)
     shape = (4, (settings.height or size) // factor, (settings.width or size) // factor)
     return torch.stack([torch.randn(shape, generator=g) for g in generators])
 
