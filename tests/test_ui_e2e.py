@@ -211,7 +211,12 @@ def test_api_refuses_path_escapes_and_foreign_uploads(server, tmp_path):
     def adapter_files() -> list[str]:
         return sorted(p.name for p in (server["root"] / "adapters").iterdir())
 
-    before = adapter_files()
+    cache = server["outputs"] / ".cache"
+
+    def cached() -> set:  # files with content (earlier tests' images stay until aged out)
+        return {p for p in cache.rglob("*") if p.is_file() and p.stat().st_size}
+
+    before, cached_before = adapter_files(), cached()
     text = tmp_path / "notes.txt"
     text.write_text("not an adapter")
     fake = tmp_path / "fake.safetensors"
@@ -230,8 +235,7 @@ def test_api_refuses_path_escapes_and_foreign_uploads(server, tmp_path):
     assert adapter_files() == before  # nothing was added
     # uploads went to the UI's own cache under its outputs, and refused ones are gone from it
     # (Gradio leaves an empty temporary file per upload: aged out, and emptied at start)
-    cache = server["outputs"] / ".cache"
-    kept = [p for p in cache.rglob("*") if p.is_file() and p.stat().st_size]
+    kept = cached() - cached_before
     assert cache.is_dir() and not kept, kept
     with pytest.raises(AppError, match="too long") as refused:  # issue 29: was a raw OSError
         client.predict("x", {"a" * 10_000: 0.5}, steps=1, api_name="/generate")
