@@ -35,7 +35,7 @@ COMPILE_MODES = ("auto", "on", "off")
 # compiling costs about as much time as this many steps save. SD 1.5 on an H200, an empty compile
 # cache, compile workers (train/precompile.py): about 65 s more start-up than eager, then 63 ms a
 # step instead of 210 at batch 8 and 56 instead of 156 at batch 1, so it pays after 450-650 steps
-# (benchmarks/first_run.py, README Performance).
+# (benchmarks/first_run.py, docs/performance.md).
 COMPILE_MIN_STEPS = 600
 # ... and per family where its measurements differ. SDXL at 1024 px, batch 1, on an H200: the
 # uncompiled step waits on the host (0.53 s, 1.9 img/s) and the compiled one takes 0.11 s, so the
