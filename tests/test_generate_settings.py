@@ -139,3 +139,25 @@ def test_a_typed_value_out_of_range_reaches_the_handler(controls):
         control = controls[name]
         beyond = control.maximum + 1
         assert control.preprocess(beyond) == pytest.approx(beyond), name
+
+
+def test_generate_help_states_the_library_bounds(capsys) -> None:
+    """`sdlora generate --help` writes its bounds out (importing the library for --help would
+    load diffusers): each number setting's help says the library's own range."""
+    from sdlora.bases.generate import SETTINGS
+    from sdlora.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+
+    def written(number: float) -> str:
+        return f"{number:g}" if number < 1e6 else "2**64 - 1"
+
+    for setting in SETTINGS.values():
+        if setting.minimum is None:
+            continue
+        flag = "--" + setting.name.replace("_", "-")
+        after = text.split(flag, 2)[2]  # past the usage line, at the option's own entry
+        span = f"{written(setting.minimum)} to {written(setting.maximum)}"
+        assert span in after[:200], (flag, span, after[:200])

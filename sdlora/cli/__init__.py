@@ -265,29 +265,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--steps",
         type=int,
-        help="denoising steps (default: the base's recommended value, 20 for toy, 25 for SD)",
+        help="denoising steps, 1 to 1000 (default: the base's recommended value, 20 for toy, "
+        "25 for SD)",
     )
     p.add_argument(
         "--guidance",
         type=float,
-        help="classifier-free guidance scale (default: the base's recommended value, "
+        help="classifier-free guidance scale, 0 to 100 (default: the base's recommended value, "
         "2 for toy, 7.5 for SD)",
     )
     p.add_argument(
         "--seed",
         type=int,
         default=0,
-        help="random seed; image i uses seed+i (default: %(default)s)",
+        help="random seed, 0 to 2**64 - 1; image i uses seed+i (default: %(default)s)",
     )
     p.add_argument(
         "--width",
         type=int,
-        help="image width in px, at most 4096 (default: the base's native size)",
+        help="image width in px, 8 to 4096 (default: the base's native size)",
     )
     p.add_argument(
         "--height",
         type=int,
-        help="image height in px, at most 4096 (default: the base's native size)",
+        help="image height in px, 8 to 4096 (default: the base's native size)",
     )
     p.add_argument(
         "--scheduler",
@@ -298,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-images",
         type=int,
         default=1,
-        help="images to draw, at most 64; more than one adds -0, -1 ... to the name",
+        help="images to draw, 1 to 64; more than one adds -0, -1 ... to the name",
     )
     p.add_argument(
         "--sweep",
