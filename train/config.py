@@ -44,6 +44,8 @@ COMPILE_MIN_STEPS = 600
 COMPILE_MIN_STEPS_BY_FAMILY = {"sdxl": 200}
 CROPS = ("center", "random")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+LOSS_TYPES = ("l2", "huber", "smooth_l1")  # kohya sd-scripts' names
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
 # Sides of every training image are multiples of this: the SD VAE's factor 8 times 8, so the
 # latent side stays divisible through the UNet's downsampling.
 SIDE_MULTIPLE = 64
@@ -353,6 +355,17 @@ class TrainConfig:
         min=0,
         max=MAX_LR,
     )
+    loraplus_lr_ratio: float | None = option(  # LoRA+ (Hayou et al. 2024); kohya's name
+        None,
+        "LoRA+: the up (B) factors learn at R times the rate of the down (A) factors, in the "
+        "UNet and the text encoders alike; 16 is the paper's choice",
+        group=OPTIMISATION,
+        default_text="off",
+        min=1,
+        max=1000,
+        metavar="R",
+        resume=MATCH,
+    )
     lr_scheduler: str = option(  # one of LR_SCHEDULERS
         "constant",
         "how the learning rate changes over the run",
@@ -430,6 +443,60 @@ class TrainConfig:
     )
     noise_offset: float = option(  # per-channel noise offset; 0.05-0.1 helps very dark/bright
         0.0, "per-channel noise offset", group=OPTIMISATION, min=0, max=1
+    )
+    loss_type: str = option(  # kohya's conditional_loss: l2, or pseudo-Huber with threshold c
+        "l2",
+        "l2 (mean squared error), huber: 2c·(sqrt(d²+c²)-c), smooth_l1: 2·(sqrt(d²+c²)-c), "
+        "d = prediction - target, c from --huber-c and --huber-schedule (kohya sd-scripts)",
+        group=OPTIMISATION,
+        choices=LOSS_TYPES,
+    )
+    huber_c: float = option(  # the pseudo-Huber threshold c (its value at t = 0 when scheduled)
+        0.1,
+        "threshold c of the huber / smooth_l1 loss",
+        group=OPTIMISATION,
+        above=0,
+        max=1,
+        metavar="C",
+    )
+    huber_schedule: str = option(  # kohya's default is snr
+        "snr",
+        "how c varies with the timestep t: constant c; exponential exp(t·ln(c)/T), from 1 at "
+        "t = 0 down to c; snr (1-c)/(1+σ_t)²+c with σ_t = sqrt((1-ᾱ_t)/ᾱ_t)",
+        group=OPTIMISATION,
+        choices=HUBER_SCHEDULES,
+    )
+    ip_noise_gamma: float = option(  # input perturbation (Ning et al. 2023); 0.1 is usual
+        0.0,
+        "input perturbation: the latents are noised with noise + G·(extra noise), the target "
+        "stays the noise; 0.1 is usual",
+        group=OPTIMISATION,
+        min=0,
+        max=1,
+        metavar="G",
+    )
+    multires_noise_iterations: int = option(  # kohya's pyramid_noise_like; 6-10 usual
+        0,
+        "multi-resolution (pyramid) noise: add this many levels of upsampled coarser noise; "
+        "6-10 is usual, 0 off",
+        group=OPTIMISATION,
+        min=0,
+        max=64,
+        metavar="N",
+    )
+    multires_noise_discount: float = option(  # weight of level i is D**i
+        0.3,
+        "multi-resolution noise: level i is weighted D**i",
+        group=OPTIMISATION,
+        above=0,
+        max=1,
+        metavar="D",
+    )
+    debiased_estimation: bool = option(  # kohya's apply_debiased_estimation
+        False,
+        "weight each image's loss by 1/sqrt(SNR_t) (v-prediction: 1/(SNR_t+1)), SNR clipped at "
+        "1000 (debiased estimation)",
+        group=OPTIMISATION,
     )
     prediction_type: str | None = option(  # None: the base's scheduler config says
         None,
@@ -668,6 +735,25 @@ class TrainConfig:
             not (self.warmup_steps and self.lr_warmup_ratio),
             "lr_warmup_ratio",
             "and {warmup_steps} cannot both be given: give one",
+        )
+        huber = self.loss_type in ("huber", "smooth_l1")
+        need(
+            huber or self.huber_c == 0.1,
+            "huber_c",
+            f"is the threshold of {{loss_type}} huber or smooth_l1 (got {self.loss_type}); "
+            "give one of them, or leave {huber_c} out",
+        )
+        need(
+            huber or self.huber_schedule == "snr",
+            "huber_schedule",
+            f"varies the threshold of {{loss_type}} huber or smooth_l1 (got {self.loss_type}); "
+            "give one of them, or leave {huber_schedule} out",
+        )
+        need(
+            self.multires_noise_discount == 0.3 or bool(self.multires_noise_iterations),
+            "multires_noise_discount",
+            "weights the levels of {multires_noise_iterations}; give it too, or leave "
+            "{multires_noise_discount} out",
         )
         need(
             self.steps is None or self.epochs is None,

@@ -229,7 +229,8 @@ def make_optimizer(
     """AdamW (fused on CUDA) or bitsandbytes' 8-bit AdamW, one learning rate per model:
     --lr for the UNet, --text-encoder-lr for the (first) text encoder, --text-encoder-2-lr for
     SDXL's second one (None: --text-encoder-lr), --embedding-lr for new words (pivotal.py; no
-    weight decay)."""
+    weight decay). With --loraplus-lr-ratio R each model's up factors get a group of their own
+    ("unet_up", ...) at R times its rate (LoRA+)."""
     te_lr = config.lr if config.text_encoder_lr is None else config.text_encoder_lr
     te2_lr = te_lr if config.text_encoder_2_lr is None else config.text_encoder_2_lr
     # kohya key prefix -> (group name, as TensorBoard shows its rate under lr/, rate)
@@ -240,10 +241,18 @@ def make_optimizer(
         "lora_te2_": ("text_encoder_2", te2_lr),
     }
     groups = []
+    ratio = config.loraplus_lr_ratio
     for prefix, (name, lr) in rates.items():
-        params = [p for k, w in injected.items() if k.startswith(prefix) for p in (w.down, w.up)]
-        if params or prefix == "lora_unet_":
-            groups.append({"params": params, "lr": lr, "name": name})
+        weights = [w for k, w in injected.items() if k.startswith(prefix)]
+        if ratio is None:
+            params = [p for w in weights for p in (w.down, w.up)]
+            if params or prefix == "lora_unet_":
+                groups.append({"params": params, "lr": lr, "name": name})
+        elif weights or prefix == "lora_unet_":  # LoRA+: down (A) at lr, up (B) at ratio × lr
+            groups.append({"params": [w.down for w in weights], "lr": lr, "name": name})
+            groups.append(
+                {"params": [w.up for w in weights], "lr": lr * ratio, "name": name + "_up"}
+            )
     if words is not None:
         lr = config.lr if config.embedding_lr is None else config.embedding_lr
         groups.append({"params": [words.parameter], "lr": lr, "weight_decay": 0.0, "name": "words"})

@@ -7,6 +7,8 @@ reads losses only every few steps (each read is a host sync).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -99,11 +101,23 @@ class TrainStep:
                 latents = torch.cat([latents, prior_latents.to(latents.device)])
                 captions += drawn.captions
                 sizes, crops = torch.cat([sizes, drawn.sizes]), torch.cat([crops, drawn.crops])
-            # 2. noise, plus an optional per-channel offset (B, C, 1, 1)
+            # 2. noise, plus an optional per-channel offset (B, C, 1, 1), optionally
+            #    multi-resolution (pyramid) noise; sizes drawn on the CPU (no host sync)
             noise = torch.randn(latents.shape, generator=generator, device=device)
             if config.noise_offset:
                 offset = torch.randn((*latents.shape[:2], 1, 1), generator=generator, device=device)
                 noise = noise + config.noise_offset * offset
+            if config.multires_noise_iterations:
+                sizes_generator = torch.Generator().manual_seed(
+                    derived_seed(config.seed, "multires", accelerator.process_index, k)
+                )
+                noise = pyramid_noise(
+                    noise,
+                    config.multires_noise_iterations,
+                    config.multires_noise_discount,
+                    generator,
+                    sizes_generator,
+                )
             # 3. timesteps, uniform over the training schedule: (B,)
             timesteps = torch.randint(
                 0,
@@ -112,8 +126,13 @@ class TrainStep:
                 generator=generator,
                 device=device,
             )
-            # 4. forward diffusion: x_t = sqrt(ᾱ_t)·x_0 + sqrt(1-ᾱ_t)·ε
-            noisy = scheduler.add_noise(latents, noise, timesteps)
+            # 4. forward diffusion: x_t = sqrt(ᾱ_t)·x_0 + sqrt(1-ᾱ_t)·ε; with input
+            #    perturbation ε + γ·ε' noises the latents while the target stays ε
+            if config.ip_noise_gamma:
+                perturbed = perturb(noise, config.ip_noise_gamma, generator)
+                noisy = scheduler.add_noise(latents, perturbed, timesteps)
+            else:
+                noisy = scheduler.add_noise(latents, noise, timesteps)
             # 5. condition: text embeddings (B, 77, D); SDXL also pooled text (B, 1280) and
             #    size ids (B, 6) = original (h, w), crop (top, left), bucket (h, w)
             if self.text_cache is not None:
@@ -137,16 +156,26 @@ class TrainStep:
                     f"prediction type {self.prediction_type!r} is not supported; "
                     "use --prediction-type epsilon or v_prediction"
                 )
-            # 8. loss, optionally min-SNR-γ weighted (Hang et al. 2023, eq. 8); with class
-            #    images: instance half + prior_loss_weight × class half (DreamBooth, eq. 2)
-            if config.min_snr_gamma or self.prior is not None:
-                per_image = F.mse_loss(pred.float(), target.float(), reduction="none")
+            # 8. loss: l2, or kohya's pseudo-Huber (--loss-type) with a per-image threshold;
+            #    optionally min-SNR-γ weighted (Hang et al. 2023, eq. 8) and/or debiased
+            #    (1/sqrt(SNR)); with class images: instance half + prior_loss_weight × class
+            #    half (DreamBooth, eq. 2)
+            per_element = config.loss_type != "l2"
+            with_class = self.prior is not None
+            if per_element or config.min_snr_gamma or config.debiased_estimation or with_class:
+                if config.loss_type == "l2":
+                    per_image = F.mse_loss(pred.float(), target.float(), reduction="none")
+                else:
+                    c = huber_threshold(config.huber_c, config.huber_schedule, scheduler, timesteps)
+                    per_image = pseudo_huber(pred.float(), target.float(), c, config.loss_type)
                 per_image = per_image.mean(dim=(1, 2, 3))  # (B,) or (2B,)
+                v = self.prediction_type == "v_prediction"
                 if config.min_snr_gamma:
                     snr = compute_snr(scheduler, timesteps)  # ᾱ_t / (1 - ᾱ_t)
                     clamped = snr.clamp(max=config.min_snr_gamma)
-                    v = self.prediction_type == "v_prediction"
                     per_image = per_image * (clamped / (snr + 1) if v else clamped / snr)
+                if config.debiased_estimation:
+                    per_image = per_image * debiased_weight(scheduler, timesteps, v)
                 if self.prior is not None:
                     instance, prior = per_image.chunk(2)
                     loss = instance.mean() + config.prior_loss_weight * prior.mean()
@@ -166,3 +195,67 @@ class TrainStep:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
+
+
+def pyramid_noise(
+    noise: torch.Tensor,
+    iterations: int,
+    discount: float,
+    generator: torch.Generator,
+    sizes_generator: torch.Generator,
+) -> torch.Tensor:
+    """Multi-resolution noise as kohya sd-scripts' `pyramid_noise_like` defines it.
+
+    Level i (i = 0 .. iterations-1) draws noise at the size (h, w) / r**i, r uniform in [2, 4)
+    (from `sizes_generator`, on the CPU), upsamples it bilinearly to (h, w) and adds it weighted
+    discount**i; it stops after a level whose side reaches 1. The sum is divided by its standard
+    deviation (over the whole batch)."""
+    b, c, h, w = noise.shape
+    for i in range(iterations):
+        r = 2 + 2 * torch.rand((), generator=sizes_generator).item()
+        hn, wn = max(1, int(h / r**i)), max(1, int(w / r**i))
+        level = torch.randn((b, c, hn, wn), generator=generator, device=noise.device)
+        level = F.interpolate(level, size=(h, w), mode="bilinear", align_corners=False)
+        noise = noise + level * discount**i
+        if hn == 1 or wn == 1:
+            break
+    return noise / noise.std()
+
+
+def perturb(noise: torch.Tensor, gamma: float, generator: torch.Generator) -> torch.Tensor:
+    """Input perturbation (Ning et al. 2023, as kohya and diffusers' scripts): ε + γ·ε', ε' a
+    fresh standard normal draw; the latents are noised with it, the target stays ε."""
+    extra = torch.randn(noise.shape, generator=generator, device=noise.device)
+    return noise + gamma * extra
+
+
+def huber_threshold(c: float, schedule: str, scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """The pseudo-Huber threshold of each image, (B,), as kohya sd-scripts schedules it.
+
+    constant: c. exponential: exp(-a·t) with a = -ln(c)/T (T training timesteps), 1 at t = 0 and
+    c at t = T. snr: (1-c)/(1+σ_t)² + c with σ_t = sqrt((1-ᾱ_t)/ᾱ_t), near 1 at low noise."""
+    if schedule == "constant":
+        return torch.full(timesteps.shape, c, device=timesteps.device)
+    if schedule == "exponential":
+        a = -math.log(c) / scheduler.config.num_train_timesteps
+        return torch.exp(-a * timesteps.float())
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    sigmas = ((1 - alphas) / alphas).sqrt()
+    return (1 - c) / (1 + sigmas) ** 2 + c
+
+
+def pseudo_huber(
+    pred: torch.Tensor, target: torch.Tensor, c: torch.Tensor, loss_type: str
+) -> torch.Tensor:
+    """kohya's per-element pseudo-Huber loss, c of shape (B,): with d = pred - target,
+    huber 2c·(sqrt(d²+c²) - c), smooth_l1 2·(sqrt(d²+c²) - c)."""
+    c = c.view(-1, *([1] * (pred.dim() - 1)))
+    loss = 2 * ((pred - target) ** 2 + c**2).sqrt() - 2 * c
+    return c * loss if loss_type == "huber" else loss
+
+
+def debiased_weight(scheduler, timesteps: torch.Tensor, v_prediction: bool) -> torch.Tensor:
+    """Debiased estimation's loss weight (kohya's `apply_debiased_estimation`), (B,):
+    1/sqrt(SNR_t), v-prediction 1/(SNR_t+1), SNR_t = ᾱ_t/(1-ᾱ_t) clipped at 1000."""
+    snr = compute_snr(scheduler, timesteps).clamp(max=1000)
+    return 1 / (snr + 1) if v_prediction else 1 / snr.sqrt()
