@@ -188,3 +188,33 @@ def test_a_run_with_every_new_option_trains_and_records_them(tmp_path, monkeypat
     for name, factors in adapter.modules.items():
         assert torch.isfinite(factors.down).all() and torch.isfinite(factors.up).all(), name
     assert any(bool(factors.up.abs().sum()) for factors in adapter.modules.values())  # it learned
+
+
+def test_the_flags_and_toml_keys_come_from_the_declarations(tmp_path):
+    import argparse
+
+    from sdlora.train.command import config_from_args, register
+    from sdlora.train.config import load_config
+
+    parser = argparse.ArgumentParser(prog="sdlora")
+    register(parser.add_subparsers(dest="command"))
+    flags = ["--loss-type", "smooth_l1", "--huber-c", "0.3", "--huber-schedule", "constant"]
+    flags += ["--ip-noise-gamma", "0.05", "--multires-noise-iterations", "6"]
+    flags += ["--debiased-estimation", "--loraplus-lr-ratio", "4"]
+    args = parser.parse_args(["train", "d", "-o", "o", *flags])
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        'data_dir = "d"\noutput = "o"\nloss-type = "smooth_l1"\nhuber_c = 0.3\n'
+        'huber_schedule = "constant"\nip_noise_gamma = 0.05\nmultires_noise_iterations = 6\n'
+        "debiased_estimation = true\nloraplus_lr_ratio = 4\n",
+        encoding="utf-8",
+    )
+    for config in (config_from_args(args), load_config(toml)):
+        config.check()
+        assert (config.loss_type, config.huber_c, config.huber_schedule) == (
+            "smooth_l1",
+            0.3,
+            "constant",
+        )
+        assert (config.ip_noise_gamma, config.multires_noise_iterations) == (0.05, 6)
+        assert config.debiased_estimation and config.loraplus_lr_ratio == 4
