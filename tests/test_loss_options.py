@@ -218,3 +218,57 @@ def test_the_flags_and_toml_keys_come_from_the_declarations(tmp_path):
         )
         assert (config.ip_noise_gamma, config.multires_noise_iterations) == (0.05, 6)
         assert config.debiased_estimation and config.loraplus_lr_ratio == 4
+
+
+@pytest.mark.parametrize("loss_type", ["l2", "huber"])
+def test_the_step_takes_the_loss_of_its_own_prediction_and_noise(tmp_path, monkeypatch, loss_type):
+    """l2 is exactly (torch.equal) the mean squared error of the step's own prediction and
+    noise; huber the mean of the per-element formula at each image's scheduled threshold."""
+    from pathlib import Path
+
+    from sdlora.train import train
+
+    seen = []
+    call = step.TrainStep.__call__
+
+    def watch(self, batch, k):
+        held = {}
+        add_noise = self.noise_scheduler.add_noise
+
+        def keep_noise(latents, noise, timesteps):
+            held.update(noise=noise, timesteps=timesteps)
+            return add_noise(latents, noise, timesteps)
+
+        def keep_pred(module, args, output):
+            held["pred"] = output.sample.detach()
+
+        self.noise_scheduler.add_noise = keep_noise
+        hook = self.unet.register_forward_hook(keep_pred)
+        try:
+            loss = call(self, batch, k)
+        finally:
+            hook.remove()
+            del self.noise_scheduler.add_noise
+        seen.append((loss, held, self.noise_scheduler))
+        return loss
+
+    monkeypatch.setattr(step.TrainStep, "__call__", watch)
+    samples = Path(__file__).resolve().parent.parent / "samples" / "style"
+    huber = dict(loss_type="huber", huber_schedule="exponential") if loss_type == "huber" else {}
+    train(
+        TrainConfig(
+            data_dir=str(samples), output=str(tmp_path / "out"), base="tiny", resolution=64,
+            batch_size=2, steps=1, save_every=0, tensorboard=False, workers=0, **huber,
+        )
+    )  # fmt: skip
+    [(loss, held, scheduler)] = seen
+    pred, noise = held["pred"].float(), held["noise"].float()
+    if loss_type == "l2":
+        assert torch.equal(loss, F.mse_loss(pred, noise))
+    else:
+        c = [math.exp(t * math.log(0.1) / 1000) for t in held["timesteps"].tolist()]
+        d = pred - noise
+        want = torch.stack(
+            [(2 * ci * ((d[i] ** 2 + ci**2).sqrt() - ci)).mean() for i, ci in enumerate(c)]
+        ).mean()
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
