@@ -1,9 +1,11 @@
-"""Stable Diffusion 3.5 (MMDiT-X): the built-in `tiny-sd3` base and its row in the families table.
+"""Stable Diffusion 3.5 (MMDiT-X): the built-in `tiny-sd3` base its row in the families table, and
+adapters on its transformer.
 
 `tiny-sd3` builds offline from configs (two CLIP encoders with projections, a T5 encoder with the
 project's own tokenizer, an SD3 transformer whose first block has the dual attention and RMS-normed
 queries and keys, a 16-channel VAE, flow matching with shift 3); the table recognises its pipeline
-and names the transformer's attention modules, which the "attn" preset then finds.
+and names the transformer's attention modules, which the "attn" preset then finds; the Mixer puts
+an adapter on them as diffusers' own `load_lora_weights` does (PEFT layout).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from sdlora.bases.base import load_base
 from sdlora.bases.families import SD3, family_of_pipeline, family_of_single_file
 from sdlora.bases.pipelines import adaptable_models, pipeline_class
 from sdlora.errors import SdloraError
+from sdlora.lora.adapter import Adapter, ModuleFactors, module_keys
+from sdlora.lora.blend import Mixer
 from sdlora.lora.inject import denoiser_targets, find_targets, target_names
 
 
@@ -126,3 +130,45 @@ def test_attn_preset_finds_both_attentions(sd3):
     # a UNet family keeps its presets; the transformer has no UNet "locon" preset
     with pytest.raises(SdloraError, match="no module matches"):
         find_targets(sd3.transformer, target_names("locon", denoiser_targets(SD3)))
+
+
+def test_mixer_on_the_transformer_equals_diffusers_load_lora_weights(sd3):
+    """A hand-made adapter on every attention module of tiny-sd3 (both attentions of the
+    MMDiT-X block, the text side's projections), through the Mixer at strength 0.7, gives the
+    transformer output diffusers gives for the same factors in the PEFT layout."""
+    base = load_base("tiny-sd3")
+    t = base.transformer
+    paths = find_targets(t, target_names("attn", denoiser_targets(SD3)))
+    keys = module_keys(t, "transformer")
+    g = torch.Generator().manual_seed(7)
+    rank, alpha = 4, 2.0
+    modules, peft = {}, {}
+    for path in paths:
+        weight = t.get_submodule(path).weight
+        down = torch.randn(rank, weight.shape[1], generator=g) * 0.3
+        up = torch.randn(weight.shape[0], rank, generator=g) * 0.3
+        modules[keys[path]] = ModuleFactors(down, up, alpha)
+        peft[f"transformer.{path}.lora_A.weight"] = down.clone()
+        peft[f"transformer.{path}.lora_B.weight"] = up * (alpha / rank)  # PEFT: alpha = rank
+    assert (
+        keys["transformer_blocks.0.attn2.to_q"]
+        == "lora_transformer_transformer_blocks_0_attn2_to_q"
+    )
+    latents = torch.randn(1, 16, 8, 8, generator=g)
+    context = torch.randn(1, 20, t.config.joint_attention_dim, generator=g)
+    pooled = torch.randn(1, t.config.pooled_projection_dim, generator=g)
+    step = torch.tensor([300.0])
+    with torch.no_grad():
+        plain = t(latents, context, pooled, step).sample
+    mixer = Mixer(base)
+    mixer.add(Adapter(modules, source="hand.safetensors"), name="hand", strength=0.7)
+    assert len(mixer.entries["hand"].layers) == len(paths)
+    with torch.no_grad():
+        ours = t(latents, context, pooled, step).sample
+    sd3.load_lora_weights(peft, adapter_name="hand")
+    sd3.set_adapters(["hand"], [0.7])
+    with torch.no_grad():
+        theirs = sd3.transformer(latents, context, pooled, step).sample
+    sd3.delete_adapters("hand")
+    assert (ours - plain).abs().max() > 1e-2  # the adapter changes the output
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
