@@ -28,7 +28,9 @@ from sdlora.errors import SdloraError
 from sdlora.io.files import PICKLE_SUFFIXES, load_failure, special_file
 
 BUILTIN = ("toy", "tiny", "tiny-v2", "tiny-xl")
-TINY_FAMILIES = {"tiny": "sd1", "tiny-v2": "sd2", "tiny-xl": "sdxl"}  # random-weight bases
+# random-weight bases; `tiny-sd3` loads but is not yet in BUILTIN (what the trainer, generator and
+# recommendations accept): sdlora does not train or generate with SD 3.x yet
+TINY_FAMILIES = {"tiny": "sd1", "tiny-v2": "sd2", "tiny-xl": "sdxl", "tiny-sd3": "sd3"}
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, as the Hub spells them
 TOY_FOLDER = Path(__file__).parents[1] / "assets" / "toy"  # pretrained by pretrain/toy_base.py
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -48,7 +50,7 @@ def _class_of_index(index: dict, where: str) -> type[DiffusionPipeline]:
 
 def _quiet(pipe: DiffusionPipeline) -> DiffusionPipeline:
     pipe.set_progress_bar_config(disable=True)
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+    for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         model = getattr(pipe, name, None)
         if model is not None:
             model.eval().requires_grad_(False)
@@ -212,7 +214,8 @@ def _one_dtype(pipe: DiffusionPipeline) -> DiffusionPipeline:
     """Every model of `pipe` in the UNet's dtype. diffusers loads a folder's UNet and VAE in
     float32 whatever they were saved in, while transformers keeps a text encoder's saved dtype,
     so an fp16 export would load with fp16 prompt embeddings beside a float32 UNet."""
-    dtype = pipe.unet.dtype
+    denoiser = getattr(pipe, "unet", None)
+    dtype = (denoiser if denoiser is not None else pipe.transformer).dtype
     for model in pipe.components.values():
         if isinstance(model, torch.nn.Module) and model.dtype != dtype:
             model.to(dtype=dtype)
@@ -225,7 +228,7 @@ def load_base(
     dtype: torch.dtype | None = None,
     config: str | Path | None = None,
 ) -> DiffusionPipeline:
-    """Load a base model: "toy", "tiny", "tiny-v2", "tiny-xl", a diffusers model folder, a single
+    """Load a base model: "toy", "tiny", "tiny-v2", "tiny-xl", "tiny-sd3", a diffusers model folder, a single
     .safetensors/.ckpt file, or a Hub id such as "stabilityai/stable-diffusion-xl-base-1.0";
     a StableDiffusionPipeline, or a StableDiffusionXLPipeline for SDXL.
 

@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sdlora.errors import SdloraError
+
 
 @dataclass(frozen=True)
 class TextEncoder:
@@ -67,6 +69,12 @@ class Family:
     guidance: float
     steps: int
     builtin: str  # the built-in small base of this family, for tests and trying things out
+    # The model that denoises, by pipeline attribute ("unet"; SD3: "transformer", an MMDiT), the
+    # channels of its latents, and the names of its attention's Linear modules (the "attn"
+    # target preset: a name matches a module path ending in "." + name).
+    denoiser: str = "unet"
+    latent_channels: int = 4
+    attention_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 
     @property
     def native_size(self) -> int:
@@ -149,7 +157,66 @@ SDXL = Family(
     builtin="tiny-xl",
 )
 
-FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL)
+# SD 3.x: an MMDiT (SD3Transformer2DModel) instead of a UNet. Image and text tokens attend jointly:
+# the image side's to_q/to_k/to_v/to_out.0, the text side's add_q_proj/add_k_proj/add_v_proj/
+# to_add_out; SD 3.5's MMDiT-X blocks have a second, image-only attention (attn2.*, the same
+# names). Text: CLIP-L and CLIP-G (with projections: their pooled outputs, 768 + 1280, go in
+# through the time embedding) and T5-XXL, whose 4096-wide states (the CLIP ones zero-padded to
+# 4096 beside them) are the joint attention's context. 16-channel latents, native size 1024 px.
+SD3 = Family(
+    name="sd3",
+    label="SD 3.x",
+    cross_attention_dim=4096,  # the joint attention width: T5-XXL's
+    small_bases={72: "tiny-sd3"},
+    linear_projection=True,
+    pipeline="StableDiffusion3Pipeline",
+    text_encoders=(
+        TextEncoder(
+            "text_encoder",
+            "text_encoders.clip_l.transformer.",
+            "clip",
+            "lora_te1_",
+            "CLIPTextModelWithProjection",
+        ),
+        TextEncoder(
+            "text_encoder_2",
+            "text_encoders.clip_g.transformer.",
+            "clip",
+            "lora_te2_",
+            "CLIPTextModelWithProjection",
+        ),
+        TextEncoder(
+            "text_encoder_3",
+            "text_encoders.t5xxl.transformer.",
+            "t5",
+            "lora_te3_",
+            "T5EncoderModel",
+        ),
+    ),
+    text_key="text_encoders.t5xxl.transformer.encoder.final_layer_norm.weight",
+    single_file_layout="sd3",
+    adapter_unet_names="diffusers",
+    base_model_version="sd3",
+    sample_size=128,  # 1024 px
+    vae_factor=8,
+    guidance=4.5,  # SD 3.5 Medium's model card
+    steps=40,
+    builtin="tiny-sd3",
+    denoiser="transformer",
+    latent_channels=16,
+    attention_modules=(
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "add_q_proj",
+        "add_k_proj",
+        "add_v_proj",
+        "to_add_out",
+    ),
+)
+
+FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL, SD3)
 BY_NAME = {f.name: f for f in FAMILIES}
 
 
@@ -185,9 +252,21 @@ def family_of_unet_config(config: Mapping[str, Any]) -> Family:
     return next(f for f in FAMILIES if f.linear_projection == linear and f is not SDXL)
 
 
+def family_of_transformer_config(config: Mapping[str, Any]) -> Family | None:
+    """The family of a diffusion transformer's config: SD 3.x by its joint attention, else None."""
+    return SD3 if "joint_attention_dim" in config else None
+
+
 def family_of_pipeline(pipe) -> Family:
-    """The family of a loaded pipeline (from its UNet config)."""
-    return family_of_unet_config(pipe.unet.config)
+    """The family of a loaded pipeline (from its UNet config, or its transformer's)."""
+    unet = getattr(pipe, "unet", None)
+    if unet is not None:
+        return family_of_unet_config(unet.config)
+    transformer = getattr(pipe, "transformer", None)
+    found = family_of_transformer_config(transformer.config) if transformer is not None else None
+    if found is None:
+        raise SdloraError(f"{type(pipe).__name__}: not a model family sdlora knows", setting="base")
+    return found
 
 
 def family_of_single_file(keys) -> Family | None:

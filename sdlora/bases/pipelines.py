@@ -44,6 +44,8 @@ def assemble(family: Family | str, components: Mapping[str, Any]) -> DiffusionPi
 
 
 def adaptable_models(pipe: DiffusionPipeline) -> dict[str, Any]:
-    """The models adapters change, by attribute: the UNet and the family's text encoders."""
-    names = ("unet", *(enc.component for enc in family_of_pipeline(pipe).text_encoders))
+    """The models adapters change, by attribute: the denoiser (UNet, or SD3's transformer) and the
+    family's text encoders."""
+    family = family_of_pipeline(pipe)
+    names = (family.denoiser, *(enc.component for enc in family.text_encoders))
     return {name: getattr(pipe, name) for name in names}

@@ -10,7 +10,11 @@ layers: the penultimate layer's output), a DDIM scheduler predicting v. `tiny-xl
 whose hidden states are concatenated (80 = the UNet's cross-attention width), the second's pooled
 projection and six size/crop numbers through the UNet's added time embedding, SDXL's block
 layout (no attention in the first block, two layers per block, more transformer layers in the
-last) and its Euler scheduler. Built from configs in well under a second; nothing is downloaded.
+last) and its Euler scheduler. `tiny-sd3` is Stable Diffusion 3.5 (MMDiT-X) the same way: an
+SD3Transformer2DModel whose first block has the second (dual) attention and RMS-normed queries and
+keys, two CLIP text encoders with projections (32 wide each, their pooled outputs concatenated:
+64), a T5 encoder (72 wide, the joint attention width; the CLIP states are zero-padded to it as in
+SD3), a 16-channel VAE and the flow-matching Euler scheduler with shift 3. Built from configs in well under a second; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     PNDMScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -32,9 +39,12 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
 )
 
-from sdlora.bases.tokenizer_files import write_tokenizer_files
+from sdlora.bases.tokenizer_files import t5_vocab, write_tokenizer_files
 
 SEED = 0  # fixed: the tiny base is the same model on every machine
 
@@ -143,6 +153,48 @@ SCHEDULER_XL_CONFIG = dict(
 )
 
 
+# SD 3.5 in small. SD 3.5 Medium: 24 blocks of 24 heads of 64 (1536 wide), the first 13 with the
+# dual attention (MMDiT-X), RMS norm on queries and keys, CLIP-L (768) and CLIP-G (1280) pooled
+# together (2048), T5-XXL (4096), a 16-channel VAE, 2x2 patches, flow matching with shift 3.
+TEXT_SD3_WIDTHS = (32, 32)  # the two CLIP encoders; pooled projection = their sum
+T5_SD3_WIDTH = 72  # the joint attention width (SD3: 4096); at least the CLIP widths' sum
+TRANSFORMER_SD3_CONFIG = dict(
+    sample_size=8,  # latent side; 64 px images (SD3: 128, 1024 px)
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=4,
+    joint_attention_dim=T5_SD3_WIDTH,
+    caption_projection_dim=32,  # = heads x head width, as in SD3
+    pooled_projection_dim=sum(TEXT_SD3_WIDTHS),
+    pos_embed_max_size=16,
+    dual_attention_layers=(0,),
+    qk_norm="rms_norm",
+)
+VAE_SD3_CONFIG = dict(
+    VAE_CONFIG,
+    latent_channels=16,
+    scaling_factor=1.5305,  # SD3's VAE scale and shift
+    shift_factor=0.0609,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+SCHEDULER_SD3_CONFIG = dict(num_train_timesteps=1000, shift=3.0)
+T5_SD3_CONFIG = dict(
+    d_model=T5_SD3_WIDTH,
+    d_kv=8,
+    d_ff=2 * T5_SD3_WIDTH,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    feed_forward_proj="gated-gelu",  # T5 v1.1, SD3's T5-XXL
+    is_encoder_decoder=False,
+    use_cache=False,
+)
+
+
 def text_encoder_config(
     tokenizer: CLIPTokenizer, width: int = 32, act: str = "quick_gelu"
 ) -> CLIPTextConfig:
@@ -169,13 +221,20 @@ def make_tokenizer() -> CLIPTokenizer:
         return CLIPTokenizer(str(vocab), str(merges), model_max_length=77)
 
 
+def make_t5_tokenizer() -> T5Tokenizer:
+    """The project's T5 tokenizer: a unigram vocabulary built in code (`t5_vocab`)."""
+    return T5Tokenizer(vocab=t5_vocab(), extra_ids=0, model_max_length=512)
+
+
 def build_tiny_pipeline(
     seed: int = SEED, family: str = "sd1"
-) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
-    """Build the tiny SD-1.x-shaped (or with family="sd2" or "sdxl", SD-2.x- or SDXL-shaped)
-    pipeline with deterministic weights (fp32, CPU)."""
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline | StableDiffusion3Pipeline:
+    """Build the tiny SD-1.x-shaped (or with family="sd2", "sdxl" or "sd3", SD-2.x-, SDXL- or
+    SD-3.5-shaped) pipeline with deterministic weights (fp32, CPU)."""
     if family == "sdxl":
         return build_tiny_xl_pipeline(seed)
+    if family == "sd3":
+        return build_tiny_sd3_pipeline(seed)
     tokenizer = make_tokenizer()
     v2 = family == "sd2"
     with torch.random.fork_rng(devices=[]):
@@ -240,5 +299,47 @@ def xl_pipeline(unet, vae, text_encoder, text_encoder_2, tokenizer) -> StableDif
     )
     pipe.set_progress_bar_config(disable=True)
     for model in (unet, vae, text_encoder, text_encoder_2):
+        model.eval()
+    return pipe
+
+
+def build_tiny_sd3_pipeline(seed: int = SEED) -> StableDiffusion3Pipeline:
+    """Build the tiny SD-3.5-shaped (MMDiT-X) pipeline with deterministic weights (fp32, CPU)."""
+    tokenizer = make_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(**TRANSFORMER_SD3_CONFIG)
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**VAE_SD3_CONFIG)
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModelWithProjection(
+            text_encoder_config(tokenizer, TEXT_SD3_WIDTHS[0])
+        )
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = CLIPTextModelWithProjection(
+            text_encoder_config(tokenizer, TEXT_SD3_WIDTHS[1], "gelu")
+        )
+        torch.manual_seed(seed + 4)
+        t5_tokenizer = make_t5_tokenizer()
+        t5_config = T5Config(
+            vocab_size=len(t5_tokenizer),
+            pad_token_id=t5_tokenizer.pad_token_id,
+            eos_token_id=t5_tokenizer.eos_token_id,
+            **T5_SD3_CONFIG,
+        )
+        text_encoder_3 = T5EncoderModel(t5_config)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_SD3_CONFIG),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=make_tokenizer(),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=t5_tokenizer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    for model in (transformer, vae, text_encoder, text_encoder_2, text_encoder_3):
         model.eval()
     return pipe

@@ -96,3 +96,19 @@ def write_tokenizer_files(folder: str | Path, words: list[str] | None = None) ->
     vocab_path.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     merges_path.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     return vocab_path, merges_path
+
+
+def t5_vocab(words: list[str] | None = None) -> list[tuple[str, float]]:
+    """(piece, log-probability) of the project's T5 (SentencePiece unigram) tokenizer: T5's
+    special tokens first (<pad> 0, </s> 1, <unk> 2), each word as one "▁word" piece, then the
+    single characters, so anything else still tokenizes, letter by letter."""
+    words = list(dict.fromkeys(WORDS if words is None else words))
+    chars = sorted(set("".join(words)) | set("abcdefghijklmnopqrstuvwxyz0123456789"))
+    return [
+        ("<pad>", 0.0),
+        ("</s>", 0.0),
+        ("<unk>", 0.0),
+        ("▁", -2.0),
+        *(("▁" + w, -1.0) for w in words),
+        *((c, -5.0) for c in chars),
+    ]

@@ -32,7 +32,13 @@ from sdlora.io.ldm_names import original_module_paths
 from sdlora.io.metadata import parse_json
 
 # component attribute on the pipeline -> flat-name prefix
-PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+PREFIXES = {
+    "unet": "lora_unet_",
+    "text_encoder": "lora_te_",
+    "text_encoder_2": "lora_te2_",
+    "text_encoder_3": "lora_te3_",  # SD 3.x: T5
+    "transformer": "lora_transformer_",  # SD 3.x: the MMDiT (diffusers names)
+}
 # the leading modules of a CLIPTextModel that transformers 5 no longer nests under `text_model.`
 CLIP_TOP = ("embeddings.", "encoder.", "final_layer_norm.")
 

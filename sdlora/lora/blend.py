@@ -26,7 +26,7 @@ from sdlora.lora.fusion import Plan
 from sdlora.lora.inject import unwrap_all, wrap
 from sdlora.lora.layer import LoRALayer, LoRAWeights, max_rank
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # those a pipeline has
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")  # those a pipeline has
 logger = logging.getLogger(__name__)
 
 

@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from sdlora.bases.families import Family
 from sdlora.errors import SdloraError
 from sdlora.lora.adapter import Adapter, ModuleFactors, module_keys
 from sdlora.lora.layer import LoRALayer, LoRAWeights, check_nonlinearity, max_rank
@@ -34,6 +35,17 @@ UNET_TARGETS = {
     "all": _ALL,
     "locon": (*_ALL, *_CONVS),
 }
+
+
+def denoiser_targets(family: Family) -> dict[str, tuple[str, ...]]:
+    """The target presets of a family's denoiser: "attn" is its attention's modules
+    (`Family.attention_modules`: SD3's transformer adds the text side's add_*_proj and
+    to_add_out); a UNet's presets (UNET_TARGETS) beyond attention where its denoiser is one."""
+    attn = family.attention_modules
+    presets = dict(UNET_TARGETS) if family.denoiser == "unet" else {}
+    return {**presets, "attn": attn, "attn-ff": (*attn, *UNET_TARGETS["attn-ff"][len(_ATTN) :])}
+
+
 TEXT_ENCODER_TARGETS = {
     "attn": ("q_proj", "k_proj", "v_proj", "out_proj"),
     "attn-ff": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
