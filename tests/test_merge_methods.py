@@ -14,7 +14,15 @@ from sdlora.cli import main
 from sdlora.errors import SdloraError
 from sdlora.io.files import save_adapter
 from sdlora.io.formats import load_adapter
-from sdlora.tools.merge import combine, compress, drop, merge_adapters, merge_exact, module_delta
+from sdlora.tools.merge import (
+    METHODS,
+    combine,
+    compress,
+    drop,
+    merge_adapters,
+    merge_exact,
+    module_delta,
+)
 
 WEIGHTS = [0.7, -0.4, 1.3]
 
@@ -28,6 +36,7 @@ def close(a, b):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:The density 1.0:UserWarning")  # peft's note at density 1
 @pytest.mark.parametrize("shape", [(12, 10), (6, 4, 3, 3)])
 @pytest.mark.parametrize("density", [0.3, 0.5, 1.0])
 def test_deterministic_methods_equal_peft(shape, density):
@@ -180,3 +189,16 @@ def test_refusals(files, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "only linear adapters can be merged" in err and err.count("\n") == 1
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_strength_zero_is_left_out_and_help_lists_the_methods(files, capsys):
+    """An adapter at strength 0 changes nothing (in PEFT it would still vote in TIES)."""
+    a, b = load_adapter(files[0]), load_adapter(files[1])
+    alone, _ = merge_adapters([(a, 0.9)], method="ties", density=0.4, rank=3)
+    with_zero, _ = merge_adapters([(a, 0.9), (b, 0.0)], method="ties", density=0.4, rank=3)
+    assert set(alone.modules) == set(with_zero.modules)
+    for key, m in alone.modules.items():
+        close(module_delta(m), module_delta(with_zero.modules[key]))
+    with pytest.raises(SystemExit):
+        main(["merge", "--help"])
+    assert "|".join(METHODS) in capsys.readouterr().out

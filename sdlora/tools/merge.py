@@ -362,7 +362,10 @@ def merge_deltas(
     modules, total_err, total_norm = {}, 0.0, 0.0
     for key in sorted(parts):
         shape = max((m.down.shape for m, _ in parts[key]), key=len)  # a conv kernel shape wins
-        deltas = [module_delta(fit_factors(m, (m.up.shape[0], *shape[1:]))) for m, _ in parts[key]]
+        deltas = [
+            module_delta(fit_factors(m, (m.up.shape[0], *shape[1:]))).cpu()  # CPU draws
+            for m, _ in parts[key]
+        ]
         delta = combine(
             deltas, [s for _, s in parts[key]], method, density, majority_sign, generator
         )
