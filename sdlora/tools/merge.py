@@ -351,7 +351,9 @@ def merge_deltas(
     sorted order from one generator seeded with `seed`, so one seed always gives one file."""
     from sdlora.tools.extract import extract_module  # extract builds on this module
 
-    check_mergeable([a for a, _ in items])
+    # checks the adapters and carries their new words, trigger words and base metadata as the
+    # exact sum does, before any ΔW is formed
+    carried = merge_exact(items)
     kept = [(a, s) for a, s in items if s != 0]
     parts: dict[str, list[tuple[ModuleFactors, float]]] = {}
     for adapter, strength in kept:
@@ -375,9 +377,6 @@ def merge_deltas(
         report.errors[key] = math.sqrt(err / norm) if norm > 0 else 0.0
         total_err, total_norm = total_err + err, total_norm + norm
     report.overall = math.sqrt(total_err / total_norm) if total_norm > 0 else 0.0
-    carried = merge_exact(
-        items
-    )  # new words, trigger words and base metadata, as the sum keeps them
     merged = Adapter(
         modules=modules,
         metadata=dict(carried.metadata),
@@ -415,7 +414,6 @@ def merge_adapters(
         if rank is not None:
             merged, report = compress(merged, rank)
     else:
-        check_mergeable([a for a, _ in items])
         if rank is None:
             rank = max(r for a, _ in items for r in a.ranks() or [1])
         merged, report = merge_deltas(items, method, rank, density_used, seed, majority_sign)
