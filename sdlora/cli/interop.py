@@ -66,7 +66,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
         parsed = parse_lora_spec(spec)
         adapter = scale_blocks(load_adapter(parsed.path), parsed.blocks)  # checked for its family
         items.append((adapter, parsed.strength))
-    merged, report = merge_adapters(items, rank=args.rank)
+    merged, report = merge_adapters(
+        items,
+        rank=args.rank,
+        method=args.method,
+        density=args.density,
+        seed=args.seed,
+        majority_sign=args.majority_sign,
+    )
     save_adapter(merged, out, overwrite=args.overwrite)
     _print_report(report, None if args.all_modules else 10)
     print(out)
@@ -114,11 +121,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "merge",
-        help="merge adapters into one, exactly or compressed to a rank",
-        description="Merge linear adapters into one file. By default exact: ranks are "
-        "concatenated and strengths folded in, so the result at strength 1.0 equals the live "
-        "blend (no cross terms). --rank R compresses each module to rank R by SVD and reports "
-        "the relative error per module and overall. Adapters for different bases are refused.",
+        help="merge adapters into one: exact sum, or SVD/TIES/DARE to a rank",
+        description="Merge linear adapters into one file. By default (--method sum) exact: ranks "
+        "are concatenated and strengths folded in, so the result at strength 1.0 equals the live "
+        "blend (no cross terms); --rank R then compresses each module to rank R by SVD. The other "
+        "methods work on each module's ΔW as PEFT's add_weighted_adapter '*_svd' combinations do, "
+        "the strengths being the weights: svd (weighted sum), magnitude-prune (keep each ΔW's "
+        "largest --density fraction of entries), ties (that trim, then a sign elected per entry "
+        "and the mean of the agreeing ones), dare (drop entries at random keeping --density of "
+        "them, rescaled by 1/density; --seed makes it repeatable), dare-ties (that drop, then "
+        "TIES' sign election and mean); the result is factored to --rank by SVD (default: the "
+        "largest rank among the inputs). The relative error is reported per module and overall. "
+        "Adapters for different bases and nonlinear adapters are refused.",
     )
     p.add_argument(
         "files", nargs="+", metavar="FILE[:STRENGTH]", help="adapters; STRENGTH defaults to 1.0"
@@ -127,7 +141,33 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--out", required=True, metavar="FILE.safetensors", help="where to write the merged adapter"
     )
     p.add_argument(
-        "--rank", type=int, help="compress every module to this rank by SVD (default: exact)"
+        "--rank",
+        type=int,
+        help="compress every module to this rank by SVD (default: exact for sum, the largest "
+        "input rank for the other methods)",
+    )
+    p.add_argument(
+        "--method",
+        default="sum",
+        metavar="sum|svd|ties|dare|dare-ties|magnitude-prune",
+        help="how to combine the adapters (default: %(default)s, exact)",
+    )
+    p.add_argument(
+        "--density",
+        type=float,
+        metavar="D",
+        help="fraction of each ΔW's entries kept, in (0, 1]; needed by ties, dare, dare-ties "
+        "and magnitude-prune",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of dare's random drop (default: %(default)s)"
+    )
+    p.add_argument(
+        "--majority-sign",
+        choices=("total", "frequency"),
+        default="total",
+        help="ties/dare-ties sign election: sign of the entries' sum or of the count of their "
+        "signs (default: %(default)s)",
     )
     p.add_argument(
         "--all-modules",

@@ -7,6 +7,20 @@ Where the concatenated rank would exceed min(out, in) of a layer, that module is
 that rank by SVD, which is exact (ΔW cannot have a higher rank) and keeps the file loadable.
 Compression: the best rank-R approximation of each module's ΔW (Eckart-Young), computed from the
 factors via QR so ΔW is never formed: B = Qb·Rb, Aᵀ = Qa·Ra, svd(Rb·Raᵀ) = U·S·Vᵀ.
+
+Other methods (`METHODS`, as PEFT's `add_weighted_adapter` "*_svd" combinations define them) work
+per module on each adapter's exact ΔW_i = s_i·B_i·A_i (one (out, in·kh·kw) matrix each), with the
+strengths as the weights w_i, then factor the result to a rank by SVD:
+  svd:              Σ w_i·ΔW_i
+  magnitude-prune:  Σ w_i·trim(ΔW_i), trim = keep the ⌊density·numel⌋ largest |entries|
+  ties:             trim, elect a sign per entry (sign of Σ trim(ΔW_i), "total", or of the count
+                    of signs, "frequency"; 0 counts as +), then the mean of w_i·trim(ΔW_i) over the
+                    adapters whose entry has that sign (TIES, Yadav et al. 2023, §3)
+  dare:             Σ w_i·drop(ΔW_i), drop = keep each entry with probability density and divide
+                    the kept ones by density, so E[drop(ΔW)] = ΔW (DARE, Yu et al. 2023, eq. 1)
+  dare-ties:        drop, then TIES' sign election and disjoint mean
+As in PEFT the sign is elected on the unweighted (trimmed) deltas and w_i applies after it. Unlike
+PEFT an adapter at strength 0 is left out (in PEFT it would still vote and count in the mean).
 """
 
 from __future__ import annotations
@@ -14,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
@@ -30,6 +45,11 @@ from sdlora.lora.adapter import (
     resolve,
     widths,
 )
+from sdlora.lora.layer import LoRAWeights
+
+# merge methods: "sum" (exact, --rank compresses), the rest on each adapter's ΔW (module docstring)
+METHODS = ("sum", "svd", "ties", "dare", "dare-ties", "magnitude-prune")
+PRUNING = ("ties", "dare", "dare-ties", "magnitude-prune")  # the methods that take a density
 
 
 @dataclass
@@ -77,7 +97,8 @@ def check_mergeable(adapters: list[Adapter]) -> None:
         if not adapter.is_linear:
             raise SdloraError(
                 f"{adapter.source}: has nonlinearity {adapter.nonlinearity!r}; "
-                "only linear adapters can be merged"
+                "only linear adapters can be merged (a nonlinear one has no weight delta ΔW "
+                "to add, trim or factor; `sdlora distill` makes a linear one first)"
             )
     families = [(a.source, f) for a in adapters if (f := family_of(a)) is not None]
     for source, family in families[1:]:
@@ -223,23 +244,192 @@ def compress(adapter: Adapter, rank: int) -> tuple[Adapter, MergeReport]:
     return kept, report
 
 
-def merge_adapters(
-    items: list[tuple[Adapter, float]], rank: int | None = None
+def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """`delta` with all but its ⌊density·numel⌋ largest-magnitude entries set to 0 (TIES' trim)."""
+    if density >= 1:
+        return delta
+    keep = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
+    keep[torch.topk(delta.abs().flatten(), k=int(density * delta.numel())).indices] = 1
+    return delta * keep.view_as(delta)
+
+
+def drop(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE: keep each entry with probability `density` (drawn from `generator`) and divide the
+    kept ones by `density`, so the expected value is `delta` itself."""
+    if density >= 1:
+        return delta
+    keep = torch.bernoulli(torch.full_like(delta, density), generator=generator)
+    return delta * keep / density
+
+
+def elect_sign(
+    deltas: torch.Tensor, majority_sign: Literal["total", "frequency"] = "total"
+) -> torch.Tensor:
+    """(n, …) bool: where each delta's sign is the elected one, the sign of the entries' sum
+    ("total") or of the count of their signs ("frequency"); a tie elects +."""
+    signs = deltas.sign()
+    if majority_sign not in ("total", "frequency"):
+        raise SdloraError(
+            f"must be 'total' or 'frequency' (got {majority_sign!r})", setting="majority_sign"
+        )
+    votes = (deltas if majority_sign == "total" else signs).sum(dim=0)
+    elected = torch.where(votes >= 0, 1.0, -1.0).to(deltas.dtype)
+    return signs == elected
+
+
+def disjoint_mean(weighted: torch.Tensor, agree: torch.Tensor) -> torch.Tensor:
+    """Per entry, the mean of the weighted deltas whose sign agrees with the elected one (0 where
+    none does)."""
+    total = (weighted * agree).sum(dim=0)
+    return total / agree.sum(dim=0).clamp(min=1).to(weighted.dtype)
+
+
+def combine(
+    deltas: list[torch.Tensor],
+    weights: list[float],
+    method: str,
+    density: float = 1.0,
+    majority_sign: Literal["total", "frequency"] = "total",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One layer's merged ΔW from the adapters' ΔW_i (same shape) and weights w_i by `method`
+    (module docstring); `generator` draws DARE's drops."""
+    if method == "sum" or method == "svd":
+        parts = deltas
+    elif method in ("ties", "magnitude-prune"):
+        parts = [trim(d, density) for d in deltas]
+    elif method in ("dare", "dare-ties"):
+        if generator is None:
+            generator = torch.Generator(device=deltas[0].device).manual_seed(0)
+        parts = [drop(d, density, generator) for d in deltas]
+    else:
+        raise SdloraError(f"must be one of {', '.join(METHODS)} (got {method!r})", setting="method")
+    stacked = torch.stack(parts)  # (n, out, in·kh·kw)
+    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
+    weighted = stacked * w.view(-1, *([1] * (stacked.dim() - 1)))
+    if method in ("ties", "dare-ties"):
+        return disjoint_mean(weighted, elect_sign(stacked, majority_sign))
+    return weighted.sum(dim=0)
+
+
+def check_density(method: str, density: float | None) -> float:
+    """The density a pruning method needs, in (0, 1]; refused for the methods that take none."""
+    if method not in METHODS:
+        raise SdloraError(f"must be one of {', '.join(METHODS)} (got {method!r})", setting="method")
+    if method not in PRUNING:
+        if density is not None:
+            raise SdloraError(
+                f"applies only to {', '.join(PRUNING)} (got it with method {method!r})",
+                setting="density",
+            )
+        return 1.0
+    if density is None:
+        raise SdloraError(
+            f"is needed by method {method!r}: the fraction of each ΔW's entries kept, in (0, 1]",
+            setting="density",
+        )
+    if not (0 < density <= 1) or math.isnan(density):
+        raise SdloraError(f"must be in (0, 1] (got {density:g})", setting="density")
+    return float(density)
+
+
+def module_delta(factors: ModuleFactors) -> torch.Tensor:
+    """ΔW = s·B·A of one module in fp32, (out, in[, kh, kw]), by the LoRA layer's `delta_weight`."""
+    return LoRAWeights(factors.down, factors.up, scale=factors.scale).delta_weight()
+
+
+def merge_deltas(
+    items: list[tuple[Adapter, float]],
+    method: str,
+    rank: int,
+    density: float = 1.0,
+    seed: int = 0,
+    majority_sign: Literal["total", "frequency"] = "total",
 ) -> tuple[Adapter, MergeReport]:
-    """Merge (adapter, strength) pairs exactly, then compress to `rank` if given."""
+    """`items` merged module by module on their ΔW by `method` (`combine`) and factored to at
+    most `rank` by SVD, with the relative error per module and overall. Modules are taken in
+    sorted order from one generator seeded with `seed`, so one seed always gives one file."""
+    from sdlora.tools.extract import extract_module  # extract builds on this module
+
+    # checks the adapters and carries their new words, trigger words and base metadata as the
+    # exact sum does, before any ΔW is formed
+    carried = merge_exact(items)
+    kept = [(a, s) for a, s in items if s != 0]
+    parts: dict[str, list[tuple[ModuleFactors, float]]] = {}
+    for adapter, strength in kept:
+        for key, m in adapter.modules.items():
+            parts.setdefault(key, []).append((m, strength))
+    generator = torch.Generator().manual_seed(seed)
+    report = MergeReport(rank=rank)
+    modules, total_err, total_norm = {}, 0.0, 0.0
+    for key in sorted(parts):
+        shape = max((m.down.shape for m, _ in parts[key]), key=len)  # a conv kernel shape wins
+        deltas = [
+            module_delta(fit_factors(m, (m.up.shape[0], *shape[1:]))).cpu()  # CPU draws
+            for m, _ in parts[key]
+        ]
+        delta = combine(
+            deltas, [s for _, s in parts[key]], method, density, majority_sign, generator
+        )
+        if not torch.isfinite(delta).all():
+            raise SdloraError(f"module {key}: the merged ΔW is not finite; check the input files")
+        modules[key], err, norm = extract_module(delta, rank)
+        report.errors[key] = math.sqrt(err / norm) if norm > 0 else 0.0
+        total_err, total_norm = total_err + err, total_norm + norm
+    report.overall = math.sqrt(total_err / total_norm) if total_norm > 0 else 0.0
+    merged = Adapter(
+        modules=modules,
+        metadata=dict(carried.metadata),
+        source="merged",
+        embeddings=carried.embeddings,
+    )
+    return merged, report
+
+
+def merge_adapters(
+    items: list[tuple[Adapter, float]],
+    rank: int | None = None,
+    method: str = "sum",
+    density: float | None = None,
+    seed: int = 0,
+    majority_sign: Literal["total", "frequency"] = "total",
+) -> tuple[Adapter, MergeReport]:
+    """Merge (adapter, strength) pairs by `method` (`METHODS`, module docstring).
+
+    "sum" is exact, compressed to `rank` if given; the others are factored to `rank` (default:
+    the largest rank among the inputs, as PEFT does). `density` (in (0, 1]) is the fraction of
+    each ΔW kept by ties, dare, dare-ties and magnitude-prune; `seed` draws DARE's drops;
+    `majority_sign` is TIES' sign election, "total" or "frequency".
+    """
     if not items:
         raise SdloraError("give at least one adapter to merge")
+    density_used = check_density(method, density)
+    if rank is not None and rank < 1:
+        raise SdloraError(f"must be at least 1 (got {rank})", setting="rank")
     for adapter, strength in items:
         check_strength(adapter.source, strength)
-    merged = merge_exact(items)
-    report = MergeReport(rank=None)
-    if rank is not None:
-        merged, report = compress(merged, rank)
+    if method == "sum":
+        merged = merge_exact(items)
+        report = MergeReport(rank=None)
+        if rank is not None:
+            merged, report = compress(merged, rank)
+    else:
+        if rank is None:
+            rank = max(r for a, _ in items for r in a.ranks() or [1])
+        merged, report = merge_deltas(items, method, rank, density_used, seed, majority_sign)
     merged.metadata.update(
         {
             "sdlora_merged_from": ", ".join(f"{a.source}:{s:g}" for a, s in items),
-            "sdlora_merge_rank": "exact" if rank is None else str(rank),
+            "sdlora_merge_rank": "exact" if report.rank is None else str(report.rank),
             "sdlora_merge_relative_error": f"{report.overall:.3g}",
         }
     )
+    if method != "sum":
+        merged.metadata["sdlora_merge_method"] = method
+        if method in PRUNING:
+            merged.metadata["sdlora_merge_density"] = f"{density_used:g}"
+        if method in ("dare", "dare-ties"):
+            merged.metadata["sdlora_merge_seed"] = str(seed)
+        if method in ("ties", "dare-ties"):
+            merged.metadata["sdlora_merge_majority_sign"] = majority_sign
     return merged, report
