@@ -230,13 +230,44 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from sdlora.tools.inspect import format_text, inspect_file
 
+    if len(args.file) > 1:
+        return _conflict_report(args)
+    if args.heatmap:
+        raise SdloraError("needs two or more adapter files to compare", setting="heatmap")
     base = None
     if args.base:
         from sdlora.bases.base import load_base
 
         base = load_base(args.base, config=args.config)
-    info = inspect_file(args.file, base)
+    info = inspect_file(args.file[0], base)
     print(json.dumps(info, indent=2) if args.json else format_text(info))
+    return 0
+
+
+def _conflict_report(args: argparse.Namespace) -> int:
+    """`sdlora inspect A B [C…]`: the conflict report (`sdlora.tools.conflict`)."""
+    from sdlora.io.files import check_output
+    from sdlora.io.formats import load_adapter
+    from sdlora.tools.conflict import check_comparable, compare, format_report, write_heatmap
+
+    if args.heatmap:
+        check_output(args.heatmap, args.overwrite, setting="heatmap", suffix=".png")
+    adapters = [load_adapter(f) for f in args.file]
+    check_comparable(adapters)
+    if args.base:
+        from sdlora.bases.base import load_base
+        from sdlora.bases.pipelines import adaptable_models
+        from sdlora.lora.adapter import check_family
+
+        models = adaptable_models(load_base(args.base, config=args.config))
+        for adapter in adapters:
+            check_family(adapter, models)
+    report = compare(adapters)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    if args.heatmap:
+        write_heatmap(report, args.heatmap)
+        if not args.json:
+            print(f"heat map: {args.heatmap}")
     return 0
 
 
@@ -338,14 +369,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "inspect",
-        help="show what an adapter file holds",
+        help="show what an adapter file holds; with several, where they conflict",
         description="Show an adapter's format, rank, alpha, effective scale, "
-        "nonlinearity, modules per component, trigger words and metadata.",
+        "nonlinearity, modules per component, trigger words and metadata. With two or more "
+        "files: the conflict report, for each pair per block (LoRA Block Weight names) and "
+        "overall, the cosine similarity of their ΔW (per block over the modules both have; "
+        "overall a missing module counts as ΔW = 0), the overlap of their magnitudes "
+        "(sum min(|a|,|b|) / sum max(|a|,|b|) over the entries: 1 for an adapter with itself, "
+        "0 for disjoint blocks) and the blocks where they push against each other (cosine < "
+        "-0.1 and each ΔW norm in the block >= 0.1 x that adapter's largest block norm). "
+        "Linear adapters of one model family only.",
     )
-    p.add_argument("file", help="adapter .safetensors file")
-    p.add_argument("--base", help="also check which keys this base has modules for")
+    p.add_argument("file", nargs="+", help="adapter .safetensors file(s)")
+    p.add_argument(
+        "--base",
+        help="also check which keys this base has modules for (several files: that they fit it)",
+    )
     p.add_argument("--config", metavar="DIR", help="configs for a single-file --base")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument(
+        "--heatmap",
+        metavar="FILE.png",
+        help="several files: also write the cosines as a heat map (rows pairs, columns blocks)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --heatmap")
     p.set_defaults(func=cmd_inspect)
 
     for register in _extra_commands():
