@@ -169,3 +169,21 @@ def test_cli_heatmap_needs_two_files(tmp_path, capsys):
     assert main(["inspect", path, "--heatmap", str(tmp_path / "m.png")]) == 2
     assert "--heatmap needs two or more" in capsys.readouterr().err
     assert not (tmp_path / "m.png").exists()
+
+
+def test_cli_trained_adapters_on_the_tiny_base(tmp_path, capsys):
+    """Adapters made on the tiny base (every attention module, both components), checked
+    against it with --base: with itself 1, two seeds somewhere strictly between -1 and 1."""
+    from conftest import make_adapter_file
+
+    from sdlora.bases.base import load_base
+
+    a, _ = make_adapter_file(lambda: load_base("tiny"), tmp_path / "a.safetensors", seed=1)
+    b, _ = make_adapter_file(lambda: load_base("tiny"), tmp_path / "b.safetensors", seed=2)
+    assert main(["inspect", str(a), str(a), str(b), "--base", "tiny", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    same, other = report["pairs"][0], report["pairs"][1]
+    assert "BASE" in report["blocks"] and len(report["blocks"]) > 2
+    assert all(r["cosine"] == pytest.approx(1.0, abs=1e-5) for r in same["blocks"].values())
+    assert -1.0 < other["overall"]["cosine"] < 1.0
+    assert 0.0 < other["overall"]["overlap"] < 1.0

@@ -12,7 +12,7 @@ layer's `delta_weight`):
 - overlap: the relative overlap of their magnitudes, Σ min(|a|, |b|) / Σ max(|a|, |b|) over
   the same entries (1 for an adapter with itself or its negation, 0 for disjoint blocks).
 - conflicts: the blocks where they push against each other: cosine < -0.1 and each adapter's
-  ΔW norm in that block at least 0.1 × its own largest block norm.
+  ΔW norm in that block (all its modules there) at least 0.1 × its own largest block norm.
 
 Only linear adapters: a nonlinear one's ΔW depends on the input, so it is refused with the
 reason. Adapters of different model families are refused in one line.
@@ -177,7 +177,12 @@ def compare(adapters: list[Adapter]) -> dict:
 
 def format_report(report: dict) -> str:
     """The report as text: one table per pair (block, cosine, overlap, norms), then conflicts."""
-    lines = [f"overlap = {report['overlap_definition']}", f"conflict: {report['rule']}"]
+    lines = [
+        f"overlap = {report['overlap_definition']}",
+        f"conflict: {report['rule']}",
+        "|A|, |B| = ΔW norm of all the adapter's modules in the block; cosine and overlap per "
+        "block over the modules both have",
+    ]
     for pair in report["pairs"]:
         lines += ["", f"A = {pair['a']}", f"B = {pair['b']}"]
         lines.append(f"  {'block':<8} {'cosine':>8} {'overlap':>8} {'|A|':>10} {'|B|':>10}")
