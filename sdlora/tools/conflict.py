@@ -156,6 +156,7 @@ def compare(adapters: list[Adapter]) -> dict:
             {
                 "a": adapters[i].source,
                 "b": adapters[j].source,
+                "files": [i + 1, j + 1],  # their places in `files`, from 1
                 "blocks": rows,
                 "overall": {
                     "cosine": _ratio(dot, math.sqrt(total_a) * math.sqrt(total_b)),
@@ -232,10 +233,9 @@ def heatmap(report: dict):
         label = Image.new("RGB", (TOP, CELL), "white")
         ImageDraw.Draw(label).text((2, 6), name, fill="black")
         image.paste(label.rotate(90, expand=True), (LEFT + col * CELL, 0))
-    files = report["files"]
     for row, pair in enumerate(report["pairs"]):
         y = TOP + row * CELL
-        label = f"{files.index(pair['a']) + 1}-{files.index(pair['b']) + 1}"
+        label = "-".join(map(str, pair["files"]))
         draw.text((4, y + 6), label, fill="black")
         for col, name in enumerate(names):
             x = LEFT + col * CELL
