@@ -29,7 +29,7 @@ LR_SCHEDULERS = (
     "cosine_with_restarts",
     "polynomial",
 )
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "schedulefree")
 COMPILE_MODES = ("auto", "on", "off")
 # --compile auto compiles on CUDA when the run has at least this many optimizer steps per bucket:
 # compiling costs about as much time as this many steps save. SD 1.5 on an H200, an empty compile
@@ -383,11 +383,22 @@ class TrainConfig:
         max=1,
         metavar="F",
     )
-    optimizer: str = option(  # adamw (fused on CUDA) or adamw8bit (needs bitsandbytes)
+    optimizer: str = option(  # one of OPTIMIZERS; train/models.py make_optimizer builds it
         "adamw",
-        "adamw (fused on CUDA) or adamw8bit (needs bitsandbytes)",
+        "adamw (fused on CUDA), adamw8bit (needs bitsandbytes), prodigy (d-adaptation, give "
+        "--lr 1; needs prodigyopt), adafactor (transformers', at the given lr) or schedulefree "
+        "(schedule-free AdamW, constant --lr-scheduler; needs schedulefree)",
         group=OPTIMISATION,
         choices=OPTIMIZERS,
+        resume=MATCH,
+    )
+    optimizer_args: list[str] = option(  # KEY=VALUE, e.g. d_coef=2; see optimizer_kwargs
+        help="KEY=VALUE passed to the optimizer's constructor, e.g. d_coef=2 or "
+        "safeguard_warmup=false (numbers, true/false or text); several in one value separated "
+        "by spaces, or repeat the option",
+        group=OPTIMISATION,
+        factory=list,
+        metavar="KEY=VALUE",
         resume=MATCH,
     )
     weight_decay: float = option(
@@ -706,6 +717,19 @@ class TrainConfig:
         label="Overwrite",
     )
 
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        """--optimizer-args as keywords: "d_coef=2 safeguard_warmup=false" gives
+        {"d_coef": 2, "safeguard_warmup": False}; values are int, float, bool or text."""
+        kwargs: dict[str, Any] = {}
+        for item in (part for value in self.optimizer_args for part in value.split()):
+            key, sep, text = item.partition("=")
+            if not sep or not key.isidentifier():
+                raise SdloraError(
+                    f"takes KEY=VALUE, e.g. d_coef=2 (got {item!r})", setting="optimizer_args"
+                )
+            kwargs[key] = parse_arg_value(text)
+        return kwargs
+
     def check(self) -> TrainConfig:
         """Raise SdloraError for settings that cannot work; return self.
 
@@ -735,6 +759,13 @@ class TrainConfig:
             not (self.warmup_steps and self.lr_warmup_ratio),
             "lr_warmup_ratio",
             "and {warmup_steps} cannot both be given: give one",
+        )
+        self.optimizer_kwargs()  # each KEY=VALUE checked
+        need(
+            self.optimizer != "schedulefree" or self.lr_scheduler == "constant",
+            "lr_scheduler",
+            f"must be constant with {{optimizer}} schedulefree (got {self.lr_scheduler}): "
+            "schedule-free AdamW replaces the schedule; pass {lr_scheduler} constant",
         )
         huber = self.loss_type in ("huber", "smooth_l1")
         need(
@@ -840,6 +871,21 @@ class TrainConfig:
     def settings(self) -> dict[str, Any]:
         """The settings that describe the adapter, as JSON-able values (for metadata)."""
         return {k: v for k, v in asdict(self).items() if k not in RUN_ONLY}
+
+
+def parse_arg_value(text: str) -> Any:
+    """An --optimizer-args value: int, float, true/false (any case), none, else the text."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def option_of(f: Field) -> Option:

@@ -44,7 +44,7 @@ from sdlora.train.finish import (
     save_words,
     trained_adapter,
 )
-from sdlora.train.models import Models, load_models, restore
+from sdlora.train.models import Models, effective_lrs, load_models, optimizer_mode, restore
 from sdlora.train.precompile import Server, start_server_for
 from sdlora.train.prior import PriorImages
 from sdlora.train.progress import LossLog, Pace, open_tensorboard
@@ -257,6 +257,7 @@ def loop(run: Run, on_step: Callable[[int], None] | None) -> Pace:
     pace = Pace(images_per_step, first_step, started)
     for model in models.trained:
         model.train()  # LoRA dropout and gradient checkpointing act in training mode
+    optimizer_mode(models, train=True)  # schedule-free AdamW steps its training weights
     micro_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses, on device
     try:
         for k, batch in enumerate(run.loader, start=run.step * config.grad_accum):
@@ -267,7 +268,7 @@ def loop(run: Run, on_step: Callable[[int], None] | None) -> Pace:
             # --- one optimizer step done
             run.step += 1
             step = run.step
-            lr = models.lr_scheduler.get_last_lr()
+            lr = effective_lrs(models)  # Prodigy's: d × lr
             run.losses.add(step, torch.stack(micro_losses).mean(), lr)
             micro_losses = []
             models.lr_scheduler.step()
@@ -284,12 +285,15 @@ def loop(run: Run, on_step: Callable[[int], None] | None) -> Pace:
             if save or sample or last_step or first or step % config.log_every == 0:
                 # the only place the loop waits for the GPU: losses are checked before any save
                 run.losses.read(pace.mark(step, time.perf_counter()))
+            held_out = run.data.held_out and (step % config.validate_every == 0 or last_step)
+            optimizer_mode(models, train=not (save or held_out or sample))  # averaged weights
             if save:
                 checkpoint(run)
-            if run.data.held_out and (step % config.validate_every == 0 or last_step):
+            if held_out:
                 validate(run)
             if sample:
                 samples(run)
+            optimizer_mode(models, train=True)
     except BaseException as err:
         stopped(run, err)
         raise
@@ -373,6 +377,7 @@ def finish(run: Run, pace: Pace) -> Path:
     path = run.config.adapter_path
     accelerator = run.accelerator
     accelerator.wait_for_everyone()
+    optimizer_mode(run.models, train=False)  # schedule-free AdamW: its averaged weights
     if run.main:
         try:
             save_adapter(trained_adapter(run.models, run.metadata()), path, overwrite=True)

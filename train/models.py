@@ -7,6 +7,8 @@ stay fp32; the VAE stays fp32 (SD VAEs overflow in fp16; in bf16 runs it encodes
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,6 +258,7 @@ def make_optimizer(
     if words is not None:
         lr = config.lr if config.embedding_lr is None else config.embedding_lr
         groups.append({"params": [words.parameter], "lr": lr, "weight_decay": 0.0, "name": "words"})
+    kwargs = {"lr": config.lr, "weight_decay": config.weight_decay}
     if config.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -264,9 +267,68 @@ def make_optimizer(
                 "--optimizer adamw8bit needs bitsandbytes: pip install 'sdlora[bnb]' "
                 "(or use --optimizer adamw)"
             ) from None
-        return bnb.optim.AdamW8bit(groups, lr=config.lr, weight_decay=config.weight_decay)
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+        kind = bnb.optim.AdamW8bit
+    elif config.optimizer == "prodigy":
+        kind = optional_optimizer("prodigy", "prodigyopt", "Prodigy")
+        # d-adaptation as its authors advise for LoRA: lr 1 scales the estimated step d
+        kwargs |= {"safeguard_warmup": True, "use_bias_correction": True}
+        if config.lr != 1.0:
+            logger.warning(
+                "--optimizer prodigy: --lr %g scales its adapted rate; 1 is advised", config.lr
+            )
+    elif config.optimizer == "adafactor":
+        from transformers.optimization import Adafactor as kind
+
+        kwargs |= {"relative_step": False, "scale_parameter": False, "warmup_init": False}
+    elif config.optimizer == "schedulefree":
+        kind = optional_optimizer("schedulefree", "schedulefree", "AdamWScheduleFree")
+    else:
+        kind = torch.optim.AdamW
+        kwargs["fused"] = device.type == "cuda"
+    kwargs |= config.optimizer_kwargs()
+    try:
+        return kind(groups, **kwargs)
+    except TypeError as err:  # a keyword the constructor does not take
+        if "argument" not in str(err):
+            raise
+        unknown = sorted(set(config.optimizer_kwargs()) - set(accepted_keywords(kind)))
+        name = ", ".join(unknown) or str(err)
+        raise SdloraError(
+            f"{name} is not a setting of --optimizer {config.optimizer}; check its spelling",
+            setting="optimizer_args",
+        ) from None
+
+
+def optional_optimizer(name: str, package: str, attribute: str) -> type:
+    """The optimizer class `attribute` of an optional `package` (extra `name`)."""
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise SdloraError(
+            f"{name} needs {package}: pip install 'sdlora[{name}]' (or use {{optimizer}} adamw)",
+            setting="optimizer",
+        ) from None
+    return getattr(module, attribute)
+
+
+def accepted_keywords(kind: type) -> list[str]:
+    """The keyword names of an optimizer class's constructor."""
+    return list(inspect.signature(kind.__init__).parameters)
+
+
+def effective_lrs(models: Models) -> list[float]:
+    """Each parameter group's learning rate now: the schedule's, times Prodigy's adapted step d."""
+    groups = models.optimizer.param_groups
+    lrs = models.lr_scheduler.get_last_lr()
+    return [lr * group.get("d", 1.0) for lr, group in zip(lrs, groups, strict=True)]
+
+
+def optimizer_mode(models: Models, *, train: bool) -> None:
+    """Schedule-free AdamW keeps two sets of weights: train() before steps, eval() before the
+    adapter is saved, validated or sampled. Other optimizers have no modes."""
+    inner = getattr(models.optimizer, "optimizer", models.optimizer)  # accelerate's wrapper
+    if hasattr(inner, "eval") and hasattr(inner, "train"):
+        inner.train() if train else inner.eval()
 
 
 def restore(path: Path, config: TrainConfig, models: Models, accelerator: Accelerator) -> int:
