@@ -29,7 +29,7 @@ import torch
 from sdlora.errors import SdloraError
 from sdlora.lora.adapter import PREFIXES, Adapter, component_of
 from sdlora.lora.blocks import BLOCKS26, LAYOUTS, block_of
-from sdlora.tools.merge import family_of, module_delta
+from sdlora.tools.merge import check_linear_one_family, family_of, module_delta
 
 CONFLICT_COSINE = -0.1  # a block's cosine below this ...
 CONFLICT_NORM = 0.1  # ... with both norms at least this fraction of their largest block norm
@@ -42,21 +42,7 @@ OVERLAP = "sum min(|a|,|b|) / sum max(|a|,|b|) over the ΔW entries"
 
 def check_comparable(adapters: list[Adapter]) -> None:
     """Refuse nonlinear adapters and adapters of different model families, in one line."""
-    for adapter in adapters:
-        if not adapter.is_linear:
-            raise SdloraError(
-                f"{adapter.source}: has nonlinearity {adapter.nonlinearity!r}; only linear "
-                "adapters can be compared (a nonlinear one's ΔW depends on the input; "
-                "`sdlora distill` makes a linear one first)"
-            )
-    families = [(a.source, f) for a in adapters if (f := family_of(a)) is not None]
-    for source, family in families[1:]:
-        if family is not families[0][1]:
-            first, first_family = families[0]
-            raise SdloraError(
-                f"{first} is an {first_family.label} adapter and {source} an {family.label} one; "
-                "adapters of different model families cannot be compared"
-            )
+    check_linear_one_family(adapters, "compared", "a nonlinear one's ΔW depends on the input")
 
 
 def module_block(key: str) -> str:

@@ -89,16 +89,17 @@ def family_of(adapter: Adapter) -> Family | None:
     return None
 
 
-def check_mergeable(adapters: list[Adapter]) -> None:
-    """Refuse nonlinear adapters, adapters of different model families (an SD 1.x and an SDXL
-    adapter: the merged file would fit neither base) and adapters made for bases of different
-    widths, naming the files; all before anything is merged or written."""
+def check_linear_one_family(
+    adapters: list[Adapter], done: str, nonlinear_why: str, family_why: str = ""
+) -> None:
+    """Refuse, naming the files, a nonlinear adapter (`nonlinear_why` says why it cannot be
+    `done`, e.g. "merged") and adapters of different model families."""
     for adapter in adapters:
         if not adapter.is_linear:
             raise SdloraError(
                 f"{adapter.source}: has nonlinearity {adapter.nonlinearity!r}; "
-                "only linear adapters can be merged (a nonlinear one has no weight delta ΔW "
-                "to add, trim or factor; `sdlora distill` makes a linear one first)"
+                f"only linear adapters can be {done} ({nonlinear_why}; "
+                "`sdlora distill` makes a linear one first)"
             )
     families = [(a.source, f) for a in adapters if (f := family_of(a)) is not None]
     for source, family in families[1:]:
@@ -106,9 +107,20 @@ def check_mergeable(adapters: list[Adapter]) -> None:
             first, first_family = families[0]
             raise SdloraError(
                 f"{first} is an {first_family.label} adapter and {source} an {family.label} one; "
-                "adapters of different model families cannot be merged (the file would fit "
-                "neither base)"
+                f"adapters of different model families cannot be {done}{family_why}"
             )
+
+
+def check_mergeable(adapters: list[Adapter]) -> None:
+    """Refuse nonlinear adapters, adapters of different model families (an SD 1.x and an SDXL
+    adapter: the merged file would fit neither base) and adapters made for bases of different
+    widths, naming the files; all before anything is merged or written."""
+    check_linear_one_family(
+        adapters,
+        "merged",
+        "a nonlinear one has no weight delta ΔW to add, trim or factor",
+        " (the file would fit neither base)",
+    )
     unet = {a.source: w["unet"] for a in adapters if "unet" in (w := widths(a))}
     if len(set(unet.values())) > 1:
         listed = ", ".join(f"{src} ({width_label(width)})" for src, width in unet.items())
