@@ -286,14 +286,15 @@ def loop(run: Run, on_step: Callable[[int], None] | None) -> Pace:
                 # the only place the loop waits for the GPU: losses are checked before any save
                 run.losses.read(pace.mark(step, time.perf_counter()))
             held_out = run.data.held_out and (step % config.validate_every == 0 or last_step)
-            optimizer_mode(models, train=not (save or held_out or sample))  # averaged weights
-            if save:
-                checkpoint(run)
-            if held_out:
-                validate(run)
-            if sample:
-                samples(run)
-            optimizer_mode(models, train=True)
+            if save or held_out or sample:
+                optimizer_mode(models, train=False)  # schedule-free: its averaged weights
+                if save:
+                    checkpoint(run)
+                if held_out:
+                    validate(run)
+                if sample:
+                    samples(run)
+                optimizer_mode(models, train=True)
     except BaseException as err:
         stopped(run, err)
         raise
