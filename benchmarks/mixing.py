@@ -5,6 +5,8 @@
   same 4 files beside it, where peft is installed);
 - generation: time per denoising step (guidance on, so batch 2) for the bare base, 4 fused linear
   adapters and 1 nonlinear (unfused) adapter, through `sdlora.bases.generate`;
+- schedule switch: the extra time of the step on which a `start=0.5` window switches one of
+  them on (its layers re-fused, the prompt encoded again under the new strengths);
 - export: the 4-adapter blend as one merged single-file checkpoint in fp16.
 
 `measure(smoke, device, dtype)` returns rows for benchmarks/run.py's table.
@@ -23,6 +25,7 @@ from sdlora.bases.generate import GenerateSettings, generate
 from sdlora.io.files import save_adapter
 from sdlora.lora.blend import Mixer
 from sdlora.lora.inject import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_trainable, collect_adapter
+from sdlora.lora.schedule import Window
 from sdlora.tools.export import export_single_file
 
 from .sd15 import build_pipeline
@@ -109,8 +112,14 @@ def time_diffusers_set_adapters(pipe, paths, device, repeats: int) -> list[float
     return times
 
 
-def time_steps(pipe, steps: int, size: int | None, device) -> float:
+def time_steps(pipe, steps: int, size: int | None, device, **schedule) -> float:
     """Median seconds per denoising step of one 1-image generation with guidance (batch 2)."""
+    return statistics.median(step_gaps(pipe, steps, size, device, **schedule))
+
+
+def step_gaps(pipe, steps: int, size: int | None, device, **schedule) -> list[float]:
+    """Seconds of each denoising step after the first (a warm-up generation before);
+    `schedule`: generate's `mixer` and `schedules`, for an adapter switched between steps."""
     marks: list[float] = []
 
     def on_step(done: int, total: int) -> None:
@@ -120,11 +129,10 @@ def time_steps(pipe, steps: int, size: int | None, device) -> float:
     settings = GenerateSettings(
         prompt="a red circle", steps=steps, guidance=7.5, seed=0, width=size, height=size
     )
-    generate(pipe, settings, on_step=on_step)  # warm-up (kernels, allocator)
+    generate(pipe, settings, on_step=on_step, **schedule)  # warm-up (kernels, allocator)
     marks.clear()
-    generate(pipe, settings, on_step=on_step)
-    gaps = [b - a for a, b in zip(marks, marks[1:], strict=False)]
-    return statistics.median(gaps)
+    generate(pipe, settings, on_step=on_step, **schedule)
+    return [b - a for a, b in zip(marks, marks[1:], strict=False)]
 
 
 def row(section, name, value, unit, target=None, met=None, note=""):
@@ -168,6 +176,21 @@ def measure(smoke: bool, device, dtype) -> list[dict]:
             )
         )
         fused = time_steps(pipe, steps, size, device)
+        # one adapter (UNet + text encoder) switched on half-way: the step that holds the switch
+        # (its layers re-fused, the prompt encoded again) beside the median step
+        gaps = step_gaps(
+            pipe, steps, size, device, mixer=mixer, schedules={names[0]: Window(start=0.5)}
+        )
+        switch = max(gaps) - statistics.median(gaps)
+        rows.append(
+            row(
+                "blending",
+                "schedule switch (start=0.5), one adapter, cost on its step",
+                switch * 1e3,
+                "ms",
+                note="re-fuse of its layers + the prompt encoded again",
+            )
+        )
 
         start = time.perf_counter()
         export_single_file(pipe, folder / "merged.safetensors", dtype="fp16")

@@ -37,6 +37,7 @@ def test_smoke_benchmark_prints_every_row(tmp_path):
         "strength change, 4 adapters rank 16 (median)",
         "merged single file fp16, 4 adapters",
         "step, 1 nonlinear adapter (relu, unfused)",
+        "schedule switch (start=0.5), one adapter, cost on its step",
     ):
         assert name in rows, sorted(rows)
     speeds = [r["value"] for r in result["rows"] if r["unit"] == "img/s"]

@@ -175,6 +175,8 @@ class GenerateSettings:
     )
     adapters: dict[str, float] = field(default_factory=dict)  # name -> strength, for the record
     blocks: dict[str, str] = field(default_factory=dict)  # name -> per-block strengths (blocks.py)
+    # name -> when over the steps it acts, "start=0.2,stop=0.8" (sdlora/lora/schedule.py)
+    schedules: dict[str, str] = field(default_factory=dict)
     sweep: dict[str, list[float]] = field(default_factory=dict)  # grid columns: name -> strengths
 
 
@@ -227,12 +229,16 @@ def generate(
     pipe: StableDiffusionPipeline,
     settings: GenerateSettings,
     on_step: Callable[[int, int], None] | None = None,
+    mixer=None,
+    schedules: dict[str, Callable[[int, int], float]] | None = None,
 ) -> list[Image.Image]:
     """Draw `settings.num_images` images; image i uses seed `settings.seed + i`.
 
     Steps and guidance left at None are filled in with the base's recommendation first (in
     `settings`, so the PNG saved with it records what was used). `on_step(done, total)` is
-    called after each denoising step (for progress bars).
+    called after each denoising step (for progress bars). Adapters with a window in
+    `settings.schedules`, or a function `(step, steps) -> factor` in `schedules`, act over part
+    of the steps only (sdlora/lora/schedule.py); they need the `mixer` that holds them.
     """
     check_settings(pipe, settings)
     fill_recommended(pipe, settings)
@@ -244,24 +250,67 @@ def generate(
         torch.Generator(device="cpu").manual_seed(settings.seed + i)
         for i in range(settings.num_images)
     ]
-    with torch.inference_mode():
-        result = pipe(
-            prompt=[settings.prompt] * settings.num_images,
-            negative_prompt=[settings.negative_prompt] * settings.num_images
-            if settings.negative_prompt
-            else None,
-            num_inference_steps=settings.steps,
-            guidance_scale=settings.guidance,
-            width=settings.width or size,
-            height=settings.height or size,
-            generator=generators if device.type == "cpu" else None,
-            latents=None
-            if device.type == "cpu"
-            else _latents(pipe, settings, generators, size).to(device, pipe.unet.dtype),
-            callback_on_step_end=None if on_step is None else _step_callback(on_step),
-            output_type="np",
-        )
+    prompts = [settings.prompt] * settings.num_images
+    negatives = (
+        [settings.negative_prompt] * settings.num_images if settings.negative_prompt else None
+    )
+    scheduled = _scheduled(pipe, settings, mixer, schedules, prompts, negatives)
+    callbacks = [c for c in (scheduled and scheduled.callback, _step_callback(on_step)) if c]
+    try:
+        with torch.inference_mode():
+            if scheduled:
+                scheduled.begin()
+            result = pipe(
+                prompt=prompts,
+                negative_prompt=negatives,
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance,
+                width=settings.width or size,
+                height=settings.height or size,
+                generator=generators if device.type == "cpu" else None,
+                latents=None
+                if device.type == "cpu"
+                else _latents(pipe, settings, generators, size).to(device, pipe.unet.dtype),
+                callback_on_step_end=_chain(callbacks) if callbacks else None,
+                callback_on_step_end_tensor_inputs=["latents"]
+                + list(scheduled.inputs if scheduled and scheduled.switch_text else ()),
+                output_type="np",
+            )
+    finally:
+        if scheduled:
+            scheduled.end()
     return [to_image(pixels, settings.seed + i) for i, pixels in enumerate(result.images)]
+
+
+def _scheduled(pipe, settings, mixer, schedules, prompts, negatives):
+    """The `Scheduled` run of the windows in `settings` and the functions in `schedules`, or None."""
+    from sdlora.lora.schedule import Scheduled, parse_window, prompt_encoder
+
+    chosen = {
+        name: parse_window(text, where=f"the schedule of {name!r}")
+        for name, text in settings.schedules.items()
+    }
+    chosen.update(schedules or {})
+    chosen = {n: s for n, s in chosen.items() if not getattr(s, "always", False)}
+    if not chosen:
+        return None
+    if mixer is None:
+        raise SdloraError(
+            "strength schedules switch adapters between steps: pass the Mixer that holds them, "
+            "generate(pipe, settings, mixer=mixer)"
+        )
+    return Scheduled(pipe, mixer, chosen, settings.steps, prompt_encoder(pipe, prompts, negatives))
+
+
+def _chain(callbacks: list[Callable]) -> Callable:
+    """One diffusers `callback_on_step_end` that runs each of `callbacks` in turn."""
+
+    def callback(pipe, index, timestep, kwargs):
+        for each in callbacks:
+            kwargs = each(pipe, index, timestep, kwargs)
+        return kwargs
+
+    return callback
 
 
 def to_image(pixels: np.ndarray, seed: int) -> Image.Image:
@@ -285,8 +334,10 @@ def to_image(pixels: np.ndarray, seed: int) -> Image.Image:
     return Image.fromarray(quantized)
 
 
-def _step_callback(on_step: Callable[[int, int], None]) -> Callable:
+def _step_callback(on_step: Callable[[int, int], None] | None) -> Callable | None:
     """A diffusers `callback_on_step_end` that reports (steps done, steps in total)."""
+    if on_step is None:
+        return None
 
     def callback(pipe, index, timestep, kwargs):
         on_step(index + 1, len(pipe.scheduler.timesteps))
@@ -307,7 +358,7 @@ def png_info(settings: GenerateSettings, index: int = 0) -> PngImagePlugin.PngIn
     info = PngImagePlugin.PngInfo()
     record = asdict(settings) | {"seed": settings.seed + index, "num_images": 1}
     loras = " ".join(
-        lora_tag(n, s, settings.blocks.get(n))
+        lora_tag(n, s, settings.blocks.get(n), settings.schedules.get(n))
         for n, s in settings.adapters.items()
         if n not in settings.sweep
     )

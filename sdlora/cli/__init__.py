@@ -21,7 +21,7 @@ from sdlora.io.lora_spec import (  # noqa: F401 (parse_lora: re-exported)
     parse_lora,
     parse_lora_spec,
 )
-from sdlora.lora.prompt_tags import LORA_TAG, split_lora_tags
+from sdlora.lora.prompt_tags import LORA_TAG, lora_windows, split_lora_tags
 
 DEFAULT_BASE = "toy"
 BASE_HELP = (
@@ -46,12 +46,14 @@ def add_base_args(p: argparse.ArgumentParser) -> None:
         "--lora",
         action="append",
         default=[],
-        metavar="FILE[:STRENGTH][@NAME][@BLOCKS]",
+        metavar="FILE[:STRENGTH][@NAME][@BLOCKS][@WINDOW]",
         help="adapter to blend in, repeatable; STRENGTH defaults to 1.0 (0 = base, 1 = as "
         "trained); NAME (default: the file name without .safetensors) is how PNG metadata and "
         "--sweep labels call it. Two files of one name (a/style, b/style) are told apart by "
         "their folders. BLOCKS: per-block strengths, e.g. IN=0,MID=1,OUT=0.5 or a LoRA Block "
-        "Weight vector of 17/26 (SDXL: 12/20) numbers; kept in the PNG's parameters as :lbw=",
+        "Weight vector of 17/26 (SDXL: 12/20) numbers; kept in the PNG's parameters as :lbw=. "
+        "WINDOW (generate): start=0.2, stop=0.8 or both, comma-joined: the adapter acts over "
+        "that part of the steps only (a fraction; a whole number counts steps)",
     )
     p.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)"
@@ -116,10 +118,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_output(path, args.overwrite, suffix=".png")
     pipe, mixer, blocks = load_mix(args, dtype=dtype, specs=specs)
     settings.adapters, settings.blocks = mixer.strengths(), blocks
+    names, _ = adapter_names(specs)
+    settings.schedules = {n: s.window for s, n in zip(specs, names, strict=True) if s.window}
     if sweep:
         print(sweep_grid(pipe, mixer, settings, sweep, out))
         return 0
-    images = generate(pipe, settings)
+    images = generate(pipe, settings, mixer=mixer)
     for i, (image, path) in enumerate(zip(images, png_paths(out, len(images)), strict=True)):
         save_png(image, path, settings, i)
         print(path)
@@ -134,13 +138,17 @@ def prompt_tags(prompt: str, specs: list[LoraSpec]) -> tuple[str, list[LoraSpec]
     clean, strengths, blocks = split_lora_tags(prompt)
     if not strengths:
         return prompt, specs
+    windows = lora_windows(prompt)
     specs = list(specs)
     names, _ = adapter_names(specs)
     for name, strength in strengths.items():
         if name in names:
             at = names.index(name)
             specs[at] = replace(
-                specs[at], strength=strength, blocks=blocks.get(name, specs[at].blocks)
+                specs[at],
+                strength=strength,
+                blocks=blocks.get(name, specs[at].blocks),
+                window=windows.get(name, specs[at].window),
             )
             continue
         file = next((f for f in (Path(name + ".safetensors"), Path(name)) if f.is_file()), None)
@@ -150,7 +158,7 @@ def prompt_tags(prompt: str, specs: list[LoraSpec]) -> tuple[str, list[LoraSpec]
                 f"no file {name}.safetensors; add --lora FILE@{name} or remove the tag",
                 setting="prompt",
             )
-        specs.append(LoraSpec(str(file), strength, None, blocks.get(name)))
+        specs.append(LoraSpec(str(file), strength, None, blocks.get(name), windows.get(name)))
     return clean, specs
 
 
@@ -185,7 +193,7 @@ def sweep_grid(pipe, mixer, settings, strengths: list[float], out: Path) -> Path
     columns = []
     for strength in strengths:
         mixer.set_strength(name, strength)
-        columns.append(generate(pipe, settings))
+        columns.append(generate(pipe, settings, mixer=mixer))
     settings.adapters = mixer.strengths()
     settings.sweep = {name: strengths}
     rows = [[column[i] for column in columns] for i in range(settings.num_images)]
@@ -210,6 +218,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         args.out, folder=args.format == "diffusers", overwrite=args.overwrite, make_parents=False
     )
     args.device = args.device or "cpu"
+    timed = [spec for spec in args.lora if parse_lora_spec(spec).window]
+    if timed:
+        raise SdloraError(
+            f"--lora {timed[0]}: a window (start=/stop=) acts while an image is drawn; an "
+            "exported checkpoint holds one set of weights, so leave the window out"
+        )
     pipe, _, _ = load_mix(args)
     if args.format == "diffusers":
         out = export_diffusers(pipe, args.out, args.dtype, overwrite=args.overwrite)

@@ -1,4 +1,8 @@
-"""`FILE[:STRENGTH][@NAME][@BLOCKS]`: how every command names an adapter, strength, name, blocks.
+"""`FILE[:STRENGTH][@NAME][@BLOCKS][@WINDOW]`: how every command names an adapter, its strength,
+name, block strengths and the part of the steps it acts over.
+
+WINDOW is `start=0.2`, `stop=0.8` or both (`start=0.2,stop=0.8`; sdlora/lora/schedule.py): split
+off first, from the last '@', when the text there holds only start=/stop= parts.
 
 BLOCKS are per-block strengths (sdlora/lora/blocks.py): `IN=0,MID=1,OUT=0.5` (names with `=`), or a
 vector of numbers in LoRA Block Weight's order (17 or 26 for SD 1.x/2.x, 12 or 20 for SDXL). They
@@ -32,6 +36,7 @@ class LoraSpec:
     strength: float = 1.0
     name: str | None = None  # None: named after the file (see `adapter_names`)
     blocks: str | None = None  # per-block strengths (sdlora/lora/blocks.py); None: every block 1
+    window: str | None = None  # when over the steps it acts (sdlora/lora/schedule.py); None: all
 
 
 def parse_lora(spec: str) -> tuple[str, float]:
@@ -48,12 +53,23 @@ def split_blocks(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
+def split_window(spec: str) -> tuple[str, str | None]:
+    """('FILE[:STRENGTH][@NAME][@BLOCKS]', WINDOW as 'start=…,stop=…' or None)."""
+    from sdlora.lora.schedule import is_window, parse_window
+
+    head, sep, tail = spec.rpartition("@")
+    if sep and head and is_window(tail):
+        return head, parse_window(tail, where=f"--lora {spec}").text or None
+    return spec, None
+
+
 def parse_lora_spec(spec: str) -> LoraSpec:
-    """'FILE[:STRENGTH][@NAME][@BLOCKS]' -> LoraSpec; STRENGTH defaults to 1.0, NAME and BLOCKS
+    """'FILE[:STRENGTH][@NAME][@BLOCKS][@WINDOW]' -> LoraSpec; STRENGTH defaults to 1.0, the rest
     to None."""
+    spec, window = split_window(spec)
     spec, blocks = split_blocks(spec)
     parsed = _parse_named(spec)
-    parsed.blocks = blocks
+    parsed.blocks, parsed.window = blocks, window
     return parsed
 
 

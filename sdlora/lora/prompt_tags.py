@@ -19,19 +19,32 @@ import re
 
 from sdlora.errors import SdloraError
 
-# <lora:NAME> or <lora:NAME:STRENGTH>; NAME may hold '/', '.', '-', spaces; a trailing
-# `:lbw=...` (LoRA Block Weight's syntax) is kept as the adapter's block strengths
-LORA_TAG = re.compile(r"<lora:([^:<>]+)(?::([^:<>]*))?(?::lbw=([^<>]*))?>", re.IGNORECASE)
+# <lora:NAME>, <lora:NAME:STRENGTH>, then named parts `:key=value`: LoRA Block Weight's `lbw=`
+# (the adapter's block strengths) and `start=`/`stop=` (when over the steps it acts, see
+# sdlora/lora/schedule.py). NAME may hold '/', '.', '-', spaces.
+LORA_TAG = re.compile(
+    r"<lora:([^:<>]+)(?::([^:<>=]*))?((?::\s*[A-Za-z_]+\s*=[^:<>]*)*)>", re.IGNORECASE
+)
+NAMED = ("lbw", "start", "stop")
 
 
-def split_lora_tags(prompt: str) -> tuple[str, dict[str, float], dict[str, str]]:
-    """(prompt without tags, {name: strength}, {name: block spec}) from `prompt`.
+def _named(match: re.Match) -> dict[str, str]:
+    """The tag's `key=value` parts; a key sdlora does not read is refused, naming the tag."""
+    parts: dict[str, str] = {}
+    for part in (p for p in match.group(3).split(":") if p.strip()):
+        key, _, value = part.partition("=")
+        key = key.strip().lower()
+        if key not in NAMED:
+            raise SdloraError(
+                f"{match.group(0)}: {key}= is not read here; a tag takes a strength, "
+                "lbw= (block strengths), start= and stop= (fractions of the steps)"
+            )
+        parts[key] = value.strip()
+    return parts
 
-    Whitespace left behind by a removed tag is collapsed. A strength that is not a finite
-    number raises, naming the tag.
-    """
-    strengths: dict[str, float] = {}
-    blocks: dict[str, str] = {}
+
+def _tags(prompt: str):
+    """(tag text, name, strength, {key: value}) for each <lora:…> tag of `prompt`."""
     for match in LORA_TAG.finditer(prompt or ""):
         name = match.group(1).strip().removesuffix(".safetensors")
         text = (match.group(2) or "").strip()
@@ -44,18 +57,49 @@ def split_lora_tags(prompt: str) -> tuple[str, dict[str, float], dict[str, str]]
             ) from None
         if not math.isfinite(strength):
             raise SdloraError(f"{match.group(0)}: the strength must be a finite number")
+        yield match.group(0), name, strength, _named(match)
+
+
+def split_lora_tags(prompt: str) -> tuple[str, dict[str, float], dict[str, str]]:
+    """(prompt without tags, {name: strength}, {name: block spec}) from `prompt`.
+
+    Whitespace left behind by a removed tag is collapsed. A strength that is not a finite
+    number raises, naming the tag.
+    """
+    strengths: dict[str, float] = {}
+    blocks: dict[str, str] = {}
+    for _, name, strength, named in _tags(prompt):
         strengths[name] = strength
-        if match.group(3):
-            blocks[name] = match.group(3).strip()
+        if named.get("lbw"):
+            blocks[name] = named["lbw"]
     clean = LORA_TAG.sub(" ", prompt or "")
     clean = re.sub(r"[ \t]{2,}", " ", clean).strip()
     clean = re.sub(r"\s+,", ",", clean).strip(" ,")
     return clean, strengths, blocks
 
 
-def lora_tag(name: str, strength: float, blocks: str | None = None) -> str:
-    """`<lora:name:strength>` (with `:lbw=blocks` when given), as A1111 writes it."""
-    return f"<lora:{name}:{strength:g}" + (f":lbw={blocks}>" if blocks else ">")
+def lora_windows(prompt: str) -> dict[str, str]:
+    """{name: 'start=…,stop=…'} for the tags of `prompt` that say when their adapter acts;
+    each is checked (`schedule.parse_window`), naming the tag."""
+    from sdlora.lora.schedule import parse_window
+
+    windows: dict[str, str] = {}
+    for tag, name, _, named in _tags(prompt):
+        text = ",".join(f"{key}={named[key]}" for key in ("start", "stop") if key in named)
+        if text:
+            windows[name] = parse_window(text, where=tag).text
+    return windows
+
+
+def lora_tag(
+    name: str, strength: float, blocks: str | None = None, window: str | None = None
+) -> str:
+    """`<lora:name:strength>` (with `:lbw=blocks` and `:start=…:stop=…` when given), as A1111
+    and LoRA Block Weight write it."""
+    extra = (f":lbw={blocks}" if blocks else "") + "".join(
+        f":{part}" for part in (window or "").split(",") if part
+    )
+    return f"<lora:{name}:{strength:g}{extra}>"
 
 
 _FIELDS = {
@@ -68,7 +112,8 @@ _FIELDS = {
 
 def parse_parameters(text: str) -> dict:
     """The settings an A1111-style `parameters` text holds, as GenerateSettings field names:
-    prompt, negative_prompt, steps, scheduler, guidance, seed, width, height, adapters, blocks.
+    prompt, negative_prompt, steps, scheduler, guidance, seed, width, height, adapters, blocks,
+    schedules.
 
     Fields the text lacks are left out; a text with no settings line raises.
     """
@@ -83,6 +128,7 @@ def parse_parameters(text: str) -> dict:
     prompt_lines = head[: negative[0]] if negative else head
     prompt, adapters, blocks = split_lora_tags("\n".join(prompt_lines))
     out: dict = {"prompt": prompt, "adapters": adapters, "blocks": blocks}
+    out["schedules"] = lora_windows("\n".join(prompt_lines))
     if negative:
         out["negative_prompt"] = (
             "\n".join(head[negative[0] :]).removeprefix("Negative prompt:").strip()
