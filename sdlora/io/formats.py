@@ -205,12 +205,17 @@ def parse_kohya(
                 factors = exact_factors(_conv3(module, lokr_delta(parts, alpha)))
             else:
                 factors = exact_factors(parts["diff"].float())
-            if magnitude is not None:
-                factors.magnitude = kohya_magnitude(magnitude, factors)
         except KeyError as err:
             raise SdloraError(f"{source}: module {module} lacks its part {err}") from None
         except (SdloraError, RuntimeError) as err:
             raise SdloraError(f"{source}: module {module}: {err}") from None
+        if magnitude is not None:
+            try:
+                factors.magnitude = kohya_magnitude(magnitude, factors)
+            except SdloraError as err:
+                raise SdloraError(
+                    f"{source}: {err} (module {module}); nothing was loaded"
+                ) from None
         modules[memory_key(module)] = factors
         types.add(kind)
     if not modules:
