@@ -241,9 +241,9 @@ def test_several_dora_adapters_any_order(tmp_path, inputs):
             mixer.add(path, strength=0.8 if path == a else 1.3)
         results.append({p: pipe.unet.get_submodule(p).base.weight.detach().clone() for p in paths})
         unfused = run_unet(pipe, inputs)
-        for entry in list(mixer.entries):
+        for entry in list(mixer.entries):  # one unfused beside one fused, then both
             mixer.set_fused(entry, False)
-        close(run_unet(pipe, inputs), unfused)
+            close(run_unet(pipe, inputs), unfused)
     ta, tb = load_file(a), load_file(b)
     for p in paths:
         w0 = base.unet.get_submodule(p).weight.detach()
