@@ -22,6 +22,7 @@ from sdlora.lora.adapter import flat_name
 from sdlora.lora.blend import Mixer
 from sdlora.lora.inject import add_trainable, collect_adapter
 from sdlora.lora.layer import LoRALayer, LoRAWeights
+from sdlora.tools.export import merged_state_dict
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv_shortcut"]
 TE_TARGETS = ["q_proj", "v_proj", "out_proj"]
@@ -206,8 +207,12 @@ def test_strength_fused_unfused_and_zero(tmp_path, inputs, input_axis):
         close(pipe.unet.get_submodule(p).base.weight, want)
     fused = run_unet(pipe, inputs)
     assert (fused - run_unet(base, inputs)).abs().max() > 1e-3
+    weights = {p: pipe.unet.get_submodule(p).base.weight.detach().clone() for p in paths}
     mixer.set_fused(name, False)
     close(run_unet(pipe, inputs), fused)
+    exported = merged_state_dict(pipe.unet, torch.float32)  # export merges it exactly
+    for p in paths:
+        close(exported[f"{p}.weight"], weights[p], tol=1e-6)
     mixer.set_fused(name, True)
     for s in torch.linspace(-2, 3, 50).tolist():
         mixer.set_strength(name, s)

@@ -150,6 +150,7 @@ def read_adapter(path: str | Path) -> Adapter:
     if family == "sdlora":
         adapter = parse_flat_lora(tensors, metadata, source)
         detected = "sdlora" + ("" if adapter.is_linear else " (nonlinear)")
+        detected += " (DoRA)" if adapter.is_dora else ""
     elif family == "kohya":
         adapter, detected = parse_kohya(tensors, metadata, source)
     else:
