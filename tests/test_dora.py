@@ -417,6 +417,11 @@ def test_trained_dora_matches_peft_formula_and_saves_exactly(tmp_path, inputs):
 def test_dora_refusals(tmp_path):
     """DoRA with a nonlinearity is refused (it has no ΔW to renormalise), as is a magnitude of
     a foreign shape; merging DoRA files is refused by name."""
+    from sdlora.train import TrainConfig
+
+    with pytest.raises(SdloraError, match="renormalises W0") as err:
+        TrainConfig(data_dir="d", output="o", dora=True, nonlinearity="relu").check()
+    assert err.value.setting == "dora"
     pipe = load_base("tiny")
     with pytest.raises(SdloraError, match="DoRA renormalises"):
         add_trainable(pipe.unet, "unet", ("to_q",), 2, nonlinearity="relu", dora=True)
