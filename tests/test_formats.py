@@ -312,19 +312,20 @@ def test_unsupported_module_types_refused(tmp_path, part, message):
     path, _ = kohya_file(tmp_path)
     tensors = load_file(path)
     key = "lora_unet_" + ATTN.replace(".", "_")
-    tensors[f"{key}.{part}"] = torch.ones(32)
+    # DoRA is read now (tests/test_dora.py): a magnitude that fits neither axis is refused
+    tensors[f"{key}.{part}"] = torch.ones(7 if part == "dora_scale" else 32)
     save_file(tensors, tmp_path / "x.safetensors")
     with pytest.raises(SdloraError, match=f"x.safetensors: .*{message}.*{key}") as err:
         load_adapter(tmp_path / "x.safetensors")
     assert "\n" not in str(err.value)
 
 
-def test_peft_dora_refused(tmp_path):
+def test_peft_dora_of_a_foreign_shape_refused(tmp_path):
     path, _ = peft_file(tmp_path)
     tensors = load_file(path)
-    tensors["unet." + ATTN + ".lora_magnitude_vector"] = torch.ones(32)
+    tensors["unet." + ATTN + ".lora_magnitude_vector"] = torch.ones(7)  # 32 outputs
     save_file(tensors, tmp_path / "dora.safetensors")
-    with pytest.raises(SdloraError, match="dora.safetensors: DoRA"):
+    with pytest.raises(SdloraError, match="dora.safetensors: .*DoRA magnitude"):
         load_adapter(tmp_path / "dora.safetensors")
 
 

@@ -147,6 +147,7 @@ class AdapterSettings:
     name: str
     conv_rank: int | None = None
     conv_alpha: float | None = None
+    dora: bool = False
 
 
 def describe(value):

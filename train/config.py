@@ -229,6 +229,14 @@ class TrainConfig:
         metavar="A",
         resume=MATCH,
     )
+    dora: bool = option(  # DoRA: also learn a magnitude per output row (sdlora/lora/dora.py)
+        False,
+        "DoRA: learn a magnitude per output row besides the low-rank direction change "
+        "(saved as dora_scale; needs --nonlinearity identity)",
+        group=ADAPTER,
+        resume=MATCH,
+        label="DoRA",
+    )
     train_text_encoder: bool = option(  # also train a LoRA on the text encoder
         False,
         "also train a LoRA on the text encoder (SDXL: on both)",
@@ -754,6 +762,12 @@ class TrainConfig:
             "conv_alpha",
             "is used only with {conv_rank} (without it k×k convolutions take {rank} and "
             "{alpha}); give {conv_rank} too, or leave {conv_alpha} out",
+        )
+        need(
+            not self.dora or self.nonlinearity == "identity",
+            "dora",
+            "renormalises W0 + ΔW, and an adapter with a nonlinearity has no ΔW; leave "
+            "{nonlinearity} at identity or {dora} out",
         )
         need(
             not (self.warmup_steps and self.lr_warmup_ratio),

@@ -180,6 +180,7 @@ def save_checkpoint(
     """
     lora = {
         key: {"down": w.down.detach().cpu(), "up": w.up.detach().cpu()}
+        | ({"magnitude": w.magnitude.detach().cpu()} if w.is_dora else {})
         for key, w in models.injected.items()
     }
     words = models.words.state() if models.words is not None else {}

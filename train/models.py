@@ -89,6 +89,7 @@ def load_models(
         generator=init,
         conv_rank=config.conv_rank,
         conv_alpha=config.conv_alpha,
+        dora=config.dora,
     )
     injected, trained, targets, trained_encoders = inject_adapter(pipe, config, lora_args)
     words = add_new_words(pipe, config)
@@ -247,11 +248,17 @@ def make_optimizer(
     for prefix, (name, lr) in rates.items():
         weights = [w for k, w in injected.items() if k.startswith(prefix)]
         if ratio is None:
-            params = [p for w in weights for p in (w.down, w.up)]
+            params = [p for w in weights for p in w.params()]  # DoRA: and the magnitude
             if params or prefix == "lora_unet_":
                 groups.append({"params": params, "lr": lr, "name": name})
         elif weights or prefix == "lora_unet_":  # LoRA+: down (A) at lr, up (B) at ratio × lr
-            groups.append({"params": [w.down for w in weights], "lr": lr, "name": name})
+            groups.append(  # DoRA's magnitude learns at lr too
+                {
+                    "params": [p for w in weights for p in w.params() if p is not w.up],
+                    "lr": lr,
+                    "name": name,
+                }
+            )
             groups.append(
                 {"params": [w.up for w in weights], "lr": lr * ratio, "name": name + "_up"}
             )
@@ -349,6 +356,8 @@ def restore(path: Path, config: TrainConfig, models: Models, accelerator: Accele
         for key, weights in models.injected.items():
             weights.down.copy_(state["lora"][key]["down"])
             weights.up.copy_(state["lora"][key]["up"])
+            if weights.is_dora:
+                weights.magnitude.copy_(state["lora"][key]["magnitude"])
     if models.words is not None:
         models.words.load_state(state.get("embeddings", {}), str(path))
     models.optimizer.load_state_dict(state["optimizer"])

@@ -232,6 +232,8 @@ def convert_adapter(
         )
     out = check_output(out, overwrite, setting=None, suffix=".safetensors", make_parents=True)
     adapter = folded(adapter)
+    if adapter.is_dora and to != "kohya":  # diffusers' loader drops DoRA magnitudes
+        raise SdloraError(f"{adapter.source}: a DoRA adapter converts only to the kohya layout")
     if to == "kohya":
         if models is not None:  # refuse keys the base lacks; name the rest as its family does
             paths = paths_for(adapter, models)

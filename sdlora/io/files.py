@@ -6,6 +6,9 @@ applies as a plain LoRA (which would silently draw wrong images).
 
 Saved adapters carry their training scale folded into the factors, so alpha = rank in the file
 and strength 1.0 always means "as trained" (see `fold_scale`).
+
+DoRA adapters add `<flat>.dora_scale`, the magnitude in LyCORIS' layout: (out, 1[, 1, 1]) per
+output row (LyCORIS' `wd_on_output`, PEFT's axis) or (1, in[, 1, 1]) per input column.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import pickle
 import re
 import stat
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,6 +29,7 @@ from sdlora.bases.families import SD1
 from sdlora.errors import SdloraError
 from sdlora.io.writing import TEMP_SUFFIX, reported, written_file
 from sdlora.lora.adapter import Adapter, ModuleFactors, adapter_family, file_key, memory_key
+from sdlora.lora.dora import dora_axis, file_magnitude, magnitude_2d
 from sdlora.lora.embeddings import bundle_tensors
 from sdlora.lora.layer import POSITIVELY_HOMOGENEOUS, check_nonlinearity
 
@@ -143,10 +148,8 @@ def fold_scale(factors: ModuleFactors, nonlinearity: str) -> tuple[ModuleFactors
     """
     s = factors.scale
     if nonlinearity == "identity" or (nonlinearity in POSITIVELY_HOMOGENEOUS and s > 0):
-        folded = ModuleFactors(down=factors.down * s, up=factors.up, alpha=float(factors.rank))
-        return folded, "down"
-    folded = ModuleFactors(down=factors.down, up=factors.up * s, alpha=float(factors.rank))
-    return folded, "up"
+        return replace(factors, down=factors.down * s, alpha=float(factors.rank)), "down"
+    return replace(factors, up=factors.up * s, alpha=float(factors.rank)), "up"
 
 
 def check_rank(rank: int, out_features: int, in_features: int) -> None:
@@ -173,6 +176,8 @@ def adapter_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
         tensors[names[0]] = factors.down.detach().contiguous()
         tensors[names[1]] = factors.up.detach().contiguous()
         tensors[names[2]] = torch.tensor(alpha, dtype=torch.float32)
+        if factors.magnitude is not None:
+            tensors[f"{key}.dora_scale"] = file_magnitude(factors.magnitude, factors.down)
     return tensors | bundle_tensors(adapter.embeddings)
 
 
@@ -188,7 +193,8 @@ def save_adapter(adapter: Adapter, path: str | Path, overwrite: bool = False) ->
     """Save `adapter` (factors already folded, see `fold_scale`) as safetensors at `path`."""
     path = check_output(path, overwrite, setting=None, suffix=".safetensors", make_parents=True)
     for key, factors in adapter.modules.items():
-        if not (torch.isfinite(factors.down).all() and torch.isfinite(factors.up).all()):
+        parts = [factors.down, factors.up] + [m for m in [factors.magnitude] if m is not None]
+        if not all(torch.isfinite(t).all() for t in parts):
             raise SdloraError(f"{path}: module {key} has NaN/Inf weights; nothing was written")
     for token, per_component in adapter.embeddings.items():
         if not all(torch.isfinite(v).all() for v in per_component.values()):
@@ -262,8 +268,20 @@ def parse_flat_lora(
             check_rank(down.shape[0], up.shape[0], down[0].numel())
         except SdloraError as err:
             raise SdloraError(f"{source}: {key}: {err}") from None
+        magnitude = tensors.get(base + ".dora_scale")
+        if magnitude is not None:
+            try:
+                in_channels = down.shape[1]
+                magnitude = magnitude_2d(magnitude, dora_axis(magnitude, up.shape[0], in_channels))
+            except SdloraError as err:
+                raise SdloraError(f"{source}: {key}: {err}") from None
+            if not torch.isfinite(magnitude).all():
+                raise SdloraError(f"{source}: {key} has NaN/Inf weights; the file is damaged")
         modules[key] = ModuleFactors(
-            down=down, up=up, alpha=None if alpha is None else float(alpha.float().item())
+            down=down,
+            up=up,
+            alpha=None if alpha is None else float(alpha.float().item()),
+            magnitude=magnitude,
         )
     if not modules:
         raise SdloraError(f"{source}: no LoRA weights found (not a LoRA adapter file?)")
@@ -274,4 +292,6 @@ def parse_flat_lora(
         raise SdloraError(f"{source}: {err}") from None
     if nonlinear == (nonlinearity == "identity"):
         raise SdloraError(f"{source}: key layout and nonlinearity {nonlinearity!r} disagree")
+    if nonlinear and any(m.magnitude is not None for m in modules.values()):
+        raise SdloraError(f"{source}: DoRA (dora_scale) with a nonlinearity is not defined")
     return Adapter(modules=modules, nonlinearity=nonlinearity, metadata=metadata, source=source)

@@ -13,8 +13,10 @@ LoRA and LoCon modules keep their factors (scale = alpha / rank). LoHa, LoKr and
 have no low-rank factors, so their ΔW is computed exactly in fp32 and stored as an exact
 factorisation with an identity on the smaller side (rank = min(out, in·kh·kw)): every part of
 sdlora (blend, merge, export, convert) then treats them as plain linear adapters, at the cost of
-holding ΔW in memory. DoRA (`dora_scale`) changes depend on the base weight's column norms, and
-norm/OFT/GLoRA modules are not weight deltas at all: such files are refused, never half-loaded.
+holding ΔW in memory. DoRA modules (kohya/LyCORIS `dora_scale`; PEFT `lora_magnitude_vector`,
+also as diffusers' conversion names it, `.lora_magnitude_vector.weight`) keep their factors and
+carry the magnitude (`ModuleFactors.magnitude`, sdlora/lora/dora.py), its axis told by its shape.
+Norm/OFT/GLoRA modules are not weight deltas at all: such files are refused, never half-loaded.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from sdlora.errors import SdloraError
 from sdlora.io.files import NONLINEAR_PREFIX, check_rank, parse_flat_lora, read_safetensors
 from sdlora.io.metadata import parse_json
 from sdlora.lora.adapter import Adapter, ModuleFactors, flat_name, memory_key
+from sdlora.lora.dora import dora_axis, magnitude_2d
 from sdlora.lora.embeddings import split_bundle
 
 FORMAT_KEY = "sdlora_detected_format"
@@ -58,7 +61,6 @@ PART_TYPES = {
 }
 # Parts of module types we refuse, with the reason shown to the user.
 REFUSED_PARTS = {
-    "dora_scale": "DoRA (dora_scale: its change depends on the base weight's norms)",
     "diff_b": "bias differences (diff_b)",
     "bias": "bias differences",
     "w_norm": "norm-layer weights (w_norm)",
@@ -148,6 +150,7 @@ def read_adapter(path: str | Path) -> Adapter:
     if family == "sdlora":
         adapter = parse_flat_lora(tensors, metadata, source)
         detected = "sdlora" + ("" if adapter.is_linear else " (nonlinear)")
+        detected += " (DoRA)" if adapter.is_dora else ""
     elif family == "kohya":
         adapter, detected = parse_kohya(tensors, metadata, source)
     else:
@@ -183,10 +186,11 @@ def parse_kohya(
                     f"{source}: {reason} is not supported (module {module}); "
                     "nothing was loaded; use a LoRA, LoCon, LoHa or LoKr file"
                 )
-            if part not in PART_TYPES:
+            if part not in PART_TYPES and part != DORA_PART:
                 raise SdloraError(
                     f"{source}: unknown module part {part!r} (module {module}); nothing was loaded"
                 )
+        magnitude = parts.pop(DORA_PART, None)
         kinds = {PART_TYPES[p] for p in parts if p != "alpha"} or {"lora"}
         if len(kinds) != 1:
             raise SdloraError(f"{source}: module {module} mixes {', '.join(sorted(kinds))} parts")
@@ -206,6 +210,13 @@ def parse_kohya(
             raise SdloraError(f"{source}: module {module} lacks its part {err}") from None
         except (SdloraError, RuntimeError) as err:
             raise SdloraError(f"{source}: module {module}: {err}") from None
+        if magnitude is not None:
+            try:
+                factors.magnitude = kohya_magnitude(magnitude, factors)
+            except SdloraError as err:
+                raise SdloraError(
+                    f"{source}: {err} (module {module}); nothing was loaded"
+                ) from None
         modules[memory_key(module)] = factors
         types.add(kind)
     if not modules:
@@ -214,7 +225,18 @@ def parse_kohya(
         detected = "kohya-locon" if "locon" in types else "kohya-lora"
     else:
         detected = "lycoris-" + "+".join(sorted(types))
+    if any(m.magnitude is not None for m in modules.values()):
+        detected += " (DoRA)"
     return Adapter(modules=modules, metadata=dict(metadata), source=source), detected
+
+
+DORA_PART = "dora_scale"
+
+
+def kohya_magnitude(magnitude: torch.Tensor, factors: ModuleFactors) -> torch.Tensor:
+    """A `dora_scale` as (out, 1) or (1, in): its axis by its shape, as ComfyUI tells it."""
+    down = factors.down
+    return magnitude_2d(magnitude, dora_axis(magnitude, factors.up.shape[0], down.shape[1]))
 
 
 def _lora_module(parts: dict[str, torch.Tensor], alpha: float | None) -> ModuleFactors:
@@ -308,6 +330,9 @@ def exact_factors(delta: torch.Tensor) -> ModuleFactors:
 # diffusers / PEFT
 
 _DIFFUSERS_PARTS = (
+    (".lora_magnitude_vector", "magnitude"),  # PEFT's saved name
+    (".lora_magnitude_vector.weight", "magnitude"),  # diffusers' conversion of dora_scale
+    (".lora_magnitude_vector.default.weight", "magnitude"),  # a PEFT model's state_dict
     (".lora_A.weight", "down"),
     (".lora_B.weight", "up"),
     (".lora_A.default.weight", "down"),
@@ -321,7 +346,6 @@ _DIFFUSERS_PARTS = (
     (".alpha", "alpha"),
 )
 _DIFFUSERS_REFUSED = {
-    "lora_magnitude_vector": "DoRA (lora_magnitude_vector: its change depends on the base weight's norms)",
     "lora_embedding_A": "LoRA on embeddings",
     ".lora_B.bias": "LoRA with bias (lora_bias)",
 }
@@ -344,7 +368,7 @@ def parse_diffusers(
         if part is None:
             raise SdloraError(f"{source}: key {name!r} is not a LoRA weight; nothing was loaded")
         suffix, role = part
-        legacy = legacy or "lora_A" not in suffix and "lora_B" not in suffix and role != "alpha"
+        legacy = legacy or "lora_A" not in suffix and "lora_B" not in suffix and role == "down"
         component, path = _split_component(name[: -len(suffix)], source)
         groups[(component, path)][role] = value
     modules: dict[str, ModuleFactors] = {}
@@ -356,6 +380,15 @@ def parse_diffusers(
             factors = _lora_module({"lora_down.weight": down, "lora_up.weight": up}, None)
         except SdloraError as err:
             raise SdloraError(f"{source}: {component}.{path}: {err}") from None
+        if "magnitude" in parts:
+            magnitude = parts["magnitude"]
+            try:  # PEFT's (out,) and (1, out, 1, 1); a converted dora_scale keeps its shape
+                peft = magnitude.dim() == 1 or magnitude.shape[:1] == (1,) and magnitude.dim() == 4
+                out, inputs = factors.up.shape[0], factors.down.shape[1]
+                axis = dora_axis(magnitude, out, inputs, peft=peft)
+            except SdloraError as err:
+                raise SdloraError(f"{source}: {component}.{path}: {err}") from None
+            factors.magnitude = magnitude_2d(magnitude, axis)
         if "alpha" in parts:
             factors.alpha = float(parts["alpha"].float().item())
         elif component in configs:
@@ -364,6 +397,8 @@ def parse_diffusers(
     if not modules:
         raise SdloraError(f"{source}: no LoRA weights found (not a LoRA adapter file?)")
     detected = "diffusers-legacy" if legacy else "diffusers-peft"
+    if any(m.magnitude is not None for m in modules.values()):
+        detected += " (DoRA)"
     return Adapter(modules=modules, metadata=dict(metadata), source=source), detected
 
 
@@ -405,11 +440,6 @@ def _peft_configs(metadata: dict[str, str], source: str) -> dict[str, dict]:
         component, dot, field_name = key.partition(".")
         if dot:
             configs[component][field_name] = value
-    for component, config in configs.items():
-        if config.get("use_dora"):
-            raise SdloraError(
-                f"{source}: DoRA adapters ({component}) are not supported; nothing was loaded"
-            )
     return dict(configs)
 
 

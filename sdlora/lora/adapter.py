@@ -30,6 +30,7 @@ from sdlora.bases.families import (
 from sdlora.errors import SdloraError
 from sdlora.io.ldm_names import original_module_paths
 from sdlora.io.metadata import parse_json
+from sdlora.lora.dora import fit_magnitude
 
 # component attribute on the pipeline -> flat-name prefix
 PREFIXES = {
@@ -45,11 +46,16 @@ CLIP_TOP = ("embeddings.", "encoder.", "final_layer_norm.")
 
 @dataclass
 class ModuleFactors:
-    """One module's factors: down (r, in[, kh, kw]), up (out, r[, 1, 1]); scale = alpha / rank."""
+    """One module's factors: down (r, in[, kh, kw]), up (out, r[, 1, 1]); scale = alpha / rank.
+
+    DoRA modules carry their magnitude m as well (sdlora/lora/dora.py): (out, 1) per output row
+    or (1, in) per input column, given trailing 1s once fitted to a conv weight (`fit_factors`).
+    """
 
     down: torch.Tensor
     up: torch.Tensor
     alpha: float | None = None  # None means alpha = rank, i.e. scale 1
+    magnitude: torch.Tensor | None = None  # DoRA's m; None for a plain LoRA
 
     @property
     def rank(self) -> int:
@@ -75,6 +81,11 @@ class Adapter:
     @property
     def is_linear(self) -> bool:
         return self.nonlinearity == "identity"
+
+    @property
+    def is_dora(self) -> bool:
+        """True when any module carries a DoRA magnitude (sdlora/lora/dora.py)."""
+        return any(m.magnitude is not None for m in self.modules.values())
 
     def components(self) -> dict[str, int]:
         """Module count per component (unet / text_encoder / other)."""
@@ -189,13 +200,16 @@ def fit_factors(factors: ModuleFactors, shape: torch.Size | tuple[int, ...]) -> 
     their kernel shape, 1x1-conv factors on a Linear lose theirs; anything else is left as is."""
     down, up = factors.down, factors.up
     rank = down.shape[0]
+    magnitude = factors.magnitude
+    if magnitude is not None and magnitude.dim() != len(shape):
+        magnitude = fit_magnitude(magnitude, shape)
     if len(shape) == 4 and down.dim() == 2 and down.shape[1] == math.prod(shape[1:]):
         down, up = down.reshape(rank, *shape[1:]), up.reshape(up.shape[0], rank, 1, 1)
     elif len(shape) == 2 and down.dim() == 4 and down.shape[2:] == (1, 1):
         down, up = down.flatten(1), up.flatten(1)
-    else:
+    elif magnitude is factors.magnitude:
         return factors
-    return ModuleFactors(down=down, up=up, alpha=factors.alpha)
+    return ModuleFactors(down=down, up=up, alpha=factors.alpha, magnitude=magnitude)
 
 
 def weight_of(model: nn.Module, path: str) -> torch.Tensor:

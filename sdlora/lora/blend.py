@@ -125,6 +125,9 @@ class Mixer:
                     scale=factors.scale,
                     nonlinearity=adapter.nonlinearity,
                     conv=layer.conv_args(),
+                    magnitude=None
+                    if factors.magnitude is None
+                    else factors.magnitude.to(weight.device, torch.float32),
                 )
                 try:
                     layer.add(name, weights, strength)

@@ -6,6 +6,10 @@ Layers whose fused adapters have the same shapes are stacked into a `Group`: pri
 group from the pristine W0 in fp32, one cast, one finiteness check for everything and one
 multi-tensor copy into the weights: a handful of kernels and a single host sync however many layers
 and adapters there are, and exactly the same weights as a fresh fuse after any number of changes.
+
+DoRA adapters (sdlora/lora/dora.py) have no low-rank change: their W_dora − W0, computed once per
+plan from the pristine W0 in fp32, is held whole (N, J, out, K) and added with its strength,
+W = W0 + Σ strength·s·B·A + Σ strength_j·(W_dora,j − W0), still from the pristine W0 each time.
 """
 
 from __future__ import annotations
@@ -33,19 +37,34 @@ class Group:
     down: torch.Tensor  # (N, R, K) fp32
     ranks: torch.Tensor  # (len(names),) long, on the device: columns per adapter
     weights: list[torch.nn.Parameter]  # the layers' weights, written in place
+    dora: tuple[str, ...] = ()  # the DoRA adapters, not in `names`
+    dense: torch.Tensor | None = None  # (N, J, out, K) fp32: W_dora − W0 per DoRA adapter
 
     def merged(self) -> torch.Tensor:
         """W0 + Σ strength·ΔW for every layer of the group, (N, out, K) in fp32."""
         strengths = torch.tensor(
-            [[layer.strengths[n] for n in self.names] for layer in self.layers],
+            [[layer.strengths[n] for n in self.names + self.dora] for layer in self.layers],
             dtype=torch.float32,
         ).to(self.up.device, non_blocking=True)
-        columns = strengths.repeat_interleave(self.ranks, dim=1)  # (N, R)
-        return torch.baddbmm(self.w0.float(), self.up * columns[:, None, :], self.down)
+        plain, dora = strengths.split([len(self.names), len(self.dora)], dim=1)
+        columns = plain.repeat_interleave(self.ranks, dim=1)  # (N, R)
+        merged = torch.baddbmm(self.w0.float(), self.up * columns[:, None, :], self.down)
+        if self.dense is not None:
+            merged += torch.einsum("nj,njok->nok", dora, self.dense)
+        return merged
+
+
+def _dense(layer: LoRALayer, names: tuple[str, ...], w0: torch.Tensor) -> torch.Tensor:
+    """(J, out, K) fp32: W_dora − W0 of each named DoRA adapter, from the pristine `w0`."""
+    shape = layer.base.weight.shape
+    return torch.stack([layer.get(n).dora_delta(w0.view(shape)).reshape(w0.shape) for n in names])
 
 
 def _factors(layer: LoRALayer, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """(up (out, R), down (R, K)) of the named adapters side by side, fp32, scale folded in."""
+    if not names:
+        k = layer.base.weight[0].numel()
+        return torch.zeros(layer.base.weight.shape[0], 0), torch.zeros(0, k)
     ups, downs = [], []
     for name in names:
         weights = layer.get(name)
@@ -63,14 +82,16 @@ class Plan:
         self.groups: list[Group] = []
         buckets: dict[tuple, list[LoRALayer]] = {}
         for layer in self.layers:
-            names = tuple(n for n, _ in layer.items() if n in layer.fused)
-            if not names:
+            fused = [n for n, w in layer.items() if n in layer.fused]
+            if not fused:
                 continue
+            names = tuple(n for n in fused if not layer.get(n).is_dora)
+            dora = tuple(n for n in fused if layer.get(n).is_dora)
             weight = layer.base.weight
             ranks = tuple(layer.get(n).rank for n in names)
-            key = (tuple(weight.shape), weight.dtype, weight.device, names, ranks)
+            key = (tuple(weight.shape), weight.dtype, weight.device, names, ranks, dora)
             buckets.setdefault(key, []).append(layer)
-        for (_, _, device, names, ranks), members in buckets.items():
+        for (_, _, device, names, ranks, dora), members in buckets.items():
             w0 = torch.stack(
                 [
                     (m.pristine if m.pristine is not None else m.base.weight.detach()).reshape(
@@ -89,8 +110,12 @@ class Plan:
                     w0,
                     torch.stack([u for u, _ in factors]).to(device),
                     torch.stack([d for _, d in factors]).to(device),
-                    torch.tensor(ranks, device=device),
+                    torch.tensor(ranks, device=device, dtype=torch.long),
                     [m.base.weight for m in members],
+                    dora,
+                    torch.stack([_dense(m, dora, w0[i]) for i, m in enumerate(members)])
+                    if dora
+                    else None,
                 )
             )
 
@@ -100,12 +125,14 @@ class Plan:
         Layers with nothing fused get W0 back bit for bit. Non-finite results are refused before
         any weight is written.
         """
-        groups = [g for g in self.groups if only is None or only in g.names]
+        groups = [g for g in self.groups if only is None or only in g.names + g.dora]
         casts = [g.merged().to(g.w0.dtype) for g in groups]
         if casts:
             finite = torch.stack([torch.isfinite(c).all() for c in casts]).all()
             if not bool(finite):  # the one host sync
-                bad = sorted({n for g, c in zip(groups, casts, strict=True) for n in g.names})
+                bad = sorted(
+                    {n for g, c in zip(groups, casts, strict=True) for n in g.names + g.dora}
+                )
                 raise SdloraError(
                     f"fusing {', '.join(bad)} at these strengths gives non-finite weights; "
                     "lower the strengths or check the adapter files"
@@ -130,10 +157,13 @@ def merged_weight(layer: LoRALayer, names: list[str], dtype: torch.dtype) -> tor
     w0 = layer.pristine if layer.pristine is not None else layer.base.weight.detach()
     if not names:
         return w0.to(dtype)
-    up, down = _factors(layer, tuple(names))
-    ranks = torch.tensor([layer.get(n).rank for n in names])
-    strengths = torch.tensor([layer.strengths[n] for n in names], dtype=torch.float32)
+    plain = tuple(n for n in names if not layer.get(n).is_dora)
+    up, down = _factors(layer, plain)
+    ranks = torch.tensor([layer.get(n).rank for n in plain], dtype=torch.long)
+    strengths = torch.tensor([layer.strengths[n] for n in plain], dtype=torch.float32)
     columns = strengths.repeat_interleave(ranks)
     flat = w0.reshape(w0.shape[0], -1).float()
     merged = torch.addmm(flat, up.to(flat.device) * columns.to(flat.device), down.to(flat.device))
+    for name in (n for n in names if layer.get(n).is_dora):
+        merged += layer.strengths[name] * layer.get(name).dora_delta(w0).reshape(flat.shape)
     return merged.view(w0.shape).to(dtype)

@@ -6,6 +6,7 @@ modules are reused, never wrapped twice. Nothing matched -> an error listing wha
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
@@ -14,6 +15,7 @@ from torch import nn
 from sdlora.bases.families import Family
 from sdlora.errors import SdloraError
 from sdlora.lora.adapter import Adapter, ModuleFactors, module_keys
+from sdlora.lora.dora import OUTPUT, initial_magnitude
 from sdlora.lora.layer import LoRALayer, LoRAWeights, check_nonlinearity, max_rank
 
 # Presets of target names per component. "attn" is what most SD LoRAs train.
@@ -34,6 +36,13 @@ UNET_TARGETS = {
     "attn-ff": (*_ATTN, "ff.net.0.proj", "ff.net.2"),
     "all": _ALL,
     "locon": (*_ALL, *_CONVS),
+}
+
+
+# How LyCORIS names a DoRA network (per output row: wd_on_output) in kohya's metadata.
+DORA_METADATA = {
+    "ss_network_module": "lycoris.kohya",
+    "ss_network_args": json.dumps({"algo": "lora", "dora_wd": "True", "wd_on_output": "True"}),
 }
 
 
@@ -122,14 +131,23 @@ def add_trainable(
     generator: torch.Generator | None = None,
     conv_rank: int | None = None,
     conv_alpha: float | None = None,
+    dora: bool = False,
 ) -> dict[str, LoRAWeights]:
     """Inject a fresh trainable adapter: A ~ Kaiming-uniform, B = 0, so outputs are unchanged.
 
     k×k convolutions (k > 1) take `conv_rank` and `conv_alpha` when a conv rank is given (LoCon:
-    a k×k down and a 1×1 up); everything else `rank` and `alpha`. Returns {flat key:
-    LoRAWeights}; the factors are fp32 parameters with requires_grad=True.
+    a k×k down and a 1×1 up); everything else `rank` and `alpha`. `dora`: each module also
+    learns a DoRA magnitude per output row, m = ‖W0‖ at first (sdlora/lora/dora.py), so it
+    too changes nothing until trained. Returns {flat key: LoRAWeights}; the factors are fp32
+    parameters with requires_grad=True.
     """
     check_nonlinearity(nonlinearity)
+    if dora and nonlinearity != "identity":
+        raise SdloraError(
+            f"DoRA renormalises the weight W0 + ΔW; an adapter with nonlinearity "
+            f"{nonlinearity!r} has no ΔW; train DoRA with nonlinearity identity",
+            setting="dora",
+        )
     for what, value in (("rank", rank), ("conv rank", conv_rank)):
         if value is not None and value < 1:
             raise SdloraError(f"{what} must be at least 1 (got {value})")
@@ -160,6 +178,7 @@ def add_trainable(
             dropout=dropout,
             conv=layer.conv_args(),
             trainable=True,
+            magnitude=initial_magnitude(weight, OUTPUT) if dora else None,
         )
         layer.add(name, weights)
         injected[keys[path]] = weights
@@ -183,6 +202,7 @@ def collect_adapter(
             down=w.down.detach().float().cpu().clone(),
             up=w.up.detach().float().cpu().clone(),
             alpha=w.scale * w.rank,
+            magnitude=w.magnitude.detach().float().cpu().clone() if w.is_dora else None,
         )
         modules[key], where = fold_scale(factors, nonlinearity)
     some = next(iter(injected.values()))
@@ -191,6 +211,7 @@ def collect_adapter(
         "sdlora_alpha": str(some.rank),
         "sdlora_training_alpha": repr(some.scale * some.rank),
         "sdlora_scale_folded_into": where,
+        **(DORA_METADATA if some.is_dora else {}),
         **(metadata or {}),
     }
     return Adapter(modules=modules, nonlinearity=nonlinearity, metadata=meta)

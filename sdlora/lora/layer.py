@@ -8,6 +8,11 @@ always rebuilt from a pristine copy of W0 in fp32, so any number of strength cha
 same weights as one fresh fuse. Adapters that stay unfused and are frozen (generation) run
 stacked, all of a layer's in one pair of matmuls (sdlora/lora/unfused.py); trainable ones run one by
 one in fp32 with their gradients.
+
+DoRA adapters (a `magnitude` m, sdlora/lora/dora.py) add strength · (W_dora − W0) instead of
+strength · ΔW: fused, that delta is computed once from the pristine W0; unfused, it runs as
+PEFT's forward does, (f − 1)·W0·x + f·ΔW·x with f = m / ‖W0 + ΔW‖ per output row (the input
+side's f scales x instead).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdlora.errors import SdloraError
+from sdlora.lora.dora import INPUT, axis_of, direction_scale
+from sdlora.lora.dora import dora_delta as decomposed_delta
 from sdlora.lora.fusion import Plan
 from sdlora.lora.fusion import merged_weight as fused_weight
 from sdlora.lora.unfused import Stack, build
@@ -60,7 +67,8 @@ class LoRAWeights(nn.Module):
     """One adapter's factors at one layer.
 
     Linear base: down (r, in), up (out, r).  Conv2d base: down (r, in, kh, kw) applied with the
-    base's stride/padding/dilation, up (out, r, 1, 1).
+    base's stride/padding/dilation, up (out, r, 1, 1). DoRA: `magnitude` m shaped to broadcast on
+    the base weight, (out, 1[, 1, 1]) per output row or (1, in[, 1, 1]) per input column.
     """
 
     def __init__(
@@ -72,12 +80,19 @@ class LoRAWeights(nn.Module):
         dropout: float = 0.0,
         conv: dict | None = None,
         trainable: bool = False,
+        magnitude: torch.Tensor | None = None,
     ):
         super().__init__()
         self.down = nn.Parameter(down, requires_grad=trainable)
         self.up = nn.Parameter(up, requires_grad=trainable)
+        self.magnitude = None if magnitude is None else nn.Parameter(magnitude, trainable)
         self.scale = float(scale)
         self.nonlinearity = check_nonlinearity(nonlinearity)
+        if magnitude is not None and nonlinearity != "identity":
+            raise SdloraError(
+                f"DoRA needs a weight delta to renormalise; an adapter with nonlinearity "
+                f"{nonlinearity!r} has none"
+            )
         self.act = make_nonlinearity(nonlinearity)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv = conv  # None for Linear; stride/padding/dilation of the base Conv2d
@@ -88,11 +103,25 @@ class LoRAWeights(nn.Module):
 
     @property
     def is_linear(self) -> bool:
-        """True when the adapter is a plain low-rank ΔW, so it can be fused into the weight."""
+        """True when the adapter is a weight delta (plain or DoRA), so it can be fused."""
         return self.nonlinearity == "identity"
 
+    @property
+    def is_dora(self) -> bool:
+        return self.magnitude is not None
+
+    def params(self) -> list[nn.Parameter]:
+        """The factors (and DoRA's magnitude): what an optimizer trains and a checkpoint keeps."""
+        return [self.down, self.up] + ([self.magnitude] if self.is_dora else [])
+
+    def dora_delta(self, w0: torch.Tensor) -> torch.Tensor:
+        """W_dora − W0 = m·(W0 + ΔW)/‖W0 + ΔW‖ − W0 in fp32 (sdlora/lora/dora.py); DoRA only."""
+        delta = self.delta_weight().to(w0.device)
+        return decomposed_delta(w0, delta, self.magnitude.detach().to(w0.device))
+
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = s · B · A in fp32, shaped like the base weight. Only for linear adapters."""
+        """ΔW = s · B · A in fp32, shaped like the base weight. Only for linear adapters (DoRA's
+        change from the base is `dora_delta`)."""
         if not self.is_linear:
             raise SdloraError(
                 f"an adapter with nonlinearity {self.nonlinearity!r} has no weight delta; "
@@ -105,21 +134,53 @@ class LoRAWeights(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """s · B · σ(A · x), in the factors' dtype."""
-        x = self.dropout(x.to(self.down.dtype))
+        return self._lowrank(self.dropout(x.to(self.down.dtype)))
+
+    def _lowrank(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv is None:
             h = F.linear(x, self.down)
             return self.scale * F.linear(self.act(h), self.up)
         h = F.conv2d(x, self.down, **self.conv)
         return self.scale * F.conv2d(self.act(h), self.up)
 
+    def dora_forward(self, x: torch.Tensor, w0: torch.Tensor, w0x: torch.Tensor | None):
+        """(W_dora − W0)·x, as PEFT's DoRA forward computes it, in the factors' dtype.
+
+        `w0`: the pristine base weight; `w0x`: W0·x without bias, when the caller has it. The
+        norm ‖W0 + ΔW‖ is detached (paper section 4.3, PEFT): m and the factors learn through
+        f = m / ‖W0 + ΔW‖ and ΔW·x. Output rows: (f − 1)·W0·x + f·ΔW·x. Input columns: W_dora·x
+        = (W0 + ΔW)·(f ⊙ x), so W0·((f − 1) ⊙ x) + ΔW·(f ⊙ x).
+        """
+        w0 = w0.to(self.down.dtype)
+        up = self.up.reshape(self.up.shape[0], -1)
+        delta = (self.scale * (up @ self.down.reshape(self.rank, -1))).reshape(w0.shape)
+        f = direction_scale(w0, delta.detach(), self.magnitude)  # m / ‖W0 + ΔW‖, ‖·‖ detached
+        x = x.to(self.down.dtype)
+        dropped = self.dropout(x)  # dropout on the low-rank path only, as PEFT
+        if axis_of(self.magnitude) == INPUT:
+            g = f.reshape(-1) if self.conv is None else f  # (in,) or (1, in, 1, 1)
+            return self._base(x * (g - 1), w0) + self._lowrank(dropped * g)
+        g = f.reshape(-1) if self.conv is None else f.reshape(1, -1, 1, 1)  # (out,) / (1,out,1,1)
+        w0x = self._base(x, w0) if w0x is None else w0x.to(x.dtype)
+        return (g - 1) * w0x + g * self._lowrank(dropped)
+
+    def _base(self, x: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
+        """W0·x without bias, with the base's convolution settings."""
+        return F.linear(x, w0) if self.conv is None else F.conv2d(x, w0, **self.conv)
+
     @property
     def frozen(self) -> bool:
-        return not (self.down.requires_grad or self.up.requires_grad)
+        return not any(p.requires_grad for p in self.params())
 
     @property
     def stackable(self) -> bool:
-        """True when it can run in a layer's inference stack: frozen, and no dropout to draw."""
-        return self.frozen and not (self.training and isinstance(self.dropout, nn.Dropout))
+        """True when it can run in a layer's inference stack: frozen, plain (not DoRA), and no
+        dropout to draw."""
+        return (
+            self.frozen
+            and not self.is_dora
+            and not (self.training and isinstance(self.dropout, nn.Dropout))
+        )
 
 
 def _key(name: str) -> str:
@@ -162,6 +223,18 @@ class LoRALayer(nn.Module):
                 f"adapter {name!r} does not fit this layer: weight {list(expected)}, "
                 f"down {list(weights.down.shape)}, up {list(weights.up.shape)}"
             )
+        if weights.is_dora:
+            axis = axis_of(weights.magnitude)
+            size = expected[0] if axis != INPUT else expected[1]
+            if tuple(weights.magnitude.shape) != (
+                (size, *[1] * (len(expected) - 1))
+                if axis != INPUT
+                else (1, size, *[1] * (len(expected) - 2))
+            ):
+                raise SdloraError(
+                    f"adapter {name!r}: its DoRA magnitude {list(weights.magnitude.shape)} does "
+                    f"not fit the weight {list(expected)}"
+                )
         if _key(name) in self.adapters:
             self.remove(name)
         self.adapters[_key(name)] = weights
@@ -200,7 +273,8 @@ class LoRALayer(nn.Module):
         Plan([self]).apply()
 
     def merged_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """W0 + Σ strength·ΔW over every linear adapter, fused or not, computed from W0 in fp32."""
+        """W0 + Σ strength·ΔW over every linear adapter, fused or not, computed from W0 in fp32
+        (a DoRA adapter's ΔW being W_dora − W0)."""
         names = [n for n, w in self.items() if w.is_linear and self.strengths[n] != 0.0]
         w0 = self.pristine if self.pristine is not None else self.base.weight
         return fused_weight(self, names, dtype or w0.dtype)
@@ -235,8 +309,24 @@ class LoRALayer(nn.Module):
         if len(self.fused) == len(self.adapters):
             return y  # everything is in the weight
         stack, others = self.unfused_adapters(y.dtype, y.device)
+        w0x = self._w0x(y) if any(w.is_dora for _, _, w in others) else None
         if stack is not None:  # frozen: factors cached in the activations' dtype
             y = stack.add_to(y, x if x.dtype is y.dtype else x.to(y.dtype))
         for _, strength, weights in others:  # training: fp32 factors with gradients
-            y = y + (strength * weights(x)).to(y.dtype)
+            if weights.is_dora:
+                w0 = self.pristine if self.pristine is not None else self.base.weight.detach()
+                change = weights.dora_forward(x, w0, w0x)
+            else:
+                change = weights(x)
+            y = y + (strength * change).to(y.dtype)
         return y
+
+    def _w0x(self, y: torch.Tensor) -> torch.Tensor | None:
+        """W0·x without bias from the base's output `y`, while the weight is W0 (nothing fused);
+        a copy, since the stack adds into `y` in place."""
+        if self.pristine is not None:
+            return None
+        bias = self.base.bias
+        if bias is None:
+            return y.clone()
+        return y - (bias if isinstance(self.base, nn.Linear) else bias[:, None, None])

@@ -95,6 +95,8 @@ def check_linear_one_family(
     """Refuse, naming the files, a nonlinear adapter (`nonlinear_why` says why it cannot be
     `done`, e.g. "merged") and adapters of different model families."""
     for adapter in adapters:
+        if adapter.is_dora:  # its change depends on the base's W0: no B·A to add up
+            raise SdloraError(f"{adapter.source}: DoRA adapters cannot be {done} (yet)")
         if not adapter.is_linear:
             raise SdloraError(
                 f"{adapter.source}: has nonlinearity {adapter.nonlinearity!r}; "
