@@ -28,6 +28,7 @@ from sdlora.train import TrainConfig
 from sdlora.train.condition import Conditioning
 from sdlora.train.data import derived_seed
 from sdlora.train.loop import set_up, train
+from sdlora.train.setup import base_resolution
 from sdlora.train.step import (
     flow_density,
     flow_noisy,
@@ -301,3 +302,6 @@ def test_a_diffusers_folder_loads_as_sd3_with_or_without_t5(tmp_path):
     pipe = load_base(str(tmp_path / "sd3"))
     assert isinstance(pipe, StableDiffusion3Pipeline) and pipe.text_encoder_3 is not None
     assert load_base(str(tmp_path / "sd3"), t5=False).text_encoder_3 is None
+    # --resolution's default from the transformer's config, read without loading the model
+    config = TrainConfig(data_dir="d", output="o", base=str(tmp_path / "sd3"))
+    assert base_resolution(config) == 64 == base_resolution(config, pipe)
