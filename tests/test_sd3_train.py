@@ -157,7 +157,12 @@ def test_plain_blocks_train_and_load_in_diffusers(pictures, tmp_path):
     pipe = load_base("tiny-sd3")
     pipe.transformer = plain_transformer()
     assert pipe.transformer.transformer_blocks[0].attn2 is None
-    path = train(settings(pictures, tmp_path / "out", targets="all"), pipe=pipe)
+    config = settings(
+        pictures, tmp_path / "out", targets="all", batch_size=1, validation_split=0.5,
+        validate_every=3, sample_every=3, sample_steps=2,
+    )  # fmt: skip
+    path = train(config, pipe=pipe)
+    assert (tmp_path / "out" / "samples" / "step-000003.png").is_file()  # sampled on the way
     keys = set(load_adapter(path).modules)
     assert not any("attn2" in k for k in keys)
     for name in ("ff_context_net_2", "norm1_context_linear", "attn_add_q_proj"):
@@ -305,3 +310,25 @@ def test_a_diffusers_folder_loads_as_sd3_with_or_without_t5(tmp_path):
     # --resolution's default from the transformer's config, read without loading the model
     config = TrainConfig(data_dir="d", output="o", base=str(tmp_path / "sd3"))
     assert base_resolution(config) == 64 == base_resolution(config, pipe)
+
+
+def test_captions_longer_than_t5_max_length_are_named(pictures, tmp_path, caplog, monkeypatch):
+    import logging
+
+    from sdlora.train import models as models_module
+
+    class Injecting(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Injecting
+
+    data = tmp_path / "data"
+    shutil.copytree(pictures, data)
+    (data / "1.txt").write_text("a blue circle " * 10, "utf-8")  # 30 words: 31 T5 tokens
+    monkeypatch.setattr(models_module, "add_trainable", stop)  # the step after the warnings
+    caplog.set_level(logging.INFO, logger="sdlora.train")
+    with pytest.raises(Injecting):
+        train(settings(data, tmp_path / "out", t5_max_length=20))
+    assert "1 caption(s) are longer than T5's 20 tokens" in caplog.text
+    assert "(first: 1.png, 31 tokens)" in caplog.text

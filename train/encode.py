@@ -24,9 +24,16 @@ def cache_device(device: torch.device, nbytes: int) -> torch.device:
     return device if device.type != "cpu" and nbytes <= GPU_CACHE_BYTES else torch.device("cpu")
 
 
-def long_captions(tokenizer, items: list[ImageItem], trigger: str | None) -> str | None:
-    """A warning naming how many captions `tokenize` will cut, with the first; None if none."""
-    limit = tokenizer.model_max_length
+def long_captions(
+    tokenizer,
+    items: list[ImageItem],
+    trigger: str | None,
+    limit: int | None = None,
+    encoder: str = "the text encoder",
+) -> str | None:
+    """A warning naming how many captions `tokenize` will cut, with the first; None if none.
+    `limit`: the tokens kept (default: the tokenizer's length; SD 3.x's T5: --t5-max-length)."""
+    limit = limit or tokenizer.model_max_length
     captions = [with_trigger(item.caption, trigger) for item in items]
     # the counts include the start and end tokens, as `limit` does; verbose=False: no warning
     lengths = [len(ids) for ids in tokenizer(captions, verbose=False).input_ids]
@@ -35,7 +42,7 @@ def long_captions(tokenizer, items: list[ImageItem], trigger: str | None) -> str
         return None
     item, n = long[0]
     return (
-        f"{len(long)} caption(s) are longer than the text encoder's {limit} tokens and will be "
+        f"{len(long)} caption(s) are longer than {encoder}'s {limit} tokens and will be "
         f"cut (first: {item.path.name}, {n} tokens); shorten them to keep their end"
     )
 

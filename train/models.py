@@ -85,6 +85,10 @@ def load_models(
     too_long = long_captions(pipe.tokenizer, plan.items, config.trigger)
     if too_long and main:
         logger.warning(too_long)
+    if getattr(pipe, "text_encoder_3", None) is not None:  # SD 3.x's T5 keeps --t5-max-length
+        t5 = long_captions(pipe.tokenizer_3, plan.items, config.trigger, config.t5_max_length, "T5")
+        if t5 and main:
+            logger.warning("%s (or raise --t5-max-length)", t5)
 
     init = torch.Generator().manual_seed(derived_seed(config.seed, "init"))
     lora_args = dict(
