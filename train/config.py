@@ -46,6 +46,8 @@ CROPS = ("center", "random")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LOSS_TYPES = ("l2", "huber", "smooth_l1")  # kohya sd-scripts' names
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
+# flow matching's timestep sampling and loss weighting (SD 3.x): the diffusers SD3 example's set
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap")
 # Sides of every training image are multiples of this: the SD VAE's factor 8 times 8, so the
 # latent side stays divisible through the UNet's downsampling.
 SIDE_MULTIPLE = 64
@@ -161,9 +163,10 @@ class TrainConfig:
     )
     base: str = option(  # built-in (sdlora.bases.base.BUILTIN), a folder, a single file, a Hub id
         "toy",
-        "base model: toy (built in, pretrained, 64 px), tiny / tiny-v2 (built in, random weights, "
-        "SD 1.x / SD 2.x shaped, for tests), a diffusers model folder, a single original-layout "
-        ".safetensors file, or a Hub id such as stabilityai/stable-diffusion-2-1",
+        "base model: toy (built in, pretrained, 64 px), tiny / tiny-v2 / tiny-xl / tiny-sd3 (built "
+        "in, random weights, SD 1.x / SD 2.x / SDXL / SD 3.5 shaped, for tests), a diffusers model "
+        "folder, a single original-layout .safetensors file, or a Hub id such as "
+        "stabilityai/stable-diffusion-2-1",
         group=FILES,
         nonempty=True,
         resume=MATCH,
@@ -174,6 +177,24 @@ class TrainConfig:
         group=FILES,
         metavar="DIR",
         nonempty=True,
+    )
+    no_t5: bool = option(  # SD 3.x without text_encoder_3: zeros in T5's place, as diffusers does
+        False,
+        "SD 3.x: leave the T5-XXL text encoder out (not loaded; zeros in its place, as the "
+        "pipeline runs without it); generate with --no-t5 too",
+        group=FILES,
+        resume=MATCH,
+    )
+    t5_max_length: int = option(  # 77: as SD 3 was trained; the pipeline samples with 256
+        77,
+        "SD 3.x: T5 tokens per caption in training; 77 as SD 3 itself was trained (and kohya and "
+        "the diffusers example train), the pipeline's 256 mostly adds padding that every step "
+        "attends to",
+        group=OPTIMISATION,
+        min=1,
+        max=512,
+        metavar="N",
+        resume=MATCH,
     )
 
     # --- the adapter ---
@@ -200,10 +221,12 @@ class TrainConfig:
     dropout: float = option(  # dropout on the adapter's input while training
         0.0, "dropout on the adapter input", group=ADAPTER, min=0, below=1, resume=MATCH
     )
-    targets: str = option(  # UNet preset (attn, attn-ff, all, locon) or comma-separated names
+    targets: str = option(  # denoiser preset (attn, attn-ff, all, locon) or comma-separated names
         "attn",
         "UNet modules: attn, attn-ff, all, locon (all + ResNet convolutions and the "
-        "down/up-samplers), or comma-separated module names",
+        "down/up-samplers); SD 3.x transformer: attn (both streams' attention, MMDiT-X's attn2 "
+        "too), attn-mlp (+ ff, ff_context), all (+ the adaLN norm1.linear, "
+        "norm1_context.linear); or comma-separated module names",
         group=ADAPTER,
         metavar="NAMES",
         nonempty=True,
@@ -239,7 +262,8 @@ class TrainConfig:
     )
     train_text_encoder: bool = option(  # also train a LoRA on the text encoder
         False,
-        "also train a LoRA on the text encoder (SDXL: on both)",
+        "also train a LoRA on the text encoder (SDXL, SD 3.x: on both CLIP encoders; SD 3.x's "
+        "T5-XXL stays frozen: diffusers' SD3 loader reads no T5 LoRA)",
         group=ADAPTER,
         resume=MATCH,
         label="Also train the text encoder",
@@ -524,6 +548,38 @@ class TrainConfig:
         choices=PREDICTION_TYPES,
         default_text="from the base's scheduler",
     )
+    weighting_scheme: str = option(  # SD 3.x: how flow matching draws σ and weights the loss
+        "logit_normal",
+        "flow matching (SD 3.x): timestep density logit_normal (--logit-mean, --logit-std), "
+        "mode (--mode-scale) or uniform; sigma_sqrt (weight 1/σ²) and cosmap (2/(π(1-2σ+2σ²))) "
+        "draw uniformly and weight the loss (the diffusers SD3 example's schemes)",
+        group=OPTIMISATION,
+        choices=WEIGHTING_SCHEMES,
+    )
+    logit_mean: float = option(  # SD3 paper §3.1: logit-normal(0, 1) was best
+        0.0,
+        "flow matching, logit_normal: mean of the normal whose sigmoid is the timestep",
+        group=OPTIMISATION,
+        min=-10,
+        max=10,
+        metavar="M",
+    )
+    logit_std: float = option(
+        1.0,
+        "flow matching, logit_normal: its standard deviation",
+        group=OPTIMISATION,
+        above=0,
+        max=10,
+        metavar="S",
+    )
+    mode_scale: float = option(  # the diffusers example's default 1.29 (SD3 paper §3.1)
+        1.29,
+        "flow matching, mode: the scale s of the mode density",
+        group=OPTIMISATION,
+        min=-1,
+        max=2,
+        metavar="S",
+    )
     seed: int = option(  # same seed, same data, same settings: same adapter
         0,
         "same seed and settings, same adapter",
@@ -768,6 +824,17 @@ class TrainConfig:
             "dora",
             "renormalises W0 + ΔW, and an adapter with a nonlinearity has no ΔW; leave "
             "{nonlinearity} at identity or {dora} out",
+        )
+        need(
+            self.weighting_scheme == "logit_normal" or (self.logit_mean, self.logit_std) == (0, 1),
+            "logit_mean",
+            "and {logit_std} shape {weighting_scheme} logit_normal (got "
+            f"{self.weighting_scheme}); leave them out",
+        )
+        need(
+            self.weighting_scheme == "mode" or self.mode_scale == 1.29,
+            "mode_scale",
+            f"shapes {{weighting_scheme}} mode (got {self.weighting_scheme}); leave it out",
         )
         need(
             not (self.warmup_steps and self.lr_warmup_ratio),

@@ -24,9 +24,16 @@ def cache_device(device: torch.device, nbytes: int) -> torch.device:
     return device if device.type != "cpu" and nbytes <= GPU_CACHE_BYTES else torch.device("cpu")
 
 
-def long_captions(tokenizer, items: list[ImageItem], trigger: str | None) -> str | None:
-    """A warning naming how many captions `tokenize` will cut, with the first; None if none."""
-    limit = tokenizer.model_max_length
+def long_captions(
+    tokenizer,
+    items: list[ImageItem],
+    trigger: str | None,
+    limit: int | None = None,
+    encoder: str = "the text encoder",
+) -> str | None:
+    """A warning naming how many captions `tokenize` will cut, with the first; None if none.
+    `limit`: the tokens kept (default: the tokenizer's length; SD 3.x's T5: --t5-max-length)."""
+    limit = limit or tokenizer.model_max_length
     captions = [with_trigger(item.caption, trigger) for item in items]
     # the counts include the start and end tokens, as `limit` does; verbose=False: no warning
     lengths = [len(ids) for ids in tokenizer(captions, verbose=False).input_ids]
@@ -35,19 +42,27 @@ def long_captions(tokenizer, items: list[ImageItem], trigger: str | None) -> str
         return None
     item, n = long[0]
     return (
-        f"{len(long)} caption(s) are longer than the text encoder's {limit} tokens and will be "
+        f"{len(long)} caption(s) are longer than {encoder}'s {limit} tokens and will be "
         f"cut (first: {item.path.name}, {n} tokens); shorten them to keep their end"
     )
 
 
+def scaled(vae, sample: torch.Tensor) -> torch.Tensor:
+    """A VAE posterior sample as the denoiser takes it: (z - shift) · scale. SD 1.x/2.x/SDXL
+    VAEs have no shift; SD 3.x's has 0.0609 (and scale 1.5305), as its pipeline decodes."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (sample.float() - shift) * vae.config.scaling_factor
+
+
 def encode_pixels(vae, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8) latents, sampled and scaled as the UNet expects."""
+    """(B, 3, H, W) in [-1, 1] -> (B, C, H/8, W/8) latents, sampled and scaled as the denoiser
+    expects (C: 4, SD 3.x 16)."""
     posterior = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    return posterior.sample(generator=generator).float() * vae.config.scaling_factor
+    return scaled(vae, posterior.sample(generator=generator))
 
 
 class LatentCache:
-    """Item index -> (4, h, w) fp32 latent, for every training image."""
+    """Item index -> (C, h, w) fp32 latent, for every training image."""
 
     def __init__(
         self, vae, dataset: MicroBatches, seed: int, *, show_progress: bool, chunk: int = 8
@@ -78,7 +93,7 @@ class LatentCache:
                     )
                     mean, std = posterior.mean[row], posterior.std[row]
                     noise = torch.randn(mean.shape, generator=generator, device=mean.device)
-                    latent = (mean + std * noise).float() * vae.config.scaling_factor
+                    latent = scaled(vae, mean + std * noise)
                     self.latents[index] = latent.to(home)
                 bar.update(len(part))
         bar.close()

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from diffusers import DDPMScheduler, DiffusionPipeline
+from diffusers import DiffusionPipeline
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -55,7 +55,7 @@ from sdlora.train.setup import (
     make_accelerator,
     prepare_data,
 )
-from sdlora.train.step import TrainStep
+from sdlora.train.step import TrainStep, training_scheduler
 from sdlora.train.validate import Validation, Validator
 
 logger = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def set_up(
             logger.info("resumed from %s at step %d", data.resume_from, step)
     dataset = MicroBatches(data.plan, config, with_pixels=not config.caches_latents)
     prior = find_prior(config, accelerator)
-    conditioning = Conditioning.of(models.pipe, models.text_encoders)
+    conditioning = Conditioning.of(models.pipe, models.text_encoders, config.t5_max_length)
     latent_cache, text_cache = make_caches(
         config,
         data=data,
@@ -173,7 +173,7 @@ def set_up(
         unet=models.unet,
         trained=models.prepared,
         conditioning=conditioning,
-        noise_scheduler=DDPMScheduler.from_config(models.pipe.scheduler.config),
+        noise_scheduler=training_scheduler(models.pipe),
         optimizer=models.optimizer,
         weight_dtype=models.weight_dtype,
         latent_cache=latent_cache,

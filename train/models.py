@@ -18,12 +18,19 @@ from accelerate import Accelerator
 from diffusers import DiffusionPipeline
 from diffusers.optimization import get_scheduler
 
-from sdlora.bases.base import load_base
+from sdlora.bases.base import check_t5_optional, load_base
 from sdlora.bases.families import family_of_pipeline
 from sdlora.errors import SdloraError
-from sdlora.lora.inject import TEXT_ENCODER_TARGETS, UNET_TARGETS, add_trainable, target_names
+from sdlora.lora.adapter import PREFIXES
+from sdlora.lora.inject import (
+    TEXT_ENCODER_TARGETS,
+    add_trainable,
+    denoiser_targets,
+    target_names,
+)
 from sdlora.lora.layer import LoRAWeights
 from sdlora.train import checkpoint, precompile
+from sdlora.train.compile_plan import CompilePlan
 from sdlora.train.compiling import Compiling, beside_server, compile_choice, start_compiling
 from sdlora.train.config import RESUME_MUST_MATCH, TrainConfig
 from sdlora.train.data import BatchPlan, derived_seed
@@ -78,6 +85,10 @@ def load_models(
     too_long = long_captions(pipe.tokenizer, plan.items, config.trigger)
     if too_long and main:
         logger.warning(too_long)
+    if getattr(pipe, "text_encoder_3", None) is not None:  # SD 3.x's T5 keeps --t5-max-length
+        t5 = long_captions(pipe.tokenizer_3, plan.items, config.trigger, config.t5_max_length, "T5")
+        if t5 and main:
+            logger.warning("%s (or raise --t5-max-length)", t5)
 
     init = torch.Generator().manual_seed(derived_seed(config.seed, "init"))
     lora_args = dict(
@@ -97,17 +108,22 @@ def load_models(
         trained.append(pipe.text_encoder)  # its new words learn
         trained_encoders.append("text_encoder")
     if config.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+        denoiser_of(pipe).enable_gradient_checkpointing()
         for te in trained[1:]:  # transformers 5 renamed gradient_checkpointing_enable
             getattr(te, "activation_checkpointing_enable", te.gradient_checkpointing_enable)()
     buckets = len(plan.by_bucket)
-    family = family_of_pipeline(pipe).name
-    choice = compile_choice(config, device, steps=total_steps, buckets=buckets, family=family)
-    fast = speed_up(pipe.unet, device, compile=False, buckets=buckets)
+    family = family_of_pipeline(pipe)
+    if family.denoiser == "unet":
+        choice = compile_choice(
+            config, device, steps=total_steps, buckets=buckets, family=family.name
+        )
+        fast = speed_up(pipe.unet, device, compile=False, buckets=buckets)
+    else:  # compiled regions, compile workers and the kernel pick are the UNet's
+        choice, fast = CompilePlan(compile=False, warning=not_compiled(config, family)), {}
     if choice.warning and main:
         logger.warning(choice.warning)
 
-    optimizer = make_optimizer(config, injected, device, words)
+    optimizer = make_optimizer(config, injected, device, words, denoiser=family.denoiser)
     lr_scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer,
@@ -160,7 +176,10 @@ def base_on_device(
     the run's device; first its class images, with --reg-generate."""
     with beside_server(server):  # the fork server may still be importing: leave it a core
         if pipe is None:
-            pipe = load_base(config.base, config=config.base_config)  # on the CPU, in fp32
+            # on the CPU, in fp32
+            pipe = load_base(config.base, config=config.base_config, t5=not config.no_t5)
+        elif config.no_t5:
+            check_t5_optional(pipe)
         if config.reg_generate:  # the base itself, before any cast or adapter
             pipe.to(accelerator.device)
             generate_missing(pipe, config, accelerator)
@@ -179,14 +198,21 @@ def base_on_device(
 def inject_adapter(
     pipe: DiffusionPipeline, config: TrainConfig, lora_args: dict
 ) -> tuple[dict[str, LoRAWeights], list[torch.nn.Module], dict[str, list[str]], list[str]]:
-    """Inject the trainable adapter into the UNet and the text encoders that train; return
-    (the trainable factors by kohya key, the models that learn, the modules adapted by
-    component, the trained text encoders' pipeline attributes)."""
-    unet_targets = target_names(config.targets, UNET_TARGETS)
-    injected = add_trainable(pipe.unet, "unet", unet_targets, **lora_args)
-    trained = [pipe.unet]
-    targets = {"unet": list(unet_targets)}
-    trained_encoders = text_encoder_names(pipe) if config.train_text_encoder else []
+    """Inject the trainable adapter into the denoiser (UNet, SD3's transformer) and the text
+    encoders that train; return (the trainable factors by kohya key, the models that learn, the
+    modules adapted by component, the trained text encoders' pipeline attributes)."""
+    family = family_of_pipeline(pipe)
+    denoiser = denoiser_of(pipe)
+    names = target_names(config.targets, denoiser_targets(family))
+    injected = add_trainable(denoiser, family.denoiser, names, **lora_args)
+    trained = [denoiser]
+    targets = {family.denoiser: list(names)}
+    trainable = [te.component for te in family.text_encoders if te.trainable]
+    trained_encoders = (
+        [name for name in text_encoder_names(pipe) if name in trainable]
+        if config.train_text_encoder
+        else []
+    )
     for component in text_encoder_names(pipe):
         te_targets = ()
         if component in trained_encoders:
@@ -199,22 +225,41 @@ def inject_adapter(
 
 
 def cast_frozen(pipe, dtype: torch.dtype) -> None:
-    """The UNet and text encoders to `dtype` (the VAE stays fp32: it encodes the latents)."""
+    """The denoiser and text encoders to `dtype` (the VAE stays fp32: it encodes the latents)."""
     # nn.Module.to: diffusers' own .to(dtype) warns about fp32 modules even when there are none
-    torch.nn.Module.to(pipe.unet, dtype=dtype)
+    torch.nn.Module.to(denoiser_of(pipe), dtype=dtype)
     for component in text_encoder_names(pipe):
         getattr(pipe, component).to(dtype=dtype)
 
 
 def text_encoder_names(pipe) -> list[str]:
-    """The pipeline attributes of the base's text encoders, as its family lists them."""
-    return [te.component for te in family_of_pipeline(pipe).text_encoders]
+    """The pipeline attributes of the base's text encoders, as its family lists them (those it
+    was loaded with: an SD 3.x base may be without T5)."""
+    family = family_of_pipeline(pipe)
+    return [te.component for te in family.text_encoders if getattr(pipe, te.component) is not None]
+
+
+def denoiser_of(pipe) -> torch.nn.Module:
+    """The model that denoises: the UNet, or SD 3.x's transformer (`Family.denoiser`)."""
+    return getattr(pipe, family_of_pipeline(pipe).denoiser)
+
+
+def not_compiled(config: TrainConfig, family) -> str | None:
+    """The warning for --compile on with a base whose denoiser sdlora does not compile."""
+    if config.compile != "on":
+        return None
+    return f"--compile on: {family.label}'s {family.denoiser} is not compiled; it runs eagerly"
 
 
 def check_sides(pipe, plan: BatchPlan) -> None:
-    """Every bucket side must survive the VAE and the UNet's downsampling in whole pixels."""
-    levels = len(pipe.unet.config.block_out_channels) - 1
-    multiple = pipe.vae_scale_factor * 2**levels
+    """Every bucket side must survive the VAE and the denoiser's downsampling in whole pixels:
+    a UNet halves the latent at each level, SD 3.x's transformer cuts it into patches."""
+    config = denoiser_of(pipe).config
+    if "block_out_channels" in config:
+        step = 2 ** (len(config["block_out_channels"]) - 1)
+    else:
+        step = config["patch_size"]
+    multiple = pipe.vae_scale_factor * step
     for width, height in plan.by_bucket:
         if width % multiple or height % multiple:
             raise SdloraError(
@@ -228,6 +273,7 @@ def make_optimizer(
     injected: dict[str, LoRAWeights],
     device: torch.device,
     words: NewWords | None = None,
+    denoiser: str = "unet",
 ) -> torch.optim.Optimizer:
     """AdamW (fused on CUDA) or bitsandbytes' 8-bit AdamW, one learning rate per model:
     --lr for the UNet, --text-encoder-lr for the (first) text encoder, --text-encoder-2-lr for
@@ -236,9 +282,11 @@ def make_optimizer(
     ("unet_up", ...) at R times its rate (LoRA+)."""
     te_lr = config.lr if config.text_encoder_lr is None else config.text_encoder_lr
     te2_lr = te_lr if config.text_encoder_2_lr is None else config.text_encoder_2_lr
-    # kohya key prefix -> (group name, as TensorBoard shows its rate under lr/, rate)
+    # kohya key prefix -> (group name, as TensorBoard shows its rate under lr/, rate); the
+    # denoiser's group (unet, SD 3.x: transformer) is always made
+    first = PREFIXES[denoiser]
     rates = {
-        "lora_unet_": ("unet", config.lr),
+        first: (denoiser, config.lr),
         "lora_te_": ("text_encoder", te_lr),
         "lora_te1_": ("text_encoder", te_lr),
         "lora_te2_": ("text_encoder_2", te2_lr),
@@ -249,9 +297,9 @@ def make_optimizer(
         weights = [w for k, w in injected.items() if k.startswith(prefix)]
         if ratio is None:
             params = [p for w in weights for p in w.params()]  # DoRA: and the magnitude
-            if params or prefix == "lora_unet_":
+            if params or prefix == first:
                 groups.append({"params": params, "lr": lr, "name": name})
-        elif weights or prefix == "lora_unet_":  # LoRA+: down (A) at lr, up (B) at ratio × lr
+        elif weights or prefix == first:  # LoRA+: down (A) at lr, up (B) at ratio × lr
             groups.append(  # DoRA's magnitude learns at lr too
                 {
                     "params": [p for w in weights for p in w.params() if p is not w.up],

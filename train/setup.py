@@ -300,6 +300,7 @@ def base_resolution(config: TrainConfig, pipe=None) -> int:
 
 
 SD_RESOLUTION = 512
+DENOISERS = ("unet", "transformer")  # the folders a diffusers model keeps its denoiser in
 
 
 def folder_resolution(folder: Path | None) -> int | None:
@@ -308,8 +309,9 @@ def folder_resolution(folder: Path | None) -> int | None:
 
     from sdlora.bases.families import config_native_size
 
-    try:
-        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+    try:  # the UNet's config, or SD 3.x's transformer's
+        name = next((n for n in DENOISERS if (folder / n / "config.json").is_file()), "unet")
+        unet = json.loads((folder / name / "config.json").read_text(encoding="utf-8"))
         vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
         return config_native_size(unet, vae)
     except (OSError, ValueError, KeyError, TypeError):
@@ -341,15 +343,18 @@ def hub_configs(repo_id: str) -> Path | None:
     fetched, two small files; None when neither works (load_base then says why)."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-    found = try_to_load_from_cache(repo_id, "unet/config.json")
-    if isinstance(found, str) and isinstance(
-        try_to_load_from_cache(repo_id, "vae/config.json"), str
-    ):
-        return Path(found).parent.parent
+    for name in DENOISERS:
+        found = try_to_load_from_cache(repo_id, f"{name}/config.json")
+        if isinstance(found, str) and isinstance(
+            try_to_load_from_cache(repo_id, "vae/config.json"), str
+        ):
+            return Path(found).parent.parent
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return None
     try:
-        for name in ("unet/config.json", "vae/config.json"):
+        index = json.loads(Path(hf_hub_download(repo_id, "model_index.json")).read_text("utf-8"))
+        denoiser = next((n for n in DENOISERS if n in index), "unet")
+        for name in (f"{denoiser}/config.json", "vae/config.json"):
             found = hf_hub_download(repo_id, name)
         return Path(found).parent.parent
     except Exception:  # no network, no such model, a login needed: load_base reports it

@@ -3,6 +3,12 @@
 The loop in `loop.py` and the benchmarks in `benchmarks/` both call it, so what is measured is
 what trains. Nothing here waits for the GPU: the loss comes back as a device tensor, and the loop
 reads losses only every few steps (each read is a host sync).
+
+SD 3.x learns by flow matching (Esser et al. 2024, §2-3; rectified flow) instead of DDPM noising,
+as diffusers' `train_dreambooth_lora_sd3.py` does it: σ drawn by `--weighting-scheme`
+(`flow_sigmas`), x_t = (1-σ)·x0 + σ·ε (`flow_noisy`), the transformer at timestep σ·T predicts
+the velocity ε - x0, the loss weighted per image (`flow_weighting`). The family row says which
+(`Family.objective`); `training_scheduler` gives the matching scheduler.
 """
 
 from __future__ import annotations
@@ -12,8 +18,10 @@ import math
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_snr
 
+from sdlora.bases.families import family_of_pipeline
 from sdlora.errors import SdloraError
 from sdlora.lora.embeddings import TokenEmbedding
 from sdlora.train.condition import Conditioning
@@ -61,11 +69,19 @@ class TrainStep:
         self.latent_cache, self.text_cache = latent_cache, text_cache
         self.prior = prior  # class images beside each batch (prior preservation), or None
         self.vae_scale_factor = pipe.vae_scale_factor
-        self.prediction_type = config.prediction_type or noise_scheduler.config.prediction_type
+        # flow matching (SD 3.x) or DDPM noising with an ε / v target
+        self.flow = family_of_pipeline(pipe).flow_matching
+        check_objective_options(config, self.flow)
+        if self.flow:
+            self.prediction_type = FLOW
+            # the training schedule's timesteps and (shifted) σ, on the device: (T,) each
+            self.flow_timesteps = noise_scheduler.timesteps.to(accelerator.device)
+            self.flow_sigmas = noise_scheduler.sigmas[: len(self.flow_timesteps)]
+            self.flow_sigmas = self.flow_sigmas.to(accelerator.device)
+        else:
+            self.prediction_type = config.prediction_type or noise_scheduler.config.prediction_type
         # channels-last input when the UNet's weights are laid out that way (see speed.py)
-        conv_in = accelerator.unwrap_model(unet).conv_in.weight
-        channels_last = conv_in.is_contiguous(memory_format=torch.channels_last)
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.memory_format = input_memory_format(accelerator.unwrap_model(unet))
         # the VAE runs under bf16 autocast when training in bf16 (never fp16: SD VAEs overflow)
         self.vae_in_bf16 = weight_dtype == torch.bfloat16
 
@@ -118,21 +134,30 @@ class TrainStep:
                     generator,
                     sizes_generator,
                 )
-            # 3. timesteps, uniform over the training schedule: (B,)
-            timesteps = torch.randint(
-                0,
-                scheduler.config.num_train_timesteps,
-                (latents.shape[0],),
-                generator=generator,
-                device=device,
-            )
-            # 4. forward diffusion: x_t = sqrt(ᾱ_t)·x_0 + sqrt(1-ᾱ_t)·ε; with input
-            #    perturbation ε + γ·ε' noises the latents while the target stays ε
-            if config.ip_noise_gamma:
-                perturbed = perturb(noise, config.ip_noise_gamma, generator)
-                noisy = scheduler.add_noise(latents, perturbed, timesteps)
+            # 3. timesteps, uniform over the training schedule: (B,); flow matching: σ drawn
+            #    by --weighting-scheme and its timestep σ·T, (B,) each
+            if self.flow:
+                timesteps, sigmas = flow_sigmas(
+                    config, self.flow_timesteps, self.flow_sigmas, latents.shape[0], generator
+                )
             else:
-                noisy = scheduler.add_noise(latents, noise, timesteps)
+                timesteps = torch.randint(
+                    0,
+                    scheduler.config.num_train_timesteps,
+                    (latents.shape[0],),
+                    generator=generator,
+                    device=device,
+                )
+            # 4. forward diffusion: x_t = sqrt(ᾱ_t)·x_0 + sqrt(1-ᾱ_t)·ε (flow matching:
+            #    x_t = (1-σ)·x_0 + σ·ε); with input perturbation ε + γ·ε' noises the latents
+            #    while the target keeps ε
+            forward = noise
+            if config.ip_noise_gamma:
+                forward = perturb(noise, config.ip_noise_gamma, generator)
+            if self.flow:
+                noisy = flow_noisy(latents, forward, sigmas)
+            else:
+                noisy = scheduler.add_noise(latents, forward, timesteps)
             # 5. condition: text embeddings (B, 77, D); SDXL also pooled text (B, 1280) and
             #    size ids (B, 6) = original (h, w), crop (top, left), bucket (h, w)
             if self.text_cache is not None:
@@ -143,11 +168,16 @@ class TrainStep:
             condition = self.conditioning.unet_kwargs(
                 text, self.weight_dtype, sizes=sizes, crops=crops, target=bucket
             )
-            # 6. predict
+            # 6. predict (SD 3.x's transformer takes the timestep by name)
             noisy = noisy.to(self.weight_dtype, memory_format=self.memory_format)
-            pred = self.unet(noisy, timesteps, **condition).sample
-            # 7. target by prediction type
-            if self.prediction_type == "epsilon":
+            if self.flow:
+                pred = self.unet(noisy, timestep=timesteps, **condition).sample
+            else:
+                pred = self.unet(noisy, timesteps, **condition).sample
+            # 7. target by prediction type; flow matching: the velocity d x_t / dσ = ε - x_0
+            if self.flow:
+                target = noise - latents
+            elif self.prediction_type == "epsilon":
                 target = noise
             elif self.prediction_type == "v_prediction":
                 target = scheduler.get_velocity(latents, noise, timesteps)
@@ -160,9 +190,17 @@ class TrainStep:
             #    optionally min-SNR-γ weighted (Hang et al. 2023, eq. 8) and/or debiased
             #    (1/sqrt(SNR)); with class images: instance half + prior_loss_weight × class
             #    half (DreamBooth, eq. 2)
+            #    flow matching: times --weighting-scheme's weight of σ (sigma_sqrt, cosmap)
             per_element = config.loss_type != "l2"
             with_class = self.prior is not None
-            if per_element or config.min_snr_gamma or config.debiased_estimation or with_class:
+            weighted = self.flow and config.weighting_scheme in WEIGHTED_SCHEMES
+            if (
+                per_element
+                or config.min_snr_gamma
+                or config.debiased_estimation
+                or with_class
+                or weighted
+            ):
                 if config.loss_type == "l2":
                     per_image = F.mse_loss(pred.float(), target.float(), reduction="none")
                 else:
@@ -176,6 +214,8 @@ class TrainStep:
                     per_image = per_image * (clamped / (snr + 1) if v else clamped / snr)
                 if config.debiased_estimation:
                     per_image = per_image * debiased_weight(scheduler, timesteps, v)
+                if weighted:
+                    per_image = per_image * flow_weighting(config.weighting_scheme, sigmas)
                 if self.prior is not None:
                     instance, prior = per_image.chunk(2)
                     loss = instance.mean() + config.prior_loss_weight * prior.mean()
@@ -259,3 +299,133 @@ def debiased_weight(scheduler, timesteps: torch.Tensor, v_prediction: bool) -> t
     1/sqrt(SNR_t), v-prediction 1/(SNR_t+1), SNR_t = ᾱ_t/(1-ᾱ_t) clipped at 1000."""
     snr = compute_snr(scheduler, timesteps).clamp(max=1000)
     return 1 / (snr + 1) if v_prediction else 1 / snr.sqrt()
+
+
+FLOW = "flow_matching"  # the prediction type of flow-matching bases: the velocity ε - x0
+# the weighting schemes that weight the loss (the others shape the density σ is drawn from)
+WEIGHTED_SCHEMES = ("sigma_sqrt", "cosmap")
+# settings that read DDPM's ᾱ_t or pick a DDPM target: none of them means anything for flow
+# matching, where σ is the noise level (setting -> its value that leaves it out)
+DDPM_ONLY = {"min_snr_gamma": None, "debiased_estimation": False, "prediction_type": None}
+# and flow matching's own settings, at the values a DDPM run must leave them
+FLOW_ONLY = {"weighting_scheme": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0}
+FLOW_ONLY |= {"mode_scale": 1.29, "t5_max_length": 77}
+
+
+def training_scheduler(pipe):
+    """The noise scheduler a run trains with: the base's own configuration, as DDPM
+    (SD 1.x/2.x/SDXL) or flow-matching Euler with its shift (SD 3.x: 3.0)."""
+    kind = (
+        FlowMatchEulerDiscreteScheduler if family_of_pipeline(pipe).flow_matching else DDPMScheduler
+    )
+    return kind.from_config(pipe.scheduler.config)
+
+
+def check_objective_options(config: TrainConfig, flow: bool) -> None:
+    """Refuse, in one line, settings of the other objective: they would do nothing."""
+    if flow:
+        for name, off in DDPM_ONLY.items():
+            if getattr(config, name) != off:
+                raise SdloraError(
+                    "applies to DDPM-trained bases (SD 1.x/2.x/SDXL); this base learns by flow "
+                    "matching (σ, not ᾱ_t): leave it out, see {weighting_scheme}",
+                    setting=name,
+                )
+        if config.loss_type != "l2" and config.huber_schedule == "snr":
+            raise SdloraError(
+                "snr reads DDPM's ᾱ_t, which a flow-matching base has not; use constant or "
+                "exponential",
+                setting="huber_schedule",
+            )
+        return
+    for name, off in FLOW_ONLY.items():
+        if getattr(config, name) != off:
+            raise SdloraError(
+                "applies to flow-matching bases (SD 3.x); this base is DDPM-trained: leave it out",
+                setting=name,
+            )
+
+
+def flow_sigmas(
+    config: TrainConfig,
+    timesteps: torch.Tensor,
+    sigmas: torch.Tensor,
+    count: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps, σ), (count,) each, drawn as the diffusers SD3 example draws them: u in [0, 1]
+    from `flow_density`, index = ⌊u·T⌋ into the schedule's (shifted) timesteps and σ. u = 1 (a
+    logit-normal draw beyond fp32's sigmoid) takes the last index, not one past it."""
+    u = flow_density(
+        config.weighting_scheme,
+        count,
+        generator,
+        logit_mean=config.logit_mean,
+        logit_std=config.logit_std,
+        mode_scale=config.mode_scale,
+    )
+    index = (u * len(timesteps)).long().clamp(max=len(timesteps) - 1)
+    return timesteps[index], sigmas[index]
+
+
+def flow_density(
+    scheme: str,
+    count: int,
+    generator: torch.Generator,
+    *,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+) -> torch.Tensor:
+    """(count,) draws u in [0, 1] on the generator's device (Esser et al. 2024, §3.1):
+    logit_normal u = sigmoid(n), n ~ N(m, s²); mode u = 1 - v - s·(cos²(πv/2) - 1 + v), v ~ U(0, 1);
+    every other scheme uniform. Equal to diffusers' `compute_density_for_timestep_sampling`."""
+    device = generator.device
+    if scheme == "logit_normal":
+        n = torch.normal(logit_mean, logit_std, size=(count,), device=device, generator=generator)
+        return torch.sigmoid(n)
+    v = torch.rand((count,), device=device, generator=generator)
+    if scheme == "mode":
+        return 1 - v - mode_scale * (torch.cos(math.pi * v / 2) ** 2 - 1 + v)
+    return v
+
+
+def flow_noisy(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - σ)·x0 + σ·ε, σ (B,) broadcast over (B, C, h, w)."""
+    sigmas = sigmas.view(-1, *([1] * (latents.dim() - 1))).to(latents.dtype)
+    return (1 - sigmas) * latents + sigmas * noise
+
+
+def flow_weighting(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
+    """Per-image loss weight (B,): sigma_sqrt 1/σ², cosmap 2/(π(1 - 2σ + 2σ²)), else 1. Equal to
+    diffusers' `compute_loss_weighting_for_sd3`."""
+    sigmas = sigmas.float()
+    if scheme == "sigma_sqrt":
+        return sigmas**-2.0
+    if scheme == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
+    return torch.ones_like(sigmas)
+
+
+def input_memory_format(model: torch.nn.Module) -> torch.memory_format:
+    """channels_last when a UNet's input convolution is laid out so (speed.py), else contiguous
+    (SD 3.x's transformer patches its input itself)."""
+    conv_in = getattr(model, "conv_in", None)
+    channels_last = conv_in is not None and conv_in.weight.is_contiguous(
+        memory_format=torch.channels_last
+    )
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def validation_pair(
+    scheduler, prediction_type: str, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noisy input, target) of the validation loss at fixed timesteps t: DDPM's add_noise with
+    an ε or v target; flow matching at σ = t/T unshifted (x_t, ε - x0)."""
+    if prediction_type == FLOW:
+        sigmas = timesteps.float() / scheduler.config.num_train_timesteps
+        return flow_noisy(x0, noise, sigmas), noise - x0
+    noisy = scheduler.add_noise(x0, noise, timesteps)
+    if prediction_type == "v_prediction":
+        return noisy, scheduler.get_velocity(x0, noise, timesteps)
+    return noisy, noise

@@ -28,6 +28,7 @@ from sdlora.train.data import (
     with_trigger,
 )
 from sdlora.train.encode import encode_pixels
+from sdlora.train.step import input_memory_format, validation_pair
 
 # spread over the schedule: low-noise detail, the middle, and composition-level noise
 TIMESTEPS = (100, 300, 500, 700, 900)
@@ -109,13 +110,9 @@ class Validation:
                     derived_seed(self.seed, "validation noise", index)
                 )
                 noise = torch.randn(x0.shape, generator=generator, device=device)
-                noisy = scheduler.add_noise(x0, noise, timesteps)
+                noisy, target = validation_pair(scheduler, prediction_type, x0, noise, timesteps)
                 noisy = noisy.to(weight_dtype, memory_format=memory_format)
-                pred = unet(noisy, timesteps, **condition).sample
-                if prediction_type == "v_prediction":
-                    target = scheduler.get_velocity(x0, noise, timesteps)
-                else:
-                    target = noise
+                pred = unet(noisy, timestep=timesteps, **condition).sample
                 total += F.mse_loss(pred.float(), target.float(), reduction="sum").item()
                 count += target.numel()
         return total / count
@@ -144,9 +141,8 @@ class Validator:
         """
         unet = accelerator.unwrap_model(models.unet)
         encoders = {k: accelerator.unwrap_model(m) for k, m in models.text_encoders.items()}
-        conditioning = Conditioning.of(models.pipe, encoders)
-        channels_last = unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-        memory = torch.channels_last if channels_last else torch.contiguous_format
+        conditioning = Conditioning.of(models.pipe, encoders, self.config.t5_max_length)
+        memory = input_memory_format(unet)
         for model in models.trained:
             model.eval()
         with accelerator.autocast(), eager():

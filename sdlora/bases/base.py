@@ -1,9 +1,13 @@
-"""Base models: built in (`toy`, `tiny`, `tiny-v2`, `tiny-xl`), a local diffusers folder, a
-single-file SD checkpoint, or a Hugging Face Hub id.
+"""Base models: built in (`toy`, `tiny`, `tiny-v2`, `tiny-xl`, `tiny-sd3`), a local diffusers
+folder, a single-file SD checkpoint, or a Hugging Face Hub id.
 
 Each family runs in its diffusers pipeline class (`Family.pipeline`: StableDiffusionPipeline for
-SD 1.x/2.x, StableDiffusionXLPipeline for SDXL); a folder or Hub model says which in its
-model_index.json, a single file in its keys (`sdlora.io.single_file`).
+SD 1.x/2.x, StableDiffusionXLPipeline for SDXL, StableDiffusion3Pipeline for SD 3.x); a folder or
+Hub model says which in its model_index.json, a single file in its keys (`sdlora.io.single_file`).
+
+SD 3.x runs with or without its third text encoder, T5-XXL (`t5=False`, `--no-t5`): the pipeline
+then gives zeros in place of T5's tokens, as diffusers and ComfyUI do, and 9.5 GB (bf16) of
+weights are never read.
 
 A Hub id is anything shaped `owner/name` that is not an existing local path; it goes through
 diffusers' own `from_pretrained`, which downloads into the Hugging Face cache when online and,
@@ -21,15 +25,14 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
-from sdlora.bases.families import SDXL
+from sdlora.bases.families import SD3, SDXL, family_of_pipeline
 from sdlora.bases.pipelines import load_options, pipeline_class
 from sdlora.bases.recommend import ATTRIBUTE, recommend_builtin
 from sdlora.errors import SdloraError
 from sdlora.io.files import PICKLE_SUFFIXES, load_failure, special_file
 
-BUILTIN = ("toy", "tiny", "tiny-v2", "tiny-xl")
-# random-weight bases; `tiny-sd3` loads but is not yet in BUILTIN (what the trainer, generator and
-# recommendations accept): sdlora does not train or generate with SD 3.x yet
+BUILTIN = ("toy", "tiny", "tiny-v2", "tiny-xl", "tiny-sd3")
+# the random-weight bases and their families
 TINY_FAMILIES = {"tiny": "sd1", "tiny-v2": "sd2", "tiny-xl": "sdxl", "tiny-sd3": "sd3"}
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # owner/name, as the Hub spells them
 TOY_FOLDER = Path(__file__).parents[1] / "assets" / "toy"  # pretrained by pretrain/toy_base.py
@@ -37,13 +40,18 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
 def _class_of_index(index: dict, where: str) -> type[DiffusionPipeline]:
-    """The pipeline class to load a model_index.json with: SDXL when it has two text encoders."""
+    """The pipeline class to load a model_index.json with: SD 3.x when it has an SD3 transformer
+    (or a third text encoder), SDXL when it has two text encoders."""
+    transformer = index.get("transformer")
+    sd3 = isinstance(transformer, list) and transformer[-1] == "SD3Transformer2DModel"
+    if sd3 or "text_encoder_3" in index:
+        return pipeline_class(SD3)
     if "text_encoder_2" in index and "text_encoder" in index:
         return pipeline_class(SDXL)
     if "text_encoder_2" in index:
         raise SdloraError(
             f"{where}: a model with only a second text encoder (an SDXL refiner?) is not a base "
-            "sdlora can use; give an SD 1.x, SD 2.x or SDXL base"
+            "sdlora can use; give an SD 1.x, SD 2.x, SDXL or SD 3.x base"
         )
     return StableDiffusionPipeline
 
@@ -131,7 +139,15 @@ def _hub_cache() -> str | None:
     return None
 
 
-def _load_hub(repo_id: str) -> DiffusionPipeline:
+def without_t5(cls: type[DiffusionPipeline], t5: bool) -> dict:
+    """from_pretrained keywords that leave T5 out (`t5=False`) of a pipeline class taking it."""
+    expected, _ = cls._get_signature_keys(cls)
+    if t5 or "text_encoder_3" not in expected:
+        return {}
+    return {"text_encoder_3": None, "tokenizer_3": None}
+
+
+def _load_hub(repo_id: str, t5: bool = True) -> DiffusionPipeline:
     """A Hub model through diffusers: from the cache when offline, downloading otherwise."""
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -149,7 +165,11 @@ def _load_hub(repo_id: str) -> DiffusionPipeline:
         index = json.loads(Path(index_file).read_text(encoding="utf-8"))
         cls = _class_of_index(index, f"base {repo_id!r}")
         return cls.from_pretrained(
-            repo_id, cache_dir=_hub_cache(), local_files_only=offline, **load_options(cls)
+            repo_id,
+            cache_dir=_hub_cache(),
+            local_files_only=offline,
+            **load_options(cls),
+            **without_t5(cls, t5),
         )
     except (GatedRepoError, RepositoryNotFoundError):
         raise SdloraError(
@@ -227,10 +247,15 @@ def load_base(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     config: str | Path | None = None,
+    t5: bool = True,
 ) -> DiffusionPipeline:
-    """Load a base model: "toy", "tiny", "tiny-v2", "tiny-xl", "tiny-sd3", a diffusers model folder, a single
-    .safetensors/.ckpt file, or a Hub id such as "stabilityai/stable-diffusion-xl-base-1.0";
-    a StableDiffusionPipeline, or a StableDiffusionXLPipeline for SDXL.
+    """Load a base model: "toy", "tiny", "tiny-v2", "tiny-xl", "tiny-sd3", a diffusers model
+    folder, a single .safetensors/.ckpt file, or a Hub id such as
+    "stabilityai/stable-diffusion-3.5-medium"; a StableDiffusionPipeline, or the
+    StableDiffusionXLPipeline / StableDiffusion3Pipeline of SDXL / SD 3.x.
+
+    `t5=False` loads an SD 3.x base without its T5 text encoder (`text_encoder_3=None`); any
+    other family refuses it.
 
     `config` is a diffusers model folder (or Hub id) whose configs, tokenizer and scheduler
     describe a single file; its scheduler config gives the prediction type (`sdlora.bases.families`).
@@ -248,8 +273,10 @@ def load_base(
         from sdlora.bases.tiny import build_tiny_pipeline
 
         pipe = build_tiny_pipeline(family=TINY_FAMILIES[spec])
+        if not t5 and spec == SD3.builtin:
+            pipe.register_modules(text_encoder_3=None, tokenizer_3=None)
     elif is_hub_id(spec):
-        pipe = _load_hub(spec)
+        pipe = _load_hub(spec, t5)
     else:
         path = Path(spec)
         special = special_file(path)
@@ -267,7 +294,9 @@ def load_base(
             try:
                 index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
                 cls = _class_of_index(index, str(path))
-                pipe = cls.from_pretrained(path, local_files_only=True, **load_options(cls))
+                pipe = cls.from_pretrained(
+                    path, local_files_only=True, **load_options(cls), **without_t5(cls, t5)
+                )
             except (OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as err:
                 raise SdloraError(
                     f"{path}: cannot load this model folder ({_why(path, err)})"
@@ -282,9 +311,23 @@ def load_base(
             raise SdloraError(
                 f"{path}: unknown base file type; give a .safetensors checkpoint or a model folder"
             )
+    if not t5:
+        check_t5_optional(pipe)
     pipe = _one_dtype(_quiet(pipe))
     if spec in BUILTIN:
         setattr(pipe, ATTRIBUTE, recommend_builtin(spec, pipe))
     if dtype is not None or device is not None:
         pipe.to(device=device, dtype=dtype)
     return pipe
+
+
+def check_t5_optional(pipe: DiffusionPipeline) -> None:
+    """Refuse `t5=False` (--no-t5) on a base without a T5 encoder to leave out."""
+    family = family_of_pipeline(pipe)
+    if not any(enc.layout == "t5" for enc in family.text_encoders):
+        raise SdloraError(
+            f"leaves out an SD 3.x base's T5 text encoder; this {family.label} base has none",
+            setting="no_t5",
+        )
+    if getattr(pipe, "text_encoder_3", None) is not None:  # a single file: not left out there
+        pipe.register_modules(text_encoder_3=None, tokenizer_3=None)

@@ -35,6 +35,8 @@ class TextEncoder:
     # the transformers class diffusers runs it as: SDXL's second one keeps its projection, whose
     # output is the pooled text embedding the UNet takes
     model_class: str = "CLIPTextModel"
+    # whether sdlora trains a LoRA on it (--train-text-encoder): SD3's T5-XXL stays frozen
+    trainable: bool = True
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,20 @@ class Family:
     denoiser: str = "unet"
     latent_channels: int = 4
     attention_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    # More --targets presets of the denoiser beside "attn" (and, for a UNet, UNET_TARGETS), as
+    # (name, module names) pairs: SD3's MLPs and adaLN modulations.
+    target_presets: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # What the denoiser learns: "diffusion" (DDPM noising, ε or v target, SD 1.x/2.x/SDXL) or
+    # "flow_matching" (rectified flow, x_t = (1-σ)·x0 + σ·ε, target ε - x0: SD 3.x).
+    objective: str = "diffusion"
+    # The generation samplers that run it (`sdlora.bases.generate.SCHEDULERS`), the first the
+    # default where the user chose none of them.
+    samplers: tuple[str, ...] = ("pndm", "ddim", "euler", "euler_a", "dpm++")
+
+    @property
+    def flow_matching(self) -> bool:
+        """True for families trained by flow matching (SD 3.x)."""
+        return self.objective == "flow_matching"
 
     @property
     def native_size(self) -> int:
@@ -163,6 +179,18 @@ SDXL = Family(
 # names). Text: CLIP-L and CLIP-G (with projections: their pooled outputs, 768 + 1280, go in
 # through the time embedding) and T5-XXL, whose 4096-wide states (the CLIP ones zero-padded to
 # 4096 beside them) are the joint attention's context. 16-channel latents, native size 1024 px.
+SD3_ATTENTION = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+)
+SD3_MLP = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+SD3_ADALN = ("norm1.linear", "norm1_context.linear")
 SD3 = Family(
     name="sd3",
     label="SD 3.x",
@@ -191,6 +219,9 @@ SD3 = Family(
             "t5",
             "lora_te3_",
             "T5EncoderModel",
+            # frozen: 4.7 B parameters, and diffusers' SD3 loader reads no T5 LoRA (only
+            # text_encoder and text_encoder_2), so a T5 adapter would load nowhere else
+            trainable=False,
         ),
     ),
     text_key="text_encoders.t5xxl.transformer.encoder.final_layer_norm.weight",
@@ -204,16 +235,15 @@ SD3 = Family(
     builtin="tiny-sd3",
     denoiser="transformer",
     latent_channels=16,
-    attention_modules=(
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "add_q_proj",
-        "add_k_proj",
-        "add_v_proj",
-        "to_add_out",
+    attention_modules=SD3_ATTENTION,
+    target_presets=(
+        # attention plus both streams' MLPs (image ff, text ff_context)
+        ("attn-mlp", (*SD3_ATTENTION, *SD3_MLP)),
+        # and the adaLN modulations (the norm1 / norm1_context linears)
+        ("all", (*SD3_ATTENTION, *SD3_MLP, *SD3_ADALN)),
     ),
+    objective="flow_matching",
+    samplers=("flow_euler",),
 )
 
 FAMILIES: tuple[Family, ...] = (SD1, SD2, SDXL, SD3)

@@ -15,12 +15,13 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
 )
 from PIL import Image, PngImagePlugin
 
-from sdlora.bases.families import vae_factor
+from sdlora.bases.families import Family, family_of_pipeline, vae_factor
 from sdlora.bases.recommend import native_size, recommended
 from sdlora.errors import SdloraError
 from sdlora.io.writing import written_file
@@ -32,7 +33,9 @@ SCHEDULERS = {
     "euler": EulerDiscreteScheduler,
     "euler_a": EulerAncestralDiscreteScheduler,
     "dpm++": DPMSolverMultistepScheduler,
+    "flow_euler": FlowMatchEulerDiscreteScheduler,  # SD 3.x: flow matching's Euler sampler
 }
+DEFAULT_SCHEDULER = "pndm"  # where the user chose none; a family without it gets its own first
 
 
 MAX_STEPS = 1000  # denoising steps; samplers converge by 50-150, and 1000 is DDPM's whole schedule
@@ -160,9 +163,9 @@ class GenerateSettings:
         unit="pixels",
     )
     scheduler: str = _setting(
-        "pndm",
+        DEFAULT_SCHEDULER,
         label="Scheduler",
-        help="the sampler: pndm, ddim, euler, euler_a or dpm++",
+        help="the sampler: pndm, ddim, euler, euler_a or dpm++; SD 3.x: flow_euler (its default)",
         choices=tuple(SCHEDULERS),
     )
     num_images: int = _setting(
@@ -219,7 +222,11 @@ def check_numbers(s: GenerateSettings) -> None:
 def check_settings(pipe: StableDiffusionPipeline, s: GenerateSettings) -> None:
     """Raise a one-line error for settings that cannot work on this base."""
     check_numbers(s)
-    factor = vae_factor(pipe.vae.config)
+    family = family_of_pipeline(pipe)
+    sampler_of(family, s.scheduler)
+    # pixels per latent pixel, times SD 3.x's transformer patch side
+    patch = getattr(pipe, family.denoiser).config.get("patch_size") or 1
+    factor = vae_factor(pipe.vae.config) * patch
     for name, value in (("width", s.width), ("height", s.height)):
         if value is not None and value % factor:
             raise SdloraError(f"{value} must be a positive multiple of {factor}", setting=name)
@@ -242,10 +249,13 @@ def generate(
     """
     check_settings(pipe, settings)
     fill_recommended(pipe, settings)
+    family = family_of_pipeline(pipe)
+    settings.scheduler = sampler_of(family, settings.scheduler)  # the PNG records what ran
     if type(pipe.scheduler) is not SCHEDULERS[settings.scheduler]:
         pipe.scheduler = SCHEDULERS[settings.scheduler].from_config(pipe.scheduler.config)
     size = native_size(pipe)
-    device = pipe.unet.device
+    denoiser = getattr(pipe, family.denoiser)
+    device = denoiser.device
     generators = [
         torch.Generator(device="cpu").manual_seed(settings.seed + i)
         for i in range(settings.num_images)
@@ -270,7 +280,7 @@ def generate(
                 generator=generators if device.type == "cpu" else None,
                 latents=None
                 if device.type == "cpu"
-                else _latents(pipe, settings, generators, size).to(device, pipe.unet.dtype),
+                else _latents(pipe, settings, generators, size).to(device, denoiser.dtype),
                 callback_on_step_end=_chain(callbacks) if callbacks else None,
                 callback_on_step_end_tensor_inputs=["latents"]
                 + list(scheduled.inputs if scheduled and scheduled.switch_text else ()),
@@ -313,6 +323,19 @@ def _chain(callbacks: list[Callable]) -> Callable:
     return callback
 
 
+def sampler_of(family: Family, name: str) -> str:
+    """The sampler that runs: `name` if it samples this family, the family's own where `name`
+    is the default nobody chose (SD 3.x: flow_euler for pndm); any other is refused."""
+    if name in family.samplers:
+        return name
+    if name == DEFAULT_SCHEDULER:
+        return family.samplers[0]
+    raise SdloraError(
+        f"{name} does not sample {family.label} models; use {' or '.join(family.samplers)}",
+        setting="scheduler",
+    )
+
+
 def to_image(pixels: np.ndarray, seed: int) -> Image.Image:
     """(H, W, 3) floats in [0, 1] -> 8-bit RGB image; raise if it came out blank or broken.
 
@@ -349,7 +372,8 @@ def _step_callback(on_step: Callable[[int, int], None] | None) -> Callable | Non
 def _latents(pipe, settings, generators, size) -> torch.Tensor:
     """Initial noise drawn on the CPU, so a seed gives the same image on every device."""
     factor = vae_factor(pipe.vae.config)
-    shape = (4, (settings.height or size) // factor, (settings.width or size) // factor)
+    channels = pipe.vae.config.latent_channels  # 4; SD 3.x 16
+    shape = (channels, (settings.height or size) // factor, (settings.width or size) // factor)
     return torch.stack([torch.randn(shape, generator=g) for g in generators])
 
 

@@ -1,7 +1,7 @@
 """The diffusers pipeline class of each family, and the options sdlora builds and loads it with.
 
 `Family.pipeline` names the class (StableDiffusionPipeline for SD 1.x/2.x,
-StableDiffusionXLPipeline for SDXL). sdlora never runs SD's safety checker (none is shipped
+StableDiffusionXLPipeline for SDXL, StableDiffusion3Pipeline for SD 3.x). sdlora never runs SD's safety checker (none is shipped
 with the built-in bases, and a merged export must not gain one) nor SDXL's invisible watermark
 (an optional package that changes pixels), so both are switched off wherever a pipeline is made.
 """
@@ -45,7 +45,7 @@ def assemble(family: Family | str, components: Mapping[str, Any]) -> DiffusionPi
 
 def adaptable_models(pipe: DiffusionPipeline) -> dict[str, Any]:
     """The models adapters change, by attribute: the denoiser (UNet, or SD3's transformer) and the
-    family's text encoders."""
+    family's text encoders the pipeline holds (an SD 3.x base loaded without T5 has no third)."""
     family = family_of_pipeline(pipe)
     names = (family.denoiser, *(enc.component for enc in family.text_encoders))
-    return {name: getattr(pipe, name) for name in names}
+    return {name: getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None}

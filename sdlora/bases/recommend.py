@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sdlora.bases.families import SD1, SD2, SDXL, config_native_size, family_of_pipeline
+from sdlora.bases.families import SD1, SD2, SD3, SDXL, config_native_size, family_of_pipeline
 
 SD_GUIDANCE = SD1.guidance  # the Stable Diffusion 1.x/2.x default classifier-free guidance
 SD_STEPS = SD1.steps  # the Stable Diffusion default number of denoising steps
@@ -40,6 +40,7 @@ BUILTIN = {
     "tiny": (SD1.guidance, SD1.steps),
     "tiny-v2": (SD2.guidance, SD2.steps),
     "tiny-xl": (SDXL.guidance, SDXL.steps),
+    "tiny-sd3": (SD3.guidance, SD3.steps),
 }
 # a small base learns a small adapter fast at a high rate (samples/style.toml); SD the usual
 SMALL_TRAINING = TrainingStart(64, 4, 1e-3)
@@ -48,8 +49,10 @@ SD_TRAINING = TrainingStart(512, 1, 1e-4)
 
 
 def native_size(pipe) -> int:
-    """Image side the base was made for: UNet sample size times the VAE scale factor."""
-    return config_native_size(pipe.unet.config, pipe.vae.config)
+    """Image side the base was made for: its denoiser's (UNet's, SD3 transformer's) sample size
+    times the VAE scale factor."""
+    denoiser = getattr(pipe, family_of_pipeline(pipe).denoiser)
+    return config_native_size(denoiser.config, pipe.vae.config)
 
 
 def recommend_builtin(name: str, pipe) -> Recommended:

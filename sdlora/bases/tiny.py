@@ -1,5 +1,5 @@
-"""The built-in `tiny`, `tiny-v2` and `tiny-xl` bases: SD-1.x-, SD-2.x- and SDXL-shaped models
-with random, seeded weights.
+"""The built-in `tiny`, `tiny-v2`, `tiny-xl` and `tiny-sd3` bases: SD-1.x-, SD-2.x-, SDXL- and
+SD-3.5-shaped models with random, seeded weights.
 
 `tiny` has the classes and wiring of SD 1.x (UNet2DConditionModel with cross-attention,
 AutoencoderKL with a factor-8 latent, CLIPTextModel with quick-GELU, CLIP tokenizer, PNDM

@@ -26,7 +26,8 @@ from sdlora.lora.prompt_tags import LORA_TAG, lora_windows, split_lora_tags
 DEFAULT_BASE = "toy"
 BASE_HELP = (
     "base model: 'toy' (built in, pretrained on the toy world, 64 px), 'tiny' / 'tiny-v2' / "
-    "'tiny-xl' (built in, random weights, SD 1.x / SD 2.x / SDXL shaped, for tests), a diffusers "
+    "'tiny-xl' / 'tiny-sd3' (built in, random weights, SD 1.x / SD 2.x / SDXL / SD 3.5 shaped, "
+    "for tests), a diffusers "
     "model folder, a single .safetensors checkpoint in the original SD or SDXL layout, or a "
     "Hugging Face Hub id such as stabilityai/stable-diffusion-xl-base-1.0 (cached; "
     "HF_HUB_OFFLINE=1 reads the cache only) "
@@ -41,6 +42,11 @@ def add_base_args(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="diffusers model folder (or Hub id) with the configs and tokenizer for a single-file "
         "--base; its scheduler config says the prediction type (SD 2.x 768 px: v_prediction)",
+    )
+    p.add_argument(
+        "--no-t5",
+        action="store_true",
+        help="SD 3.x: leave the T5-XXL text encoder out (not loaded; zeros in its place)",
     )
     p.add_argument(
         "--lora",
@@ -74,7 +80,7 @@ def load_mix(args: argparse.Namespace, dtype=None, specs: list[LoraSpec] | None 
     for note in notes:
         print(f"sdlora: {note}", file=sys.stderr)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_base(args.base, device=device, dtype=dtype, config=args.config)
+    pipe = load_base(args.base, device=device, dtype=dtype, config=args.config, t5=not args.no_t5)
     mixer = Mixer(pipe)
     for spec, name in zip(specs, names, strict=True):
         mixer.add(spec.path, name=name, strength=spec.strength, blocks=spec.blocks)

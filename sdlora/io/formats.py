@@ -36,7 +36,7 @@ from sdlora.lora.dora import dora_axis, magnitude_2d
 from sdlora.lora.embeddings import split_bundle
 
 FORMAT_KEY = "sdlora_detected_format"
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_transformer_")
 
 # Module parts of the kohya/LyCORIS flat layout -> module type.
 PART_TYPES = {

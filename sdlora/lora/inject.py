@@ -52,7 +52,12 @@ def denoiser_targets(family: Family) -> dict[str, tuple[str, ...]]:
     to_add_out); a UNet's presets (UNET_TARGETS) beyond attention where its denoiser is one."""
     attn = family.attention_modules
     presets = dict(UNET_TARGETS) if family.denoiser == "unet" else {}
-    return {**presets, "attn": attn, "attn-ff": (*attn, *UNET_TARGETS["attn-ff"][len(_ATTN) :])}
+    return {
+        **presets,
+        "attn": attn,
+        "attn-ff": (*attn, *UNET_TARGETS["attn-ff"][len(_ATTN) :]),
+        **dict(family.target_presets),
+    }
 
 
 TEXT_ENCODER_TARGETS = {
