@@ -117,8 +117,13 @@ def to_sd3_state_dict(
         for key, value in sd.items():
             if encoder.layout == "clip" and key.startswith(("embeddings.", "encoder.", "final_")):
                 key = "text_model." + key  # transformers 5 flattened CLIPTextModel; files do not
-            if key.endswith("position_ids") or key == "encoder.embed_tokens.weight":
-                continue  # a constant buffer; T5's input embedding is `shared.weight`, tied
+            if key.endswith("position_ids"):
+                continue  # a constant buffer
+            if key == "encoder.embed_tokens.weight":
+                # T5's input embedding is tied to `shared.weight`; diffusers' single-file T5
+                # loader ties nothing, so the file carries both (a copy: safetensors stores no
+                # shared memory)
+                value = value.clone()
             out[encoder.file_prefix + key] = value
     return out
 
