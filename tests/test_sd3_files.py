@@ -205,6 +205,14 @@ def test_kohya_layout_names_weights_and_metadata(tmp_path):
     for key, factors in adapter.modules.items():
         torch.testing.assert_close(delta(back.modules[key]), delta(factors), rtol=0, atol=1e-6)
     assert adapter_family(back) is SD3
+    # and through the diffusers layout (transformer., text_encoder*., T5's text_encoder_3.)
+    models = adaptable_models(base)
+    peft = load_adapter(
+        convert_adapter(back, "diffusers", tmp_path / "d.safetensors", models=models)
+    )
+    assert set(peft.modules) == set(adapter.modules)
+    for key, factors in adapter.modules.items():
+        torch.testing.assert_close(delta(peft.modules[key]), delta(factors), rtol=0, atol=1e-6)
 
 
 def test_kohya_and_diffusers_files_load_here_and_in_diffusers_alike(tmp_path):

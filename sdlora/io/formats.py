@@ -99,6 +99,7 @@ DIFFUSERS_COMPONENTS = {
     "text_encoder": "text_encoder",
     "text_encoder_2": "text_encoder_2",
     "transformer": "transformer",  # SD 3.x
+    "text_encoder_3": "text_encoder_3",  # SD 3.x's T5 (diffusers itself does not load it)
 }
 UNET_ROOTS = (
     "down_blocks.",

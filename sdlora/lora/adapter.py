@@ -156,7 +156,7 @@ def module_paths(model: nn.Module, component: str) -> dict[str, str]:
 def _suffix(component: str, key: str) -> str:
     """Flat key -> canonical suffix; old kohya text-encoder keys lack `text_model_`."""
     suffix = key[len(PREFIXES[component]) :]
-    if component.startswith("text_encoder") and not suffix.startswith("text_model_"):
+    if component.startswith("text_encoder") and not suffix.startswith(("text_model_", "text_proj")):
         suffix = "text_model_" + suffix
     return suffix
 
