@@ -295,8 +295,9 @@ def test_kohya_and_diffusers_files_load_here_and_in_diffusers_alike(tmp_path):
 
 def test_kohya_sd3_and_onetrainer_files_are_read(tmp_path):
     """A file as kohya's lora_sd3 writes it (fused qkv with kohya's equal split of the rank,
-    alpha below the rank, lora_te1_/lora_te3_, ss_base_model_version "5-medium") and one as
-    OneTrainer writes it (lora_transformer_ + diffusers paths) load to the same modules."""
+    alpha below the rank, lora_te3_, ss_base_model_version "5-medium"), one as OneTrainer writes
+    it (lora_transformer_ + diffusers paths, lora_te1_) and a PEFT file with the
+    base_model.model. prefix load to the same modules."""
     base = load_base("tiny-sd3")
     t = base.transformer
     g = torch.Generator().manual_seed(9)
@@ -337,6 +338,16 @@ def test_kohya_sd3_and_onetrainer_files_are_read(tmp_path):
     other = load_adapter(tmp_path / "onetrainer.safetensors")
     torch.testing.assert_close(
         delta(other.modules[block + "to_q"]), ups[0] @ downs[0] * alpha / rank, rtol=0, atol=1e-6
+    )
+    # PEFT's own prefix on the transformer's paths (flash-sd3 and others, as ComfyUI reads them)
+    peft = {
+        "base_model.model.transformer_blocks.1.attn.to_q.lora_A.weight": downs[0],
+        "base_model.model.transformer_blocks.1.attn.to_q.lora_B.weight": ups[0],
+    }
+    save_file(peft, tmp_path / "peft.safetensors")
+    prefixed = load_adapter(tmp_path / "peft.safetensors")
+    torch.testing.assert_close(
+        delta(prefixed.modules[block + "to_q"]), ups[0] @ downs[0], rtol=0, atol=1e-6
     )
     mixer = Mixer(base)
     mixer.add(read, name="kohya")

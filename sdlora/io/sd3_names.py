@@ -103,9 +103,6 @@ TRANSFORMER_ROOTS = (
     "norm_out.",
     "proj_out.",
 )
-# kohya's `ss_base_model_version` for SD3 LoRAs is the MMDiT's model type (sd3_utils.load_mmdit:
-# "5-large", "5-medium", or "medium" for SD3 Medium); sdlora writes the table's "sd3"
-KOHYA_VERSIONS = ("5-large", "5-medium", "medium")
 
 
 def is_sai_key(key: str) -> bool:
@@ -289,15 +286,3 @@ def metadata(modules, title: str, base_config: Mapping | None = None) -> dict[st
         "modelspec.implementation": "https://github.com/Stability-AI/sd3.5",
         "modelspec.title": title,
     }
-
-
-def is_sd3_metadata(meta: Mapping[str, str]) -> bool:
-    """True when a header names SD 3.x: `ss_base_model_version` "sd3…" or kohya's SD3 model
-    types, or a modelspec architecture `stable-diffusion-3…` / `stable-diffusion-v3…`."""
-    version = meta.get("ss_base_model_version", "")
-    arch = meta.get("modelspec.architecture", "")
-    return (
-        version.startswith("sd3")
-        or version in KOHYA_VERSIONS
-        or arch.startswith(("stable-diffusion-3", "stable-diffusion-v3"))
-    )
