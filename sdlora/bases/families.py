@@ -306,10 +306,19 @@ def family_of_single_file(keys) -> Family | None:
 
 
 def family_of_adapter_keys(keys, metadata: Mapping[str, str] | None = None) -> Family | None:
-    """SDXL when an adapter's own names or metadata show it: a second text encoder (lora_te2_),
-    original-layout UNet names, or kohya's `ss_base_model_version` "sdxl_..."; else None (the
-    names of SD 1.x and 2.x adapters are the same: their widths tell them apart)."""
+    """SD 3.x when an adapter's names show it (the MMDiT's, T5's lora_te3_) or its metadata does;
+    SDXL when they show a second text encoder (lora_te2_), original-layout UNet names, or kohya's
+    `ss_base_model_version` "sdxl_..."; else None (the names of SD 1.x and 2.x adapters are the
+    same: their widths tell them apart)."""
     original = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+    sd3 = ("lora_transformer_", "lora_te3_", "lora_unet_joint_blocks_", "lora_unet_final_layer_")
+    if any(k.startswith(sd3) for k in keys) or (metadata or {}).get("ss_base_model_version") in (
+        "sd3",
+        "5-large",  # kohya's SD3 model types (sd3_utils.load_mmdit)
+        "5-medium",
+        "medium",  # SD3 Medium
+    ):
+        return SD3
     if any(k.startswith(("lora_te2_", *original)) for k in keys):
         return SDXL
     if (metadata or {}).get("ss_base_model_version", "").startswith("sdxl"):

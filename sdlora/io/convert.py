@@ -184,7 +184,7 @@ def diffusers_state(
         comp, path = paths[key]
         if models is not None:
             factors = fit_factors(factors, weight_of(models[comp], path).shape)
-        if comp.startswith("text_encoder"):
+        if comp in ("text_encoder", "text_encoder_2") and path != "text_projection":  # CLIP
             # Keys keep CLIP's `text_model.` level, as files everywhere do (diffusers maps them
             # onto transformers 5, which dropped it); patterns leave it out, so they match either.
             path = path.removeprefix("text_model.")

@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from sdlora.bases.families import SD1
+from sdlora.bases.families import SD1, SD3
 from sdlora.errors import SdloraError
 from sdlora.io.writing import TEMP_SUFFIX, reported, written_file
 from sdlora.lora.adapter import Adapter, ModuleFactors, adapter_family, file_key, memory_key
@@ -165,7 +165,12 @@ def adapter_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
     family's files use (SDXL: lora_te1_ for the first text encoder)."""
     tensors: dict[str, torch.Tensor] = {}
     family = adapter_family(adapter) or SD1
-    for key, factors in adapter.modules.items():
+    modules = adapter.modules
+    if family is SD3 and adapter.is_linear:  # SAI names, fused qkv (sdlora/io/sd3_names.py)
+        from sdlora.io.sd3_names import to_file_modules
+
+        modules = to_file_modules(modules)
+    for key, factors in modules.items():
         key = file_key(key, family)
         if adapter.is_linear:
             names = (f"{key}.lora_down.weight", f"{key}.lora_up.weight", f"{key}.alpha")
@@ -211,10 +216,17 @@ def save_adapter(adapter: Adapter, path: str | Path, overwrite: bool = False) ->
         "ss_network_alpha": str(max(ranks)) if ranks else "0",  # = rank: the scale is folded
         "ss_base_model_version": family.base_model_version,
         "ss_output_name": path.stem,
+        **(_sd3_metadata(adapter, path.stem) if family is SD3 else {}),
         **adapter.metadata,
     }
     atomic_save_file(adapter_tensors(adapter), path, {k: str(v) for k, v in metadata.items()})
     return path
+
+
+def _sd3_metadata(adapter: Adapter, title: str) -> dict[str, str]:
+    from sdlora.io.sd3_names import metadata
+
+    return metadata(adapter.modules, title)
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

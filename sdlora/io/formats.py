@@ -31,12 +31,21 @@ import torch
 from sdlora.errors import SdloraError
 from sdlora.io.files import NONLINEAR_PREFIX, check_rank, parse_flat_lora, read_safetensors
 from sdlora.io.metadata import parse_json
+from sdlora.io.sd3_names import TRANSFORMER_ROOTS, from_file_modules, is_sd3_keys
 from sdlora.lora.adapter import Adapter, ModuleFactors, flat_name, memory_key
 from sdlora.lora.dora import dora_axis, magnitude_2d
 from sdlora.lora.embeddings import split_bundle
 
 FORMAT_KEY = "sdlora_detected_format"
-KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_transformer_")
+# lora_te3_ (SD 3.x's T5) and lora_transformer_ (OneTrainer's SD 3.x MMDiT: diffusers' paths)
+KOHYA_PREFIXES = (
+    "lora_unet_",
+    "lora_te_",
+    "lora_te1_",
+    "lora_te2_",
+    "lora_te3_",
+    "lora_transformer_",
+)
 
 # Module parts of the kohya/LyCORIS flat layout -> module type.
 PART_TYPES = {
@@ -91,6 +100,8 @@ DIFFUSERS_COMPONENTS = {
     "unet": "unet",
     "text_encoder": "text_encoder",
     "text_encoder_2": "text_encoder_2",
+    "transformer": "transformer",  # SD 3.x
+    "text_encoder_3": "text_encoder_3",  # SD 3.x's T5 (diffusers itself does not load it)
 }
 UNET_ROOTS = (
     "down_blocks.",
@@ -113,7 +124,9 @@ def detect_format(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
     if kohya:
         return "kohya"
     if any(
-        k.startswith(("unet.", "text_encoder.", "text_encoder_2.", "base_model.model."))
+        k.startswith(
+            ("unet.", "text_encoder.", "text_encoder_2.", "transformer.", "base_model.model.")
+        )
         or ".lora_A." in k
         or ".lora.down." in k
         or ".lora_linear_layer." in k
@@ -155,6 +168,11 @@ def read_adapter(path: str | Path) -> Adapter:
         adapter, detected = parse_kohya(tensors, metadata, source)
     else:
         adapter, detected = parse_diffusers(tensors, metadata, source)
+    if is_sd3_keys(adapter.modules):  # SD 3.x's SAI names -> diffusers' (sdlora/io/sd3_names.py)
+        try:
+            adapter.modules = from_file_modules(adapter.modules)
+        except SdloraError as err:
+            raise SdloraError(f"{source}: {err}") from None
     adapter.metadata[FORMAT_KEY] = detected
     adapter.embeddings = embeddings
     return adapter
@@ -408,6 +426,8 @@ def _split_component(prefix: str, source: str) -> tuple[str, str]:
     head, _, rest = prefix.partition(".")
     if head in DIFFUSERS_COMPONENTS:
         component, path = DIFFUSERS_COMPONENTS[head], rest
+    elif prefix.startswith(TRANSFORMER_ROOTS):
+        component, path = "transformer", prefix  # SD 3.x's MMDiT, unprefixed
     elif prefix.startswith(UNET_ROOTS):
         component, path = "unet", prefix  # unprefixed keys are UNet keys, as diffusers reads them
     elif prefix.startswith(("text_model.", "encoder.layers.")):

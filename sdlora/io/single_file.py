@@ -34,6 +34,7 @@ from transformers import CLIPTextConfig
 
 from sdlora.bases.families import (
     FAMILIES,
+    SD3,
     Family,
     TextEncoder,
     family_of_single_file,
@@ -43,6 +44,8 @@ from sdlora.bases.pipelines import load_options, pipeline_class
 from sdlora.errors import SdloraError
 from sdlora.io.files import atomic_save_file, check_input, check_output, load_failure
 from sdlora.io.ldm_names import convert, unet_rules, vae_rules
+from sdlora.io.sd3_single_file import build_sd3, is_sd3_file
+from sdlora.io.sd3_single_file import expected_shapes as sd3_expected_shapes
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -347,7 +350,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     for prefix in {enc.file_prefix for enc in encoders if enc.layout == "clip"}:
         state = {
             prefix + "text_model." + k[len(prefix) :]
-            if k.startswith(prefix) and not k.startswith(prefix + "text_model.")
+            if k.startswith(prefix)
+            and not k.startswith((prefix + "text_model.", prefix + "text_projection"))
             else k: v
             for k, v in state.items()
         }
@@ -500,6 +504,8 @@ def load_single_file(
     """
     path = Path(path)
     state = _read_state_dict(path)
+    if is_sd3_file(state):
+        return _load_sd3(path, state, config, dtype)
     family = _file_family(state)
     with tempfile.TemporaryDirectory(prefix="sdlora-config-") as scratch:
         if config is None:
@@ -534,6 +540,45 @@ def load_single_file(
                 )
         try:
             return _build(state, folder, dtype)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise SdloraError(f"{path}: cannot build a pipeline from it ({first})") from None
+
+
+def _load_sd3(
+    path: Path, state: dict[str, torch.Tensor], config: str | Path | None, dtype: torch.dtype
+) -> DiffusionPipeline:
+    """An SD 3.x file (sdlora/io/sd3_single_file.py): configs from `config`, or those of the
+    built-in `tiny-sd3` when its shapes are the file's; with or without T5 inside."""
+    t5 = any(k.startswith(SD3.text_encoders[-1].file_prefix) for k in state)
+    with tempfile.TemporaryDirectory(prefix="sdlora-config-") as scratch:
+        if config is None:
+            folder = Path(scratch) / SD3.builtin
+            _write_builtin_configs(folder, SD3.builtin)
+            if _mismatches(state, sd3_expected_shapes(folder, t5)):
+                raise SdloraError(
+                    f"{path}: a full {SD3.label} checkpoint or not the built-in {SD3.builtin}; "
+                    "pass a diffusers model folder with its configs and tokenizers (--config DIR)"
+                )
+        else:
+            folder = Path(config)
+            if not (folder / "model_index.json").is_file():
+                raise SdloraError(
+                    f"{folder}: not a diffusers model folder (no model_index.json); pass the "
+                    "folder holding model_index.json, transformer/, vae/, text_encoder*/, "
+                    "tokenizer*/"
+                )
+            try:
+                problems = _mismatches(state, sd3_expected_shapes(folder, t5))
+            except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+                raise SdloraError(f"{folder}: cannot read its model configs ({err})") from None
+            if problems:
+                raise SdloraError(
+                    f"{path} does not match the configs in {folder}: {len(problems)} problems, "
+                    f"e.g. {problems[0]}; pass the folder of the model this file came from"
+                )
+        try:
+            return build_sd3(state, folder, dtype)
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise SdloraError(f"{path}: cannot build a pipeline from it ({first})") from None

@@ -24,6 +24,7 @@ from sdlora.bases.families import (
     Family,
     describe_width,
     family_of_adapter_keys,
+    family_of_transformer_config,
     family_of_unet_config,
     family_of_width,
 )
@@ -166,7 +167,7 @@ def module_paths(model: nn.Module, component: str) -> dict[str, str]:
 def _suffix(component: str, key: str) -> str:
     """Flat key -> canonical suffix; old kohya text-encoder keys lack `text_model_`."""
     suffix = key[len(PREFIXES[component]) :]
-    if component.startswith("text_encoder") and not suffix.startswith("text_model_"):
+    if component.startswith("text_encoder") and not suffix.startswith(("text_model_", "text_proj")):
         suffix = "text_model_" + suffix
     return suffix
 
@@ -268,6 +269,7 @@ def adapter_family(adapter: Adapter) -> Family | None:
 def check_family(adapter: Adapter, models: dict[str, nn.Module]) -> None:
     """Refuse, in one line naming both families, an adapter trained for another model family
     (e.g. an SD 1.x adapter on an SDXL base), before anything is applied."""
+    _check_denoiser_family(adapter, models)
     theirs, ours = widths(adapter), base_widths(models)
     base = ours.get("unet")
     for component in PREFIXES:
@@ -294,6 +296,30 @@ def check_family(adapter: Adapter, models: dict[str, nn.Module]) -> None:
         raise SdloraError(
             f"{adapter.source} was trained for {named.label}; the base is "
             f"{describe_width(base)}; pick a base of the adapter's family"
+        )
+
+
+def _check_denoiser_family(adapter: Adapter, models: dict[str, nn.Module]) -> None:
+    """Refuse an SD 3.x adapter on a UNet base, or a UNet family's on an SD 3.x (transformer)
+    base, in one line naming both families (their text encoders' widths can agree)."""
+    transformer = models.get("transformer")
+    unet = models.get("unet")
+    if transformer is not None:
+        base = family_of_transformer_config(transformer.config)
+    elif unet is not None:
+        base = family_of_unet_config(unet.config)
+    else:
+        return
+    width = widths(adapter).get("unet")
+    theirs = family_of_adapter_keys(adapter.modules, adapter.metadata) or (
+        family_of_width(width) if width is not None else None
+    )
+    if theirs is None or base is None or theirs is base:
+        return
+    if "transformer" in (theirs.denoiser, base.denoiser):
+        raise SdloraError(
+            f"{adapter.source} was trained for {theirs.label}; the base is {base.label}; "
+            "pick a base of the adapter's family"
         )
 
 

@@ -26,7 +26,7 @@ from sdlora.lora.fusion import Plan
 from sdlora.lora.inject import unwrap_all, wrap
 from sdlora.lora.layer import LoRALayer, LoRAWeights, max_rank
 
-COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")  # those a pipeline has
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")  # SD3: T5
 logger = logging.getLogger(__name__)
 
 

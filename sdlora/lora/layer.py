@@ -207,6 +207,11 @@ class LoRALayer(nn.Module):
         self._weights: dict[str, LoRAWeights] = {}  # name -> adapter, without the key mangling
         self._stack: Stack | None = None  # the frozen unfused adapters, see unfused_adapters
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (models that read `.weight` of their Linears, T5's `wo`)."""
+        return self.base.weight
+
     def conv_args(self) -> dict | None:
         if isinstance(self.base, nn.Conv2d):
             return dict(

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
-from sdlora.bases.families import family_of_pipeline
+from sdlora.bases.families import SD3, family_of_pipeline
 from sdlora.bases.pipelines import assemble
 from sdlora.errors import SdloraError
 from sdlora.io.files import check_output
@@ -44,8 +44,11 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def _models(pipe: DiffusionPipeline) -> tuple[str, ...]:
-    """The pipeline's weighted parts: UNet, its family's text encoders, VAE."""
-    return ("unet", *(enc.component for enc in family_of_pipeline(pipe).text_encoders), "vae")
+    """The pipeline's weighted parts: UNet (SD3: transformer), its family's text encoders (SD3's
+    T5 only when the pipeline has one), VAE."""
+    family = family_of_pipeline(pipe)
+    texts = [e.component for e in family.text_encoders if getattr(pipe, e.component) is not None]
+    return (family.denoiser, *texts, "vae")
 
 
 def check_foldable(pipe: DiffusionPipeline) -> None:
@@ -173,9 +176,8 @@ def export_diffusers(
 def export_single_file(
     pipe: DiffusionPipeline, out: str | Path, dtype: str = "fp16", overwrite: bool = False
 ) -> Path:
-    """Write the current blend as one .safetensors in the original SD (A1111/ComfyUI) layout."""
-    from sdlora.io.single_file import save_single_file
-
+    """Write the current blend as one .safetensors in the original SD (A1111/ComfyUI) layout
+    (SD 3.x: Stability's, as its own files have it)."""
     out = check_out(out, folder=False, overwrite=overwrite)
     words = attached(pipe)
     beside = embeddings_folder(out, folder=False)
@@ -185,6 +187,19 @@ def export_single_file(
     if taken and not overwrite:
         raise SdloraError(f"{taken[0]} already exists; choose another --out or pass --overwrite")
     states = merged_components(pipe, parse_dtype(dtype))
+    if family_of_pipeline(pipe) is SD3:
+        _save_sd3_single_file(pipe, states, out, dtype, overwrite)
+    else:
+        _save_ldm_single_file(pipe, states, out, dtype, overwrite)
+    if words:
+        save_embedding_files(words, embeddings_folder(out, folder=False), overwrite=overwrite)
+    return out
+
+
+def _save_ldm_single_file(pipe, states: dict, out: Path, dtype: str, overwrite: bool) -> None:
+    """SD 1.x/2.x/XL: the original LDM/SGM layout (sdlora/io/single_file.py)."""
+    from sdlora.io.single_file import save_single_file
+
     save_single_file(
         states["unet"],
         states["vae"],
@@ -196,9 +211,29 @@ def export_single_file(
         overwrite=overwrite,
         text_encoder_2_sd=states.get("text_encoder_2"),
     )
-    if words:
-        save_embedding_files(words, embeddings_folder(out, folder=False), overwrite=overwrite)
-    return out
+
+
+def _save_sd3_single_file(pipe, states: dict, out: Path, dtype: str, overwrite: bool) -> None:
+    """SD 3.x: Stability's layout, T5 inside when the pipeline has it (sdlora/io/sd3_single_file.py)."""
+    from sdlora.io.files import atomic_save_file
+    from sdlora.io.sd3_single_file import to_sd3_state_dict
+
+    tensors = to_sd3_state_dict(
+        states["transformer"],
+        states["vae"],
+        {e.component: states.get(e.component) for e in SD3.text_encoders},
+        pipe.transformer.config,
+        pipe.vae.config,
+    )
+    for key, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise SdloraError(
+                f"{out}: {key} is not finite in {dtype} (too large for fp16? use bf16 or fp32); "
+                "nothing was written"
+            )
+    check_out(out, folder=False, overwrite=overwrite)  # nothing appeared there meanwhile
+    info = {"format": "pt", "sdlora_layout": SD3.single_file_layout}
+    atomic_save_file({k: v.contiguous() for k, v in tensors.items()}, out, info)
 
 
 def embeddings_folder(out: str | Path, folder: bool) -> Path:
