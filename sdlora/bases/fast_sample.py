@@ -185,7 +185,8 @@ class StepGraph:
         if self.graph is not None:
             self.graph.replay()
         else:
-            self.step()
+            with torch.inference_mode():  # its buffers are inference tensors
+                self.step()
 
 
 class FastSampler:
