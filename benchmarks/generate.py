@@ -225,6 +225,15 @@ def judge(rows: list[dict], tiny: bool) -> list[str]:
                 else ""
             )
         )
+        saved = eager["steady_s"] - bare["steady_s"]
+        extra = bare["first_s"] - eager["steady_s"]
+        said.append(
+            f"{family}: --compile auto break-even {extra / saved:.0f} images (the first compiled "
+            f"image's {extra:.1f} s over an eager one, {saved:.2f} s saved per image; "
+            "fast_sample.BREAK_EVEN_IMAGES)"
+            if saved > 0
+            else f"{family}: compiled images are not faster: no break-even"
+        )
         said.append(
             f"{family}: 4 fused +{100 * (fused['steady_s'] / bare['steady_s'] - 1):.1f} % "
             f"(target < 2 %), 1 nonlinear +{100 * (relu['steady_s'] / bare['steady_s'] - 1):.1f} % "

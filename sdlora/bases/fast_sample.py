@@ -38,9 +38,10 @@ import torch
 from sdlora.errors import SdloraError
 
 # --compile auto compiles when a GPU is present and a command (or the web UI) will make at least
-# this many images: compiling and recording cost about what a few eager images do (to be
-# measured by benchmarks/generate.py: first image compiled vs eager per image).
-BREAK_EVEN_IMAGES = 4
+# this many images. Provisional: the break-even is the first compiled image's extra time over an
+# eager image divided by the time each later image saves; benchmarks/generate.py prints it per
+# family (a warm compile cache, a second run, pays back sooner than an empty one).
+BREAK_EVEN_IMAGES = 8
 # images the web UI is assumed to make over its life: more than the break-even
 UI_IMAGES = 1000
 COMPILE_CHOICES = ("auto", "on", "off")

@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         default="auto",
         help="auto, on or off: draw with the compiled loop whose steps replay as CUDA graphs "
-        "(pndm, ddim, euler, dpm++ samplers); auto: on a GPU, for 4 images or more (sweeps "
+        "(pndm, ddim, euler, dpm++ samplers); auto: on a GPU, for 8 images or more (sweeps "
         "count every image); the first image pays the compilation (default: %(default)s)",
     )
     p.add_argument("--out", required=True, metavar="FILE.png", help="where to save the image")
