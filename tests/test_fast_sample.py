@@ -225,15 +225,21 @@ def test_shapes_are_part_of_the_key():
         assert sampler.recorded == recorded + 1
 
 
-def test_generate_compile_option(eager_backend):
+def test_generate_compile_option(files, eager_backend):
+    """compile on draws the images compile off (the pipeline, the layers' own forward) draws,
+    bare and with a linear and a nonlinear adapter in the mix."""
     pipe = load_base("tiny")
     settings = dict(prompt="a red circle", steps=3, num_images=2)
-    off = generate(pipe, GenerateSettings(**settings, compile="off"))
-    assert fast_sample.sampler_for(pipe).recorded == 0  # off: the pipeline drew them
-    on = generate(pipe, GenerateSettings(**settings, compile="on"))
-    assert fast_sample.sampler_for(pipe).recorded == 1
-    for a, b in zip(off, on, strict=True):  # 8-bit pixels: at most one level apart
-        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+    mixer = Mixer(pipe)
+    for recorded, mix in enumerate(([], ["linear", "relu"]), start=1):
+        for name in mix:
+            mixer.add(files[name], name=name, strength=0.8)
+        off = generate(pipe, GenerateSettings(**settings, compile="off"))
+        assert fast_sample.sampler_for(pipe).recorded == recorded - 1  # off: the pipeline's
+        on = generate(pipe, GenerateSettings(**settings, compile="on"))
+        assert fast_sample.sampler_for(pipe).recorded == recorded
+        for a, b in zip(off, on, strict=True):  # 8-bit pixels: at most one level apart
+            assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
     with pytest.raises(SdloraError) as err:
         generate(pipe, GenerateSettings(**settings, compile="fast"))
     assert err.value.setting == "compile" and "auto, on, off" in str(err.value)
@@ -257,3 +263,29 @@ def test_generate_help_states_the_break_even(capsys):
         main(["generate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert f"for {fast_sample.BREAK_EVEN_IMAGES} images or more" in text
+
+
+def test_a_block_with_a_nonlinear_adapter_compiles_whole_when_settled(files):
+    """Settled, a block's unfused relu layers trace as plain code: one graph, no break (so the
+    compiler may put σ into the down matmul's kernel); outside the block the layers' own
+    forward is back and gives the same output."""
+    from sdlora.lora.layer import LoRALayer
+
+    pipe = load_base("tiny")
+    Mixer(pipe).add(files["relu"], name="relu", strength=0.8)
+    block = next(m for m in pipe.unet.modules() if type(m).__name__ == "BasicTransformerBlock")
+    assert any(isinstance(m, LoRALayer) and m.fused != set(m.adapters) for m in block.modules())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, block.norm1.normalized_shape[0], generator=g)
+    text = torch.randn(2, 77, 32, generator=g)
+    sampler = fast_sample.sampler_for(pipe)
+    with torch.inference_mode():
+        own = block(x, encoder_hidden_states=text)
+        with sampler.settled_layers():
+            settled = block(x, encoder_hidden_states=text)
+            explained = torch._dynamo.explain(block)(x, encoder_hidden_states=text)
+        again = block(x, encoder_hidden_states=text)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    torch.testing.assert_close(settled, own, rtol=1e-5, atol=1e-6)
+    assert torch.equal(again, own)
+    assert not any("forward" in vars(m) for m in pipe.unet.modules())  # all put back

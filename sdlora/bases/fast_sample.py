@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -201,6 +202,7 @@ class FastSampler:
         self.recorded = 0  # steps recorded (CUDA graphs captured) so far, for tests and logs
         self.expected_images = 0  # images its user will make (the web UI: UI_IMAGES)
         self._schedules: dict[tuple, Schedule | None] = {}
+        self._settled: dict = {}  # LoRA layer -> its settled forward (settled_layers)
 
     @property
     def mixer(self):
@@ -269,24 +271,56 @@ class FastSampler:
                 str(schedule.timesteps.dtype),
                 self.compiled,
             )
-            if self.graph is None or self.graph.key != key or self.graph.stale:
-                self._record(key, request.noise.shape, schedule, cond, guided)
-            b = self.buffers
-            b["history"][0].copy_(request.noise)
-            b["model_in"].copy_(schedule.model_in)
-            b["timesteps"].copy_(schedule.timesteps)
-            b["guidance"].fill_(request.guidance)
-            for name, value in cond.items():
-                b[name].copy_(value)
-            b["k"].zero_()
-            for i in range(schedule.calls):
-                self.graph.replay()
-                if on_step is not None:
-                    on_step(i + 1, schedule.calls)
+            with self.settled_layers():
+                if self.graph is None or self.graph.key != key or self.graph.stale:
+                    self._record(key, request.noise.shape, schedule, cond, guided)
+                b = self.buffers
+                b["history"][0].copy_(request.noise)
+                b["model_in"].copy_(schedule.model_in)
+                b["timesteps"].copy_(schedule.timesteps)
+                b["guidance"].fill_(request.guidance)
+                for name, value in cond.items():
+                    b[name].copy_(value)
+                b["k"].zero_()
+                for i in range(schedule.calls):
+                    self.graph.replay()
+                    if on_step is not None:
+                        on_step(i + 1, schedule.calls)
             history = b["history"]
             final = schedule.final.to(device, torch.float32)
             latents = torch.tensordot(final, history, dims=1)  # (B, C, h, w)
             return self._decode(latents)
+
+    @contextmanager
+    def settled_layers(self):
+        """Within the block, each LoRA layer of the UNet holding unfused adapters runs
+        `base(x) + B·σ(A·x)` with its stack (sdlora/lora/unfused.py) fixed: a plain function the
+        compiler traces whole, so σ can join the down matmul's kernel (the layer's own forward
+        looks its stack up by the factors' version counters, where the compiler stops). Fixed is
+        right while the Mixer's version holds, which a recorded step checks before it replays;
+        the layers' own forward is back after the block."""
+        from sdlora.lora.layer import LoRALayer
+
+        unet = self.pipe.unet
+        settled, installed = {}, []
+        try:
+            for layer in unet.modules():
+                if not isinstance(layer, LoRALayer) or len(layer.fused) == len(layer.adapters):
+                    continue  # nothing unfused: the layer's forward is the base's already
+                stack, others = layer.unfused_adapters(unet.dtype, unet.device)
+                if others:  # adapters being trained: their own path
+                    continue
+                forward = self._settled.get(layer)
+                if forward is None or forward.stack is not stack:  # the same function while
+                    forward = _settled_forward(layer.base, stack)  # the stack holds: no
+                settled[layer] = forward  # recompilation
+                layer.forward = forward
+                installed.append(layer)
+            self._settled = settled
+            yield
+        finally:
+            for layer in installed:
+                del layer.forward
 
     def _record(self, key, shape, schedule: Schedule, cond: dict, guided: bool) -> None:
         """Allocate the static buffers for `key` and record one step over them."""
@@ -390,6 +424,19 @@ class FastSampler:
         if upcast:
             vae.to(dtype=torch.float16)
         return pipe.image_processor.postprocess(image, output_type="np")
+
+
+def _settled_forward(base: torch.nn.Module, stack) -> Callable[[torch.Tensor], torch.Tensor]:
+    """y = base(x) + B·σ(A·x) with one fixed stack (None: the base alone)."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        y = base(x)
+        if stack is None:
+            return y
+        return stack.add_to(y, x if x.dtype is y.dtype else x.to(y.dtype))
+
+    forward.stack = stack
+    return forward
 
 
 def sampler_for(pipe) -> FastSampler:
