@@ -22,10 +22,12 @@ family, in this order, on one fresh compile cache:
 Each run gives the first image (compilation and recording included; each run's first image on
 this machine's compile cache as the previous runs left it) and the steady image (mean of the next
 --images), seconds of wall time per image, text encoding and VAE decoding included, and the
-peak GPU memory (PyTorch's allocated). Full run on one H100: about 6 minutes with
-`--recipe-mode reduce-overhead` (the max-autotune recipe alone may take several minutes per
-family: run `--only sd15` and `--only sdxl` as two commands). `--tiny` compiles with the "eager"
-backend (tracing only: the CPU has no CUDA graphs and inductor's CPU kernels would take minutes).
+peak GPU memory (PyTorch's allocated). Time: not yet measured on a GPU; written to take about
+3 minutes per family on one H100 (model build, 4 × 5 images, our regions compiled three times on
+a cold cache) plus the recipe's compile, which with max-autotune may take minutes more per
+family: run `--only sd15` and `--only sdxl` as two commands, or `--recipe-mode reduce-overhead`
+(or `none`) to bound it. `--tiny` compiles with the "eager" backend (tracing only: the CPU has
+no CUDA graphs and inductor's CPU kernels would take minutes).
 """
 
 from __future__ import annotations
