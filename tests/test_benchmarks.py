@@ -174,3 +174,30 @@ def test_step_memory_finds_what_is_live_at_the_highest_point():
     ]
     found = live_at_peak({"device_traces": [events]})
     assert found == [(2.0, "diffusers/b.py:1 b"), (1.0, "diffusers/a.py:1 a")]
+
+
+def test_generate_benchmark_times_every_run(tmp_path):
+    out = tmp_path / "generate.json"
+    run = smoke_run(
+        ["benchmarks/generate.py", "--tiny", "--only", "sd15", "--steps", "2"]
+        + ["--json", str(out)]
+    )
+    assert "| family | run | first image (s) |" in run.stdout
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert {"device", "torch", "diffusers", "sampler"} <= set(result["info"])
+    runs = {r["run"]: r for r in result["rows"]}
+    assert list(runs) == [
+        "pipeline eager (SDPA)",
+        "ours, no adapter",
+        "ours, 4 fused adapters (rank 16)",
+        "strength change (fused), then the next image",
+        "ours, 1 nonlinear adapter (relu rank 16)",
+        "pipeline compiled (max-autotune)",
+    ]
+    for r in runs.values():
+        assert r["first_s"] > 0 and r["steady_s"] > 0, r
+    # a fused strength change records nothing again and compiles nothing
+    assert runs["strength change (fused), then the next image"]["note"] == (
+        "recorded again 0×, compiled 0 new graphs"
+    )
+    assert result["judged"] == []  # no target judged on the CPU

@@ -21,6 +21,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from sdlora.bases.base import load_base
+from sdlora.bases.fast_sample import UI_IMAGES, expect_images
 from sdlora.lora.blend import Mixer
 
 MAX_LOADED = 16  # adapters kept attached; beyond this, ones outside the current mix are dropped
@@ -66,6 +67,7 @@ class Engine:
             torch.cuda.empty_cache()
         self.pipe = load_base(spec, device=self.device, dtype=self.dtype)
         self.mixer = Mixer(self.pipe)
+        expect_images(self.pipe, UI_IMAGES)  # --compile auto: the UI draws many, so it compiles
         self.base = spec
 
     def _attach(self, name: str, path: Path) -> None:

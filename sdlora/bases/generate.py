@@ -21,6 +21,7 @@ from diffusers import (
 )
 from PIL import Image, PngImagePlugin
 
+from sdlora.bases import fast_sample
 from sdlora.bases.families import Family, family_of_pipeline, vae_factor
 from sdlora.bases.recommend import native_size, recommended
 from sdlora.errors import SdloraError
@@ -176,6 +177,9 @@ class GenerateSettings:
         maximum=MAX_IMAGES,
         hint="for more, run again with another seed",
     )
+    # auto|on|off: our compiled, graph-replayed loop (fast_sample.py); auto: on a GPU for
+    # at least fast_sample.BREAK_EVEN_IMAGES images. How, not what: left out of the PNG's record.
+    compile: str = "auto"
     adapters: dict[str, float] = field(default_factory=dict)  # name -> strength, for the record
     blocks: dict[str, str] = field(default_factory=dict)  # name -> per-block strengths (blocks.py)
     # name -> when over the steps it acts, "start=0.2,stop=0.8" (sdlora/lora/schedule.py)
@@ -211,6 +215,7 @@ def check_numbers(s: GenerateSettings) -> None:
     each against its declared bounds, then the seeds of all images against the seed's range."""
     for setting in SETTINGS.values():
         setting.check(getattr(s, setting.name))
+    fast_sample.check_compile(s.compile)
     if s.seed + s.num_images - 1 > MAX_SEED:
         raise SdloraError(
             f"must be at most 2**64 - {s.num_images} with {s.num_images} images, since image i "
@@ -256,6 +261,11 @@ def generate(
     size = native_size(pipe)
     denoiser = getattr(pipe, family.denoiser)
     device = denoiser.device
+    # the compiled loop draws UNet bases without schedules (those switch text between steps)
+    if family.denoiser == "unet" and not (settings.schedules or schedules):
+        fast = _fast(pipe, settings, size, on_step)
+        if fast is not None:
+            return fast
     generators = [
         torch.Generator(device="cpu").manual_seed(settings.seed + i)
         for i in range(settings.num_images)
@@ -336,6 +346,37 @@ def sampler_of(family: Family, name: str) -> str:
     )
 
 
+def _fast(pipe, settings: GenerateSettings, size: int, on_step) -> list[Image.Image] | None:
+    """The images from fast_sample's compiled loop when `settings.compile` asks for it and the
+    base and sampler allow it (else None: the pipeline draws them)."""
+    sampler = fast_sample.sampler_for(pipe)
+    images = max(settings.num_images, sampler.expected_images)
+    if not fast_sample.use_compile(settings.compile, pipe.unet.device, images):
+        return None
+    if not sampler.supports(pipe.scheduler, settings.steps):
+        if settings.compile == "on":
+            raise SdloraError(
+                f"the compiled loop cannot draw with this base and the {settings.scheduler} "
+                "sampler; use another sampler or compile off",
+                setting="compile",
+            )
+        return None
+    generators = [
+        torch.Generator(device="cpu").manual_seed(settings.seed + i)
+        for i in range(settings.num_images)
+    ]
+    request = fast_sample.Request(
+        _latents(pipe, settings, generators, size),
+        settings.prompt,
+        settings.negative_prompt,
+        settings.guidance,
+        settings.width or size,
+        settings.height or size,
+    )
+    pixels = sampler.sample(request, pipe.scheduler, settings.steps, True, on_step)
+    return [to_image(p, settings.seed + i) for i, p in enumerate(pixels)]
+
+
 def to_image(pixels: np.ndarray, seed: int) -> Image.Image:
     """(H, W, 3) floats in [0, 1] -> 8-bit RGB image; raise if it came out blank or broken.
 
@@ -381,6 +422,7 @@ def png_info(settings: GenerateSettings, index: int = 0) -> PngImagePlugin.PngIn
     """PNG text chunks: an A1111-style `parameters` line and the full settings as JSON."""
     info = PngImagePlugin.PngInfo()
     record = asdict(settings) | {"seed": settings.seed + index, "num_images": 1}
+    del record["compile"]
     loras = " ".join(
         lora_tag(n, s, settings.blocks.get(n), settings.schedules.get(n))
         for n, s in settings.adapters.items()

@@ -91,6 +91,7 @@ def load_mix(args: argparse.Namespace, dtype=None, specs: list[LoraSpec] | None 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from sdlora.bases.fast_sample import expect_images
     from sdlora.bases.generate import GenerateSettings, check_numbers, generate, save_png
     from sdlora.io.files import check_output
 
@@ -117,6 +118,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         height=args.height,
         scheduler=args.scheduler,
         num_images=args.num_images,
+        compile=args.compile,
     )
     check_numbers(settings)  # before the base loads
     out = Path(args.out)
@@ -126,6 +128,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     settings.adapters, settings.blocks = mixer.strengths(), blocks
     names, _ = adapter_names(specs)
     settings.schedules = {n: s.window for s, n in zip(specs, names, strict=True) if s.window}
+    expect_images(pipe, settings.num_images * len(sweep or [1]))  # for --compile auto
     if sweep:
         print(sweep_grid(pipe, mixer, settings, sweep, out))
         return 0
@@ -357,6 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S1,S2,...",
         help="draw the same image at each of these strengths of the last --lora and save them "
         "side by side, labelled, as one grid (e.g. 0,0.5,1)",
+    )
+    p.add_argument(
+        "--compile",
+        default="auto",
+        help="auto, on or off: draw with the compiled loop whose steps replay as CUDA graphs "
+        "(pndm, ddim, euler, dpm++ samplers); auto: on a GPU, for 8 images or more (sweeps "
+        "count every image); the first image pays the compilation (default: %(default)s)",
     )
     p.add_argument("--out", required=True, metavar="FILE.png", help="where to save the image")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")

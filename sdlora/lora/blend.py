@@ -62,6 +62,10 @@ class Mixer:
         self.entries: dict[str, Entry] = {}
         self._plan: Plan | None = None  # fused groups; None after a change of what is fused where
         self._words: tuple | None = ()  # the new words attached now (None: unknown, re-attach)
+        # bumped by every change a recorded generation step (a CUDA graph) cannot follow: what is
+        # fused where, adapters added or removed, unfused strengths (fast_sample.py)
+        self.version = 0
+        pipe.sdlora_mixer = self
 
     @property
     def models(self) -> dict[str, torch.nn.Module]:
@@ -179,6 +183,7 @@ class Mixer:
 
         `released`: layers an adapter just left, which get W0 back if nothing is fused there.
         """
+        self.version += 1
         Plan([layer for layer in released if not layer.fused]).apply()
         self._plan = Plan(self._layers())
         self._plan.apply()
@@ -194,6 +199,8 @@ class Mixer:
                     layer.fused.add(name)
                 else:
                     layer.fused.discard(name)
+        if not entry.fused:  # its stack is rebuilt
+            self.version += 1
         if restructure or self._plan is None:
             self._refuse_all()
         elif entry.fused:
