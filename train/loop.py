@@ -187,7 +187,9 @@ def set_up(
     loader = make_loader(
         config, dataset, step=step, total_steps=data.total_steps, accelerator=accelerator
     )
-    sample_prompts = config.sample_prompts or [with_trigger(data.items[0].caption, config.trigger)]
+    sample_prompts = [line for _, line in config.sample_prompt_lines()] or [
+        with_trigger(data.items[0].caption, config.trigger)
+    ]
     writer = open_tensorboard(Path(config.output), config) if main else None
     progress = tqdm(
         total=data.total_steps,

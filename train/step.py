@@ -51,6 +51,9 @@ class TrainStep:
         self.config, self.accelerator = config, accelerator
         self.vae, self.conditioning = pipe.vae, conditioning
         self.unet, self.trained = unet, trained
+        self.prediction_type = config.prediction_type or noise_scheduler.config.prediction_type
+        if config.zero_terminal_snr:
+            noise_scheduler = zero_terminal_snr_scheduler(noise_scheduler, self.prediction_type)
         self.noise_scheduler, self.optimizer = noise_scheduler, optimizer
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         # the adapter's factors, apart from new words' vectors (pivotal tuning, pivotal.py)
@@ -61,7 +64,6 @@ class TrainStep:
         self.latent_cache, self.text_cache = latent_cache, text_cache
         self.prior = prior  # class images beside each batch (prior preservation), or None
         self.vae_scale_factor = pipe.vae_scale_factor
-        self.prediction_type = config.prediction_type or noise_scheduler.config.prediction_type
         # channels-last input when the UNet's weights are laid out that way (see speed.py)
         conv_in = accelerator.unwrap_model(unet).conv_in.weight
         channels_last = conv_in.is_contiguous(memory_format=torch.channels_last)
@@ -162,13 +164,18 @@ class TrainStep:
             #    half (DreamBooth, eq. 2)
             per_element = config.loss_type != "l2"
             with_class = self.prior is not None
-            if per_element or config.min_snr_gamma or config.debiased_estimation or with_class:
+            masks = batch.get("masks")  # (B, 1, H, W) in [0, 1] with --masked-loss, else None
+            weighted = config.min_snr_gamma or config.debiased_estimation
+            if per_element or weighted or with_class or masks is not None:
                 if config.loss_type == "l2":
                     per_image = F.mse_loss(pred.float(), target.float(), reduction="none")
                 else:
                     c = huber_threshold(config.huber_c, config.huber_schedule, scheduler, timesteps)
                     per_image = pseudo_huber(pred.float(), target.float(), c, config.loss_type)
-                per_image = per_image.mean(dim=(1, 2, 3))  # (B,) or (2B,)
+                if masks is not None:
+                    per_image = masked_mean(per_image, masks.to(device))  # (B,) or (2B,)
+                else:
+                    per_image = per_image.mean(dim=(1, 2, 3))  # (B,) or (2B,)
                 v = self.prediction_type == "v_prediction"
                 if config.min_snr_gamma:
                     snr = compute_snr(scheduler, timesteps)  # ᾱ_t / (1 - ᾱ_t)
@@ -259,3 +266,35 @@ def debiased_weight(scheduler, timesteps: torch.Tensor, v_prediction: bool) -> t
     1/sqrt(SNR_t), v-prediction 1/(SNR_t+1), SNR_t = ᾱ_t/(1-ᾱ_t) clipped at 1000."""
     snr = compute_snr(scheduler, timesteps).clamp(max=1000)
     return 1 / (snr + 1) if v_prediction else 1 / snr.sqrt()
+
+
+def zero_terminal_snr_scheduler(scheduler, prediction_type: str):
+    """`scheduler` with its betas rescaled to zero terminal SNR (Lin et al. 2024, "Common
+    Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1; diffusers'
+    `rescale_zero_terminal_snr`): sqrt(ᾱ_t) shifted so that sqrt(ᾱ_T) = 0 and scaled so that
+    sqrt(ᾱ_1) keeps its value. At t = T the latents are pure noise, so the model must predict
+    v (an epsilon target there is the input itself): other prediction types are refused."""
+    if prediction_type != "v_prediction":
+        raise SdloraError(
+            f"needs v-prediction, and the base predicts {prediction_type}: at the last timestep "
+            "the latents are pure noise, so an epsilon prediction says nothing about the image; "
+            "pass {prediction_type} v_prediction",
+            setting="zero_terminal_snr",
+        )
+    return type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=True)
+
+
+def masked_mean(loss: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Per-image loss averaged over the mask, (N,), from the per-element loss (N, C, h, w).
+
+    The masks (B, 1, H, W) in [0, 1], at pixel size, are shrunk to the latents' size by area
+    (kohya sd-scripts' masked_loss) and weight each latent position; the weighted sum is divided
+    by the mask's sum, so a half-masked image weighs as much as a whole one and its loss is the
+    mean over what it shows. Images past the B masked ones (class images) count whole; an
+    all-black mask gives 0."""
+    weights = F.interpolate(masks.float(), size=loss.shape[2:], mode="area")  # (B, 1, h, w)
+    if weights.shape[0] < loss.shape[0]:
+        whole = weights.new_ones((loss.shape[0] - weights.shape[0], *weights.shape[1:]))
+        weights = torch.cat([weights, whole])
+    total = (loss * weights).sum(dim=(1, 2, 3))
+    return total / (weights.sum(dim=(1, 2, 3)) * loss.shape[1]).clamp(min=1e-12)
