@@ -447,7 +447,7 @@ def discover(
                 ImageItem(
                     path=path,
                     caption=caption_for(path, metadata, config.caption),
-                    repeats=repeats_for(path, data_dir),
+                    repeats=repeats_for(path, data_dir) * config.repeats,
                     size=size,
                     bucket=nearest_bucket(size, buckets),
                 )
