@@ -928,7 +928,10 @@ class TrainConfig:
             try:
                 text = path.read_text(encoding="utf-8-sig")
             except FileNotFoundError:
-                raise SdloraError(f"{path}: no such file", setting="sample_prompts_file") from None
+                raise SdloraError(
+                    f"names {path}, which does not exist; give a file of prompts, one a line",
+                    setting="sample_prompts_file",
+                ) from None
             except (OSError, UnicodeDecodeError) as err:
                 raise SdloraError(
                     f"{path} cannot be read as UTF-8 text ({err})", setting="sample_prompts_file"
