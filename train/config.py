@@ -519,7 +519,6 @@ class TrainConfig:
         "2024, Algorithm 1); needs v-prediction; generate with rescaled betas and trailing "
         "timesteps too",
         group=OPTIMISATION,
-        resume=MATCH,
     )
     ip_noise_gamma: float = option(  # input perturbation (Ning et al. 2023); 0.1 is usual
         0.0,
