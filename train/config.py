@@ -401,12 +401,14 @@ class TrainConfig:
         max=1000,
         metavar="R",
         resume=MATCH,
+        label="LoRA+ ratio",
     )
     lr_scheduler: str = option(  # one of LR_SCHEDULERS
         "constant",
         "how the learning rate changes over the run",
         group=OPTIMISATION,
         choices=LR_SCHEDULERS,
+        label="LR schedule",
     )
     warmup_steps: int = option(
         0, "LR warm-up steps", group=OPTIMISATION, min=0, max=MAX_STEPS, metavar="N"
@@ -427,6 +429,7 @@ class TrainConfig:
         group=OPTIMISATION,
         choices=OPTIMIZERS,
         resume=MATCH,
+        label="Optimizer",
     )
     optimizer_args: list[str] = option(  # KEY=VALUE, e.g. d_coef=2; see optimizer_kwargs
         help="KEY=VALUE passed to the optimizer's constructor, e.g. d_coef=2 or "
@@ -436,6 +439,7 @@ class TrainConfig:
         factory=list,
         metavar="KEY=VALUE",
         resume=MATCH,
+        label="Optimizer arguments",
     )
     weight_decay: float = option(
         1e-2, "AdamW's weight decay of the LoRA", group=OPTIMISATION, min=0, max=1
@@ -487,9 +491,15 @@ class TrainConfig:
         above=0,
         max=100,
         metavar="GAMMA",
+        label="Min-SNR γ",
     )
     noise_offset: float = option(  # per-channel noise offset; 0.05-0.1 helps very dark/bright
-        0.0, "per-channel noise offset", group=OPTIMISATION, min=0, max=1
+        0.0,
+        "per-channel noise offset",
+        group=OPTIMISATION,
+        min=0,
+        max=1,
+        label="Noise offset",
     )
     loss_type: str = option(  # kohya's conditional_loss: l2, or pseudo-Huber with threshold c
         "l2",
@@ -497,6 +507,7 @@ class TrainConfig:
         "d = prediction - target, c from --huber-c and --huber-schedule (kohya sd-scripts)",
         group=OPTIMISATION,
         choices=LOSS_TYPES,
+        label="Loss",
     )
     huber_c: float = option(  # the pseudo-Huber threshold c (its value at t = 0 when scheduled)
         0.1,
@@ -505,6 +516,7 @@ class TrainConfig:
         above=0,
         max=1,
         metavar="C",
+        label="Huber c",
     )
     huber_schedule: str = option(  # kohya's default is snr
         "snr",
@@ -512,6 +524,7 @@ class TrainConfig:
         "t = 0 down to c; snr (1-c)/(1+σ_t)²+c with σ_t = sqrt((1-ᾱ_t)/ᾱ_t)",
         group=OPTIMISATION,
         choices=HUBER_SCHEDULES,
+        label="Huber schedule",
     )
     zero_terminal_snr: bool = option(  # Lin et al. 2024, "Common Diffusion Noise Schedules..."
         False,
@@ -519,6 +532,7 @@ class TrainConfig:
         "2024, Algorithm 1); needs v-prediction; generate with rescaled betas and trailing "
         "timesteps too",
         group=OPTIMISATION,
+        label="Zero terminal SNR (v-prediction)",
     )
     ip_noise_gamma: float = option(  # input perturbation (Ning et al. 2023); 0.1 is usual
         0.0,
@@ -528,6 +542,7 @@ class TrainConfig:
         min=0,
         max=1,
         metavar="G",
+        label="Input perturbation γ",
     )
     multires_noise_iterations: int = option(  # kohya's pyramid_noise_like; 6-10 usual
         0,
@@ -537,6 +552,7 @@ class TrainConfig:
         min=0,
         max=64,
         metavar="N",
+        label="Multires noise levels",
     )
     multires_noise_discount: float = option(  # weight of level i is D**i
         0.3,
@@ -545,12 +561,14 @@ class TrainConfig:
         above=0,
         max=1,
         metavar="D",
+        label="Multires noise discount",
     )
     debiased_estimation: bool = option(  # kohya's apply_debiased_estimation
         False,
         "weight each image's loss by 1/sqrt(SNR_t) (v-prediction: 1/(SNR_t+1)), SNR clipped at "
         "1000 (debiased estimation)",
         group=OPTIMISATION,
+        label="Debiased estimation",
     )
     prediction_type: str | None = option(  # None: the base's scheduler config says
         None,
