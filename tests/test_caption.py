@@ -138,3 +138,20 @@ def test_the_written_captions_feed_sdlora_train(blip, data, tmp_path):
          "--steps", "1", "--save-every", "0", "--no-tensorboard", "--workers", "0"]
     ) == 0  # fmt: skip
     assert load_adapter(tmp_path / "out" / "shapes.safetensors").modules
+
+
+def test_the_web_uis_button_captions_missing_images(blip, data, tmp_path):
+    """The dataset preview's "Caption missing images": the images without a caption get one."""
+    from sdlora.errors import SdloraError
+    from sdlora.ui import handlers as h
+    from sdlora.ui import train_setup
+
+    ctx = h.Context("toy", tmp_path / "a", data.parent, tmp_path / "o")
+    said = train_setup.caption_missing(ctx, data.name, str(blip))
+    assert said == "Captioned 4 image(s); 1 already had one."
+    assert (data / "5_more" / "white.txt").is_file()
+    assert (data / "red.txt").read_text("utf-8") == "my own caption\n"
+    preview = train_setup.preview(ctx, data.name, 64)
+    assert all(caption for _, caption in preview.thumbnails)
+    with pytest.raises(SdloraError, match="give a captioning model first"):
+        train_setup.caption_missing(ctx, data.name, " ")

@@ -52,6 +52,8 @@ class TrainTab:
     refresh_data: gr.Button
     preview_text: gr.Markdown
     preview: gr.Gallery
+    caption_model: gr.Textbox
+    caption_btn: gr.Button
     name: gr.Textbox
     trigger: gr.Textbox
     rank: gr.Number
@@ -160,6 +162,15 @@ def layout(ctx: h.Context, base: str) -> TrainTab:
         elem_id="dataset-preview",
     )
     with gr.Row():
+        caption_model = gr.Textbox(
+            label="Captioning model",
+            placeholder="Salesforce/blip-image-captioning-large or a folder",
+            info="writes IMAGE.txt for the images that have no caption (sdlora caption)",
+            scale=3,
+            elem_id="caption-model",
+        )
+        caption_btn = gr.Button("Caption missing images", scale=1, elem_id="caption-missing")
+    with gr.Row():
         rank = control("rank", Form.rank)
         nonlinearity = control("nonlinearity", Form.nonlinearity)
         steps = control("steps", Form.steps, elem_id="train-steps")
@@ -199,6 +210,8 @@ def layout(ctx: h.Context, base: str) -> TrainTab:
         refresh_data,
         preview_text,
         preview,
+        caption_model,
+        caption_btn,
         name,
         trigger,
         rank,
@@ -370,6 +383,22 @@ def wire(
             return f"**Cannot train on this folder:** {said}", gr.Gallery(value=[], visible=False)
         return found.summary(), gr.Gallery(value=found.thumbnails, visible=True)
 
+    def on_caption(
+        dataset: str,
+        model: str,
+        resolution: float,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio injects it)
+    ) -> tuple:
+        """Caption the images without one, then show the preview again with the new captions."""
+        try:
+            done = train_setup.caption_missing(
+                ctx, dataset, model, progress=lambda b: progress.tqdm(b, desc="captioning")
+            )
+        except SdloraError as err:
+            return f"**Not captioned:** {train_setup.ui_words(err, ctx)}", gr.skip()
+        text, gallery = on_dataset(dataset, resolution)
+        return f"{done}\n\n{text}", gallery
+
     def on_pick_base(base: str) -> tuple:
         """The visitor picked another base: resolution, batch size and rate move to its values."""
         start = training_start(base)
@@ -387,6 +416,11 @@ def wire(
         [tab.dataset_dd, tab.resolution],
         [tab.preview_text, tab.preview],
         **FREE,
+    )
+    tab.caption_btn.click(
+        on_caption,
+        [tab.dataset_dd, tab.caption_model, tab.resolution],
+        [tab.preview_text, tab.preview],
     )
     tab.start_btn.click(
         quietly(on_start, len(view)),

@@ -291,3 +291,21 @@ def form_of(settings: dict, ctx: Context) -> tuple[str, Form]:
         more={name: settings[name] for name in MORE_SETTINGS if name in settings},
     )
     return dataset, form
+
+
+def caption_missing(ctx: Context, dataset: str, model: str, progress=None) -> str:
+    """Write IMAGE.txt for the dataset's images that have no caption file, with the captioning
+    model `model` (Hub id or folder; `sdlora caption`'s library); a one-line summary."""
+    from sdlora.tools.caption import Captioner, caption_folder
+
+    data = dataset_folder(ctx.datasets, dataset)
+    if not model.strip():
+        raise SdloraError("give a captioning model first (a Hub id or a folder)")
+    try:
+        captioner = Captioner(model.strip(), device=ctx.engine.device)
+        report = caption_folder(data, captioner, progress=progress)
+    except SdloraError as err:
+        raise SdloraError(ui_words(err, ctx, data)) from None
+    kept = f"; {len(report.kept)} already had one" if report.kept else ""
+    empty = f"; the model gave no words for {len(report.empty)}" if report.empty else ""
+    return f"Captioned {len(report.written)} image(s){kept}{empty}."
