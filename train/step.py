@@ -161,7 +161,8 @@ class TrainStep:
             # 8. loss: l2, or kohya's pseudo-Huber (--loss-type) with a per-image threshold;
             #    optionally min-SNR-γ weighted (Hang et al. 2023, eq. 8) and/or debiased
             #    (1/sqrt(SNR)); with class images: instance half + prior_loss_weight × class
-            #    half (DreamBooth, eq. 2)
+            #    half (DreamBooth, eq. 2); with --masked-loss each image's loss is its mean
+            #    over its mask (masked_mean)
             per_element = config.loss_type != "l2"
             with_class = self.prior is not None
             masks = batch.get("masks")  # (B, 1, H, W) in [0, 1] with --masked-loss, else None
