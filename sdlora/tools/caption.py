@@ -43,13 +43,12 @@ def find_images(data_dir: str | Path) -> list[Path]:
 
     folder = Path(data_dir)
     if not folder.is_dir():
-        raise SdloraError(f"{folder}: no such folder; give the folder of images", "data_dir")
+        raise SdloraError(f"{folder}: no such folder; give the folder of images")
     images = [p for p in find_image_files(folder).images if p.is_file()]
     if not images:
         raise SdloraError(
             f"{folder}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))}, in "
-            "subfolders too)",
-            setting="data_dir",
+            "subfolders too)"
         )
     return images
 
