@@ -163,3 +163,10 @@ def test_a_run_samples_the_files_prompts_with_zero_terminal_snr(tmp_path, monkey
     recorded = json.loads(adapter.metadata["sdlora_training"])
     assert recorded["zero_terminal_snr"] is True
     assert recorded["sample_prompts_file"] == str(prompts)
+
+
+def test_a_caption_given_as_a_sample_prompt_is_not_read_for_options():
+    """The default sample prompt is a training caption: taken as it is, " --x" and all."""
+    pipe = FakePipe()
+    sample_grid(pipe, [SamplePrompt("a cat --x 1")], 0, None, 64, 64)
+    assert pipe.calls[0]["prompt"] == "a cat --x 1" and pipe.calls[0]["width"] == 64

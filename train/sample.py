@@ -95,7 +95,7 @@ def parse_prompt_line(line: str, where: str = "", setting: str | None = None) ->
 
 def sample_grid(
     pipe,
-    prompts: list[str],
+    prompts: list[str | SamplePrompt],
     seed: int,
     steps: int | None,
     width: int,
@@ -106,7 +106,8 @@ def sample_grid(
     """Generate one image per prompt (seed, seed+1, ... unless its line gives --d) and tile
     them, `columns` per row, each in a cell of the largest width and height.
 
-    Each prompt may carry kohya's per-line options (`parse_prompt_line`); steps and guidance
+    Each prompt text may carry kohya's per-line options (`parse_prompt_line`; a SamplePrompt is
+    taken as it is, e.g. a caption that must not be read for options); steps and guidance
     left at None are the base's recommendation (`sdlora.bases.recommend`).
     """
     from sdlora.bases.recommend import recommended
@@ -116,7 +117,11 @@ def sample_grid(
     guidance = rec.guidance if guidance is None else guidance
     images = []
     for i, line in enumerate(prompts):
-        sample = parse_prompt_line(line, f"number {i + 1}", "sample_prompts")
+        sample = (
+            line
+            if isinstance(line, SamplePrompt)
+            else parse_prompt_line(line, f"number {i + 1}", "sample_prompts")
+        )
         generator = torch.Generator(pipe.device).manual_seed(
             seed + i if sample.seed is None else sample.seed
         )
