@@ -272,3 +272,27 @@ def test_the_step_takes_the_loss_of_its_own_prediction_and_noise(tmp_path, monke
             [(2 * ci * ((d[i] ** 2 + ci**2).sqrt() - ci)).mean() for i, ci in enumerate(c)]
         ).mean()
         torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_terminal_snr_rescales_the_betas_as_algorithm_1():
+    """Lin et al. 2024, Algorithm 1, in float64 from the original betas: sqrt(ᾱ_t) shifted to
+    0 at t = T and scaled back to its value at t = 1."""
+    rescaled = step.zero_terminal_snr_scheduler(SCHEDULER, "v_prediction")
+    root = SCHEDULER.alphas_cumprod.double().sqrt()
+    first, last = root[0].item(), root[-1].item()
+    want = ((root - last) * first / (first - last)) ** 2
+    torch.testing.assert_close(rescaled.alphas_cumprod.double(), want, rtol=1e-5, atol=1e-9)
+    assert rescaled.alphas_cumprod[-1].item() == pytest.approx(0, abs=1e-12)
+    assert rescaled.alphas_cumprod[0].item() == pytest.approx(alphas_bar(0), rel=1e-6)
+    assert SCHEDULER.alphas_cumprod[-1] > 1e-3  # the scheduler given is left as it was
+    with pytest.raises(SdloraError) as err:
+        step.zero_terminal_snr_scheduler(SCHEDULER, "epsilon")
+    assert err.value.worded(flag_of).startswith(
+        "--zero-terminal-snr needs v-prediction, and the base predicts epsilon"
+    )
+    assert "--prediction-type v_prediction" in refusal(
+        zero_terminal_snr=True, prediction_type="epsilon"
+    )
+    TrainConfig(
+        data_dir="d", output="o", zero_terminal_snr=True, prediction_type="v_prediction"
+    ).check()

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 FENCE = re.compile(r"^```(\w*)\s*\n(.*?)^```\s*$", re.M | re.S)
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name, as `load_base` tells a Hub id apart
-MODEL_FLAGS = ("--base", "--config", "--base-config", "--tuned", "--tuned-config")
+MODEL_FLAGS = ("--base", "--config", "--base-config", "--tuned", "--tuned-config", "--model")
 
 
 def blocks(language: str) -> list[str]:

@@ -197,6 +197,18 @@ class TrainConfig:
         resume=MATCH,
     )
 
+    # kohya sd-scripts' dataset TOML ([general], [[datasets]], [[datasets.subsets]]), read onto
+    # the options below by train/kohya_dataset.py; what it cannot express is refused by name
+    dataset_config: str | None = option(
+        None,
+        "kohya sd-scripts' dataset TOML (--dataset_config) instead of DATA_DIR: one training "
+        "subset and at most one is_reg subset; its keys become the options here, keys sdlora "
+        "cannot honour are refused by name",
+        group=FILES,
+        metavar="FILE",
+        nonempty=True,
+    )
+
     # --- the adapter ---
     rank: int = option(
         8, "LoRA rank", group=ADAPTER, min=1, max=MAX_RANK, resume=MATCH, label="Rank"
@@ -343,6 +355,30 @@ class TrainConfig:
         below=1,
         metavar="P",
     )
+    repeats: int = option(  # kohya's num_repeats: times each N_name folder's own count
+        1,
+        "each image N times per epoch (on top of an N_name folder's repeats)",
+        group=IMAGES,
+        min=1,
+        max=10_000,
+        metavar="N",
+    )
+    masked_loss: bool = option(  # kohya's masked_loss: the loss averaged over the mask
+        False,
+        "train only where each image's mask is white: its alpha channel, or the image of the "
+        "same name in --mask-data; the mask is resized, cropped and flipped with the image, "
+        "shrunk to the latents by area, and the loss averaged over it",
+        group=IMAGES,
+        label="Masked loss (alpha channel)",
+    )
+    mask_data: str | None = option(  # masks by relative path and name, any image suffix
+        None,
+        "with --masked-loss: a folder of masks laid out as DATA_DIR (IMAGE's mask is "
+        "MASK_DATA/same/path/IMAGE.png or any image suffix), white trained, black ignored",
+        group=IMAGES,
+        metavar="DIR",
+        nonempty=True,
+    )
     shuffle_tags: bool = option(  # shuffle comma-separated tags (turns text caching off)
         False, "shuffle comma-separated tags", group=IMAGES
     )
@@ -397,12 +433,14 @@ class TrainConfig:
         max=1000,
         metavar="R",
         resume=MATCH,
+        label="LoRA+ ratio",
     )
     lr_scheduler: str = option(  # one of LR_SCHEDULERS
         "constant",
         "how the learning rate changes over the run",
         group=OPTIMISATION,
         choices=LR_SCHEDULERS,
+        label="LR schedule",
     )
     warmup_steps: int = option(
         0, "LR warm-up steps", group=OPTIMISATION, min=0, max=MAX_STEPS, metavar="N"
@@ -423,6 +461,7 @@ class TrainConfig:
         group=OPTIMISATION,
         choices=OPTIMIZERS,
         resume=MATCH,
+        label="Optimizer",
     )
     optimizer_args: list[str] = option(  # KEY=VALUE, e.g. d_coef=2; see optimizer_kwargs
         help="KEY=VALUE passed to the optimizer's constructor, e.g. d_coef=2 or "
@@ -432,6 +471,7 @@ class TrainConfig:
         factory=list,
         metavar="KEY=VALUE",
         resume=MATCH,
+        label="Optimizer arguments",
     )
     weight_decay: float = option(
         1e-2, "AdamW's weight decay of the LoRA", group=OPTIMISATION, min=0, max=1
@@ -483,9 +523,15 @@ class TrainConfig:
         above=0,
         max=100,
         metavar="GAMMA",
+        label="Min-SNR γ",
     )
     noise_offset: float = option(  # per-channel noise offset; 0.05-0.1 helps very dark/bright
-        0.0, "per-channel noise offset", group=OPTIMISATION, min=0, max=1
+        0.0,
+        "per-channel noise offset",
+        group=OPTIMISATION,
+        min=0,
+        max=1,
+        label="Noise offset",
     )
     loss_type: str = option(  # kohya's conditional_loss: l2, or pseudo-Huber with threshold c
         "l2",
@@ -493,6 +539,7 @@ class TrainConfig:
         "d = prediction - target, c from --huber-c and --huber-schedule (kohya sd-scripts)",
         group=OPTIMISATION,
         choices=LOSS_TYPES,
+        label="Loss",
     )
     huber_c: float = option(  # the pseudo-Huber threshold c (its value at t = 0 when scheduled)
         0.1,
@@ -501,6 +548,7 @@ class TrainConfig:
         above=0,
         max=1,
         metavar="C",
+        label="Huber c",
     )
     huber_schedule: str = option(  # kohya's default is snr
         "snr",
@@ -508,6 +556,15 @@ class TrainConfig:
         "t = 0 down to c; snr (1-c)/(1+σ_t)²+c with σ_t = sqrt((1-ᾱ_t)/ᾱ_t)",
         group=OPTIMISATION,
         choices=HUBER_SCHEDULES,
+        label="Huber schedule",
+    )
+    zero_terminal_snr: bool = option(  # Lin et al. 2024, "Common Diffusion Noise Schedules..."
+        False,
+        "rescale the betas so the last timestep is pure noise (zero terminal SNR, Lin et al. "
+        "2024, Algorithm 1); needs v-prediction; generate with rescaled betas and trailing "
+        "timesteps too",
+        group=OPTIMISATION,
+        label="Zero terminal SNR (v-prediction)",
     )
     ip_noise_gamma: float = option(  # input perturbation (Ning et al. 2023); 0.1 is usual
         0.0,
@@ -517,6 +574,7 @@ class TrainConfig:
         min=0,
         max=1,
         metavar="G",
+        label="Input perturbation γ",
     )
     multires_noise_iterations: int = option(  # kohya's pyramid_noise_like; 6-10 usual
         0,
@@ -526,6 +584,7 @@ class TrainConfig:
         min=0,
         max=64,
         metavar="N",
+        label="Multires noise levels",
     )
     multires_noise_discount: float = option(  # weight of level i is D**i
         0.3,
@@ -534,12 +593,14 @@ class TrainConfig:
         above=0,
         max=1,
         metavar="D",
+        label="Multires noise discount",
     )
     debiased_estimation: bool = option(  # kohya's apply_debiased_estimation
         False,
         "weight each image's loss by 1/sqrt(SNR_t) (v-prediction: 1/(SNR_t+1)), SNR clipped at "
         "1000 (debiased estimation)",
         group=OPTIMISATION,
+        label="Debiased estimation",
     )
     prediction_type: str | None = option(  # None: the base's scheduler config says
         None,
@@ -735,6 +796,15 @@ class TrainConfig:
         metavar="TEXT",
         label="Sample prompt",
     )
+    # one prompt a line, kohya's per-line options (--n --w --h --s --l --d), # comments
+    sample_prompts_file: str | None = option(
+        None,
+        "a file of sample prompts, one a line, with kohya's per-line options: PROMPT --n "
+        "NEGATIVE --w WIDTH --h HEIGHT --s STEPS --l GUIDANCE --d SEED (also in --sample-prompt)",
+        group=OUTPUTS,
+        metavar="FILE",
+        nonempty=True,
+    )
     sample_steps: int | None = option(  # denoising steps per sample; None: the base's advice
         None,
         "denoising steps per sample",
@@ -843,6 +913,19 @@ class TrainConfig:
         )
         self.optimizer_kwargs()  # each KEY=VALUE checked
         need(
+            self.mask_data is None or self.masked_loss,
+            "mask_data",
+            "holds the masks of {masked_loss}; give it too, or leave {mask_data} out",
+        )
+        need(
+            not self.zero_terminal_snr or self.prediction_type != "epsilon",
+            "zero_terminal_snr",
+            "needs v-prediction: at the last timestep the latents are pure noise, so an "
+            "epsilon prediction says nothing about the image; pass {prediction_type} "
+            "v_prediction",
+        )
+        self.sample_prompt_settings()  # each line's options checked
+        need(
             self.optimizer != "schedulefree" or self.lr_scheduler == "constant",
             "lr_scheduler",
             f"must be constant with {{optimizer}} schedulefree (got {self.lr_scheduler}): "
@@ -934,6 +1017,37 @@ class TrainConfig:
     def has_validation(self) -> bool:
         return bool(self.validation_split or self.validation_data)
 
+    def sample_prompt_lines(self) -> list[tuple[str, str]]:
+        """(where, line) of each sample prompt: "number N" of --sample-prompt, then FILE:LINE
+        of --sample-prompts-file (blank lines and # comments left out, as kohya)."""
+        lines = [(f"number {i}", text) for i, text in enumerate(self.sample_prompts, 1)]
+        if self.sample_prompts_file:
+            path = Path(self.sample_prompts_file)
+            try:
+                text = path.read_text(encoding="utf-8-sig")
+            except FileNotFoundError:
+                raise SdloraError(
+                    f"names {path}, which does not exist; give a file of prompts, one a line",
+                    setting="sample_prompts_file",
+                ) from None
+            except (OSError, UnicodeDecodeError) as err:
+                raise SdloraError(
+                    f"{path} cannot be read as UTF-8 text ({err})", setting="sample_prompts_file"
+                ) from None
+            for number, line in enumerate(text.splitlines(), 1):
+                if line.strip() and not line.lstrip().startswith("#"):
+                    lines.append((f"{path}:{number}", line))
+        return lines
+
+    def sample_prompt_settings(self) -> list:
+        """Each sample prompt's `SamplePrompt` (train/sample.py), its options checked."""
+        from sdlora.train.sample import parse_prompt_line
+
+        return [
+            parse_prompt_line(line, where, None if ":" in where else "sample_prompts")
+            for where, line in self.sample_prompt_lines()
+        ]
+
     @property
     def caches_latents(self) -> bool:
         """Latents can be cached when every encode of an image gives the same pixels."""
@@ -980,7 +1094,15 @@ FIELD_NAMES = set(OPTIONS)
 RESUME_MUST_MATCH = tuple(name for name, o in OPTIONS.items() if o.resume == MATCH)
 # Fields about this run rather than about the adapter, left out of the adapter's metadata.
 RUN_ONLY = tuple(name for name, o in OPTIONS.items() if o.resume == RUN)
-PATH_FIELDS = ("data_dir", "output", "validation_data", "reg_data")
+PATH_FIELDS = (
+    "data_dir",
+    "output",
+    "validation_data",
+    "reg_data",
+    "mask_data",
+    "dataset_config",
+    "sample_prompts_file",
+)
 # other names a TOML key or keyword may use: a list's singular flag (sample_prompt = "...")
 ALIASES = {o.flag.replace("-", "_"): name for name, o in OPTIONS.items() if o.flag}
 FLAGS.update({name: "--" + o.flag for name, o in OPTIONS.items() if o.flag})  # errors name them
@@ -1088,8 +1210,8 @@ def _normalise(values: dict[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
-    """Settings from a TOML file; relative paths in it are taken from the file's folder."""
+def read_toml_file(path: Path, what: str = "--config") -> dict[str, Any]:
+    """A TOML file's tables as they are; one-line SdloraError when it cannot be read."""
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -1106,7 +1228,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise SdloraError(f"{path}: no such config file") from None
     except IsADirectoryError:
         raise SdloraError(
-            f"{path} is a folder; --config takes a TOML file (e.g. train.toml)"
+            f"{path} is a folder; {what} takes a TOML file (e.g. train.toml)"
         ) from None
     except OSError as err:
         raise SdloraError(
@@ -1114,6 +1236,13 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         ) from None
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise SdloraError(f"{path}: not a valid UTF-8 TOML file ({err})") from None
+    return raw
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Settings from a TOML file; relative paths in it are taken from the file's folder."""
+    path = Path(path)
+    raw = read_toml_file(path)
     if isinstance(raw.get("train"), dict):  # allow a [train] table
         raw = raw["train"]
     values = _normalise(raw, str(path))
@@ -1141,7 +1270,25 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
     overrides = _normalise(overrides, "arguments")
     _check_types(overrides, "arguments")
     values.update(overrides)
+    if values.get("dataset_config"):
+        values = with_dataset_config(values)
     return TrainConfig(**values)
+
+
+def with_dataset_config(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` on top of the settings read from its kohya dataset TOML (dataset_config):
+    options given in sdlora's own TOML or on the command line win, except DATA_DIR, which
+    the file gives (both is refused)."""
+    from sdlora.train.kohya_dataset import read_dataset_config
+
+    if values.get("data_dir"):
+        raise SdloraError(
+            "and DATA_DIR cannot both be given: the file's image_dir is the data folder",
+            setting="dataset_config",
+        )
+    read = read_dataset_config(values["dataset_config"])
+    _check_types(read, str(values["dataset_config"]))
+    return {**read, **values, "data_dir": read["data_dir"]}
 
 
 # annotation -> accepted Python types (TOML gives int for 1 where a float is meant)

@@ -55,6 +55,11 @@ def derived_seed(*parts: object) -> int:
 
 def load_rgb(path: Path) -> Image.Image:
     """Open an image as 8-bit RGB: EXIF rotation applied, alpha put on white, 16-bit scaled."""
+    return load_rgb_alpha(path)[0]
+
+
+def load_rgb_alpha(path: Path) -> tuple[Image.Image, Image.Image | None]:
+    """`load_rgb`, and the image's alpha channel as an 8-bit "L" image (None without one)."""
     with Image.open(path) as img:
         img.load()
         img = ImageOps.exif_transpose(img)
@@ -65,11 +70,13 @@ def load_rgb(path: Path) -> Image.Image:
         if img.mode == "F" and arr.max() <= 1.0:
             top = 1.0
         img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    alpha = None
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
+        alpha = rgba.getchannel("A")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, rgba)
-    return img.convert("RGB")
+    return img.convert("RGB"), alpha
 
 
 def check_image(path: Path) -> tuple[int, int]:
@@ -328,16 +335,66 @@ def to_bucket_cropped(
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """`to_bucket`, and the (top, left) of the crop in the scaled image as the pixels show it:
     mirrored when the image was flipped (SDXL's crop conditioning, train/condition.py)."""
+    pixels, _, crop_at = to_bucket_masked(img, None, bucket, crop, flip, rng)
+    return pixels, crop_at
+
+
+def to_bucket_masked(
+    img: Image.Image,
+    mask: Image.Image | None,
+    bucket: tuple[int, int],
+    crop: str,
+    flip: bool,
+    rng: random.Random | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
+    """`to_bucket_cropped`, and the mask ("L", the image's size) given the same resize, crop
+    and flip: (3, H, W) pixels in [-1, 1], (1, H, W) mask in [0, 1] or None, (top, left)."""
     width, height = bucket
     size, left, top = placement(img.size, bucket, crop, rng)
-    if size != img.size:
-        img = img.resize(size, Image.Resampling.LANCZOS)
-    img = img.crop((left, top, left + width, top + height))
-    if flip and rng is not None and rng.random() < 0.5:
-        img = ImageOps.mirror(img)
+    flipped = flip and rng is not None and rng.random() < 0.5
+    box = (left, top, left + width, top + height)
+
+    def place(image: Image.Image) -> Image.Image:
+        if size != image.size:
+            image = image.resize(size, Image.Resampling.LANCZOS)
+        image = image.crop(box)
+        return ImageOps.mirror(image) if flipped else image
+
+    if flipped:
         left = size[0] - width - left
-    pixels = torch.from_numpy(np.asarray(img, dtype=np.float32).copy())  # (H, W, 3) in 0..255
-    return pixels.permute(2, 0, 1) / 127.5 - 1.0, (top, left)
+    pixels = torch.from_numpy(np.asarray(place(img), dtype=np.float32).copy())  # (H, W, 3)
+    weights = None
+    if mask is not None:
+        weights = torch.from_numpy(np.asarray(place(mask), dtype=np.float32).copy())[None] / 255
+    return pixels.permute(2, 0, 1) / 127.5 - 1.0, weights, (top, left)
+
+
+def mask_file(path: Path, data_dir: Path, mask_dir: Path) -> Path | None:
+    """The mask of image `path` in `mask_dir`: the same relative path and name, any image
+    suffix (its own first); None if there is none."""
+    relative = path.relative_to(data_dir)
+    for suffix in (path.suffix, *sorted(IMAGE_SUFFIXES)):
+        candidate = mask_dir / relative.with_suffix(suffix)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_mask(path: Path, size: tuple[int, int]) -> Image.Image:
+    """A mask image as 8-bit "L" (EXIF rotation applied); it must have the image's `size`."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise SdloraError(f"{path}: the mask cannot be read ({err})", setting="mask_data") from None
+    if img.size != size:
+        raise SdloraError(
+            f"{path}: the mask is {img.size[0]}x{img.size[1]} and its image {size[0]}x{size[1]}; "
+            "give each mask its image's size",
+            setting="mask_data",
+        )
+    return img.convert("L")
 
 
 def size_ids(item: ImageItem) -> tuple[int, int]:
@@ -390,7 +447,7 @@ def discover(
                 ImageItem(
                     path=path,
                     caption=caption_for(path, metadata, config.caption),
-                    repeats=repeats_for(path, data_dir),
+                    repeats=repeats_for(path, data_dir) * config.repeats,
                     size=size,
                     bucket=nearest_bucket(size, buckets),
                 )
@@ -505,6 +562,27 @@ class MicroBatches(torch.utils.data.Dataset):
 
     def __init__(self, plan: BatchPlan, config: TrainConfig, with_pixels: bool):
         self.plan, self.config, self.with_pixels = plan, config, with_pixels
+        # --masked-loss: item index -> its mask file (--mask-data), each image checked now
+        self.mask_files: dict[int, Path] = {}
+        self._center_masks: dict[int, torch.Tensor] = {}  # cached latents: their masks, uint8
+        if config.masked_loss and config.mask_data:
+            data_dir, mask_dir = Path(config.data_dir), Path(config.mask_data)
+            if not mask_dir.is_dir():
+                raise SdloraError(f"{mask_dir}: no such folder", setting="mask_data")
+            missing = []
+            for index, item in enumerate(plan.items):
+                found = mask_file(item.path, data_dir, mask_dir)
+                if found is None:
+                    missing.append(item.path)
+                else:
+                    self.mask_files[index] = found
+            if missing:
+                first = mask_dir / missing[0].relative_to(data_dir)
+                raise SdloraError(
+                    f"has no mask for {len(missing)} of the {len(plan.items)} images (first: "
+                    f"{first.with_suffix('.png')}); give every image one",
+                    setting="mask_data",
+                )
 
     def __len__(self) -> int:
         return 2**62  # the stream of micro-batches is endless; the sampler picks the range
@@ -514,20 +592,59 @@ class MicroBatches(torch.utils.data.Dataset):
         rng = random.Random(derived_seed(self.config.seed, "augment", self.plan.rank, k))
         items = [self.plan.items[i] for i in indices]
         captions = [draw_caption(item, self.config, rng) for item in items]
-        pixels = None
+        pixels, masks = None, None
         if self.with_pixels:
-            loaded = [self.cropped(item, rng) for item in items]
-            pixels = torch.stack([p for p, _ in loaded])
-            crops = [crop for _, crop in loaded]
+            loaded = [self.masked(i, rng) for i in indices]
+            pixels = torch.stack([p for p, _, _ in loaded])
+            crops = [crop for _, _, crop in loaded]
+            if self.config.masked_loss:
+                masks = torch.stack([m for _, m, _ in loaded])
         else:  # cached latents: center crops, no flips
             crops = [center_crop(item) for item in items]
-        return {
+            if self.config.masked_loss:  # the masks of the cached latents, kept after one read
+                masks = torch.stack([self.center_mask(i) for i in indices])
+        batch = {
             "indices": torch.tensor(indices),
             "captions": captions,
             "pixels": pixels,
             "sizes": torch.tensor([size_ids(item) for item in items]),
             "crops": torch.tensor(crops),
         }
+        if masks is not None:
+            batch["masks"] = masks  # (B, 1, H, W) in [0, 1]
+        return batch
+
+    def masked(
+        self, index: int, rng: random.Random | None
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Item `index` in its bucket: (3, H, W) pixels, (1, H, W) mask (all ones without
+        --masked-loss or an alpha channel), (top, left) of the crop; one draw of `rng` as
+        `cropped` makes."""
+        item = self.plan.items[index]
+        try:
+            img, alpha = load_rgb_alpha(item.path)
+        except (OSError, ValueError, SyntaxError) as err:
+            raise SdloraError(f"{item.path}: could not be read any more ({err})") from None
+        mask = None
+        if self.config.masked_loss:
+            mask = alpha
+            if index in self.mask_files:
+                mask = load_mask(self.mask_files[index], img.size)
+            if mask is None:
+                mask = Image.new("L", img.size, 255)
+        pixels, weights, crop = to_bucket_masked(
+            img, mask, item.bucket, self.config.crop, self.config.flip, rng
+        )
+        if weights is None:
+            weights = torch.ones((1, *pixels.shape[1:]))
+        return pixels, weights, crop
+
+    def center_mask(self, index: int) -> torch.Tensor:
+        """(1, H, W) mask of item `index` center-cropped, unflipped (as its cached latent)."""
+        if index not in self._center_masks:
+            weights = self.masked(index, None)[1]
+            self._center_masks[index] = (weights * 255).round().to(torch.uint8)  # 1 byte/pixel
+        return self._center_masks[index].float() / 255
 
     def pixels(self, item: ImageItem, rng: random.Random | None) -> torch.Tensor:
         return self.cropped(item, rng)[0]

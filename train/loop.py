@@ -48,6 +48,7 @@ from sdlora.train.models import Models, effective_lrs, load_models, optimizer_mo
 from sdlora.train.precompile import Server, start_server_for
 from sdlora.train.prior import PriorImages
 from sdlora.train.progress import LossLog, Pace, open_tensorboard
+from sdlora.train.sample import SamplePrompt
 from sdlora.train.setup import (
     DataRun,
     base_resolution,
@@ -72,7 +73,7 @@ class Run:
     train_step: TrainStep
     validator: Validator | None  # on the main process of a run with held-out images
     loader: DataLoader
-    sample_prompts: list[str]
+    sample_prompts: list  # prompt lines (kohya options read), or SamplePrompts
     writer: Any  # TensorBoard's SummaryWriter, on the main process when --tensorboard
     progress: tqdm
     losses: LossLog  # the steps' losses not yet read from the device
@@ -187,7 +188,9 @@ def set_up(
     loader = make_loader(
         config, dataset, step=step, total_steps=data.total_steps, accelerator=accelerator
     )
-    sample_prompts = config.sample_prompts or [with_trigger(data.items[0].caption, config.trigger)]
+    sample_prompts = [line for _, line in config.sample_prompt_lines()] or [
+        SamplePrompt(with_trigger(data.items[0].caption, config.trigger))  # no options read
+    ]
     writer = open_tensorboard(Path(config.output), config) if main else None
     progress = tqdm(
         total=data.total_steps,

@@ -80,6 +80,10 @@ class TrainStep:
             self.flow_sigmas = self.flow_sigmas.to(accelerator.device)
         else:
             self.prediction_type = config.prediction_type or noise_scheduler.config.prediction_type
+            if config.zero_terminal_snr:  # rescaled betas (Lin et al. 2024, Algorithm 1)
+                self.noise_scheduler = zero_terminal_snr_scheduler(
+                    noise_scheduler, self.prediction_type
+                )
         # channels-last input when the UNet's weights are laid out that way (see speed.py)
         self.memory_format = input_memory_format(accelerator.unwrap_model(unet))
         # the VAE runs under bf16 autocast when training in bf16 (never fp16: SD VAEs overflow)
@@ -189,10 +193,12 @@ class TrainStep:
             # 8. loss: l2, or kohya's pseudo-Huber (--loss-type) with a per-image threshold;
             #    optionally min-SNR-γ weighted (Hang et al. 2023, eq. 8) and/or debiased
             #    (1/sqrt(SNR)); with class images: instance half + prior_loss_weight × class
-            #    half (DreamBooth, eq. 2)
+            #    half (DreamBooth, eq. 2); with --masked-loss each image's loss is its mean
+            #    over its mask (masked_mean)
             #    flow matching: times --weighting-scheme's weight of σ (sigma_sqrt, cosmap)
             per_element = config.loss_type != "l2"
             with_class = self.prior is not None
+            masks = batch.get("masks")  # (B, 1, H, W) in [0, 1] with --masked-loss, else None
             weighted = self.flow and config.weighting_scheme in WEIGHTED_SCHEMES
             if (
                 per_element
@@ -200,13 +206,17 @@ class TrainStep:
                 or config.debiased_estimation
                 or with_class
                 or weighted
+                or masks is not None
             ):
                 if config.loss_type == "l2":
                     per_image = F.mse_loss(pred.float(), target.float(), reduction="none")
                 else:
                     c = huber_threshold(config.huber_c, config.huber_schedule, scheduler, timesteps)
                     per_image = pseudo_huber(pred.float(), target.float(), c, config.loss_type)
-                per_image = per_image.mean(dim=(1, 2, 3))  # (B,) or (2B,)
+                if masks is not None:
+                    per_image = masked_mean(per_image, masks.to(device))  # (B,) or (2B,)
+                else:
+                    per_image = per_image.mean(dim=(1, 2, 3))  # (B,) or (2B,)
                 v = self.prediction_type == "v_prediction"
                 if config.min_snr_gamma:
                     snr = compute_snr(scheduler, timesteps)  # ᾱ_t / (1 - ᾱ_t)
@@ -307,6 +317,7 @@ WEIGHTED_SCHEMES = ("sigma_sqrt", "cosmap")
 # settings that read DDPM's ᾱ_t or pick a DDPM target: none of them means anything for flow
 # matching, where σ is the noise level (setting -> its value that leaves it out)
 DDPM_ONLY = {"min_snr_gamma": None, "debiased_estimation": False, "prediction_type": None}
+DDPM_ONLY |= {"zero_terminal_snr": False}
 # and flow matching's own settings, at the values a DDPM run must leave them
 FLOW_ONLY = {"weighting_scheme": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0}
 FLOW_ONLY |= {"mode_scale": 1.29, "t5_max_length": 77}
@@ -429,3 +440,35 @@ def validation_pair(
     if prediction_type == "v_prediction":
         return noisy, scheduler.get_velocity(x0, noise, timesteps)
     return noisy, noise
+
+
+def zero_terminal_snr_scheduler(scheduler, prediction_type: str):
+    """`scheduler` with its betas rescaled to zero terminal SNR (Lin et al. 2024, "Common
+    Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1; diffusers'
+    `rescale_zero_terminal_snr`): sqrt(ᾱ_t) shifted so that sqrt(ᾱ_T) = 0 and scaled so that
+    sqrt(ᾱ_1) keeps its value. At t = T the latents are pure noise, so the model must predict
+    v (an epsilon target there is the input itself): other prediction types are refused."""
+    if prediction_type != "v_prediction":
+        raise SdloraError(
+            f"needs v-prediction, and the base predicts {prediction_type}: at the last timestep "
+            "the latents are pure noise, so an epsilon prediction says nothing about the image; "
+            "pass {prediction_type} v_prediction",
+            setting="zero_terminal_snr",
+        )
+    return type(scheduler).from_config(scheduler.config, rescale_betas_zero_snr=True)
+
+
+def masked_mean(loss: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Per-image loss averaged over the mask, (N,), from the per-element loss (N, C, h, w).
+
+    The masks (B, 1, H, W) in [0, 1], at pixel size, are shrunk to the latents' size by area
+    (kohya sd-scripts' masked_loss) and weight each latent position; the weighted sum is divided
+    by the mask's sum, so a half-masked image weighs as much as a whole one and its loss is the
+    mean over what it shows. Images past the B masked ones (class images) count whole; an
+    all-black mask gives 0."""
+    weights = F.interpolate(masks.float(), size=loss.shape[2:], mode="area")  # (B, 1, h, w)
+    if weights.shape[0] < loss.shape[0]:
+        whole = weights.new_ones((loss.shape[0] - weights.shape[0], *weights.shape[1:]))
+        weights = torch.cat([weights, whole])
+    total = (loss * weights).sum(dim=(1, 2, 3))
+    return total / (weights.sum(dim=(1, 2, 3)) * loss.shape[1]).clamp(min=1e-12)

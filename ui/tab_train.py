@@ -15,7 +15,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import astuple, dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import gradio as gr
 
@@ -26,7 +26,7 @@ from sdlora.ui import handlers as h
 from sdlora.ui import train_setup, train_view
 from sdlora.ui.common import FREE
 from sdlora.ui.jobs import JOBS, Busy
-from sdlora.ui.train_setup import Form
+from sdlora.ui.train_setup import MORE_SETTINGS, Form, shown_value
 from sdlora.ui.training import TrainJob
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ class TrainTab:
     refresh_data: gr.Button
     preview_text: gr.Markdown
     preview: gr.Gallery
+    caption_model: gr.Textbox
+    caption_btn: gr.Button
     name: gr.Textbox
     trigger: gr.Textbox
     rank: gr.Number
@@ -72,10 +74,11 @@ class TrainTab:
     status: gr.Markdown
     loss_plot: gr.LinePlot
     samples: gr.HTML
+    more: dict = field(default_factory=dict)  # MORE_SETTINGS -> its control
 
     @property
     def form(self) -> list:
-        """The form, in `train_setup.Form` order."""
+        """The form's controls, in `train_setup.Form.values()` order."""
         return [
             self.name,
             self.trigger,
@@ -91,6 +94,7 @@ class TrainTab:
             self.seed,
             self.resume,
             self.overwrite,
+            *(self.more[name] for name in MORE_SETTINGS),
         ]
 
 
@@ -112,6 +116,24 @@ def control(setting: str, value=None, **kw) -> gr.components.Component:
     if spec.default_text is not None:
         kw.setdefault("placeholder", spec.default_text)
     return gr.Textbox(value or "", **kw)
+
+
+def more_settings_controls() -> dict:
+    """An accordion of every labelled setting the form has no place for (loss, noise,
+    optimizer, masks, ...), by --help group, each at its default; MORE_SETTINGS -> control."""
+    groups: dict[str, list[str]] = {}
+    for name in MORE_SETTINGS:
+        groups.setdefault(OPTIONS[name].group, []).append(name)
+    controls = {}
+    with gr.Accordion("More settings", open=False, elem_id="train-more"):
+        for group, names in groups.items():
+            gr.Markdown(f"**{group[:1].upper()}{group[1:]}**")
+            for start in range(0, len(names), 4):
+                with gr.Row():
+                    for name in names[start : start + 4]:
+                        elem_id = "train-" + name.replace("_", "-")
+                        controls[name] = control(name, shown_value(name, None), elem_id=elem_id)
+    return controls
 
 
 def layout(ctx: h.Context, base: str) -> TrainTab:
@@ -140,6 +162,15 @@ def layout(ctx: h.Context, base: str) -> TrainTab:
         elem_id="dataset-preview",
     )
     with gr.Row():
+        caption_model = gr.Textbox(
+            label="Captioning model",
+            placeholder="Salesforce/blip-image-captioning-large or a folder",
+            info="writes IMAGE.txt for the images that have no caption (sdlora caption)",
+            scale=3,
+            elem_id="caption-model",
+        )
+        caption_btn = gr.Button("Caption missing images", scale=1, elem_id="caption-missing")
+    with gr.Row():
         rank = control("rank", Form.rank)
         nonlinearity = control("nonlinearity", Form.nonlinearity)
         steps = control("steps", Form.steps, elem_id="train-steps")
@@ -154,6 +185,7 @@ def layout(ctx: h.Context, base: str) -> TrainTab:
         sample_prompt = control("sample_prompts")
         resume = control("resume", False, info="continue the last run of this name")
         overwrite = control("overwrite", False)
+    more = more_settings_controls()
     with gr.Row():
         start_btn = gr.Button("Start training", variant="primary", elem_id="train-start")
         stop_btn = gr.Button("Stop", variant="stop", elem_id="train-stop")
@@ -178,6 +210,8 @@ def layout(ctx: h.Context, base: str) -> TrainTab:
         refresh_data,
         preview_text,
         preview,
+        caption_model,
+        caption_btn,
         name,
         trigger,
         rank,
@@ -198,6 +232,7 @@ def layout(ctx: h.Context, base: str) -> TrainTab:
         status,
         loss_plot,
         samples,
+        more,
     )
 
 
@@ -289,7 +324,9 @@ def wire(
 
     def on_start(watch: Watch, base: str, dataset: str, *form) -> tuple:
         try:
-            run = train_setup.checked_run(ctx, h.resolve_base(ctx, base), dataset, Form(*form))
+            run = train_setup.checked_run(
+                ctx, h.resolve_base(ctx, base), dataset, Form.of(list(form))
+            )
             job_id = JOBS.start(
                 lambda: TrainJob(
                     run.settings,
@@ -315,7 +352,7 @@ def wire(
     def attach(job_id: str) -> tuple:
         """Show run `job_id`, with its settings in the form (ready for Resume after a Stop)."""
         dataset, form = train_setup.form_of(JOBS.get(job_id).settings, ctx)
-        return (*show(job_id, Watch(), ctx), dataset, *astuple(form))
+        return (*show(job_id, Watch(), ctx), dataset, *form.values())
 
     def on_attach(watch: Watch) -> tuple:
         job_id = JOBS.running()
@@ -346,6 +383,22 @@ def wire(
             return f"**Cannot train on this folder:** {said}", gr.Gallery(value=[], visible=False)
         return found.summary(), gr.Gallery(value=found.thumbnails, visible=True)
 
+    def on_caption(
+        dataset: str,
+        model: str,
+        resolution: float,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio injects it)
+    ) -> tuple:
+        """Caption the images without one, then show the preview again with the new captions."""
+        try:
+            done = train_setup.caption_missing(
+                ctx, dataset, model, progress=lambda b: progress.tqdm(b, desc="captioning")
+            )
+        except SdloraError as err:
+            return f"**Not captioned:** {train_setup.ui_words(err, ctx)}", gr.skip()
+        text, gallery = on_dataset(dataset, resolution)
+        return f"{done}\n\n{text}", gallery
+
     def on_pick_base(base: str) -> tuple:
         """The visitor picked another base: resolution, batch size and rate move to its values."""
         start = training_start(base)
@@ -363,6 +416,11 @@ def wire(
         [tab.dataset_dd, tab.resolution],
         [tab.preview_text, tab.preview],
         **FREE,
+    )
+    tab.caption_btn.click(
+        on_caption,
+        [tab.dataset_dd, tab.caption_model, tab.resolution],
+        [tab.preview_text, tab.preview],
     )
     tab.start_btn.click(
         quietly(on_start, len(view)),

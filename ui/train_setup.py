@@ -10,7 +10,7 @@ words them with the form's labels (the declarations' `label`) and without the se
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -18,7 +18,7 @@ from PIL import Image
 from sdlora.errors import SdloraError, fill
 from sdlora.train import load_config
 from sdlora.train.checkpoint import checkpoints
-from sdlora.train.config import OPTIONS, TrainConfig
+from sdlora.train.config import FIELDS, OPTIONS, TrainConfig, kind_of
 from sdlora.train.data import ENLARGE_WARNING, BatchPlan, discover, enlarged_items
 from sdlora.ui import paths
 from sdlora.ui.handlers import Context
@@ -28,6 +28,15 @@ THUMB_SIDE = 96  # thumbnail side in pixels: small ones are enlarged by a whole 
 
 # the Train form's labels, from the settings' declarations (train/config.py)
 LABELS = {name: spec.label for name, spec in OPTIONS.items() if spec.label}
+# settings the form's own controls give (Form's fields, the dataset picker, the output folder)
+FORM_SETTINGS = (
+    "data_dir", "name", "trigger", "rank", "nonlinearity", "steps", "lr", "resolution",
+    "batch_size", "train_text_encoder", "sample_every", "sample_prompts", "seed", "resume",
+    "overwrite",
+)  # fmt: skip
+# every other labelled setting is under "More settings", in declaration order: a new option
+# reaches the form by its declaration's `label` alone
+MORE_SETTINGS = tuple(name for name in LABELS if name not in FORM_SETTINGS)
 
 
 def label_of(setting: str) -> str:
@@ -144,6 +153,47 @@ class Form:
     seed: int = 0
     resume: bool = False
     overwrite: bool = False
+    more: dict = field(default_factory=dict)  # MORE_SETTINGS -> value; None, "" or absent: default
+
+    def values(self) -> list:
+        """The form's values in the order of its controls: the fields, then MORE_SETTINGS."""
+        fixed = [getattr(self, name) for name in self.__dataclass_fields__ if name != "more"]
+        return fixed + [shown_value(name, self.more.get(name)) for name in MORE_SETTINGS]
+
+    @classmethod
+    def of(cls, values: list) -> Form:
+        """A Form from its controls' values (`values()`'s order)."""
+        count = len(cls.__dataclass_fields__) - 1
+        return cls(*values[:count], more=dict(zip(MORE_SETTINGS, values[count:], strict=True)))
+
+
+def shown_value(name: str, value):
+    """What a More-settings control shows for a setting's value (None: its default)."""
+    if value is None and FIELDS[name].default is not MISSING:
+        value = FIELDS[name].default
+    if kind_of(FIELDS[name])[0] == "list[str]":
+        return " ".join(value or [])
+    return value
+
+
+def more_settings(more: dict) -> dict:
+    """The trainer's keywords for the More-settings values that differ from the defaults (a
+    control left at its default, or emptied, gives nothing: the trainer's default stands)."""
+    settings = {}
+    for name, value in more.items():
+        if name not in MORE_SETTINGS:
+            raise SdloraError(f"the form has no setting {name!r}")
+        kind, _ = kind_of(FIELDS[name])
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        if kind == "list[str]":
+            value = [value] if isinstance(value, str) else list(value)
+        elif kind == "int" and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        default = FIELDS[name].default
+        if value != ([] if kind == "list[str]" else default):
+            settings[name] = value
+    return settings
 
 
 @dataclass
@@ -209,6 +259,7 @@ def checked_run(ctx: Context, base: str, dataset: str, form: Form) -> Run:
         workers=0,
         tensorboard=False,
     )
+    settings.update(more_settings(form.more))
     try:
         config = load_config(None, **settings)
         config.check()
@@ -237,5 +288,24 @@ def form_of(settings: dict, ctx: Context) -> tuple[str, Form]:
         sample_every=settings["sample_every"],
         sample_prompt=prompts[0],
         seed=settings["seed"],
+        more={name: settings[name] for name in MORE_SETTINGS if name in settings},
     )
     return dataset, form
+
+
+def caption_missing(ctx: Context, dataset: str, model: str, progress=None) -> str:
+    """Write IMAGE.txt for the dataset's images that have no caption file, with the captioning
+    model `model` (Hub id or folder; `sdlora caption`'s library); a one-line summary."""
+    from sdlora.tools.caption import Captioner, caption_folder
+
+    data = dataset_folder(ctx.datasets, dataset)
+    if not model.strip():
+        raise SdloraError("give a captioning model first (a Hub id or a folder)")
+    try:
+        captioner = Captioner(model.strip(), device=ctx.engine.device)
+        report = caption_folder(data, captioner, progress=progress)
+    except SdloraError as err:
+        raise SdloraError(ui_words(err, ctx, data)) from None
+    kept = f"; {len(report.kept)} already had one" if report.kept else ""
+    empty = f"; the model gave no words for {len(report.empty)}" if report.empty else ""
+    return f"Captioned {len(report.written)} image(s){kept}{empty}."

@@ -432,12 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """`register(subparsers)` of the command modules that live outside this file."""
+    from sdlora.cli.caption import register as caption
     from sdlora.cli.distill import register as distill
     from sdlora.cli.interop import register as interop
     from sdlora.train.command import register as train
     from sdlora.ui.command import register as ui
 
-    return [train, ui, interop, distill]
+    return [train, ui, interop, distill, caption]
 
 
 def main(argv: list[str] | None = None) -> int:
