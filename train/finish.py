@@ -285,6 +285,7 @@ def adapter_metadata(
         "ss_base_model_version": version,
         "ss_v2": str(family.name == "sd2"),
         "sdlora_family": family.name,
+        "sdlora_prediction_type": prediction_type,
     }
     return meta
 

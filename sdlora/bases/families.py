@@ -18,7 +18,7 @@ base carries its own. The built-in `tiny-v2` is a v-prediction model, like SD 2.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sdlora.errors import SdloraError
@@ -75,6 +75,11 @@ class Family:
     denoiser: str = "unet"
     latent_channels: int = 4
     attention_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    # Stability's model-spec id (`modelspec.architecture`, SwarmUI and model sites read it) of
+    # this family's bases by prediction type ("epsilon", "v_prediction"; the first where the
+    # type is not known); adapters add "/lora".
+    # Ids as kohya's library/sai_model_spec.py writes them.
+    modelspec_architecture: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def native_size(self) -> int:
@@ -101,6 +106,7 @@ SD1 = Family(
     guidance=7.5,
     steps=25,
     builtin="tiny",
+    modelspec_architecture={"epsilon": "stable-diffusion-v1", "v_prediction": "stable-diffusion-v1"},
 )
 
 SD2 = Family(
@@ -122,6 +128,10 @@ SD2 = Family(
     guidance=7.5,
     steps=25,
     builtin="tiny-v2",
+    modelspec_architecture={
+        "v_prediction": "stable-diffusion-v2-768-v",  # 2.0-v, 2.1 (first: the default)
+        "epsilon": "stable-diffusion-v2-512",  # 2.0-base, 2.1-base
+    },
 )
 
 # SDXL: CLIP ViT-L (768) and OpenCLIP ViT-bigG (1280) side by side; the UNet attends to both
@@ -155,6 +165,10 @@ SDXL = Family(
     guidance=5.0,  # diffusers' StableDiffusionXLPipeline default
     steps=30,
     builtin="tiny-xl",
+    modelspec_architecture={
+        "epsilon": "stable-diffusion-xl-v1-base",
+        "v_prediction": "stable-diffusion-xl-v1-base",
+    },
 )
 
 # SD 3.x: an MMDiT (SD3Transformer2DModel) instead of a UNet. Image and text tokens attend jointly:
@@ -202,6 +216,7 @@ SD3 = Family(
     guidance=4.5,  # SD 3.5 Medium's model card
     steps=40,
     builtin="tiny-sd3",
+    modelspec_architecture={"flow": "stable-diffusion-3"},
     denoiser="transformer",
     latent_channels=16,
     attention_modules=(

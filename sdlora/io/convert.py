@@ -27,6 +27,7 @@ from torch import nn
 from sdlora.errors import SdloraError
 from sdlora.io.files import atomic_save_file, check_output, fold_scale, save_adapter
 from sdlora.io.formats import FORMAT_KEY
+from sdlora.io.labels import file_labels, writing_family
 from sdlora.lora.adapter import (
     Adapter,
     _suffix,
@@ -252,6 +253,8 @@ def convert_adapter(
         "lora_adapter_metadata": json.dumps(packed, indent=2, sort_keys=True),
         **{k: str(v) for k, v in adapter.metadata.items()},
     }
+    family = writing_family(adapter)  # A1111/SwarmUI labels, as on every adapter file
+    metadata |= file_labels(family, tensors, metadata, out.stem)
     beside = out.with_name(out.stem + "-embeddings")
     if adapter.embeddings and not overwrite:
         for token in adapter.embeddings:

@@ -21,8 +21,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from sdlora.bases.families import SD1
+from sdlora.bases.families import SD1, Family
 from sdlora.errors import SdloraError
+from sdlora.io.labels import file_labels, writing_family
 from sdlora.io.writing import TEMP_SUFFIX, reported, written_file
 from sdlora.lora.adapter import Adapter, ModuleFactors, adapter_family, file_key, memory_key
 from sdlora.lora.embeddings import bundle_tensors
@@ -157,11 +158,11 @@ def check_rank(rank: int, out_features: int, in_features: int) -> None:
         )
 
 
-def adapter_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
+def adapter_tensors(adapter: Adapter, family: Family | None = None) -> dict[str, torch.Tensor]:
     """The file's tensors for `adapter` (whose factors are already folded), under the names its
     family's files use (SDXL: lora_te1_ for the first text encoder)."""
     tensors: dict[str, torch.Tensor] = {}
-    family = adapter_family(adapter) or SD1
+    family = family or adapter_family(adapter) or SD1
     for key, factors in adapter.modules.items():
         key = file_key(key, family)
         if adapter.is_linear:
@@ -196,18 +197,20 @@ def save_adapter(adapter: Adapter, path: str | Path, overwrite: bool = False) ->
                 f"{path}: embedding {token!r} has NaN/Inf values; nothing was written"
             )
     ranks = adapter.ranks()
-    family = adapter_family(adapter) or SD1
+    family = writing_family(adapter)
     metadata = {
         "sdlora_format_version": FORMAT_VERSION,
         "sdlora_nonlinearity": adapter.nonlinearity,
         "ss_network_module": "networks.lora" if adapter.is_linear else "sdlora.nonlinear",
         "ss_network_dim": str(max(ranks)) if ranks else "0",
         "ss_network_alpha": str(max(ranks)) if ranks else "0",  # = rank: the scale is folded
-        "ss_base_model_version": family.base_model_version,
         "ss_output_name": path.stem,
         **adapter.metadata,
     }
-    atomic_save_file(adapter_tensors(adapter), path, {k: str(v) for k, v in metadata.items()})
+    tensors = adapter_tensors(adapter, family)
+    metadata = {k: str(v) for k, v in metadata.items()}
+    metadata |= file_labels(family, tensors, metadata, path.stem)  # family, model spec, hashes
+    atomic_save_file(tensors, path, metadata)
     return path
 
 

@@ -35,6 +35,7 @@ from torch import nn
 
 from sdlora.bases.families import FAMILIES, SDXL, Family, family_of_width, width_label
 from sdlora.errors import SdloraError
+from sdlora.io.labels import FAMILY_KEY, PREDICTION_KEY
 from sdlora.lora.adapter import (
     Adapter,
     ModuleFactors,
@@ -183,7 +184,7 @@ def merge_exact(
     meta = {
         k: v
         for k, v in first.metadata.items()
-        if k in ("sdlora_base_model", "ss_base_model_version")
+        if k in ("sdlora_base_model", "ss_base_model_version", FAMILY_KEY, PREDICTION_KEY)
     }
     triggers = [w for adapter, strength in items if strength for w in adapter.trigger_words()]
     if triggers:

@@ -1,0 +1,231 @@
+"""Files other tools read: the family labels every writer sets, A1111's hashes, ComfyUI's own
+layouts (`diffusion_model.` / `text_encoders.` keys, `.diff` / `.diff_b`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import make_adapter_file
+from safetensors.torch import load_file, save
+
+from sdlora.bases.base import load_base
+from sdlora.bases.pipelines import adaptable_models
+from sdlora.io.convert import convert_adapter
+from sdlora.io.files import read_safetensors, save_adapter
+from sdlora.io.formats import load_adapter
+from sdlora.io.labels import a1111_hashes
+from sdlora.lora.blend import Mixer
+from sdlora.lora.inject import add_trainable, collect_adapter
+from sdlora.tools.distill import distill_adapter
+from sdlora.tools.extract import extract_adapter
+from sdlora.tools.merge import merge_adapters
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# family base -> (ss_base_model_version, ss_v2, modelspec.architecture, resolution) as kohya
+# writes them; the tiny bases predict as their real families' native models (tiny-v2: v).
+EXPECTED = {
+    "tiny": ("sd_v1", "False", "stable-diffusion-v1/lora"),
+    "tiny-v2": ("sd_v2_v", "True", "stable-diffusion-v2-768-v/lora"),
+    "tiny-xl": ("sdxl_base_v1-0", "False", "stable-diffusion-xl-v1-base/lora"),
+}
+BASES = list(EXPECTED)
+
+
+def header(path) -> dict[str, str]:
+    return read_safetensors(path)[1]
+
+
+def check_labels(path, base: str) -> dict[str, str]:
+    """The family labels A1111, kohya and SwarmUI read, and hashes that match the file."""
+    meta = header(path)
+    version, v2, architecture = EXPECTED[base]
+    assert meta["ss_base_model_version"] == version
+    assert meta["ss_v2"] == v2
+    assert meta["modelspec.architecture"] == architecture
+    assert meta["modelspec.sai_model_spec"] == "1.0.0"
+    assert meta["modelspec.title"] == path.stem
+    assert meta["modelspec.date"][:2] == "20"
+    assert meta["modelspec.resolution"].count("x") == 1
+    # A1111's hash: sha256 of the bytes after the header, as its hashes.py computes it
+    data = path.read_bytes()
+    start = 8 + int.from_bytes(data[:8], "little")
+    assert meta["sshs_model_hash"] == hashlib.sha256(data[start:]).hexdigest()
+    assert len(meta["sshs_legacy_hash"]) == 8
+    if base == "tiny-xl":  # kohya's SDXL names for both text encoders and the SGM UNet
+        keys = {k.split(".")[0] for k in load_file(path)}
+        assert not any(k.startswith("lora_te_") for k in keys)
+    return meta
+
+
+def module(model: torch.nn.Module, tail: str) -> torch.nn.Module:
+    """The module whose path ends in `tail` (transformers 4 and 5 nest CLIP differently)."""
+    return next(m for n, m in model.named_modules() if n.endswith(tail))
+
+
+def nonlinear_adapter(base: str, nonlinearity: str = "relu", seed: int = 3):
+    """A nonlinear adapter on the UNet's attention of `base`, up non-zero."""
+    pipe = load_base(base)
+    g = torch.Generator().manual_seed(seed)
+    injected = add_trainable(
+        pipe.unet, "unet", ("to_q", "to_v"), 2, None, nonlinearity, generator=g
+    )
+    for weights in injected.values():
+        with torch.no_grad():
+            weights.up.normal_(0.0, 0.2, generator=g)
+    return collect_adapter(injected, {"sdlora_base_model": base})
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """One linear adapter file per family, written as the trainer's tests write theirs."""
+    folder = tmp_path_factory.mktemp("made")
+    return {
+        base: make_adapter_file(lambda b=base: load_base(b), folder / f"{base}.safetensors")[0]
+        for base in BASES
+    }
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_saved_file_is_labelled(made, base):
+    check_labels(made[base], base)
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_merge_labels(made, base, tmp_path):
+    adapter = load_adapter(made[base])
+    adapter.metadata = {}  # nothing to copy: the family comes from the adapter itself
+    merged, _ = merge_adapters([(adapter, 0.5), (load_adapter(made[base]), 1.0)])
+    check_labels(save_adapter(merged, tmp_path / "merged.safetensors"), base)
+
+
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("to", ["kohya", "diffusers"])
+def test_convert_labels(made, base, to, tmp_path):
+    models = adaptable_models(load_base(base))  # SDXL's SGM names need the base to convert
+    out = convert_adapter(load_adapter(made[base]), to, tmp_path / f"{to}.safetensors", models)
+    check_labels(out, base)
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_extract_labels(base, tmp_path):
+    """The family comes from the base: on tiny-xl a change in the first text encoder alone (no
+    UNet attention, no second encoder to show SDXL) still makes an SDXL file, lora_te1_ keys."""
+    pipe, tuned = load_base(base), load_base(base)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        layer = module(tuned.text_encoder, "layers.0.self_attn.q_proj")
+        layer.weight.add_(torch.randn(layer.weight.shape, generator=g))
+    adapter, _ = extract_adapter(pipe, tuned, rank=2)
+    out = save_adapter(adapter, tmp_path / "extracted.safetensors")
+    check_labels(out, base)
+    keys = set(load_file(out))
+    prefix = "lora_te1_" if base == "tiny-xl" else "lora_te_"
+    assert keys and all(k.startswith(prefix) for k in keys), sorted(keys)[:3]
+
+
+def test_extract_sdxl_both_text_encoders(tmp_path):
+    pipe, tuned = load_base("tiny-xl"), load_base("tiny-xl")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for encoder in (tuned.text_encoder, tuned.text_encoder_2):
+            layer = module(encoder, "layers.0.self_attn.k_proj")
+            layer.weight.add_(torch.randn(layer.weight.shape, generator=g))
+    adapter, _ = extract_adapter(pipe, tuned, rank=2)
+    out = save_adapter(adapter, tmp_path / "both.safetensors")
+    check_labels(out, "tiny-xl")
+    assert {k.split("_")[1] for k in load_file(out)} == {"te1", "te2"}
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_distill_labels(base, tmp_path):
+    """distill on every family (SDXL: pooled text and size ids through the family's
+    conditioning); the tiny-xl file is one diffusers loads, and changes its UNet."""
+    adapter = nonlinear_adapter(base)
+    adapter.metadata["sdlora_trigger_words"] = json.dumps(["zxq"])
+    pipe = load_base(base)
+    linear, report = distill_adapter(pipe, adapter, 2, prompts=["a red circle"], samples=2)
+    out = save_adapter(linear, tmp_path / "distilled.safetensors")
+    meta = check_labels(out, base)
+    assert meta["modelspec.trigger_phrase"] == "zxq"
+    assert report.overall < 1.0
+    if base != "tiny-xl":
+        return
+    from diffusers import StableDiffusionXLPipeline
+
+    theirs = StableDiffusionXLPipeline(**load_base("tiny-xl").components)
+    base_out = xl_unet(theirs)
+    theirs.load_lora_weights(str(out))
+    ours = load_base("tiny-xl")
+    Mixer(ours).add(out)
+    loaded = xl_unet(theirs)
+    assert (loaded - base_out).abs().max() > 1e-4  # the adapter changes the UNet there
+    torch.testing.assert_close(loaded, xl_unet(ours), rtol=0, atol=1e-5)
+
+
+def xl_unet(pipe) -> torch.Tensor:
+    """The tiny-xl UNet on fixed inputs, with its pooled text and size ids."""
+    g = torch.Generator().manual_seed(4)
+    unet = pipe.unet
+    extra = {
+        "text_embeds": torch.randn(2, 48, generator=g),  # the second encoder's pooled width
+        "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2),
+    }
+    latents = torch.randn(2, 4, 8, 8, generator=g)
+    hidden = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        return unet(latents, torch.tensor([10, 700]), hidden, added_cond_kwargs=extra).sample
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_trainer_metadata_labels(base, tmp_path):
+    """The trainer's metadata (`adapter_metadata`) through the writer: the same labels, the
+    training resolution and trigger word in the model spec."""
+    from sdlora.train.config import TrainConfig
+    from sdlora.train.finish import adapter_metadata
+
+    pipe = load_base(base)
+    from sdlora.bases.families import family_of_pipeline
+
+    config = TrainConfig(base=base, resolution=64, trigger="zxq", data_dir=str(tmp_path))
+    meta = adapter_metadata(
+        config,
+        SimpleNamespace(per_process=1, images_per_epoch=3),
+        step=2,
+        total_steps=4,
+        targets={},
+        accelerator=SimpleNamespace(mixed_precision="no"),
+        family=family_of_pipeline(pipe),
+        prediction_type=pipe.scheduler.config.prediction_type,
+    )
+    adapter = load_adapter(make_adapter_file(lambda: pipe, tmp_path / "a.safetensors")[0])
+    adapter.metadata = meta
+    written = check_labels(save_adapter(adapter, tmp_path / "trained.safetensors"), base)
+    assert written["modelspec.resolution"] == "64x64"
+    assert written["modelspec.trigger_phrase"] == "zxq"
+
+
+def test_hashes_are_kohyas():
+    """`sshs_legacy_hash` reads 64 KiB at 1 MiB of the file with only its ss_ metadata, and the
+    model hash does not depend on the metadata (kohya's precalculate_safetensors_hashes)."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.lora_down.weight": torch.randn(300, 1000, generator=g)}  # > 1.1 MiB
+    meta = {"ss_network_dim": "300", "other": "x" * 500}
+    labels = a1111_hashes(tensors, meta)
+    data = save(tensors, metadata={"ss_network_dim": "300"})
+    assert labels["sshs_legacy_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    again = a1111_hashes(tensors, {"ss_other": "y"})
+    assert again["sshs_model_hash"] == labels["sshs_model_hash"]
+    assert again["sshs_legacy_hash"] != labels["sshs_legacy_hash"]  # the header moved the bytes
+
+
+def test_stale_hashes_from_a_source_file_are_replaced(made, tmp_path):
+    adapter = load_adapter(made["tiny"])
+    adapter.metadata["sshs_model_hash"] = "0" * 64
+    out = save_adapter(adapter, tmp_path / "copy.safetensors")
+    assert header(out)["sshs_model_hash"] != "0" * 64
+    check_labels(out, "tiny")
