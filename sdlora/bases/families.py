@@ -106,7 +106,10 @@ SD1 = Family(
     guidance=7.5,
     steps=25,
     builtin="tiny",
-    modelspec_architecture={"epsilon": "stable-diffusion-v1", "v_prediction": "stable-diffusion-v1"},
+    modelspec_architecture={
+        "epsilon": "stable-diffusion-v1",
+        "v_prediction": "stable-diffusion-v1",
+    },
 )
 
 SD2 = Family(
