@@ -195,7 +195,8 @@ def parse_kohya(
         try:
             if kind == "lora":
                 factors = _lora_module(parts, alpha)
-                kind = "locon" if factors.down.dim() == 4 else "lora"
+                # LoCon = a k×k (k > 1) conv; kohya's plain LoRA wraps 1×1 proj_in/proj_out too
+                kind = "locon" if factors.down.shape[2:].numel() > 1 else "lora"
             elif kind == "loha":
                 factors = exact_factors(_conv3(module, loha_delta(parts, alpha)))
             elif kind == "lokr":
@@ -211,10 +212,30 @@ def parse_kohya(
     if not modules:
         raise SdloraError(f"{source}: no LoRA weights found (not a LoRA adapter file?)")
     if types <= {"lora", "locon"}:
-        detected = "kohya-locon" if "locon" in types else "kohya-lora"
+        locon = "locon" in types or trained_as_locon(metadata)
+        detected = "kohya-locon" if locon else "kohya-lora"
     else:
         detected = "lycoris-" + "+".join(sorted(types))
     return Adapter(modules=modules, metadata=dict(metadata), source=source), detected
+
+
+def trained_as_locon(metadata: dict[str, str]) -> bool:
+    """True when the training metadata says LoCon: kohya's networks.lora or LyCORIS
+    (`lycoris.kohya`) with a `conv_dim` in `ss_network_args`, or LyCORIS with algo locon."""
+    raw = metadata.get("ss_network_args") or "{}"
+    try:
+        args = parse_json(raw, "ss_network_args")
+    except SdloraError:
+        return False
+    if not isinstance(args, dict):
+        return False
+    module = metadata.get("ss_network_module", "")
+    if module == "lycoris.kohya" and str(args.get("algo", "")).lower() == "locon":
+        return True
+    try:
+        return module in ("networks.lora", "lycoris.kohya") and float(args.get("conv_dim") or 0) > 0
+    except (TypeError, ValueError):
+        return False
 
 
 def _lora_module(parts: dict[str, torch.Tensor], alpha: float | None) -> ModuleFactors:
