@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import make_adapter_file
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file, save, save_file
 
 from sdlora.bases.base import load_base
 from sdlora.bases.pipelines import adaptable_models
@@ -22,6 +22,7 @@ from sdlora.lora.blend import Mixer
 from sdlora.lora.inject import add_trainable, collect_adapter
 from sdlora.tools.distill import distill_adapter
 from sdlora.tools.extract import extract_adapter
+from sdlora.tools.inspect import inspect_file
 from sdlora.tools.merge import merge_adapters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -229,3 +230,142 @@ def test_stale_hashes_from_a_source_file_are_replaced(made, tmp_path):
     out = save_adapter(adapter, tmp_path / "copy.safetensors")
     assert header(out)["sshs_model_hash"] != "0" * 64
     check_labels(out, "tiny")
+
+
+# ------------------------------------------------------------------------ ComfyUI's own layouts
+# Built from ComfyUI's key rules: its trainer (comfy_extras/nodes_train.py) saves
+# `<module path>.lora_up.weight` / `.lora_down.weight` (no alpha: scale 1) for 2-D and 4-D
+# weights, `<path>.diff` for 1-D weights (norms) and `<path>.diff_b` for every bias, with paths
+# of ComfyUI's model: `diffusion_model.<original UNet path>`; its extract node
+# (nodes_lora_extract.py) writes the same names in fp16, `.diff` for full differences of 2-D/4-D
+# weights, and `text_encoders.clip_l.transformer.<CLIP path>` for the text encoder.
+
+UNET_MODULES = (  # diffusers path tails in the tiny UNet: Linear, Linear+bias, conv 1x1, conv 3x3
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0",
+    "down_blocks.0.attentions.0.proj_in",
+    "down_blocks.0.resnets.0.conv1",
+    "up_blocks.1.resnets.0.conv2",
+)
+UNET_NORMS = ("down_blocks.0.resnets.0.norm1", "down_blocks.0.attentions.0.norm")
+TEXT_MODULES = ("layers.0.self_attn.q_proj", "layers.1.mlp.fc1")
+TEXT_NORMS = ("layers.0.layer_norm1",)
+
+
+def comfy_file(path, layout: str, dtype=torch.float32):
+    """(file, {(component, module path, "weight"|"bias"): exact ΔP}) in ComfyUI's `layout`
+    ("train" or "extract") for the tiny base."""
+    from sdlora.io.ldm_names import original_module_paths
+
+    pipe = load_base("tiny")
+    unet_paths = [p for p, _ in pipe.unet.named_modules()]
+    original = original_module_paths(pipe.unet.config, unet_paths)
+    g = torch.Generator().manual_seed(11)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g) * 0.1).to(dtype)
+
+    tensors, deltas = {}, {}
+
+    def add(comp, path, prefix, module, full: bool):
+        w = module.weight
+        if w.dim() == 1:  # a norm: its weight difference, 1-D .diff
+            tensors[f"{prefix}.diff"] = d = rnd(*w.shape)
+            deltas[(comp, path, "weight")] = d.float()
+        elif full:  # the extract node's full difference
+            tensors[f"{prefix}.diff"] = d = rnd(*w.shape)
+            deltas[(comp, path, "weight")] = d.float()
+        else:
+            rank = 2
+            down = rnd(rank, *w.shape[1:])
+            up = rnd(w.shape[0], rank, *([1, 1] if w.dim() == 4 else []))
+            tensors[f"{prefix}.lora_down.weight"], tensors[f"{prefix}.lora_up.weight"] = down, up
+            delta = up.float().flatten(1) @ down.float().flatten(1)
+            deltas[(comp, path, "weight")] = delta.reshape(w.shape)
+        if module.bias is not None:
+            tensors[f"{prefix}.diff_b"] = b = rnd(*module.bias.shape)
+            deltas[(comp, path, "bias")] = b.float()
+
+    for i, tail in enumerate(UNET_MODULES + UNET_NORMS):
+        full = layout == "extract" and i % 2 == 1
+        module = pipe.unet.get_submodule(tail)
+        add("unet", tail, f"diffusion_model.{original[tail]}", module, full)
+    for i, tail in enumerate(TEXT_MODULES + TEXT_NORMS):
+        name = next(n for n, _ in pipe.text_encoder.named_modules() if n.endswith(tail))
+        clip = "text_model." + name.removeprefix("text_model.")  # ComfyUI keeps text_model.
+        prefix = f"text_encoders.clip_l.transformer.{clip}"
+        add("text_encoder", name, prefix, pipe.text_encoder.get_submodule(name), i == 1)
+    save_file(tensors, path)
+    return path, deltas
+
+
+def by_hand(deltas, strength: float):
+    """The tiny base with every ΔP added at `strength`, in fp32."""
+    pipe = load_base("tiny")
+    with torch.no_grad():
+        for (comp, path, kind), delta in deltas.items():
+            getattr(getattr(pipe, comp).get_submodule(path), kind).add_(strength * delta)
+    return pipe
+
+
+def outputs(pipe, inputs) -> dict[str, torch.Tensor]:
+    from conftest import run_text, run_unet
+
+    return {"unet": run_unet(pipe, inputs), "text": run_text(pipe, inputs)}
+
+
+@pytest.mark.parametrize("layout", ["train", "extract"])
+def test_comfyui_layouts_load_as_their_deltas_by_hand(layout, tmp_path, inputs):
+    """ComfyUI trainer / extract-node files (LoRA factors, full .diff, .diff_b, norm .diff) give
+    the outputs of adding those differences by hand, fused and unfused, at two strengths; the
+    last strength change equals one fresh load; removing the adapter gives the base back."""
+    dtype = torch.float16 if layout == "extract" else torch.float32
+    path, deltas = comfy_file(tmp_path / f"{layout}.safetensors", layout, dtype)
+    adapter = load_adapter(path)
+    assert adapter.metadata["sdlora_detected_format"] == "comfyui-full+locon+lora"
+    assert adapter.metadata["ss_base_model_version"] == "sd_v1"  # original names, SD 1.x
+    base = outputs(load_base("tiny"), inputs)
+    for fuse in (True, False):
+        ours = load_base("tiny")
+        mixer = Mixer(ours)
+        mixer.add(path, name="c", strength=0.3, fuse=fuse)
+        mixer.set_strength("c", 0.7)
+        got, expected = outputs(ours, inputs), outputs(by_hand(deltas, 0.7), inputs)
+        for name in got:
+            assert (expected[name] - base[name]).abs().max() > 1e-3, name
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-6, msg=name)
+        mixer.set_strength("c", 0.0)
+        for name, value in outputs(ours, inputs).items():
+            torch.testing.assert_close(value, base[name], rtol=0, atol=0)
+        mixer.remove("c")
+        fresh = load_base("tiny")
+        for (comp, module_path, kind), _ in deltas.items():
+            theirs = getattr(getattr(fresh, comp).get_submodule(module_path), kind)
+            mine = getattr(getattr(ours, comp).get_submodule(module_path), kind)
+            assert torch.equal(mine, theirs)  # bit for bit
+    info = inspect_file(path)
+    biases = sum(kind == "bias" for _, _, kind in deltas)
+    norms = sum(kind == "weight" and d.dim() == 1 for (_, _, kind), d in deltas.items())
+    assert info["differences"] == {"bias": biases, "norm weight": norms}
+
+
+def test_comfyui_file_exports_and_saves_exactly(tmp_path, inputs):
+    """Export merges the differences exactly (biases and norms in the checkpoint), and a file
+    written back (kohya names, .diff_b / .diff beside the factors) loads to the same outputs."""
+    from sdlora.tools.export import merged_components
+
+    path, deltas = comfy_file(tmp_path / "c.safetensors", "train")
+    ours = load_base("tiny")
+    Mixer(ours).add(path, strength=0.5)
+    merged = merged_components(ours, torch.float32)
+    expected = by_hand(deltas, 0.5)
+    for (comp, module_path, kind), _ in deltas.items():
+        value = getattr(getattr(expected, comp).get_submodule(module_path), kind)
+        torch.testing.assert_close(merged[comp][f"{module_path}.{kind}"], value, rtol=0, atol=1e-6)
+    again = save_adapter(load_adapter(path), tmp_path / "again.safetensors")
+    assert any(k.endswith(".diff_b") for k in load_file(again))
+    check_labels(again, "tiny")
+    reloaded = load_base("tiny")
+    Mixer(reloaded).add(again, strength=0.5)
+    for name, value in outputs(reloaded, inputs).items():
+        torch.testing.assert_close(value, outputs(expected, inputs)[name], rtol=0, atol=1e-6)

@@ -298,9 +298,12 @@ def family_of_adapter_keys(keys, metadata: Mapping[str, str] | None = None) -> F
     original-layout UNet names, or kohya's `ss_base_model_version` "sdxl_..."; else None (the
     names of SD 1.x and 2.x adapters are the same: their widths tell them apart)."""
     original = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
-    if any(k.startswith(("lora_te2_", *original)) for k in keys):
+    version = (metadata or {}).get("ss_base_model_version", "")
+    if version.startswith("sdxl"):
         return SDXL
-    if (metadata or {}).get("ss_base_model_version", "").startswith("sdxl"):
+    if version.startswith(("sd_v1", "sd_v2")):
+        return None  # labelled SD 1.x/2.x: original names too (ComfyUI's files), widths tell
+    if any(k.startswith(("lora_te2_", *original)) for k in keys):
         return SDXL
     return None
 

@@ -174,6 +174,9 @@ def adapter_tensors(adapter: Adapter, family: Family | None = None) -> dict[str,
         tensors[names[0]] = factors.down.detach().contiguous()
         tensors[names[1]] = factors.up.detach().contiguous()
         tensors[names[2]] = torch.tensor(alpha, dtype=torch.float32)
+    for name, delta in adapter.diffs.items():  # bias / norm differences, as kohya and ComfyUI
+        key, _, kind = name.rpartition(".")  # name them (A1111 and ComfyUI apply them)
+        tensors[f"{file_key(key, family)}.{'diff_b' if kind == 'bias' else 'diff'}"] = delta
     return tensors | bundle_tensors(adapter.embeddings)
 
 

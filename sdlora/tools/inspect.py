@@ -159,6 +159,11 @@ def describe(adapter: Adapter) -> dict:
         "modules": adapter.components(),
         "architecture": guess_architecture(adapter),
         "read_as": read_as(adapter.metadata),
+        # exact full differences no factors hold (ComfyUI's .diff_b, norm layers' 1-D .diff)
+        "differences": {
+            "bias": sum(k.endswith(".bias") for k in adapter.diffs),
+            "norm weight": sum(k.endswith(".weight") for k in adapter.diffs),
+        },
         "groups": module_groups(adapter),
         "base_model": adapter.metadata.get("sdlora_base_model"),
         "trigger_words": adapter.trigger_words(),
@@ -208,6 +213,14 @@ def format_text(info: dict) -> str:
                 "note:          LoHa/LoKr modules are held as their exact ΔW, so their rank reads min(out, in)"
             ]
             if info["format"].startswith("lycoris")
+            else []
+        ),
+        *(
+            [
+                f"differences:   {info['differences']['bias']} bias, "
+                f"{info['differences']['norm weight']} norm weight (exact, added at the strength)"
+            ]
+            if any(info["differences"].values())
             else []
         ),
         "groups:        (modules, rank, alpha -> scale)",
