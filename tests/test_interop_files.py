@@ -182,20 +182,22 @@ def xl_unet(pipe) -> torch.Tensor:
         return unet(latents, torch.tensor([10, 700]), hidden, added_cond_kwargs=extra).sample
 
 
-@pytest.mark.parametrize("base", BASES)
-def test_trainer_metadata_labels(base, tmp_path):
-    """The trainer's metadata (`adapter_metadata`) through the writer: the same labels, the
-    training resolution and trigger word in the model spec."""
+def trainer_metadata(base: str, pipe, data_dir):
+    """The trainer's metadata (`adapter_metadata`) for a run on `data_dir` with two folders."""
+    from sdlora.bases.families import family_of_pipeline
     from sdlora.train.config import TrainConfig
+    from sdlora.train.data import BatchPlan, ImageItem
     from sdlora.train.finish import adapter_metadata
 
-    pipe = load_base(base)
-    from sdlora.bases.families import family_of_pipeline
-
-    config = TrainConfig(base=base, resolution=64, trigger="zxq", data_dir=str(tmp_path))
-    meta = adapter_metadata(
+    items = [
+        ImageItem(data_dir / "10_circles" / "a.png", "red circle, flat", 10, (64, 64), (64, 64)),
+        ImageItem(data_dir / "10_circles" / "b.png", "blue circle", 10, (64, 64), (64, 64)),
+        ImageItem(data_dir / "c.png", "green star, flat", 1, (64, 64), (64, 64)),
+    ]
+    config = TrainConfig(base=base, resolution=64, trigger="zxq", data_dir=str(data_dir))
+    return adapter_metadata(
         config,
-        SimpleNamespace(per_process=1, images_per_epoch=3),
+        BatchPlan(items, batch_size=1, seed=0),
         step=2,
         total_steps=4,
         targets={},
@@ -203,11 +205,45 @@ def test_trainer_metadata_labels(base, tmp_path):
         family=family_of_pipeline(pipe),
         prediction_type=pipe.scheduler.config.prediction_type,
     )
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_trainer_metadata_labels(base, tmp_path):
+    """The trainer's metadata through the writer: the same labels, the training resolution and
+    trigger word in the model spec, kohya's dataset keys."""
+    pipe = load_base(base)
+    meta = trainer_metadata(base, pipe, tmp_path / "data")
     adapter = load_adapter(make_adapter_file(lambda: pipe, tmp_path / "a.safetensors")[0])
     adapter.metadata = meta
     written = check_labels(save_adapter(adapter, tmp_path / "trained.safetensors"), base)
     assert written["modelspec.resolution"] == "64x64"
     assert written["modelspec.trigger_phrase"] == "zxq"
+    assert json.loads(written["ss_tag_frequency"]) == {
+        "10_circles": {"zxq": 2, "red circle": 1, "flat": 1, "blue circle": 1},
+        "data": {"zxq": 1, "green star": 1, "flat": 1},
+    }
+    assert json.loads(written["ss_dataset_dirs"]) == {
+        "10_circles": {"n_repeats": 10, "img_count": 2},
+        "data": {"n_repeats": 1, "img_count": 1},
+    }
+    assert written["ss_num_train_images"] == "21"  # images × repeats, as kohya counts them
+    assert written["ss_max_train_steps"] == "4" and written["ss_steps"] == "2"
+
+
+def test_distill_finds_the_trained_tags_without_prompts(tmp_path):
+    """A trained adapter's recorded tags are distill's prompts when none are given."""
+    from sdlora.tools.distill import prompts_from_metadata
+
+    pipe = load_base("tiny")
+    adapter = nonlinear_adapter("tiny")
+    adapter.metadata = trainer_metadata("tiny", pipe, tmp_path / "data")
+    path = save_adapter(adapter, tmp_path / "relu.safetensors")
+    loaded = load_adapter(path)
+    found = prompts_from_metadata(loaded.metadata)
+    assert "zxq, red circle, flat, blue circle" in found and "zxq, green star, flat" in found
+    linear, report = distill_adapter(pipe, loaded, 2, prompts=None, samples=1)
+    assert report.prompts == found
+    assert json.loads(linear.metadata["sdlora_distill_prompts"]) == found
 
 
 def test_hashes_are_kohyas():
