@@ -405,3 +405,22 @@ def test_comfyui_file_exports_and_saves_exactly(tmp_path, inputs):
     Mixer(reloaded).add(again, strength=0.5)
     for name, value in outputs(reloaded, inputs).items():
         torch.testing.assert_close(value, outputs(expected, inputs)[name], rtol=0, atol=1e-6)
+
+
+def test_comfyui_differences_merge_exactly_and_refuse_what_cannot_hold_them(tmp_path, inputs):
+    """merge (sum) adds the bias/norm differences exactly; methods that trim deltas and the
+    diffusers layout, which have no place for them, refuse in one line, writing nothing."""
+    from sdlora.errors import SdloraError
+
+    path, deltas = comfy_file(tmp_path / "c.safetensors", "train")
+    adapter = load_adapter(path)
+    merged, _ = merge_adapters([(adapter, 0.25), (load_adapter(path), 0.5)], rank=2)
+    assert merged.diffs.keys() == adapter.diffs.keys()
+    for key, delta in adapter.diffs.items():
+        torch.testing.assert_close(merged.diffs[key], 0.75 * delta, rtol=0, atol=1e-7)
+    with pytest.raises(SdloraError, match=r"c\.safetensors: holds bias/norm differences"):
+        merge_adapters([(adapter, 1.0)], method="ties", density=0.5)
+    out = tmp_path / "d.safetensors"
+    with pytest.raises(SdloraError, match="--to kohya"):
+        convert_adapter(adapter, "diffusers", out)
+    assert not out.exists()

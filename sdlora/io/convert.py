@@ -170,7 +170,11 @@ def folded(adapter: Adapter) -> Adapter:
     meta = {k: v for k, v in adapter.metadata.items() if k not in DROPPED_METADATA}
     meta["sdlora_converted_from"] = adapter.metadata.get(FORMAT_KEY, "unknown")
     return Adapter(
-        modules=modules, metadata=meta, source=adapter.source, embeddings=adapter.embeddings
+        modules=modules,
+        metadata=meta,
+        source=adapter.source,
+        embeddings=adapter.embeddings,
+        diffs=adapter.diffs,
     )
 
 
@@ -242,6 +246,11 @@ def convert_adapter(
                 for key, factors in adapter.modules.items()
             }
         return save_adapter(adapter, out, overwrite=overwrite)
+    if adapter.diffs:  # PEFT's LoRA has no place for a bias or norm difference
+        raise SdloraError(
+            f"{adapter.source}: holds bias/norm differences (.diff_b, 1-D .diff), which the "
+            "diffusers layout cannot hold; convert it --to kohya"
+        )
     tensors, configs = diffusers_state(adapter, models)
     for name, value in tensors.items():
         if not torch.isfinite(value).all():
