@@ -305,3 +305,46 @@ def test_wrong_base_keys_are_refused(files, tmp_path, capsys):
     assert main([*argv, "--out", str(out), "--prompts", "a star"]) == 2
     one_line(capsys, "foreign.safetensors: ", "do not exist in this base")
     assert not out.exists()
+
+
+def test_distill_cli_on_tiny_xl_writes_a_file_diffusers_loads(tmp_path, capsys):
+    """`sdlora distill --base tiny-xl` of a relu adapter: the UNet runs with SDXL's pooled text
+    and size ids (the family's conditioning), and diffusers applies the file as we do."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = load_base("tiny-xl")
+    g = torch.Generator().manual_seed(2)
+    injected = add_trainable(pipe.unet, "unet", ("to_q", "to_v"), 2, None, "relu", generator=g)
+    for weights in injected.values():
+        with torch.no_grad():
+            weights.up.normal_(0.0, 0.2, generator=g)
+    source = save_adapter(collect_adapter(injected, {}), tmp_path / "relu.safetensors")
+    out = tmp_path / "linear.safetensors"
+    argv = ["distill", str(source), "--base", "tiny-xl", "--rank", "2", "--samples", "2"]
+    assert main([*argv, "--prompts", "a red circle", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip().endswith(str(out))
+    meta = load_adapter(out).metadata
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    gen = torch.Generator().manual_seed(4)
+    x = dict(
+        latents=torch.randn(2, 4, 8, 8, generator=gen),
+        hidden=torch.randn(2, 77, 80, generator=gen),
+        added={
+            "text_embeds": torch.randn(2, 48, generator=gen),
+            "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2),
+        },
+    )
+
+    def unet(p):
+        with torch.no_grad():
+            t = torch.tensor([10, 700])
+            return p.unet(x["latents"], t, x["hidden"], added_cond_kwargs=x["added"]).sample
+
+    theirs = StableDiffusionXLPipeline(**load_base("tiny-xl").components)
+    base = unet(theirs)
+    theirs.load_lora_weights(str(out))
+    ours = load_base("tiny-xl")
+    Mixer(ours).add(out)
+    assert (unet(theirs) - base).abs().max() > 1e-4
+    torch.testing.assert_close(unet(theirs), unet(ours), rtol=0, atol=1e-5)

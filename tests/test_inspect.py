@@ -111,3 +111,60 @@ def test_a_file_with_too_many_tensors_is_refused_from_its_header(tmp_path, monke
     monkeypatch.setattr(files, "load_file", never)
     with pytest.raises(SdloraError, match=f"holds {count:,} tensors"):
         inspect_file(path)
+
+
+def proj_file(tmp_path, kernel: int, name: str, metadata: dict | None = None):
+    """A kohya SD 1.x file: attention q, k (its width shows SD 1.x) and the 1x1-conv proj_in (as kohya's plain LoRA wraps
+    it), plus a resnet conv1 with a `kernel`×`kernel` down factor when kernel > 1."""
+    g = torch.Generator().manual_seed(3)
+    prefix = "lora_unet_down_blocks_0_attentions_0_"
+    tensors = {
+        f"{prefix}transformer_blocks_0_attn1_to_q.lora_down.weight": torch.randn(
+            2, 32, generator=g
+        ),
+        f"{prefix}transformer_blocks_0_attn1_to_q.lora_up.weight": torch.randn(32, 2, generator=g),
+        f"{prefix}transformer_blocks_0_attn2_to_k.lora_down.weight": torch.randn(
+            2, 32, generator=g
+        ),
+        f"{prefix}transformer_blocks_0_attn2_to_k.lora_up.weight": torch.randn(32, 2, generator=g),
+        f"{prefix}proj_in.lora_down.weight": torch.randn(2, 32, 1, 1, generator=g),
+        f"{prefix}proj_in.lora_up.weight": torch.randn(32, 2, 1, 1, generator=g),
+    }
+    if kernel > 1:
+        conv = "lora_unet_down_blocks_0_resnets_0_conv1"
+        tensors[f"{conv}.lora_down.weight"] = torch.randn(2, 32, kernel, kernel, generator=g)
+        tensors[f"{conv}.lora_up.weight"] = torch.randn(32, 2, 1, 1, generator=g)
+    path = tmp_path / name
+    save_file(tensors, path, metadata=metadata or {"ss_network_module": "networks.lora"})
+    return path
+
+
+def test_plain_kohya_lora_with_1x1_proj_convs_is_lora_and_3x3_is_locon(tmp_path, capsys):
+    """kohya's plain SD 1.x LoRA wraps the 1x1 proj_in/proj_out convs: still LoRA. k×k convs, or
+    training metadata that says LoCon (conv_dim in ss_network_args), make LoCon."""
+    plain = proj_file(tmp_path, 1, "plain.safetensors")
+    assert inspect_file(plain)["format"] == "kohya-lora"
+    assert inspect_file(proj_file(tmp_path, 3, "locon.safetensors"))["format"] == "kohya-locon"
+    args = {"ss_network_module": "networks.lora", "ss_network_args": '{"conv_dim": "4"}'}
+    said = proj_file(tmp_path, 1, "said.safetensors", args)
+    assert inspect_file(said)["format"] == "kohya-locon"
+    lycoris = {"ss_network_module": "lycoris.kohya", "ss_network_args": '{"algo": "locon"}'}
+    assert inspect_file(proj_file(tmp_path, 1, "ly.safetensors", lycoris))["format"] == (
+        "kohya-locon"
+    )
+    assert main(["inspect", str(plain)]) == 0
+    assert field(capsys.readouterr().out, "format").strip() == "kohya-lora"
+
+
+def test_family_as_other_tools_read_it(tmp_path, capsys):
+    """inspect prints the family A1111 reads from the labels, and warns when the labels and the
+    weights disagree (an SD 1.x file labelled SD 2.x is hidden on SD 1.x models)."""
+    path, _ = make_adapter_file(lambda: load_base("tiny"), tmp_path / "a.safetensors")
+    info = inspect_file(path)
+    assert info["read_as"] == {"a1111": "SD 1.x", "modelspec": "stable-diffusion-v1/lora"}
+    wrong = proj_file(tmp_path, 1, "wrong.safetensors", {"ss_v2": "True"})
+    assert main(["inspect", str(wrong)]) == 0
+    line = field(capsys.readouterr().out, "read as").strip()
+    assert line.startswith("A1111: SD 2.x; model spec: none (not SD 1.x")
+    xl, _ = make_adapter_file(lambda: load_base("tiny-xl"), tmp_path / "xl.safetensors")
+    assert inspect_file(xl)["read_as"]["a1111"] == "SDXL"

@@ -264,6 +264,37 @@ def draw_caption(item: ImageItem, config: TrainConfig, rng: random.Random) -> st
     return with_trigger(caption, config.trigger)
 
 
+def dataset_folders(
+    items: list[ImageItem], data_dir: Path, trigger: str | None
+) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+    """kohya's dataset metadata: per image folder (relative to `data_dir`; its own name for the
+    images at the top) the caption tags with their counts (`ss_tag_frequency`: each caption
+    split at commas, trigger word included, once per image) and `{"n_repeats", "img_count"}`
+    (`ss_dataset_dirs`)."""
+    tags: dict[str, dict[str, int]] = {}
+    dirs: dict[str, dict[str, int]] = {}
+    for item in items:
+        name = folder_name(item.path.parent, data_dir)
+        counts = tags.setdefault(name, {})
+        for tag in with_trigger(item.caption, trigger).split(","):
+            if tag.strip():
+                counts[tag.strip()] = counts.get(tag.strip(), 0) + 1
+        folder = dirs.setdefault(name, {"n_repeats": item.repeats, "img_count": 0})
+        folder["img_count"] += 1
+    return tags, dirs
+
+
+def folder_name(folder: Path, data_dir: Path) -> str:
+    """`folder` relative to `data_dir` (as given or resolved), `data_dir`'s own name for itself;
+    the folder's name where it lies elsewhere (a link out of the data folder)."""
+    for root in (data_dir, data_dir.resolve()):
+        if folder == root:
+            return root.name
+        if folder.is_relative_to(root):
+            return folder.relative_to(root).as_posix()
+    return folder.name
+
+
 def possible_captions(items: list[ImageItem], config: TrainConfig) -> list[str]:
     """Every caption a draw can give when tags are not shuffled (for the text cache)."""
     captions = {with_trigger(item.caption, config.trigger) for item in items}

@@ -22,7 +22,7 @@ from sdlora.lora.inject import collect_adapter
 from sdlora.train import checkpoint
 from sdlora.train.checkpoint import resume_hint
 from sdlora.train.config import TrainConfig
-from sdlora.train.data import BatchPlan
+from sdlora.train.data import BatchPlan, dataset_folders
 from sdlora.train.models import Models
 from sdlora.train.sample import sample_grid
 
@@ -286,7 +286,11 @@ def adapter_metadata(
         "ss_base_model_version": version,
         "ss_v2": str(family.name == "sd2"),
         "sdlora_family": family.name,
+        "sdlora_prediction_type": prediction_type,
     }
+    tags, folders = dataset_folders(plan.items, Path(config.data_dir), config.trigger)
+    meta["ss_tag_frequency"] = json.dumps(tags)  # A1111's "training tags"; distill's prompts
+    meta["ss_dataset_dirs"] = json.dumps(folders)
     return meta
 
 

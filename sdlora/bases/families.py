@@ -18,7 +18,7 @@ base carries its own. The built-in `tiny-v2` is a v-prediction model, like SD 2.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sdlora.errors import SdloraError
@@ -87,6 +87,12 @@ class Family:
     # default where the user chose none of them.
     samplers: tuple[str, ...] = ("pndm", "ddim", "euler", "euler_a", "dpm++")
 
+    # Stability's model-spec id (`modelspec.architecture`, SwarmUI and model sites read it) of
+    # this family's bases by prediction type ("epsilon", "v_prediction"; the first where the
+    # type is not known); adapters add "/lora".
+    # Ids as kohya's library/sai_model_spec.py writes them.
+    modelspec_architecture: Mapping[str, str] = field(default_factory=dict)
+
     @property
     def flow_matching(self) -> bool:
         """True for families trained by flow matching (SD 3.x)."""
@@ -117,6 +123,10 @@ SD1 = Family(
     guidance=7.5,
     steps=25,
     builtin="tiny",
+    modelspec_architecture={
+        "epsilon": "stable-diffusion-v1",
+        "v_prediction": "stable-diffusion-v1",
+    },
 )
 
 SD2 = Family(
@@ -138,6 +148,10 @@ SD2 = Family(
     guidance=7.5,
     steps=25,
     builtin="tiny-v2",
+    modelspec_architecture={
+        "v_prediction": "stable-diffusion-v2-768-v",  # 2.0-v, 2.1 (first: the default)
+        "epsilon": "stable-diffusion-v2-512",  # 2.0-base, 2.1-base
+    },
 )
 
 # SDXL: CLIP ViT-L (768) and OpenCLIP ViT-bigG (1280) side by side; the UNet attends to both
@@ -171,6 +185,10 @@ SDXL = Family(
     guidance=5.0,  # diffusers' StableDiffusionXLPipeline default
     steps=30,
     builtin="tiny-xl",
+    modelspec_architecture={
+        "epsilon": "stable-diffusion-xl-v1-base",
+        "v_prediction": "stable-diffusion-xl-v1-base",
+    },
 )
 
 # SD 3.x: an MMDiT (SD3Transformer2DModel) instead of a UNet. Image and text tokens attend jointly:
@@ -233,6 +251,7 @@ SD3 = Family(
     guidance=4.5,  # SD 3.5 Medium's model card
     steps=40,
     builtin="tiny-sd3",
+    modelspec_architecture={"flow": "stable-diffusion-3"},
     denoiser="transformer",
     latent_channels=16,
     attention_modules=SD3_ATTENTION,
@@ -311,17 +330,20 @@ def family_of_adapter_keys(keys, metadata: Mapping[str, str] | None = None) -> F
     `ss_base_model_version` "sdxl_..."; else None (the names of SD 1.x and 2.x adapters are the
     same: their widths tell them apart)."""
     original = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+    version = (metadata or {}).get("ss_base_model_version", "")
     sd3 = ("lora_transformer_", "lora_te3_", "lora_unet_joint_blocks_", "lora_unet_final_layer_")
-    if any(k.startswith(sd3) for k in keys) or (metadata or {}).get("ss_base_model_version") in (
+    if any(k.startswith(sd3) for k in keys) or version in (
         "sd3",
         "5-large",  # kohya's SD3 model types (sd3_utils.load_mmdit)
         "5-medium",
         "medium",  # SD3 Medium
     ):
         return SD3
-    if any(k.startswith(("lora_te2_", *original)) for k in keys):
+    if version.startswith("sdxl"):
         return SDXL
-    if (metadata or {}).get("ss_base_model_version", "").startswith("sdxl"):
+    if version.startswith(("sd_v1", "sd_v2")):
+        return None  # labelled SD 1.x/2.x: original names too (ComfyUI's files), widths tell
+    if any(k.startswith(("lora_te2_", *original)) for k in keys):
         return SDXL
     return None
 

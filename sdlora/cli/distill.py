@@ -83,8 +83,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--base",
         required=True,
-        help="the base the adapter was trained on: 'toy', "
-        "'tiny', a diffusers model folder or a single .safetensors checkpoint",
+        help="the base the adapter was trained on, of any family (SD 1.x, 2.x, SDXL): 'toy', "
+        "'tiny', 'tiny-v2', 'tiny-xl', a diffusers model folder or a single .safetensors "
+        "checkpoint",
     )
     p.add_argument("--config", metavar="DIR", help="configs for a single-file --base")
     p.add_argument("--rank", type=int, required=True, help="rank of the linear LoRA")
@@ -94,7 +95,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--prompts",
         nargs="+",
         metavar="PROMPT",
-        help="prompts to collect activations on (default: those the file records)",
+        help="prompts to collect activations on (default: those the file records: its sample "
+        "prompts, caption, trigger words and kohya's ss_tag_frequency, most frequent tags first)",
     )
     source.add_argument("--prompts-file", metavar="FILE", help="UTF-8 text file, one prompt a line")
     p.add_argument(

@@ -27,6 +27,7 @@ from torch import nn
 from sdlora.errors import SdloraError
 from sdlora.io.files import atomic_save_file, check_output, fold_scale, save_adapter
 from sdlora.io.formats import FORMAT_KEY
+from sdlora.io.labels import file_labels, writing_family
 from sdlora.lora.adapter import (
     Adapter,
     _suffix,
@@ -169,7 +170,11 @@ def folded(adapter: Adapter) -> Adapter:
     meta = {k: v for k, v in adapter.metadata.items() if k not in DROPPED_METADATA}
     meta["sdlora_converted_from"] = adapter.metadata.get(FORMAT_KEY, "unknown")
     return Adapter(
-        modules=modules, metadata=meta, source=adapter.source, embeddings=adapter.embeddings
+        modules=modules,
+        metadata=meta,
+        source=adapter.source,
+        embeddings=adapter.embeddings,
+        diffs=adapter.diffs,
     )
 
 
@@ -243,6 +248,11 @@ def convert_adapter(
                 for key, factors in adapter.modules.items()
             }
         return save_adapter(adapter, out, overwrite=overwrite)
+    if adapter.diffs:  # PEFT's LoRA has no place for a bias or norm difference
+        raise SdloraError(
+            f"{adapter.source}: holds bias/norm differences (.diff_b, 1-D .diff), which the "
+            "diffusers layout cannot hold; convert it --to kohya"
+        )
     tensors, configs = diffusers_state(adapter, models)
     for name, value in tensors.items():
         if not torch.isfinite(value).all():
@@ -254,6 +264,8 @@ def convert_adapter(
         "lora_adapter_metadata": json.dumps(packed, indent=2, sort_keys=True),
         **{k: str(v) for k, v in adapter.metadata.items()},
     }
+    family = writing_family(adapter)  # A1111/SwarmUI labels, as on every adapter file
+    metadata |= file_labels(family, tensors, metadata, out.stem)
     beside = out.with_name(out.stem + "-embeddings")
     if adapter.embeddings and not overwrite:
         for token in adapter.embeddings:

@@ -25,8 +25,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from sdlora.bases.families import SD1, SD3
+from sdlora.bases.families import SD1, SD3, Family
 from sdlora.errors import SdloraError
+from sdlora.io.labels import file_labels, writing_family
 from sdlora.io.writing import TEMP_SUFFIX, reported, written_file
 from sdlora.lora.adapter import Adapter, ModuleFactors, adapter_family, file_key, memory_key
 from sdlora.lora.dora import dora_axis, file_magnitude, magnitude_2d
@@ -160,11 +161,11 @@ def check_rank(rank: int, out_features: int, in_features: int) -> None:
         )
 
 
-def adapter_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
+def adapter_tensors(adapter: Adapter, family: Family | None = None) -> dict[str, torch.Tensor]:
     """The file's tensors for `adapter` (whose factors are already folded), under the names its
     family's files use (SDXL: lora_te1_ for the first text encoder)."""
     tensors: dict[str, torch.Tensor] = {}
-    family = adapter_family(adapter) or SD1
+    family = family or adapter_family(adapter) or SD1
     modules = adapter.modules
     if family is SD3 and adapter.is_linear:  # SAI names, fused qkv (sdlora/io/sd3_names.py)
         from sdlora.io.sd3_names import to_file_modules
@@ -183,6 +184,9 @@ def adapter_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
         tensors[names[2]] = torch.tensor(alpha, dtype=torch.float32)
         if factors.magnitude is not None:
             tensors[f"{key}.dora_scale"] = file_magnitude(factors.magnitude, factors.down)
+    for name, delta in adapter.diffs.items():  # bias / norm differences, as kohya and ComfyUI
+        key, _, kind = name.rpartition(".")  # name them (A1111 and ComfyUI apply them)
+        tensors[f"{file_key(key, family)}.{'diff_b' if kind == 'bias' else 'diff'}"] = delta
     return tensors | bundle_tensors(adapter.embeddings)
 
 
@@ -207,19 +211,25 @@ def save_adapter(adapter: Adapter, path: str | Path, overwrite: bool = False) ->
                 f"{path}: embedding {token!r} has NaN/Inf values; nothing was written"
             )
     ranks = adapter.ranks()
-    family = adapter_family(adapter) or SD1
+    family = writing_family(adapter)
     metadata = {
         "sdlora_format_version": FORMAT_VERSION,
         "sdlora_nonlinearity": adapter.nonlinearity,
         "ss_network_module": "networks.lora" if adapter.is_linear else "sdlora.nonlinear",
         "ss_network_dim": str(max(ranks)) if ranks else "0",
         "ss_network_alpha": str(max(ranks)) if ranks else "0",  # = rank: the scale is folded
-        "ss_base_model_version": family.base_model_version,
         "ss_output_name": path.stem,
         **(_sd3_metadata(adapter, path.stem) if family is SD3 else {}),
         **adapter.metadata,
     }
-    atomic_save_file(adapter_tensors(adapter), path, {k: str(v) for k, v in metadata.items()})
+    tensors = adapter_tensors(adapter, family)
+    metadata = {k: str(v) for k, v in metadata.items()}
+    labels = file_labels(family, tensors, metadata, path.stem)  # family, model spec, hashes
+    if family is SD3:  # the variant (3.5 Medium's MMDiT-X, or 3/3.5 Large) its names show
+        labels["modelspec.architecture"] = metadata["modelspec.architecture"]
+        labels["modelspec.implementation"] = metadata["modelspec.implementation"]
+    metadata |= labels
+    atomic_save_file(tensors, path, metadata)
     return path
 
 

@@ -28,11 +28,12 @@ from pathlib import Path
 
 import torch
 
+from sdlora.bases.families import BY_NAME, family_of_width
 from sdlora.errors import SdloraError
 from sdlora.io.files import NONLINEAR_PREFIX, check_rank, parse_flat_lora, read_safetensors
 from sdlora.io.metadata import parse_json
 from sdlora.io.sd3_names import TRANSFORMER_ROOTS, from_file_modules, is_sd3_keys
-from sdlora.lora.adapter import Adapter, ModuleFactors, flat_name, memory_key
+from sdlora.lora.adapter import PREFIXES, Adapter, ModuleFactors, flat_name, memory_key, widths
 from sdlora.lora.dora import dora_axis, magnitude_2d
 from sdlora.lora.embeddings import split_bundle
 
@@ -46,6 +47,7 @@ KOHYA_PREFIXES = (
     "lora_te3_",
     "lora_transformer_",
 )
+COMFY_PREFIXES = ("diffusion_model.", "text_encoders.")  # ComfyUI's own layout
 
 # Module parts of the kohya/LyCORIS flat layout -> module type.
 PART_TYPES = {
@@ -67,10 +69,10 @@ PART_TYPES = {
     "lokr_w2_b": "lokr",
     "lokr_t2": "lokr",
     "diff": "full",
+    "diff_b": "full",  # a bias difference (Adapter.diffs)
 }
 # Parts of module types we refuse, with the reason shown to the user.
 REFUSED_PARTS = {
-    "diff_b": "bias differences (diff_b)",
     "bias": "bias differences",
     "w_norm": "norm-layer weights (w_norm)",
     "b_norm": "norm-layer weights (b_norm)",
@@ -123,6 +125,8 @@ def detect_format(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
         return "sdlora"
     if kohya:
         return "kohya"
+    if any(k.startswith(COMFY_PREFIXES) for k in keys):
+        return "comfyui"
     if any(
         k.startswith(
             ("unet.", "text_encoder.", "text_encoder_2.", "transformer.", "base_model.model.")
@@ -162,10 +166,14 @@ def read_adapter(path: str | Path) -> Adapter:
         raise SdloraError(f"{source}: {err}") from None
     if family == "sdlora":
         adapter = parse_flat_lora(tensors, metadata, source)
+        if adapter.is_linear and any(k.endswith((".diff", ".diff_b")) for k in tensors):
+            adapter.diffs = parse_kohya(tensors, metadata, source)[0].diffs  # bias / norm
         detected = "sdlora" + ("" if adapter.is_linear else " (nonlinear)")
         detected += " (DoRA)" if adapter.is_dora else ""
     elif family == "kohya":
         adapter, detected = parse_kohya(tensors, metadata, source)
+    elif family == "comfyui":
+        adapter, detected = parse_comfy(tensors, metadata, source)
     else:
         adapter, detected = parse_diffusers(tensors, metadata, source)
     if is_sd3_keys(adapter.modules):  # SD 3.x's SAI names -> diffusers' (sdlora/io/sd3_names.py)
@@ -194,7 +202,24 @@ def parse_kohya(
                 f"{source}: key {name!r} is not in the kohya layout; the file mixes formats"
             )
         groups[module][part] = value
+    adapter, types = build_adapter(groups, metadata, source)
+    if types <= {"lora", "locon"}:
+        locon = "locon" in types or trained_as_locon(metadata)
+        detected = "kohya-locon" if locon else "kohya-lora"
+    else:
+        detected = "lycoris-" + "+".join(sorted(types))
+    if any(m.magnitude is not None for m in adapter.modules.values()):
+        detected += " (DoRA)"
+    return adapter, detected
+
+
+def build_adapter(
+    groups: dict[str, dict[str, torch.Tensor]], metadata: dict[str, str], source: str
+) -> tuple[Adapter, set[str]]:
+    """{flat module name: {part: tensor}} -> (Adapter, module types found). Bias differences
+    (`diff_b`) and 1-D weight differences (norm layers' `diff`) go to `Adapter.diffs`."""
     modules: dict[str, ModuleFactors] = {}
+    diffs: dict[str, torch.Tensor] = {}
     types: set[str] = set()
     for module, parts in groups.items():
         for part in parts:
@@ -208,8 +233,19 @@ def parse_kohya(
                 raise SdloraError(
                     f"{source}: unknown module part {part!r} (module {module}); nothing was loaded"
                 )
+        parts = dict(parts)
+        key = memory_key(module)
+        if "diff_b" in parts:
+            diffs[f"{key}.bias"] = _finite_diff(parts.pop("diff_b"), source, module)
+        if "diff" in parts and parts["diff"].dim() == 1:  # a norm layer's weight
+            diffs[f"{key}.weight"] = _finite_diff(parts.pop("diff"), source, module)
         magnitude = parts.pop(DORA_PART, None)
-        kinds = {PART_TYPES[p] for p in parts if p != "alpha"} or {"lora"}
+        if not set(parts) - {"alpha"}:
+            if magnitude is not None:
+                raise SdloraError(f"{source}: module {module} has a dora_scale but no LoRA parts")
+            types.add("full")
+            continue
+        kinds = {PART_TYPES[p] for p in parts if p != "alpha"}
         if len(kinds) != 1:
             raise SdloraError(f"{source}: module {module} mixes {', '.join(sorted(kinds))} parts")
         kind = kinds.pop()
@@ -217,7 +253,8 @@ def parse_kohya(
         try:
             if kind == "lora":
                 factors = _lora_module(parts, alpha)
-                kind = "locon" if factors.down.dim() == 4 else "lora"
+                # LoCon = a k×k (k > 1) conv; kohya's plain LoRA wraps 1×1 proj_in/proj_out too
+                kind = "locon" if factors.down.shape[2:].numel() > 1 else "lora"
             elif kind == "loha":
                 factors = exact_factors(_conv3(module, loha_delta(parts, alpha)))
             elif kind == "lokr":
@@ -235,17 +272,107 @@ def parse_kohya(
                 raise SdloraError(
                     f"{source}: {err} (module {module}); nothing was loaded"
                 ) from None
-        modules[memory_key(module)] = factors
+        modules[key] = factors
         types.add(kind)
     if not modules:
         raise SdloraError(f"{source}: no LoRA weights found (not a LoRA adapter file?)")
-    if types <= {"lora", "locon"}:
-        detected = "kohya-locon" if "locon" in types else "kohya-lora"
-    else:
-        detected = "lycoris-" + "+".join(sorted(types))
-    if any(m.magnitude is not None for m in modules.values()):
-        detected += " (DoRA)"
-    return Adapter(modules=modules, metadata=dict(metadata), source=source), detected
+    adapter = Adapter(modules=modules, metadata=dict(metadata), source=source, diffs=diffs)
+    return adapter, types
+
+
+def _finite_diff(value: torch.Tensor, source: str, module: str) -> torch.Tensor:
+    if not torch.isfinite(value).all():
+        raise SdloraError(f"{source}: module {module} has a NaN/Inf difference")
+    return value.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# ComfyUI's own layout
+
+# ComfyUI's text encoders (its `clip_l`, SD 2.x's `clip_h`, SDXL/SD3's `clip_g`, SD3's `t5xxl`)
+# -> pipeline components
+COMFY_ENCODERS = {
+    "clip_l": "text_encoder",
+    "clip_h": "text_encoder",
+    "clip_g": "text_encoder_2",
+    "t5xxl": "text_encoder_3",
+}
+# every part name, longest first: `lora_up.weight` before `weight`-less ones
+_COMFY_PARTS = sorted({*PART_TYPES, *REFUSED_PARTS}, key=len, reverse=True)
+
+
+def parse_comfy(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str
+) -> tuple[Adapter, str]:
+    """ComfyUI's trainer and extract-node layout -> (Adapter, detected format).
+
+    Keys name modules by the model's own paths, as ComfyUI's generic LoRA keys (comfy/lora.py)
+    read them: `diffusion_model.<original (LDM/SGM) UNet path>.<part>` and
+    `text_encoders.<clip_l|clip_h|clip_g>.transformer.<Hugging Face CLIP path>.<part>`; parts
+    are kohya's (`lora_up.weight`, `lora_down.weight`, `alpha`, LoHa/LoKr), full differences
+    `diff` and bias differences `diff_b`. A missing alpha means scale 1, as ComfyUI reads it.
+    """
+    groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    encoders: set[str] = set()
+    for name, value in tensors.items():
+        part = next((p for p in _COMFY_PARTS if name.endswith("." + p)), None)
+        path = name[: -len(part) - 1] if part else ""
+        if path.startswith("diffusion_model."):
+            module = "lora_unet_" + path.removeprefix("diffusion_model.").replace(".", "_")
+        elif path.startswith("text_encoders."):
+            encoder, _, rest = path.removeprefix("text_encoders.").partition(".")
+            if encoder not in COMFY_ENCODERS or not rest.startswith("transformer."):
+                raise SdloraError(f"{source}: key {name!r} names no text encoder sdlora knows")
+            encoders.add(encoder)
+            rest = rest.removeprefix("transformer.").replace(".", "_")
+            module = PREFIXES[COMFY_ENCODERS[encoder]] + rest
+        else:
+            raise SdloraError(
+                f"{source}: key {name!r} is not in ComfyUI's layout; the file mixes formats"
+            )
+        groups[module][part] = value
+    adapter, types = build_adapter(groups, metadata, source)
+    if "ss_base_model_version" not in adapter.metadata:
+        # UNet names are the original ones for every family: say which it is, so they are not
+        # taken for SDXL's (families.family_of_adapter_keys)
+        family = _comfy_family(adapter, encoders)
+        if family is not None:
+            adapter.metadata["ss_base_model_version"] = family.base_model_version
+    return adapter, "comfyui-" + "+".join(sorted(types))
+
+
+def _comfy_family(adapter: Adapter, encoders: set[str]):
+    """The family of a ComfyUI-layout adapter: by its text encoders' names, else its width."""
+    if "t5xxl" in encoders:
+        return BY_NAME["sd3"]
+    if "clip_g" in encoders:
+        return BY_NAME["sdxl"]
+    if "clip_h" in encoders:
+        return BY_NAME["sd2"]
+    width = widths(adapter).get("unet")
+    found = family_of_width(width) if width is not None else None
+    if found is None and encoders:
+        return BY_NAME["sd1"]  # clip_l alone
+    return found
+
+
+def trained_as_locon(metadata: dict[str, str]) -> bool:
+    """True when the training metadata says LoCon: kohya's networks.lora or LyCORIS
+    (`lycoris.kohya`) with a `conv_dim` in `ss_network_args`, or LyCORIS with algo locon."""
+    raw = metadata.get("ss_network_args") or "{}"
+    try:
+        args = parse_json(raw, "ss_network_args")
+    except SdloraError:
+        return False
+    if not isinstance(args, dict):
+        return False
+    module = metadata.get("ss_network_module", "")
+    if module == "lycoris.kohya" and str(args.get("algo", "")).lower() == "locon":
+        return True
+    try:
+        return module in ("networks.lora", "lycoris.kohya") and float(args.get("conv_dim") or 0) > 0
+    except (TypeError, ValueError):
+        return False
 
 
 DORA_PART = "dora_scale"

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 
+from sdlora.bases.families import vae_factor
 from sdlora.errors import SdloraError
 from sdlora.lora.layer import LoRALayer
 
@@ -115,18 +116,6 @@ def recording(layers: dict[str, LoRALayer], adapter: str):
             handle.remove()
 
 
-def encode(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
-    """Text-encoder hidden states (n, 77, dim) for `prompts`, padded as generation pads them."""
-    ids = pipe.tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=pipe.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(pipe.text_encoder.device)
-    return pipe.text_encoder(ids)[0]
-
-
 def noise_predictions(pipe: StableDiffusionPipeline, probe: Probe) -> torch.Tensor:
     """UNet noise predictions (len(prompts)·samples, C, h, w) for the probe, one prompt a batch.
 
@@ -142,18 +131,28 @@ def noise_predictions(pipe: StableDiffusionPipeline, probe: Probe) -> torch.Tens
     side = (size, size) if isinstance(size, int) else tuple(size)
     steps = pipe.scheduler.config.num_train_timesteps
     generator = torch.Generator().manual_seed(probe.seed)
+    # the family's conditioning (train/condition.py): SDXL adds pooled text and size ids, here
+    # those of an uncropped picture at the native size, as generation passes them
+    from sdlora.train.condition import Conditioning
+
+    conditioning = Conditioning.of(pipe)
+    pixels = tuple(s * vae_factor(pipe.vae.config) for s in side)
+    sizes = torch.tensor([pixels] * probe.samples)
     predictions = []
     with torch.no_grad():
         for prompt in probe.prompts:
-            hidden = encode(pipe, [prompt]).repeat(probe.samples, 1, 1)  # (samples, 77, dim)
+            device = unet.device
+            text = conditioning.encode([prompt], device).expand(probe.samples)  # (samples, 77, D)
+            kwargs = conditioning.unet_kwargs(
+                text, unet.dtype, sizes=sizes, crops=torch.zeros_like(sizes), target=pixels
+            )
             latents = torch.randn(
                 probe.samples, unet.config.in_channels, *side, generator=generator
             )
             slices = torch.arange(probe.samples) + torch.rand(probe.samples, generator=generator)
             timesteps = (slices / probe.samples * steps).long().clamp(0, steps - 1)
-            device = unet.device
             predictions.append(
-                unet(latents.to(device, unet.dtype), timesteps.to(device), hidden).sample
+                unet(latents.to(device, unet.dtype), timesteps.to(device), **kwargs).sample
             )
     return torch.cat(predictions)
 

@@ -78,6 +78,9 @@ class Adapter:
     # new words it brings (pivotal tuning): token -> text-encoder component -> (n, D) vectors;
     # see sdlora/lora/embeddings.py
     embeddings: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    # exact full differences of parameters no factors hold (ComfyUI's `.diff_b` of biases and
+    # 1-D `.diff` of norm weights): "<flat key>.weight" / ".bias" -> ΔP; see sdlora/lora/offsets.py
+    diffs: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def is_linear(self) -> bool:
@@ -136,13 +139,15 @@ def _adaptable(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def _original_names(model: nn.Module, component: str, paths) -> dict[str, str]:
+def _original_names(
+    model: nn.Module, component: str, paths, every_family: bool = False
+) -> dict[str, str]:
     """Module path -> original-layout path where the model's family names UNet modules so in
-    adapter files (SDXL); empty otherwise."""
+    adapter files (SDXL), or for any UNet with `every_family` (ComfyUI's files); else empty."""
     config = getattr(model, "config", None)
     if component != "unet" or config is None or "down_block_types" not in config:
         return {}
-    if family_of_unet_config(config).adapter_unet_names != "original":
+    if not every_family and family_of_unet_config(config).adapter_unet_names != "original":
         return {}
     return original_module_paths(config, paths)
 
@@ -156,10 +161,10 @@ def module_keys(model: nn.Module, component: str) -> dict[str, str]:
 
 def module_paths(model: nn.Module, component: str) -> dict[str, str]:
     """Flat-name suffix -> module path for every Linear/Conv2d in `model` (wrapped ones
-    included): the family's own names, and for an SDXL UNet its diffusers names as well."""
+    included): diffusers' names and, for a UNet, the original (LDM/SGM) ones as well."""
     paths = list(_adaptable(model))
     found = {_canonical(component, p): p for p in paths}
-    for path, original in _original_names(model, component, paths).items():
+    for path, original in _original_names(model, component, paths, every_family=True).items():
         found[_canonical(component, original)] = path
     return found
 

@@ -25,6 +25,7 @@ from sdlora.lora.embeddings import attach, check_words, detach
 from sdlora.lora.fusion import Plan
 from sdlora.lora.inject import unwrap_all, wrap
 from sdlora.lora.layer import LoRALayer, LoRAWeights, max_rank
+from sdlora.lora.offsets import Offsets, resolve_diffs
 
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")  # SD3: T5
 logger = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class Mixer:
         # fused where, adapters added or removed, unfused strengths (fast_sample.py)
         self.version = 0
         pipe.sdlora_mixer = self
+        self.offsets = Offsets(lambda: self.models)  # bias / norm differences (offsets.py)
 
     @property
     def models(self) -> dict[str, torch.nn.Module]:
@@ -93,6 +95,7 @@ class Mixer:
                 "name (name=...) or remove that one first"
             )
         resolved, unmatched = resolve(adapter, self.models)
+        diffs = resolve_diffs(adapter, self.models)
         check_words(self.pipe, adapter.embeddings, adapter.source)
         for other in self.entries.values():
             shared = sorted(set(adapter.embeddings) & set(other.adapter.embeddings))
@@ -150,8 +153,10 @@ class Mixer:
                 block_strengths,
             )
             self.entries[name] = entry
+            self.offsets.add(name, diffs)
             self._refresh(entry, restructure=True)
         except BaseException:
+            self.offsets.remove(name)
             for layer in layers:
                 if name in layer.strengths:
                     layer.remove(name, refuse=False)
@@ -191,6 +196,7 @@ class Mixer:
     def _refresh(self, entry: Entry, restructure: bool = False) -> None:
         """Push the entry's effective strength (and fused switch) into its layers' weights."""
         name = next(n for n, e in self.entries.items() if e is entry)
+        write_offsets = self.offsets.prepare(name, lambda key: self._offset_strength(entry, key))
         for i, layer in enumerate(entry.layers):
             layer.strengths[name] = entry.layer_strength(i)
             if entry.fused != (name in layer.fused):
@@ -205,7 +211,14 @@ class Mixer:
             self._refuse_all()
         elif entry.fused:
             self._plan.apply(only=name)
+        write_offsets()
         self._sync_words()
+
+    def _offset_strength(self, entry: Entry, key: tuple[str, str, str]) -> float:
+        """The strength of a bias/norm difference: the entry's, times its block's multiplier."""
+        if not entry.block_strengths:
+            return entry.effective
+        return entry.effective * multiplier(entry.block_strengths, block_of(key[0], key[1]))
 
     def _sync_words(self) -> None:
         """Give the pipeline the new words (embeddings) of every adapter that is on, and only
@@ -282,6 +295,7 @@ class Mixer:
         for layer in entry.layers:
             layer.remove(name, refuse=False)
         del self.entries[name]
+        self.offsets.remove(name)
         self._refuse_all(entry.layers)
         self._sync_words()
         if not self.entries:

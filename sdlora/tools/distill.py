@@ -34,6 +34,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from sdlora.errors import SdloraError
+from sdlora.io.labels import base_labels
 from sdlora.io.metadata import parse_json
 from sdlora.lora.activations import LayerStats, Probe, collect, noise_predictions
 from sdlora.lora.adapter import Adapter, ModuleFactors, flat_name
@@ -235,7 +236,7 @@ def distill_adapter(
         _compare_outputs(mixer, linear, check, report)
     finally:
         mixer.clear()
-    linear.metadata = _metadata(adapter, report)
+    linear.metadata = _metadata(adapter, report) | base_labels(pipe)  # the family of the base
     return linear, report
 
 

@@ -14,6 +14,7 @@ from diffusers import DiffusionPipeline
 
 from sdlora.bases.pipelines import adaptable_models
 from sdlora.errors import SdloraError
+from sdlora.io.labels import base_labels
 from sdlora.lora.adapter import Adapter, ModuleFactors, module_keys
 from sdlora.lora.inject import TEXT_ENCODER_TARGETS, UNET_TARGETS, find_targets, target_names
 from sdlora.tools.merge import MergeReport
@@ -86,6 +87,7 @@ def extract_adapter(
         )
     report.overall = math.sqrt(total_err / total_norm)
     meta = {
+        **base_labels(base),  # the family from the base, whatever its modules show
         "sdlora_extracted_from": f"{tuned_name} - {base_name}",
         "sdlora_extract_targets": targets,
         "sdlora_extract_rank": str(rank),

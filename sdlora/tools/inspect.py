@@ -6,10 +6,10 @@ import json
 import logging
 from pathlib import Path
 
-from sdlora.bases.families import family_of_adapter_keys, width_label
+from sdlora.bases.families import SD1, SD2, SDXL, family_of_adapter_keys, width_label
 from sdlora.bases.pipelines import adaptable_models
 from sdlora.errors import SdloraError
-from sdlora.io.formats import load_adapter
+from sdlora.io.formats import FORMAT_KEY, load_adapter
 from sdlora.io.metadata import parse_json
 from sdlora.lora.adapter import Adapter, component_of, fits, module_paths, weight_of, widths
 
@@ -65,6 +65,20 @@ def guess_architecture(adapter: Adapter) -> str:
         return width_label(found["text_encoder"])
     meta = adapter.metadata
     return meta.get("sdlora_base_model") or meta.get("ss_base_model_version") or "unknown"
+
+
+def read_as(metadata: dict[str, str]) -> dict[str, str | None]:
+    """The family other tools read from the file's labels (sdlora/io/labels.py): A1111's
+    (`ss_base_model_version` "sdxl_…" -> SDXL, else `ss_v2` "True" -> SD 2.x, else any metadata
+    -> SD 1.x; it hides LoRAs of other families) and the model spec's architecture (SwarmUI)."""
+    meta = {k: v for k, v in metadata.items() if k != FORMAT_KEY}
+    if str(meta.get("ss_base_model_version", "")).startswith("sdxl_"):
+        a1111 = SDXL.label
+    elif str(meta.get("ss_v2", "")) == "True":
+        a1111 = SD2.label
+    else:
+        a1111 = SD1.label if meta else "unknown (no metadata: shown with every model)"
+    return {"a1111": a1111, "modelspec": meta.get("modelspec.architecture")}
 
 
 def module_groups(adapter: Adapter) -> dict[str, dict]:
@@ -144,6 +158,12 @@ def describe(adapter: Adapter) -> dict:
         "scales": scales,
         "modules": adapter.components(),
         "architecture": guess_architecture(adapter),
+        "read_as": read_as(adapter.metadata),
+        # exact full differences no factors hold (ComfyUI's .diff_b, norm layers' 1-D .diff)
+        "differences": {
+            "bias": sum(k.endswith(".bias") for k in adapter.diffs),
+            "norm weight": sum(k.endswith(".weight") for k in adapter.diffs),
+        },
         "groups": module_groups(adapter),
         "base_model": adapter.metadata.get("sdlora_base_model"),
         "trigger_words": adapter.trigger_words(),
@@ -163,6 +183,19 @@ def inspect_file(path: str | Path, base=None) -> dict:
     return info
 
 
+def read_as_text(info: dict) -> str:
+    """`A1111: SD 2.x; model spec: stable-diffusion-v2-768-v/lora`, with a warning when A1111's
+    family is not the architecture the weights show."""
+    read = info["read_as"]
+    text = f"A1111: {read['a1111']}; model spec: {read['modelspec'] or 'none'}"
+    family = read["a1111"].split(" (")[0]
+    labels = (SD1.label, SD2.label, SDXL.label)
+    shown = info["architecture"]
+    if family in labels and shown.startswith(labels) and not shown.startswith(family):
+        text += f" (not {info['architecture']}: A1111 hides it on models of that family)"
+    return text
+
+
 def format_text(info: dict) -> str:
     """Human-readable lines for `sdlora inspect`."""
     lines = [
@@ -174,11 +207,20 @@ def format_text(info: dict) -> str:
         f"scale:         {', '.join(f'{s:g}' for s in info['scales'])}  (alpha / rank; applied at strength 1.0)",
         "modules:       " + ", ".join(f"{c} {n}" for c, n in info["modules"].items()),
         f"architecture:  {info['architecture']}",
+        f"read as:       {read_as_text(info)}",
         *(
             [
                 "note:          LoHa/LoKr modules are held as their exact ΔW, so their rank reads min(out, in)"
             ]
             if info["format"].startswith("lycoris")
+            else []
+        ),
+        *(
+            [
+                f"differences:   {info['differences']['bias']} bias, "
+                f"{info['differences']['norm weight']} norm weight (exact, added at the strength)"
+            ]
+            if any(info["differences"].values())
             else []
         ),
         "groups:        (modules, rank, alpha -> scale)",

@@ -35,6 +35,7 @@ from torch import nn
 
 from sdlora.bases.families import FAMILIES, SDXL, Family, family_of_width, width_label
 from sdlora.errors import SdloraError
+from sdlora.io.labels import FAMILY_KEY, PREDICTION_KEY
 from sdlora.lora.adapter import (
     Adapter,
     ModuleFactors,
@@ -185,12 +186,16 @@ def merge_exact(
     meta = {
         k: v
         for k, v in first.metadata.items()
-        if k in ("sdlora_base_model", "ss_base_model_version")
+        if k in ("sdlora_base_model", "ss_base_model_version", FAMILY_KEY, PREDICTION_KEY)
     }
     triggers = [w for adapter, strength in items if strength for w in adapter.trigger_words()]
     if triggers:
         meta["sdlora_trigger_words"] = json.dumps(list(dict.fromkeys(triggers)))
-    return Adapter(modules=modules, metadata=meta, source="merged", embeddings=words)
+    diffs: dict[str, torch.Tensor] = {}  # bias / norm differences add exactly (lora/offsets.py)
+    for adapter, strength in items:
+        for key, delta in adapter.diffs.items():
+            diffs[key] = diffs.get(key, 0.0) + strength * delta.float()
+    return Adapter(modules=modules, metadata=meta, source="merged", embeddings=words, diffs=diffs)
 
 
 def _modules(
@@ -254,6 +259,7 @@ def compress(adapter: Adapter, rank: int) -> tuple[Adapter, MergeReport]:
         metadata=dict(adapter.metadata),
         source=adapter.source,
         embeddings=adapter.embeddings,
+        diffs=adapter.diffs,  # bias / norm differences: kept exactly (they have no rank)
     )
     return kept, report
 
@@ -428,6 +434,12 @@ def merge_adapters(
         if rank is not None:
             merged, report = compress(merged, rank)
     else:
+        with_diffs = next((a.source for a, _ in items if a.diffs), None)
+        if with_diffs is not None:
+            raise SdloraError(
+                f"{with_diffs}: holds bias/norm differences (.diff_b, 1-D .diff), which only "
+                "the exact sum adds; merge it with --method sum"
+            )
         if rank is None:
             rank = max(r for a, _ in items for r in a.ranks() or [1])
         merged, report = merge_deltas(items, method, rank, density_used, seed, majority_sign)
