@@ -133,9 +133,8 @@ def test_loraplus_puts_each_up_factor_at_ratio_times_the_rate():
     from sdlora.train import models
 
     def weights():
-        return SimpleNamespace(
-            down=torch.nn.Parameter(torch.zeros(2, 3)), up=torch.nn.Parameter(torch.zeros(3, 2))
-        )
+        down, up = torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(3, 2))
+        return SimpleNamespace(down=down, up=up, params=lambda: [down, up])
 
     injected = {"lora_unet_a": weights(), "lora_te_b": weights(), "lora_unet_c": weights()}
     config = TrainConfig(lr=1e-4, text_encoder_lr=5e-5, loraplus_lr_ratio=16)

@@ -494,9 +494,8 @@ def test_optimizer_has_separate_learning_rates_and_fuses_on_cuda():
     from types import SimpleNamespace
 
     def weights():
-        return SimpleNamespace(
-            down=torch.nn.Parameter(torch.zeros(2, 3)), up=torch.nn.Parameter(torch.zeros(3, 2))
-        )
+        down, up = torch.nn.Parameter(torch.zeros(2, 3)), torch.nn.Parameter(torch.zeros(3, 2))
+        return SimpleNamespace(down=down, up=up, params=lambda: [down, up])
 
     injected = {"lora_unet_a": weights(), "lora_te_b": weights(), "lora_unet_c": weights()}
     config = TrainConfig(lr=1e-4, text_encoder_lr=5e-5)
