@@ -302,7 +302,7 @@ def candidates(request: Request, costs: Costs) -> list[Setting]:
                     found.append(Setting(fp8, check, budget, swaps[0], split))
     for swapped in swaps[1:]:  # the last resort: every other saving first (fp8 halves each copy)
         for split in splits:
-            found.append(Setting(max(fp8s), max(checks), budgets[-1], swapped, split))
+            found.append(Setting(max(fp8s), max(checks), budgets[0], swapped, split))
     return list(dict.fromkeys(found))
 
 
