@@ -13,6 +13,8 @@ chose. Compile workers are processes of their own, outside the cap: the whole-GP
 Runs (`--only` picks some, in this order):
   fp8       noise predictions of the bf16 UNet and of its fp8 copies (no scale, one per tensor,
             one per output channel) against fp32, on fixed inputs
+  fp8-toy   the same on the pretrained toy base (real weights, its own images and captions), and
+            the held-out loss after TOY_STEPS steps of training in bf16 against fp8
   ours-24   batch 4, no options, 24 GiB cap (the default command on a 24 GiB card)
   ours-12   batch 4, no options, 12 GiB cap
   ours-8    batch 4, no options, 8 GiB cap
@@ -36,6 +38,7 @@ import copy
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -43,6 +46,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 if __package__ in (None, ""):  # run as a script: the repository root on the path
@@ -61,6 +65,7 @@ BATCH = 4
 # name -> (GPU memory cap in GiB or None, batch, what the run is)
 RUNS = {
     "fp8": (None, 1, "fp8 noise-prediction difference"),
+    "fp8-toy": (None, 4, "fp8 on the pretrained toy base: prediction difference, held-out loss"),
     "ours-24": (24, BATCH, "sdlora, no options, 24 GiB cap"),
     "ours-12": (12, BATCH, "sdlora, no options, 12 GiB cap"),
     "ours-8": (8, BATCH, "sdlora, no options, 8 GiB cap"),
@@ -109,6 +114,79 @@ def fixed_inputs(pipe, device: torch.device, dtype: torch.dtype, tiny: bool) -> 
     )
 
 
+TOY_STEPS = 100  # --tiny: 4
+VALIDATION = re.compile(r"step (\d+): validation loss ([0-9.e+-]+)")
+
+
+def toy_difference(device: torch.device) -> dict:
+    """Relative L2 difference of the toy UNet's noise predictions on its own sample images
+    (encoded, noised at 4 timesteps) and captions: bf16 and each fp8 scaling against fp32."""
+    from sdlora.bases.base import load_base
+    from sdlora.lora.fp8 import SCALINGS, store_in_fp8
+    from sdlora.train.data import load_rgb
+
+    pipe = load_base("toy").to(device)
+    folder = Path(__file__).resolve().parent.parent / "samples" / "style"
+    paths = sorted(folder.glob("*.png"))[:8]
+    images = [np.asarray(load_rgb(p).resize((64, 64)), dtype=np.float32) for p in paths]
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(device) / 127.5 - 1
+    captions = [p.with_suffix(".txt").read_text().strip() for p in paths]
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+        ids = pipe.tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt").input_ids.to(device)  # fmt: skip
+        text = pipe.text_encoder(ids)[0]
+    noise = torch.randn(latents.shape, generator=g).to(device)
+    timesteps = torch.tensor([100, 400, 700, 900] * 2, device=device)
+    noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
+    unet = pipe.unet
+
+    def predict(model, dtype) -> torch.Tensor:
+        with torch.no_grad():
+            return model(noisy.to(dtype), timesteps, text.to(dtype)).sample.float()
+
+    exact = predict(unet, torch.float32)
+    unet.to(torch.bfloat16)
+    low = predict(unet, torch.bfloat16)
+
+    def rel(a, b) -> float:
+        return float((a - b).norm() / b.norm())
+
+    result = {"toy bf16 vs fp32": rel(low, exact)}
+    for scaling in SCALINGS:
+        quantized = copy.deepcopy(unet)
+        store_in_fp8(quantized, scaling=scaling)
+        pred = predict(quantized, torch.bfloat16)
+        result[f"toy fp8 {scaling} vs fp32"] = rel(pred, exact)
+        result[f"toy fp8 {scaling} vs bf16"] = rel(pred, low)
+    return result
+
+
+def toy_training(steps: int) -> dict:
+    """Held-out loss of the toy sample after `steps` steps in bf16, frozen weights in bf16 or
+    fp8 (same seed, data, noise): what fp8 costs the adapter."""
+    folder = Path(__file__).resolve().parent.parent / "samples" / "style"
+    result = {}
+    for precision in ("full", "fp8"):
+        records = Chosen(VALIDATION)
+        logging.getLogger("sdlora").addHandler(records)
+        logging.getLogger("sdlora").setLevel(logging.INFO)
+        with tempfile.TemporaryDirectory() as out:
+            config = TrainConfig(
+                data_dir=str(folder), output=out, base="toy", resolution=64, batch_size=4,
+                steps=steps, lr=3e-4, rank=RANK, validation_split=0.25, validate_every=steps,
+                save_every=0, compile="off", tensorboard=False, workers=0, seed=1,
+                mixed_precision="bf16", base_precision=precision,
+            )  # fmt: skip
+            train(config)
+        logging.getLogger("sdlora").removeHandler(records)
+        found = [VALIDATION.search(line) for line in records.lines]
+        losses = {int(m[1]): float(m[2]) for m in found if m}
+        result[f"toy held-out loss after {steps} steps, {precision}"] = losses[steps]
+    return result
+
+
 def fp8_difference(tiny: bool, device: torch.device) -> dict:
     """Relative L2 difference of noise predictions: bf16 and each fp8 scaling against fp32."""
     from benchmarks.sdxl import build_pipeline
@@ -142,16 +220,21 @@ def fp8_difference(tiny: bool, device: torch.device) -> dict:
 
 
 class Chosen(logging.Handler):
-    """Keeps the memory planner's line (setup.fit_to_gpu logs it)."""
+    """Keeps the log lines that say what was chosen (setup.fit_to_gpu's "memory: ..."), or those
+    `pattern` finds."""
 
-    def __init__(self):
+    def __init__(self, pattern: re.Pattern | None = None):
         super().__init__()
         self.lines: list[str] = []
+        self.pattern = pattern
 
     def emit(self, record):
         message = record.getMessage()
-        if message.startswith(("memory:", "blocks swapped", "speed:")):
+        if self.pattern.search(message) if self.pattern else message.startswith(CHOSEN):
             self.lines.append(message)
+
+
+CHOSEN = ("memory:", "blocks swapped", "speed:")
 
 
 def time_ours(pipe, name: str, tiny: bool, device: torch.device, steps: int, data: Path) -> dict:
@@ -220,6 +303,8 @@ def child(name: str, tiny: bool, steps: int, out: Path) -> None:
     cap = RUNS[name][0]
     if name == "fp8":
         result = fp8_difference(tiny, device)
+    elif name == "fp8-toy":
+        result = toy_difference(device) | toy_training(4 if tiny else TOY_STEPS)
     else:
         pipe = build(tiny, device)
         if cap is not None and device.type == "cuda":
@@ -312,10 +397,12 @@ def rows_for(results: dict, tiny: bool) -> list[dict]:
         cap, batch, what = RUNS[name]
         if "failed" in result:
             rows.append(dict(name=name, what=what, value="failed", note=result["failed"]))
-        elif name == "fp8":
+        elif name.startswith("fp8"):
             for key, value in result.items():
-                if key.startswith(("fp8", "bf16")):
+                if " vs " in key:
                     rows.append(dict(name=name, what=key, value=f"{value:.4f}", note="relative L2"))
+                elif "loss" in key:
+                    rows.append(dict(name=name, what=key, value=f"{value:.5f}"))
         else:
             rate = result["images_per_s"]
             target = 2 * ref_rate if name in ("ours-12", "ours-24") else None
