@@ -180,3 +180,23 @@ def test_torch_compile_traces_an_fp8_layer_with_its_lora_to_the_same_numbers():
     torch.testing.assert_close(out, eager)
     for p, g in zip(layer.get("training").parameters(), grads, strict=True):
         torch.testing.assert_close(p.grad, g)
+
+
+def test_a_dtype_cast_keeps_the_8_bit_storage_and_changes_the_compute_dtype():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.Conv2d(2, 4, 3)).requires_grad_(False)
+    store_in_fp8(model)
+    linear = model[0]
+    stored, scale = linear.weight.detach().clone(), linear.weight_scale.clone()
+    x = torch.randn(3, 16)
+    before = linear(x)
+    model.to(torch.bfloat16)
+    assert linear.weight.dtype == torch.float8_e4m3fn and torch.equal(linear.weight, stored)
+    assert linear.weight_scale.dtype == torch.float32 and torch.equal(linear.weight_scale, scale)
+    assert linear.compute_dtype == torch.bfloat16 and linear.bias.dtype == torch.bfloat16
+    after = linear(x.to(torch.bfloat16))
+    assert after.dtype == torch.bfloat16
+    torch.testing.assert_close(after.float(), before, rtol=2e-2, atol=2e-2)
+    model.to(memory_format=torch.channels_last)  # a layout change is not a cast
+    assert model[1].weight.dtype == torch.float8_e4m3fn
+    assert model[1].weight.is_contiguous(memory_format=torch.channels_last)

@@ -64,6 +64,20 @@ class Fp8Weight:
         """W0 in the compute dtype, on the weight's device (upcast at each call)."""
         return dequantize(self.weight, self.weight_scale, self.compute_dtype)
 
+    def _apply(self, fn, recurse=True):
+        """Moves follow `fn`; a dtype cast (`.to(torch.float16)`, `.half()`) changes what the
+        weight is computed in, never its 8-bit storage nor its fp32 scale (a cast would turn
+        W0 / s into a weight without its scale)."""
+        weight, scale = self.weight.data, self.weight_scale
+        probe = fn(torch.zeros((), dtype=self.compute_dtype, device=weight.device))
+        super()._apply(fn, recurse)
+        if self.weight.dtype != weight.dtype:  # a cast: the 8-bit values back, where fn put them
+            self.weight.data = weight.to(self.weight.device)
+        if scale is not None and self.weight_scale.dtype != scale.dtype:
+            self.weight_scale = scale.to(self.weight.device)
+        self.compute_dtype = probe.dtype
+        return self
+
 
 class Fp8Linear(Fp8Weight, nn.Linear):
     """nn.Linear whose frozen weight is stored in fp8 and upcast at each call."""
