@@ -12,9 +12,9 @@ phase from a small table of per-family costs (`COSTS`):
   uncompiled steps when they compile in the background (`--compile auto` on a big GPU).
 
 Settings the user gave stay as given; the others ("auto") are chosen from the fastest that fits:
-full-precision weights, then fp8; a lower activation budget (compiled runs); gradient
-checkpointing; micro-batches (the batch split with gradient accumulation: the same images per
-optimizer step); blocks swapped to the CPU; then as many compile workers as fit (at most 8). When
+full-precision weights, then fp8; a lower activation budget (compiled runs); micro-batches (the
+batch split with gradient accumulation: the same images per optimizer step); gradient
+checkpointing; blocks swapped to the CPU; then as many compile workers as fit (at most 8). When
 nothing fits the run is refused with the numbers.
 """
 
