@@ -201,3 +201,19 @@ def test_generate_benchmark_times_every_run(tmp_path):
         "recorded again 0×, compiled 0 new graphs"
     )
     assert result["judged"] == []  # no target judged on the CPU
+
+
+def test_low_memory_benchmark_tiny_runs_ours_the_reference_and_fp8(tmp_path):
+    """benchmarks/low_memory.py --tiny: a capped run of ours (fp8 and swapped blocks, as its
+    tiny settings say), the checkpointed reference and the fp8 difference, each a process."""
+    out = tmp_path / "low.json"
+    args = ["--tiny", "--only", "fp8,ours-8,reference", "--steps", "3", "--json", str(out)]
+    smoke_run(["benchmarks/low_memory.py", *args])
+    result = json.loads(out.read_text(encoding="utf-8"))
+    runs = result["runs"]
+    assert set(runs) == {"fp8", "ours-8", "reference"}
+    assert runs["ours-8"]["images_per_s"] > 0 and runs["reference"]["images_per_s"] > 0
+    assert any(line.startswith("memory: 8.0 GiB free") for line in runs["ours-8"]["chosen"])
+    assert any(line.startswith("blocks swapped: 2 of") for line in runs["ours-8"]["chosen"])
+    assert 0 < runs["fp8"]["fp8 channel vs bf16"] < 0.2, runs["fp8"]
+    assert all(r.get("met") is None and r.get("fits") is None for r in result["rows"])

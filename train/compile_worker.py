@@ -27,6 +27,7 @@ def main(spec_path: str) -> None:
     """A worker: compile and run once each job of the spec file (see precompile.start_workers)."""
     from diffusers import UNet2DConditionModel
 
+    from sdlora.lora.fp8 import store_in_fp8
     from sdlora.lora.inject import add_trainable
     from sdlora.train.speed import set_activation_budget
 
@@ -48,6 +49,8 @@ def main(spec_path: str) -> None:
         unet = UNet2DConditionModel.from_config(spec["unet_config"])
     unet.requires_grad_(False)
     unet.to(dtype=getattr(torch, spec["weight_dtype"]))
+    if spec.get("base_precision") == "fp8":
+        store_in_fp8(unet)  # on the meta device: the same classes and dtypes, no values
     if spec["gradient_checkpointing"]:
         unet.enable_gradient_checkpointing()
     adapter = dict(spec["adapter"])

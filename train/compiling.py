@@ -198,6 +198,8 @@ def start_compile_workers(
         gradient_checkpointing=config.gradient_checkpointing,
         activation_budget=config.activation_budget,
         server=server,
+        workers=config.compile_workers or None,  # None: one per graph, at most 8
+        base_precision=config.base_precision,
     )
     return workers, len(jobs)
 

@@ -42,6 +42,8 @@ COMPILE_MIN_STEPS = 600
 # ~80 s that compiling adds (workers 44 s, first step 9.6 s, recording CUDA graphs 26 s) are paid
 # back after about 200 steps (whole commands: 300 uncompiled steps 160.9 s; 200 compiled 132.7 s)
 COMPILE_MIN_STEPS_BY_FAMILY = {"sdxl": 200}
+BASE_PRECISIONS = ("auto", "full", "fp8")
+MAX_SWAPPED_BLOCKS = 1000  # SDXL's UNet has 70 transformer blocks
 CROPS = ("center", "random")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 LOSS_TYPES = ("l2", "huber", "smooth_l1")  # kohya sd-scripts' names
@@ -514,6 +516,39 @@ class TrainConfig:
         max=1,
         metavar="FRACTION",
         resume=RUN,
+    )
+    # --- memory (train/memory_plan.py picks what is left at "auto" so the run fits the GPU) ---
+    # frozen UNet Linear/Conv2d weights: "full" in the compute dtype; "fp8" stored in
+    # float8_e4m3fn with a scale per output channel, upcast at each use (sdlora/lora/fp8.py)
+    base_precision: str = option(
+        "auto",
+        "frozen UNet weights: full (the --mixed-precision dtype), or fp8 (8-bit storage, computed "
+        "in bf16: half the memory, a small difference in the predictions, see docs/"
+        "performance.md); auto: fp8 only when the run would not fit the GPU otherwise",
+        group=OPTIMISATION,
+        choices=BASE_PRECISIONS,
+    )
+    # frozen transformer blocks kept on the CPU and copied in ahead of use (train/swap.py)
+    blocks_to_swap: int | None = option(
+        None,
+        "frozen transformer blocks of the UNet kept in CPU memory and copied to the GPU ahead of "
+        "their use, for the smallest GPUs: less memory, slower steps, no compiling",
+        group=OPTIMISATION,
+        default_text="as many as the GPU needs, usually 0",
+        min=0,
+        max=MAX_SWAPPED_BLOCKS,
+        metavar="N",
+    )
+    # processes compiling the UNet's graphs before (or while) the first steps run (precompile.py)
+    compile_workers: int | None = option(
+        None,
+        "processes that compile the UNet's graphs (each holds GPU memory of its own while it "
+        "works); 0: the training process compiles them itself",
+        group=OPTIMISATION,
+        default_text="as many as fit, at most 8",
+        min=0,
+        max=8,
+        metavar="N",
     )
     min_snr_gamma: float | None = option(  # min-SNR-γ loss weighting (Hang et al. 2023)
         None,
@@ -991,6 +1026,12 @@ class TrainConfig:
             not self.keep_best or self.has_validation,
             "keep_best",
             "needs validation images: add {validation_split} F or {validation_data} DIR",
+        )
+        need(
+            not (self.blocks_to_swap and self.compile == "on"),
+            "blocks_to_swap",
+            "runs the UNet uncompiled (each swapped layer waits for its copy); leave {compile} "
+            "at auto or off",
         )
         need(
             not (self.resume and self.overwrite),

@@ -44,6 +44,8 @@ from sdlora.train.finish import (
     save_words,
     trained_adapter,
 )
+from sdlora.train.memory_plan import Choice as MemoryChoice
+from sdlora.train.memory_plan import latent_chunk_argument as latent_chunk
 from sdlora.train.models import Models, effective_lrs, load_models, optimizer_mode, restore
 from sdlora.train.precompile import Server, start_server_for
 from sdlora.train.prior import PriorImages
@@ -53,6 +55,7 @@ from sdlora.train.setup import (
     DataRun,
     base_resolution,
     default_workers,
+    fit_to_gpu,
     make_accelerator,
     prepare_data,
 )
@@ -109,6 +112,7 @@ def train(
     pipe: DiffusionPipeline | None = None,
     on_step: Callable[[int], None] | None = None,
     compile_server: Server | None = None,
+    gpu_free_gib: float | None = None,
 ) -> Path:
     """Train a LoRA on `config.data_dir`; return the path of the adapter file written.
 
@@ -118,15 +122,19 @@ def train(
     fork server, started by the caller before its heavy imports (precompile.start_server_for);
     else this starts one if the run may need it. Either way it is closed once the models are
     loaded (the workers may have taken it); a caller that passed one closes it too, for a run
-    that fails before that.
+    that fails before that. `gpu_free_gib`: the GPU memory the run may use (None: what the GPU
+    has free); the memory planner fits the run into it (setup.fit_to_gpu).
     """
-    run = set_up(config, pipe, compile_server)
+    run = set_up(config, pipe, compile_server, gpu_free_gib)
     pace = loop(run, on_step)
     return finish(run, pace)
 
 
 def set_up(
-    config: TrainConfig, pipe: DiffusionPipeline | None, compile_server: Server | None
+    config: TrainConfig,
+    pipe: DiffusionPipeline | None,
+    compile_server: Server | None,
+    gpu_free_gib: float | None = None,
 ) -> Run:
     """Check, find the data, load the models, resume, cache: everything before the first step.
 
@@ -137,9 +145,12 @@ def set_up(
     setup_started = time.perf_counter()
     accelerator = make_accelerator(config)
     main = accelerator.is_main_process
+    config, memory = fit_to_gpu(config, accelerator, pipe, gpu_free_gib)
     data = prepare_data(config, accelerator)
     data_done = time.perf_counter()
-    models = load_models_beside_server(config, accelerator, data, pipe=pipe, server=compile_server)
+    models = load_models_beside_server(
+        config, accelerator, data, pipe=pipe, server=compile_server, memory=memory
+    )
     models_done = time.perf_counter()
     step = 0
     if data.resume_from is not None:
@@ -227,6 +238,7 @@ def load_models_beside_server(
     *,
     pipe: DiffusionPipeline | None,
     server: Server | None,
+    memory: MemoryChoice | None = None,
 ) -> Models:
     """`load_models`, with the compile workers' fork server (started now if none was and the
     run may need it) importing meanwhile; the server is closed after, unless the workers took
@@ -241,6 +253,7 @@ def load_models_beside_server(
             total_steps=data.total_steps,
             pipe=pipe,
             server=server,
+            memory=memory,
         )
     finally:
         if server is not None:
@@ -432,7 +445,11 @@ def make_caches(
     with torch.no_grad():  # no autocast: the fp32 VAE encodes in fp32
         if config.caches_latents:
             latent_cache = LatentCache(
-                models.pipe.vae, dataset, config.seed, show_progress=accelerator.is_main_process
+                models.pipe.vae,
+                dataset,
+                config.seed,
+                show_progress=accelerator.is_main_process,
+                **latent_chunk(models.memory, config.resolution),
             )
         if config.caches_text:
             captions = possible_captions(data.items, config)

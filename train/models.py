@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from sdlora.bases.base import check_t5_optional, load_base
 from sdlora.bases.families import family_of_pipeline
 from sdlora.errors import SdloraError
 from sdlora.lora.adapter import PREFIXES
+from sdlora.lora.fp8 import store_in_fp8
 from sdlora.lora.inject import (
     TEXT_ENCODER_TARGETS,
     add_trainable,
@@ -35,9 +36,11 @@ from sdlora.train.compiling import Compiling, beside_server, compile_choice, sta
 from sdlora.train.config import RESUME_MUST_MATCH, TrainConfig
 from sdlora.train.data import BatchPlan, derived_seed
 from sdlora.train.encode import long_captions
+from sdlora.train.memory_plan import Choice as MemoryChoice
 from sdlora.train.pivotal import NewWords, add_new_words
 from sdlora.train.prior import generate_missing
 from sdlora.train.speed import speed_up
+from sdlora.train.swap import BlockSwap, swap_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,8 @@ class Models:
     weight_dtype: torch.dtype  # of the frozen UNet and text-encoder weights
     words: NewWords | None = None  # new words trained with the adapter (pivotal tuning)
     compiling: Compiling | None = None  # compile workers still at work (--compile auto)
+    memory: MemoryChoice | None = None  # what the memory planner chose (setup.fit_to_gpu)
+    swap: BlockSwap | None = None  # blocks kept on the CPU (--blocks-to-swap)
 
 
 def load_models(
@@ -71,10 +76,12 @@ def load_models(
     total_steps: int,
     pipe: DiffusionPipeline | None = None,
     server: precompile.Server | None = None,
+    memory: MemoryChoice | None = None,
 ) -> Models:
     """Load the base (or take `pipe`), inject the adapter, build optimizer and schedule, compile.
 
-    server: the compile workers' fork server, started earlier (precompile.start_server_for)."""
+    server: the compile workers' fork server, started earlier (precompile.start_server_for);
+    memory: the memory planner's choice (setup.fit_to_gpu), whose settings `config` carries."""
     main = accelerator.is_main_process
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
@@ -117,6 +124,7 @@ def load_models(
         choice = compile_choice(
             config, device, steps=total_steps, buckets=buckets, family=family.name
         )
+        choice = fit_compile_choice(choice, config, memory)
         fast = speed_up(pipe.unet, device, compile=False, buckets=buckets)
     else:  # compiled regions, compile workers and the kernel pick are the UNet's
         choice, fast = CompilePlan(compile=False, warning=not_compiled(config, family)), {}
@@ -132,6 +140,16 @@ def load_models(
     )
     prepared = accelerator.prepare(*trained, optimizer)
     unet, optimizer = prepared[0], prepared[-1]
+    swap = swap_blocks(pipe.unet, config.blocks_to_swap or 0, device)
+    if swap is not None:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the swapped blocks' GPU copies
+        if main:
+            logger.info(
+                "blocks swapped: %d of %d transformer blocks in CPU memory",
+                len(swap.swapped),
+                len(swap.order),
+            )
     text_encoders = {name: getattr(pipe, name) for name in text_encoder_names(pipe)}
     text_encoders.update(zip(trained_encoders, prepared[1:-1], strict=True))
     compiling, compiled = start_compiling(
@@ -161,6 +179,8 @@ def load_models(
         weight_dtype=weight_dtype,
         words=words,
         compiling=compiling,
+        memory=memory,
+        swap=swap,
     )
 
 
@@ -187,12 +207,29 @@ def base_on_device(
             # cast where the weights are: a base just loaded is still on the CPU, so only the
             # bf16/fp16 copies reach the GPU (SDXL's fp32 UNet and text encoders are 13 GiB)
             cast_frozen(pipe, weight_dtype)
+        if config.base_precision == "fp8":  # layer by layer on the device: only fp8 stays
+            denoiser = getattr(pipe, family_of_pipeline(pipe).denoiser)
+            store_in_fp8(denoiser, device=accelerator.device)  # upcast to the weights' dtype
         pipe.to(accelerator.device)
     if accelerator.device.type == "cuda":
         # fp32 copies freed by a cast on the GPU (a pipeline handed in there, or --reg-generate)
         # would stay reserved in PyTorch's cache while the compile workers need memory of their own
         torch.cuda.empty_cache()
     return pipe
+
+
+def fit_compile_choice(
+    choice: CompilePlan, config: TrainConfig, memory: MemoryChoice | None
+) -> CompilePlan:
+    """The compile plan within the memory plan: no workers for --compile-workers 0, and the
+    workers before the first step where the planner found no room for them beside it."""
+    if not choice.compile:
+        return choice
+    if config.compile_workers == 0:
+        choice = replace(choice, workers=False)
+    if memory is not None and not memory.background:
+        choice = replace(choice, background=False)
+    return choice
 
 
 def inject_adapter(

@@ -233,6 +233,7 @@ def start_workers(
     workers: int | None = None,
     activation_budget: float = 1.0,
     server: Server | None = None,
+    base_precision: str = "full",
 ) -> Workers:
     """Start worker processes that compile the jobs' graphs (compile_plan.record_calls) into
     the on-disk compile cache.
@@ -255,6 +256,7 @@ def start_workers(
         "device": str(device),
         "compile": compile_options,
         "activation_budget": activation_budget,
+        "base_precision": base_precision,  # fp8: the regions' weights as sdlora/lora/fp8.py stores them
         "sdp_order": [int(b) for b in torch._C._get_sdp_priority_order()],
     }
     marker = done_marker({**spec, "jobs": jobs})

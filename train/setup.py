@@ -359,3 +359,124 @@ def hub_configs(repo_id: str) -> Path | None:
         return Path(found).parent.parent
     except Exception:  # no network, no such model, a login needed: load_base reports it
         return None
+
+
+def gpu_free_gib(device: torch.device) -> float | None:
+    """Free memory of the GPU `device` in GiB, within any per-process cap this process set
+    (torch.cuda.set_per_process_memory_fraction); None for a device that is not a GPU."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if fraction is not None:
+        capped = fraction(device) * total - torch.cuda.memory_reserved(device)
+        free = min(free, capped)
+    return max(0.0, free) / 2**30
+
+
+def base_family(config: TrainConfig, pipe=None) -> tuple[str, float | None]:
+    """(family name, denoiser parameters in millions if known) of the base, without loading it:
+    a loaded `pipe` says both; a built-in base is small (a million parameters at most); a
+    diffusers folder or cached Hub id says its family in its UNet config, a single file in its
+    keys. Anything unknown: SDXL, the largest UNet (the estimate errs on the safe side)."""
+    from sdlora.bases.families import (
+        SDXL,
+        family_of_pipeline,
+        family_of_single_file,
+        family_of_unet_config,
+    )
+
+    if pipe is not None:
+        family = family_of_pipeline(pipe)
+        denoiser = getattr(pipe, family.denoiser)
+        return family.name, sum(p.numel() for p in denoiser.parameters()) / 1e6
+    if config.base in BUILTIN:
+        from sdlora.bases.families import FAMILIES
+
+        family = next((f for f in FAMILIES if f.builtin == config.base), None)
+        return (family.name if family else "sd1"), 1.0
+    path = Path(config.base)
+    folder = path if path.is_dir() else None
+    if folder is None and is_hub_id(config.base):
+        folder = hub_configs(config.base)
+    if folder is not None:
+        try:
+            unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+            return family_of_unet_config(unet).name, None
+        except (OSError, ValueError, KeyError, TypeError, SdloraError):
+            return SDXL.name, None
+    if path.is_file():
+        family = single_file_family(path, family_of_single_file)
+        return (family or SDXL).name, None
+    return SDXL.name, None
+
+
+def fit_to_gpu(
+    config: TrainConfig, accelerator: Accelerator, pipe=None, free_gib: float | None = None
+):
+    """The config with the memory settings left to sdlora chosen (train/memory_plan.py), and the
+    planner's `Choice` (None off the GPU, unless `free_gib` says how much there is).
+
+    Settings at their defaults are the planner's to choose: --base-precision auto,
+    --blocks-to-swap and --compile-workers unset, --gradient-checkpointing off,
+    --activation-budget 1, --grad-accum 1 (the batch may then run as micro-batches). Refuses,
+    with the numbers, a run that fits in no way: before any model is loaded."""
+    from sdlora.train.compile_plan import cuda_graphs_allowed, room_for_background, will_compile
+    from sdlora.train.compiling import gpu_memory_gib
+    from sdlora.train.memory_plan import Request, plan_memory
+
+    device = accelerator.device
+    if free_gib is None:
+        free_gib = gpu_free_gib(device)
+    if free_gib is None:  # the CPU: nothing to fit; "auto" is full precision, nothing swapped
+        swapped = config.blocks_to_swap or 0
+        return replace(
+            config,
+            base_precision="full" if config.base_precision == "auto" else config.base_precision,
+            blocks_to_swap=swapped,
+            compile="off" if swapped else config.compile,
+        ), None
+    family, params_m = base_family(config, pipe)
+    steps = config.steps if config.epochs is None else None
+    steps = steps or (DEFAULT_STEPS if config.epochs is None else 0)  # epochs: assume eager
+    compiled = will_compile(config.compile, device, steps, 1, family=family)
+    default = TrainConfig.__dataclass_fields__
+    request = Request(
+        family=family,
+        params_m=params_m,
+        resolution=config.resolution,
+        batch=config.batch_size,
+        free_gib=free_gib,
+        compiled=compiled,
+        cuda_graphs=device.type == "cuda"
+        and cuda_graphs_allowed(config.grad_accum, config.gradient_checkpointing),
+        background=config.compile == "auto" and room_for_background(gpu_memory_gib(device)),
+        text_on_gpu=not config.caches_text or bool(config.sample_every) or config.has_validation,
+        caches_latents=config.caches_latents,
+        base_precision=None if config.base_precision == "auto" else config.base_precision,
+        gradient_checkpointing=config.gradient_checkpointing or None,
+        activation_budget=(
+            None
+            if config.activation_budget == default["activation_budget"].default
+            else config.activation_budget
+        ),
+        blocks_to_swap=config.blocks_to_swap,
+        compile_workers=config.compile_workers,
+        grad_accum=None if config.grad_accum == 1 else config.grad_accum,
+    )
+    choice = plan_memory(request)
+    if accelerator.is_main_process:
+        logger.info(choice.describe())
+    planned = replace(
+        config,
+        base_precision="fp8" if choice.fp8 else "full",
+        gradient_checkpointing=choice.gradient_checkpointing,
+        activation_budget=choice.activation_budget,
+        blocks_to_swap=choice.blocks_to_swap,
+        batch_size=choice.batch,
+        grad_accum=config.grad_accum * choice.grad_accum,
+        compile="off" if choice.blocks_to_swap else config.compile,
+    )
+    if choice.compile_workers is not None:
+        planned = replace(planned, compile_workers=choice.compile_workers)
+    return planned, choice
