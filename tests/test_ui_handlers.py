@@ -191,6 +191,43 @@ def test_bad_settings_are_refused(kwargs, message):
         h.make_settings(**kwargs)
 
 
+def test_seed_text_of_any_length_is_exact_or_refused_and_negative_is_random():
+    """Issue 32: the seed box holds text, so a 25-digit seed is refused in one line (not an
+    overflow), a 20-digit one is kept exactly, and -7 (as in A1111) draws a random seed."""
+    for text, message in [
+        ("1234567890123456789012345", r"from 0 to 2\*\*64 - 1 \(got 1234567890123456789012345\)"),
+        ("2e30", "from 0 to"),
+        ("1.5", "whole number"),
+        ("lots", "must be a number"),
+    ]:
+        with pytest.raises(SdloraError, match=message) as refused:
+            h.make_settings("x", seed=text)
+        assert refused.value.setting == "seed"
+    assert h.make_settings("x", seed=" 18446744073709551614 ").seed == 2**64 - 2
+    for text in ["-7", "-1", "", None, -3]:
+        assert 0 <= h.make_settings("x", seed=text).seed < 2**31
+    assert h.valid_form_value("seed", "-7") and h.valid_form_value("seed", "42")
+    assert not h.valid_form_value("seed", "1234567890123456789012345")
+    assert not h.valid_form_value("steps", 1e30) and not h.valid_form_value("width", 7.5)
+
+
+def test_number_boxes_pass_numbers_beyond_64_bits_on_as_floats():
+    """Gradio's JSON refuses ints beyond 64 bits: the event stream died when one was sent back."""
+    import orjson
+
+    from sdlora.ui.controls import SettingNumber, SettingSlider
+
+    number = SettingNumber(precision=0, minimum=0, maximum=10)
+    slider = SettingSlider(1, 150, step=1)
+    for control in (number, slider):
+        for typed in (2e30, -2e30, 1e24):
+            value = control.preprocess(typed)
+            assert value == typed and orjson.dumps(value)
+    assert number.preprocess(7.0) == 7 and isinstance(number.preprocess(7.0), int)
+    with pytest.raises(SdloraError, match="steps must be from 1 to 1000"):
+        h.make_settings("x", steps=slider.preprocess(2e30))
+
+
 def test_bad_strengths_and_unknown_adapters_are_refused(ctx):
     for mix, message in [
         ({"style": float("nan")}, "finite"),

@@ -56,7 +56,9 @@ def build_app(
 
     with gr.Blocks(title="sdlora mixer", analytics_enabled=False, delete_cache=CACHE_LIMITS) as app:
         session = gr.State(Session(base=base))
-        stored = gr.BrowserState({}, storage_key=mix_history.STORAGE_KEY)
+        stored = gr.BrowserState(
+            {}, storage_key=mix_history.STORAGE_KEY, secret=mix_history.storage_secret(ctx)
+        )
         gr.Markdown(
             f"**sdlora mixer** · adapters `{ctx.adapters.name}/` · datasets "
             f"`{ctx.datasets.name}/` · outputs `{ctx.outputs.name}/`",

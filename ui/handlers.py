@@ -35,7 +35,7 @@ CACHE = ".cache"  # under the outputs folder: uploads and temporary files, empti
 CACHE_MAX_AGE = 3600  # seconds an upload may stay in the cache while the app runs
 MAX_CELLS = SETTINGS["num_images"].maximum  # images in one compare grid, as in one generate call
 # The form's own values below the library's bounds: width/height 0 is the base's native size,
-# seed -1 a fresh random seed. Every other bound is the library's (`SETTINGS`).
+# a negative seed (as in A1111) a fresh random seed. Every other bound is the library's (`SETTINGS`).
 FORM_FLOOR = {"width": (0, "0 = native"), "height": (0, "0 = native"), "seed": (-1, "-1 = random")}
 
 
@@ -313,14 +313,17 @@ def make_settings(*values, **named) -> GenerateSettings:
 
 def _form_value(name: str, value):
     """One form value as GenerateSettings takes it: text as text, numbers as int or float (a
-    non-number refused, naming the setting), the form's 0 and -1 as what they stand for."""
+    non-number refused, naming the setting), the form's 0 as the native size and any negative
+    seed as a fresh random one. Numbers may come as text (the seed box: exact at any length)."""
     setting = SETTINGS[name]
     if setting.kind in ("text", "choice"):
         return "" if value is None else str(value)
-    if name == "seed" and value in (None, FORM_FLOOR["seed"][0]):
-        return random_seed()
+    if isinstance(value, str):
+        value = _number_text(name, value)
     if value is None:
-        return GenerateSettings.__dataclass_fields__[name].default
+        return (
+            random_seed() if name == "seed" else GenerateSettings.__dataclass_fields__[name].default
+        )
     try:
         number = value if isinstance(value, int) else float(value)
     except (TypeError, ValueError):
@@ -329,9 +332,36 @@ def _form_value(name: str, value):
         if not number.is_integer():
             raise SdloraError(f"must be a whole number (got {number:g})", setting=name)
         number = int(number)
+    if name == "seed" and number < 0:
+        return random_seed()
     if name in FORM_FLOOR and number == FORM_FLOOR[name][0]:
         return None
     return number
+
+
+def _number_text(name: str, text: str) -> int | float | None:
+    """A number typed as text: whole numbers exactly (any length), others as floats."""
+    text = text.strip().replace("_", "")
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise SdloraError(f"must be a number (got {paths.shown(text)})", setting=name) from None
+
+
+def valid_form_value(name: str, value) -> bool:
+    """Whether a kept form value (browser storage, an image's record) is one the form may show
+    again: within the library's bounds, or one of the form's own (0 native, negative seed)."""
+    try:
+        SETTINGS[name].check(_form_value(name, value))
+    except (SdloraError, OverflowError):
+        return False
+    return True
 
 
 def random_seed() -> int:

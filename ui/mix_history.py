@@ -2,18 +2,21 @@
 their prompt, settings, seed and mix) and Saved mixes; plus keeping the page across reloads.
 
 The page state (base, mix, prompt and settings) lives in the browser's storage
-(`gr.BrowserState`): every change of the mix and every Generate writes it, and loading the
-page reads it back. Images restore from their own PNG record (`history.read_recipe`).
+(`gr.BrowserState`): every change of the mix, of any setting (as it is typed) and every
+Generate writes it, and loading the page reads it back. Images restore from their own PNG
+record (`history.read_recipe`).
 """
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
 import gradio as gr
 
 from sdlora.bases.generate import SETTINGS
 from sdlora.errors import SdloraError
+from sdlora.io.writing import written_file
 from sdlora.ui import handlers as h
 from sdlora.ui import history
 from sdlora.ui.common import FREE, on, status_line
@@ -21,6 +24,7 @@ from sdlora.ui.state import Session
 from sdlora.ui.tab_mix import MixTab, history_items, render
 
 STORAGE_KEY = "sdlora-mixer"
+SECRET_FILE = ".ui-secret"  # in the outputs folder: the key browser storage is sealed with
 OLD_KEYS = {"negative": "negative_prompt"}  # page records kept before the keys were the settings'
 
 
@@ -61,6 +65,21 @@ def layout(ctx: h.Context) -> HistoryPanel:
     return HistoryPanel(gallery, status, mix_name, save_btn, saved_dd, load_btn, mixes_status)
 
 
+def storage_secret(ctx: h.Context) -> str:
+    """The key Gradio seals browser storage with, kept in the outputs folder so that pages
+    outlive a server restart (a fresh key each start would make every kept page unreadable)."""
+    path = ctx.outputs / SECRET_FILE
+    try:
+        secret = path.read_text().strip()
+    except OSError:
+        secret = ""
+    if len(secret) < 16:
+        secret = secrets.token_urlsafe(24)
+        with written_file(path) as tmp:
+            tmp.write_text(secret)
+    return secret
+
+
 def page_record(session: Session, *settings) -> dict:
     """What the browser keeps: base, mix and the generation settings."""
     return {
@@ -71,8 +90,12 @@ def page_record(session: Session, *settings) -> dict:
 
 
 def _settings_updates(values: dict) -> list:
-    """Updates for the Mix tab's settings from a {setting: value} dict (absent: unchanged)."""
+    """Updates for the Mix tab's settings from a {setting: value} dict (absent, or a value the
+    form may not show again such as a refused seed kept in storage: unchanged)."""
     values = {OLD_KEYS.get(k, k): v for k, v in values.items()}
+    values = {k: v for k, v in values.items() if k in SETTINGS and h.valid_form_value(k, v)}
+    if "seed" in values:
+        values["seed"] = "-1" if values["seed"] is None else str(values["seed"])  # text box
     return [gr.skip() if k not in values else values[k] for k in SETTINGS]
 
 
@@ -93,6 +116,11 @@ def wire(
 
     def persist(event) -> None:
         event.then(save_page, [session, *tab.settings], stored, **FREE)
+
+    for control in tab.settings:  # typed text is kept too, not only what a Generate used
+        control.change(
+            save_page, [session, *tab.settings], stored, trigger_mode="always_last", **FREE
+        )
 
     def restore_page(session: Session, record: dict | None) -> list:
         """Page load: the base, mix and settings this browser had (nothing if none kept)."""

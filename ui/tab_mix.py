@@ -68,7 +68,7 @@ class MixTab:
     negative_prompt: gr.Textbox
     steps: gr.Slider
     guidance: gr.Slider
-    seed: gr.Number
+    seed: gr.Textbox
     reuse_btn: gr.Button
     scheduler: gr.Dropdown
     width: gr.Number
@@ -159,7 +159,13 @@ def layout(ctx: h.Context, base: str, result_column: Callable[[], None]) -> MixT
                         elem_id="guidance",
                     )
                 with gr.Row(equal_height=True):
-                    seed = number("seed", -1, elem_id="seed")
+                    seed = gr.Textbox(  # text: exact at any length, never a JSON overflow
+                        "-1",
+                        label=h.form_label("seed"),
+                        max_lines=1,
+                        elem_id="seed",
+                        min_width=120,
+                    )
                     reuse_btn = gr.Button(
                         "Reuse last seed", size="sm", elem_id="reuse-seed", min_width=90
                     )
@@ -461,7 +467,7 @@ def wire(
     def on_reuse(session: Session) -> tuple:
         if session.last_seed is None:
             raise SdloraError("no image yet: generate once, then its seed can be reused")
-        return session.last_seed, f"Seed set to {session.last_seed}, the last one used."
+        return str(session.last_seed), f"Seed set to {session.last_seed}, the last one used."
 
     persist(tab.base_dd.change(on_base, [session, tab.base_dd], session, **FREE))
     tab.base_dd.input(on_pick_base, tab.base_dd, [tab.steps, tab.guidance], **FREE)

