@@ -125,3 +125,40 @@ def test_typed_text_survives_a_reload(server, browser):
     expect()(page.locator("#seed").get_by_role("textbox")).to_have_value("-7")
     ARTIFACTS.mkdir(exist_ok=True)
     page.context.close()
+
+
+def test_a_fresh_ui_started_as_the_readme_says_lists_the_adapter_it_trained(
+    browser, tmp_path, monkeypatch
+):
+    """The README trains into runs/style/ and then starts `sdlora ui`: the adapter is listed
+    without any flag, and a run finished while the page is open appears on Refresh."""
+    from test_readme import LINES
+
+    from sdlora.cli import build_parser
+    from sdlora.ui.app import launch
+    from sdlora.ui.command import app_from_args
+
+    commands = [argv for line in LINES for argv in line if argv[0] == "sdlora"]
+    trained = next(argv[argv.index("--lora") + 1] for argv in commands if "--lora" in argv)
+    ui = next(argv for argv in commands if argv[1] == "ui")
+    monkeypatch.chdir(tmp_path)
+    make_adapter_file(lambda: load_base("tiny"), tmp_path / trained, seed=3)
+    args = build_parser().parse_args(ui[1:])
+    app = app_from_args(args)
+    port = free_port()
+    launch(app, host="127.0.0.1", port=port, block=False)
+    try:
+        page = open_page(browser, f"http://127.0.0.1:{port}/", WIDE)
+        name = trained.removesuffix(".safetensors")
+        page.click("#adapter-pick input")
+        expect()(page.get_by_role("option", name=name, exact=True)).to_be_visible()
+        page.keyboard.press("Escape")
+        later = tmp_path / "runs" / "later" / "later.safetensors"
+        make_adapter_file(lambda: load_base("tiny"), later, seed=4)
+        page.click("#refresh")
+        expect()(page.locator("#add-status")).to_contain_text("refreshed")
+        page.click("#adapter-pick input")
+        expect()(page.get_by_role("option", name="runs/later/later", exact=True)).to_be_visible()
+        page.context.close()
+    finally:
+        app.close()

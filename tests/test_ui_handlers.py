@@ -228,6 +228,47 @@ def test_number_boxes_pass_numbers_beyond_64_bits_on_as_floats():
         h.make_settings("x", steps=slider.preprocess(2e30))
 
 
+def test_adapters_are_found_in_runs_and_more_folders_and_stay_inside_them(folders, tmp_path):
+    """Issue 32: `runs/*/` and extra --adapters folders are listed under their folder's name;
+    checkpoints deeper in a run, names leaving a folder and links out are not."""
+    runs, more, outside = tmp_path / "runs", tmp_path / "loras", tmp_path / "outside"
+    for folder in (runs / "style", runs / "style" / "checkpoints" / "step-5", more, outside):
+        folder.mkdir(parents=True)
+    src = folders["adapters"] / "style.safetensors"
+    for path in (runs / "style" / "style.safetensors", more / "pastel.safetensors"):
+        shutil.copy(src, path)
+    shutil.copy(src, runs / "style" / "checkpoints" / "step-5" / "style.safetensors")
+    shutil.copy(src, outside / "secret.safetensors")
+    (runs / "style" / "link.safetensors").symlink_to(outside / "secret.safetensors")
+    ctx = h.Context(
+        "tiny",
+        tmp_path / "adapters",
+        tmp_path / "d",
+        tmp_path / "o",
+        more_adapters=[more],
+        runs=runs,
+    )
+    assert "No adapters yet" in h.adapters_hint(ctx, [])
+    assert h.list_adapters(ctx) == ["loras/pastel", "runs/style/style"]
+    assert h.adapters_hint(ctx, h.list_adapters(ctx)) is None
+    assert (
+        h.adapter_path(ctx, "runs/style/style") == (runs / "style" / "style.safetensors").resolve()
+    )
+    assert h.adapter_path(ctx, "loras/pastel.safetensors").parent == more.resolve()
+    for name, message in [
+        ("runs/style/link", "outside its folder"),
+        ("runs/../outside/secret", "not allowed"),
+        ("runs/style/checkpoints/step-5/style", "no such file"),
+        ("loras/../outside/secret", "not allowed"),
+        ("runs/nothere/x", "no such file"),
+    ]:
+        with pytest.raises(SdloraError, match=message):
+            h.adapter_path(ctx, name)
+    session = Session(base="tiny")
+    h.add_adapter(ctx, session, "runs/style/style")
+    assert session.names() == ["runs/style/style"]
+
+
 def test_bad_strengths_and_unknown_adapters_are_refused(ctx):
     for mix, message in [
         ({"style": float("nan")}, "finite"),

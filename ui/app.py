@@ -38,8 +38,11 @@ def build_app(
     outputs_dir: str | Path = "outputs",
     device: str | None = None,
     max_upload_mb: int = 2048,
+    more_adapters: list[str | Path] = (),
+    runs_dir: str | Path | None = None,
 ) -> gr.Blocks:
-    """The mixer UI over the given base and folders; nothing outside these folders is touched."""
+    """The mixer UI over the given base and folders; nothing outside these folders is touched.
+    Adapters are also listed (read only) from `more_adapters` and the run folders of `runs_dir`."""
     ctx = h.Context(
         base=base,
         adapters=Path(adapters_dir),
@@ -47,6 +50,8 @@ def build_app(
         outputs=Path(outputs_dir),
         engine=Engine(device),
         max_upload_bytes=max_upload_mb * 2**20,
+        more_adapters=list(more_adapters),
+        runs=runs_dir,
     )
     # Gradio keeps uploads in the UI's own cache folder, emptied now and aged out while serving;
     # it reads the variable as each component and the server are made, so before any of them.
@@ -59,8 +64,9 @@ def build_app(
         stored = gr.BrowserState(
             {}, storage_key=mix_history.STORAGE_KEY, secret=mix_history.storage_secret(ctx)
         )
+        listed = " ".join(f"`{p}/`" for p, _, _ in h.adapter_folders(ctx))
         gr.Markdown(
-            f"**sdlora mixer** · adapters `{ctx.adapters.name}/` · datasets "
+            f"**sdlora mixer** · adapters `{ctx.adapters.name}/` {listed} · datasets "
             f"`{ctx.datasets.name}/` · outputs `{ctx.outputs.name}/`",
             elem_id="header",
         )
@@ -89,7 +95,7 @@ def build_app(
         def lists() -> tuple:
             names = h.list_adapters(ctx)
             return (
-                gr.Dropdown(choices=names),
+                gr.Dropdown(choices=names, info=h.adapters_hint(ctx, names)),
                 gr.Dropdown(choices=names),
                 gr.Dropdown(choices=h.base_choices(ctx)),
                 gr.Dropdown(choices=history_store.list_mixes(ctx.outputs)),

@@ -53,8 +53,15 @@ class Context:
     outputs: Path  # images, grids, exports and training runs are written here
     engine: Engine = field(default_factory=Engine)
     max_upload_bytes: int = MAX_UPLOAD_BYTES
+    # where else adapters are listed from (read only), each under its folder's name:
+    more_adapters: list[Path] = field(
+        default_factory=list
+    )  # e.g. "loras/x" for loras/x.safetensors
+    runs: Path | None = None  # training runs: "runs/style/style" for runs/style/style.safetensors
 
     def __post_init__(self) -> None:
+        self.more_adapters = [Path(p).resolve() for p in self.more_adapters]
+        self.runs = Path(self.runs).resolve() if self.runs else None
         self.adapters = Path(self.adapters).resolve()
         self.datasets = Path(self.datasets).resolve()
         self.outputs = Path(self.outputs).resolve()
@@ -113,14 +120,64 @@ def resolve_base(ctx: Context, choice: str) -> str:
     return str(path)
 
 
+def adapter_folders(ctx: Context) -> list[tuple[str, Path, int | None]]:
+    """The folders adapters are listed from besides the adapters folder: (the name they are
+    listed under, the folder, how deep files may lie: None any depth, 1 in each run folder)."""
+    folders, taken = [], set()
+    for root, depth in [*((p, None) for p in ctx.more_adapters), (ctx.runs, 1)]:
+        if root is None or root == ctx.adapters:
+            continue
+        prefix, n = root.name or "folder", 1
+        while prefix in taken:
+            n += 1
+            prefix = f"{root.name}-{n}"
+        taken.add(prefix)
+        folders.append((prefix, root, depth))
+    return folders
+
+
 def list_adapters(ctx: Context) -> list[str]:
-    """Adapter names in the adapters folder."""
-    return paths.list_adapters(ctx.adapters)
+    """Adapter names: the adapters folder's by their path in it ("style"), then those of the
+    other folders under the folder's name ("runs/style/style"); one file is listed once."""
+    names = paths.list_adapters(ctx.adapters)
+    seen = {(ctx.adapters / n).with_suffix(paths.ADAPTER_SUFFIX) for n in names}
+    for prefix, root, depth in adapter_folders(ctx):
+        for rel in paths.list_adapters(root):
+            file = (root / (rel + paths.ADAPTER_SUFFIX)).resolve()
+            if (depth is None or rel.count("/") == depth) and file not in seen:
+                seen.add(file)
+                names.append(f"{prefix}/{rel}")
+    return names
+
+
+def adapters_hint(ctx: Context, names: list[str]) -> str | None:
+    """What the adapter list says when it is empty: where adapters come from."""
+    if names:
+        return None
+    runs = f" or sdlora train --output {ctx.runs.name}/NAME" if ctx.runs else ""
+    return (
+        f"No adapters yet: put .safetensors files in {ctx.adapters.name}/, train one (Train tab"
+        f"{runs}) or upload one, then press Refresh lists."
+    )
+
+
+def adapter_path(ctx: Context, name: str) -> Path:
+    """The file of adapter `name` as `list_adapters` names it; every name stays inside its
+    folder (`paths.inside`), and a run's adapter is a file directly in its run folder."""
+    path = paths.inside(
+        ctx.adapters, name.removesuffix(paths.ADAPTER_SUFFIX) + paths.ADAPTER_SUFFIX, "adapter"
+    )
+    if not path.is_file():
+        for prefix, root, depth in adapter_folders(ctx):
+            rest = name.removeprefix(prefix + "/")
+            if rest != name and (depth is None or rest.count("/") == depth):
+                return paths.adapter_file(root, rest)
+    return paths.adapter_file(ctx.adapters, name)
 
 
 def adapter_info(ctx: Context, name: str) -> dict:
     """What `sdlora inspect` tells about adapter `name` (read once per version of the file)."""
-    path = paths.adapter_file(ctx.adapters, name)
+    path = adapter_path(ctx, name)
     stat = path.stat()
     return _info(str(path), stat.st_mtime_ns, stat.st_size)
 
@@ -132,10 +189,12 @@ def _info(path: str, mtime_ns: int, size: int) -> dict:
 
 def inspect_adapter(ctx: Context, name: str, base: str = "") -> str:
     """`sdlora inspect` text for adapter `name`, with coverage against the chosen base."""
-    path = paths.adapter_file(ctx.adapters, name)
+    path = adapter_path(ctx, name)
     with ctx.engine.mixed(resolve_base(ctx, base), {}) as (pipe, _):
         info = inspect_file(path, pipe)
-    return format_text(info | {"file": paths.relative(ctx.adapters, path)})
+    return format_text(
+        info | {"file": name.removesuffix(paths.ADAPTER_SUFFIX) + paths.ADAPTER_SUFFIX}
+    )
 
 
 def summary(info: dict) -> str:
@@ -154,7 +213,7 @@ def add_adapter(ctx: Context, session: Session, name: str, strength: float = 1.0
     """Put adapter `name` into the visitor's mix, after checking that it fits their base."""
     if not name:
         raise SdloraError("pick an adapter from the list first (or upload one)")
-    path = paths.adapter_file(ctx.adapters, name)
+    path = adapter_path(ctx, name)
     if name in session.names():
         raise SdloraError(f"{name} is already in the mix; set its strength in its row")
     try:
@@ -189,7 +248,7 @@ def add_from_prompt(ctx: Context, session: Session, prompt: str) -> tuple[str, l
     """
     clean, strengths, blocks = split_lora_tags(prompt)
     for name, strength in strengths.items():
-        paths.adapter_file(ctx.adapters, name)  # refuses a name no file can have, in one line
+        adapter_path(ctx, name)  # refuses a name no file can have, in one line
         check_ui_strength(strength, f"<lora:{name}:{strength:g}>")
         if name in blocks:
             parse_blocks(blocks[name])
@@ -276,7 +335,7 @@ def mix_files(ctx: Context, strengths: dict[str, float] | None) -> dict[str, tup
         if not math.isfinite(strength):
             raise SdloraError(f"strength of {name!r} must be a finite number")
         name = name.removesuffix(paths.ADAPTER_SUFFIX)
-        mix[name] = (paths.adapter_file(ctx.adapters, name), strength)
+        mix[name] = (adapter_path(ctx, name), strength)
     return mix
 
 

@@ -127,6 +127,7 @@ def layout(ctx: h.Context, base: str, result_column: Callable[[], None]) -> MixT
                 adapter_dd = gr.Dropdown(
                     h.list_adapters(ctx),
                     value=None,
+                    info=h.adapters_hint(ctx, h.list_adapters(ctx)),
                     label="Adapter file",
                     elem_id="adapter-pick",
                     scale=3,
