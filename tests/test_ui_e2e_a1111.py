@@ -162,3 +162,25 @@ def test_a_fresh_ui_started_as_the_readme_says_lists_the_adapter_it_trained(
         page.context.close()
     finally:
         app.close()
+
+
+def test_ctrl_enter_generates_and_the_result_comes_into_view_at_800_px(server, browser):
+    """A1111's Ctrl+Enter in the prompt generates (Enter stays a new line); at 800 px wide the
+    result sits under the controls, and the page scrolls it into view."""
+    page = open_page(browser, server["url"], NARROW)
+    box = page.locator("#prompt").get_by_role("textbox")
+    box.fill("a red circle")
+    box.press("Enter")
+    expect()(box).to_have_value("a red circle\n")
+    assert page.locator("#mix-status").inner_text().strip() == ""  # Enter did not generate
+    set_number(page, "#steps", "2")
+    box.press("Control+Enter")
+    expect()(page.locator("#mix-status")).to_contain_text("1 image(s)")
+    image = page.locator("#result img").first
+    image.wait_for(state="visible")
+    page.wait_for_function("document.querySelector('#result img').complete")
+    page.wait_for_timeout(300)  # the scroll runs just after the result is drawn
+    rect = image.evaluate("e => { const r = e.getBoundingClientRect(); return [r.top, r.bottom] }")
+    assert 0 <= rect[0] and rect[1] <= NARROW["height"], rect
+    page.screenshot(path=str(ARTIFACTS / "ui-mix-800.png"))
+    page.context.close()

@@ -24,7 +24,7 @@ from sdlora.ui import handlers as h
 from sdlora.ui import history as history_store
 from sdlora.ui import mix_history, tab_compare, tab_export, tab_inspect, tab_mix, tab_train
 from sdlora.ui.api import add_api
-from sdlora.ui.common import CSS, FREE, GPU, guard, on
+from sdlora.ui.common import CSS, FREE, GPU, KEYS_JS, guard, on
 from sdlora.ui.engine import Engine
 from sdlora.ui.state import Session
 
@@ -150,6 +150,7 @@ def launch(
     os.environ["GRADIO_TEMP_DIR"] = app.GRADIO_CACHE  # this app's cache, if others were built since
     app.launch(
         css=CSS,
+        js=KEYS_JS,
         server_name=host,
         server_port=port,
         share=share,

@@ -49,6 +49,39 @@ CSS = """
 """
 
 
+# A1111's keys, page-wide: Ctrl+Enter (Cmd+Enter) presses the visible tab's Generate / Make
+# grid, Esc its Interrupt (plain Enter in the prompt stays a new line).
+KEYS_JS = """
+() => {
+  const press = (ids) => ids.some((id) => {
+    const button = document.getElementById(id);
+    if (!button || button.offsetParent === null) return false;
+    button.click();
+    return true;
+  });
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+      if (press(["generate", "compare"])) event.preventDefault();
+    } else if (event.key === "Escape" && !document.querySelector(".sd-lightbox.open")) {
+      press(["interrupt", "compare-interrupt"]);
+    }
+  });
+}
+"""
+
+
+def into_view_js(result: str, status: str) -> str:
+    """JS run after a job: scroll its result (or, when it failed, its status line) into view,
+    as little as needed; at narrow widths the result sits under the controls."""
+    return f"""
+() => setTimeout(() => {{
+  const failed = document.querySelector("#{status} .sd-error");
+  const target = document.getElementById(failed ? "{status}" : "{result}");
+  if (target) target.scrollIntoView({{block: "nearest"}});
+}}, 60)
+"""
+
+
 def status_line(elem_id: str) -> gr.HTML:
     """The status line of one button (or one row of buttons): confirmations and errors."""
     return gr.HTML("", elem_id=elem_id, elem_classes="sd-status", padding=False)

@@ -24,7 +24,18 @@ from sdlora.bases.recommend import guidance_and_steps
 from sdlora.errors import SdloraError
 from sdlora.lora.blocks import parse_blocks
 from sdlora.ui import handlers as h
-from sdlora.ui.common import FREE, JOB, failed, on, queued, reporter, status_line, sync_mix, waiting
+from sdlora.ui.common import (
+    FREE,
+    JOB,
+    failed,
+    into_view_js,
+    on,
+    queued,
+    reporter,
+    status_line,
+    sync_mix,
+    waiting,
+)
 from sdlora.ui.controls import SettingNumber, SettingSlider
 from sdlora.ui.state import MAX_ADAPTERS, Session
 from sdlora.ui.strength import Strength
@@ -529,6 +540,7 @@ def wire(
         **JOB,
     )
     persist(generating)
+    generating.then(None, js=into_view_js("result", "mix-status"))
     tab.interrupt_btn.click(on_interrupt, session, tab.status, **FREE)
 
 
