@@ -184,3 +184,21 @@ def test_ctrl_enter_generates_and_the_result_comes_into_view_at_800_px(server, b
     assert 0 <= rect[0] and rect[1] <= NARROW["height"], rect
     page.screenshot(path=str(ARTIFACTS / "ui-mix-800.png"))
     page.context.close()
+
+
+def test_a_bad_distilled_rank_is_told_beside_export(server, browser):
+    """Rank 0, -3 or 2.5 were a bare "Error" pill with "Starting…" forever, or silently 2."""
+    page = open_page(browser, server["url"], WIDE)
+    page.get_by_role("tab", name="Export").click()
+    page.locator("#export-distill input").check()
+    status = page.locator("#export-status")
+    for typed, message in [
+        ("0", "Distilled rank must be from 1 to 1024 (got 0)"),
+        ("-3", "Distilled rank must be from 1 to 1024 (got -3)"),
+        ("2.5", "Distilled rank must be a whole number (got 2.5)"),
+    ]:
+        set_number(page, "#export-rank", typed)
+        page.click("#export")
+        expect()(status).to_contain_text(message)
+    assert page.locator(".toast-body").count() == 0
+    page.context.close()
