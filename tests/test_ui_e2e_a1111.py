@@ -202,3 +202,24 @@ def test_a_bad_distilled_rank_is_told_beside_export(server, browser):
         expect()(status).to_contain_text(message)
     assert page.locator(".toast-body").count() == 0
     page.context.close()
+
+
+def test_shared_prompt_weights_are_clamped_with_a_note_or_taken_in_extended_range(server, browser):
+    page = open_page(browser, server["url"], WIDE)
+    fill(page, "#prompt", "a red circle <lora:style:1.2>")
+    set_number(page, "#steps", "2")
+    page.click("#generate")
+    status = page.locator("#mix-status")
+    expect()(status).to_contain_text("<lora:style:1.2> clamped to 1")
+    expect()(status).to_contain_text("1 image(s)")
+    expect()(page.locator("#strength-0 input[type=number]")).to_have_value("1")
+    page.locator("#extended input").check()
+    expect()(page.locator("#add-status")).to_contain_text("from -1 to 2")
+    fill(page, "#prompt", "a red circle <lora:style:-0.5>")
+    page.click("#generate")
+    expect()(status).to_contain_text("style -0.5")
+    expect()(page.locator("#strength-0 input[type=number]")).to_have_value("-0.5")
+    assert page.locator("#strength-0 input[type=number]").get_attribute("min") == "-1"
+    page.locator("#extended input").uncheck()  # back to 0-1: clamped, and said so
+    expect()(page.locator("#add-status")).to_contain_text("Clamped: style to 0")
+    page.context.close()

@@ -391,8 +391,31 @@ def test_lora_tags_in_the_prompt_join_the_mix(ctx):
     prompt, names = h.add_from_prompt(ctx, session, "a red circle <lora:style:0.5> <lora:detail>")
     assert prompt == "a red circle" and names == ["style", "detail"]
     assert [(i.name, i.strength) for i in session.mix] == [("detail", 1.0), ("style", 0.5)]
-    with pytest.raises(SdloraError, match="from 0 to 1"):
-        h.add_from_prompt(ctx, Session("tiny"), "x <lora:style:1.5>")
+    # issue 32: a shared prompt's weight outside the sliders' range is clamped with a note
+    session, notes = Session("tiny"), []
+    h.add_from_prompt(ctx, session, "x <lora:style:1.5> <lora:detail:-0.5>", notes)
+    assert [(i.name, i.strength) for i in session.mix] == [("style", 1.0), ("detail", 0.0)]
+    assert "<lora:style:1.5> clamped to 1" in notes[0] and "Extended range" in notes[0]
+    assert "<lora:detail:-0.5> clamped to 0" in notes[1]
+
+
+def test_extended_range_takes_weights_from_minus_1_to_2(ctx):
+    from sdlora.ui.common import sync_mix
+    from sdlora.ui.state import MAX_ADAPTERS
+
+    session, notes = Session("tiny", extended=True), []
+    h.add_from_prompt(ctx, session, "x <lora:style:1.2> <lora:detail:-3>", notes)
+    assert [(i.name, i.strength) for i in session.mix] == [("style", 1.2), ("detail", -1.0)]
+    assert len(notes) == 1 and "clamped to -1" in notes[0]
+    pad = [0.0] * (MAX_ADAPTERS - 2)
+    sync_mix(session, "tiny", (True, True, *[False] * (MAX_ADAPTERS - 2), 2.0, -0.5, *pad))
+    assert session.strengths() == {"style": 2.0, "detail": -0.5}
+    with pytest.raises(SdloraError, match="from -1 to 2"):
+        sync_mix(session, "tiny", (True, True, *[False] * (MAX_ADAPTERS - 2), 2.5, 0, *pad))
+    assert h.parse_strengths("-1, 2", "X", *session.strength_range) == [-1.0, 2.0]
+    kept = Session("tiny")  # a stored mix read back with the range off is clamped into 0-1
+    kept.set_mix(session.mix_record())
+    assert kept.strengths() == {"style": 1.0, "detail": 0.0}
     with pytest.raises(SdloraError, match="no such file"):
         h.add_from_prompt(ctx, Session("tiny"), "x <lora:nothere:0.5>")
 

@@ -109,7 +109,15 @@ def build_app(
         app.load(on_load, None, [*list_outputs, train.dataset_dd], **FREE).then(
             restore_page,
             [session, stored],
-            [session, mix.base_dd, *mix.rows, *choices, *mix.settings, history.gallery],
+            [
+                session,
+                mix.base_dd,
+                mix.extended,
+                *mix.rows,
+                *choices,
+                *mix.settings,
+                history.gallery,
+            ],
             **FREE,
         )
         on(

@@ -225,15 +225,17 @@ def reporter(progress: gr.Progress) -> Callable[[float, str], None]:
 def sync_mix(session: Session, base: str, values: tuple) -> Session:
     """Copy the on boxes and strength sliders (values = ons then strengths) into the session.
 
-    A strength outside 0-1 is refused (the UI's range), naming the adapter; nothing changes.
+    A strength outside the UI's range (0-1, or -1 to 2 with the extended range on) is
+    refused, naming the adapter; nothing changes.
     """
     ons, strengths = values[:MAX_ADAPTERS], values[MAX_ADAPTERS:]
+    low, high = session.strength_range
     for i, item in enumerate(session.mix):
         value = float(strengths[i])
-        if not 0.0 <= value <= 1.0:
+        if not low <= value <= high:
             raise SdloraError(
-                f"strength of {item.name} must be from 0 to 1 (got {value:g}); it stays at "
-                f"{item.strength:g}"
+                f"strength of {item.name} must be from {low:g} to {high:g} (got {value:g}); it "
+                f"stays at {item.strength:g}"
             )
     session.base = base or session.base
     for i, item in enumerate(session.mix):

@@ -240,16 +240,30 @@ def _mismatch(ctx: Context, name: str, base: str) -> str | None:
     return f"{name} was trained for base {trained_for}, not {base}; {switch}"
 
 
-def add_from_prompt(ctx: Context, session: Session, prompt: str) -> tuple[str, list[str]]:
+def add_from_prompt(
+    ctx: Context, session: Session, prompt: str, notes: list[str] | None = None
+) -> tuple[str, list[str]]:
     """Take `<lora:name:w>` tags out of `prompt` into the mix: (prompt without tags, names).
 
     A tag for an adapter already in the mix sets its strength; a new one is added (checked
-    against the base like Add to mix). Strengths outside 0-1 are refused.
+    against the base like Add to mix). A weight outside the session's range (0-1, or -1 to 2
+    extended) is clamped into it, and `notes` gets a line saying so.
     """
     clean, strengths, blocks = split_lora_tags(prompt)
+    low, high = session.strength_range
     for name, strength in strengths.items():
         adapter_path(ctx, name)  # refuses a name no file can have, in one line
-        check_ui_strength(strength, f"<lora:{name}:{strength:g}>")
+        if not low <= strength <= high:
+            clamped = min(max(strength, low), high)
+            if notes is not None:
+                notes.append(
+                    f"<lora:{name}:{strength:g}> clamped to {clamped:g} (strengths here are "
+                    f"{low:g} to {high:g}; turn on Extended range for -1 to 2)"
+                    if not session.extended
+                    else f"<lora:{name}:{strength:g}> clamped to {clamped:g} (at most "
+                    f"{low:g} to {high:g})"
+                )
+            strength = strengths[name] = clamped
         if name in blocks:
             parse_blocks(blocks[name])
         if name not in session.names():
@@ -261,10 +275,12 @@ def add_from_prompt(ctx: Context, session: Session, prompt: str) -> tuple[str, l
     return clean, list(strengths)
 
 
-def check_ui_strength(value: float, what: str) -> float:
-    """The UI's strength range is 0-1 (the API and CLI take any strength); refuse others."""
-    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise SdloraError(f"{what}: strengths in the UI are from 0 to 1 (got {value:g})")
+def check_ui_strength(value: float, what: str, low: float = 0.0, high: float = 1.0) -> float:
+    """The UI's strength range is 0-1 (-1 to 2 extended; the API and CLI take any strength)."""
+    if not (math.isfinite(value) and low <= value <= high):
+        raise SdloraError(
+            f"{what}: strengths in the UI are from {low:g} to {high:g} (got {value:g})"
+        )
     return value
 
 
@@ -477,8 +493,10 @@ def _free(path: Path) -> Path:
     return candidate
 
 
-def parse_strengths(text: str, what: str = "strengths") -> list[float]:
-    """'0, 0.25, 0.5' -> [0.0, 0.25, 0.5]; each from 0 to 1, as the Mix tab's sliders."""
+def parse_strengths(
+    text: str, what: str = "strengths", low: float = 0.0, high: float = 1.0
+) -> list[float]:
+    """'0, 0.25, 0.5' -> [0.0, 0.25, 0.5]; each in the Mix tab's sliders' range."""
     try:
         values = [float(v) for v in (text or "").replace(";", ",").split(",") if v.strip()]
     except ValueError:
@@ -486,7 +504,7 @@ def parse_strengths(text: str, what: str = "strengths") -> list[float]:
     if not values or not all(math.isfinite(v) for v in values):
         raise SdloraError(f"{what}: give numbers separated by commas, e.g. 0, 0.5, 1")
     for value in values:
-        check_ui_strength(value, what)
+        check_ui_strength(value, what, low, high)
     return values
 
 

@@ -84,6 +84,7 @@ def page_record(session: Session, *settings) -> dict:
     """What the browser keeps: base, mix and the generation settings."""
     return {
         "base": session.base,
+        "extended": session.extended,
         "mix": session.mix_record(),
         "settings": dict(zip(SETTINGS, settings, strict=True)),
     }
@@ -128,12 +129,14 @@ def wire(
         choices = h.base_choices(ctx)
         if record.get("base") in choices:
             session.base = record["base"]
+        session.extended = record.get("extended") is True
         session.set_mix(record.get("mix") or [])
         session.mix = [i for i in session.mix if i.name in h.list_adapters(ctx)]
         values = record.get("settings") if isinstance(record.get("settings"), dict) else {}
         return [
             session,
             gr.Dropdown(value=session.base),
+            gr.Checkbox(value=session.extended),
             *render(ctx, session),
             *_settings_updates(values),
             history_items(ctx),

@@ -65,8 +65,10 @@ def wire(ctx: h.Context, tab: CompareTab, session: gr.State, mix: MixTab) -> Non
         session = sync_mix(session, base, mix_values)
         settings = h.make_settings(*form)
         y_name = "" if y_name in (None, NO_SECOND) else y_name
-        x_values = h.parse_strengths(x_text, "X strengths")
-        y_values = h.parse_strengths(y_text, "Y strengths") if y_name else None
+        x_values = h.parse_strengths(x_text, "X strengths", *session.strength_range)
+        y_values = (
+            h.parse_strengths(y_text, "Y strengths", *session.strength_range) if y_name else None
+        )
         path = h.run_compare(
             ctx,
             base,

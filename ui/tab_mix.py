@@ -89,6 +89,7 @@ class MixTab:
     interrupt_btn: gr.Button
     status: gr.HTML
     result: gr.HTML
+    extended: gr.Checkbox
 
     @property
     def mix_values(self) -> list:
@@ -152,6 +153,12 @@ def layout(ctx: h.Context, base: str, result_column: Callable[[], None]) -> MixT
                     size="sm",
                 )
                 refresh_btn = gr.Button("Refresh lists", size="sm", elem_id="refresh")
+                extended = gr.Checkbox(
+                    False,
+                    label="Extended range (−1 to 2)",
+                    elem_id="extended",
+                    min_width=120,
+                )
             add_status = status_line("add-status")
             slots = [slot_row(i) for i in range(MAX_ADAPTERS)]
             with gr.Accordion("Settings", open=True, elem_id="settings"):
@@ -226,6 +233,7 @@ def layout(ctx: h.Context, base: str, result_column: Callable[[], None]) -> MixT
         interrupt_btn,
         status,
         result,
+        extended,
     )
 
 
@@ -296,10 +304,11 @@ def render(ctx: h.Context, session: Session) -> list:
         except SdloraError as err:
             meta, trigger_words = f"⚠ {err}", []
         values, custom = _group_values(item.blocks)
+        low, high = session.strength_range
         out += [
             gr.Group(visible=True),
             gr.Checkbox(value=item.enabled),
-            gr.Slider(value=item.strength, label=item.name),
+            gr.Slider(value=item.strength, label=item.name, minimum=low, maximum=high),
             gr.Markdown(meta),
             gr.Dataset(samples=[[w] for w in trigger_words], visible=bool(trigger_words)),
             *[gr.Slider(value=v) for v in values],
@@ -413,6 +422,19 @@ def wire(
         word = sample[0] if sample else ""
         return f"{text.rstrip()}, {word}" if text.strip() else word
 
+    def on_extended(session: Session, base: str, extended: bool, *values) -> list:
+        """The strength range: -1 to 2, or back to 0-1 (strengths outside it are clamped)."""
+        session = sync_mix(session, base, values)
+        session.extended = bool(extended)
+        low, high = session.strength_range
+        moved = [i for i in session.mix if not low <= i.strength <= high]
+        for item in moved:
+            item.strength = min(max(item.strength, low), high)
+        note = f"Strengths now from {low:g} to {high:g}."
+        if moved:
+            note += " Clamped: " + ", ".join(f"{i.name} to {i.strength:g}" for i in moved) + "."
+        return [session, *render(ctx, session), note]
+
     def on_base(session: Session, base: str) -> Session:
         session.base = base
         return session
@@ -437,7 +459,8 @@ def wire(
         strengths."""
         form, mix = values[: len(SETTINGS)], values[len(SETTINGS) :]
         session = sync_mix(session, base, mix)
-        prompt, tagged = h.add_from_prompt(ctx, session, form[0])
+        clamped: list[str] = []
+        prompt, tagged = h.add_from_prompt(ctx, session, form[0], clamped)
         settings = h.make_settings(prompt, *form[1:])
         started = time.perf_counter()
         files = h.run_generate(
@@ -462,6 +485,7 @@ def wire(
         )
         if tagged:
             note += f" · from the prompt: {', '.join(tagged)}"
+        note += "".join(f" · ⚠ {line}" for line in clamped)
         rows = render(ctx, session) if tagged else [gr.skip()] * (len(mix_outputs))
         return [
             session,
@@ -483,6 +507,16 @@ def wire(
 
     persist(tab.base_dd.change(on_base, [session, tab.base_dd], session, **FREE))
     tab.base_dd.input(on_pick_base, tab.base_dd, [tab.steps, tab.guidance], **FREE)
+    persist(
+        on(
+            tab.extended.input,
+            on_extended,
+            [session, tab.base_dd, tab.extended, *tab.mix_values],
+            [session, *mix_outputs],
+            tab.add_status,
+            **FREE,
+        )
+    )
     persist(
         on(
             tab.add_btn.click,
