@@ -223,3 +223,25 @@ def test_shared_prompt_weights_are_clamped_with_a_note_or_taken_in_extended_rang
     page.locator("#extended input").uncheck()  # back to 0-1: clamped, and said so
     expect()(page.locator("#add-status")).to_contain_text("Clamped: style to 0")
     page.context.close()
+
+
+def test_lora_card_click_adds_to_the_mix_and_search_filters(server, browser):
+    """A trained adapter's card shows its sample image; a click adds it; search filters."""
+    from PIL import Image
+
+    run = server["root"] / "adapters" / "runs-like"
+    (run / "samples").mkdir(parents=True, exist_ok=True)
+    make_adapter_file(lambda: load_base("tiny"), run / "inked.safetensors", seed=5)
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(run / "samples" / "step-10.png")
+    page = open_page(browser, server["url"], WIDE)
+    cards = page.locator("#cards")
+    card = cards.get_by_role("button", name="Add runs-like/inked to the mix")
+    expect()(card).to_be_visible()
+    assert card.locator("img").get_attribute("src").startswith("data:image/png;base64,")
+    expect()(cards.get_by_role("button", name="Add style to the mix")).to_be_visible()
+    page.locator("#card-search").get_by_role("textbox").fill("ink")
+    expect()(cards.get_by_role("button", name="Add style to the mix")).to_be_hidden()
+    card.click()
+    expect()(page.locator("#add-status")).to_contain_text("Added runs-like/inked")
+    expect()(page.locator("#strength-0 input[type=number]")).to_have_value("1")
+    page.context.close()

@@ -754,3 +754,22 @@ def test_the_ui_process_keeps_its_temporary_files_in_its_outputs(tmp_path):
     ).stdout.split()
     assert lines[:2] == [str(folder), str(folder)] and folder.is_dir()
     assert not lines[2].startswith(str(tmp_path))
+
+
+def test_lora_cards_show_family_words_and_dim_another_familys_adapter(ctx, folders, tmp_path):
+    """Issue 32: a card per adapter with its family; one made for another base is dimmed with
+    the reason (once the base is loaded); the search matches name, family and words."""
+    from sdlora.ui.cards import cards_html
+
+    other = folders["adapters"] / "other-family.safetensors"
+    make_adapter_file(lambda: load_base("tiny-v2"), other, seed=6)
+    try:
+        h.add_adapter(ctx, Session("tiny"), "style")  # loads the tiny base
+        page = cards_html(ctx, "tiny", ["style"])
+        assert 'data-name="style"' in page and "in the mix" in page
+        assert 'class="sd-card sd-off" data-name="other-family"' in page
+        assert "made for SD 2.x" in page and "the base is SD 1.x (tiny" in page
+        assert 'data-name="style"' not in cards_html(ctx, "tiny", [], "sd 2.x")
+        assert "No adapter matches" in cards_html(ctx, "tiny", [], "zzz")
+    finally:
+        other.unlink()

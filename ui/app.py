@@ -20,9 +20,9 @@ from pathlib import Path
 
 import gradio as gr
 
+from sdlora.ui import cards, mix_history, tab_compare, tab_export, tab_inspect, tab_mix, tab_train
 from sdlora.ui import handlers as h
 from sdlora.ui import history as history_store
-from sdlora.ui import mix_history, tab_compare, tab_export, tab_inspect, tab_mix, tab_train
 from sdlora.ui.api import add_api
 from sdlora.ui.common import CSS, FREE, GPU, KEYS_JS, guard, on
 from sdlora.ui.engine import Engine
@@ -119,12 +119,21 @@ def build_app(
                 history.gallery,
             ],
             **FREE,
+        ).then(
+            lambda session, base: cards.cards_html(ctx, base, session.names()),
+            [session, mix.base_dd],
+            mix.cards,
+            **FREE,
         )
         on(
             mix.refresh_btn.click,
-            lambda: (*lists(), "Lists refreshed from the folders."),
-            None,
-            list_outputs,
+            lambda session, base, search: (
+                *lists(),
+                cards.cards_html(ctx, base, session.names(), search),
+                "Lists refreshed from the folders.",
+            ),
+            [session, mix.base_dd, mix.card_search],
+            [*list_outputs, mix.cards],
             mix.add_status,
             **FREE,
         )
@@ -157,7 +166,7 @@ def launch(
     """Serve the app: local only unless `host` says otherwise, a share link only if asked."""
     os.environ["GRADIO_TEMP_DIR"] = app.GRADIO_CACHE  # this app's cache, if others were built since
     app.launch(
-        css=CSS,
+        css=CSS + cards.CSS,
         js=KEYS_JS,
         server_name=host,
         server_port=port,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdlora.bases.base import BUILTIN
+from sdlora.bases.families import width_label
 from sdlora.bases.generate import SETTINGS, GenerateSettings, check_numbers, generate, save_png
 from sdlora.bases.grid import labelled_grid
 from sdlora.errors import SdloraError
@@ -148,6 +149,20 @@ def list_adapters(ctx: Context) -> list[str]:
                 seen.add(file)
                 names.append(f"{prefix}/{rel}")
     return names
+
+
+def base_family(ctx: Context, base: str) -> str | None:
+    """The family of `base` in the words `inspect` uses for adapters ("SD 1.x (tiny, sdlora
+    built-in)"), if the base is loaded now (None: unknown yet; nothing is loaded for this)."""
+    try:
+        spec = resolve_base(ctx, base)
+    except SdloraError:
+        return None
+    pipe = ctx.engine.pipe if ctx.engine.base == spec else None
+    width = getattr(
+        getattr(getattr(pipe, "unet", None), "config", None), "cross_attention_dim", None
+    )
+    return width_label(int(width)) if isinstance(width, int) else None
 
 
 def adapters_hint(ctx: Context, names: list[str]) -> str | None:

@@ -24,6 +24,7 @@ from sdlora.bases.recommend import guidance_and_steps
 from sdlora.errors import SdloraError
 from sdlora.lora.blocks import parse_blocks
 from sdlora.ui import handlers as h
+from sdlora.ui.cards import CARDS_JS, cards_html
 from sdlora.ui.common import (
     FREE,
     JOB,
@@ -90,6 +91,8 @@ class MixTab:
     status: gr.HTML
     result: gr.HTML
     extended: gr.Checkbox
+    card_search: gr.Textbox
+    cards: gr.HTML
 
     @property
     def mix_values(self) -> list:
@@ -161,6 +164,19 @@ def layout(ctx: h.Context, base: str, result_column: Callable[[], None]) -> MixT
                 )
             add_status = status_line("add-status")
             slots = [slot_row(i) for i in range(MAX_ADAPTERS)]
+            with gr.Accordion("LoRA cards: click one to add it", open=True, elem_id="cards-box"):
+                card_search = gr.Textbox(
+                    placeholder="Search by name, family or trigger word",
+                    show_label=False,
+                    max_lines=1,
+                    elem_id="card-search",
+                )
+                cards = gr.HTML(
+                    cards_html(ctx, base, []),
+                    elem_id="cards",
+                    js_on_load=CARDS_JS,
+                    padding=False,
+                )
             with gr.Accordion("Settings", open=True, elem_id="settings"):
                 with gr.Row():
                     steps = SettingSlider(
@@ -234,6 +250,8 @@ def layout(ctx: h.Context, base: str, result_column: Callable[[], None]) -> MixT
         status,
         result,
         extended,
+        card_search,
+        cards,
     )
 
 
@@ -435,6 +453,13 @@ def wire(
             note += " Clamped: " + ", ".join(f"{i.name} to {i.strength:g}" for i in moved) + "."
         return [session, *render(ctx, session), note]
 
+    def on_card(session: Session, base: str, evt: gr.EventData, *values) -> list:
+        name = (evt._data or {}).get("name", "") if isinstance(evt._data, dict) else ""
+        return on_add(session, base, name, *values)
+
+    def on_cards(session: Session, base: str, search: str) -> str:
+        return cards_html(ctx, base, session.names(), search)
+
     def on_base(session: Session, base: str) -> Session:
         session.base = base
         return session
@@ -527,6 +552,19 @@ def wire(
             **JOB,
         )
     )
+    persist(
+        on(
+            tab.cards.click,
+            on_card,
+            [session, tab.base_dd, *tab.mix_values],
+            [session, *mix_outputs],
+            tab.add_status,
+            **JOB,
+        )
+    )
+    card_inputs = [session, tab.base_dd, tab.card_search]
+    tab.card_search.change(on_cards, card_inputs, tab.cards, trigger_mode="always_last", **FREE)
+    tab.base_dd.change(on_cards, card_inputs, tab.cards, **FREE)
     on(
         tab.upload_btn.upload,
         on_upload,
