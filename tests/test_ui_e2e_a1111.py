@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_adapter_file
-from test_ui_e2e import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, free_port
+from test_ui_e2e import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, free_port, pick
 from test_ui_e2e_mix import expect, fill, set_number
 
 from sdlora.bases.base import load_base
@@ -244,4 +244,28 @@ def test_lora_card_click_adds_to_the_mix_and_search_filters(server, browser):
     card.click()
     expect()(page.locator("#add-status")).to_contain_text("Added runs-like/inked")
     expect()(page.locator("#strength-0 input[type=number]")).to_have_value("1")
+    page.context.close()
+
+
+def test_compare_grid_is_drawn_at_the_largest_whole_zoom(server, browser):
+    """Five cells were drawn at 1x in a 1216 px area while Mix used 7x."""
+    page = open_page(browser, server["url"], WIDE)
+    pick(page, "#adapter-pick", "style")
+    page.click("#add-adapter")
+    expect()(page.locator("#add-status")).to_contain_text("Added style")
+    fill(page, "#prompt", "a red circle")
+    set_number(page, "#steps", "1")
+    page.get_by_role("tab", name="Compare").click()
+    page.click("#compare")
+    expect()(page.locator("#compare-status")).to_contain_text("Saved compare/")
+    image = page.locator("#grid img").first
+    image.wait_for(state="visible")
+    page.wait_for_function("document.querySelector('#grid img').complete")
+    box = image.bounding_box()
+    natural = image.evaluate("e => [e.naturalWidth, e.naturalHeight]")
+    zoom = box["width"] / natural[0]
+    room = page.locator("#grid").bounding_box()["width"]
+    assert zoom >= 2 and zoom == int(zoom) and box["height"] == natural[1] * zoom, (box, natural)
+    assert natural[0] * (zoom + 1) > room or natural[1] * (zoom + 1) > 600, (zoom, room)
+    assert image.evaluate("e => getComputedStyle(e).imageRendering") == "pixelated"
     page.context.close()

@@ -8,9 +8,19 @@ import gradio as gr
 
 from sdlora.bases.generate import SETTINGS
 from sdlora.ui import handlers as h
-from sdlora.ui.common import FREE, JOB, on, queued, reporter, status_line, sync_mix, waiting
+from sdlora.ui.common import (
+    FREE,
+    JOB,
+    into_view_js,
+    on,
+    queued,
+    reporter,
+    status_line,
+    sync_mix,
+    waiting,
+)
 from sdlora.ui.state import Session
-from sdlora.ui.tab_mix import NO_SECOND, MixTab, result_html
+from sdlora.ui.tab_mix import COMPARE_ROOM, NO_SECOND, MixTab, result_html
 
 
 @dataclass
@@ -89,7 +99,7 @@ def wire(ctx: h.Context, tab: CompareTab, session: gr.State, mix: MixTab) -> Non
             else f"seed {settings.seed} · {x_name}"
         )
         return (
-            result_html([path], [caption]),
+            result_html([path], [caption], COMPARE_ROOM),
             f"Saved {h.paths.relative(ctx.outputs, path)} (seed {settings.seed}).",
         )
 
@@ -101,7 +111,7 @@ def wire(ctx: h.Context, tab: CompareTab, session: gr.State, mix: MixTab) -> Non
         session.interrupted = True
         return waiting("Interrupting after the current image…")
 
-    on(
+    gridding = on(
         tab.compare_btn.click(before_job, session, tab.status, **FREE).then,
         on_compare,
         [
@@ -118,4 +128,5 @@ def wire(ctx: h.Context, tab: CompareTab, session: gr.State, mix: MixTab) -> Non
         tab.status,
         **JOB,
     )
+    gridding.then(None, js=into_view_js("grid", "compare-status"))
     tab.interrupt_btn.click(on_interrupt, session, tab.status, **FREE)

@@ -44,6 +44,8 @@ from sdlora.ui.strength import Strength
 NO_SECOND = "(none)"  # the Compare tab's "no Y adapter" choice
 RESULT_WIDTH = 480  # px the result column gives images at 1280 px wide (integer zoom inside it)
 RESULT_HEIGHT = 520  # px of it visible below the tabs at 800 px high
+MIX_ROOM = (RESULT_WIDTH, RESULT_HEIGHT)
+COMPARE_ROOM = (1200, 600)  # px the Compare tab gives its grid at 1280 px wide (full width)
 
 
 @dataclass
@@ -345,23 +347,24 @@ def image_url(path: Path) -> str:
     return "gradio_api/file=" + quote(str(path))
 
 
-def zoom_for(size: tuple[int, int], count: int) -> int:
-    """The largest integer zoom at which `count` images of `size` fit the result column
-    (0: the image is larger than its space and is shown scaled down to fit)."""
+def zoom_for(size: tuple[int, int], count: int, room: tuple[int, int] = MIX_ROOM) -> int:
+    """The largest integer zoom at which `count` images of `size` fit `room` (width, height:
+    the Mix tab's result column, or the Compare tab's full width) (0: the image is larger
+    than its space and is shown scaled down to fit)."""
     columns = 1 if count == 1 else 2 if count <= 4 else 3
-    room_w = (RESULT_WIDTH - 12 * (columns - 1)) // columns
+    room_w = (room[0] - 12 * (columns - 1)) // columns
     rows = -(-count // columns)
-    room_h = (RESULT_HEIGHT - 28 * rows) // rows
+    room_h = (room[1] - 28 * rows) // rows
     return max(0, min(room_w // size[0], room_h // size[1]))
 
 
-def result_html(files: list[Path], captions: list[str]) -> str:
+def result_html(files: list[Path], captions: list[str], room: tuple[int, int] = MIX_ROOM) -> str:
     """The images at an integer zoom with crisp pixels (never cropped), each with its caption."""
     if not files:
         return '<p class="sd-empty">Images appear here.</p>'
     with Image.open(files[0]) as first:
         size = first.size
-    zoom = zoom_for(size, len(files))
+    zoom = zoom_for(size, len(files), room)
     figures = []
     for path, text in zip(files, captions, strict=True):
         if zoom:
