@@ -269,3 +269,25 @@ def test_compare_grid_is_drawn_at_the_largest_whole_zoom(server, browser):
     assert natural[0] * (zoom + 1) > room or natural[1] * (zoom + 1) > 600, (zoom, room)
     assert image.evaluate("e => getComputedStyle(e).imageRendering") == "pixelated"
     page.context.close()
+
+
+def test_lightbox_opens_on_a_result_and_closes_with_esc(server, browser):
+    page = open_page(browser, server["url"], WIDE)
+    fill(page, "#prompt", "a blue square")
+    set_number(page, "#steps", "1")
+    page.click("#generate")
+    image = page.locator("#result img").first
+    image.wait_for(state="visible")
+    page.wait_for_function("document.querySelector('#result img').complete")
+    image.click()
+    dialog = page.get_by_role("dialog", name="Image, large (click or Esc closes)")
+    expect()(dialog).to_be_visible()
+    large = dialog.locator("img").bounding_box()
+    natural = image.evaluate("e => e.naturalWidth")
+    assert large["width"] > image.bounding_box()["width"] and large["width"] % natural == 0
+    assert large["height"] <= WIDE["height"]
+    page.screenshot(path=str(ARTIFACTS / "ui-lightbox.png"))
+    page.keyboard.press("Escape")
+    expect()(dialog).to_be_hidden()
+    assert "Interrupting" not in page.locator("#mix-status").inner_text()  # Esc closed only
+    page.context.close()

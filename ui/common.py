@@ -46,6 +46,12 @@ CSS = """
 .sd-result img {image-rendering: pixelated; max-width: 100%; height: auto; display: block;}
 .sd-result figure {margin: 0 0.6em 0.6em 0; display: inline-block; vertical-align: top;}
 .sd-result figcaption {font-size: 0.85em; color: var(--body-text-color-subdued);}
+.sd-result img {cursor: zoom-in;}
+.sd-lightbox {position: fixed; inset: 0; z-index: 1000; background: rgba(0, 0, 0, 0.85);
+  display: flex; flex-direction: column; align-items: center; justify-content: center;
+  cursor: zoom-out;}
+.sd-lightbox img {image-rendering: pixelated; max-width: none;}
+.sd-lightbox p {color: #fff; margin-top: 8px;}
 """
 
 
@@ -59,12 +65,36 @@ KEYS_JS = """
     button.click();
     return true;
   });
+  const lightbox = () => document.querySelector(".sd-lightbox");
   document.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
       if (press(["generate", "compare"])) event.preventDefault();
-    } else if (event.key === "Escape" && !document.querySelector(".sd-lightbox.open")) {
-      press(["interrupt", "compare-interrupt"]);
+    } else if (event.key === "Escape") {
+      if (lightbox()) lightbox().remove();
+      else press(["interrupt", "compare-interrupt"]);
     }
+  });
+  // the lightbox: a result or grid image, large, at the largest whole zoom the window allows
+  document.addEventListener("click", (event) => {
+    if (lightbox()) { lightbox().remove(); return; }
+    const image = event.target.closest(".sd-result img");
+    if (!image || !image.naturalWidth) return;
+    const zoom = Math.max(1, Math.floor(Math.min(
+      (window.innerWidth - 40) / image.naturalWidth,
+      (window.innerHeight - 60) / image.naturalHeight)));
+    const box = document.createElement("div");
+    box.className = "sd-lightbox";
+    box.setAttribute("role", "dialog");
+    box.setAttribute("aria-label", "Image, large (click or Esc closes)");
+    const large = document.createElement("img");
+    large.src = image.src;
+    large.alt = image.alt;
+    large.style.width = image.naturalWidth * zoom + "px";
+    large.style.height = image.naturalHeight * zoom + "px";
+    const note = document.createElement("p");
+    note.textContent = `${image.alt} · ${zoom}× · click or Esc closes`;
+    box.append(large, note);
+    document.body.append(box);
   });
 }
 """
