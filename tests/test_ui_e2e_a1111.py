@@ -291,3 +291,19 @@ def test_lightbox_opens_on_a_result_and_closes_with_esc(server, browser):
     expect()(dialog).to_be_hidden()
     assert "Interrupting" not in page.locator("#mix-status").inner_text()  # Esc closed only
     page.context.close()
+
+
+def test_interrupt_keeps_a_partial_image(server, browser):
+    page = open_page(browser, server["url"], WIDE)
+    fill(page, "#prompt", "a yellow star")
+    set_number(page, "#steps", "150")
+    page.click("#generate")
+    expect()(page.locator("#mix-status")).to_contain_text("step")
+    page.keyboard.press("Escape")  # A1111's key for Interrupt
+    expect()(page.locator("#mix-status")).to_contain_text("the partial image is shown")
+    expect()(page.locator("#result figcaption").first).to_contain_text("partial")
+    image = page.locator("#result img").first
+    image.wait_for(state="visible")
+    page.wait_for_function("document.querySelector('#result img').complete")
+    assert image.evaluate("e => e.naturalWidth") > 0
+    page.context.close()

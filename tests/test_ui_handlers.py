@@ -773,3 +773,24 @@ def test_lora_cards_show_family_words_and_dim_another_familys_adapter(ctx, folde
         assert "No adapter matches" in cards_html(ctx, "tiny", [], "zzz")
     finally:
         other.unlink()
+
+
+def test_interrupt_keeps_the_partial_image_outside_history(ctx):
+    """Issue 32: Interrupt shows the image as far as it got (kept in partial/, not History)."""
+    before = set((ctx.outputs / "images").glob("*.png"))
+    asked = []
+
+    def after_two_steps() -> bool:
+        asked.append(1)
+        return len(asked) >= 2
+
+    with pytest.raises(h.Interrupted, match="interrupted at step 2 of [67]; the partial") as err:
+        h.run_generate(
+            ctx, "tiny", {}, h.make_settings("x", steps=6, seed=3), interrupted=after_two_steps
+        )
+    assert len(err.value.partial) == 1 and err.value.partial[0].parent == ctx.outputs / "partial"
+    partial = pixels(err.value.partial[0])
+    full = h.run_generate(ctx, "tiny", {}, h.make_settings("x", steps=6, seed=3))
+    assert partial.shape == pixels(full[0]).shape and not np.array_equal(partial, pixels(full[0]))
+    assert set((ctx.outputs / "images").glob("*.png")) == before | set(full)
+    assert ctx.engine.pipe._interrupt is False  # the next generation runs all its steps

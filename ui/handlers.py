@@ -464,7 +464,12 @@ def _stamp() -> str:
 
 
 class Interrupted(SdloraError):
-    """The visitor pressed Interrupt; nothing was saved."""
+    """The visitor pressed Interrupt; nothing was saved to the images folder. `partial`: the
+    images as far as they got, kept in the outputs' partial/ folder (not in History)."""
+
+    def __init__(self, message: str, partial: list[Path] | None = None):
+        super().__init__(message)
+        self.partial = partial or []
 
 
 def run_generate(
@@ -482,17 +487,40 @@ def run_generate(
     settings.adapters = {name: strength for name, (_, strength) in mix.items()}
     settings.blocks = {n: b for n, b in (blocks or {}).items() if n in mix and b}
     spec = resolve_base(ctx, base)
+    running, stopped = [], []  # the pipeline in use; (step, steps) where Interrupt landed
 
     def on_step(done: int, total: int) -> None:
-        if interrupted():
-            raise Interrupted(f"interrupted at step {done} of {total}; nothing was saved")
-        progress(done / total, f"step {done} of {total}")
+        if not stopped and interrupted():
+            stopped.append((done, total))
+            running[0]._interrupt = True  # diffusers skips the other steps, decodes what it has
+        elif not stopped:
+            progress(done / total, f"step {done} of {total}")
 
     progress(0.0, "loading the base and adapters")
     with ctx.engine.mixed(spec, mix, settings.blocks) as (pipe, _):
-        images = generate(pipe, settings, on_step=on_step)
-    folder = ctx.outputs / "images"
+        running.append(pipe)
+        try:
+            images = generate(pipe, settings, on_step=on_step)
+        except SdloraError:
+            if not stopped:
+                raise
+            images = []  # the partial image came out blank: nothing to show
+        finally:
+            pipe._interrupt = False
     stem = f"{_stamp()}-{settings.seed}"
+    if stopped:
+        folder = ctx.outputs / "partial"
+        kept = [
+            save_png(image, _free(folder / f"{stem}-{i}.png"), settings, i)
+            for i, image in enumerate(images)
+        ]
+        done, total = stopped[0]
+        raise Interrupted(
+            f"interrupted at step {done} of {total}; "
+            + ("the partial image is shown, not kept in History" if kept else "nothing was saved"),
+            kept,
+        )
+    folder = ctx.outputs / "images"
     return [
         save_png(image, _free(folder / f"{stem}-{i}.png"), settings, i)
         for i, image in enumerate(images)

@@ -491,15 +491,28 @@ def wire(
         prompt, tagged = h.add_from_prompt(ctx, session, form[0], clamped)
         settings = h.make_settings(prompt, *form[1:])
         started = time.perf_counter()
-        files = h.run_generate(
-            ctx,
-            base,
-            session.strengths(),
-            settings,
-            reporter(progress),
-            session.blocks(),
-            lambda: session.interrupted,
-        )
+        try:
+            files = h.run_generate(
+                ctx,
+                base,
+                session.strengths(),
+                settings,
+                reporter(progress),
+                session.blocks(),
+                lambda: session.interrupted,
+            )
+        except h.Interrupted as err:
+            if not err.partial:
+                raise
+            captions = [f"partial · seed {settings.seed + i}" for i in range(len(err.partial))]
+            return [
+                session,
+                prompt,
+                *[gr.skip()] * len(mix_outputs),
+                result_html(err.partial, captions),
+                gr.skip(),
+                failed(err),
+            ]
         session.last_seed = settings.seed
         mix = ", ".join(f"{n} {s:g}" for n, s in settings.adapters.items()) or "no adapters"
         captions = [
