@@ -307,3 +307,16 @@ def test_interrupt_keeps_a_partial_image(server, browser):
     page.wait_for_function("document.querySelector('#result img').complete")
     assert image.evaluate("e => e.naturalWidth") > 0
     page.context.close()
+
+
+def test_rows_have_names_that_say_which_adapter(server, browser):
+    """Each row's checkbox and button were all named "on" and "Remove"."""
+    page = open_page(browser, server["url"], NARROW)
+    pick(page, "#adapter-pick", "style")
+    page.click("#add-adapter")
+    expect()(page.get_by_role("checkbox", name="Enable style")).to_be_checked()
+    page.get_by_role("button", name="Remove style").click()
+    expect()(page.locator("#remove-0")).to_be_hidden()
+    ids = page.evaluate("[...document.querySelectorAll('[id]')].map(e => e.id).filter(id => id)")
+    assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})
+    page.context.close()

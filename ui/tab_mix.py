@@ -107,7 +107,7 @@ class MixTab:
         return [
             part
             for s in self.slots
-            for part in (s.box, s.on, s.strength, s.meta, s.words, *s.block_inputs)
+            for part in (s.box, s.on, s.strength, s.meta, s.words, *s.block_inputs, s.remove)
         ]
 
     @property
@@ -315,7 +315,7 @@ def render(ctx: h.Context, session: Session) -> list:
         if i >= len(session.mix):
             out += [gr.Group(visible=False), gr.Checkbox(), gr.skip()]
             out += [gr.Markdown(""), gr.Dataset(samples=[], visible=False)]
-            out += [gr.Slider(value=1.0)] * 4 + [gr.Textbox(value="")]
+            out += [gr.Slider(value=1.0)] * 4 + [gr.Textbox(value=""), gr.skip()]
             continue
         item = session.mix[i]
         try:
@@ -327,12 +327,13 @@ def render(ctx: h.Context, session: Session) -> list:
         low, high = session.strength_range
         out += [
             gr.Group(visible=True),
-            gr.Checkbox(value=item.enabled),
+            gr.Checkbox(value=item.enabled, label=f"Enable {item.name}"),
             gr.Slider(value=item.strength, label=item.name, minimum=low, maximum=high),
             gr.Markdown(meta),
             gr.Dataset(samples=[[w] for w in trigger_words], visible=bool(trigger_words)),
             *[gr.Slider(value=v) for v in values],
             gr.Textbox(value=custom),
+            gr.Button(f"Remove {item.name.split('/')[-1][:24]}"),  # its accessible name too
         ]
     names = session.names()
     out += [
