@@ -1,7 +1,7 @@
 """The Mix tab: prompt and settings, the adapters of the mix with their strengths, the result.
 
 Left: prompt, Generate / Interrupt with their status line, settings, then the mix (base,
-adapter rows with an expandable per-block panel each). Right: the result, drawn at an integer
+adapter rows with an expandable per-block panel each, the LoRA cards). Right: the result, drawn at an integer
 zoom with crisp pixels, and the History of earlier images (`mix_history`). The adapter rows are
 fixed components (MAX_ADAPTERS of them) shown or hidden to match the visitor's mix; `render`
 fills them in, and the Compare tab's adapter choices with them.
@@ -137,48 +137,6 @@ def layout(ctx: h.Context, base: str, result_column: Callable[[], None]) -> MixT
                     "Interrupt", variant="stop", elem_id="interrupt", scale=1, min_width=90
                 )
             status = status_line("mix-status")
-            with gr.Row():
-                base_dd = gr.Dropdown(
-                    h.base_choices(ctx), value=base, label="Base model", elem_id="base", scale=2
-                )
-                adapter_dd = gr.Dropdown(
-                    h.list_adapters(ctx),
-                    value=None,
-                    info=h.adapters_hint(ctx, h.list_adapters(ctx)),
-                    label="Adapter file",
-                    elem_id="adapter-pick",
-                    scale=3,
-                )
-            with gr.Row():
-                add_btn = gr.Button("Add to mix", elem_id="add-adapter", size="sm")
-                upload_btn = gr.UploadButton(  # no file_types: its check would raise a toast
-                    "Upload .safetensors",
-                    file_count="single",
-                    elem_id="upload",
-                    size="sm",
-                )
-                refresh_btn = gr.Button("Refresh lists", size="sm", elem_id="refresh")
-                extended = gr.Checkbox(
-                    False,
-                    label="Extended range (−1 to 2)",
-                    elem_id="extended",
-                    min_width=120,
-                )
-            add_status = status_line("add-status")
-            slots = [slot_row(i) for i in range(MAX_ADAPTERS)]
-            with gr.Accordion("LoRA cards: click one to add it", open=True, elem_id="cards-box"):
-                card_search = gr.Textbox(
-                    placeholder="Search by name, family or trigger word",
-                    show_label=False,
-                    max_lines=1,
-                    elem_id="card-search",
-                )
-                cards = gr.HTML(
-                    cards_html(ctx, base, []),
-                    elem_id="cards",
-                    js_on_load=CARDS_JS,
-                    padding=False,
-                )
             with gr.Accordion("Settings", open=True, elem_id="settings"):
                 with gr.Row():
                     steps = SettingSlider(
@@ -222,6 +180,48 @@ def layout(ctx: h.Context, base: str, result_column: Callable[[], None]) -> MixT
                         label=h.form_label("num_images"),
                         elem_id="num-images",
                     )
+            with gr.Row():
+                base_dd = gr.Dropdown(
+                    h.base_choices(ctx), value=base, label="Base model", elem_id="base", scale=2
+                )
+                adapter_dd = gr.Dropdown(
+                    h.list_adapters(ctx),
+                    value=None,
+                    info=h.adapters_hint(ctx, h.list_adapters(ctx)),
+                    label="Adapter file",
+                    elem_id="adapter-pick",
+                    scale=3,
+                )
+            with gr.Row():
+                add_btn = gr.Button("Add to mix", elem_id="add-adapter", size="sm")
+                upload_btn = gr.UploadButton(  # no file_types: its check would raise a toast
+                    "Upload .safetensors",
+                    file_count="single",
+                    elem_id="upload",
+                    size="sm",
+                )
+                refresh_btn = gr.Button("Refresh lists", size="sm", elem_id="refresh")
+                extended = gr.Checkbox(
+                    False,
+                    label="Extended range (−1 to 2)",
+                    elem_id="extended",
+                    min_width=120,
+                )
+            add_status = status_line("add-status")
+            slots = [slot_row(i) for i in range(MAX_ADAPTERS)]
+            with gr.Accordion("LoRA cards: click one to add it", open=True, elem_id="cards-box"):
+                card_search = gr.Textbox(
+                    placeholder="Search by name, family or trigger word",
+                    show_label=False,
+                    max_lines=1,
+                    elem_id="card-search",
+                )
+                cards = gr.HTML(
+                    cards_html(ctx, base, []),
+                    elem_id="cards",
+                    js_on_load=CARDS_JS,
+                    padding=False,
+                )
         with gr.Column(scale=4, min_width=400, elem_id="result-column"):
             result = gr.HTML(
                 '<p class="sd-empty">Images appear here.</p>',
