@@ -320,3 +320,32 @@ def test_rows_have_names_that_say_which_adapter(server, browser):
     ids = page.evaluate("[...document.querySelectorAll('[id]')].map(e => e.id).filter(id => id)")
     assert len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})
     page.context.close()
+
+
+def test_png_info_restores_an_a1111_image(server, browser, tmp_path):
+    """An image from A1111 (its `parameters` text): prompt, settings and the adapters found
+    here are restored; the ones not here are named."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(
+        "parameters",
+        "a castle <lora:style:0.7> <lora:nothere:0.5>\nNegative prompt: blurry\n"
+        "Steps: 12, Sampler: Euler a, CFG scale: 7, Seed: 1234, Size: 64x64, Model: sd15",
+    )
+    dropped = tmp_path / "from-a1111.png"
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(dropped, pnginfo=info)
+    page = open_page(browser, server["url"], WIDE)
+    with page.expect_file_chooser() as chooser:
+        page.click("#png-info")
+    chooser.value.set_files(str(dropped))
+    status = page.locator("#history-status")
+    expect()(status).to_contain_text("Restored from-a1111.png")
+    expect()(status).to_contain_text("Not here, left out: nothere")
+    expect()(page.locator("#prompt").get_by_role("textbox")).to_have_value("a castle")
+    expect()(page.locator("#negative").get_by_role("textbox")).to_have_value("blurry")
+    expect()(page.locator("#seed").get_by_role("textbox")).to_have_value("1234")
+    expect()(page.locator("#steps input[type=number]")).to_have_value("12")
+    expect()(page.locator("#strength-0 input[type=number]")).to_have_value("0.7")
+    assert not list((server["outputs"] / ".cache").rglob("from-a1111.png"))  # upload deleted
+    page.context.close()

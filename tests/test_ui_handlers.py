@@ -413,9 +413,12 @@ def test_extended_range_takes_weights_from_minus_1_to_2(ctx):
     with pytest.raises(SdloraError, match="from -1 to 2"):
         sync_mix(session, "tiny", (True, True, *[False] * (MAX_ADAPTERS - 2), 2.5, 0, *pad))
     assert h.parse_strengths("-1, 2", "X", *session.strength_range) == [-1.0, 2.0]
-    kept = Session("tiny")  # a stored mix read back with the range off is clamped into 0-1
+    kept = Session("tiny")  # a stored mix read back with the range off keeps what fits 0-1
+    kept.set_mix(session.mix_record() + [{"name": "inside", "strength": 0.5}])
+    assert kept.strengths() == {"inside": 0.5}
+    kept.extended = True
     kept.set_mix(session.mix_record())
-    assert kept.strengths() == {"style": 1.0, "detail": 0.0}
+    assert kept.strengths() == {"style": 2.0, "detail": -0.5}
     with pytest.raises(SdloraError, match="no such file"):
         h.add_from_prompt(ctx, Session("tiny"), "x <lora:nothere:0.5>")
 

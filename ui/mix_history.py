@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 
@@ -37,6 +38,7 @@ class HistoryPanel:
     saved_dd: gr.Dropdown
     load_btn: gr.Button
     mixes_status: gr.HTML
+    png_info: gr.UploadButton
 
 
 def layout(ctx: h.Context) -> HistoryPanel:
@@ -51,6 +53,12 @@ def layout(ctx: h.Context) -> HistoryPanel:
         elem_id="history",
         format="png",
     )
+    png_info = gr.UploadButton(  # no file_types: its check would raise a toast
+        "PNG Info: open an image to restore its settings (A1111's too)",
+        file_count="single",
+        size="sm",
+        elem_id="png-info",
+    )
     status = status_line("history-status")
     with gr.Accordion("Saved mixes", open=False, elem_id="saved-mixes"):
         with gr.Row(equal_height=True):
@@ -62,7 +70,9 @@ def layout(ctx: h.Context) -> HistoryPanel:
             )
             load_btn = gr.Button("Load mix", size="sm", elem_id="load-mix", scale=1)
         mixes_status = status_line("mixes-status")
-    return HistoryPanel(gallery, status, mix_name, save_btn, saved_dd, load_btn, mixes_status)
+    return HistoryPanel(
+        gallery, status, mix_name, save_btn, saved_dd, load_btn, mixes_status, png_info
+    )
 
 
 def storage_secret(ctx: h.Context) -> str:
@@ -155,6 +165,28 @@ def wire(
             raise SdloraError(
                 f"{name} used {', '.join(missing)}, which the adapters folder no longer has"
             )
+        return restore(session, recipe, name)
+
+    def on_png_info(session: Session, upload: str) -> list:
+        """An image from anywhere: its settings and those of its adapters found here."""
+        path = Path(upload)
+        try:
+            recipe = history.recipe_of(path, h.paths.shown(path.name))
+        finally:
+            if path.resolve().is_relative_to(ctx.cache):
+                path.unlink(missing_ok=True)
+        known = h.list_adapters(ctx)
+        adapters = recipe.get("adapters") or {}
+        missing = [n for n in adapters if n not in known]
+        recipe["adapters"] = {n: s for n, s in adapters.items() if n in known}
+        *updates, note = restore(session, recipe, path.name)
+        if missing:
+            note += f" Not here, left out: {', '.join(missing)}."
+        return [*updates, note]
+
+    def restore(session: Session, recipe: dict, name: str) -> list:
+        """The mix and settings of an image's recipe into the page."""
+        adapters = recipe.get("adapters") or {}
         blocks = recipe.get("blocks") or {}
         session.set_mix(
             [{"name": n, "strength": s, "blocks": blocks.get(n, "")} for n, s in adapters.items()]
@@ -201,6 +233,16 @@ def wire(
             panel.gallery.select,
             on_pick,
             session,
+            [session, *mix_outputs, *tab.settings],
+            panel.status,
+            **FREE,
+        )
+    )
+    persist(
+        on(
+            panel.png_info.upload,
+            on_png_info,
+            [session, panel.png_info],
             [session, *mix_outputs, *tab.settings],
             panel.status,
             **FREE,

@@ -6,7 +6,6 @@ Only plain data lives here: names and strengths. The models themselves are share
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 from sdlora.errors import SdloraError
@@ -71,8 +70,8 @@ class Session:
         return [asdict(item) for item in self.mix]
 
     def set_mix(self, record: list) -> None:
-        """Replace the mix with one from `mix_record` (unknown keys and bad rows are dropped;
-        strengths outside the session's range are clamped into it)."""
+        """Replace the mix with one from `mix_record` (unknown keys and bad rows, such as a
+        strength outside the session's range, are dropped)."""
         items = []
         for row in record or []:
             try:
@@ -85,7 +84,6 @@ class Session:
             except (KeyError, TypeError, ValueError, AttributeError):
                 continue
             low, high = self.strength_range
-            if item.name not in [i.name for i in items] and math.isfinite(item.strength):
-                item.strength = min(max(item.strength, low), high)
+            if item.name not in [i.name for i in items] and low <= item.strength <= high:
                 items.append(item)
         self.mix = items[:MAX_ADAPTERS]
