@@ -289,6 +289,9 @@ def test_lightbox_opens_on_a_result_and_closes_with_esc(server, browser):
     page.screenshot(path=str(ARTIFACTS / "ui-lightbox.png"))
     page.keyboard.press("Escape")
     expect()(dialog).to_be_hidden()
+    thumb = page.locator("#history .thumbnail-item").first  # its caption no longer covers it
+    expect()(thumb).to_be_visible()
+    assert not thumb.locator(".caption-label").is_visible()
     assert "Interrupting" not in page.locator("#mix-status").inner_text()  # Esc closed only
     page.context.close()
 
@@ -348,4 +351,18 @@ def test_png_info_restores_an_a1111_image(server, browser, tmp_path):
     expect()(page.locator("#steps input[type=number]")).to_have_value("12")
     expect()(page.locator("#strength-0 input[type=number]")).to_have_value("0.7")
     assert not list((server["outputs"] / ".cache").rglob("from-a1111.png"))  # upload deleted
+    page.context.close()
+
+
+def test_switching_the_base_checks_the_mix_at_once(server, browser):
+    page = open_page(browser, server["url"], WIDE)
+    pick(page, "#adapter-pick", "style")
+    page.click("#add-adapter")
+    expect()(page.locator("#add-status")).to_contain_text("Added style")
+    pick(page, "#base", "tiny-v2")
+    expect()(page.locator("#add-status")).to_contain_text(
+        "style is made for SD 1.x (tiny, sdlora built-in); the base tiny-v2 is SD 2.x"
+    )
+    pick(page, "#base", "tiny")
+    expect()(page.locator("#add-status")).to_contain_text("Base tiny: the mix fits.")
     page.context.close()

@@ -797,3 +797,15 @@ def test_interrupt_keeps_the_partial_image_outside_history(ctx):
     assert partial.shape == pixels(full[0]).shape and not np.array_equal(partial, pixels(full[0]))
     assert set((ctx.outputs / "images").glob("*.png")) == before | set(full)
     assert ctx.engine.pipe._interrupt is False  # the next generation runs all its steps
+
+
+def test_a_base_switch_checks_the_mix_at_once_in_ui_words(ctx, folders):
+    """Issue 32: switching the base names each adapter that does not fit, with both families."""
+    session = Session("tiny")
+    h.add_adapter(ctx, session, "style")
+    assert h.check_mix_for_base(ctx, session, "tiny") == []
+    lines = h.check_mix_for_base(ctx, session, "tiny-v2")
+    assert lines == [
+        "style is made for SD 1.x (tiny, sdlora built-in); the base tiny-v2 is SD 2.x (tiny-v2, "
+        "sdlora built-in)"
+    ], lines

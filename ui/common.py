@@ -47,6 +47,12 @@ CSS = """
 .sd-result figure {margin: 0 0.6em 0.6em 0; display: inline-block; vertical-align: top;}
 .sd-result figcaption {font-size: 0.85em; color: var(--body-text-color-subdued);}
 .sd-result img {cursor: zoom-in;}
+/* History: a caption would cover its thumbnail; it shows on hover or keyboard focus */
+#history .thumbnail-item .caption-label {display: none;}
+#history .thumbnail-item:hover .caption-label,
+#history .thumbnail-item:focus-visible .caption-label {display: block;}
+/* status notes: body text colour (AA contrast), not the subdued grey */
+.sd-status .sd-wait {color: var(--body-text-color); font-style: italic;}
 .sd-lightbox {position: fixed; inset: 0; z-index: 1000; background: rgba(0, 0, 0, 0.85);
   display: flex; flex-direction: column; align-items: center; justify-content: center;
   cursor: zoom-out;}

@@ -239,6 +239,29 @@ def add_adapter(ctx: Context, session: Session, name: str, strength: float = 1.0
     return session
 
 
+def check_mix_for_base(ctx: Context, session: Session, base: str) -> list[str]:
+    """Lines naming each adapter of the mix that does not fit `base` (loaded now), with both
+    families in the page's words: "style is made for SD 1.x (tiny, sdlora built-in); the
+    base toy is SD 1.x (toy, sdlora built-in)"."""
+    spec = resolve_base(ctx, base)
+    unfit = []
+    for item in session.mix:
+        try:
+            ctx.engine.check(spec, item.name, adapter_path(ctx, item.name))
+        except SdloraError as err:
+            unfit.append((item.name, err))
+    family = base_family(ctx, base) or "another family"
+    lines = []
+    for name, err in unfit:
+        try:
+            made_for = adapter_info(ctx, name).get("architecture") or "unknown"
+        except SdloraError:
+            lines.append(f"{name}: {err}")
+            continue
+        lines.append(f"{name} is made for {made_for}; the base {base} is {family}")
+    return lines
+
+
 def _mismatch(ctx: Context, name: str, base: str) -> str | None:
     """'NAME was trained for base toy; switch base' when the file records another base."""
     try:

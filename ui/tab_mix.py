@@ -548,6 +548,24 @@ def wire(
         return str(session.last_seed), f"Seed set to {session.last_seed}, the last one used."
 
     persist(tab.base_dd.change(on_base, [session, tab.base_dd], session, **FREE))
+
+    def on_base_check(session: Session, base: str) -> str:
+        """A base picked by hand: the mix is checked against it at once (the base loads)."""
+        unfit = h.check_mix_for_base(ctx, session, base) if session.mix else []
+        if unfit:
+            return failed(
+                "; ".join(unfit) + ". Switch the base back, or remove or switch off those."
+            )
+        return f"Base **{base}**: the mix fits." if session.mix else ""
+
+    on(
+        tab.base_dd.input,
+        on_base_check,
+        [session, tab.base_dd],
+        [],
+        tab.add_status,
+        **JOB,
+    )
     tab.base_dd.input(on_pick_base, tab.base_dd, [tab.steps, tab.guidance], **FREE)
     persist(
         on(
