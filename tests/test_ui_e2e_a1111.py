@@ -77,6 +77,8 @@ def test_refused_numbers_leave_the_page_answering(server, browser, view):
     """A 25-digit seed (or 2e30 anywhere) is refused beside Generate, and the page still answers:
     each refusal names its own value, and a valid seed then generates."""
     page = open_page(browser, server["url"], view)
+    page.click("#interrupt")  # nothing running: said so, no "Interrupting…" left behind
+    expect()(page.locator("#mix-status")).to_contain_text("Nothing is running")
     fill(page, "#prompt", "a red circle")
     set_number(page, "#steps", "2")
     status = page.locator("#mix-status")

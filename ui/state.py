@@ -37,6 +37,7 @@ class Session:
     interrupted: bool = False  # set by Interrupt; the running job stops at its next step
     putting_back: bool = False  # a refused strength is being put back in its slider
     extended: bool = False  # strengths from -1 to 2 instead of 0 to 1
+    running: bool = False  # a generation or grid of this visitor is queued or running
 
     @property
     def strength_range(self) -> tuple[float, float]:

@@ -28,6 +28,7 @@ from sdlora.ui.cards import CARDS_JS, cards_html
 from sdlora.ui.common import (
     FREE,
     JOB,
+    done,
     failed,
     into_view_js,
     on,
@@ -475,7 +476,7 @@ def wire(
 
     def before_job(session: Session) -> str:
         """Shown at once when a job is queued: what it waits for, if anything."""
-        session.interrupted = False
+        session.interrupted, session.running = False, True
         return queued(ctx.engine)
 
     def on_generate(
@@ -486,6 +487,12 @@ def wire(
     ) -> list:
         """`values`: the generation settings (`SETTINGS` order), then the mix's on boxes and
         strengths."""
+        try:
+            return generate_now(session, base, progress, *values)
+        finally:
+            session.running = False
+
+    def generate_now(session: Session, base: str, progress: gr.Progress, *values) -> list:
         form, mix = values[: len(SETTINGS)], values[len(SETTINGS) :]
         session = sync_mix(session, base, mix)
         clamped: list[str] = []
@@ -539,6 +546,8 @@ def wire(
         ]
 
     def on_interrupt(session: Session) -> str:
+        if not session.running:
+            return done("Nothing is running: Interrupt stops a generation of this page.")
         session.interrupted = True
         return waiting("Interrupting after the current step…")
 
