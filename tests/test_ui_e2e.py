@@ -138,7 +138,7 @@ def test_browser_mix_generate_export(server):
             pick(other, "#adapter-pick", "late")
             other.click("#add-adapter")
             other.locator("#prompt").get_by_role("textbox").fill("a cat")
-            other.get_by_text("zxq style", exact=True).click()
+            other.locator("#slot-0").get_by_text("zxq style", exact=True).click()  # not its card
             sync_api.expect(other.locator("#prompt").get_by_role("textbox")).to_have_value(
                 "a cat, zxq style"
             )

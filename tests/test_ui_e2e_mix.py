@@ -133,7 +133,7 @@ def test_result_in_view_errors_stay_local_and_reload_keeps_the_mix(server, brows
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "ui-mix-1280.png"))
     page.click("#reuse-seed")
-    expect()(page.locator("#seed input")).to_have_value(used_seed)
+    expect()(page.locator("#seed").get_by_role("textbox")).to_have_value(used_seed)
 
     page.reload()
     page.locator("#generate").wait_for(state="visible")
@@ -148,7 +148,7 @@ def test_history_restores_and_redraws_pixel_for_pixel(server, browser):
     page = open_page(browser, server["url"])
     fill(page, "#prompt", "a blue square <lora:detail:0.6>")  # a tag adds the adapter
     set_number(page, "#steps", "2")
-    set_number(page, "#seed", "11")
+    fill(page, "#seed", "11")
     page.click("#generate")
     expect()(page.locator("#mix-status")).to_contain_text("detail 0.6")
     expect()(page.locator("#prompt").get_by_role("textbox")).to_have_value("a blue square")
@@ -157,12 +157,12 @@ def test_history_restores_and_redraws_pixel_for_pixel(server, browser):
 
     # change everything, then restore from the image's own record
     fill(page, "#prompt", "something else")
-    set_number(page, "#seed", "99")
+    fill(page, "#seed", "99")
     set_number(page, "#strength-0", "0.1")
     page.locator("#history img").first.click()
     expect()(page.locator("#history-status")).to_contain_text("Restored")
     expect()(page.locator("#prompt").get_by_role("textbox")).to_have_value("a blue square")
-    expect()(page.locator("#seed input")).to_have_value("11")
+    expect()(page.locator("#seed").get_by_role("textbox")).to_have_value("11")
     expect()(page.locator("#strength-0 input[type=number]")).to_have_value("0.6")
     before = len(newest_images(server["outputs"]))
     page.click("#generate")

@@ -191,6 +191,84 @@ def test_bad_settings_are_refused(kwargs, message):
         h.make_settings(**kwargs)
 
 
+def test_seed_text_of_any_length_is_exact_or_refused_and_negative_is_random():
+    """Issue 32: the seed box holds text, so a 25-digit seed is refused in one line (not an
+    overflow), a 20-digit one is kept exactly, and -7 (as in A1111) draws a random seed."""
+    for text, message in [
+        ("1234567890123456789012345", r"from 0 to 2\*\*64 - 1 \(got 1234567890123456789012345\)"),
+        ("2e30", "from 0 to"),
+        ("1.5", "whole number"),
+        ("lots", "must be a number"),
+    ]:
+        with pytest.raises(SdloraError, match=message) as refused:
+            h.make_settings("x", seed=text)
+        assert refused.value.setting == "seed"
+    assert h.make_settings("x", seed=" 18446744073709551614 ").seed == 2**64 - 2
+    for text in ["-7", "-1", "", None, -3]:
+        assert 0 <= h.make_settings("x", seed=text).seed < 2**31
+    assert h.valid_form_value("seed", "-7") and h.valid_form_value("seed", "42")
+    assert not h.valid_form_value("seed", "1234567890123456789012345")
+    assert not h.valid_form_value("steps", 1e30) and not h.valid_form_value("width", 7.5)
+
+
+def test_number_boxes_pass_numbers_beyond_64_bits_on_as_floats():
+    """Gradio's JSON refuses ints beyond 64 bits: the event stream died when one was sent back."""
+    import orjson
+
+    from sdlora.ui.controls import SettingNumber, SettingSlider
+
+    number = SettingNumber(precision=0, minimum=0, maximum=10)
+    slider = SettingSlider(1, 150, step=1)
+    for control in (number, slider):
+        for typed in (2e30, -2e30, 1e24):
+            value = control.preprocess(typed)
+            assert value == typed and orjson.dumps(value)
+    assert number.preprocess(7.0) == 7 and isinstance(number.preprocess(7.0), int)
+    with pytest.raises(SdloraError, match="steps must be from 1 to 1000"):
+        h.make_settings("x", steps=slider.preprocess(2e30))
+
+
+def test_adapters_are_found_in_runs_and_more_folders_and_stay_inside_them(folders, tmp_path):
+    """Issue 32: `runs/*/` and extra --adapters folders are listed under their folder's name;
+    checkpoints deeper in a run, names leaving a folder and links out are not."""
+    runs, more, outside = tmp_path / "runs", tmp_path / "loras", tmp_path / "outside"
+    for folder in (runs / "style", runs / "style" / "checkpoints" / "step-5", more, outside):
+        folder.mkdir(parents=True)
+    src = folders["adapters"] / "style.safetensors"
+    for path in (runs / "style" / "style.safetensors", more / "pastel.safetensors"):
+        shutil.copy(src, path)
+    shutil.copy(src, runs / "style" / "checkpoints" / "step-5" / "style.safetensors")
+    shutil.copy(src, outside / "secret.safetensors")
+    (runs / "style" / "link.safetensors").symlink_to(outside / "secret.safetensors")
+    ctx = h.Context(
+        "tiny",
+        tmp_path / "adapters",
+        tmp_path / "d",
+        tmp_path / "o",
+        more_adapters=[more],
+        runs=runs,
+    )
+    assert "No adapters yet" in h.adapters_hint(ctx, [])
+    assert h.list_adapters(ctx) == ["loras/pastel", "runs/style/style"]
+    assert h.adapters_hint(ctx, h.list_adapters(ctx)) is None
+    assert (
+        h.adapter_path(ctx, "runs/style/style") == (runs / "style" / "style.safetensors").resolve()
+    )
+    assert h.adapter_path(ctx, "loras/pastel.safetensors").parent == more.resolve()
+    for name, message in [
+        ("runs/style/link", "outside its folder"),
+        ("runs/../outside/secret", "not allowed"),
+        ("runs/style/checkpoints/step-5/style", "no such file"),
+        ("loras/../outside/secret", "not allowed"),
+        ("runs/nothere/x", "no such file"),
+    ]:
+        with pytest.raises(SdloraError, match=message):
+            h.adapter_path(ctx, name)
+    session = Session(base="tiny")
+    h.add_adapter(ctx, session, "runs/style/style")
+    assert session.names() == ["runs/style/style"]
+
+
 def test_bad_strengths_and_unknown_adapters_are_refused(ctx):
     for mix, message in [
         ({"style": float("nan")}, "finite"),
@@ -313,8 +391,34 @@ def test_lora_tags_in_the_prompt_join_the_mix(ctx):
     prompt, names = h.add_from_prompt(ctx, session, "a red circle <lora:style:0.5> <lora:detail>")
     assert prompt == "a red circle" and names == ["style", "detail"]
     assert [(i.name, i.strength) for i in session.mix] == [("detail", 1.0), ("style", 0.5)]
-    with pytest.raises(SdloraError, match="from 0 to 1"):
-        h.add_from_prompt(ctx, Session("tiny"), "x <lora:style:1.5>")
+    # issue 32: a shared prompt's weight outside the sliders' range is clamped with a note
+    session, notes = Session("tiny"), []
+    h.add_from_prompt(ctx, session, "x <lora:style:1.5> <lora:detail:-0.5>", notes)
+    assert [(i.name, i.strength) for i in session.mix] == [("style", 1.0), ("detail", 0.0)]
+    assert "<lora:style:1.5> clamped to 1" in notes[0] and "Extended range" in notes[0]
+    assert "<lora:detail:-0.5> clamped to 0" in notes[1]
+
+
+def test_extended_range_takes_weights_from_minus_1_to_2(ctx):
+    from sdlora.ui.common import sync_mix
+    from sdlora.ui.state import MAX_ADAPTERS
+
+    session, notes = Session("tiny", extended=True), []
+    h.add_from_prompt(ctx, session, "x <lora:style:1.2> <lora:detail:-3>", notes)
+    assert [(i.name, i.strength) for i in session.mix] == [("style", 1.2), ("detail", -1.0)]
+    assert len(notes) == 1 and "clamped to -1" in notes[0]
+    pad = [0.0] * (MAX_ADAPTERS - 2)
+    sync_mix(session, "tiny", (True, True, *[False] * (MAX_ADAPTERS - 2), 2.0, -0.5, *pad))
+    assert session.strengths() == {"style": 2.0, "detail": -0.5}
+    with pytest.raises(SdloraError, match="from -1 to 2"):
+        sync_mix(session, "tiny", (True, True, *[False] * (MAX_ADAPTERS - 2), 2.5, 0, *pad))
+    assert h.parse_strengths("-1, 2", "X", *session.strength_range) == [-1.0, 2.0]
+    kept = Session("tiny")  # a stored mix read back with the range off keeps what fits 0-1
+    kept.set_mix(session.mix_record() + [{"name": "inside", "strength": 0.5}])
+    assert kept.strengths() == {"inside": 0.5}
+    kept.extended = True
+    kept.set_mix(session.mix_record())
+    assert kept.strengths() == {"style": 2.0, "detail": -0.5}
     with pytest.raises(SdloraError, match="no such file"):
         h.add_from_prompt(ctx, Session("tiny"), "x <lora:nothere:0.5>")
 
@@ -653,3 +757,55 @@ def test_the_ui_process_keeps_its_temporary_files_in_its_outputs(tmp_path):
     ).stdout.split()
     assert lines[:2] == [str(folder), str(folder)] and folder.is_dir()
     assert not lines[2].startswith(str(tmp_path))
+
+
+def test_lora_cards_show_family_words_and_dim_another_familys_adapter(ctx, folders, tmp_path):
+    """Issue 32: a card per adapter with its family; one made for another base is dimmed with
+    the reason (once the base is loaded); the search matches name, family and words."""
+    from sdlora.ui.cards import cards_html
+
+    other = folders["adapters"] / "other-family.safetensors"
+    make_adapter_file(lambda: load_base("tiny-v2"), other, seed=6)
+    try:
+        h.add_adapter(ctx, Session("tiny"), "style")  # loads the tiny base
+        page = cards_html(ctx, "tiny", ["style"])
+        assert 'data-name="style"' in page and "in the mix" in page
+        assert 'class="sd-card sd-off" data-name="other-family"' in page
+        assert "made for SD 2.x" in page and "the base is SD 1.x (tiny" in page
+        assert 'data-name="style"' not in cards_html(ctx, "tiny", [], "sd 2.x")
+        assert "No adapter matches" in cards_html(ctx, "tiny", [], "zzz")
+    finally:
+        other.unlink()
+
+
+def test_interrupt_keeps_the_partial_image_outside_history(ctx):
+    """Issue 32: Interrupt shows the image as far as it got (kept in partial/, not History)."""
+    before = set((ctx.outputs / "images").glob("*.png"))
+    asked = []
+
+    def after_two_steps() -> bool:
+        asked.append(1)
+        return len(asked) >= 2
+
+    with pytest.raises(h.Interrupted, match="interrupted at step 2 of [67]; the partial") as err:
+        h.run_generate(
+            ctx, "tiny", {}, h.make_settings("x", steps=6, seed=3), interrupted=after_two_steps
+        )
+    assert len(err.value.partial) == 1 and err.value.partial[0].parent == ctx.outputs / "partial"
+    partial = pixels(err.value.partial[0])
+    full = h.run_generate(ctx, "tiny", {}, h.make_settings("x", steps=6, seed=3))
+    assert partial.shape == pixels(full[0]).shape and not np.array_equal(partial, pixels(full[0]))
+    assert set((ctx.outputs / "images").glob("*.png")) == before | set(full)
+    assert ctx.engine.pipe._interrupt is False  # the next generation runs all its steps
+
+
+def test_a_base_switch_checks_the_mix_at_once_in_ui_words(ctx, folders):
+    """Issue 32: switching the base names each adapter that does not fit, with both families."""
+    session = Session("tiny")
+    h.add_adapter(ctx, session, "style")
+    assert h.check_mix_for_base(ctx, session, "tiny") == []
+    lines = h.check_mix_for_base(ctx, session, "tiny-v2")
+    assert lines == [
+        "style is made for SD 1.x (tiny, sdlora built-in); the base tiny-v2 is SD 2.x (tiny-v2, "
+        "sdlora built-in)"
+    ], lines

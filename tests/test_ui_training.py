@@ -188,7 +188,10 @@ def test_one_run_at_a_time_stop_ends_its_process_and_resume_finishes(ctx, tmp_pa
     _, job = start(jobs, ctx, form)
     s = job.wait(timeout=WAIT_S)
     assert s.error is None and not s.running, s
-    assert s.step == 30 and s.steps == list(range(last + 1, 31))  # every step reported
+    assert s.step == 30 and s.steps[-(30 - last) :] == list(range(last + 1, 31))  # every step
+    # issue 32: the whole run's curve across Resume, from step 1, each step once
+    assert s.steps[0] == 1 and s.steps == sorted(set(s.steps)) and len(s.steps) == len(s.losses)
+    assert len(s.steps) > 30 - last
     assert [step for step, _ in s.recent][-2:] == [29, 30] and all(np.isfinite(s.losses))
     assert s.adapter == ctx.adapters / "resumed.safetensors" and s.adapter.is_file()
     assert "resumed" in h.list_adapters(ctx)
@@ -220,3 +223,18 @@ def test_loss_plot_has_whole_steps_and_a_smoothed_curve():
 
 def test_clock():
     assert [train_view.clock(s) for s in [0, 65, 720, 3723]] == ["0:00", "1:05", "12:00", "1:02:03"]
+
+
+def test_the_loss_log_keeps_the_whole_curve_and_drops_what_a_resume_redid(tmp_path):
+    from sdlora.ui.training import _append_loss, read_losses
+
+    log = tmp_path / "run" / ".ui-losses.jsonl"
+    assert read_losses(log) == ([], [])
+    for step in range(1, 8):  # the first part ran to step 7; its last checkpoint was step 5
+        _append_loss(log, step, 1.0 / step)
+    for step in range(6, 10):  # the resumed part redoes 6 and 7 from the checkpoint
+        _append_loss(log, step, 2.0)
+    log.open("a").write("not json\n")
+    steps, losses = read_losses(log)
+    assert steps == list(range(1, 10))
+    assert losses[:5] == [1.0 / s for s in range(1, 6)] and losses[5:] == [2.0] * 4

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import gradio as gr
 
+from sdlora.ui import cards, mix_history, tab_compare, tab_export, tab_inspect, tab_mix, tab_train
 from sdlora.ui import handlers as h
 from sdlora.ui import history as history_store
-from sdlora.ui import mix_history, tab_compare, tab_export, tab_inspect, tab_mix, tab_train
 from sdlora.ui.api import add_api
-from sdlora.ui.common import CSS, FREE, GPU, guard, on
+from sdlora.ui.common import CSS, FREE, GPU, KEYS_JS, guard, on
 from sdlora.ui.engine import Engine
 from sdlora.ui.state import Session
 
@@ -38,8 +38,11 @@ def build_app(
     outputs_dir: str | Path = "outputs",
     device: str | None = None,
     max_upload_mb: int = 2048,
+    more_adapters: list[str | Path] = (),
+    runs_dir: str | Path | None = None,
 ) -> gr.Blocks:
-    """The mixer UI over the given base and folders; nothing outside these folders is touched."""
+    """The mixer UI over the given base and folders; nothing outside these folders is touched.
+    Adapters are also listed (read only) from `more_adapters` and the run folders of `runs_dir`."""
     ctx = h.Context(
         base=base,
         adapters=Path(adapters_dir),
@@ -47,6 +50,8 @@ def build_app(
         outputs=Path(outputs_dir),
         engine=Engine(device),
         max_upload_bytes=max_upload_mb * 2**20,
+        more_adapters=list(more_adapters),
+        runs=runs_dir,
     )
     # Gradio keeps uploads in the UI's own cache folder, emptied now and aged out while serving;
     # it reads the variable as each component and the server are made, so before any of them.
@@ -56,9 +61,12 @@ def build_app(
 
     with gr.Blocks(title="sdlora mixer", analytics_enabled=False, delete_cache=CACHE_LIMITS) as app:
         session = gr.State(Session(base=base))
-        stored = gr.BrowserState({}, storage_key=mix_history.STORAGE_KEY)
+        stored = gr.BrowserState(
+            {}, storage_key=mix_history.STORAGE_KEY, secret=mix_history.storage_secret(ctx)
+        )
+        listed = " ".join(f"`{p}/`" for p, _, _ in h.adapter_folders(ctx))
         gr.Markdown(
-            f"**sdlora mixer** · adapters `{ctx.adapters.name}/` · datasets "
+            f"**sdlora mixer** · adapters `{ctx.adapters.name}/` {listed} · datasets "
             f"`{ctx.datasets.name}/` · outputs `{ctx.outputs.name}/`",
             elem_id="header",
         )
@@ -87,7 +95,7 @@ def build_app(
         def lists() -> tuple:
             names = h.list_adapters(ctx)
             return (
-                gr.Dropdown(choices=names),
+                gr.Dropdown(choices=names, info=h.adapters_hint(ctx, names)),
                 gr.Dropdown(choices=names),
                 gr.Dropdown(choices=h.base_choices(ctx)),
                 gr.Dropdown(choices=history_store.list_mixes(ctx.outputs)),
@@ -101,14 +109,31 @@ def build_app(
         app.load(on_load, None, [*list_outputs, train.dataset_dd], **FREE).then(
             restore_page,
             [session, stored],
-            [session, mix.base_dd, *mix.rows, *choices, *mix.settings, history.gallery],
+            [
+                session,
+                mix.base_dd,
+                mix.extended,
+                *mix.rows,
+                *choices,
+                *mix.settings,
+                history.gallery,
+            ],
+            **FREE,
+        ).then(
+            lambda session, base: cards.cards_html(ctx, base, session.names()),
+            [session, mix.base_dd],
+            mix.cards,
             **FREE,
         )
         on(
             mix.refresh_btn.click,
-            lambda: (*lists(), "Lists refreshed from the folders."),
-            None,
-            list_outputs,
+            lambda session, base, search: (
+                *lists(),
+                cards.cards_html(ctx, base, session.names(), search),
+                "Lists refreshed from the folders.",
+            ),
+            [session, mix.base_dd, mix.card_search],
+            [*list_outputs, mix.cards],
             mix.add_status,
             **FREE,
         )
@@ -141,7 +166,8 @@ def launch(
     """Serve the app: local only unless `host` says otherwise, a share link only if asked."""
     os.environ["GRADIO_TEMP_DIR"] = app.GRADIO_CACHE  # this app's cache, if others were built since
     app.launch(
-        css=CSS,
+        css=CSS + cards.CSS,
+        js=KEYS_JS,
         server_name=host,
         server_port=port,
         share=share,

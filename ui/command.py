@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 DESCRIPTION = """\
-Open the mixer web UI: load adapters from the adapters folder (or upload them), blend them with
+Open the mixer web UI: load adapters from the adapters folder, the training runs folder and any
+other --adapters folder (or upload them), blend them with
 strength sliders, generate, compare strengths on a grid, export merged checkpoints or one merged
 LoRA, train new adapters on a dataset folder, and inspect adapter files.
 
@@ -35,7 +36,18 @@ def register(subparsers) -> argparse.ArgumentParser:
         "checkpoint, or a Hub id such as stabilityai/stable-diffusion-2-1 (default: %(default)s)",
     )
     p.add_argument(
-        "--adapters", default="adapters", metavar="DIR", help="adapter files (default: %(default)s)"
+        "--adapters",
+        action="append",
+        metavar="DIR",
+        help="adapter files; uploads and trained adapters go into the first. Repeat it to list "
+        "more folders, each under its folder's name (default: adapters)",
+    )
+    p.add_argument(
+        "--runs",
+        default="runs",
+        metavar="DIR",
+        help="training runs: the adapters in each of its folders (as `sdlora train --output "
+        "runs/NAME` writes them) are listed as runs/NAME/FILE; '' for none (default: %(default)s)",
     )
     p.add_argument(
         "--datasets",
@@ -71,17 +83,27 @@ def run(args: argparse.Namespace) -> int:
     """Build the app from parsed arguments and serve it until interrupted."""
     from pathlib import Path
 
-    from sdlora.ui.app import build_app, keep_temporary_files_in, launch  # gradio, torch now
+    from sdlora.ui.app import keep_temporary_files_in, launch  # gradio, torch now
     from sdlora.ui.handlers import CACHE
 
-    app = build_app(
+    app = app_from_args(args)
+    keep_temporary_files_in(Path(args.outputs).resolve() / CACHE / "tmp")
+    launch(app, host=args.host, port=args.port, share=args.share, max_upload_mb=args.max_upload_mb)
+    return 0
+
+
+def app_from_args(args: argparse.Namespace):
+    """The app `sdlora ui` serves for these arguments (not yet launched)."""
+    from sdlora.ui.app import build_app
+
+    first, *more = args.adapters or ["adapters"]
+    return build_app(
         base=args.base,
-        adapters_dir=args.adapters,
+        adapters_dir=first,
         datasets_dir=args.datasets,
         outputs_dir=args.outputs,
         device=args.device,
         max_upload_mb=args.max_upload_mb,
+        more_adapters=more,
+        runs_dir=args.runs or None,
     )
-    keep_temporary_files_in(Path(args.outputs).resolve() / CACHE / "tmp")
-    launch(app, host=args.host, port=args.port, share=args.share, max_upload_mb=args.max_upload_mb)
-    return 0

@@ -46,6 +46,75 @@ CSS = """
 .sd-result img {image-rendering: pixelated; max-width: 100%; height: auto; display: block;}
 .sd-result figure {margin: 0 0.6em 0.6em 0; display: inline-block; vertical-align: top;}
 .sd-result figcaption {font-size: 0.85em; color: var(--body-text-color-subdued);}
+.sd-result img {cursor: zoom-in;}
+/* History: a caption would cover its thumbnail; it shows on hover or keyboard focus */
+#history .thumbnail-item .caption-label {display: none;}
+#history .thumbnail-item:hover .caption-label,
+#history .thumbnail-item:focus-visible .caption-label {display: block;}
+/* status notes: body text colour (AA contrast), not the subdued grey */
+.sd-status .sd-wait {color: var(--body-text-color); font-style: italic;}
+.sd-lightbox {position: fixed; inset: 0; z-index: 1000; background: rgba(0, 0, 0, 0.85);
+  display: flex; flex-direction: column; align-items: center; justify-content: center;
+  cursor: zoom-out;}
+.sd-lightbox img {image-rendering: pixelated; max-width: none;}
+.sd-lightbox p {color: #fff; margin-top: 8px;}
+"""
+
+
+# A1111's keys, page-wide: Ctrl+Enter (Cmd+Enter) presses the visible tab's Generate / Make
+# grid, Esc its Interrupt (plain Enter in the prompt stays a new line).
+KEYS_JS = """
+() => {
+  const press = (ids) => ids.some((id) => {
+    const button = document.getElementById(id);
+    if (!button || button.offsetParent === null) return false;
+    button.click();
+    return true;
+  });
+  const lightbox = () => document.querySelector(".sd-lightbox");
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
+      if (press(["generate", "compare"])) event.preventDefault();
+    } else if (event.key === "Escape") {
+      if (lightbox()) lightbox().remove();
+      else press(["interrupt", "compare-interrupt"]);
+    }
+  });
+  // the lightbox: a result or grid image, large, at the largest whole zoom the window allows
+  document.addEventListener("click", (event) => {
+    if (lightbox()) { lightbox().remove(); return; }
+    const image = event.target.closest(".sd-result img");
+    if (!image || !image.naturalWidth) return;
+    const zoom = Math.max(1, Math.floor(Math.min(
+      (window.innerWidth - 40) / image.naturalWidth,
+      (window.innerHeight - 60) / image.naturalHeight)));
+    const box = document.createElement("div");
+    box.className = "sd-lightbox";
+    box.setAttribute("role", "dialog");
+    box.setAttribute("aria-label", "Image, large (click or Esc closes)");
+    const large = document.createElement("img");
+    large.src = image.src;
+    large.alt = image.alt;
+    large.style.width = image.naturalWidth * zoom + "px";
+    large.style.height = image.naturalHeight * zoom + "px";
+    const note = document.createElement("p");
+    note.textContent = `${image.alt} · ${zoom}× · click or Esc closes`;
+    box.append(large, note);
+    document.body.append(box);
+  });
+}
+"""
+
+
+def into_view_js(result: str, status: str) -> str:
+    """JS run after a job: scroll its result (or, when it failed, its status line) into view,
+    as little as needed; at narrow widths the result sits under the controls."""
+    return f"""
+() => setTimeout(() => {{
+  const failed = document.querySelector("#{status} .sd-error");
+  const target = document.getElementById(failed ? "{status}" : "{result}");
+  if (target) target.scrollIntoView({{block: "nearest"}});
+}}, 60)
 """
 
 
@@ -192,15 +261,17 @@ def reporter(progress: gr.Progress) -> Callable[[float, str], None]:
 def sync_mix(session: Session, base: str, values: tuple) -> Session:
     """Copy the on boxes and strength sliders (values = ons then strengths) into the session.
 
-    A strength outside 0-1 is refused (the UI's range), naming the adapter; nothing changes.
+    A strength outside the UI's range (0-1, or -1 to 2 with the extended range on) is
+    refused, naming the adapter; nothing changes.
     """
     ons, strengths = values[:MAX_ADAPTERS], values[MAX_ADAPTERS:]
+    low, high = session.strength_range
     for i, item in enumerate(session.mix):
         value = float(strengths[i])
-        if not 0.0 <= value <= 1.0:
+        if not low <= value <= high:
             raise SdloraError(
-                f"strength of {item.name} must be from 0 to 1 (got {value:g}); it stays at "
-                f"{item.strength:g}"
+                f"strength of {item.name} must be from {low:g} to {high:g} (got {value:g}); it "
+                f"stays at {item.strength:g}"
             )
     session.base = base or session.base
     for i, item in enumerate(session.mix):

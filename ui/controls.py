@@ -2,6 +2,10 @@
 the number box's spinner), and a typed value outside them is refused beside the Generate button
 by the library's check (`handlers.make_settings`) instead of by Gradio's toast.
 
+A typed whole number beyond 64 bits (1e30) goes on as a float: Gradio's JSON (orjson) refuses
+such ints, and the page's event stream would die the moment the value is sent back (the page
+state kept in browser storage sends every setting back).
+
 Gradio writes a typing stub (`controls.pyi`) beside every module that defines a component
 subclass; it is kept in the repository so that importing this module writes nothing.
 """
@@ -10,6 +14,13 @@ from __future__ import annotations
 
 import gradio as gr
 
+JSON_INTS = range(-(2**63), 2**64)  # the ints Gradio's JSON (orjson) can send
+
+
+def within_64_bits(value: float | int) -> float | int:
+    """`value`, as a float when it is an int that JSON cannot carry (the handler refuses it)."""
+    return float(value) if isinstance(value, int) and value not in JSON_INTS else value
+
 
 class SettingSlider(gr.Slider):
     """A gr.Slider whose typed values reach the handler even when out of range."""
@@ -17,7 +28,7 @@ class SettingSlider(gr.Slider):
     is_template = True  # drawn by the frontend as a plain slider
 
     def preprocess(self, payload: float) -> float:
-        return gr.Number.round_to_precision(payload, self.precision)
+        return within_64_bits(gr.Number.round_to_precision(payload, self.precision))
 
 
 class SettingNumber(gr.Number):
@@ -26,4 +37,6 @@ class SettingNumber(gr.Number):
     is_template = True  # drawn by the frontend as a plain number box
 
     def preprocess(self, payload: float | None) -> float | int | None:
-        return None if payload is None else self.round_to_precision(payload, self.precision)
+        if payload is None:
+            return None
+        return within_64_bits(self.round_to_precision(payload, self.precision))

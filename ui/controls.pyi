@@ -18,7 +18,7 @@ class SettingSlider(gr.Slider):
     is_template = True  # drawn by the frontend as a plain slider
 
     def preprocess(self, payload: float) -> float:
-        return gr.Number.round_to_precision(payload, self.precision)
+        return within_64_bits(gr.Number.round_to_precision(payload, self.precision))
     from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
     from gradio.blocks import Block
     if TYPE_CHECKING:
@@ -32,7 +32,9 @@ class SettingNumber(gr.Number):
     is_template = True  # drawn by the frontend as a plain number box
 
     def preprocess(self, payload: float | None) -> float | int | None:
-        return None if payload is None else self.round_to_precision(payload, self.precision)
+        if payload is None:
+            return None
+        return within_64_bits(self.round_to_precision(payload, self.precision))
     from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
     from gradio.blocks import Block
     if TYPE_CHECKING:

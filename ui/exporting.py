@@ -120,6 +120,22 @@ def zip_folder(folder: Path, progress: Progress) -> Path:
     return target
 
 
+MAX_DISTILL_RANK = 1024  # far above any useful LoRA rank; a typo such as 80000 is refused
+
+
+def distill_rank(value) -> int:
+    """The Distilled rank box's value as a rank: a whole number from 1 to MAX_DISTILL_RANK,
+    else a one-line error naming the box (Gradio's own check showed a bare "Error" pill)."""
+    if value is None or value == "":
+        raise SdloraError("give a rank for the distilled LoRA, e.g. 8", setting="rank")
+    number = float(value)
+    if not number.is_integer():
+        raise SdloraError(f"must be a whole number (got {number:g})", setting="rank")
+    if not 1 <= number <= MAX_DISTILL_RANK:
+        raise SdloraError(f"must be from 1 to {MAX_DISTILL_RANK} (got {number:g})", setting="rank")
+    return int(number)
+
+
 def distilled_name(name: str, rank: int) -> str:
     return f"{name}.distilled-r{rank}"
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdlora.bases.base import BUILTIN
+from sdlora.bases.families import width_label
 from sdlora.bases.generate import SETTINGS, GenerateSettings, check_numbers, generate, save_png
 from sdlora.bases.grid import labelled_grid
 from sdlora.errors import SdloraError
@@ -35,7 +36,7 @@ CACHE = ".cache"  # under the outputs folder: uploads and temporary files, empti
 CACHE_MAX_AGE = 3600  # seconds an upload may stay in the cache while the app runs
 MAX_CELLS = SETTINGS["num_images"].maximum  # images in one compare grid, as in one generate call
 # The form's own values below the library's bounds: width/height 0 is the base's native size,
-# seed -1 a fresh random seed. Every other bound is the library's (`SETTINGS`).
+# a negative seed (as in A1111) a fresh random seed. Every other bound is the library's (`SETTINGS`).
 FORM_FLOOR = {"width": (0, "0 = native"), "height": (0, "0 = native"), "seed": (-1, "-1 = random")}
 
 
@@ -53,8 +54,15 @@ class Context:
     outputs: Path  # images, grids, exports and training runs are written here
     engine: Engine = field(default_factory=Engine)
     max_upload_bytes: int = MAX_UPLOAD_BYTES
+    # where else adapters are listed from (read only), each under its folder's name:
+    more_adapters: list[Path] = field(
+        default_factory=list
+    )  # e.g. "loras/x" for loras/x.safetensors
+    runs: Path | None = None  # training runs: "runs/style/style" for runs/style/style.safetensors
 
     def __post_init__(self) -> None:
+        self.more_adapters = [Path(p).resolve() for p in self.more_adapters]
+        self.runs = Path(self.runs).resolve() if self.runs else None
         self.adapters = Path(self.adapters).resolve()
         self.datasets = Path(self.datasets).resolve()
         self.outputs = Path(self.outputs).resolve()
@@ -113,14 +121,78 @@ def resolve_base(ctx: Context, choice: str) -> str:
     return str(path)
 
 
+def adapter_folders(ctx: Context) -> list[tuple[str, Path, int | None]]:
+    """The folders adapters are listed from besides the adapters folder: (the name they are
+    listed under, the folder, how deep files may lie: None any depth, 1 in each run folder)."""
+    folders, taken = [], set()
+    for root, depth in [*((p, None) for p in ctx.more_adapters), (ctx.runs, 1)]:
+        if root is None or root == ctx.adapters:
+            continue
+        prefix, n = root.name or "folder", 1
+        while prefix in taken:
+            n += 1
+            prefix = f"{root.name}-{n}"
+        taken.add(prefix)
+        folders.append((prefix, root, depth))
+    return folders
+
+
 def list_adapters(ctx: Context) -> list[str]:
-    """Adapter names in the adapters folder."""
-    return paths.list_adapters(ctx.adapters)
+    """Adapter names: the adapters folder's by their path in it ("style"), then those of the
+    other folders under the folder's name ("runs/style/style"); one file is listed once."""
+    names = paths.list_adapters(ctx.adapters)
+    seen = {(ctx.adapters / n).with_suffix(paths.ADAPTER_SUFFIX) for n in names}
+    for prefix, root, depth in adapter_folders(ctx):
+        for rel in paths.list_adapters(root):
+            file = (root / (rel + paths.ADAPTER_SUFFIX)).resolve()
+            if (depth is None or rel.count("/") == depth) and file not in seen:
+                seen.add(file)
+                names.append(f"{prefix}/{rel}")
+    return names
+
+
+def base_family(ctx: Context, base: str) -> str | None:
+    """The family of `base` in the words `inspect` uses for adapters ("SD 1.x (tiny, sdlora
+    built-in)"), if the base is loaded now (None: unknown yet; nothing is loaded for this)."""
+    try:
+        spec = resolve_base(ctx, base)
+    except SdloraError:
+        return None
+    pipe = ctx.engine.pipe if ctx.engine.base == spec else None
+    width = getattr(
+        getattr(getattr(pipe, "unet", None), "config", None), "cross_attention_dim", None
+    )
+    return width_label(int(width)) if isinstance(width, int) else None
+
+
+def adapters_hint(ctx: Context, names: list[str]) -> str | None:
+    """What the adapter list says when it is empty: where adapters come from."""
+    if names:
+        return None
+    runs = f" or sdlora train --output {ctx.runs.name}/NAME" if ctx.runs else ""
+    return (
+        f"No adapters yet: put .safetensors files in {ctx.adapters.name}/, train one (Train tab"
+        f"{runs}) or upload one, then press Refresh lists."
+    )
+
+
+def adapter_path(ctx: Context, name: str) -> Path:
+    """The file of adapter `name` as `list_adapters` names it; every name stays inside its
+    folder (`paths.inside`), and a run's adapter is a file directly in its run folder."""
+    path = paths.inside(
+        ctx.adapters, name.removesuffix(paths.ADAPTER_SUFFIX) + paths.ADAPTER_SUFFIX, "adapter"
+    )
+    if not path.is_file():
+        for prefix, root, depth in adapter_folders(ctx):
+            rest = name.removeprefix(prefix + "/")
+            if rest != name and (depth is None or rest.count("/") == depth):
+                return paths.adapter_file(root, rest)
+    return paths.adapter_file(ctx.adapters, name)
 
 
 def adapter_info(ctx: Context, name: str) -> dict:
     """What `sdlora inspect` tells about adapter `name` (read once per version of the file)."""
-    path = paths.adapter_file(ctx.adapters, name)
+    path = adapter_path(ctx, name)
     stat = path.stat()
     return _info(str(path), stat.st_mtime_ns, stat.st_size)
 
@@ -132,10 +204,12 @@ def _info(path: str, mtime_ns: int, size: int) -> dict:
 
 def inspect_adapter(ctx: Context, name: str, base: str = "") -> str:
     """`sdlora inspect` text for adapter `name`, with coverage against the chosen base."""
-    path = paths.adapter_file(ctx.adapters, name)
+    path = adapter_path(ctx, name)
     with ctx.engine.mixed(resolve_base(ctx, base), {}) as (pipe, _):
         info = inspect_file(path, pipe)
-    return format_text(info | {"file": paths.relative(ctx.adapters, path)})
+    return format_text(
+        info | {"file": name.removesuffix(paths.ADAPTER_SUFFIX) + paths.ADAPTER_SUFFIX}
+    )
 
 
 def summary(info: dict) -> str:
@@ -154,7 +228,7 @@ def add_adapter(ctx: Context, session: Session, name: str, strength: float = 1.0
     """Put adapter `name` into the visitor's mix, after checking that it fits their base."""
     if not name:
         raise SdloraError("pick an adapter from the list first (or upload one)")
-    path = paths.adapter_file(ctx.adapters, name)
+    path = adapter_path(ctx, name)
     if name in session.names():
         raise SdloraError(f"{name} is already in the mix; set its strength in its row")
     try:
@@ -163,6 +237,29 @@ def add_adapter(ctx: Context, session: Session, name: str, strength: float = 1.0
         raise SdloraError(_mismatch(ctx, name, session.base) or str(err)) from None
     session.add(name, strength)
     return session
+
+
+def check_mix_for_base(ctx: Context, session: Session, base: str) -> list[str]:
+    """Lines naming each adapter of the mix that does not fit `base` (loaded now), with both
+    families in the page's words: "style is made for SD 1.x (tiny, sdlora built-in); the
+    base toy is SD 1.x (toy, sdlora built-in)"."""
+    spec = resolve_base(ctx, base)
+    unfit = []
+    for item in session.mix:
+        try:
+            ctx.engine.check(spec, item.name, adapter_path(ctx, item.name))
+        except SdloraError as err:
+            unfit.append((item.name, err))
+    family = base_family(ctx, base) or "another family"
+    lines = []
+    for name, err in unfit:
+        try:
+            made_for = adapter_info(ctx, name).get("architecture") or "unknown"
+        except SdloraError:
+            lines.append(f"{name}: {err}")
+            continue
+        lines.append(f"{name} is made for {made_for}; the base {base} is {family}")
+    return lines
 
 
 def _mismatch(ctx: Context, name: str, base: str) -> str | None:
@@ -181,16 +278,30 @@ def _mismatch(ctx: Context, name: str, base: str) -> str | None:
     return f"{name} was trained for base {trained_for}, not {base}; {switch}"
 
 
-def add_from_prompt(ctx: Context, session: Session, prompt: str) -> tuple[str, list[str]]:
+def add_from_prompt(
+    ctx: Context, session: Session, prompt: str, notes: list[str] | None = None
+) -> tuple[str, list[str]]:
     """Take `<lora:name:w>` tags out of `prompt` into the mix: (prompt without tags, names).
 
     A tag for an adapter already in the mix sets its strength; a new one is added (checked
-    against the base like Add to mix). Strengths outside 0-1 are refused.
+    against the base like Add to mix). A weight outside the session's range (0-1, or -1 to 2
+    extended) is clamped into it, and `notes` gets a line saying so.
     """
     clean, strengths, blocks = split_lora_tags(prompt)
+    low, high = session.strength_range
     for name, strength in strengths.items():
-        paths.adapter_file(ctx.adapters, name)  # refuses a name no file can have, in one line
-        check_ui_strength(strength, f"<lora:{name}:{strength:g}>")
+        adapter_path(ctx, name)  # refuses a name no file can have, in one line
+        if not low <= strength <= high:
+            clamped = min(max(strength, low), high)
+            if notes is not None:
+                notes.append(
+                    f"<lora:{name}:{strength:g}> clamped to {clamped:g} (strengths here are "
+                    f"{low:g} to {high:g}; turn on Extended range for -1 to 2)"
+                    if not session.extended
+                    else f"<lora:{name}:{strength:g}> clamped to {clamped:g} (at most "
+                    f"{low:g} to {high:g})"
+                )
+            strength = strengths[name] = clamped
         if name in blocks:
             parse_blocks(blocks[name])
         if name not in session.names():
@@ -202,10 +313,12 @@ def add_from_prompt(ctx: Context, session: Session, prompt: str) -> tuple[str, l
     return clean, list(strengths)
 
 
-def check_ui_strength(value: float, what: str) -> float:
-    """The UI's strength range is 0-1 (the API and CLI take any strength); refuse others."""
-    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise SdloraError(f"{what}: strengths in the UI are from 0 to 1 (got {value:g})")
+def check_ui_strength(value: float, what: str, low: float = 0.0, high: float = 1.0) -> float:
+    """The UI's strength range is 0-1 (-1 to 2 extended; the API and CLI take any strength)."""
+    if not (math.isfinite(value) and low <= value <= high):
+        raise SdloraError(
+            f"{what}: strengths in the UI are from {low:g} to {high:g} (got {value:g})"
+        )
     return value
 
 
@@ -276,7 +389,7 @@ def mix_files(ctx: Context, strengths: dict[str, float] | None) -> dict[str, tup
         if not math.isfinite(strength):
             raise SdloraError(f"strength of {name!r} must be a finite number")
         name = name.removesuffix(paths.ADAPTER_SUFFIX)
-        mix[name] = (paths.adapter_file(ctx.adapters, name), strength)
+        mix[name] = (adapter_path(ctx, name), strength)
     return mix
 
 
@@ -313,14 +426,17 @@ def make_settings(*values, **named) -> GenerateSettings:
 
 def _form_value(name: str, value):
     """One form value as GenerateSettings takes it: text as text, numbers as int or float (a
-    non-number refused, naming the setting), the form's 0 and -1 as what they stand for."""
+    non-number refused, naming the setting), the form's 0 as the native size and any negative
+    seed as a fresh random one. Numbers may come as text (the seed box: exact at any length)."""
     setting = SETTINGS[name]
     if setting.kind in ("text", "choice"):
         return "" if value is None else str(value)
-    if name == "seed" and value in (None, FORM_FLOOR["seed"][0]):
-        return random_seed()
+    if isinstance(value, str):
+        value = _number_text(name, value)
     if value is None:
-        return GenerateSettings.__dataclass_fields__[name].default
+        return (
+            random_seed() if name == "seed" else GenerateSettings.__dataclass_fields__[name].default
+        )
     try:
         number = value if isinstance(value, int) else float(value)
     except (TypeError, ValueError):
@@ -329,9 +445,36 @@ def _form_value(name: str, value):
         if not number.is_integer():
             raise SdloraError(f"must be a whole number (got {number:g})", setting=name)
         number = int(number)
+    if name == "seed" and number < 0:
+        return random_seed()
     if name in FORM_FLOOR and number == FORM_FLOOR[name][0]:
         return None
     return number
+
+
+def _number_text(name: str, text: str) -> int | float | None:
+    """A number typed as text: whole numbers exactly (any length), others as floats."""
+    text = text.strip().replace("_", "")
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise SdloraError(f"must be a number (got {paths.shown(text)})", setting=name) from None
+
+
+def valid_form_value(name: str, value) -> bool:
+    """Whether a kept form value (browser storage, an image's record) is one the form may show
+    again: within the library's bounds, or one of the form's own (0 native, negative seed)."""
+    try:
+        SETTINGS[name].check(_form_value(name, value))
+    except (SdloraError, OverflowError):
+        return False
+    return True
 
 
 def random_seed() -> int:
@@ -344,7 +487,12 @@ def _stamp() -> str:
 
 
 class Interrupted(SdloraError):
-    """The visitor pressed Interrupt; nothing was saved."""
+    """The visitor pressed Interrupt; nothing was saved to the images folder. `partial`: the
+    images as far as they got, kept in the outputs' partial/ folder (not in History)."""
+
+    def __init__(self, message: str, partial: list[Path] | None = None):
+        super().__init__(message)
+        self.partial = partial or []
 
 
 def run_generate(
@@ -362,17 +510,40 @@ def run_generate(
     settings.adapters = {name: strength for name, (_, strength) in mix.items()}
     settings.blocks = {n: b for n, b in (blocks or {}).items() if n in mix and b}
     spec = resolve_base(ctx, base)
+    running, stopped = [], []  # the pipeline in use; (step, steps) where Interrupt landed
 
     def on_step(done: int, total: int) -> None:
-        if interrupted():
-            raise Interrupted(f"interrupted at step {done} of {total}; nothing was saved")
-        progress(done / total, f"step {done} of {total}")
+        if not stopped and interrupted():
+            stopped.append((done, total))
+            running[0]._interrupt = True  # diffusers skips the other steps, decodes what it has
+        elif not stopped:
+            progress(done / total, f"step {done} of {total}")
 
     progress(0.0, "loading the base and adapters")
     with ctx.engine.mixed(spec, mix, settings.blocks) as (pipe, _):
-        images = generate(pipe, settings, on_step=on_step)
-    folder = ctx.outputs / "images"
+        running.append(pipe)
+        try:
+            images = generate(pipe, settings, on_step=on_step)
+        except SdloraError:
+            if not stopped:
+                raise
+            images = []  # the partial image came out blank: nothing to show
+        finally:
+            pipe._interrupt = False
     stem = f"{_stamp()}-{settings.seed}"
+    if stopped:
+        folder = ctx.outputs / "partial"
+        kept = [
+            save_png(image, _free(folder / f"{stem}-{i}.png"), settings, i)
+            for i, image in enumerate(images)
+        ]
+        done, total = stopped[0]
+        raise Interrupted(
+            f"interrupted at step {done} of {total}; "
+            + ("the partial image is shown, not kept in History" if kept else "nothing was saved"),
+            kept,
+        )
+    folder = ctx.outputs / "images"
     return [
         save_png(image, _free(folder / f"{stem}-{i}.png"), settings, i)
         for i, image in enumerate(images)
@@ -388,8 +559,10 @@ def _free(path: Path) -> Path:
     return candidate
 
 
-def parse_strengths(text: str, what: str = "strengths") -> list[float]:
-    """'0, 0.25, 0.5' -> [0.0, 0.25, 0.5]; each from 0 to 1, as the Mix tab's sliders."""
+def parse_strengths(
+    text: str, what: str = "strengths", low: float = 0.0, high: float = 1.0
+) -> list[float]:
+    """'0, 0.25, 0.5' -> [0.0, 0.25, 0.5]; each in the Mix tab's sliders' range."""
     try:
         values = [float(v) for v in (text or "").replace(";", ",").split(",") if v.strip()]
     except ValueError:
@@ -397,7 +570,7 @@ def parse_strengths(text: str, what: str = "strengths") -> list[float]:
     if not values or not all(math.isfinite(v) for v in values):
         raise SdloraError(f"{what}: give numbers separated by commas, e.g. 0, 0.5, 1")
     for value in values:
-        check_ui_strength(value, what)
+        check_ui_strength(value, what, low, high)
     return values
 
 

@@ -45,11 +45,17 @@ def read_recipe(outputs: Path, name: str) -> dict:
     path = paths.inside(outputs / "images", name, "image")
     if not path.is_file():
         raise SdloraError(f"image {name!r}: no such file in the images folder")
+    return recipe_of(path, repr(name))
+
+
+def recipe_of(path: Path, shown: str) -> dict:
+    """The settings an image file holds: its sdlora record, else A1111's `parameters` text
+    (PNG Info); `shown` names the image in messages."""
     try:
         with Image.open(path) as image:
             text = dict(getattr(image, "text", {}) or {})
     except OSError:
-        raise SdloraError(f"image {name!r}: not a readable PNG") from None
+        raise SdloraError(f"image {shown}: not a readable PNG") from None
     if "sdlora" in text:
         try:
             record = json.loads(text["sdlora"])
@@ -59,7 +65,7 @@ def read_recipe(outputs: Path, name: str) -> dict:
             return {k: record[k] for k in RECIPE_FIELDS if k in record}
     if "parameters" in text:
         return parse_parameters(text["parameters"])
-    raise SdloraError(f"image {name!r}: holds no recipe (no sdlora or parameters text)")
+    raise SdloraError(f"image {shown}: holds no recipe (no sdlora or parameters text)")
 
 
 def _mix_file(outputs: Path, name: str) -> Path:

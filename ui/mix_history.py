@@ -2,18 +2,22 @@
 their prompt, settings, seed and mix) and Saved mixes; plus keeping the page across reloads.
 
 The page state (base, mix, prompt and settings) lives in the browser's storage
-(`gr.BrowserState`): every change of the mix and every Generate writes it, and loading the
-page reads it back. Images restore from their own PNG record (`history.read_recipe`).
+(`gr.BrowserState`): every change of the mix, of any setting (as it is typed) and every
+Generate writes it, and loading the page reads it back. Images restore from their own PNG
+record (`history.read_recipe`).
 """
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 
 from sdlora.bases.generate import SETTINGS
 from sdlora.errors import SdloraError
+from sdlora.io.writing import written_file
 from sdlora.ui import handlers as h
 from sdlora.ui import history
 from sdlora.ui.common import FREE, on, status_line
@@ -21,6 +25,7 @@ from sdlora.ui.state import Session
 from sdlora.ui.tab_mix import MixTab, history_items, render
 
 STORAGE_KEY = "sdlora-mixer"
+SECRET_FILE = ".ui-secret"  # in the outputs folder: the key browser storage is sealed with
 OLD_KEYS = {"negative": "negative_prompt"}  # page records kept before the keys were the settings'
 
 
@@ -33,6 +38,7 @@ class HistoryPanel:
     saved_dd: gr.Dropdown
     load_btn: gr.Button
     mixes_status: gr.HTML
+    png_info: gr.UploadButton
 
 
 def layout(ctx: h.Context) -> HistoryPanel:
@@ -47,6 +53,12 @@ def layout(ctx: h.Context) -> HistoryPanel:
         elem_id="history",
         format="png",
     )
+    png_info = gr.UploadButton(  # no file_types: its check would raise a toast
+        "PNG Info: open an image to restore its settings (A1111's too)",
+        file_count="single",
+        size="sm",
+        elem_id="png-info",
+    )
     status = status_line("history-status")
     with gr.Accordion("Saved mixes", open=False, elem_id="saved-mixes"):
         with gr.Row(equal_height=True):
@@ -58,21 +70,43 @@ def layout(ctx: h.Context) -> HistoryPanel:
             )
             load_btn = gr.Button("Load mix", size="sm", elem_id="load-mix", scale=1)
         mixes_status = status_line("mixes-status")
-    return HistoryPanel(gallery, status, mix_name, save_btn, saved_dd, load_btn, mixes_status)
+    return HistoryPanel(
+        gallery, status, mix_name, save_btn, saved_dd, load_btn, mixes_status, png_info
+    )
+
+
+def storage_secret(ctx: h.Context) -> str:
+    """The key Gradio seals browser storage with, kept in the outputs folder so that pages
+    outlive a server restart (a fresh key each start would make every kept page unreadable)."""
+    path = ctx.outputs / SECRET_FILE
+    try:
+        secret = path.read_text().strip()
+    except OSError:
+        secret = ""
+    if len(secret) < 16:
+        secret = secrets.token_urlsafe(24)
+        with written_file(path) as tmp:
+            tmp.write_text(secret)
+    return secret
 
 
 def page_record(session: Session, *settings) -> dict:
     """What the browser keeps: base, mix and the generation settings."""
     return {
         "base": session.base,
+        "extended": session.extended,
         "mix": session.mix_record(),
         "settings": dict(zip(SETTINGS, settings, strict=True)),
     }
 
 
 def _settings_updates(values: dict) -> list:
-    """Updates for the Mix tab's settings from a {setting: value} dict (absent: unchanged)."""
+    """Updates for the Mix tab's settings from a {setting: value} dict (absent, or a value the
+    form may not show again such as a refused seed kept in storage: unchanged)."""
     values = {OLD_KEYS.get(k, k): v for k, v in values.items()}
+    values = {k: v for k, v in values.items() if k in SETTINGS and h.valid_form_value(k, v)}
+    if "seed" in values:
+        values["seed"] = "-1" if values["seed"] is None else str(values["seed"])  # text box
     return [gr.skip() if k not in values else values[k] for k in SETTINGS]
 
 
@@ -94,18 +128,25 @@ def wire(
     def persist(event) -> None:
         event.then(save_page, [session, *tab.settings], stored, **FREE)
 
+    for control in tab.settings:  # typed text is kept too, not only what a Generate used
+        control.change(
+            save_page, [session, *tab.settings], stored, trigger_mode="always_last", **FREE
+        )
+
     def restore_page(session: Session, record: dict | None) -> list:
         """Page load: the base, mix and settings this browser had (nothing if none kept)."""
         record = record if isinstance(record, dict) else {}
         choices = h.base_choices(ctx)
         if record.get("base") in choices:
             session.base = record["base"]
+        session.extended = record.get("extended") is True
         session.set_mix(record.get("mix") or [])
         session.mix = [i for i in session.mix if i.name in h.list_adapters(ctx)]
         values = record.get("settings") if isinstance(record.get("settings"), dict) else {}
         return [
             session,
             gr.Dropdown(value=session.base),
+            gr.Checkbox(value=session.extended),
             *render(ctx, session),
             *_settings_updates(values),
             history_items(ctx),
@@ -124,6 +165,28 @@ def wire(
             raise SdloraError(
                 f"{name} used {', '.join(missing)}, which the adapters folder no longer has"
             )
+        return restore(session, recipe, name)
+
+    def on_png_info(session: Session, upload: str) -> list:
+        """An image from anywhere: its settings and those of its adapters found here."""
+        path = Path(upload)
+        try:
+            recipe = history.recipe_of(path, h.paths.shown(path.name))
+        finally:
+            if path.resolve().is_relative_to(ctx.cache):
+                path.unlink(missing_ok=True)
+        known = h.list_adapters(ctx)
+        adapters = recipe.get("adapters") or {}
+        missing = [n for n in adapters if n not in known]
+        recipe["adapters"] = {n: s for n, s in adapters.items() if n in known}
+        *updates, note = restore(session, recipe, path.name)
+        if missing:
+            note += f" Not here, left out: {', '.join(missing)}."
+        return [*updates, note]
+
+    def restore(session: Session, recipe: dict, name: str) -> list:
+        """The mix and settings of an image's recipe into the page."""
+        adapters = recipe.get("adapters") or {}
         blocks = recipe.get("blocks") or {}
         session.set_mix(
             [{"name": n, "strength": s, "blocks": blocks.get(n, "")} for n, s in adapters.items()]
@@ -170,6 +233,16 @@ def wire(
             panel.gallery.select,
             on_pick,
             session,
+            [session, *mix_outputs, *tab.settings],
+            panel.status,
+            **FREE,
+        )
+    )
+    persist(
+        on(
+            panel.png_info.upload,
+            on_png_info,
+            [session, panel.png_info],
             [session, *mix_outputs, *tab.settings],
             panel.status,
             **FREE,

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from sdlora.errors import SdloraError
 
 MAX_ADAPTERS = 8  # adapter rows shown in the Mix tab
+STRENGTHS = (0.0, 1.0)  # the sliders' range: the mixer's meaning, 0 = base, 1 = as trained
+EXTENDED = (-1.0, 2.0)  # the "extended range" setting, for shared prompts with other weights
 
 
 @dataclass
@@ -34,6 +36,12 @@ class Session:
     last_seed: int | None = None  # the seed the last generation used (for "reuse")
     interrupted: bool = False  # set by Interrupt; the running job stops at its next step
     putting_back: bool = False  # a refused strength is being put back in its slider
+    extended: bool = False  # strengths from -1 to 2 instead of 0 to 1
+    running: bool = False  # a generation or grid of this visitor is queued or running
+
+    @property
+    def strength_range(self) -> tuple[float, float]:
+        return EXTENDED if self.extended else STRENGTHS
 
     def names(self) -> list[str]:
         return [item.name for item in self.mix]
@@ -63,7 +71,8 @@ class Session:
         return [asdict(item) for item in self.mix]
 
     def set_mix(self, record: list) -> None:
-        """Replace the mix with one from `mix_record` (unknown keys and bad rows are dropped)."""
+        """Replace the mix with one from `mix_record` (unknown keys and bad rows, such as a
+        strength outside the session's range, are dropped)."""
         items = []
         for row in record or []:
             try:
@@ -75,6 +84,7 @@ class Session:
                 )
             except (KeyError, TypeError, ValueError, AttributeError):
                 continue
-            if item.name not in [i.name for i in items] and 0 <= item.strength <= 1:
+            low, high = self.strength_range
+            if item.name not in [i.name for i in items] and low <= item.strength <= high:
                 items.append(item)
         self.mix = items[:MAX_ADAPTERS]

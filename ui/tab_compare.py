@@ -8,9 +8,19 @@ import gradio as gr
 
 from sdlora.bases.generate import SETTINGS
 from sdlora.ui import handlers as h
-from sdlora.ui.common import FREE, JOB, on, queued, reporter, status_line, sync_mix, waiting
+from sdlora.ui.common import (
+    FREE,
+    JOB,
+    into_view_js,
+    on,
+    queued,
+    reporter,
+    status_line,
+    sync_mix,
+    waiting,
+)
 from sdlora.ui.state import Session
-from sdlora.ui.tab_mix import NO_SECOND, MixTab, result_html
+from sdlora.ui.tab_mix import COMPARE_ROOM, NO_SECOND, MixTab, result_html
 
 
 @dataclass
@@ -65,8 +75,10 @@ def wire(ctx: h.Context, tab: CompareTab, session: gr.State, mix: MixTab) -> Non
         session = sync_mix(session, base, mix_values)
         settings = h.make_settings(*form)
         y_name = "" if y_name in (None, NO_SECOND) else y_name
-        x_values = h.parse_strengths(x_text, "X strengths")
-        y_values = h.parse_strengths(y_text, "Y strengths") if y_name else None
+        x_values = h.parse_strengths(x_text, "X strengths", *session.strength_range)
+        y_values = (
+            h.parse_strengths(y_text, "Y strengths", *session.strength_range) if y_name else None
+        )
         path = h.run_compare(
             ctx,
             base,
@@ -87,7 +99,7 @@ def wire(ctx: h.Context, tab: CompareTab, session: gr.State, mix: MixTab) -> Non
             else f"seed {settings.seed} · {x_name}"
         )
         return (
-            result_html([path], [caption]),
+            result_html([path], [caption], COMPARE_ROOM),
             f"Saved {h.paths.relative(ctx.outputs, path)} (seed {settings.seed}).",
         )
 
@@ -99,7 +111,7 @@ def wire(ctx: h.Context, tab: CompareTab, session: gr.State, mix: MixTab) -> Non
         session.interrupted = True
         return waiting("Interrupting after the current image…")
 
-    on(
+    gridding = on(
         tab.compare_btn.click(before_job, session, tab.status, **FREE).then,
         on_compare,
         [
@@ -116,4 +128,5 @@ def wire(ctx: h.Context, tab: CompareTab, session: gr.State, mix: MixTab) -> Non
         tab.status,
         **JOB,
     )
+    gridding.then(None, js=into_view_js("grid", "compare-status"))
     tab.interrupt_btn.click(on_interrupt, session, tab.status, **FREE)

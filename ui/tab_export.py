@@ -13,12 +13,16 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from sdlora.bases.generate import label_of
 from sdlora.errors import SdloraError
 from sdlora.ui import exporting as ex
 from sdlora.ui import handlers as h
 from sdlora.ui.common import FREE, JOB, failed, on, queued, reporter, status_line, sync_mix
+from sdlora.ui.controls import SettingNumber
 from sdlora.ui.state import Session
 from sdlora.ui.tab_mix import MixTab
+
+LABELS = {"rank": "Distilled rank"}  # how errors about this tab's settings name them
 
 
 @dataclass
@@ -68,7 +72,14 @@ def layout() -> ExportTab:
             elem_id="export-distill",
             scale=3,
         )
-        rank = gr.Number(8, precision=0, minimum=1, label="Distilled rank", scale=1)
+        rank = SettingNumber(  # typed values reach `ex.distill_rank`, which says what is wrong
+            8,
+            minimum=1,
+            maximum=ex.MAX_DISTILL_RANK,
+            label=LABELS["rank"],
+            scale=1,
+            elem_id="export-rank",
+        )
     plan = gr.Markdown(elem_id="export-plan")
     export_btn = gr.Button("Export", variant="primary", elem_id="export")
     with gr.Row(visible=False, elem_id="export-confirm") as confirm_row:
@@ -130,7 +141,7 @@ def wire(ctx: h.Context, tab: ExportTab, session: gr.State, mix: MixTab, tab_ite
                 reporter(progress),
                 blocks=session.blocks(),
                 base_alone_ok=base_alone_ok,
-                distill_rank=int(rank or 0) if distill else 0,
+                distill_rank=ex.distill_rank(rank) if distill else 0,
                 prompts=[prompt] if (prompt or "").strip() else None,
                 notes=notes,
             )
@@ -184,6 +195,7 @@ def wire(ctx: h.Context, tab: ExportTab, session: gr.State, mix: MixTab, tab_ite
             inputs,
             outputs,
             tab.status,
+            lambda setting: LABELS.get(setting) or label_of(setting),
             **JOB,
         )
     tab.cancel_btn.click(

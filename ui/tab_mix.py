@@ -1,7 +1,7 @@
 """The Mix tab: prompt and settings, the adapters of the mix with their strengths, the result.
 
 Left: prompt, Generate / Interrupt with their status line, settings, then the mix (base,
-adapter rows with an expandable per-block panel each). Right: the result, drawn at an integer
+adapter rows with an expandable per-block panel each, the LoRA cards). Right: the result, drawn at an integer
 zoom with crisp pixels, and the History of earlier images (`mix_history`). The adapter rows are
 fixed components (MAX_ADAPTERS of them) shown or hidden to match the visitor's mix; `render`
 fills them in, and the Compare tab's adapter choices with them.
@@ -24,7 +24,20 @@ from sdlora.bases.recommend import guidance_and_steps
 from sdlora.errors import SdloraError
 from sdlora.lora.blocks import parse_blocks
 from sdlora.ui import handlers as h
-from sdlora.ui.common import FREE, JOB, failed, on, queued, reporter, status_line, sync_mix, waiting
+from sdlora.ui.cards import CARDS_JS, cards_html
+from sdlora.ui.common import (
+    FREE,
+    JOB,
+    done,
+    failed,
+    into_view_js,
+    on,
+    queued,
+    reporter,
+    status_line,
+    sync_mix,
+    waiting,
+)
 from sdlora.ui.controls import SettingNumber, SettingSlider
 from sdlora.ui.state import MAX_ADAPTERS, Session
 from sdlora.ui.strength import Strength
@@ -32,6 +45,8 @@ from sdlora.ui.strength import Strength
 NO_SECOND = "(none)"  # the Compare tab's "no Y adapter" choice
 RESULT_WIDTH = 480  # px the result column gives images at 1280 px wide (integer zoom inside it)
 RESULT_HEIGHT = 520  # px of it visible below the tabs at 800 px high
+MIX_ROOM = (RESULT_WIDTH, RESULT_HEIGHT)
+COMPARE_ROOM = (1200, 600)  # px the Compare tab gives its grid at 1280 px wide (full width)
 
 
 @dataclass
@@ -68,7 +83,7 @@ class MixTab:
     negative_prompt: gr.Textbox
     steps: gr.Slider
     guidance: gr.Slider
-    seed: gr.Number
+    seed: gr.Textbox
     reuse_btn: gr.Button
     scheduler: gr.Dropdown
     width: gr.Number
@@ -78,6 +93,9 @@ class MixTab:
     interrupt_btn: gr.Button
     status: gr.HTML
     result: gr.HTML
+    extended: gr.Checkbox
+    card_search: gr.Textbox
+    cards: gr.HTML
 
     @property
     def mix_values(self) -> list:
@@ -90,7 +108,7 @@ class MixTab:
         return [
             part
             for s in self.slots
-            for part in (s.box, s.on, s.strength, s.meta, s.words, *s.block_inputs)
+            for part in (s.box, s.on, s.strength, s.meta, s.words, *s.block_inputs, s.remove)
         ]
 
     @property
@@ -120,28 +138,6 @@ def layout(ctx: h.Context, base: str, result_column: Callable[[], None]) -> MixT
                     "Interrupt", variant="stop", elem_id="interrupt", scale=1, min_width=90
                 )
             status = status_line("mix-status")
-            with gr.Row():
-                base_dd = gr.Dropdown(
-                    h.base_choices(ctx), value=base, label="Base model", elem_id="base", scale=2
-                )
-                adapter_dd = gr.Dropdown(
-                    h.list_adapters(ctx),
-                    value=None,
-                    label="Adapter file",
-                    elem_id="adapter-pick",
-                    scale=3,
-                )
-            with gr.Row():
-                add_btn = gr.Button("Add to mix", elem_id="add-adapter", size="sm")
-                upload_btn = gr.UploadButton(  # no file_types: its check would raise a toast
-                    "Upload .safetensors",
-                    file_count="single",
-                    elem_id="upload",
-                    size="sm",
-                )
-                refresh_btn = gr.Button("Refresh lists", size="sm", elem_id="refresh")
-            add_status = status_line("add-status")
-            slots = [slot_row(i) for i in range(MAX_ADAPTERS)]
             with gr.Accordion("Settings", open=True, elem_id="settings"):
                 with gr.Row():
                     steps = SettingSlider(
@@ -159,7 +155,13 @@ def layout(ctx: h.Context, base: str, result_column: Callable[[], None]) -> MixT
                         elem_id="guidance",
                     )
                 with gr.Row(equal_height=True):
-                    seed = number("seed", -1, elem_id="seed")
+                    seed = gr.Textbox(  # text: exact at any length, never a JSON overflow
+                        "-1",
+                        label=h.form_label("seed"),
+                        max_lines=1,
+                        elem_id="seed",
+                        min_width=120,
+                    )
                     reuse_btn = gr.Button(
                         "Reuse last seed", size="sm", elem_id="reuse-seed", min_width=90
                     )
@@ -179,6 +181,48 @@ def layout(ctx: h.Context, base: str, result_column: Callable[[], None]) -> MixT
                         label=h.form_label("num_images"),
                         elem_id="num-images",
                     )
+            with gr.Row():
+                base_dd = gr.Dropdown(
+                    h.base_choices(ctx), value=base, label="Base model", elem_id="base", scale=2
+                )
+                adapter_dd = gr.Dropdown(
+                    h.list_adapters(ctx),
+                    value=None,
+                    info=h.adapters_hint(ctx, h.list_adapters(ctx)),
+                    label="Adapter file",
+                    elem_id="adapter-pick",
+                    scale=3,
+                )
+            with gr.Row():
+                add_btn = gr.Button("Add to mix", elem_id="add-adapter", size="sm")
+                upload_btn = gr.UploadButton(  # no file_types: its check would raise a toast
+                    "Upload .safetensors",
+                    file_count="single",
+                    elem_id="upload",
+                    size="sm",
+                )
+                refresh_btn = gr.Button("Refresh lists", size="sm", elem_id="refresh")
+                extended = gr.Checkbox(
+                    False,
+                    label="Extended range (−1 to 2)",
+                    elem_id="extended",
+                    min_width=120,
+                )
+            add_status = status_line("add-status")
+            slots = [slot_row(i) for i in range(MAX_ADAPTERS)]
+            with gr.Accordion("LoRA cards: click one to add it", open=True, elem_id="cards-box"):
+                card_search = gr.Textbox(
+                    placeholder="Search by name, family or trigger word",
+                    show_label=False,
+                    max_lines=1,
+                    elem_id="card-search",
+                )
+                cards = gr.HTML(
+                    cards_html(ctx, base, []),
+                    elem_id="cards",
+                    js_on_load=CARDS_JS,
+                    padding=False,
+                )
         with gr.Column(scale=4, min_width=400, elem_id="result-column"):
             result = gr.HTML(
                 '<p class="sd-empty">Images appear here.</p>',
@@ -208,6 +252,9 @@ def layout(ctx: h.Context, base: str, result_column: Callable[[], None]) -> MixT
         interrupt_btn,
         status,
         result,
+        extended,
+        card_search,
+        cards,
     )
 
 
@@ -269,7 +316,7 @@ def render(ctx: h.Context, session: Session) -> list:
         if i >= len(session.mix):
             out += [gr.Group(visible=False), gr.Checkbox(), gr.skip()]
             out += [gr.Markdown(""), gr.Dataset(samples=[], visible=False)]
-            out += [gr.Slider(value=1.0)] * 4 + [gr.Textbox(value="")]
+            out += [gr.Slider(value=1.0)] * 4 + [gr.Textbox(value=""), gr.skip()]
             continue
         item = session.mix[i]
         try:
@@ -278,14 +325,16 @@ def render(ctx: h.Context, session: Session) -> list:
         except SdloraError as err:
             meta, trigger_words = f"⚠ {err}", []
         values, custom = _group_values(item.blocks)
+        low, high = session.strength_range
         out += [
             gr.Group(visible=True),
-            gr.Checkbox(value=item.enabled),
-            gr.Slider(value=item.strength, label=item.name),
+            gr.Checkbox(value=item.enabled, label=f"Enable {item.name}"),
+            gr.Slider(value=item.strength, label=item.name, minimum=low, maximum=high),
             gr.Markdown(meta),
             gr.Dataset(samples=[[w] for w in trigger_words], visible=bool(trigger_words)),
             *[gr.Slider(value=v) for v in values],
             gr.Textbox(value=custom),
+            gr.Button(f"Remove {item.name.split('/')[-1][:24]}"),  # its accessible name too
         ]
     names = session.names()
     out += [
@@ -300,23 +349,24 @@ def image_url(path: Path) -> str:
     return "gradio_api/file=" + quote(str(path))
 
 
-def zoom_for(size: tuple[int, int], count: int) -> int:
-    """The largest integer zoom at which `count` images of `size` fit the result column
-    (0: the image is larger than its space and is shown scaled down to fit)."""
+def zoom_for(size: tuple[int, int], count: int, room: tuple[int, int] = MIX_ROOM) -> int:
+    """The largest integer zoom at which `count` images of `size` fit `room` (width, height:
+    the Mix tab's result column, or the Compare tab's full width) (0: the image is larger
+    than its space and is shown scaled down to fit)."""
     columns = 1 if count == 1 else 2 if count <= 4 else 3
-    room_w = (RESULT_WIDTH - 12 * (columns - 1)) // columns
+    room_w = (room[0] - 12 * (columns - 1)) // columns
     rows = -(-count // columns)
-    room_h = (RESULT_HEIGHT - 28 * rows) // rows
+    room_h = (room[1] - 28 * rows) // rows
     return max(0, min(room_w // size[0], room_h // size[1]))
 
 
-def result_html(files: list[Path], captions: list[str]) -> str:
+def result_html(files: list[Path], captions: list[str], room: tuple[int, int] = MIX_ROOM) -> str:
     """The images at an integer zoom with crisp pixels (never cropped), each with its caption."""
     if not files:
         return '<p class="sd-empty">Images appear here.</p>'
     with Image.open(files[0]) as first:
         size = first.size
-    zoom = zoom_for(size, len(files))
+    zoom = zoom_for(size, len(files), room)
     figures = []
     for path, text in zip(files, captions, strict=True):
         if zoom:
@@ -395,6 +445,26 @@ def wire(
         word = sample[0] if sample else ""
         return f"{text.rstrip()}, {word}" if text.strip() else word
 
+    def on_extended(session: Session, base: str, extended: bool, *values) -> list:
+        """The strength range: -1 to 2, or back to 0-1 (strengths outside it are clamped)."""
+        session = sync_mix(session, base, values)
+        session.extended = bool(extended)
+        low, high = session.strength_range
+        moved = [i for i in session.mix if not low <= i.strength <= high]
+        for item in moved:
+            item.strength = min(max(item.strength, low), high)
+        note = f"Strengths now from {low:g} to {high:g}."
+        if moved:
+            note += " Clamped: " + ", ".join(f"{i.name} to {i.strength:g}" for i in moved) + "."
+        return [session, *render(ctx, session), note]
+
+    def on_card(session: Session, base: str, evt: gr.EventData, *values) -> list:
+        name = (evt._data or {}).get("name", "") if isinstance(evt._data, dict) else ""
+        return on_add(session, base, name, *values)
+
+    def on_cards(session: Session, base: str, search: str) -> str:
+        return cards_html(ctx, base, session.names(), search)
+
     def on_base(session: Session, base: str) -> Session:
         session.base = base
         return session
@@ -406,7 +476,7 @@ def wire(
 
     def before_job(session: Session) -> str:
         """Shown at once when a job is queued: what it waits for, if anything."""
-        session.interrupted = False
+        session.interrupted, session.running = False, True
         return queued(ctx.engine)
 
     def on_generate(
@@ -417,20 +487,40 @@ def wire(
     ) -> list:
         """`values`: the generation settings (`SETTINGS` order), then the mix's on boxes and
         strengths."""
+        try:
+            return generate_now(session, base, progress, *values)
+        finally:
+            session.running = False
+
+    def generate_now(session: Session, base: str, progress: gr.Progress, *values) -> list:
         form, mix = values[: len(SETTINGS)], values[len(SETTINGS) :]
         session = sync_mix(session, base, mix)
-        prompt, tagged = h.add_from_prompt(ctx, session, form[0])
+        clamped: list[str] = []
+        prompt, tagged = h.add_from_prompt(ctx, session, form[0], clamped)
         settings = h.make_settings(prompt, *form[1:])
         started = time.perf_counter()
-        files = h.run_generate(
-            ctx,
-            base,
-            session.strengths(),
-            settings,
-            reporter(progress),
-            session.blocks(),
-            lambda: session.interrupted,
-        )
+        try:
+            files = h.run_generate(
+                ctx,
+                base,
+                session.strengths(),
+                settings,
+                reporter(progress),
+                session.blocks(),
+                lambda: session.interrupted,
+            )
+        except h.Interrupted as err:
+            if not err.partial:
+                raise
+            captions = [f"partial · seed {settings.seed + i}" for i in range(len(err.partial))]
+            return [
+                session,
+                prompt,
+                *[gr.skip()] * len(mix_outputs),
+                result_html(err.partial, captions),
+                gr.skip(),
+                failed(err),
+            ]
         session.last_seed = settings.seed
         mix = ", ".join(f"{n} {s:g}" for n, s in settings.adapters.items()) or "no adapters"
         captions = [
@@ -444,6 +534,7 @@ def wire(
         )
         if tagged:
             note += f" · from the prompt: {', '.join(tagged)}"
+        note += "".join(f" · ⚠ {line}" for line in clamped)
         rows = render(ctx, session) if tagged else [gr.skip()] * (len(mix_outputs))
         return [
             session,
@@ -455,16 +546,46 @@ def wire(
         ]
 
     def on_interrupt(session: Session) -> str:
+        if not session.running:
+            return done("Nothing is running: Interrupt stops a generation of this page.")
         session.interrupted = True
         return waiting("Interrupting after the current step…")
 
     def on_reuse(session: Session) -> tuple:
         if session.last_seed is None:
             raise SdloraError("no image yet: generate once, then its seed can be reused")
-        return session.last_seed, f"Seed set to {session.last_seed}, the last one used."
+        return str(session.last_seed), f"Seed set to {session.last_seed}, the last one used."
 
     persist(tab.base_dd.change(on_base, [session, tab.base_dd], session, **FREE))
+
+    def on_base_check(session: Session, base: str) -> str:
+        """A base picked by hand: the mix is checked against it at once (the base loads)."""
+        unfit = h.check_mix_for_base(ctx, session, base) if session.mix else []
+        if unfit:
+            return failed(
+                "; ".join(unfit) + ". Switch the base back, or remove or switch off those."
+            )
+        return f"Base **{base}**: the mix fits." if session.mix else ""
+
+    on(
+        tab.base_dd.input,
+        on_base_check,
+        [session, tab.base_dd],
+        [],
+        tab.add_status,
+        **JOB,
+    )
     tab.base_dd.input(on_pick_base, tab.base_dd, [tab.steps, tab.guidance], **FREE)
+    persist(
+        on(
+            tab.extended.input,
+            on_extended,
+            [session, tab.base_dd, tab.extended, *tab.mix_values],
+            [session, *mix_outputs],
+            tab.add_status,
+            **FREE,
+        )
+    )
     persist(
         on(
             tab.add_btn.click,
@@ -475,6 +596,19 @@ def wire(
             **JOB,
         )
     )
+    persist(
+        on(
+            tab.cards.click,
+            on_card,
+            [session, tab.base_dd, *tab.mix_values],
+            [session, *mix_outputs],
+            tab.add_status,
+            **JOB,
+        )
+    )
+    card_inputs = [session, tab.base_dd, tab.card_search]
+    tab.card_search.change(on_cards, card_inputs, tab.cards, trigger_mode="always_last", **FREE)
+    tab.base_dd.change(on_cards, card_inputs, tab.cards, **FREE)
     on(
         tab.upload_btn.upload,
         on_upload,
@@ -522,6 +656,7 @@ def wire(
         **JOB,
     )
     persist(generating)
+    generating.then(None, js=into_view_js("result", "mix-status"))
     tab.interrupt_btn.click(on_interrupt, session, tab.status, **FREE)
 
 

@@ -72,6 +72,37 @@ class Status:
         return None if not rate else (self.total - self.step) / rate
 
 
+LOSS_LOG = ".ui-losses.jsonl"  # in the run's output folder: (step, loss) per line
+
+
+def read_losses(log: Path) -> tuple[list[int], list[float]]:
+    """The (steps, losses) a run's earlier parts wrote to `log`, the last word per step kept."""
+    by_step: dict[int, float] = {}
+    try:
+        lines = log.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return [], []
+    for line in lines:
+        try:
+            step, loss = json.loads(line)
+            if by_step and int(step) <= max(by_step):  # a resume went back: drop what followed
+                by_step = {k: v for k, v in by_step.items() if k < int(step)}
+            by_step[int(step)] = float(loss)
+        except (ValueError, TypeError):
+            continue
+    steps = sorted(by_step)
+    return steps, [by_step[k] for k in steps]
+
+
+def _append_loss(log: Path, step: int, loss: float) -> None:
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a", encoding="utf-8") as f:
+            f.write(json.dumps([step, loss]) + "\n")
+    except OSError:  # the curve is a convenience: a full disk must not stop the run
+        pass
+
+
 class TrainJob:
     """One `train()` run in a child process; `status()` reads its progress, `stop()` ends it."""
 
@@ -90,6 +121,14 @@ class TrainJob:
         total = int(settings["steps"])
         per_step = int(settings.get("batch_size", 1)) * int(settings.get("grad_accum", 1))
         self._status = Status(total=total, images_per_step=per_step, started=time.monotonic())
+        self._log = (
+            self.output / LOSS_LOG
+        )  # every loss read, so a resumed run shows the whole curve
+        if settings.get("resume"):
+            self._status.steps, self._status.losses = read_losses(self._log)
+            self.started_wall = 0.0  # the earlier runs' samples are this run's too
+        else:
+            self._log.unlink(missing_ok=True)
         self._recent: deque[tuple[int, float]] = deque(maxlen=SPEED_WINDOW + 1)
         self._lock = threading.Lock()
         self._stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
@@ -138,8 +177,13 @@ class TrainJob:
                     s.first_step_at = now
                 self._recent.append((s.step, now))
             elif "step" in event:
-                s.steps.append(int(event["step"]))
-                s.losses.append(float(event["loss"]))
+                step, loss = int(event["step"]), float(event["loss"])
+                while s.steps and s.steps[-1] >= step:  # resumed from an earlier checkpoint
+                    s.steps.pop()
+                    s.losses.pop()
+                s.steps.append(step)
+                s.losses.append(loss)
+                _append_loss(self._log, step, loss)
             elif "message" in event:
                 if event.get("level", logging.INFO) >= logging.WARNING:
                     s.warnings.append(str(event["message"]))
