@@ -148,6 +148,23 @@ def test_loraplus_puts_each_up_factor_at_ratio_times_the_rate():
     assert rates["text_encoder_up"][0] == pytest.approx(80e-5, rel=1e-12)
     assert rates["text_encoder_up"][1] == [id(injected["lora_te_b"].up)]
     assert "must be from 1 to 1000" in refusal(loraplus_lr_ratio=0.5)
+    # the text encoders' own ratio (kohya's loraplus_text_encoder_lr_ratio), with and without
+    # the UNet's
+    for unet_ratio, te_ratio in ((16, 4), (None, 4)):
+        config = TrainConfig(
+            lr=1e-4,
+            text_encoder_lr=5e-5,
+            loraplus_lr_ratio=unet_ratio,
+            loraplus_text_encoder_lr_ratio=te_ratio,
+        )
+        groups = models.make_optimizer(config, injected, torch.device("cpu")).param_groups
+        rates = {g["name"]: (g["lr"], [id(p) for p in g["params"]]) for g in groups}
+        assert rates["text_encoder_up"][0] == pytest.approx(20e-5, rel=1e-12)
+        assert rates["text_encoder"] == (5e-5, [id(injected["lora_te_b"].down)])
+        if unet_ratio is None:
+            assert "unet_up" not in rates and rates["unet"][0] == 1e-4
+        else:
+            assert rates["unet_up"][0] == pytest.approx(16e-4, rel=1e-12)
 
 
 def test_a_run_with_every_new_option_trains_and_records_them(tmp_path, monkeypatch):

@@ -131,7 +131,7 @@ def test_resume_lists_come_from_the_declarations():
         "conv_alpha", "train_text_encoder", "text_encoder_targets", "optimizer", "seed",
         "batch_size", "grad_accum", "resolution", "buckets", "validation_split", "reg_data",
         "prior_loss_weight", "class_prompt", "reg_generate", "new_tokens", "init_token",
-        "loraplus_lr_ratio", "optimizer_args", "dora", "no_t5", "t5_max_length",
+        "loraplus_lr_ratio", "loraplus_text_encoder_lr_ratio", "optimizer_args", "dora", "no_t5", "t5_max_length",
     }  # fmt: skip
     assert set(RUN_ONLY) == {
         "output", "resume", "overwrite", "workers", "tensorboard", "compile",

@@ -428,7 +428,8 @@ class TrainConfig:
     loraplus_lr_ratio: float | None = option(  # LoRA+ (Hayou et al. 2024); kohya's name
         None,
         "LoRA+: the up (B) factors learn at R times the rate of the down (A) factors, in the "
-        "UNet and the text encoders alike; 16 is the paper's choice",
+        "UNet and (unless --loraplus-text-encoder-lr-ratio says otherwise) the text encoders; "
+        "16 is the paper's choice",
         group=OPTIMISATION,
         default_text="off",
         min=1,
@@ -436,6 +437,18 @@ class TrainConfig:
         metavar="R",
         resume=MATCH,
         label="LoRA+ ratio",
+    )
+    loraplus_text_encoder_lr_ratio: float | None = option(  # kohya's name, too
+        None,
+        "LoRA+ ratio of the text encoders' LoRA (kohya: loraplus_text_encoder_lr_ratio); 1 "
+        "trains them as plain LoRA",
+        group=OPTIMISATION,
+        default_text="--loraplus-lr-ratio",
+        min=1,
+        max=1000,
+        metavar="R",
+        resume=MATCH,
+        label="LoRA+ ratio, text encoders",
     )
     lr_scheduler: str = option(  # one of LR_SCHEDULERS
         "constant",

@@ -283,6 +283,7 @@ def adapter_metadata(
         "ss_noise_offset": str(config.noise_offset),
         "ss_min_snr_gamma": str(config.min_snr_gamma),
         "ss_loraplus_lr_ratio": str(config.loraplus_lr_ratio),
+        "ss_loraplus_text_encoder_lr_ratio": str(config.loraplus_text_encoder_lr_ratio),
         "ss_base_model_version": version,
         "ss_v2": str(family.name == "sd2"),
         "sdlora_family": family.name,

@@ -316,7 +316,8 @@ def make_optimizer(
     --lr for the UNet, --text-encoder-lr for the (first) text encoder, --text-encoder-2-lr for
     SDXL's second one (None: --text-encoder-lr), --embedding-lr for new words (pivotal.py; no
     weight decay). With --loraplus-lr-ratio R each model's up factors get a group of their own
-    ("unet_up", ...) at R times its rate (LoRA+)."""
+    ("unet_up", ...) at R times its rate (LoRA+); --loraplus-text-encoder-lr-ratio sets the text
+    encoders' own R (kohya's loraplus_text_encoder_lr_ratio)."""
     te_lr = config.lr if config.text_encoder_lr is None else config.text_encoder_lr
     te2_lr = te_lr if config.text_encoder_2_lr is None else config.text_encoder_2_lr
     # kohya key prefix -> (group name, as TensorBoard shows its rate under lr/, rate); the
@@ -329,9 +330,10 @@ def make_optimizer(
         "lora_te2_": ("text_encoder_2", te2_lr),
     }
     groups = []
-    ratio = config.loraplus_lr_ratio
+    te_ratio = config.loraplus_text_encoder_lr_ratio or config.loraplus_lr_ratio
     for prefix, (name, lr) in rates.items():
         weights = [w for k, w in injected.items() if k.startswith(prefix)]
+        ratio = config.loraplus_lr_ratio if prefix == first else te_ratio
         if ratio is None:
             params = [p for w in weights for p in w.params()]  # DoRA: and the magnitude
             if params or prefix == first:
