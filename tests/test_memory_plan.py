@@ -18,8 +18,8 @@ from sdlora.train.config import TrainConfig
 from sdlora.train.memory_plan import (
     COSTS,
     USABLE,
-    Request,
-    Setting,
+    Candidate,
+    MemoryRequest,
     candidates,
     latent_chunk_argument,
     plan_memory,
@@ -55,8 +55,8 @@ CASES = [
 ]
 
 
-def request(family, free, batch, compiled, settings) -> Request:
-    return Request(
+def request(family, free, batch, compiled, settings) -> MemoryRequest:
+    return MemoryRequest(
         family=family,
         resolution=NATIVE[family],
         batch=batch,
@@ -98,7 +98,7 @@ def test_more_memory_never_chooses_a_slower_setting(family, batch, compiled):
         except SdloraError:
             assert last == len(order), f"refused at {tenths / 10} GiB after fitting with less"
             continue
-        setting = Setting(
+        setting = Candidate(
             choice.fp8, choice.gradient_checkpointing, choice.activation_budget,
             choice.blocks_to_swap, choice.grad_accum,
         )  # fmt: skip
@@ -109,10 +109,10 @@ def test_more_memory_never_chooses_a_slower_setting(family, batch, compiled):
 
 def test_fp8_and_swapping_lower_the_estimate_by_the_weights_they_move():
     costs, r = COSTS["sdxl"], request("sdxl", 24, 1, False, {})
-    full = step_gib(costs, r, Setting(False, True, 1.0, 0, 1))
-    fp8 = step_gib(costs, r, Setting(True, True, 1.0, 0, 1))
+    full = step_gib(costs, r, Candidate(False, True, 1.0, 0, 1))
+    fp8 = step_gib(costs, r, Candidate(True, True, 1.0, 0, 1))
     assert full - fp8 == pytest.approx(costs.linear_m * 1e6 / 2**30, rel=1e-6)  # a byte each
-    swapped = step_gib(costs, r, Setting(True, True, 1.0, 10, 1))
+    swapped = step_gib(costs, r, Candidate(True, True, 1.0, 10, 1))
     per_block = costs.block_m * 1e6 / costs.blocks / 2**30  # fp8: a byte a parameter
     assert fp8 - swapped == pytest.approx(8 * per_block, rel=1e-6)  # two stay resident
 

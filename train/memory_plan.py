@@ -1,6 +1,6 @@
 """The memory planner: settings that let a run fit the GPU's free memory, chosen before any load.
 
-Pure functions, no GPU: `plan_memory(Request) -> Choice`. A run's GPU memory is estimated per
+Pure functions, no GPU: `plan_memory(MemoryRequest) -> Choice`. A run's GPU memory is estimated per
 phase from a small table of per-family costs (`COSTS`):
 
 - steps: frozen weights (bf16, or fp8 for the Linear/Conv2d ones, less the swapped blocks) +
@@ -140,7 +140,7 @@ MEASURE = {
 
 
 @dataclass(frozen=True, kw_only=True)
-class Request:
+class MemoryRequest:
     """What the planner knows about a run before loading anything. None: not given (auto)."""
 
     family: str  # sdlora.bases.families name: sd1, sd2, sdxl, sd3
@@ -194,7 +194,7 @@ def costs_of(family: str) -> Costs:
     return COSTS.get(family, COSTS["sdxl"])
 
 
-def scale_of(costs: Costs, request: Request) -> float:
+def scale_of(costs: Costs, request: MemoryRequest) -> float:
     """Activations relative to the table's: pixels over the native size's, times the size of the
     base against the family's real one (built-in tiny bases are far smaller)."""
     pixels = (request.resolution / costs.native) ** 2
@@ -202,7 +202,7 @@ def scale_of(costs: Costs, request: Request) -> float:
     return pixels * size
 
 
-def weights_gib(costs: Costs, request: Request, fp8: bool, swapped: int) -> float:
+def weights_gib(costs: Costs, request: MemoryRequest, fp8: bool, swapped: int) -> float:
     """Frozen denoiser weights on the GPU: bf16, or 1 byte for fp8 Linear/Conv2d weights; less
     the swapped blocks, plus the two swapped blocks that can be resident at once."""
     size = (request.params_m or costs.params_m) / costs.params_m
@@ -215,7 +215,7 @@ def weights_gib(costs: Costs, request: Request, fp8: bool, swapped: int) -> floa
 
 
 def activations_gib(
-    costs: Costs, request: Request, *, compiled: bool, checkpointing: bool, budget: float
+    costs: Costs, request: MemoryRequest, *, compiled: bool, checkpointing: bool, budget: float
 ) -> float:
     """Activations kept for the backward pass, per image (scaled to the run's images)."""
     if checkpointing:
@@ -228,7 +228,7 @@ def activations_gib(
 
 
 @dataclass(frozen=True)
-class Setting:
+class Candidate:
     """One candidate: the memory-saving settings of a run."""
 
     fp8: bool
@@ -238,7 +238,7 @@ class Setting:
     split: int  # the batch in this many micro-batches
 
 
-def step_gib(costs: Costs, request: Request, s: Setting) -> float:
+def step_gib(costs: Costs, request: MemoryRequest, s: Candidate) -> float:
     """Peak of a training step with setting `s`."""
     compiled = request.compiled and not s.swapped
     batch = request.batch // s.split
@@ -252,19 +252,19 @@ def step_gib(costs: Costs, request: Request, s: Setting) -> float:
     return total
 
 
-def caching_gib(costs: Costs, request: Request, s: Setting, chunk: int) -> float:
+def caching_gib(costs: Costs, request: MemoryRequest, s: Candidate, chunk: int) -> float:
     """Peak while latents and text are cached: the whole base is on the GPU."""
     vae = costs.vae_per_image * chunk * scale_of(costs, request) if request.caches_latents else 0
     return weights_gib(costs, request, s.fp8, s.swapped) + costs.text_encoders + vae
 
 
-def worker_gib(costs: Costs, request: Request, s: Setting) -> float:
+def worker_gib(costs: Costs, request: MemoryRequest, s: Candidate) -> float:
     """One compile worker (its own CUDA context and the region it compiles)."""
     per_image = costs.worker_per_image * scale_of(costs, request)
     return costs.worker + per_image * (request.batch // s.split)
 
 
-def compiling_gib(costs: Costs, request: Request, s: Setting, workers: int) -> float:
+def compiling_gib(costs: Costs, request: MemoryRequest, s: Candidate, workers: int) -> float:
     """Peak while the workers compile: before the first step, or beside uncompiled steps."""
     if request.background:
         eager = replace(request, compiled=False)
@@ -275,7 +275,7 @@ def compiling_gib(costs: Costs, request: Request, s: Setting, workers: int) -> f
     return base + workers * worker_gib(costs, request, s)
 
 
-def candidates(request: Request, costs: Costs) -> list[Setting]:
+def candidates(request: MemoryRequest, costs: Costs) -> list[Candidate]:
     """Every setting the user's choices allow, fastest first."""
     fp8s = [request.base_precision == "fp8"] if request.base_precision else [False, True]
     checks = (
@@ -299,14 +299,14 @@ def candidates(request: Request, costs: Costs) -> list[Setting]:
         for split in splits:
             for budget in budgets[:1] if check else budgets:
                 for fp8 in sorted(fp8s):
-                    found.append(Setting(fp8, check, budget, swaps[0], split))
+                    found.append(Candidate(fp8, check, budget, swaps[0], split))
     for swapped in swaps[1:]:  # the last resort: every other saving first (fp8 halves each copy)
         for split in splits:
-            found.append(Setting(max(fp8s), max(checks), budgets[0], swapped, split))
+            found.append(Candidate(max(fp8s), max(checks), budgets[0], swapped, split))
     return list(dict.fromkeys(found))
 
 
-def plan_memory(request: Request) -> Choice:
+def plan_memory(request: MemoryRequest) -> Choice:
     """The fastest settings that fit `request.free_gib` (see the module); SdloraError if none."""
     costs = costs_of(request.family)
     usable = request.free_gib * USABLE
@@ -354,7 +354,7 @@ def plan_memory(request: Request) -> Choice:
     )
 
 
-def latent_chunk(costs: Costs, request: Request, s: Setting, usable: float) -> int:
+def latent_chunk(costs: Costs, request: MemoryRequest, s: Candidate, usable: float) -> int:
     """Images the VAE encodes at once while caching: up to 2 Mpx (encode.py's chunk), fewer
     where that would not fit, at least 1."""
     most = max(1, int(8 * 512 * 512 // request.resolution**2))
@@ -365,7 +365,7 @@ def latent_chunk(costs: Costs, request: Request, s: Setting, usable: float) -> i
 
 
 def choose_workers(
-    costs: Costs, request: Request, s: Setting, need: float, usable: float
+    costs: Costs, request: MemoryRequest, s: Candidate, need: float, usable: float
 ) -> tuple[int | None, bool, float]:
     """(compile workers, in the background or not, the new estimate) for a compiled run: the
     user's count, else as many as fit; where not even one fits beside uncompiled steps, they
@@ -387,7 +387,7 @@ def choose_workers(
     return 0, False, need
 
 
-def words(s: Setting, request: Request) -> list[str]:
+def words(s: Candidate, request: MemoryRequest) -> list[str]:
     """The settings of `s` the planner chose (those the user left to it), in words."""
     said = []
     if s.fp8 and request.base_precision is None:
@@ -405,7 +405,7 @@ def words(s: Setting, request: Request) -> list[str]:
     return said
 
 
-def advice(request: Request) -> str:
+def advice(request: MemoryRequest) -> str:
     """What the user can change when nothing fits."""
     tips = []
     if request.batch > 1:

@@ -140,7 +140,7 @@ def load_models(
     )
     prepared = accelerator.prepare(*trained, optimizer)
     unet, optimizer = prepared[0], prepared[-1]
-    swap = swap_blocks(pipe.unet, config.blocks_to_swap or 0, device)
+    swap = swap_blocks(denoiser_of(pipe), config.blocks_to_swap or 0, device)
     if swap is not None:
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the swapped blocks' GPU copies

@@ -423,7 +423,7 @@ def fit_to_gpu(
     with the numbers, a run that fits in no way: before any model is loaded."""
     from sdlora.train.compile_plan import cuda_graphs_allowed, room_for_background, will_compile
     from sdlora.train.compiling import gpu_memory_gib
-    from sdlora.train.memory_plan import Request, plan_memory
+    from sdlora.train.memory_plan import MemoryRequest, plan_memory
 
     device = accelerator.device
     if free_gib is None:
@@ -441,7 +441,7 @@ def fit_to_gpu(
     steps = steps or (DEFAULT_STEPS if config.epochs is None else 0)  # epochs: assume eager
     compiled = will_compile(config.compile, device, steps, 1, family=family)
     default = TrainConfig.__dataclass_fields__
-    request = Request(
+    request = MemoryRequest(
         family=family,
         params_m=params_m,
         resolution=config.resolution,

@@ -128,7 +128,9 @@ def parse_parameters(text: str) -> dict:
     prompt_lines = head[: negative[0]] if negative else head
     prompt, adapters, blocks = split_lora_tags("\n".join(prompt_lines))
     out: dict = {"prompt": prompt, "adapters": adapters, "blocks": blocks}
-    out["schedules"] = lora_windows("\n".join(prompt_lines))
+    schedules = lora_windows("\n".join(prompt_lines))
+    if schedules:
+        out["schedules"] = schedules
     if negative:
         out["negative_prompt"] = (
             "\n".join(head[negative[0] :]).removeprefix("Negative prompt:").strip()
