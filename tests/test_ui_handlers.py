@@ -809,3 +809,26 @@ def test_a_base_switch_checks_the_mix_at_once_in_ui_words(ctx, folders):
         "style is made for SD 1.x (tiny, sdlora built-in); the base tiny-v2 is SD 2.x (tiny-v2, "
         "sdlora built-in)"
     ], lines
+
+
+def test_a_window_in_the_ui_acts_as_in_the_library_and_the_recipe_keeps_it(ctx):
+    """A `<lora:style:0.8:start=0.5>` window reaches generate as a schedule: the page's image is
+    the library's with the same schedule, and History's recipe keeps the window."""
+    from sdlora.bases.base import load_base
+    from sdlora.bases.generate import generate
+    from sdlora.lora.blend import Mixer
+    from sdlora.ui import history
+
+    windows = {"style": "start=0.5"}
+    made = h.run_generate(ctx, "tiny", {"style": 0.8}, settings(seed=4), windows=windows)[0]
+    recipe = history.read_recipe(ctx.outputs, made.name)
+    assert recipe["schedules"] == windows
+    pipe = load_base("tiny")
+    mixer = Mixer(pipe)
+    mixer.add(ctx.adapters / "style.safetensors", name="style", strength=0.8)
+    s = settings(seed=4)
+    s.schedules = dict(windows)
+    image = generate(pipe, s, mixer=mixer)[0]
+    assert np.array_equal(pixels(made), np.asarray(image.convert("RGB"), dtype=np.int16))
+    plain = h.run_generate(ctx, "tiny", {"style": 0.8}, settings(seed=4))[0]
+    assert not np.array_equal(pixels(made), pixels(plain))  # the window changed the image

@@ -503,12 +503,15 @@ def run_generate(
     progress: Progress = _quiet,
     blocks: dict[str, str] | None = None,
     interrupted: Callable[[], bool] = lambda: False,
+    windows: dict[str, str] | None = None,
 ) -> list[Path]:
-    """Draw images with the given mix (and per-block strengths); save each under
-    outputs/images/ with its recipe. `interrupted()` is asked after every denoising step."""
+    """Draw images with the given mix (and per-block strengths, and `windows`: the part of the
+    steps an adapter acts over, sdlora/lora/schedule.py); save each under outputs/images/ with
+    its recipe. `interrupted()` is asked after every denoising step."""
     mix = mix_files(ctx, strengths)
     settings.adapters = {name: strength for name, (_, strength) in mix.items()}
     settings.blocks = {n: b for n, b in (blocks or {}).items() if n in mix and b}
+    settings.schedules = {n: w for n, w in (windows or {}).items() if n in mix and w}
     spec = resolve_base(ctx, base)
     running, stopped = [], []  # the pipeline in use; (step, steps) where Interrupt landed
 
@@ -520,10 +523,10 @@ def run_generate(
             progress(done / total, f"step {done} of {total}")
 
     progress(0.0, "loading the base and adapters")
-    with ctx.engine.mixed(spec, mix, settings.blocks) as (pipe, _):
+    with ctx.engine.mixed(spec, mix, settings.blocks) as (pipe, mixer):
         running.append(pipe)
         try:
-            images = generate(pipe, settings, on_step=on_step)
+            images = generate(pipe, settings, on_step=on_step, mixer=mixer)
         except SdloraError:
             if not stopped:
                 raise

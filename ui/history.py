@@ -21,7 +21,12 @@ from sdlora.ui import paths
 
 MAX_SHOWN = 60  # newest images listed in the History gallery
 # what an image's record restores: its generation settings (one image each) and its mix
-RECIPE_FIELDS = (*(n for n in SETTINGS if n != "num_images"), "adapters", "blocks")
+RECIPE_FIELDS = (
+    *(n for n in SETTINGS if n != "num_images"),
+    "adapters",
+    "blocks",
+    "schedules",
+)
 
 
 def list_images(outputs: Path, most: int = MAX_SHOWN) -> list[Path]:

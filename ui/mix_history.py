@@ -18,6 +18,7 @@ import gradio as gr
 from sdlora.bases.generate import SETTINGS
 from sdlora.errors import SdloraError
 from sdlora.io.writing import written_file
+from sdlora.lora.prompt_tags import lora_tag
 from sdlora.ui import handlers as h
 from sdlora.ui import history
 from sdlora.ui.common import FREE, on, status_line
@@ -198,6 +199,12 @@ def wire(
             if k != "num_images"
         }
         values |= {"width": values["width"] or 0, "height": values["height"] or 0}
+        # an adapter's window (start=/stop=) comes back as its tag in the prompt, where the
+        # next Generate reads it again
+        windows = {n: w for n, w in (recipe.get("schedules") or {}).items() if n in adapters}
+        if windows and values.get("prompt") is not None:
+            tags = " ".join(lora_tag(n, adapters[n], None, w) for n, w in windows.items())
+            values["prompt"] = f"{values['prompt']} {tags}".strip()
         values = {k: v for k, v in values.items() if v is not None}
         note = f"Restored {name}: seed {values.get('seed', '?')}, {history.caption(recipe)}; press Generate to draw it again."
         return [session, *render(ctx, session), *_settings_updates(values), note]

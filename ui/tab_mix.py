@@ -23,6 +23,7 @@ from sdlora.bases.generate import SETTINGS
 from sdlora.bases.recommend import guidance_and_steps
 from sdlora.errors import SdloraError
 from sdlora.lora.blocks import parse_blocks
+from sdlora.lora.prompt_tags import lora_windows
 from sdlora.ui import handlers as h
 from sdlora.ui.cards import CARDS_JS, cards_html
 from sdlora.ui.common import (
@@ -496,6 +497,7 @@ def wire(
         form, mix = values[: len(SETTINGS)], values[len(SETTINGS) :]
         session = sync_mix(session, base, mix)
         clamped: list[str] = []
+        windows = lora_windows(form[0])  # <lora:x:w:start=…>: this generation's windows
         prompt, tagged = h.add_from_prompt(ctx, session, form[0], clamped)
         settings = h.make_settings(prompt, *form[1:])
         started = time.perf_counter()
@@ -508,6 +510,7 @@ def wire(
                 reporter(progress),
                 session.blocks(),
                 lambda: session.interrupted,
+                windows=windows,
             )
         except h.Interrupted as err:
             if not err.partial:
