@@ -1,10 +1,11 @@
 """The Mix tab: prompt and settings, the adapters of the mix with their strengths, the result.
 
 Left: prompt, Generate / Interrupt with their status line, settings, then the mix (base,
-adapter rows with an expandable per-block panel each, the LoRA cards). Right: the result, drawn at an integer
-zoom with crisp pixels, and the History of earlier images (`mix_history`). The adapter rows are
-fixed components (MAX_ADAPTERS of them) shown or hidden to match the visitor's mix; `render`
-fills them in, and the Compare tab's adapter choices with them.
+adapter rows with an expandable per-block panel each, the LoRA cards, the Conflicts panel of
+`conflicts`). Right: the result, drawn at an integer zoom with crisp pixels, and the History
+of earlier images (`mix_history`). The adapter rows are fixed components (MAX_ADAPTERS of them)
+shown or hidden to match the visitor's mix; `render` fills them in, and the Compare tab's
+adapter choices with them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from sdlora.bases.recommend import guidance_and_steps
 from sdlora.errors import SdloraError
 from sdlora.lora.blocks import parse_blocks
 from sdlora.lora.prompt_tags import lora_windows
+from sdlora.ui import conflicts
 from sdlora.ui import handlers as h
 from sdlora.ui.cards import CARDS_JS, cards_html
 from sdlora.ui.common import (
@@ -97,6 +99,7 @@ class MixTab:
     extended: gr.Checkbox
     card_search: gr.Textbox
     cards: gr.HTML
+    conflicts: conflicts.Panel
 
     @property
     def mix_values(self) -> list:
@@ -224,6 +227,7 @@ def layout(ctx: h.Context, base: str, result_column: Callable[[], None]) -> MixT
                     js_on_load=CARDS_JS,
                     padding=False,
                 )
+            panel = conflicts.layout()
         with gr.Column(scale=4, min_width=400, elem_id="result-column"):
             result = gr.HTML(
                 '<p class="sd-empty">Images appear here.</p>',
@@ -256,6 +260,7 @@ def layout(ctx: h.Context, base: str, result_column: Callable[[], None]) -> MixT
         extended,
         card_search,
         cards,
+        panel,
     )
 
 
@@ -661,6 +666,7 @@ def wire(
     persist(generating)
     generating.then(None, js=into_view_js("result", "mix-status"))
     tab.interrupt_btn.click(on_interrupt, session, tab.status, **FREE)
+    conflicts.wire(ctx, tab.conflicts, session, tab.base_dd, tab.mix_values)
 
 
 def history_items(ctx: h.Context) -> list[tuple[str, str]]:
