@@ -23,7 +23,14 @@ from sdlora.lora.blend import Mixer
 from sdlora.lora.blocks import parse_blocks, scale_blocks
 from sdlora.tools.distill import distill_adapter
 from sdlora.tools.export import export_diffusers, export_single_file, parse_dtype
-from sdlora.tools.merge import merge_exact
+from sdlora.tools.merge import (
+    METHODS,
+    PRUNING,
+    MergeReport,
+    check_density,
+    merge_adapters,
+    merge_exact,
+)
 from sdlora.ui import handlers as h
 from sdlora.ui import paths
 from sdlora.ui.engine import Engine
@@ -32,6 +39,8 @@ Progress = Callable[[float, str], None]
 DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 LORA_BYTES = 4  # a merged LoRA is saved in float32
 EXPORT_FORMATS = ("diffusers", "single-file", "lora")
+MERGE_METHODS = METHODS  # how a "lora" export merges; "sum" is exact
+DENSITY_METHODS = PRUNING  # the methods that take a density
 
 
 def estimate_bytes(
@@ -136,6 +145,43 @@ def distill_rank(value) -> int:
     return int(number)
 
 
+def merge_rank(value) -> int | None:
+    """The Merged rank box's value: empty or 0 for the library's default (the largest input
+    rank), else a whole number from 1 to MAX_DISTILL_RANK."""
+    if value is None or value == "" or float(value) == 0:
+        return None
+    number = float(value)
+    if not number.is_integer() or not 1 <= number <= MAX_DISTILL_RANK:
+        raise SdloraError(
+            f"must be a whole number from 1 to {MAX_DISTILL_RANK}, or empty for the largest "
+            f"input rank (got {number:g})",
+            setting="merge_rank",
+        )
+    return int(number)
+
+
+def merge_seed(value) -> int:
+    """The Merge seed box's value (DARE's drops): a whole number ≥ 0; empty means 0."""
+    if value is None or value == "":
+        return 0
+    number = float(value)
+    if not number.is_integer() or number < 0:
+        raise SdloraError(f"must be a whole number, 0 or more (got {number:g})", setting="seed")
+    return int(number)
+
+
+def merge_note(method: str, report: MergeReport) -> str:
+    """The status line's words on a merge: its method, rank and relative errors (worst module
+    and overall, as `sdlora merge` prints them)."""
+    if report.rank is None:
+        return f"{method} merge: exact (relative error 0)"
+    worst = max(report.errors.items(), key=lambda kv: kv[1], default=None)
+    text = f"{method} merge at rank {report.rank}: overall relative error {report.overall:.3g}"
+    if worst is not None:
+        text += f", worst {worst[1]:.3g} in {worst[0]} ({len(report.errors)} modules)"
+    return text
+
+
 def distilled_name(name: str, rank: int) -> str:
     return f"{name}.distilled-r{rank}"
 
@@ -228,18 +274,27 @@ def run_export(
     distill_rank: int = 0,
     prompts: list[str] | None = None,
     notes: list[str] | None = None,
+    method: str = "sum",
+    density: float | None = None,
+    rank: int | None = None,
+    seed: int = 0,
 ) -> Path:
     """Write the mix to outputs/exports/: a diffusers folder, one checkpoint file, or one LoRA.
 
     `base_alone_ok=False` refuses an empty mix with `BaseAlone` (the page asks first).
     `distill_rank` > 0 replaces nonlinear adapters by plain LoRAs of that rank fitted to them
     on `prompts` (else the prompts the files record); `notes` receives a line for each.
+    `method`, `density`, `rank` and `seed` choose how a "lora" export merges (`merge_mix`).
     """
     if fmt not in EXPORT_FORMATS:
         raise SdloraError(
             f"unknown export format {fmt!r}; choose one of: {', '.join(EXPORT_FORMATS)}"
         )
     parse_dtype(dtype)
+    if fmt == "lora":  # refused before any loading, in the library's words
+        check_density(method, density)
+        if rank is not None and rank < 1:
+            raise SdloraError(f"must be at least 1 (got {rank})", setting="merge_rank")
     name = paths.clean_name(name or f"mix-{h._stamp()}", "export name")
     if fmt != "diffusers" and not name.endswith(paths.ADAPTER_SUFFIX):
         name += paths.ADAPTER_SUFFIX
@@ -275,12 +330,26 @@ def run_export(
             return export_diffusers(pipe, out, dtype, overwrite=overwrite)
         if fmt == "single-file":
             return export_single_file(pipe, out, dtype, overwrite=overwrite)
-        return save_adapter(merge_mix(mixer, mix, blocks), out, overwrite=overwrite)
+        merged = merge_mix(mixer, mix, blocks, method, density, rank, seed, notes)
+        return save_adapter(merged, out, overwrite=overwrite)
 
 
-def merge_mix(mixer: Mixer, mix: dict[str, tuple[Path, float]], blocks: dict[str, str]) -> Adapter:
-    """The mix (its adapters at their strengths and per-block strengths) as one exact LoRA, by
-    the library's `merge_exact` keyed as the loaded base's family names its modules. Adapters at
+def merge_mix(
+    mixer: Mixer,
+    mix: dict[str, tuple[Path, float]],
+    blocks: dict[str, str],
+    method: str = "sum",
+    density: float | None = None,
+    rank: int | None = None,
+    seed: int = 0,
+    notes: list[str] | None = None,
+) -> Adapter:
+    """The mix (its adapters at their strengths and per-block strengths) as one LoRA.
+
+    "sum": exact, by the library's `merge_exact` keyed as the loaded base's family names its
+    modules. Any other of `METHODS` (svd, ties, dare, dare-ties, magnitude-prune): by
+    `merge_adapters` at `rank` (None: the largest input rank), with `density` for the pruning
+    methods and `seed` for DARE; `notes` receives its reconstruction errors. Adapters at
     strength 0 are left out; messages name adapters as the mix does."""
     items = [
         (
@@ -292,6 +361,10 @@ def merge_mix(mixer: Mixer, mix: dict[str, tuple[Path, float]], blocks: dict[str
     ]
     if not items:
         raise SdloraError("the mix is empty; enable at least one adapter to merge")
-    merged = merge_exact(items, mixer.models)
+    if method == "sum" and density is None and rank is None:
+        merged = merge_exact(items, mixer.models)
+    else:
+        merged, report = merge_adapters(items, rank, method, density, seed)
+        (notes if notes is not None else []).append(merge_note(method, report))
     merged.metadata["sdlora_merged_from"] = json.dumps({a.source: s for a, s in items})
     return merged

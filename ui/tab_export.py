@@ -4,7 +4,9 @@ or as one merged LoRA, into `exports/` of the outputs folder.
 Before writing it shows what will be written (mix, format, estimated size), and an empty mix
 (a full copy of the base, gigabytes on a real model) is written only after a second press.
 A diffusers folder is offered as one zip. Nonlinear adapters can be distilled to plain LoRAs
-of a chosen rank (`sdlora.tools.distill`) so that the mix can be exported at all.
+of a chosen rank (`sdlora.tools.distill`) so that the mix can be exported at all. A merged
+LoRA is the exact sum by default, or a TIES / DARE / magnitude-pruned / SVD merge
+(`sdlora.tools.merge.merge_adapters`) whose reconstruction error the status line reports.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from sdlora.ui.controls import SettingNumber
 from sdlora.ui.state import Session
 from sdlora.ui.tab_mix import MixTab
 
-LABELS = {"rank": "Distilled rank"}  # how errors about this tab's settings name them
+LABELS = {
+    "rank": "Distilled rank",
+    "method": "Merge method",
+    "density": "Density",
+    "merge_rank": "Merged rank",
+    "seed": "Merge seed",
+}  # how errors about this tab's settings name them
 
 
 @dataclass
@@ -33,6 +41,10 @@ class ExportTab:
     overwrite: gr.Checkbox
     distill: gr.Checkbox
     rank: gr.Number
+    method: gr.Dropdown
+    density: gr.Number
+    merge_rank: gr.Number
+    seed: gr.Number
     plan: gr.Markdown
     export_btn: gr.Button
     confirm_row: gr.Row
@@ -40,10 +52,47 @@ class ExportTab:
     cancel_btn: gr.Button
     status: gr.HTML
     files: gr.File
+    merge_row: gr.Row
 
     @property
     def form(self) -> list:
-        return [self.fmt, self.dtype, self.name, self.overwrite, self.distill, self.rank]
+        return [
+            self.fmt,
+            self.dtype,
+            self.name,
+            self.overwrite,
+            self.distill,
+            self.rank,
+            self.method,
+            self.density,
+            self.merge_rank,
+            self.seed,
+        ]
+
+
+def merge_visibility(fmt: str, method: str) -> tuple:
+    """Which merge settings apply: the row for a LoRA export, Density for the pruning methods,
+    Merged rank for every method but the exact sum, Merge seed for DARE."""
+    return (
+        gr.Row(visible=fmt == "lora"),
+        gr.Number(visible=method in ex.DENSITY_METHODS),
+        gr.Number(visible=method != "sum"),
+        gr.Number(visible=method in ("dare", "dare-ties")),
+    )
+
+
+def merge_settings(fmt: str, method: str, density, merge_rank, seed) -> dict:
+    """`run_export`'s merge arguments from the boxes: only those that apply to `method` (the
+    others are hidden), so "sum" stays the exact merge; nothing for a checkpoint export."""
+    if fmt != "lora":
+        return {}
+    method = method or "sum"
+    return {
+        "method": method,
+        "density": density if method in ex.DENSITY_METHODS else None,
+        "rank": ex.merge_rank(merge_rank) if method != "sum" else None,
+        "seed": ex.merge_seed(seed) if method in ("dare", "dare-ties") else 0,
+    }
 
 
 def layout() -> ExportTab:
@@ -55,7 +104,7 @@ def layout() -> ExportTab:
         [
             ("diffusers folder", "diffusers"),
             ("single file (A1111 / ComfyUI checkpoint)", "single-file"),
-            ("one merged LoRA (exact, ranks concatenated)", "lora"),
+            ("one merged LoRA (exact sum, or TIES / DARE / SVD below)", "lora"),
         ],
         value="diffusers",
         label="Format",
@@ -80,6 +129,33 @@ def layout() -> ExportTab:
             scale=1,
             elem_id="export-rank",
         )
+    with gr.Row(visible=False, equal_height=True, elem_id="export-merge") as merge_row:
+        method = gr.Dropdown(
+            list(ex.MERGE_METHODS),
+            value="sum",
+            label=LABELS["method"],
+            info="sum: exact (ranks concatenated); ties, dare, dare-ties, magnitude-prune, svd: "
+            "per-layer ΔW merges factored to Merged rank",
+            elem_id="export-method",
+            scale=2,
+        )
+        density = SettingNumber(  # typed values reach the library's `check_density`
+            0.5,
+            label=LABELS["density"],
+            info="fraction of each ΔW kept, in (0, 1]",
+            visible=False,
+            elem_id="export-density",
+        )
+        merge_rank = SettingNumber(
+            None,
+            label=LABELS["merge_rank"],
+            info="empty: the largest input rank",
+            visible=False,
+            elem_id="export-merge-rank",
+        )
+        seed = SettingNumber(
+            0, precision=0, label=LABELS["seed"], visible=False, elem_id="export-seed"
+        )
     plan = gr.Markdown(elem_id="export-plan")
     export_btn = gr.Button("Export", variant="primary", elem_id="export")
     with gr.Row(visible=False, elem_id="export-confirm") as confirm_row:
@@ -94,6 +170,10 @@ def layout() -> ExportTab:
         overwrite,
         distill,
         rank,
+        method,
+        density,
+        merge_rank,
+        seed,
         plan,
         export_btn,
         confirm_row,
@@ -101,6 +181,7 @@ def layout() -> ExportTab:
         cancel_btn,
         status,
         files,
+        merge_row,
     )
 
 
@@ -123,6 +204,10 @@ def wire(ctx: h.Context, tab: ExportTab, session: gr.State, mix: MixTab, tab_ite
         overwrite: bool,
         distill: bool,
         rank: int,
+        method: str,
+        density: float | None,
+        merge_rank: float | None,
+        seed: float | None,
         prompt: str,
         progress: gr.Progress,
         values: tuple,
@@ -144,6 +229,7 @@ def wire(ctx: h.Context, tab: ExportTab, session: gr.State, mix: MixTab, tab_ite
                 distill_rank=ex.distill_rank(rank) if distill else 0,
                 prompts=[prompt] if (prompt or "").strip() else None,
                 notes=notes,
+                **merge_settings(fmt, method, density, merge_rank, seed),
             )
         except ex.BaseAlone as err:
             return [gr.skip(), gr.skip(), gr.Row(visible=True), failed(err)]
@@ -174,11 +260,16 @@ def wire(ctx: h.Context, tab: ExportTab, session: gr.State, mix: MixTab, tab_ite
             overwrite,
             distill,
             rank,
+            method,
+            density,
+            merge_rank,
+            seed,
             prompt,
             progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio injects it)
             *values,
         ) -> list:
-            settings = (fmt, dtype, name, overwrite, distill, rank, prompt)
+            settings = (fmt, dtype, name, overwrite, distill, rank)
+            settings += (method, density, merge_rank, seed, prompt)
             return export(base_alone_ok, session, base, *settings, progress, values)
 
         return run
@@ -208,3 +299,6 @@ def wire(ctx: h.Context, tab: ExportTab, session: gr.State, mix: MixTab, tab_ite
     tab_item.select(on_plan, plan_inputs, tab.plan, **FREE)
     for control in (tab.fmt, tab.dtype):
         control.change(on_plan, plan_inputs, tab.plan, **FREE)
+    shown = [tab.merge_row, tab.density, tab.merge_rank, tab.seed]
+    for control in (tab.fmt, tab.method):
+        control.change(merge_visibility, [tab.fmt, tab.method], shown, **FREE)
