@@ -20,7 +20,7 @@ from sdlora.bases.families import family_of_pipeline
 from sdlora.errors import SdloraError
 from sdlora.io.formats import load_adapter
 from sdlora.lora.adapter import Adapter, check_strength, resolve
-from sdlora.lora.blocks import block_of, multiplier, parse_blocks
+from sdlora.lora.blocks import block_of, joint_blocks, multiplier, parse_blocks
 from sdlora.lora.embeddings import attach, check_words, detach
 from sdlora.lora.fusion import Plan
 from sdlora.lora.inject import unwrap_all, wrap
@@ -170,7 +170,8 @@ class Mixer:
     def _blocks(self, name: str, blocks: str | dict | list | None) -> dict[str, float]:
         """Per-block strengths parsed for this base's family; errors name the adapter."""
         try:
-            return parse_blocks(blocks, family_of_pipeline(self.pipe))
+            family = family_of_pipeline(self.pipe)
+            return parse_blocks(blocks, family, joint_blocks(family, self.models))
         except SdloraError as err:
             raise SdloraError(f"{name}: {err}") from None
 
