@@ -254,6 +254,7 @@ def show(job_id: str | None, watch: Watch, ctx: h.Context) -> tuple:
         job.output,
         job.settings["save_every"],
         time.monotonic(),
+        job.settings.get("sample_every", 0),
     )
     plot = gr.skip()
     if len(s.losses) != watch.losses:
@@ -266,6 +267,8 @@ def show(job_id: str | None, watch: Watch, ctx: h.Context) -> tuple:
         gallery = train_view.samples_html(found)
     lists = [gr.skip(), gr.skip()]
     done = not s.running
+    if done:  # "Not started: a run is going" and the like are stale once the run is over
+        watch = replace(watch, note="")
     if done and not watch.finished and s.adapter is not None:
         names = h.list_adapters(ctx)
         lists = [gr.Dropdown(choices=names), gr.Dropdown(choices=names)]
