@@ -83,3 +83,58 @@ def test_a_note_above_the_status_is_cleared_when_the_run_stops(tmp_path, monkeyp
     watch, text, *_ = tab_train.show("job-1", watch, ctx=None)
     assert "Not started" not in text and text.startswith("Stopped at step 3")
     assert watch.note == ""
+
+
+# ------------------------------------------------ the form's numbers (issue 32, item 13)
+
+
+def test_a_number_out_of_range_is_named_beside_its_field_with_the_clis_bounds():
+    from sdlora.train.config import MAX_LR, OPTIONS
+    from sdlora.ui.train_setup import field_note
+
+    lr = OPTIONS["lr"]
+    assert (lr.above, lr.max) == (0, MAX_LR)  # the CLI's declaration: the form's only bounds
+    plain = field_note("lr", None)
+    assert "positive, at most 1" in plain and not plain.startswith("⚠")
+    assert field_note("lr", 1e-4) == plain
+    assert field_note("lr", MAX_LR) == plain
+    for bad in (5.0, MAX_LR * 1.001, 0.0, -1e-4, float("nan")):
+        note = field_note("lr", bad)
+        assert note.startswith("⚠ Learning rate must be positive, at most 1 (got"), note
+        assert "Start refuses it" in note
+    assert field_note("steps", 300.0) == field_note("steps", None)  # whole floats are fine
+    assert field_note("steps", 2.5).startswith("⚠ Steps must be a whole number (got 2.5)")
+    assert field_note("steps", 0).startswith("⚠ Steps must be from 1 to")
+    assert field_note("resolution", 65).startswith("⚠ Resolution must be a multiple of 64")
+
+
+def test_the_forms_number_controls_neither_round_nor_clamp():
+    """precision=0 would turn 2.5 into 2 and minimum/maximum would clamp or overlay an error:
+    the controls keep what was typed, and the note says what is wrong."""
+    import gradio as gr
+
+    with gr.Blocks():
+        steps = tab_train.control("steps", 200)
+        lr = tab_train.control("lr", 1e-4)
+    for box in (steps, lr):
+        assert box.precision is None and box.minimum is None and box.maximum is None
+    assert tab_train.number_note("lr", 5.0).info.startswith("⚠ Learning rate")
+
+
+def test_every_number_of_the_train_form_gets_its_note_on_change(tmp_path):
+    import functools
+
+    from sdlora.ui.app import build_app
+    from sdlora.ui.train_setup import MORE_SETTINGS
+
+    app = build_app("toy", tmp_path / "a", tmp_path / "d", tmp_path / "o", device="cpu")
+    noted = {
+        fn.fn.args[0]
+        for fn in app.fns.values()
+        if isinstance(fn.fn, functools.partial) and fn.fn.func is tab_train.number_note
+    }
+    numbers = {
+        n for n in MORE_SETTINGS if tab_train.kind_of(tab_train.FIELDS[n])[0] in ("int", "float")
+    }
+    assert {"lr", "steps", "rank", "resolution", "batch_size", "seed", "sample_every"} <= noted
+    assert numbers <= noted
