@@ -84,6 +84,9 @@ def gone(pid: int) -> bool:
         ("style", Form(steps=0, resolution=64), "Steps must be from 1 to 1000000"),
         ("style", Form(batch_size=13, resolution=64), "Batch size 13 is larger than the 12"),
         ("style", Form(resume=True, overwrite=True), "pick one"),
+        ("style", Form(lr=5, resolution=64), "Learning rate must be positive, at most 1 \\(got 5"),
+        ("style", Form(steps=2.5, resolution=64), "Steps: give a whole number"),
+        ("style", Form(sample_every=2.5, resolution=64), "Sample every: give a whole number"),
         ("style", Form(name="never", resume=True), "no checkpoint to continue from"),
     ],
 )

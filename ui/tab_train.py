@@ -110,9 +110,10 @@ def control(setting: str, value=None, **kw) -> gr.components.Component:
     if spec.choices is not None:
         return gr.Dropdown(list(spec.choices), value=value, **kw)
     if kind in ("int", "float"):
-        info = f"{spec.help} ({spec.bounds()})"
-        kw.setdefault("info", info[:1].upper() + info[1:])
-        return gr.Number(value, precision=0 if kind == "int" else None, **kw)
+        kw.setdefault("info", train_setup.field_note(setting, None))
+        if kind == "int":  # no precision=0: it would round 2.5 to 2 silently; Start refuses it
+            kw.setdefault("step", 1)
+        return gr.Number(value, **kw)
     if spec.default_text is not None:
         kw.setdefault("placeholder", spec.default_text)
     return gr.Textbox(value or "", **kw)
@@ -254,6 +255,7 @@ def show(job_id: str | None, watch: Watch, ctx: h.Context) -> tuple:
         job.output,
         job.settings["save_every"],
         time.monotonic(),
+        job.settings.get("sample_every", 0),
     )
     plot = gr.skip()
     if len(s.losses) != watch.losses:
@@ -266,6 +268,8 @@ def show(job_id: str | None, watch: Watch, ctx: h.Context) -> tuple:
         gallery = train_view.samples_html(found)
     lists = [gr.skip(), gr.skip()]
     done = not s.running
+    if done:  # "Not started: a run is going" and the like are stale once the run is over
+        watch = replace(watch, note="")
     if done and not watch.finished and s.adapter is not None:
         names = h.list_adapters(ctx)
         lists = [gr.Dropdown(choices=names), gr.Dropdown(choices=names)]
@@ -274,6 +278,11 @@ def show(job_id: str | None, watch: Watch, ctx: h.Context) -> tuple:
     watch = replace(watch, losses=len(s.losses), samples=len(found), finished=done)
     timer = gr.Timer(active=not done)
     return (watch, out_status, plot, gallery, timer, gr.Button(visible=False), *lists)
+
+
+def number_note(setting: str, value) -> gr.Number:
+    """The control of `setting` with its note for `value` (train_setup.field_note)."""
+    return gr.Number(info=train_setup.field_note(setting, value))
 
 
 def quietly(fn: Callable[..., tuple], n: int, status_at: int = 1) -> Callable[..., tuple]:
@@ -407,6 +416,20 @@ def wire(
             gr.Number(value=start.batch_size),
             gr.Number(value=start.lr),
         )
+
+    numbers = {
+        "rank": tab.rank,
+        "steps": tab.steps,
+        "lr": tab.lr,
+        "resolution": tab.resolution,
+        "batch_size": tab.batch_size,
+        "seed": tab.seed,
+        "sample_every": tab.sample_every,
+        **tab.more,
+    }
+    for setting, box in numbers.items():
+        if isinstance(box, gr.Number):  # a value out of range is named beside its field at once
+            box.change(functools.partial(number_note, setting), box, box, **FREE)
 
     tab.refresh_data.click(
         lambda: gr.Dropdown(choices=h.list_datasets(ctx)), None, tab.dataset_dd, **FREE

@@ -18,7 +18,7 @@ from PIL import Image
 from sdlora.errors import SdloraError, fill
 from sdlora.train import load_config
 from sdlora.train.checkpoint import checkpoints
-from sdlora.train.config import FIELDS, OPTIONS, TrainConfig, kind_of
+from sdlora.train.config import FIELDS, OPTIONS, TrainConfig, check_value, kind_of
 from sdlora.train.data import ENLARGE_WARNING, BatchPlan, discover, enlarged_items
 from sdlora.ui import paths
 from sdlora.ui.handlers import Context
@@ -44,6 +44,24 @@ def label_of(setting: str) -> str:
     if setting == "output":  # the form's adapter name picks outputs/train/<name>
         setting = "name"
     return LABELS.get(setting, setting.replace("_", " "))
+
+
+def field_note(setting: str, value) -> str:
+    """The note under a number's control on the Train form: its help and bounds as declared
+    (train/config.py, the CLI's own), or, for a value out of them, why Start will refuse it.
+    Nothing is clamped or rounded: the visitor sees the value they typed and what is wrong."""
+    spec = OPTIONS[setting]
+    info = f"{spec.help} ({spec.bounds()})"
+    info = info[:1].upper() + info[1:]
+    if value is None or value == "":
+        return info
+    if kind_of(FIELDS[setting])[0] == "int" and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    try:
+        check_value(FIELDS[setting], value)
+    except SdloraError as err:
+        return f"⚠ {label_of(setting)} {err.message}: Start refuses it. {info}"
+    return info
 
 
 def again(setting: str) -> str:
@@ -213,8 +231,10 @@ def checked_run(ctx: Context, base: str, dataset: str, form: Form) -> Run:
     name = paths.clean_name(form.name or data.name, "adapter name")
     name = name.removesuffix(paths.ADAPTER_SUFFIX)
     output = paths.inside(ctx.outputs, f"train/{name}", "adapter name")
-    for setting in ("steps", "rank", "batch_size", "resolution"):
+    for setting in ("steps", "rank", "batch_size", "resolution", "sample_every", "seed"):
         value = getattr(form, setting)
+        if setting == "sample_every" and value is None:
+            continue  # emptied: no samples
         if value is None or not math.isfinite(value) or int(value) != value:
             raise SdloraError(f"{label_of(setting)}: give a whole number")
     if form.lr is None:

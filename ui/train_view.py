@@ -28,7 +28,27 @@ def clock(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def status_text(s: Status, name: str, label: str, output: Path, save_every: int, now: float) -> str:
+def busy(step: int, save_every: int, sample_every: int) -> str:
+    """What the trainer does after optimizer step `step` before the next one (train/loop.py:
+    checkpoint, then samples, when due), in the visitor's words; "" when nothing is due. The
+    next step's report ends it, so the status says this for exactly as long as it lasts."""
+    due = []
+    if save_every and step % save_every == 0:
+        due.append("saving checkpoint")
+    if sample_every and step % sample_every == 0:
+        due.append("drawing samples")
+    return ", then ".join(due) + "…" if due else ""
+
+
+def status_text(
+    s: Status,
+    name: str,
+    label: str,
+    output: Path,
+    save_every: int,
+    now: float,
+    sample_every: int = 0,
+) -> str:
     """One or two lines in the visitor's words: what the run is doing, how fast, how long."""
     elapsed = (s.ended or now) - s.started
     if not s.running:
@@ -49,6 +69,9 @@ def status_text(s: Status, name: str, label: str, output: Path, save_every: int,
     if s.step >= s.total:
         return f"Finishing **{name}**: writing the adapter… {clock(elapsed)}"
     parts = [f"Training **{name}** on {label}: step {s.step} of {s.total}"]
+    doing = busy(s.step, save_every, sample_every)
+    if doing:
+        parts[0] += f", {doing}"
     rate = s.steps_per_s()
     if rate:
         parts.append(f"{rate * s.images_per_step:.3g} images/s")

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,11 +61,17 @@ class Status:
         return None if self.error is None else SdloraError(self.error, self.error_setting)
 
     def steps_per_s(self) -> float | None:
-        """Recent speed: steps over the last SPEED_WINDOW steps; None before two steps."""
+        """Recent speed: 1 / the median step time of the last SPEED_WINDOW steps; None before
+        two steps. The median, not the mean: a pause for samples or a checkpoint is one slow
+        step among twenty and moves it by at most one place, so the ETA does not swing."""
         if len(self.recent) < 2:
             return None
-        (s0, t0), (s1, t1) = self.recent[0], self.recent[-1]
-        return (s1 - s0) / max(t1 - t0, 1e-9)
+        times = [
+            (t1 - t0) / (s1 - s0)
+            for (s0, t0), (s1, t1) in zip(self.recent, self.recent[1:], strict=False)
+            if s1 > s0
+        ]
+        return 1 / max(statistics.median(times), 1e-9) if times else None
 
     def eta_s(self) -> float | None:
         """Seconds left at the recent speed; None while the speed is unknown."""
