@@ -141,8 +141,9 @@ def wire(
         if record.get("base") in choices:
             session.base = record["base"]
         session.extended = record.get("extended") is True
-        session.set_mix(record.get("mix") or [])
-        session.mix = [i for i in session.mix if i.name in h.list_adapters(ctx)]
+        if not session.mix:  # a mix made before this answer came (PNG Info, a card) is kept
+            session.set_mix(record.get("mix") or [])
+            session.mix = [i for i in session.mix if i.name in h.list_adapters(ctx)]
         values = record.get("settings") if isinstance(record.get("settings"), dict) else {}
         return [
             session,
