@@ -100,6 +100,7 @@ def test_refused_numbers_leave_the_page_answering(server, browser, view):
     before = stored(page)
     set_seed(page, "99999999999999999999999999")
     kept(page, before)
+    page.wait_for_timeout(500)  # the last change's write (always the last one wins)
     page.reload()
     page.locator("#generate").wait_for(state="visible")
     expect()(page.locator("#prompt").get_by_role("textbox")).to_have_value("a red circle")
