@@ -178,7 +178,7 @@ def test_history_restores_and_redraws_pixel_for_pixel(server, browser):
     other = open_page(browser, server["url"])
     fill(other, "#prompt", "a yellow star")
     set_number(other, "#steps", "2")
-    set_number(page, "#steps", "1000")  # long enough to be running when Interrupt lands
+    set_number(page, "#steps", "900")  # long enough to be running when Interrupt lands
     set_number(page, "#num-images", "8")
     page.click("#generate")
     expect()(page.locator("#mix-status")).to_contain_text("step")
