@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdlora.errors import SdloraError
 from sdlora.lora.fp8 import dequantize, is_fp8
 
 SWAPPABLE = (nn.Linear, nn.Conv2d)
@@ -220,8 +221,6 @@ class SwappedOp(torch.autograd.Function):
 
 def swapped_forward(layer: nn.Module, swap: BlockSwap, block: int, x: torch.Tensor):
     """A swapped layer's forward (set on the instance by BlockSwap)."""
-    if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
-        raise NotImplementedError("block swapping needs zero-padded convolutions")
     with torch.autocast(x.device.type, enabled=False):
         return SwappedOp.apply(x, layer, swap, block)
 
@@ -231,4 +230,13 @@ def swap_blocks(model: nn.Module, count: int, device: torch.device, copy=None) -
     if count <= 0:
         return None
     blocks = transformer_blocks(model)
-    return BlockSwap(blocks, spread(len(blocks), count), device, copy)
+    chosen = spread(len(blocks), count)
+    for i in chosen:  # the swapped backward computes conv gradients with zero padding only
+        for layer in blocks[i].modules():
+            if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
+                raise SdloraError(
+                    f"cannot swap a block with a {layer.padding_mode}-padded convolution; "
+                    "leave it at 0",
+                    setting="blocks_to_swap",
+                )
+    return BlockSwap(blocks, chosen, device, copy)
